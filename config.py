@@ -1,0 +1,172 @@
+"""Service configuration: one `Settings` object, loaded once by `server.main()`.
+
+Sources, highest priority first: environment variables (`NMAP_MCP_` prefix), then the
+JSON file (`config.json` unless `-c PATH`), then the defaults below. Nothing here runs at
+import time; `load_settings` is the only entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from targets import parse_networks
+
+DEFAULT_CONFIG_PATH = Path("config.json")
+ENV_PREFIX = "NMAP_MCP_"
+MIN_SECRET_LENGTH = 16
+# Where scans may go on a fresh install: private networks only. The public internet and
+# loopback must be allowed explicitly; the built-in deny list in targets.py always wins.
+PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+# The name a seed-style single `token` is known by in task ownership and audit records.
+DEFAULT_TOKEN_NAME = "default"
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is unusable; the message says what to fix."""
+
+
+class TokenConfig(BaseModel):
+    """One named API token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret: SecretStr
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(f"a token secret needs at least {MIN_SECRET_LENGTH} characters")
+        return value
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service, with the defaults a fresh install gets."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=3004, ge=1, le=65535)
+    path: str = Field(default="/mcp", pattern=r"^/[A-Za-z0-9/_-]*$")
+    token: SecretStr | None = None
+    tokens: dict[str, TokenConfig] = Field(default_factory=dict)
+    allow_query_token: bool = True
+    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(default_factory=list)
+    sync_timeout: int = Field(default=30, ge=5, le=600)
+    max_concurrent_tasks: int = Field(default=10, ge=1, le=256)
+    max_queued_tasks: int = Field(default=100, ge=1, le=100_000)
+    max_scan_seconds: int = Field(default=3600, ge=10, le=86_400)
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=300)
+    allowed_targets: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))
+    denied_targets: list[str] = Field(default_factory=list)
+    allow_loopback: bool = False
+    max_addresses_per_scan: int = Field(default=256, ge=1, le=65_536)
+    max_targets_per_scan: int = Field(default=16, ge=1, le=256)
+    resolve_timeout: float = Field(default=5.0, gt=0, le=60)
+    db_path: str = "nmap_tasks.db"
+    database_url: str | None = None
+    nmap_path: str = "nmap"
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The JSON file arrives as init kwargs; listing env first lets it override the file.
+        return (env_settings, init_settings)
+
+    @field_validator("allowed_targets", "denied_targets")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        parse_networks(values)
+        return values
+
+    @field_validator("token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(f"a token secret needs at least {MIN_SECRET_LENGTH} characters")
+        return value
+
+    def named_secrets(self) -> dict[str, str]:
+        """Token name -> secret, the single seed-style `token` included as 'default'."""
+        named = {name: spec.secret.get_secret_value() for name, spec in self.tokens.items()}
+        if self.token is not None:
+            named.setdefault(DEFAULT_TOKEN_NAME, self.token.get_secret_value())
+        return named
+
+    def effective_database_url(self) -> str:
+        """`database_url` when set, else a SQLite file at `db_path`."""
+        return self.database_url or f"sqlite:///{Path(self.db_path).expanduser()}"
+
+
+def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
+    """Read `path` (JSON), apply `NMAP_MCP_*` overrides, validate, and require a token."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such file; create one with `python server.py --init`") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    try:
+        settings = Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {describe_validation_error(e)}") from e
+    if not settings.named_secrets():
+        raise ConfigError(f"{path}: no token configured; set `token` or `tokens`")
+    return settings
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, naming the key; never echoes the offending value."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {item['msg']}")
+    return "; ".join(lines)
+
+
+def new_secret() -> str:
+    """A fresh random token secret (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def default_config_document() -> dict[str, Any]:
+    """The JSON a new install starts from: every default, plus one fresh token."""
+    defaults = Settings.model_construct().model_dump(mode="json", exclude={"token", "tokens"})
+    # Loopback is off unless configured; a new install configures it so that its first
+    # check (test_client.py scans 127.0.0.1) works. The README says when to turn it off.
+    return {**defaults, "allow_loopback": True, "tokens": {DEFAULT_TOKEN_NAME: {"secret": new_secret()}}}
+
+
+def write_new_config(path: Path, *, force: bool = False) -> None:
+    """Write a config with a fresh token; refuse to overwrite unless `force`.
+
+    The file is created with mode 0600 because it holds secrets.
+    """
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists; pass --force to overwrite it")
+    text = json.dumps(default_config_document(), indent=2) + "\n"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)

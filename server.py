@@ -1,0 +1,310 @@
+"""nmap-mcp: nmap as MCP tools over authenticated Streamable HTTP.
+
+This module only wires things together: `create_server(settings)` builds the FastMCP
+server whose tools are thin adapters (validate, call the task manager, shape the answer),
+`create_app(settings)` the ASGI app, and `main()` the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import uvicorn
+from fastmcp import FastMCP
+from fastmcp.exceptions import ToolError
+from fastmcp.server.dependencies import get_access_token
+from mcp.types import ToolAnnotations
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from auth import NamedTokenVerifier
+from client_configs import render_client_configs
+from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
+from models import ScanKind, TaskAnswer, TaskList, TaskStatus
+from scanner import build_argv, scan_options
+from targets import TargetError, TargetPolicy, parse_networks, resolve_targets
+from task_manager import (
+    QueueFull,
+    TaskAlreadyFinished,
+    TaskManager,
+    TaskNotFound,
+    TaskRecord,
+    create_db_engine,
+)
+
+logger = logging.getLogger(__name__)
+VERSION = Path(__file__).with_name("VERSION").read_text(encoding="utf-8").strip()
+
+TaskId = Annotated[
+    str,
+    Field(
+        description="The task_id a scan tool returned",
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    ),
+]
+Target = Annotated[
+    str,
+    Field(
+        description=(
+            "One target: an IPv4 or IPv6 address (192.168.1.10, fd00::5), a CIDR network on its "
+            "boundary (192.168.1.0/24), a last-octet range (192.168.1.1-20) or a hostname"
+        ),
+        min_length=1,
+        max_length=253,
+    ),
+]
+
+_ERROR_CODES: dict[type[Exception], str] = {
+    TargetError: "invalid_target",
+    QueueFull: "queue_full",
+    TaskNotFound: "not_found",
+    TaskAlreadyFinished: "already_finished",
+}
+_SCAN_ANNOTATIONS = ToolAnnotations(
+    readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True
+)
+_READ_ANNOTATIONS = ToolAnnotations(
+    readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False
+)
+_POLL_HINT = (
+    "The scan continues in the background. Call get_task_result with task_id '{id}' "
+    "to fetch the result (get_task_status shows the state without it)."
+)
+
+QUICK_SCAN_DESCRIPTION = """Quick TCP port scan: nmap's 100 most common ports.
+
+Runs `nmap -sT -T4 --top-ports 100 -n` against one target. Usually finishes in under a
+second for one host on a local network and in a few seconds for a /24.
+Waits up to `timeout` seconds; when the scan takes longer it returns status 'running' and
+a task_id while the same scan goes on: fetch it later with get_task_result."""
+
+FULL_SCAN_DESCRIPTION = """Full TCP port scan: all 65535 ports with service and version detection.
+
+Runs `nmap -sT -T4 -p- -sV -n` against one target. Takes from about ten seconds for one
+nearby host to many minutes for slow or filtered hosts and ranges.
+Waits up to `timeout` seconds; when the scan takes longer it returns status 'running' and
+a task_id while the same scan goes on: fetch it later with get_task_result."""
+
+
+def create_server(settings: Settings, nmap_path: str) -> FastMCP:
+    """The FastMCP server with its tools; the task manager starts with its lifespan."""
+    manager = TaskManager(
+        create_db_engine(settings.effective_database_url()),
+        max_concurrent=settings.max_concurrent_tasks,
+        max_queued=settings.max_queued_tasks,
+        shutdown_grace=settings.shutdown_grace_seconds,
+    )
+    policy = target_policy(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_server: FastMCP) -> AsyncIterator[dict[str, object]]:
+        await manager.start()
+        try:
+            yield {}
+        finally:
+            await manager.stop()
+
+    mcp = FastMCP(
+        "nmap-mcp",
+        version=VERSION,
+        instructions="Network scans with nmap. Scans return a result or a task_id to poll.",
+        auth=NamedTokenVerifier(settings.named_secrets(), allow_query_token=settings.allow_query_token),
+        lifespan=lifespan,
+        mask_error_details=True,
+        strict_input_validation=True,
+    )
+
+    async def start_scan(kind: ScanKind, target: str, timeout: int) -> TaskAnswer:
+        owner = caller()
+        with tool_errors():
+            resolved = await resolve_targets([target], policy)
+            options = scan_options(kind, privileged=False)
+            argv = build_argv(nmap_path, options, resolved.nmap_targets, ipv6=resolved.ipv6, privileged=False)
+            record = await manager.submit(owner, kind, target, argv, settings.max_scan_seconds)
+            return answer(await manager.wait(record.id, owner, timeout))
+
+    default_wait = settings.sync_timeout
+
+    @mcp.tool(description=QUICK_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
+    async def quick_scan(
+        target: Target,
+        timeout: Annotated[int, Field(ge=5, le=300, description="Seconds to wait for the result")] = min(
+            default_wait, 300
+        ),
+    ) -> TaskAnswer:
+        return await start_scan(ScanKind.QUICK, target, timeout)
+
+    @mcp.tool(description=FULL_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
+    async def full_scan(
+        target: Target,
+        timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+    ) -> TaskAnswer:
+        return await start_scan(ScanKind.FULL, target, timeout)
+
+    @mcp.tool(annotations=_READ_ANNOTATIONS)
+    async def get_task_status(task_id: TaskId) -> TaskAnswer:
+        """State and timings of one of your scan tasks, without the result. Instant."""
+        with tool_errors():
+            return answer(await manager.get(task_id, caller()))
+
+    @mcp.tool(annotations=_READ_ANNOTATIONS)
+    async def get_task_result(task_id: TaskId) -> TaskAnswer:
+        """The parsed result of one of your scan tasks once it has finished; while it runs,
+        its state and how to poll. Instant: it never waits for the scan."""
+        with tool_errors():
+            return answer(await manager.get(task_id, caller(), with_result=True))
+
+    @mcp.tool(annotations=_READ_ANNOTATIONS)
+    async def list_tasks(
+        status: Annotated[TaskStatus | None, Field(description="Only tasks in this state")] = None,
+        limit: Annotated[int, Field(ge=1, le=100, description="At most this many tasks")] = 20,
+    ) -> TaskList:
+        """Your most recent scan tasks, newest first, without results. Instant."""
+        records = await manager.list(caller(), status, limit)
+        return TaskList(tasks=[answer(record) for record in records])
+
+    @mcp.tool(
+        annotations=ToolAnnotations(
+            readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False
+        )
+    )
+    async def cancel_task(task_id: TaskId) -> TaskAnswer:
+        """Cancel one of your queued or running scans; a running nmap is stopped at once."""
+        with tool_errors():
+            return answer(await manager.cancel(task_id, caller()))
+
+    @mcp.custom_route("/healthz", methods=["GET"])
+    async def healthz(_request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "version": VERSION})
+
+    return mcp
+
+
+def target_policy(settings: Settings) -> TargetPolicy:
+    """The target policy every scan tool applies."""
+    return TargetPolicy(
+        allowed=parse_networks(settings.allowed_targets),
+        denied=parse_networks(settings.denied_targets),
+        allow_loopback=settings.allow_loopback,
+        max_addresses=settings.max_addresses_per_scan,
+        max_targets=settings.max_targets_per_scan,
+        resolve_timeout=settings.resolve_timeout,
+    )
+
+
+def caller() -> str:
+    """The name of the token that authenticated this request."""
+    token = get_access_token()
+    if token is None or not token.client_id:
+        raise ToolError("unauthenticated: this tool needs a valid token")
+    return token.client_id
+
+
+@contextlib.contextmanager
+def tool_errors() -> Iterator[None]:
+    """Turn the errors a caller can act on into ToolErrors with a stable code."""
+    try:
+        yield
+    except tuple(_ERROR_CODES) as e:
+        raise ToolError(f"{_ERROR_CODES[type(e)]}: {e}") from e
+
+
+def answer(record: TaskRecord) -> TaskAnswer:
+    """The seed's answer shape: the result when completed, else how to poll."""
+    message = None
+    if not record.status.finished:
+        message = f"Scan {record.status.value}. " + _POLL_HINT.format(id=record.id)
+    return TaskAnswer(
+        status=record.status,
+        task_id=record.id,
+        kind=record.kind,
+        target=record.target,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        message=message,
+        error=record.error,
+        result=record.result,
+    )
+
+
+def create_app(settings: Settings, nmap_path: str) -> object:
+    """The Streamable HTTP app: stateless, SSE-capable, Host/Origin protected."""
+    return create_server(settings, nmap_path).http_app(
+        path=settings.path,
+        stateless_http=True,
+        json_response=False,
+        host_origin_protection=True,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+    )
+
+
+def find_nmap(configured: str) -> str:
+    """Absolute path of the nmap binary; ConfigError when it is missing."""
+    found = shutil.which(configured)
+    if found is None:
+        raise ConfigError(f"nmap not found at '{configured}': install it (apt-get install nmap) or set nmap_path")
+    return found
+
+
+def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
+    """Where the server listens and how to connect each client."""
+    names = sorted(settings.named_secrets())
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{settings.port}{settings.path}"
+    first = names[0]
+    secret = settings.named_secrets()[first] if show_token else "<TOKEN>"
+    lines = [
+        f"nmap-mcp {VERSION} listening on {settings.host}:{settings.port}, endpoint {url}",
+        f"tokens: {', '.join(names)} (secrets are in {config_path}; --show-token prints them here)",
+    ]
+    if not show_token:
+        lines.append(f"below, replace <TOKEN> with the secret of token '{first}'")
+    if settings.host in ("0.0.0.0", "::"):
+        lines.append("listening on all interfaces: replace 127.0.0.1 below with this machine's address")
+    return "\n".join(lines) + "\n\n" + render_client_configs(url, secret) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="server.py", description="nmap-mcp: nmap as an MCP server")
+    parser.add_argument("-c", "--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--init", action="store_true", help="write a config with a fresh token and exit")
+    parser.add_argument("--force", action="store_true", help="with --init: overwrite an existing config")
+    parser.add_argument("--show-token", action="store_true", help="print real token secrets in the banner")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config_path: Path = args.config or DEFAULT_CONFIG_PATH
+    try:
+        if args.init:
+            write_new_config(config_path, force=args.force)
+            print(f"wrote {config_path.resolve()} with a new token; edit it, then run: python server.py")
+            return 0
+        if args.config is None and not config_path.exists():
+            write_new_config(config_path)
+            print(f"no config found: wrote {config_path.resolve()} with a new token")
+        settings = load_settings(config_path)
+        nmap_path = find_nmap(settings.nmap_path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, nmap_path)
+    print(banner(settings, show_token=args.show_token, config_path=config_path.resolve()), flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, lifespan="on")  # type: ignore[arg-type]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
