@@ -13,6 +13,7 @@ import ctypes
 import ipaddress
 import logging
 import os
+import re
 import resource
 import signal
 import tempfile
@@ -31,6 +32,7 @@ FULL_OPTIONS: tuple[str, ...] = ("-T4", "-p-", "-sV")
 STDOUT_CAP = 64 * 1024 * 1024
 STDERR_CAP = 64 * 1024
 _CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+_INVALID_CHAR_REF = re.compile(r"&#([xX][0-9a-fA-F]+|[0-9]+);")
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -156,7 +158,9 @@ async def _collect(
         timed_out = True
         _kill_group(proc.pid)
     except BaseException:
+        _kill_group(proc.pid)
         readers.cancel()
+        await asyncio.gather(readers, return_exceptions=True)
         raise
     stdout, stderr = await readers
     return stdout, stderr, timed_out
@@ -187,7 +191,7 @@ def parse_report(xml: str, target: str) -> ScanResult:
     nmap exits 0 for many failures, so success is judged from the XML itself.
     """
     try:
-        report = NmapParser.parse_fromstring(xml)
+        report = NmapParser.parse_fromstring(_INVALID_CHAR_REF.sub(_legal_char_ref, xml))
     except NmapParserException as e:
         raise ScanFailed("nmap produced no complete XML report") from e
     finished = report._runstats.get("finished", {})
@@ -204,6 +208,13 @@ def parse_report(xml: str, target: str) -> ScanResult:
         hosts_total=report.hosts_total,
         hosts=hosts,
     )
+
+
+def _legal_char_ref(match: re.Match[str]) -> str:
+    """Keep character references XML 1.0 allows; replace the rest (nmap 7.94 emits &#x1b;)."""
+    code = int(match.group(1)[1:], 16) if match.group(1)[0] in "xX" else int(match.group(1))
+    allowed = code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0x10FFFF
+    return match.group(0) if allowed and code not in (0xFFFE, 0xFFFF) else "\ufffd"
 
 
 def _host_result(host: object) -> HostResult:

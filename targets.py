@@ -28,7 +28,10 @@ _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
 # Addresses no configuration can allow: cloud metadata services, unspecified, link-local,
 # multicast and reserved space, and IPv6 forms that smuggle an IPv4 address through.
-BUILTIN_DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
+_IPV4_COMPATIBLE_EXCEPT_LOOPBACK = tuple(
+    ipaddress.ip_network("::/96").address_exclude(ipaddress.ip_network("::1/128"))  # type: ignore[arg-type]
+)
+BUILTIN_DENIED_NETWORKS: tuple[IPNetwork, ...] = _IPV4_COMPATIBLE_EXCEPT_LOOPBACK + tuple(
     ipaddress.ip_network(net)
     for net in (
         "0.0.0.0/8",
@@ -38,8 +41,6 @@ BUILTIN_DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
         "192.0.0.192/32",
         "224.0.0.0/4",
         "240.0.0.0/4",
-        "::/128",
-        "::/96",
         "::ffff:0:0/96",
         "64:ff9b::/96",
         "64:ff9b:1::/48",

@@ -289,7 +289,8 @@ class TaskManager:
             queued.scalar_subquery() < self._max_queued
         )
         with self._engine.begin() as conn:
-            return conn.execute(tasks.insert().from_select(list(values), source)).rowcount == 1
+            inserted = tasks.insert().from_select(list(values), source).returning(tasks.c.id)
+            return conn.execute(inserted).first() is not None
 
     def _claim_next(self) -> TaskRecord | None:
         now = time.time()

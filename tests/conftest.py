@@ -1,0 +1,96 @@
+"""Shared fixtures: loopback listeners, a recording nmap wrapper, databases, a live server.
+
+Every scan in this suite targets 127.0.0.0/8 and asserts only on ports the test opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.support import Listeners, LiveServer, NmapWrapper, write_config
+
+REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
+POSTGRES_ADMIN_URL = os.environ.get("NMAP_MCP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def listeners() -> Iterator[Listeners]:
+    opened = Listeners()
+    yield opened
+    opened.close_all()
+
+
+@pytest.fixture
+def nmap_wrapper(tmp_path: Path) -> NmapWrapper:
+    starts = tmp_path / "nmap-starts"
+    starts.mkdir()
+    delay_file = tmp_path / "nmap-delay"
+    delay_file.write_text("0")
+    path = tmp_path / "nmap"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys, time\n"
+        f"open(os.path.join({str(starts)!r}, str(os.getpid())), 'x').close()\n"
+        f"time.sleep(float(open({str(delay_file)!r}).read()))\n"
+        f"os.execv({REAL_NMAP!r}, [{REAL_NMAP!r}, *sys.argv[1:]])\n"
+    )
+    path.chmod(0o755)
+    return NmapWrapper(path, starts, delay_file)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped at the end."""
+    name = f"nmap_mcp_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each task-manager test runs on a SQLite file and on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
+    url = request.getfixturevalue("postgres_url")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS tasks"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def live_server(tmp_path: Path, nmap_wrapper: NmapWrapper) -> Iterator[Callable[..., LiveServer]]:
+    """Start a server with config overrides; every server started is stopped at teardown."""
+    started: list[LiveServer] = []
+
+    def start(**overrides: object) -> LiveServer:
+        overrides.setdefault("nmap_path", str(nmap_wrapper.path))
+        config = write_config(tmp_path / "config.json", **overrides)
+        server = LiveServer(config, tmp_path / "server.log", json.loads(config.read_text())["port"])
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,204 @@
+"""Helpers shared by the tests: listeners, the nmap wrapper, live servers, MCP calls."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import CallToolResult
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRETS = {"alice": "alice-secret-" + "a" * 24, "bob": "bob-secret-" + "b" * 26}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port below 32768 (outside the ephemeral range) that nothing listens on."""
+    for _ in range(200):
+        port = random.randint(10_000, 32_000)
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below 32768")
+
+
+def top_ports(count: int = 100) -> list[int]:
+    """nmap's `--top-ports` list for TCP, read from its services file."""
+    services = Path("/usr/share/nmap/nmap-services").read_text().splitlines()
+    ranked = []
+    for line in services:
+        fields = line.split()
+        if len(fields) >= 3 and not line.startswith("#") and fields[1].endswith("/tcp"):
+            ranked.append((float(fields[2]), int(fields[1].split("/")[0])))
+    return [port for _, port in sorted(ranked, reverse=True)[:count]]
+
+
+class Listeners:
+    """TCP listeners the test opened; closed at teardown."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[int, socket.socket] = {}
+
+    def open(self, port: int, host: str = "127.0.0.1") -> bool:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            return False
+        sock.listen(16)
+        self.sockets[port] = sock
+        return True
+
+    def open_free_top_ports(self, count: int) -> list[int]:
+        """Listen on `count` ports from nmap's top 100 that are free here, 1024-32767."""
+        opened = []
+        for port in top_ports(100):
+            if 1024 <= port < 32768 and self.open(port):
+                opened.append(port)
+            if len(opened) == count:
+                return opened
+        raise RuntimeError("not enough free ports among nmap's top 100")
+
+    def close_all(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+
+
+@dataclass
+class NmapWrapper:
+    """An nmap stand-in that records each start, optionally waits, then execs real nmap.
+
+    nmap runs with a zero file-size limit, so each start is recorded as an empty file
+    named after its pid: creating a file needs no bytes.
+    """
+
+    path: Path
+    starts: Path
+    delay_file: Path
+
+    def set_delay(self, seconds: float) -> None:
+        self.delay_file.write_text(str(seconds))
+
+    def pids(self) -> list[int]:
+        return sorted(int(p.name) for p in self.starts.iterdir())
+
+    def alive(self) -> list[int]:
+        return [pid for pid in self.pids() if process_alive(pid)]
+
+
+def process_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+@dataclass
+class LiveServer:
+    """`python server.py -c CONFIG` running as a real process on a free port."""
+
+    config_path: Path
+    log_path: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.config_path.parent,
+        )
+        if not wait_until(self._healthy, 20, 0.05):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + self.log_path.read_text())
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError("server exited:\n" + self.log_path.read_text())
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
+        return False
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_config(path: Path, **overrides: object) -> Path:
+    document: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "tokens": {name: {"secret": secret} for name, secret in SECRETS.items()},
+        "allow_loopback": True,
+        "db_path": str(path.parent / "tasks.db"),
+        "log_level": "DEBUG",
+    }
+    document.update(overrides)
+    path.write_text(json.dumps(document))
+    return path
+
+
+async def call_tool(
+    url: str, token: str, name: str, args: dict[str, Any], *, mode: str = "auto", via: str = "header"
+) -> CallToolResult:
+    """One tools/call through the official MCP Python SDK, authenticated either way."""
+    headers = {"Authorization": f"Bearer {token}"} if via == "header" else {}
+    target_url = url if via == "header" else f"{url}?token={token}"
+    async with httpx2.AsyncClient(headers=headers, timeout=120) as http:
+        async with Client(streamable_http_client(target_url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
+            return await client.call_tool(name, args)
+
+
+def error_text(result: CallToolResult) -> str:
+    assert result.is_error, f"expected an error, got {result.structured_content}"
+    return result.content[0].text  # type: ignore[union-attr]
