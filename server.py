@@ -12,14 +12,16 @@ import contextlib
 import logging
 import shutil
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import uvicorn
 from fastmcp import FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.dependencies import get_access_token
+from fastmcp.tools.function_tool import FunctionTool
+from fastmcp.utilities.json_schema import dereference_refs
 from mcp.types import ToolAnnotations
 from pydantic import Field
 from starlette.requests import Request
@@ -29,7 +31,7 @@ from auth import NamedTokenVerifier
 from client_configs import render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
 from models import ScanKind, TaskAnswer, TaskList, TaskStatus
-from scanner import build_argv, scan_options
+from scanner import SandboxUnavailable, build_argv, sandbox_prefix, scan_options
 from targets import TargetError, TargetPolicy, parse_networks, resolve_targets
 from task_manager import (
     QueueFull,
@@ -41,6 +43,7 @@ from task_manager import (
 )
 
 logger = logging.getLogger(__name__)
+ToolFunction = Callable[..., Awaitable[Any]]
 VERSION = Path(__file__).with_name("VERSION").read_text(encoding="utf-8").strip()
 
 TaskId = Annotated[
@@ -133,7 +136,7 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
 
     default_wait = settings.sync_timeout
 
-    @mcp.tool(description=QUICK_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, description=QUICK_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
     async def quick_scan(
         target: Target,
         timeout: Annotated[int, Field(ge=5, le=300, description="Seconds to wait for the result")] = min(
@@ -142,27 +145,27 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
     ) -> TaskAnswer:
         return await start_scan(ScanKind.QUICK, target, timeout)
 
-    @mcp.tool(description=FULL_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, description=FULL_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
     async def full_scan(
         target: Target,
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
     ) -> TaskAnswer:
         return await start_scan(ScanKind.FULL, target, timeout)
 
-    @mcp.tool(annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
     async def get_task_status(task_id: TaskId) -> TaskAnswer:
         """State and timings of one of your scan tasks, without the result. Instant."""
         with tool_errors():
             return answer(await manager.get(task_id, caller()))
 
-    @mcp.tool(annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
     async def get_task_result(task_id: TaskId) -> TaskAnswer:
         """The parsed result of one of your scan tasks once it has finished; while it runs,
         its state and how to poll. Instant: it never waits for the scan."""
         with tool_errors():
             return answer(await manager.get(task_id, caller(), with_result=True))
 
-    @mcp.tool(annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
     async def list_tasks(
         status: Annotated[TaskStatus | None, Field(description="Only tasks in this state")] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="At most this many tasks")] = 20,
@@ -171,7 +174,7 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
         records = await manager.list(caller(), status, limit)
         return TaskList(tasks=[answer(record) for record in records])
 
-    @mcp.tool(
+    @inlined_tool(mcp, 
         annotations=ToolAnnotations(
             readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False
         )
@@ -186,6 +189,26 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
         return JSONResponse({"status": "ok", "version": VERSION})
 
     return mcp
+
+
+def inlined_tool(mcp: FastMCP, **options: Any) -> Callable[[ToolFunction], ToolFunction]:
+    """Register a tool with its JSON schemas inlined once, at start-up.
+
+    For 2026-07-28 clients FastMCP lists the tools on every tools/call, and its
+    DereferenceRefsMiddleware then re-inlines every $ref of our nested result models each
+    time: about 12 ms per call, three quarters of the server's CPU (measured with py-spy).
+    Inlined here, that per-call walk finds nothing to do.
+    """
+
+    def register(fn: ToolFunction) -> ToolFunction:
+        tool = FunctionTool.from_function(fn, **options)
+        inlined: dict[str, Any] = {"parameters": dereference_refs(tool.parameters)}
+        if tool.output_schema is not None:
+            inlined["output_schema"] = dereference_refs(tool.output_schema)
+        mcp.add_tool(tool.model_copy(update=inlined))
+        return fn
+
+    return register
 
 
 def target_policy(settings: Settings) -> TargetPolicy:
@@ -249,10 +272,14 @@ def create_app(settings: Settings, nmap_path: str) -> object:
 
 
 def find_nmap(configured: str) -> str:
-    """Absolute path of the nmap binary; ConfigError when it is missing."""
+    """Absolute path of the nmap binary; ConfigError when it or its sandbox is missing."""
     found = shutil.which(configured)
     if found is None:
         raise ConfigError(f"nmap not found at '{configured}': install it (apt-get install nmap) or set nmap_path")
+    try:
+        sandbox_prefix()
+    except SandboxUnavailable as e:
+        raise ConfigError(str(e)) from e
     return found
 
 

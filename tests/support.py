@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any
 
 import httpx
@@ -202,3 +203,14 @@ async def call_tool(
 def error_text(result: CallToolResult) -> str:
     assert result.is_error, f"expected an error, got {result.structured_content}"
     return result.content[0].text  # type: ignore[union-attr]
+
+
+async def failure_of(call: Awaitable[object]) -> BaseException:
+    """Await a call that must fail; return the innermost error (anyio wraps them in groups)."""
+    try:
+        await call
+    except BaseException as e:  # noqa: BLE001 - the point is to inspect whatever it raised
+        while isinstance(e, BaseExceptionGroup) and e.exceptions:
+            e = e.exceptions[0]
+        return e
+    raise AssertionError("the call succeeded; a failure was expected")

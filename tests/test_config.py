@@ -1,0 +1,111 @@
+"""config.py and the command line that writes and reads configuration."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+import server
+from config import ConfigError, Settings, load_settings, write_new_config
+from tests.support import ROOT, SECRETS
+
+
+def write(path: Path, document: dict[str, object]) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_example_config_loads_and_shows_every_key() -> None:
+    example = json.loads((ROOT / "config.example.json").read_text())
+    settings = load_settings(ROOT / "config.example.json")
+    assert set(example) == set(Settings.model_fields)
+    assert len(settings.named_secrets()) >= 2
+    defaults = Settings.model_construct().model_dump(mode="json", exclude={"token", "tokens"})
+    assert {k: v for k, v in example.items() if k not in ("token", "tokens")} == defaults
+
+
+def test_unknown_key_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", {"token": SECRETS["alice"], "sync_timout": 30})
+    with pytest.raises(ConfigError, match="unknown key 'sync_timout'"):
+        load_settings(path)
+
+
+def test_bad_values_are_named_without_echoing_secrets(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", {"tokens": {"x": {"secret": "short"}}, "port": 70000})
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert "'port'" in str(caught.value) and "'tokens.x.secret'" in str(caught.value)
+    assert "short" not in str(caught.value).replace("at least", "")
+
+
+def test_a_token_is_required(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no token configured"):
+        load_settings(write(tmp_path / "c.json", {}))
+
+
+def test_seed_token_and_named_tokens_work_together(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", {"token": SECRETS["alice"], "tokens": {"bob": {"secret": SECRETS["bob"]}}})
+    assert load_settings(path).named_secrets() == {"default": SECRETS["alice"], "bob": SECRETS["bob"]}
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "c.json", {"token": SECRETS["alice"], "port": 4000, "sync_timeout": 40})
+    monkeypatch.setenv("NMAP_MCP_PORT", "5000")
+    monkeypatch.setenv("NMAP_MCP_ALLOWED_TARGETS", '["192.168.7.0/24"]')
+    settings = load_settings(path)
+    assert (settings.port, settings.sync_timeout, settings.allowed_targets) == (5000, 40, ["192.168.7.0/24"])
+
+
+def test_bad_network_in_policy_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'10.0.0.1/8' is not a network"):
+        load_settings(write(tmp_path / "c.json", {"token": SECRETS["alice"], "allowed_targets": ["10.0.0.1/8"]}))
+
+
+def test_database_url_overrides_db_path(tmp_path: Path) -> None:
+    base = {"token": SECRETS["alice"], "db_path": str(tmp_path / "x.db")}
+    assert load_settings(write(tmp_path / "a.json", base)).effective_database_url() == f"sqlite:///{tmp_path}/x.db"
+    with_url = base | {"database_url": "postgresql://u@h/db"}
+    assert load_settings(write(tmp_path / "b.json", with_url)).effective_database_url() == "postgresql://u@h/db"
+
+
+def test_init_writes_a_private_config_with_a_fresh_token_and_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.json"
+    assert server.main(["--init", "-c", str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = load_settings(path).named_secrets()["default"]
+    assert len(first) >= 43
+    assert server.main(["--init", "-c", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert load_settings(path).named_secrets()["default"] == first
+    assert server.main(["--init", "--force", "-c", str(path)]) == 0
+    assert load_settings(path).named_secrets()["default"] != first
+
+
+def test_missing_explicit_config_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert server.main(["-c", str(tmp_path / "nope.json")]) == 2
+    assert "--init" in capsys.readouterr().err
+
+
+def test_missing_nmap_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "c.json", {"token": SECRETS["alice"], "nmap_path": str(tmp_path / "no-nmap")})
+    assert server.main(["-c", str(path)]) == 2
+    assert "nmap not found" in capsys.readouterr().err
+
+
+def test_banner_hides_the_secret_unless_asked(tmp_path: Path) -> None:
+    path = write_new_config(tmp_path / "c.json") or tmp_path / "c.json"
+    settings = load_settings(path)
+    secret = settings.named_secrets()["default"]
+    hidden = server.banner(settings, show_token=False, config_path=path)
+    shown = server.banner(settings, show_token=True, config_path=path)
+    assert secret not in hidden and "<TOKEN>" in hidden
+    assert shown.count(secret) >= 12
+    for client in ("Claude Code", "Cursor", "VS Code", "Gemini CLI", "Codex", "DeepSOC"):
+        assert client in hidden
+    assert f"?token={secret}" in shown and f"Bearer {secret}" in shown
