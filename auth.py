@@ -1,4 +1,6 @@
-"""Token authentication: named static tokens, as a Bearer header or as `?token=`.
+"""Token authentication and per-token tool scopes.
+
+Named static tokens arrive as a Bearer header or as `?token=`.
 
 The query-token shim runs before authentication. It always removes `token` from the
 query string, in place, so that neither the access log nor any later code sees it, and
@@ -8,10 +10,15 @@ query string, in place, so that neither the access log nor any later code sees i
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import parse_qsl, urlencode
 
+import mcp.types as mt
+from fastmcp.exceptions import ToolError
 from fastmcp.server.auth import AccessToken, TokenVerifier
+from fastmcp.server.dependencies import get_access_token
+from fastmcp.server.middleware import CallNext, Middleware as MCPMiddleware, MiddlewareContext
+from fastmcp.tools.base import Tool, ToolResult
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -71,3 +78,31 @@ def pop_query_token(scope: Scope) -> str | None:
 
 def _has_authorization(scope: Scope) -> bool:
     return any(name.lower() == b"authorization" for name, _ in scope["headers"])
+
+
+class ToolScopeMiddleware(MCPMiddleware):
+    """Per-token tool allowlists: a token sees and calls only the tools it was given."""
+
+    def __init__(self, scopes: Mapping[str, frozenset[str] | None]) -> None:
+        self._scopes = dict(scopes)
+
+    def _allows(self, tool: str) -> bool:
+        token = get_access_token()
+        scope = self._scopes.get(token.client_id) if token else None
+        return scope is None or tool in scope
+
+    async def on_list_tools(
+        self,
+        context: MiddlewareContext[mt.ListToolsRequest],
+        call_next: CallNext[mt.ListToolsRequest, Sequence[Tool]],
+    ) -> Sequence[Tool]:
+        return [tool for tool in await call_next(context) if self._allows(tool.name)]
+
+    async def on_call_tool(
+        self,
+        context: MiddlewareContext[mt.CallToolRequestParams],
+        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
+    ) -> ToolResult:
+        if not self._allows(context.message.name):
+            raise ToolError(f"forbidden: this token may not use {context.message.name}")
+        return await call_next(context)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from nse_policy import DEFAULT_CATEGORIES, EXCLUDED_CATEGORIES
 from targets import parse_networks
 
 DEFAULT_CONFIG_PATH = Path("config.json")
@@ -38,6 +40,17 @@ class TokenConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     secret: SecretStr
+    # None: every tool; else only these tools are listed and callable with this token.
+    tools: list[str] | None = None
+    # None: the server's target policy alone; else also within these networks.
+    allowed_targets: list[str] | None = None
+
+    @field_validator("allowed_targets")
+    @classmethod
+    def _networks(cls, values: list[str] | None) -> list[str] | None:
+        if values is not None:
+            parse_networks(values)
+        return values
 
     @field_validator("secret")
     @classmethod
@@ -71,6 +84,13 @@ class Settings(BaseSettings):
     max_addresses_per_scan: int = Field(default=256, ge=1, le=65_536)
     max_targets_per_scan: int = Field(default=16, ge=1, le=256)
     resolve_timeout: float = Field(default=5.0, gt=0, le=60)
+    privileged: bool = False
+    custom_host_timeout: int = Field(default=900, ge=1, le=3600)
+    script_categories: list[str] = Field(default_factory=lambda: list(DEFAULT_CATEGORIES))
+    denied_scripts: list[str] = Field(default_factory=list)
+    script_args_allowed: dict[str, str] = Field(default_factory=dict)
+    script_db_path: str = ""
+    audit_log: str = "audit.jsonl"
     db_path: str = "nmap_tasks.db"
     database_url: str | None = None
     nmap_path: str = "nmap"
@@ -92,6 +112,23 @@ class Settings(BaseSettings):
     @classmethod
     def _networks(cls, values: list[str]) -> list[str]:
         parse_networks(values)
+        return values
+
+    @field_validator("script_categories")
+    @classmethod
+    def _safe_categories(cls, values: list[str]) -> list[str]:
+        if excluded := sorted(set(values) & set(EXCLUDED_CATEGORIES)):
+            raise ValueError(f"categories {', '.join(excluded)} are always excluded")
+        return values
+
+    @field_validator("script_args_allowed")
+    @classmethod
+    def _patterns(cls, values: dict[str, str]) -> dict[str, str]:
+        for key, pattern in values.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"the pattern for '{key}' is not a regular expression ({e})") from e
         return values
 
     @field_validator("token")

@@ -103,9 +103,7 @@ def build_argv(
     `-n` always: targets arrive already resolved, and reverse lookups are surprise traffic.
     `--` ends option parsing, so nothing after it can ever be read as an option.
     """
-    argv = [nmap_path, *options, "-n", "-oX", "-"]
-    if not privileged:
-        argv.append("--unprivileged")
+    argv = [nmap_path, *options, "-n", "-oX", "-", "--privileged" if privileged else "--unprivileged"]
     if ipv6:
         argv.append("-6")
     return [*argv, "--", *targets]

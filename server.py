@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,10 +29,14 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from auth import NamedTokenVerifier
+import audit
+from audit import AuditLog, AuditMiddleware
+from auth import NamedTokenVerifier, ToolScopeMiddleware
 from client_configs import render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
 from models import ScanKind, TaskAnswer, TaskList, TaskStatus
+from nmap_options import MAX_COMMAND_LENGTH, CommandError, describe_allowlist, parse_command
+from nse_policy import BUILTIN_DENIED_SCRIPTS, ScriptPolicy, default_script_db, load_catalog
 from scanner import SandboxUnavailable, build_argv, sandbox_prefix, scan_options
 from targets import TargetError, TargetPolicy, parse_networks, resolve_targets
 from task_manager import (
@@ -66,6 +72,7 @@ Target = Annotated[
 ]
 
 _ERROR_CODES: dict[type[Exception], str] = {
+    CommandError: "invalid_command",
     TargetError: "invalid_target",
     QueueFull: "queue_full",
     TaskNotFound: "not_found",
@@ -97,6 +104,23 @@ Waits up to `timeout` seconds; when the scan takes longer it returns status 'run
 a task_id while the same scan goes on: fetch it later with get_task_result."""
 
 
+CUSTOM_SCAN_DESCRIPTION = """Run nmap with your own options, checked against an allowlist.
+
+`command` holds nmap options and targets without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'
+or '-sT --top-ports 1000 -T4 --open 10.0.0.0/24'. It is split into words without a shell; each
+option must be one of the exact spellings below (no abbreviations, no clustered short options;
+'--opt=value' and '-p80' also work). The server adds -n, its own XML output, a host timeout
+(unless you give --host-timeout) and a scan type when you give none. Output, input-file,
+spoofing and debugging options are refused with the reason. --script takes allowed categories
+(default, safe, discovery, version) or names of installed scripts in them; intrusive,
+exploit, dos, brute, malware, fuzzer, external and broadcast scripts never run.
+Duration: from a second (a few ports on one host) to hours (all ports, version detection,
+large ranges). Waits up to `timeout` seconds, then returns a task_id while the scan goes on.
+
+Allowed options:
+{allowlist}"""
+
+
 def create_server(settings: Settings, nmap_path: str) -> FastMCP:
     """The FastMCP server with its tools; the task manager starts with its lifespan."""
     manager = TaskManager(
@@ -105,7 +129,9 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
         max_queued=settings.max_queued_tasks,
         shutdown_grace=settings.shutdown_grace_seconds,
     )
-    policy = target_policy(settings)
+    policies = token_target_policies(settings)
+    scripts = script_policy(settings, nmap_path)
+    audit_log = AuditLog(Path(settings.audit_log))
 
     @contextlib.asynccontextmanager
     async def lifespan(_server: FastMCP) -> AsyncIterator[dict[str, object]]:
@@ -114,6 +140,7 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
             yield {}
         finally:
             await manager.stop()
+            audit_log.close()
 
     mcp = FastMCP(
         "nmap-mcp",
@@ -121,17 +148,20 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
         instructions="Network scans with nmap. Scans return a result or a task_id to poll.",
         auth=NamedTokenVerifier(settings.named_secrets(), allow_query_token=settings.allow_query_token),
         lifespan=lifespan,
+        middleware=[AuditMiddleware(audit_log), ToolScopeMiddleware(token_tool_scopes(settings))],
         mask_error_details=True,
         strict_input_validation=True,
     )
 
-    async def start_scan(kind: ScanKind, target: str, timeout: int) -> TaskAnswer:
+    async def start_scan(kind: ScanKind, options: list[str], targets: list[str], timeout: int) -> TaskAnswer:
         owner = caller()
         with tool_errors():
-            resolved = await resolve_targets([target], policy)
-            options = scan_options(kind, privileged=False)
-            argv = build_argv(nmap_path, options, resolved.nmap_targets, ipv6=resolved.ipv6, privileged=False)
-            record = await manager.submit(owner, kind, target, argv, settings.max_scan_seconds)
+            resolved = await resolve_targets(targets, policies[owner])
+            argv = build_argv(nmap_path, options, resolved.nmap_targets, ipv6=resolved.ipv6,
+                              privileged=settings.privileged)
+            audit.note(argv=argv, targets=list(resolved.nmap_targets))
+            record = await manager.submit(owner, kind, " ".join(targets), argv, settings.max_scan_seconds)
+            audit.note(task_id=record.id)
             return answer(await manager.wait(record.id, owner, timeout))
 
     default_wait = settings.sync_timeout
@@ -143,14 +173,29 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
             default_wait, 300
         ),
     ) -> TaskAnswer:
-        return await start_scan(ScanKind.QUICK, target, timeout)
+        options = scan_options(ScanKind.QUICK, privileged=settings.privileged)
+        return await start_scan(ScanKind.QUICK, options, [target], timeout)
 
     @inlined_tool(mcp, description=FULL_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
     async def full_scan(
         target: Target,
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
     ) -> TaskAnswer:
-        return await start_scan(ScanKind.FULL, target, timeout)
+        options = scan_options(ScanKind.FULL, privileged=settings.privileged)
+        return await start_scan(ScanKind.FULL, options, [target], timeout)
+
+    @inlined_tool(mcp, description=custom_scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS)
+    async def custom_scan(
+        command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_LENGTH, description=(
+            "nmap options and targets, without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'"
+        ))],
+        timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+    ) -> TaskAnswer:
+        with tool_errors():
+            parsed = parse_command(command, scripts, privileged=settings.privileged)
+        if "--host-timeout" not in parsed.options:
+            parsed.options += ["--host-timeout", f"{settings.custom_host_timeout}s"]
+        return await start_scan(ScanKind.CUSTOM, parsed.options, parsed.targets, timeout)
 
     @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
     async def get_task_status(task_id: TaskId) -> TaskAnswer:
@@ -211,9 +256,9 @@ def inlined_tool(mcp: FastMCP, **options: Any) -> Callable[[ToolFunction], ToolF
     return register
 
 
-def target_policy(settings: Settings) -> TargetPolicy:
-    """The target policy every scan tool applies."""
-    return TargetPolicy(
+def token_target_policies(settings: Settings) -> dict[str, TargetPolicy]:
+    """Token name -> the target policy its scans get: the server's, narrowed per token."""
+    base = TargetPolicy(
         allowed=parse_networks(settings.allowed_targets),
         denied=parse_networks(settings.denied_targets),
         allow_loopback=settings.allow_loopback,
@@ -221,6 +266,40 @@ def target_policy(settings: Settings) -> TargetPolicy:
         max_targets=settings.max_targets_per_scan,
         resolve_timeout=settings.resolve_timeout,
     )
+    policies = dict.fromkeys(settings.named_secrets(), base)
+    for name, spec in settings.tokens.items():
+        if spec.allowed_targets is not None:
+            policies[name] = replace(base, token_allowed=parse_networks(spec.allowed_targets))
+    return policies
+
+
+def token_tool_scopes(settings: Settings) -> dict[str, frozenset[str] | None]:
+    """Token name -> the tools it may use (None: all)."""
+    scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_secrets())
+    for name, spec in settings.tokens.items():
+        if spec.tools is not None:
+            scopes[name] = frozenset(spec.tools)
+    return scopes
+
+
+def script_policy(settings: Settings, nmap_path: str) -> ScriptPolicy:
+    """The NSE policy, over the script database of the nmap that will run."""
+    script_db = Path(settings.script_db_path) if settings.script_db_path else default_script_db(nmap_path)
+    try:
+        catalog = load_catalog(script_db)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read nmap's script database {script_db}: set script_db_path ({e})") from e
+    return ScriptPolicy(
+        catalog=catalog,
+        allowed_categories=tuple(settings.script_categories),
+        denied=(*BUILTIN_DENIED_SCRIPTS, *settings.denied_scripts),
+        args_allowed={key: re.compile(pattern) for key, pattern in settings.script_args_allowed.items()},
+    )
+
+
+def custom_scan_description(privileged: bool) -> str:
+    """custom_scan's description, with the allowlist it enforces."""
+    return CUSTOM_SCAN_DESCRIPTION.format(allowlist=describe_allowlist(privileged=privileged))
 
 
 def caller() -> str:
@@ -322,12 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             write_new_config(config_path)
             print(f"no config found: wrote {config_path.resolve()} with a new token")
         settings = load_settings(config_path)
-        nmap_path = find_nmap(settings.nmap_path)
+        app = create_app(settings, find_nmap(settings.nmap_path))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, nmap_path)
     print(banner(settings, show_token=args.show_token, config_path=config_path.resolve()), flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, lifespan="on")  # type: ignore[arg-type]
     return 0

@@ -39,7 +39,7 @@ def test_argv_puts_targets_after_double_dash_and_owns_output() -> None:
 
 def test_full_scan_argv_and_ipv6() -> None:
     argv = build_argv("nmap", scan_options(ScanKind.FULL, privileged=True), ["::1"], ipv6=True, privileged=True)
-    assert argv == ["nmap", "-sS", "-T4", "-p-", "-sV", "-n", "-oX", "-", "-6", "--", "::1"]
+    assert argv == ["nmap", "-sS", "-T4", "-p-", "-sV", "-n", "-oX", "-", "--privileged", "-6", "--", "::1"]
 
 
 def test_parse_recorded_quick_scan() -> None:

@@ -1,0 +1,86 @@
+"""The audit log: one JSON line per tool call, allowed or refused. Never a token.
+
+Tools add what they decided (canonical argv, resolved targets, task id) with `note()`;
+the middleware writes the record when the call ends, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextvars import ContextVar
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mcp.types as mt
+from fastmcp.exceptions import ToolError
+from fastmcp.server.dependencies import get_access_token
+from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
+from fastmcp.tools.base import ToolResult
+
+_details: ContextVar[dict[str, Any] | None] = ContextVar("audit_details", default=None)
+
+
+def note(**facts: Any) -> None:
+    """Attach facts to the audit record of the tool call in progress."""
+    details = _details.get()
+    if details is not None:
+        details.update(facts)
+
+
+class AuditLog:
+    """Appends JSON lines to a file through a private logger (no global logging state)."""
+
+    def __init__(self, path: Path) -> None:
+        self._handler = logging.FileHandler(path, encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._logger = logging.Logger("nmap_mcp.audit")
+        self._logger.addHandler(self._handler)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._logger.info(json.dumps(record, separators=(",", ":")))
+
+    def close(self) -> None:
+        self._handler.close()
+
+
+class AuditMiddleware(Middleware):
+    """Records every tools/call: who, what, the verdict with its reason, how long."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+
+    async def on_call_tool(
+        self,
+        context: MiddlewareContext[mt.CallToolRequestParams],
+        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
+    ) -> ToolResult:
+        details: dict[str, Any] = {}
+        reset = _details.set(details)
+        started = time.perf_counter()
+        verdict, reason = "allowed", None
+        try:
+            return await call_next(context)
+        except ToolError as e:
+            verdict, reason = "refused", str(e)
+            raise
+        except Exception as e:
+            # Argument validation and internal failures; the class name is enough here.
+            verdict, reason = "error", type(e).__name__
+            raise
+        finally:
+            _details.reset(reset)
+            token = get_access_token()
+            self._log.write({
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "token": token.client_id if token else None,
+                "tool": context.message.name,
+                "argv": details.get("argv"),
+                "targets": details.get("targets"),
+                "task_id": details.get("task_id"),
+                "verdict": verdict,
+                "reason": reason,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            })
