@@ -22,7 +22,7 @@ import time
 import uuid
 import weakref
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -165,7 +165,7 @@ class TaskManager:
                 "try again later or cancel queued tasks"
             )
         self._wakeup.set()
-        return await self.get(task_id, owner)
+        return _record(values | {"started_at": None, "finished_at": None, "error": None})
 
     async def wait(self, task_id: str, owner: str, timeout: float) -> TaskRecord:
         """Wait up to `timeout` s for the task to finish; the scan goes on either way."""
@@ -405,8 +405,8 @@ def _worker_is_dead(worker_id: str | None, heartbeat_at: float | None) -> bool:
     return False
 
 
-def _record(row: Row[Any]) -> TaskRecord:
-    data = row._mapping
+def _record(row: Row[Any] | Mapping[str, Any]) -> TaskRecord:
+    data = row._mapping if isinstance(row, Row) else row
     result = data.get("result")
     return TaskRecord(
         id=data["id"],
