@@ -32,7 +32,7 @@ def anyio_backend() -> str:
 def listeners() -> Iterator[Listeners]:
     opened = Listeners()
     yield opened
-    opened.close_all()
+    opened.stop()
 
 
 @pytest.fixture

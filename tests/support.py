@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,20 +53,27 @@ def top_ports(count: int = 100) -> list[int]:
 
 
 class Listeners:
-    """TCP listeners the test opened; closed at teardown."""
+    """TCP listeners the test opened, accepting and closing every connection like a quiet
+    service (an unaccepted backlog would fill up and make the port look filtered)."""
 
     def __init__(self) -> None:
         self.sockets: dict[int, socket.socket] = {}
+        self._selector = selectors.DefaultSelector()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept_forever, daemon=True)
+        self._thread.start()
 
     def open(self, port: int, host: str = "127.0.0.1") -> bool:
-        sock = socket.socket()
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
             sock.close()
             return False
-        sock.listen(16)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._selector.register(sock, selectors.EVENT_READ)
         self.sockets[port] = sock
         return True
 
@@ -78,10 +87,25 @@ class Listeners:
                 return opened
         raise RuntimeError("not enough free ports among nmap's top 100")
 
+    def _accept_forever(self) -> None:
+        while not self._stopped.is_set():
+            for key, _ in self._selector.select(timeout=0.05) if self._selector.get_map() else ():
+                with contextlib.suppress(OSError):
+                    connection, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                    connection.close()
+            if not self._selector.get_map():
+                time.sleep(0.05)
+
     def close_all(self) -> None:
         for sock in self.sockets.values():
+            self._selector.unregister(sock)
             sock.close()
         self.sockets.clear()
+
+    def stop(self) -> None:
+        self.close_all()
+        self._stopped.set()
+        self._thread.join(5)
 
 
 @dataclass
@@ -214,3 +238,38 @@ async def failure_of(call: Awaitable[object]) -> BaseException:
             e = e.exceptions[0]
         return e
     raise AssertionError("the call succeeded; a failure was expected")
+
+
+class BannerServer:
+    """A loopback TCP service that greets every client with an SSH banner, so that nmap's
+    version detection and the banner script finish at once instead of waiting ~6 s."""
+
+    BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.port = free_port(host)
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, self.port))
+        self._sock.listen(32)
+        self._sock.settimeout(0.2)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            with contextlib.suppress(OSError), conn:
+                conn.sendall(self.BANNER)
+                conn.settimeout(0.5)
+                with contextlib.suppress(OSError):
+                    conn.recv(1024)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        self._sock.close()
