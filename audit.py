@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ class AuditMiddleware(Middleware):
             _details.reset(reset)
             token = get_access_token()
             self._log.write({
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "token": token.client_id if token else None,
                 "tool": context.message.name,
                 "argv": details.get("argv"),

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     """Lifecycle of a scan task.
 
     queued -> running -> completed | failed | cancelled
@@ -40,7 +40,7 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 }
 
 
-class ScanKind(str, enum.Enum):
+class ScanKind(enum.StrEnum):
     """Which tool created a task; fixes how its nmap argv was built."""
 
     QUICK = "quick"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, literal, select, update
+from sqlalchemy import Engine, create_engine, event, func, literal, select, update
 from sqlalchemy.engine import Row
 
 from models import ScanKind, ScanResult, TaskStatus, metadata, tasks

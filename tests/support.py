@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
@@ -273,3 +274,13 @@ class BannerServer:
         self._stopped.set()
         self._thread.join(5)
         self._sock.close()
+
+
+async def poll_until_finished(url: str, token: str, task_id: str, timeout: float = 30) -> dict[str, Any]:
+    """Call get_task_result until the task leaves queued/running; return its answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = (await call_tool(url, token, "get_task_result", {"task_id": task_id})).structured_content
+        if answer["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return answer
+        await asyncio.sleep(0.2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +12,9 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.commands import HOSTILE_COMMANDS, LEGITIMATE_COMMANDS, PRIVILEGED_COMMANDS
-from tests.support import SECRETS, BannerServer, Listeners, LiveServer, NmapWrapper, call_tool, error_text
+from tests.support import (
+    SECRETS, BannerServer, Listeners, LiveServer, NmapWrapper, call_tool, error_text, poll_until_finished,
+)
 
 pytestmark = pytest.mark.anyio
 StartServer = Callable[..., LiveServer]
@@ -114,11 +115,7 @@ async def test_custom_scan_result_survives_the_background_hand_off(
     first = (await call_tool(server.url, ALICE, "custom_scan", {"command": f"-p {p1} 127.0.0.1", "timeout": 5}))
     task_id = first.structured_content["task_id"]
     assert first.structured_content["status"] == "running"
-    for _ in range(100):
-        answer = (await call_tool(server.url, ALICE, "get_task_result", {"task_id": task_id})).structured_content
-        if answer["status"] != "running":
-            break
-        await asyncio.sleep(0.2)
+    answer = await poll_until_finished(server.url, ALICE, task_id)
     assert answer["status"] == "completed" and answer["kind"] == "custom"
     assert [(p["port"], p["state"]) for p in answer["result"]["hosts"][0]["ports"]] == [(p1, "open")]
 

@@ -13,7 +13,8 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.support import (
-    ROOT, SECRETS, Listeners, LiveServer, NmapWrapper, call_tool, error_text, failure_of, wait_until,
+    ROOT, SECRETS, Listeners, LiveServer, NmapWrapper, call_tool, error_text, failure_of, poll_until_finished,
+    wait_until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -93,16 +94,7 @@ async def test_a_scan_longer_than_the_wait_returns_a_task_id_and_runs_once(
     first = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 5})).structured_content
     assert first["status"] == "running" and first["result"] is None
     assert f"get_task_result with task_id '{first['task_id']}'" in first["message"]
-    task_id = first["task_id"]
-
-    async def finished() -> dict:
-        while True:
-            answer = (await call_tool(server.url, ALICE, "get_task_result", {"task_id": task_id})).structured_content
-            if answer["status"] != "running":
-                return answer
-            await asyncio.sleep(0.2)
-
-    final = await asyncio.wait_for(finished(), 30)
+    final = await poll_until_finished(server.url, ALICE, first["task_id"])
     assert final["status"] == "completed"
     assert port in {p["port"] for p in final["result"]["hosts"][0]["ports"]}
     assert len(nmap_wrapper.pids()) == 1
