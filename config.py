@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     script_args_allowed: dict[str, str] = Field(default_factory=dict)
     script_db_path: str = ""
     audit_log: str = "audit.jsonl"
+    max_answer_bytes: int = Field(default=60_000, ge=4_000, le=10_000_000)
+    result_freshness_seconds: int = Field(default=300, ge=0, le=86_400)
     db_path: str = "nmap_tasks.db"
     database_url: str | None = None
     nmap_path: str = "nmap"

@@ -5,7 +5,17 @@ from __future__ import annotations
 import enum
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 
 
 class TaskStatus(enum.StrEnum):
@@ -68,6 +78,7 @@ tasks = Table(
     Column("worker_id", String(64)),
     Column("heartbeat_at", Float),
     Column("pid", Integer),
+    Column("progress", Text),
     Column("result", Text),
     Column("raw_xml", LargeBinary),
     Column("error", Text),
@@ -76,8 +87,15 @@ tasks = Table(
 )
 
 
-class PortResult(BaseModel):
-    """One scanned port of one host."""
+class ScriptOutput(BaseModel):
+    """One NSE script's output (target-controlled text, cleaned and bounded)."""
+
+    id: str
+    output: str
+
+
+class PortSummary(BaseModel):
+    """One port, in the shape the seed service documents."""
 
     port: int
     protocol: str
@@ -86,23 +104,99 @@ class PortResult(BaseModel):
     version: str = Field(description="Product and version when detected, else ''")
 
 
-class HostResult(BaseModel):
-    """One host nmap reported on."""
+class PortDetail(PortSummary):
+    """Everything nmap reports about one port."""
+
+    reason: str = ""
+    product: str = ""
+    product_version: str = ""
+    extrainfo: str = ""
+    tunnel: str = ""
+    cpe: list[str] = Field(default_factory=list)
+    scripts: list[ScriptOutput] = Field(default_factory=list)
+
+
+class AddressRecord(BaseModel):
+    address: str
+    type: str = Field(description="ipv4, ipv6 or mac")
+    vendor: str = ""
+
+
+class OsMatch(BaseModel):
+    name: str
+    accuracy: int
+
+
+class ExtraPorts(BaseModel):
+    """Ports nmap summarised instead of listing, e.g. 98 closed."""
+
+    state: str
+    count: int
+
+
+class HostSummary(BaseModel):
+    """One host: its open ports with service and version."""
 
     address: str
     status: str
     hostnames: list[str]
-    ports: list[PortResult]
+    ports: list[PortSummary]
 
 
-class ScanResult(BaseModel):
-    """Parsed nmap output for one task, in the shape the seed service documents."""
+class HostDetail(HostSummary):
+    """Everything nmap reports about one host."""
+
+    ports: list[PortDetail]  # type: ignore[assignment]
+    reason: str = ""
+    addresses: list[AddressRecord] = Field(default_factory=list)
+    ptr: str = ""
+    os_matches: list[OsMatch] = Field(default_factory=list)
+    uptime_s: int | None = None
+    distance: int | None = None
+    extraports: list[ExtraPorts] = Field(default_factory=list)
+    scripts: list[ScriptOutput] = Field(default_factory=list)
+    timed_out: bool = False
+
+
+class Page(BaseModel):
+    """Which part of the result this answer holds, and where the rest starts."""
+
+    unit: str = Field(description="hosts (json, csv) or characters (xml)")
+    offset: int
+    returned: int
+    total: int
+    next_offset: int | None = Field(description="Pass as offset for the next page; null when none is left")
+
+
+class ScanSummary(BaseModel):
+    """A compact result: per host its open ports, plus the run's counts."""
 
     target: str
     scan_time: float = Field(description="Seconds nmap ran")
     hosts_up: int
+    hosts_down: int
     hosts_total: int
-    hosts: list[HostResult]
+    open_ports: int
+    partial: bool = Field(default=False, description="True when the scan did not finish: hosts so far")
+    warnings: list[str] = Field(default_factory=list)
+    hosts: list[HostSummary]
+
+
+class ScanResult(ScanSummary):
+    """The full parsed result of one scan (what is stored, and view='full')."""
+
+    hosts: list[HostDetail]  # type: ignore[assignment]
+    exit_status: str = Field(default="", description="nmap's own verdict: success, error, or '' if unfinished")
+    errors: list[str] = Field(default_factory=list)
+    hosts_timed_out: list[str] = Field(default_factory=list)
+
+
+class Progress(BaseModel):
+    """How far a running scan is, from nmap's own statistics."""
+
+    percent: float
+    phase: str
+    remaining_s: int | None = None
 
 
 class TaskAnswer(BaseModel):
@@ -117,10 +211,36 @@ class TaskAnswer(BaseModel):
     finished_at: float | None = None
     message: str | None = None
     error: str | None = None
-    result: ScanResult | None = None
+    progress: Progress | None = None
+    result: ScanResult | ScanSummary | None = None
+    format: str = "json"
+    content: str | None = Field(default=None, description="The xml or csv text when format is not json")
+    page: Page | None = None
+    truncated: bool = Field(default=False, description="True when more is left than fits; see page")
 
 
 class TaskList(BaseModel):
     """A page of the caller's tasks, newest first."""
 
     tasks: list[TaskAnswer]
+
+
+class PortChange(BaseModel):
+    address: str
+    port: int
+    protocol: str
+    before: str = Field(description="state, service and version in the first scan, '' when absent")
+    after: str = Field(description="the same in the second scan")
+
+
+class ScanDiff(BaseModel):
+    """What changed from the first task's result to the second's."""
+
+    task_a: str
+    task_b: str
+    hosts_came_up: list[str]
+    hosts_went_down: list[str]
+    ports_opened: list[PortChange]
+    ports_closed: list[PortChange]
+    services_changed: list[PortChange]
+    unchanged_open_ports: int

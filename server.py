@@ -13,13 +13,14 @@ import logging
 import re
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastmcp import FastMCP
+from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.dependencies import get_access_token
 from fastmcp.tools.function_tool import FunctionTool
@@ -33,10 +34,26 @@ import audit
 from audit import AuditLog, AuditMiddleware
 from auth import NamedTokenVerifier, ToolScopeMiddleware
 from client_configs import render_client_configs
-from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
-from models import ScanKind, TaskAnswer, TaskList, TaskStatus
-from nmap_options import MAX_COMMAND_LENGTH, CommandError, describe_allowlist, parse_command
-from nse_policy import BUILTIN_DENIED_SCRIPTS, ScriptPolicy, default_script_db, load_catalog
+from config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    Settings,
+    load_settings,
+    write_new_config,
+)
+from models import Progress, ScanDiff, ScanKind, TaskAnswer, TaskList, TaskStatus
+from nmap_options import (
+    MAX_COMMAND_LENGTH,
+    CommandError,
+    describe_allowlist,
+    parse_command,
+)
+from nse_policy import (
+    BUILTIN_DENIED_SCRIPTS,
+    ScriptPolicy,
+    default_script_db,
+    load_catalog,
+)
 from scanner import SandboxUnavailable, build_argv, sandbox_prefix, scan_options
 from targets import TargetError, TargetPolicy, parse_networks, resolve_targets
 from task_manager import (
@@ -47,6 +64,7 @@ from task_manager import (
     TaskRecord,
     create_db_engine,
 )
+from views import csv_page, diff_results, json_page, text_page
 
 logger = logging.getLogger(__name__)
 ToolFunction = Callable[..., Awaitable[Any]]
@@ -71,7 +89,12 @@ Target = Annotated[
     ),
 ]
 
+class NotComparable(ValueError):
+    """diff_scans was given a task without a result."""
+
+
 _ERROR_CODES: dict[type[Exception], str] = {
+    NotComparable: "not_comparable",
     CommandError: "invalid_command",
     TargetError: "invalid_target",
     QueueFull: "queue_full",
@@ -86,22 +109,27 @@ _READ_ANNOTATIONS = ToolAnnotations(
 )
 _POLL_HINT = (
     "The scan continues in the background. Call get_task_result with task_id '{id}' "
-    "to fetch the result (get_task_status shows the state without it)."
+    "to fetch the result, or the hosts finished so far (get_task_status shows progress)."
 )
+DEFAULT_PAGE = 50
 
 QUICK_SCAN_DESCRIPTION = """Quick TCP port scan: nmap's 100 most common ports.
 
 Runs `nmap -sT -T4 --top-ports 100 -n` against one target. Usually finishes in under a
 second for one host on a local network and in a few seconds for a /24.
 Waits up to `timeout` seconds; when the scan takes longer it returns status 'running' and
-a task_id while the same scan goes on: fetch it later with get_task_result."""
+a task_id while the same scan goes on: fetch it later with get_task_result. A result for the
+same target from the last {fresh} s (or the same scan still running) is returned instead of
+scanning again, unless rescan is true. The answer lists open ports per host."""
 
 FULL_SCAN_DESCRIPTION = """Full TCP port scan: all 65535 ports with service and version detection.
 
 Runs `nmap -sT -T4 -p- -sV -n` against one target. Takes from about ten seconds for one
 nearby host to many minutes for slow or filtered hosts and ranges.
 Waits up to `timeout` seconds; when the scan takes longer it returns status 'running' and
-a task_id while the same scan goes on: fetch it later with get_task_result."""
+a task_id while the same scan goes on: fetch it later with get_task_result. A result for the
+same target from the last {fresh} s (or the same scan still running) is returned instead of
+scanning again, unless rescan is true. The answer lists open ports per host."""
 
 
 CUSTOM_SCAN_DESCRIPTION = """Run nmap with your own options, checked against an allowlist.
@@ -153,62 +181,119 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
         strict_input_validation=True,
     )
 
-    async def start_scan(kind: ScanKind, options: list[str], targets: list[str], timeout: int) -> TaskAnswer:
+    async def start_scan(
+        kind: ScanKind, options: list[str], targets: list[str], timeout: int, ctx: Context, *, rescan: bool = True
+    ) -> TaskAnswer:
         owner = caller()
+        display = " ".join(targets)
         with tool_errors():
             resolved = await resolve_targets(targets, policies[owner])
-            argv = build_argv(nmap_path, options, resolved.nmap_targets, ipv6=resolved.ipv6,
-                              privileged=settings.privileged)
-            audit.note(argv=argv, targets=list(resolved.nmap_targets))
-            record = await manager.submit(owner, kind, " ".join(targets), argv, settings.max_scan_seconds)
-            audit.note(task_id=record.id)
-            return answer(await manager.wait(record.id, owner, timeout))
+            reused = None if rescan else await manager.find_recent(
+                owner, kind, display, time.time() - settings.result_freshness_seconds
+            )
+            task = reused
+            if task is None:
+                argv = build_argv(nmap_path, options, resolved.nmap_targets, ipv6=resolved.ipv6,
+                                  privileged=settings.privileged)
+                audit.note(argv=argv, targets=list(resolved.nmap_targets))
+                task = await manager.submit(owner, kind, display, argv, settings.max_scan_seconds)
+            audit.note(task_id=task.id)
+            shown = await present(await manager.wait(task.id, owner, timeout, on_progress=progress_reporter(ctx)))
+            if reused is None:
+                return shown
+            return shown.model_copy(update={"message": _reuse_note(reused) + (f" {shown.message}" if shown.message else "")})
+
+    async def present(
+        record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0, limit: int = DEFAULT_PAGE
+    ) -> TaskAnswer:
+        """Shape a task for the caller: a page of its result (partial while it runs)."""
+        base = answer(record).model_copy(update={"format": fmt})
+        cap = settings.max_answer_bytes
+        if fmt == "xml":
+            raw = await manager.raw_xml(record.id, record.owner)
+            return base if raw is None else text_page(base, raw.decode("utf-8", "replace"), offset=offset, cap=cap)
+        result = record.result or manager.live_result(record)
+        if result is None:
+            return base
+        if fmt == "csv":
+            return csv_page(base, result, offset=offset, limit=limit, cap=cap)
+        return json_page(base, result, view=view, offset=offset, limit=limit, cap=cap)
 
     default_wait = settings.sync_timeout
+    fresh = settings.result_freshness_seconds
 
-    @inlined_tool(mcp, description=QUICK_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, description=QUICK_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
     async def quick_scan(
         target: Target,
+        ctx: Context,
         timeout: Annotated[int, Field(ge=5, le=300, description="Seconds to wait for the result")] = min(
             default_wait, 300
         ),
+        rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
     ) -> TaskAnswer:
         options = scan_options(ScanKind.QUICK, privileged=settings.privileged)
-        return await start_scan(ScanKind.QUICK, options, [target], timeout)
+        return await start_scan(ScanKind.QUICK, options, [target], timeout, ctx, rescan=rescan)
 
-    @inlined_tool(mcp, description=FULL_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
     async def full_scan(
         target: Target,
+        ctx: Context,
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+        rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
     ) -> TaskAnswer:
         options = scan_options(ScanKind.FULL, privileged=settings.privileged)
-        return await start_scan(ScanKind.FULL, options, [target], timeout)
+        return await start_scan(ScanKind.FULL, options, [target], timeout, ctx, rescan=rescan)
 
     @inlined_tool(mcp, description=custom_scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS)
     async def custom_scan(
         command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_LENGTH, description=(
             "nmap options and targets, without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'"
         ))],
+        ctx: Context,
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
     ) -> TaskAnswer:
         with tool_errors():
             parsed = parse_command(command, scripts, privileged=settings.privileged)
         if "--host-timeout" not in parsed.options:
             parsed.options += ["--host-timeout", f"{settings.custom_host_timeout}s"]
-        return await start_scan(ScanKind.CUSTOM, parsed.options, parsed.targets, timeout)
+        return await start_scan(ScanKind.CUSTOM, parsed.options, parsed.targets, timeout, ctx)
 
     @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
     async def get_task_status(task_id: TaskId) -> TaskAnswer:
-        """State and timings of one of your scan tasks, without the result. Instant."""
+        """State, timings and progress (percent, phase, seconds left) of one of your scan
+        tasks, without the result. Instant."""
         with tool_errors():
             return answer(await manager.get(task_id, caller()))
 
     @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
-    async def get_task_result(task_id: TaskId) -> TaskAnswer:
-        """The parsed result of one of your scan tasks once it has finished; while it runs,
-        its state and how to poll. Instant: it never waits for the scan."""
+    async def get_task_result(
+        task_id: TaskId,
+        format: Annotated[Literal["json", "xml", "csv"], Field(
+            description="json: parsed result; xml: nmap's own report; csv: one row per port")] = "json",
+        view: Annotated[Literal["summary", "full"], Field(
+            description="summary: open ports with service and version; full: every detail")] = "summary",
+        offset: Annotated[int, Field(ge=0, description="First host (json, csv) or character (xml)")] = 0,
+        limit: Annotated[int, Field(ge=1, le=1000, description="Hosts per page (json, csv)")] = DEFAULT_PAGE,
+    ) -> TaskAnswer:
+        """The result of one of your scan tasks: once finished, or the hosts done so far
+        (partial: true) while it runs or after it was stopped. Answers are paged and capped
+        in size; `page.next_offset` says where the rest starts. Instant: it never waits."""
         with tool_errors():
-            return answer(await manager.get(task_id, caller(), with_result=True))
+            record = await manager.get(task_id, caller(), with_result=True)
+            return await present(record, format, view, offset, limit)
+
+    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    async def diff_scans(task_a: TaskId, task_b: TaskId) -> ScanDiff:
+        """What changed between two of your finished scans (a: before, b: after): hosts
+        that came up or went down, ports opened or closed, services or versions changed."""
+        owner = caller()
+        with tool_errors():
+            first = await manager.get(task_a, owner, with_result=True)
+            second = await manager.get(task_b, owner, with_result=True)
+            for record in (first, second):
+                if record.result is None:
+                    raise NotComparable(f"task {record.id} has no result to compare (it is {record.status.value})")
+            return diff_results(task_a, first.result, task_b, second.result)  # type: ignore[arg-type]
 
     @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
     async def list_tasks(
@@ -302,6 +387,23 @@ def custom_scan_description(privileged: bool) -> str:
     return CUSTOM_SCAN_DESCRIPTION.format(allowlist=describe_allowlist(privileged=privileged))
 
 
+def _reuse_note(reused: TaskRecord) -> str:
+    if reused.status.finished:
+        age = time.time() - (reused.finished_at or reused.created_at)
+        return f"This is the result of the same scan {age:.0f} s ago; pass rescan=true to scan again."
+    return "The same scan was already under way; this is its task. Pass rescan=true to start another."
+
+
+def progress_reporter(ctx: Context) -> Callable[[Progress], Awaitable[None]]:
+    """MCP progress notifications for a waiting call (sent when the client asked for them)."""
+
+    async def report(progress: Progress) -> None:
+        left = f", about {progress.remaining_s} s left" if progress.remaining_s is not None else ""
+        await ctx.report_progress(progress.percent, 100, f"{progress.phase}: {progress.percent:.0f}%{left}")
+
+    return report
+
+
 def caller() -> str:
     """The name of the token that authenticated this request."""
     token = get_access_token()
@@ -320,10 +422,11 @@ def tool_errors() -> Iterator[None]:
 
 
 def answer(record: TaskRecord) -> TaskAnswer:
-    """The seed's answer shape: the result when completed, else how to poll."""
+    """A task's state without its result; unfinished tasks say how to poll."""
     message = None
     if not record.status.finished:
-        message = f"Scan {record.status.value}. " + _POLL_HINT.format(id=record.id)
+        done = f" ({record.progress.phase}, {record.progress.percent:.0f}%)" if record.progress else ""
+        message = f"Scan {record.status.value}{done}. " + _POLL_HINT.format(id=record.id)
     return TaskAnswer(
         status=record.status,
         task_id=record.id,
@@ -334,7 +437,7 @@ def answer(record: TaskRecord) -> TaskAnswer:
         finished_at=record.finished_at,
         message=message,
         error=record.error,
-        result=record.result,
+        progress=record.progress,
     )
 
 

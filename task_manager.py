@@ -22,16 +22,17 @@ import time
 import uuid
 import weakref
 import zlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, func, literal, select, update
 from sqlalchemy.engine import Row
 
-from models import ScanKind, ScanResult, TaskStatus, metadata, tasks
-from scanner import ScanOutcome, clean_text, interpret_run, run_nmap
+from models import Progress, ScanKind, ScanResult, TaskStatus, metadata, tasks
+from nmap_report import ReportParser, clean_text
+from scanner import ScanOutcome, interpret_run, run_nmap
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +43,7 @@ STALE_AFTER_SECONDS = 30.0
 # An idle dispatcher re-reads the queue this often, to pick up work another process queued.
 IDLE_RECHECK_SECONDS = 5.0
 _SUMMARY_COLUMNS = [c for c in tasks.c if c.name not in ("result", "raw_xml")]
+_RESULT_COLUMNS = [c for c in tasks.c if c.name != "raw_xml"]
 
 
 class TaskNotFound(LookupError):
@@ -71,6 +73,7 @@ class TaskRecord:
     started_at: float | None
     finished_at: float | None
     error: str | None
+    progress: Progress | None = None
     result: ScanResult | None = None
 
 
@@ -111,7 +114,10 @@ class TaskManager:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._done_events: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
+        # Live state of the scans this process runs: their reports as they stream, progress.
+        self._reports: dict[str, ReportParser] = {}
+        self._progress: dict[str, Progress] = {}
+        self._changes: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
         self._side_tasks: list[asyncio.Task[None]] = []
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -167,24 +173,60 @@ class TaskManager:
         self._wakeup.set()
         return _record(values | {"started_at": None, "finished_at": None, "error": None})
 
-    async def wait(self, task_id: str, owner: str, timeout: float) -> TaskRecord:
-        """Wait up to `timeout` s for the task to finish; the scan goes on either way."""
-        done = self._done_events.setdefault(task_id, asyncio.Event())
-        record = await self.get(task_id, owner)
-        if not record.status.finished:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout)
+    async def wait(
+        self,
+        task_id: str,
+        owner: str,
+        timeout: float,
+        on_progress: Callable[[Progress], Awaitable[None]] | None = None,
+    ) -> TaskRecord:
+        """Wait up to `timeout` s for the task to finish, reporting progress as it comes;
+        the scan goes on either way. Woken by events, never by polling."""
+        loop = asyncio.get_running_loop()
+        changed = self._changes.setdefault(task_id, asyncio.Event())
+        deadline = loop.time() + timeout
+        reported: Progress | None = None
+        while True:
+            changed.clear()  # before reading, so a change after the read still wakes us
             record = await self.get(task_id, owner)
-        if record.status.finished:
-            return await self.get(task_id, owner, with_result=True)
-        return record
+            remaining = deadline - loop.time()
+            if record.status.finished or remaining <= 0:
+                break
+            if on_progress is not None and record.progress is not None and record.progress != reported:
+                reported = record.progress
+                await on_progress(reported)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+        return await self.get(task_id, owner, with_result=True) if record.status.finished else record
 
     async def get(self, task_id: str, owner: str, *, with_result: bool = False) -> TaskRecord:
         """The caller's task; TaskNotFound for a missing id and for another owner's id alike."""
         row = await self._db(self._select_one, task_id, owner, with_result)
         if row is None:
             raise TaskNotFound(f"no task {task_id!r}")
-        return _record(row)
+        record = _record(row)
+        live = self._progress.get(task_id)
+        return replace(record, progress=live) if live is not None and not record.status.finished else record
+
+    def live_result(self, record: TaskRecord) -> ScanResult | None:
+        """The hosts a scan running in this process has finished so far (partial), if any."""
+        report = self._reports.get(record.id)
+        if report is None or record.status.finished or not report.hosts:
+            return None
+        return report.result(record.target)
+
+    async def raw_xml(self, task_id: str, owner: str) -> bytes | None:
+        """nmap's XML report as it was written (None while the task has none)."""
+        stored = await self._db(self._select_raw, task_id, owner)
+        if stored is None:
+            report = self._reports.get(task_id)
+            return bytes(report.raw) if report is not None else None
+        return zlib.decompress(stored)
+
+    async def find_recent(self, owner: str, kind: ScanKind, target: str, since: float) -> TaskRecord | None:
+        """The caller's newest same scan that is queued, running, or completed since `since`."""
+        row = await self._db(self._select_recent, owner, kind, target, since)
+        return None if row is None else _record(row)
 
     async def list(self, owner: str, status: TaskStatus | None, limit: int) -> list[TaskRecord]:
         """The caller's most recent tasks, newest first."""
@@ -201,7 +243,7 @@ class TaskManager:
         if run is not None:
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
-        self._signal_done(task_id)
+        self._signal_changed(task_id)
         return await self.get(task_id, owner)
 
     # ---- workers ------------------------------------------------------------------------
@@ -230,9 +272,18 @@ class TaskManager:
 
     async def _run(self, record: TaskRecord) -> None:
         limit = float(record.time_limit)
+        report = self._reports[record.id] = ReportParser()
+
+        def on_output(chunk: bytes) -> None:
+            progress = report.progress
+            report.feed(chunk)
+            if report.progress is not None and report.progress != progress:
+                self._progress[record.id] = report.progress
+                self._signal_changed(record.id)
+
         try:
-            run = await run_nmap(record.argv, time_limit=limit)
-            outcome = interpret_run(run, record.target, limit)
+            run = await run_nmap(record.argv, time_limit=limit, stdout_sink=on_output)
+            outcome = interpret_run(run, report, record.target, limit)
             if outcome.status is TaskStatus.FAILED:
                 logger.warning(
                     "task %s failed: %s; nmap stderr: %s",
@@ -240,34 +291,40 @@ class TaskManager:
                 )
             await self._finish(record.id, outcome)
         except asyncio.CancelledError:
-            if self._stopping:
-                error = "the server shut down during the scan; submit it again"
-                outcome = ScanOutcome(TaskStatus.INTERRUPTED, None, error, b"")
-            else:
-                outcome = ScanOutcome(TaskStatus.CANCELLED, None, "cancelled", b"")
-            await asyncio.shield(self._finish(record.id, outcome))
+            await asyncio.shield(self._finish(record.id, self._stopped_outcome(record, report)))
             raise
         except Exception:
             logger.exception("task %s crashed", record.id)
             outcome = ScanOutcome(TaskStatus.FAILED, None, "internal error while running the scan", b"")
             await self._finish(record.id, outcome)
         finally:
-            self._signal_done(record.id)
+            del self._reports[record.id]
+            self._progress.pop(record.id, None)
+            self._signal_changed(record.id)
+
+    def _stopped_outcome(self, record: TaskRecord, report: ReportParser) -> ScanOutcome:
+        """A scan cancelled or cut by shutdown keeps the hosts it had finished."""
+        partial = report.result(record.target)
+        if self._stopping:
+            status, error = TaskStatus.INTERRUPTED, "the server shut down during the scan; submit it again"
+        else:
+            status, error = TaskStatus.CANCELLED, "cancelled"
+        return ScanOutcome(status, partial if partial.hosts else None, error, bytes(report.raw))
 
     async def _finish(self, task_id: str, outcome: ScanOutcome) -> None:
         if not await self._db(self._mark_finished, task_id, outcome):
             logger.info("task %s was already resolved elsewhere; keeping that state", task_id)
 
-    def _signal_done(self, task_id: str) -> None:
-        done = self._done_events.get(task_id)
-        if done is not None:
-            done.set()
+    def _signal_changed(self, task_id: str) -> None:
+        changed = self._changes.get(task_id)
+        if changed is not None:
+            changed.set()
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
-                gone = await self._db(self._beat, list(self._running))
+                gone = await self._db(self._beat, dict(self._progress), list(self._running))
                 await self._db(self._reap_orphans)
             except Exception:
                 logger.exception("heartbeat failed; retrying")
@@ -318,6 +375,7 @@ class TaskManager:
             "finished_at": time.time(),
             "error": outcome.error,
             "result": None if outcome.result is None else outcome.result.model_dump_json(),
+            "progress": None,
             "raw_xml": zlib.compress(outcome.raw_xml) if outcome.raw_xml else None,
         }
         guarded = update(tasks).where(
@@ -329,16 +387,32 @@ class TaskManager:
             return conn.execute(guarded.values(**values)).rowcount == 1
 
     def _mark_cancelled(self, task_id: str, owner: str) -> bool:
-        active = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
-        guarded = update(tasks).where(
-            tasks.c.id == task_id, tasks.c.owner == owner, tasks.c.status.in_(active)
-        )
-        values = {"status": TaskStatus.CANCELLED.value, "finished_at": time.time(), "error": "cancelled"}
+        """Queued tasks are cancelled here; a running one is only marked `cancelling` in
+        spirit: its runner records the final state with the hosts it had finished."""
         with self._engine.begin() as conn:
-            return conn.execute(guarded.values(**values)).rowcount == 1
+            queued = update(tasks).where(
+                tasks.c.id == task_id, tasks.c.owner == owner, tasks.c.status == TaskStatus.QUEUED.value
+            )
+            values = {"status": TaskStatus.CANCELLED.value, "finished_at": time.time(), "error": "cancelled"}
+            if conn.execute(queued.values(**values)).rowcount == 1:
+                return True
+            running = select(tasks.c.worker_id).where(
+                tasks.c.id == task_id, tasks.c.owner == owner, tasks.c.status == TaskStatus.RUNNING.value
+            )
+            worker = conn.execute(running).scalar_one_or_none()
+            if worker is None:
+                return False
+            if worker != self.worker_id:
+                # Another process runs it: mark it, and its heartbeat stops its nmap.
+                return conn.execute(
+                    update(tasks).where(tasks.c.id == task_id, tasks.c.status == TaskStatus.RUNNING.value)
+                    .values(**values)
+                ).rowcount == 1
+            return True
 
-    def _beat(self, running_ids: list[str]) -> list[str]:
-        """Refresh our heartbeat; return local task ids no longer running in the database."""
+    def _beat(self, progress: dict[str, Progress], running_ids: list[str]) -> list[str]:
+        """Refresh our heartbeat and our tasks' progress; return local task ids that are
+        no longer running in the database (cancelled through another process)."""
         if not running_ids:
             return []
         with self._engine.begin() as conn:
@@ -347,6 +421,12 @@ class TaskManager:
                 .where(tasks.c.worker_id == self.worker_id, tasks.c.status == TaskStatus.RUNNING.value)
                 .values(heartbeat_at=time.time())
             )
+            for task_id, current in progress.items():
+                conn.execute(
+                    update(tasks)
+                    .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.RUNNING.value)
+                    .values(progress=current.model_dump_json())
+                )
             still = conn.execute(
                 select(tasks.c.id).where(
                     tasks.c.id.in_(running_ids), tasks.c.status == TaskStatus.RUNNING.value
@@ -374,8 +454,28 @@ class TaskManager:
             guarded = update(tasks).where(tasks.c.id.in_(dead), tasks.c.status == TaskStatus.RUNNING.value)
             return conn.execute(guarded.values(**values)).rowcount
 
+    def _select_raw(self, task_id: str, owner: str) -> bytes | None:
+        query = select(tasks.c.raw_xml).where(tasks.c.id == task_id, tasks.c.owner == owner)
+        with self._engine.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    def _select_recent(self, owner: str, kind: ScanKind, target: str, since: float) -> Row[Any] | None:
+        active = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+        query = (
+            select(*_SUMMARY_COLUMNS)
+            .where(tasks.c.owner == owner, tasks.c.kind == kind.value, tasks.c.target == target)
+            .where(
+                tasks.c.status.in_(active)
+                | ((tasks.c.status == TaskStatus.COMPLETED.value) & (tasks.c.finished_at >= since))
+            )
+            .order_by(tasks.c.created_at.desc())
+            .limit(1)
+        )
+        with self._engine.connect() as conn:
+            return conn.execute(query).first()
+
     def _select_one(self, task_id: str, owner: str, with_result: bool) -> Row[Any] | None:
-        columns = list(tasks.c) if with_result else _SUMMARY_COLUMNS
+        columns = _RESULT_COLUMNS if with_result else _SUMMARY_COLUMNS
         query = select(*columns).where(tasks.c.id == task_id, tasks.c.owner == owner)
         with self._engine.connect() as conn:
             return conn.execute(query).first()
@@ -407,7 +507,7 @@ def _worker_is_dead(worker_id: str | None, heartbeat_at: float | None) -> bool:
 
 def _record(row: Row[Any] | Mapping[str, Any]) -> TaskRecord:
     data = row._mapping if isinstance(row, Row) else row
-    result = data.get("result")
+    result, progress = data.get("result"), data.get("progress")
     return TaskRecord(
         id=data["id"],
         owner=data["owner"],
@@ -420,5 +520,6 @@ def _record(row: Row[Any] | Mapping[str, Any]) -> TaskRecord:
         started_at=data["started_at"],
         finished_at=data["finished_at"],
         error=data["error"],
+        progress=Progress.model_validate_json(progress) if progress else None,
         result=ScanResult.model_validate_json(result) if result else None,
     )

@@ -130,7 +130,7 @@ async def test_audit_record_of_an_allowed_call(live_server: StartServer, listene
     assert record["targets"] == ["127.0.0.1"] and record["task_id"] == answer.structured_content["task_id"]
     argv = record["argv"]
     assert argv[1:] == ["-sT", "-p", str(p1), "--open", "--host-timeout", "900s", "-n", "-oX", "-",
-                        "--unprivileged", "--", "127.0.0.1"]
+                        "--stats-every", "2s", "--unprivileged", "--", "127.0.0.1"]
     assert record["duration_ms"] > 0 and record["time"].endswith("+00:00")
 
 

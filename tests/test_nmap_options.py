@@ -201,8 +201,8 @@ def test_accepted_commands_emit_only_allowlisted_options_and_validated_targets(c
         token = argv[position]
         if token.startswith("--script="):
             assert token.startswith("--script=(") and "and not (intrusive or exploit" in token
-        elif token == "-oX":
-            assert argv[position + 1] == "-"
+        elif token in ("-oX", "--stats-every"):
+            assert argv[position + 1] in ("-", "2s")
             position += 1
         elif token not in SERVER_FLAGS:
             option = ALLOWED_OPTIONS[token]

@@ -75,14 +75,16 @@ async def test_quick_scan_reports_exactly_the_test_listeners(live_server: StartS
     ports = listeners.open_free_top_ports(3)
     server = live_server()
 
-    async def open_ports() -> set[int]:
-        result = await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1"})
-        [host] = result.structured_content["result"]["hosts"]
-        return {p["port"] for p in host["ports"] if p["state"] == "open" and p["port"] in ports}
+    async def open_ports(**flags: bool) -> tuple[set[int], str | None]:
+        result = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", **flags})).structured_content
+        [host] = result["result"]["hosts"]
+        return {p["port"] for p in host["ports"] if p["state"] == "open" and p["port"] in ports}, result["message"]
 
-    assert await open_ports() == set(ports)
+    assert await open_ports() == (set(ports), None)
     listeners.close_all()
-    assert await open_ports() == set()
+    cached, message = await open_ports()
+    assert cached == set(ports) and "pass rescan=true to scan again" in (message or "")
+    assert await open_ports(rescan=True) == (set(), None)
 
 
 async def test_a_scan_longer_than_the_wait_returns_a_task_id_and_runs_once(
@@ -106,7 +108,8 @@ async def test_simultaneous_calls_respect_concurrency_and_queue_bounds(
     nmap_wrapper.set_delay(1)
     server = live_server(max_concurrent_tasks=2, max_queued_tasks=3)
     calls = [
-        asyncio.create_task(call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 30}))
+        asyncio.create_task(call_tool(server.url, ALICE, "quick_scan",
+                                      {"target": "127.0.0.1", "timeout": 30, "rescan": True}))
         for _ in range(10)
     ]
     peak = 0
@@ -204,7 +207,7 @@ async def test_tools_describe_themselves(live_server: StartServer) -> None:
         async with Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {"quick_scan", "full_scan", "custom_scan", "get_task_status", "get_task_result",
-                          "list_tasks", "cancel_task"}
+                          "list_tasks", "cancel_task", "diff_scans"}
     for tool in tools.values():
         assert tool.description and tool.output_schema and tool.annotations
     assert "--top-ports 100" in tools["quick_scan"].description

@@ -1,0 +1,236 @@
+"""nmap's XML report, parsed as it streams: complete, cut off, or still being written.
+
+One incremental parser (stdlib ElementTree's XMLPullParser) serves every case: a finished
+report, the hosts a running scan has finished so far, and the report of a scan that was
+killed midway. Each `<host>` is turned into a model and dropped as soon as it closes, so
+memory stays flat. Text that comes from targets (banners, script output, hostnames) is
+stripped of control characters and bounded in length.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+from models import (
+    AddressRecord,
+    ExtraPorts,
+    HostDetail,
+    OsMatch,
+    PortDetail,
+    Progress,
+    ScanResult,
+    ScriptOutput,
+)
+
+RAW_CAP = 64 * 1024 * 1024
+SCRIPT_OUTPUT_LIMIT = 2000
+FIELD_LIMIT = 200
+_INVALID_CHAR_REF = re.compile(r"&#([xX][0-9a-fA-F]+|[0-9]+);")
+
+
+def clean_text(text: str, limit: int) -> str:
+    """Target-controlled text made safe for an LLM: no control characters, bounded."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in text)
+    return printable if len(printable) <= limit else printable[: limit - 1] + "…"
+
+
+def _legal_char_ref(match: re.Match[str]) -> str:
+    """Keep character references XML 1.0 allows; replace the rest (nmap 7.94 emits &#x1b;)."""
+    code = int(match.group(1)[1:], 16) if match.group(1)[0] in "xX" else int(match.group(1))
+    allowed = code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0x10FFFF
+    return match.group(0) if allowed and code not in (0xFFFE, 0xFFFF) else "\ufffd"
+
+
+@dataclass
+class RunStats:
+    """nmap's closing `<runstats>`: present only when the report is complete."""
+
+    elapsed: float = 0.0
+    exit_status: str = ""
+    errormsg: str = ""
+    hosts_up: int = 0
+    hosts_down: int = 0
+    hosts_total: int = 0
+
+
+@dataclass
+class ReportParser:
+    """Feed nmap's stdout as it arrives; ask for the result at any time."""
+
+    hosts: list[HostDetail] = field(default_factory=list)
+    progress: Progress | None = None
+    runstats: RunStats | None = None
+    complete: bool = False
+    broken: bool = False
+    raw: bytearray = field(default_factory=bytearray)
+    truncated: bool = False
+    _pending: bytes = b""
+    _root: ET.Element | None = None
+    _parser: ET.XMLPullParser = field(default_factory=lambda: ET.XMLPullParser(events=("start", "end")))
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next piece of stdout; parse every complete line in it."""
+        if len(self.raw) + len(chunk) > RAW_CAP:
+            self.truncated = True
+            chunk = chunk[: max(RAW_CAP - len(self.raw), 0)]
+        self.raw += chunk
+        lines, _, self._pending = (self._pending + chunk).rpartition(b"\n")
+        if lines and not self.broken:
+            self._parse(lines + b"\n")
+
+    def _parse(self, data: bytes) -> None:
+        text = _INVALID_CHAR_REF.sub(_legal_char_ref, data.decode("utf-8", "replace"))
+        try:
+            self._parser.feed(text)
+            for event, element in self._parser.read_events():
+                self._handle(event, element)
+        except ET.ParseError:
+            self.broken = True
+
+    def _handle(self, event: str, element: ET.Element) -> None:
+        if event == "start":
+            if element.tag == "nmaprun":
+                self._root = element
+            return
+        if element.tag == "host":
+            self.hosts.append(_host(element))
+        elif element.tag == "taskprogress":
+            self.progress = _progress(element)
+        elif element.tag == "taskbegin":
+            self.progress = Progress(percent=0.0, phase=element.get("task", ""), remaining_s=None)
+        elif element.tag == "runstats":
+            self.runstats = _runstats(element)
+        elif element.tag == "nmaprun":
+            self.complete = True
+        if self._root is not None and element in self._root:
+            self._root.remove(element)  # a direct child is done with: keep memory flat
+
+    def result(self, target: str) -> ScanResult:
+        """The hosts parsed so far, with the run's statistics when nmap wrote them."""
+        stats = self.runstats or RunStats(hosts_up=sum(h.status == "up" for h in self.hosts))
+        hosts = sorted(self.hosts, key=_address_key)
+        timed_out = [h.address for h in hosts if h.timed_out]
+        warnings = [f"host {address} timed out before its scan finished" for address in timed_out]
+        return ScanResult(
+            target=target,
+            scan_time=stats.elapsed,
+            hosts_up=stats.hosts_up,
+            hosts_down=stats.hosts_down,
+            hosts_total=stats.hosts_total or len(hosts),
+            open_ports=sum(p.state == "open" for h in hosts for p in h.ports),
+            partial=not self.complete,
+            warnings=warnings,
+            hosts=hosts,
+            exit_status=stats.exit_status,
+            errors=[clean_text(stats.errormsg, FIELD_LIMIT)] if stats.errormsg else [],
+            hosts_timed_out=timed_out,
+        )
+
+
+def parse_report(xml: bytes | str, target: str) -> ScanResult:
+    """Parse a whole report (complete or not) in one go."""
+    parser = ReportParser()
+    parser.feed(xml.encode() if isinstance(xml, str) else xml)
+    parser.feed(b"\n")
+    return parser.result(target)
+
+
+def _host(element: ET.Element) -> HostDetail:
+    status = element.find("status")
+    addresses = [
+        AddressRecord(
+            address=a.get("addr", ""), type=a.get("addrtype", ""), vendor=clean_text(a.get("vendor", ""), 100)
+        )
+        for a in element.iter("address")
+    ]
+    ip = next((a.address for a in addresses if a.type in ("ipv4", "ipv6")), addresses[0].address if addresses else "")
+    names = [(clean_text(h.get("name", ""), 253), h.get("type", "")) for h in element.iter("hostname")]
+    uptime = element.find("uptime")
+    distance = element.find("distance")
+    ports_element = element.find("ports")
+    return HostDetail(
+        address=ip,
+        status=status.get("state", "") if status is not None else "",
+        reason=status.get("reason", "") if status is not None else "",
+        hostnames=[name for name, _ in names],
+        ptr=next((name for name, kind in names if kind == "PTR"), ""),
+        addresses=addresses,
+        ports=sorted((_port(p) for p in element.iter("port")), key=lambda p: (p.protocol, p.port)),
+        extraports=[
+            ExtraPorts(state=e.get("state", ""), count=int(e.get("count", "0")))
+            for e in (ports_element.iter("extraports") if ports_element is not None else ())
+        ],
+        os_matches=[
+            OsMatch(name=clean_text(m.get("name", ""), FIELD_LIMIT), accuracy=int(m.get("accuracy", "0")))
+            for m in element.iter("osmatch")
+        ],
+        uptime_s=int(uptime.get("seconds", "0")) if uptime is not None else None,
+        distance=int(distance.get("value", "0")) if distance is not None else None,
+        scripts=_scripts(element.find("hostscript")),
+        timed_out=element.get("timedout") == "true",
+    )
+
+
+def _port(element: ET.Element) -> PortDetail:
+    state = element.find("state")
+    service = element.find("service")
+    get = service.get if service is not None else (lambda _key, default="": default)
+    product, version = clean_text(get("product", ""), FIELD_LIMIT), clean_text(get("version", ""), FIELD_LIMIT)
+    return PortDetail(
+        port=int(element.get("portid", "0")),
+        protocol=element.get("protocol", ""),
+        state=state.get("state", "") if state is not None else "",
+        reason=state.get("reason", "") if state is not None else "",
+        service=clean_text(get("name", ""), 64),
+        version=" ".join(part for part in (product, version) if part),
+        product=product,
+        product_version=version,
+        extrainfo=clean_text(get("extrainfo", ""), FIELD_LIMIT),
+        tunnel=get("tunnel", ""),
+        cpe=[clean_text(c.text or "", FIELD_LIMIT) for c in (service.iter("cpe") if service is not None else ())],
+        scripts=_scripts(element),
+    )
+
+
+def _scripts(parent: ET.Element | None) -> list[ScriptOutput]:
+    if parent is None:
+        return []
+    return [
+        ScriptOutput(id=s.get("id", ""), output=clean_text(s.get("output", ""), SCRIPT_OUTPUT_LIMIT))
+        for s in parent.findall("script")
+    ]
+
+
+def _progress(element: ET.Element) -> Progress:
+    remaining = element.get("remaining")
+    return Progress(
+        percent=float(element.get("percent", "0")),
+        phase=element.get("task", ""),
+        remaining_s=int(remaining) if remaining and remaining.isdigit() else None,
+    )
+
+
+def _runstats(element: ET.Element) -> RunStats:
+    finished = element.find("finished")
+    hosts = element.find("hosts")
+    get = finished.get if finished is not None else (lambda _key, default="": default)
+    count = hosts.get if hosts is not None else (lambda _key, default="0": default)
+    return RunStats(
+        elapsed=float(get("elapsed", "0") or 0),
+        exit_status=get("exit", ""),
+        errormsg=get("errormsg", ""),
+        hosts_up=int(count("up", "0")),
+        hosts_down=int(count("down", "0")),
+        hosts_total=int(count("total", "0")),
+    )
+
+
+def _address_key(host: HostDetail) -> tuple[int, int]:
+    try:
+        parsed = ipaddress.ip_address(host.address)
+    except ValueError:
+        return (99, 0)
+    return (parsed.version, int(parsed))

@@ -1,0 +1,107 @@
+"""nmap_report.py on XML recorded from real nmap runs (tests/fixtures/record.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nmap_report import ReportParser, clean_text, parse_report
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PORTS = json.loads((FIXTURES / "ports.json").read_text())
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def test_version_detection_scripts_and_os_details() -> None:
+    result = parse_report(fixture("rich_loopback.xml"), "127.0.0.1")
+    [host] = result.hosts
+    assert (host.address, host.status, host.reason) == ("127.0.0.1", "up", "localhost-response")
+    assert [(a.address, a.type) for a in host.addresses] == [("127.0.0.1", "ipv4")]
+    ssh, closed = host.ports
+    assert (ssh.port, ssh.protocol, ssh.state, ssh.reason) == (PORTS["banner"], "tcp", "open", "syn-ack")
+    assert (ssh.service, ssh.product, ssh.product_version) == ("ssh", "OpenSSH", "9.2p1 Debian 2+deb12u3")
+    assert ssh.version == "OpenSSH 9.2p1 Debian 2+deb12u3" and ssh.extrainfo == "protocol 2.0"
+    assert ssh.cpe == ["cpe:/a:openbsd:openssh:9.2p1", "cpe:/o:linux:linux_kernel"]
+    assert [(s.id, s.output) for s in ssh.scripts] == [("banner", "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3")]
+    assert (closed.port, closed.state, closed.reason) == (PORTS["closed"], "closed", "reset")
+    assert host.os_matches and host.os_matches[0].name.startswith("Linux") and host.os_matches[0].accuracy > 80
+    assert host.uptime_s is not None and host.distance == 0
+    assert host.timed_out is False
+
+
+def test_run_statistics_and_summaries() -> None:
+    result = parse_report(fixture("quick_loopback.xml"), "127.0.0.1")
+    assert (result.hosts_up, result.hosts_down, result.hosts_total) == (1, 0, 1)
+    assert result.exit_status == "success" and not result.partial and result.errors == []
+    assert result.scan_time > 0
+    [host] = result.hosts
+    assert host.extraports and host.extraports[0].state == "closed"
+    assert host.extraports[0].count + len(host.ports) == 100
+    assert set(PORTS["quick_open"]) <= {p.port for p in host.ports if p.state == "open"}
+    assert result.open_ports == sum(p.state == "open" for p in host.ports)
+
+
+def test_a_multi_host_range_is_sorted_by_address() -> None:
+    result = parse_report(fixture("multi_host.xml"), "127.0.0.1-8")
+    assert [h.address for h in result.hosts] == [f"127.0.0.{i}" for i in range(1, 9)]
+    assert result.hosts_up == result.hosts_total == 8
+    opened = [h.address for h in result.hosts if any(p.port == PORTS["multi"] and p.state == "open" for p in h.ports)]
+    assert opened == ["127.0.0.3"]
+
+
+def test_host_timeouts_are_reported() -> None:
+    result = parse_report(fixture("host_timeout.xml"), "127.0.0.1")
+    assert result.hosts[0].timed_out and result.hosts_timed_out == ["127.0.0.1"]
+    assert result.warnings
+
+
+def test_a_killed_run_gives_the_hosts_finished_so_far() -> None:
+    result = parse_report(fixture("killed_midway.xml"), "127.0.0.1-8")
+    assert result.partial and result.exit_status == ""
+    assert [h.address for h in result.hosts] == ["127.0.0.1", "127.0.0.2"]
+    assert all(h.extraports for h in result.hosts)
+
+
+def test_progress_is_read_as_the_report_streams() -> None:
+    data = fixture("killed_midway.xml")
+    report = ReportParser()
+    seen = []
+    for start in range(0, len(data), 97):
+        report.feed(data[start:start + 97])
+        if report.progress is not None and (not seen or seen[-1] != report.progress):
+            seen.append(report.progress)
+    assert seen and seen[0].phase
+    assert any(p.percent > 0 for p in seen)
+    assert len(report.result("x").hosts) == 2
+
+
+def test_feeding_in_tiny_chunks_gives_the_same_result() -> None:
+    data = fixture("rich_loopback.xml")
+    whole = parse_report(data, "t")
+    report = ReportParser()
+    for start in range(0, len(data), 7):
+        report.feed(data[start:start + 7])
+    report.feed(b"\n")
+    assert report.result("t") == whole and report.complete
+
+
+def test_target_text_is_cleaned_and_bounded() -> None:
+    hostile = fixture("rich_loopback.xml").replace(
+        b'output="SSH-2.0', b'output="&#x1b;[2J&#x7;' + b"A" * 5000 + b" SSH-2.0"
+    )
+    [ssh, _] = parse_report(hostile, "t").hosts[0].ports
+    output = ssh.scripts[0].output
+    assert len(output) == 2000 and "\x1b" not in output and "\x07" not in output
+    assert clean_text("ok\x00\x1b[2Jbanner\r\n", 100) == "ok  [2Jbanner  "
+
+
+def test_zero_hosts_and_no_report() -> None:
+    assert parse_report(fixture("no_targets.xml"), "x").hosts_total == 0
+    empty = parse_report(b"", "x")
+    assert empty.partial and empty.hosts == []
+    garbage = ReportParser()
+    garbage.feed(b"<nmaprun><host></nmaprun>\n")
+    assert garbage.broken and garbage.result("x").hosts == []

@@ -1,0 +1,176 @@
+"""What callers see of a stored result: views, pages, a byte cap, CSV, and diffs.
+
+Agents have small context windows, so every answer is a page of hosts that fits under a
+byte cap; `page` says how to ask for the rest. Pure functions over the models.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+
+from models import (
+    HostDetail,
+    HostSummary,
+    Page,
+    PortChange,
+    PortDetail,
+    PortSummary,
+    ScanDiff,
+    ScanResult,
+    ScanSummary,
+    TaskAnswer,
+)
+
+CSV_FIELDS = ("address", "hostname", "port", "protocol", "state", "service", "product", "version", "extrainfo")
+
+
+def summarize(result: ScanResult, hosts: list[HostDetail]) -> ScanSummary:
+    """The compact view: per host only its open ports, with service and version."""
+    return ScanSummary(
+        **result.model_dump(include=set(ScanSummary.model_fields) - {"hosts"}),
+        hosts=[
+            HostSummary(
+                address=h.address,
+                status=h.status,
+                hostnames=h.hostnames,
+                ports=[PortSummary(**p.model_dump(include=set(PortSummary.model_fields)))
+                       for p in h.ports if p.state == "open"],
+            )
+            for h in hosts
+        ],
+    )
+
+
+def json_page(base: TaskAnswer, result: ScanResult, *, view: str, offset: int, limit: int, cap: int) -> TaskAnswer:
+    """The answer holding hosts [offset, offset+limit) in `view`, shrunk to fit `cap` bytes."""
+    window = result.hosts[offset: offset + limit]
+
+    def build(count: int) -> TaskAnswer:
+        hosts = window[:count]
+        shaped = result.model_copy(update={"hosts": hosts}) if view == "full" else summarize(result, hosts)
+        return _paged(base.model_copy(update={"result": shaped}), offset, count, len(result.hosts))
+
+    answer = _largest_fitting(build, len(window), cap)
+    if answer is None:
+        # Even one host is too big: keep the first host, with as many ports as fit.
+        answer = _largest_fitting(lambda n: _one_host(base, result, window[0], n, view, offset), len(window[0].ports), cap)
+    return _mark_truncated(answer or build(0), requested=len(window))
+
+
+def _one_host(base: TaskAnswer, result: ScanResult, host: HostDetail, ports: int, view: str, offset: int) -> TaskAnswer:
+    trimmed = host.model_copy(update={"ports": host.ports[:ports]})
+    shaped = result.model_copy(update={"hosts": [trimmed]}) if view == "full" else summarize(result, [trimmed])
+    answer = _paged(base.model_copy(update={"result": shaped}), offset, 1, len(result.hosts))
+    return answer.model_copy(update={"truncated": True})
+
+
+def text_page(base: TaskAnswer, text: str, *, offset: int, cap: int) -> TaskAnswer:
+    """An xml answer: a slice of the report's characters under the cap."""
+    def build(count: int) -> TaskAnswer:
+        chunk = text[offset: offset + count]
+        page = Page(unit="characters", offset=offset, returned=len(chunk), total=len(text),
+                    next_offset=offset + len(chunk) if offset + len(chunk) < len(text) else None)
+        return base.model_copy(update={"content": chunk, "page": page})
+
+    answer = _largest_fitting(build, max(len(text) - offset, 0), cap) or build(0)
+    return answer.model_copy(update={"truncated": answer.page is not None and answer.page.next_offset is not None})
+
+
+def csv_page(base: TaskAnswer, result: ScanResult, *, offset: int, limit: int, cap: int) -> TaskAnswer:
+    """A csv answer: one row per reported port (or per host without ports) of a page of hosts."""
+    window = result.hosts[offset: offset + limit]
+
+    def build(count: int) -> TaskAnswer:
+        answer = base.model_copy(update={"content": to_csv(window[:count])})
+        return _paged(answer, offset, count, len(result.hosts))
+
+    answer = _largest_fitting(build, len(window), cap) or build(0)
+    return _mark_truncated(answer, requested=len(window))
+
+
+def to_csv(hosts: list[HostDetail]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for host in hosts:
+        name = host.hostnames[0] if host.hostnames else ""
+        if not host.ports:
+            writer.writerow([host.address, name, "", "", host.status, "", "", "", ""])
+        for p in host.ports:
+            writer.writerow([host.address, name, p.port, p.protocol, p.state, p.service, p.product,
+                             p.product_version, p.extrainfo])
+    return out.getvalue()
+
+
+def _paged(answer: TaskAnswer, offset: int, count: int, total: int) -> TaskAnswer:
+    following = offset + count
+    page = Page(unit="hosts", offset=offset, returned=count, total=total,
+                next_offset=following if following < total else None)
+    return answer.model_copy(update={"page": page})
+
+
+def _mark_truncated(answer: TaskAnswer, *, requested: int) -> TaskAnswer:
+    cut = answer.truncated or (answer.page is not None and answer.page.returned < requested)
+    return answer.model_copy(update={"truncated": cut})
+
+
+def _largest_fitting(build: Callable[[int], TaskAnswer], most: int, cap: int) -> TaskAnswer | None:
+    """Binary search for the largest count whose answer serialises within `cap` bytes."""
+    best, low, high = None, 1, most
+    if most == 0:
+        empty = build(0)
+        return empty if _size(empty) <= cap else None
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = build(middle)
+        if _size(candidate) <= cap:
+            best, low = candidate, middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+def _size(answer: TaskAnswer) -> int:
+    return len(answer.model_dump_json().encode())
+
+
+def diff_results(task_a: str, a: ScanResult, task_b: str, b: ScanResult) -> ScanDiff:
+    """Hosts that came up or went down; ports opened, closed, or whose service changed."""
+    up_a = {h.address for h in a.hosts if h.status == "up"}
+    up_b = {h.address for h in b.hosts if h.status == "up"}
+    open_a, open_b = _open_ports(a), _open_ports(b)
+    changed = [
+        _change(key, open_a[key], open_b[key])
+        for key in sorted(open_a.keys() & open_b.keys())
+        if _describe(open_a[key]) != _describe(open_b[key])
+    ]
+    return ScanDiff(
+        task_a=task_a,
+        task_b=task_b,
+        hosts_came_up=sorted(up_b - up_a),
+        hosts_went_down=sorted(up_a - up_b),
+        ports_opened=[_change(k, None, open_b[k]) for k in sorted(open_b.keys() - open_a.keys())],
+        ports_closed=[_change(k, open_a[k], None) for k in sorted(open_a.keys() - open_b.keys())],
+        services_changed=changed,
+        unchanged_open_ports=len(open_a.keys() & open_b.keys()) - len(changed),
+    )
+
+
+PortKey = tuple[str, str, int]
+
+
+def _open_ports(result: ScanResult) -> dict[PortKey, PortDetail]:
+    return {(h.address, p.protocol, p.port): p for h in result.hosts for p in h.ports if p.state == "open"}
+
+
+def _describe(port: PortDetail | None) -> str:
+    if port is None:
+        return ""
+    return " ".join(part for part in (port.state, port.service, port.version) if part)
+
+
+def _change(key: PortKey, before: PortDetail | None, after: PortDetail | None) -> PortChange:
+    address, protocol, port = key
+    return PortChange(address=address, port=port, protocol=protocol, before=_describe(before), after=_describe(after))
