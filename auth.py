@@ -17,7 +17,8 @@ import mcp.types as mt
 from fastmcp.exceptions import ToolError
 from fastmcp.server.auth import AccessToken, TokenVerifier
 from fastmcp.server.dependencies import get_access_token
-from fastmcp.server.middleware import CallNext, Middleware as MCPMiddleware, MiddlewareContext
+from fastmcp.server.middleware import CallNext, MiddlewareContext
+from fastmcp.server.middleware import Middleware as MCPMiddleware
 from fastmcp.tools.base import Tool, ToolResult
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send

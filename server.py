@@ -188,20 +188,18 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
         display = " ".join(targets)
         with tool_errors():
             resolved = await resolve_targets(targets, policies[owner])
-            reused = None if rescan else await manager.find_recent(
-                owner, kind, display, time.time() - settings.result_freshness_seconds
+            argv = build_argv(nmap_path, options, resolved.nmap_targets, ipv6=resolved.ipv6,
+                              privileged=settings.privileged)
+            audit.note(argv=argv, targets=list(resolved.nmap_targets))
+            fresh_since = None if rescan else time.time() - settings.result_freshness_seconds
+            task, reused = await manager.submit_or_reuse(
+                owner, kind, display, argv, settings.max_scan_seconds, fresh_since
             )
-            task = reused
-            if task is None:
-                argv = build_argv(nmap_path, options, resolved.nmap_targets, ipv6=resolved.ipv6,
-                                  privileged=settings.privileged)
-                audit.note(argv=argv, targets=list(resolved.nmap_targets))
-                task = await manager.submit(owner, kind, display, argv, settings.max_scan_seconds)
             audit.note(task_id=task.id)
             shown = await present(await manager.wait(task.id, owner, timeout, on_progress=progress_reporter(ctx)))
-            if reused is None:
+            if not reused:
                 return shown
-            return shown.model_copy(update={"message": _reuse_note(reused) + (f" {shown.message}" if shown.message else "")})
+            return shown.model_copy(update={"message": _reuse_note(task) + (f" {shown.message}" if shown.message else "")})
 
     async def present(
         record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0, limit: int = DEFAULT_PAGE

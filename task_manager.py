@@ -118,6 +118,9 @@ class TaskManager:
         self._reports: dict[str, ReportParser] = {}
         self._progress: dict[str, Progress] = {}
         self._changes: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
+        self._submit_locks: weakref.WeakValueDictionary[tuple[str, ScanKind, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._side_tasks: list[asyncio.Task[None]] = []
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -223,10 +226,19 @@ class TaskManager:
             return bytes(report.raw) if report is not None else None
         return zlib.decompress(stored)
 
-    async def find_recent(self, owner: str, kind: ScanKind, target: str, since: float) -> TaskRecord | None:
-        """The caller's newest same scan that is queued, running, or completed since `since`."""
-        row = await self._db(self._select_recent, owner, kind, target, since)
-        return None if row is None else _record(row)
+    async def submit_or_reuse(
+        self, owner: str, kind: ScanKind, target: str, argv: Sequence[str], time_limit: int, fresh_since: float | None
+    ) -> tuple[TaskRecord, bool]:
+        """Submit a scan, unless the caller has the same one queued, running, or completed
+        since `fresh_since` (None: always submit). Returns the task and whether it was reused.
+        Look-up and submit hold one lock per scan, so simultaneous calls share one task."""
+        lock = self._submit_locks.setdefault((owner, kind, target), asyncio.Lock())
+        async with lock:
+            if fresh_since is not None:
+                row = await self._db(self._select_recent, owner, kind, target, fresh_since)
+                if row is not None:
+                    return _record(row), True
+            return await self.submit(owner, kind, target, argv, time_limit), False
 
     async def list(self, owner: str, status: TaskStatus | None, limit: int) -> list[TaskRecord]:
         """The caller's most recent tasks, newest first."""

@@ -28,8 +28,8 @@ from mcp.client.streamable_http import streamable_http_client
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scanner import build_argv, scan_options  # noqa: E402
 from models import ScanKind  # noqa: E402
+from scanner import build_argv, scan_options  # noqa: E402
 from server import find_nmap  # noqa: E402
 from tests.support import LiveServer, free_port  # noqa: E402
 

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Awaitable
 from typing import Any
 
 import httpx
@@ -97,11 +96,14 @@ class Listeners:
             if not self._selector.get_map():
                 time.sleep(0.05)
 
+    def close(self, port: int) -> None:
+        sock = self.sockets.pop(port)
+        self._selector.unregister(sock)
+        sock.close()
+
     def close_all(self) -> None:
-        for sock in self.sockets.values():
-            self._selector.unregister(sock)
-            sock.close()
-        self.sockets.clear()
+        for port in list(self.sockets):
+            self.close(port)
 
     def stop(self) -> None:
         self.close_all()

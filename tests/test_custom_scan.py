@@ -13,7 +13,14 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tests.commands import HOSTILE_COMMANDS, LEGITIMATE_COMMANDS, PRIVILEGED_COMMANDS
 from tests.support import (
-    SECRETS, BannerServer, Listeners, LiveServer, NmapWrapper, call_tool, error_text, poll_until_finished,
+    SECRETS,
+    BannerServer,
+    Listeners,
+    LiveServer,
+    NmapWrapper,
+    call_tool,
+    error_text,
+    poll_until_finished,
 )
 
 pytestmark = pytest.mark.anyio

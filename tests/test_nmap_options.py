@@ -13,7 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nmap_options import ALLOWED_OPTIONS, CommandError, describe_allowlist, parse_command
+from nmap_options import (
+    ALLOWED_OPTIONS,
+    CommandError,
+    describe_allowlist,
+    parse_command,
+)
 from nse_policy import (
     BUILTIN_DENIED_SCRIPTS,
     EXCLUDED_CATEGORIES,

@@ -13,7 +13,15 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.support import (
-    ROOT, SECRETS, Listeners, LiveServer, NmapWrapper, call_tool, error_text, failure_of, poll_until_finished,
+    ROOT,
+    SECRETS,
+    Listeners,
+    LiveServer,
+    NmapWrapper,
+    call_tool,
+    error_text,
+    failure_of,
+    poll_until_finished,
     wait_until,
 )
 
@@ -242,3 +250,17 @@ async def test_test_client_passes_on_a_live_server_and_fails_with_a_wrong_token(
     assert bad.returncode == 1
     assert "FAIL url_token" in bad.stdout and "FAIL quick_scan" in bad.stdout
     assert "PASS no_token" in bad.stdout
+
+
+async def test_identical_scans_share_one_task_unless_rescan(live_server: StartServer, nmap_wrapper: NmapWrapper) -> None:
+    nmap_wrapper.set_delay(1)
+    server = live_server()
+    first, second = await asyncio.gather(*(
+        call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.2", "timeout": 30}) for _ in range(2)
+    ))
+    ids = {first.structured_content["task_id"], second.structured_content["task_id"]}
+    assert len(ids) == 1 and len(nmap_wrapper.pids()) == 1
+    fresh = await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.2", "rescan": True})
+    assert fresh.structured_content["task_id"] not in ids and len(nmap_wrapper.pids()) == 2
+    others = await call_tool(server.url, BOB, "quick_scan", {"target": "127.0.0.2"})
+    assert others.structured_content["task_id"] not in ids and len(nmap_wrapper.pids()) == 3

@@ -6,7 +6,13 @@ import ipaddress
 
 import pytest
 
-from targets import TargetError, TargetPolicy, parse_networks, resolve_targets, split_targets
+from targets import (
+    TargetError,
+    TargetPolicy,
+    parse_networks,
+    resolve_targets,
+    split_targets,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,13 @@ from sqlalchemy import insert, select
 
 from models import ScanKind, TaskStatus, tasks
 from scanner import ScanOutcome, build_argv
-from task_manager import QueueFull, TaskAlreadyFinished, TaskManager, TaskNotFound, create_db_engine
+from task_manager import (
+    QueueFull,
+    TaskAlreadyFinished,
+    TaskManager,
+    TaskNotFound,
+    create_db_engine,
+)
 from tests.support import Listeners, NmapWrapper, process_alive
 
 pytestmark = pytest.mark.anyio
@@ -217,3 +223,15 @@ async def test_finishing_is_a_guarded_transition(make_manager: MakeManager, nmap
         status = conn.execute(select(tasks.c.status).where(tasks.c.id == record.id)).scalar_one()
     engine.dispose()
     assert status == TaskStatus.CANCELLED.value
+
+
+async def test_time_limit_keeps_the_hosts_finished_so_far(make_manager: MakeManager, nmap_wrapper: NmapWrapper) -> None:
+    manager = await make_manager()
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-100", "--scan-delay", "10ms", "--max-hostgroup", "1"],
+                      ["127.0.0.1-8"], ipv6=False, privileged=False)
+    record = await manager.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)
+    final = await manager.wait(record.id, "alice", timeout=30)
+    assert final.status is TaskStatus.FAILED and "time limit of 3 s" in (final.error or "")
+    assert final.result is not None and final.result.partial
+    assert 1 <= len(final.result.hosts) < 8 and final.result.hosts[0].address == "127.0.0.1"
+    assert (await manager.raw_xml(record.id, "alice") or b"").startswith(b"<?xml")

@@ -1,0 +1,127 @@
+"""views.py: pages, byte caps, csv and xml answers, and diffs, on recorded results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from models import ScanKind, ScanResult, TaskAnswer, TaskStatus
+from nmap_report import parse_report
+from views import csv_page, diff_results, json_page, text_page
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PORTS = json.loads((FIXTURES / "ports.json").read_text())
+BASE = TaskAnswer(status=TaskStatus.COMPLETED, task_id="t", kind=ScanKind.CUSTOM, target="x", created_at=0.0)
+
+
+def recorded(name: str) -> ScanResult:
+    return parse_report((FIXTURES / name).read_bytes(), "127.0.0.1")
+
+
+def many_hosts(count: int) -> ScanResult:
+    """A large result made by replicating a real host under distinct addresses."""
+    result = recorded("rich_loopback.xml")
+    host = result.hosts[0]
+    hosts = [host.model_copy(update={"address": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"}) for i in range(count)]
+    return result.model_copy(update={"hosts": hosts, "hosts_total": count, "hosts_up": count})
+
+
+def size(answer: TaskAnswer) -> int:
+    return len(answer.model_dump_json().encode())
+
+
+def test_summary_keeps_the_seed_shape_with_open_ports_only() -> None:
+    answer = json_page(BASE, recorded("rich_loopback.xml"), view="summary", offset=0, limit=50, cap=60_000)
+    document = json.loads(answer.model_dump_json())["result"]
+    [host] = document["hosts"]
+    assert set(host) == {"address", "status", "hostnames", "ports"}
+    assert host["ports"] == [{"port": PORTS["banner"], "protocol": "tcp", "state": "open", "service": "ssh",
+                              "version": "OpenSSH 9.2p1 Debian 2+deb12u3"}]
+    assert document["open_ports"] == 1 and "exit_status" not in document
+
+
+def test_full_view_has_every_detail() -> None:
+    answer = json_page(BASE, recorded("rich_loopback.xml"), view="full", offset=0, limit=50, cap=60_000)
+    host = json.loads(answer.model_dump_json())["result"]["hosts"][0]
+    assert {"os_matches", "uptime_s", "distance", "extraports", "addresses", "reason"} <= set(host)
+    assert len(host["ports"]) == 2 and host["ports"][0]["scripts"][0]["id"] == "banner"
+
+
+@pytest.mark.parametrize("view", ["summary", "full"])
+@pytest.mark.parametrize("cap", [4_000, 20_000, 60_000])
+def test_pages_never_exceed_the_cap_and_cover_every_host_once(view: str, cap: int) -> None:
+    result = many_hosts(600)
+    seen: list[str] = []
+    offset: int | None = 0
+    while offset is not None:
+        answer = json_page(BASE, result, view=view, offset=offset, limit=1000, cap=cap)
+        assert size(answer) <= cap
+        assert answer.page is not None and answer.page.returned >= 1
+        assert answer.truncated is (answer.page.returned < min(1000, 600 - offset))
+        seen += [h.address for h in answer.result.hosts]  # type: ignore[union-attr]
+        offset = answer.page.next_offset
+    assert seen == [h.address for h in result.hosts]
+
+
+def test_a_single_host_larger_than_the_cap_is_trimmed_not_dropped() -> None:
+    result = recorded("rich_loopback.xml")
+    host = result.hosts[0]
+    huge = host.model_copy(update={"ports": [host.ports[0].model_copy(update={"port": p}) for p in range(1, 3000)]})
+    answer = json_page(BASE, result.model_copy(update={"hosts": [huge]}), view="full", offset=0, limit=50, cap=8_000)
+    assert size(answer) <= 8_000 and answer.truncated
+    assert 0 < len(answer.result.hosts[0].ports) < 2999  # type: ignore[union-attr]
+
+
+def test_limit_and_offset_page_through_hosts() -> None:
+    result = recorded("multi_host.xml")
+    answer = json_page(BASE, result, view="summary", offset=2, limit=3, cap=60_000)
+    assert [h.address for h in answer.result.hosts] == ["127.0.0.3", "127.0.0.4", "127.0.0.5"]  # type: ignore[union-attr]
+    assert answer.page is not None and (answer.page.total, answer.page.next_offset) == (8, 5)
+    assert not answer.truncated
+    last = json_page(BASE, result, view="summary", offset=5, limit=3, cap=60_000)
+    assert last.page is not None and last.page.next_offset is None
+
+
+def test_csv_has_one_row_per_port() -> None:
+    answer = csv_page(BASE.model_copy(update={"format": "csv"}), recorded("rich_loopback.xml"), offset=0, limit=50,
+                      cap=60_000)
+    rows = list(csv.DictReader(io.StringIO(answer.content or "")))
+    assert [(r["port"], r["state"], r["service"], r["product"]) for r in rows] == [
+        (str(PORTS["banner"]), "open", "ssh", "OpenSSH"), (str(PORTS["closed"]), "closed", "ndmps", ""),
+    ]
+    big = csv_page(BASE, many_hosts(2000), offset=0, limit=1000, cap=10_000)
+    assert size(big) <= 10_000 and big.truncated and big.page is not None and big.page.next_offset
+
+
+def test_xml_pages_reassemble_into_the_original_report() -> None:
+    raw = (FIXTURES / "rich_loopback.xml").read_text()
+    parts, offset = [], 0
+    while offset is not None:
+        answer = text_page(BASE.model_copy(update={"format": "xml"}), raw, offset=offset, cap=4_000)
+        assert size(answer) <= 4_000
+        parts.append(answer.content or "")
+        offset = answer.page.next_offset if answer.page else None
+    assert len(parts) > 1 and "".join(parts) == raw
+    assert parse_report("".join(parts), "127.0.0.1") == recorded("rich_loopback.xml")
+
+
+def test_diff_reports_hosts_and_ports_that_changed() -> None:
+    before = recorded("multi_host.xml")
+    after_hosts = [h for h in before.hosts if h.address != "127.0.0.8"]
+    opened = after_hosts[0].model_copy(update={"ports": [
+        *after_hosts[0].ports,
+        recorded("rich_loopback.xml").hosts[0].ports[0],
+    ]})
+    third = next(h for h in after_hosts if h.address == "127.0.0.3")
+    closed = third.model_copy(update={"ports": [p.model_copy(update={"state": "closed"}) for p in third.ports]})
+    after = before.model_copy(update={"hosts": [opened, *[closed if h is third else h for h in after_hosts[1:]]]})
+    diff = diff_results("a", before, "b", after)
+    assert diff.hosts_went_down == ["127.0.0.8"] and diff.hosts_came_up == []
+    assert [(c.address, c.port, c.after) for c in diff.ports_opened] == [
+        ("127.0.0.1", PORTS["banner"], "open ssh OpenSSH 9.2p1 Debian 2+deb12u3")]
+    assert [(c.address, c.port, c.after) for c in diff.ports_closed] == [("127.0.0.3", PORTS["multi"], "")]
+    assert diff.services_changed == [] and diff.unchanged_open_ports == 0
