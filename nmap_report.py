@@ -2,9 +2,9 @@
 
 One incremental parser (stdlib ElementTree's XMLPullParser) serves every case: a finished
 report, the hosts a running scan has finished so far, and the report of a scan that was
-killed midway. Each `<host>` is turned into a model and dropped as soon as it closes, so
-memory stays flat. Text that comes from targets (banners, script output, hostnames) is
-stripped of control characters and bounded in length.
+killed midway. Each `<host>` becomes a model and its elements are freed as it closes.
+Text that comes from targets (banners, script output, hostnames) is stripped of control
+characters and bounded in length.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _INVALID_CHAR_REF = re.compile(r"&#([xX][0-9a-fA-F]+|[0-9]+);")
 
 def clean_text(text: str, limit: int) -> str:
     """Target-controlled text made safe for an LLM: no control characters, bounded."""
-    printable = "".join(ch if ch.isprintable() else " " for ch in text)
+    printable = text if text.isprintable() else "".join(ch if ch.isprintable() else " " for ch in text)
     return printable if len(printable) <= limit else printable[: limit - 1] + "…"
 
 
@@ -68,8 +68,7 @@ class ReportParser:
     raw: bytearray = field(default_factory=bytearray)
     truncated: bool = False
     _pending: bytes = b""
-    _root: ET.Element | None = None
-    _parser: ET.XMLPullParser = field(default_factory=lambda: ET.XMLPullParser(events=("start", "end")))
+    _parser: ET.XMLPullParser = field(default_factory=lambda: ET.XMLPullParser(events=("end",)))
 
     def feed(self, chunk: bytes) -> None:
         """Take the next piece of stdout; parse every complete line in it."""
@@ -85,18 +84,15 @@ class ReportParser:
         text = _INVALID_CHAR_REF.sub(_legal_char_ref, data.decode("utf-8", "replace"))
         try:
             self._parser.feed(text)
-            for event, element in self._parser.read_events():
-                self._handle(event, element)
+            for _, element in self._parser.read_events():
+                self._handle(element)
         except ET.ParseError:
             self.broken = True
 
-    def _handle(self, event: str, element: ET.Element) -> None:
-        if event == "start":
-            if element.tag == "nmaprun":
-                self._root = element
-            return
+    def _handle(self, element: ET.Element) -> None:
         if element.tag == "host":
             self.hosts.append(_host(element))
+            element.clear()  # done with it: what stays in the tree is an empty stub
         elif element.tag == "taskprogress":
             self.progress = _progress(element)
         elif element.tag == "taskbegin":
@@ -105,8 +101,6 @@ class ReportParser:
             self.runstats = _runstats(element)
         elif element.tag == "nmaprun":
             self.complete = True
-        if self._root is not None and element in self._root:
-            self._root.remove(element)  # a direct child is done with: keep memory flat
 
     def result(self, target: str) -> ScanResult:
         """The hosts parsed so far, with the run's statistics when nmap wrote them."""
