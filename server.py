@@ -1,8 +1,8 @@
 """nmap-mcp: nmap as MCP tools over authenticated Streamable HTTP.
 
-This module only wires things together: `create_server(settings)` builds the FastMCP
-server whose tools are thin adapters (validate, call the task manager, shape the answer),
-`create_app(settings)` the ASGI app, and `main()` the command line.
+This module only wires things together: `create_server(settings, nmap_path)` builds the
+FastMCP server whose tools are thin adapters (validate, call the task manager, shape the
+answer), `create_app(settings, nmap_path)` the ASGI app, and `main()` the command line.
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ _ERROR_CODES: dict[type[Exception], str] = {
 }
 _SCAN_ANNOTATIONS = ToolAnnotations(
     readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True
+)
+_CANCEL_ANNOTATIONS = ToolAnnotations(
+    readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False
 )
 _READ_ANNOTATIONS = ToolAnnotations(
     readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False
@@ -302,11 +305,7 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
         records = await manager.list(caller(), status, limit)
         return TaskList(tasks=[answer(record) for record in records])
 
-    @inlined_tool(mcp, 
-        annotations=ToolAnnotations(
-            readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False
-        )
-    )
+    @inlined_tool(mcp, annotations=_CANCEL_ANNOTATIONS)
     async def cancel_task(task_id: TaskId) -> TaskAnswer:
         """Cancel one of your queued or running scans; a running nmap is stopped at once."""
         with tool_errors():

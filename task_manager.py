@@ -399,8 +399,9 @@ class TaskManager:
             return conn.execute(guarded.values(**values)).rowcount == 1
 
     def _mark_cancelled(self, task_id: str, owner: str) -> bool:
-        """Queued tasks are cancelled here; a running one is only marked `cancelling` in
-        spirit: its runner records the final state with the hosts it had finished."""
+        """Cancel a queued task here. A running task of this process is left to its runner,
+        which records `cancelled` with the hosts it had finished; one of another process is
+        marked here, and that process's heartbeat stops its nmap. False: not cancellable."""
         with self._engine.begin() as conn:
             queued = update(tasks).where(
                 tasks.c.id == task_id, tasks.c.owner == owner, tasks.c.status == TaskStatus.QUEUED.value
@@ -415,7 +416,6 @@ class TaskManager:
             if worker is None:
                 return False
             if worker != self.worker_id:
-                # Another process runs it: mark it, and its heartbeat stops its nmap.
                 return conn.execute(
                     update(tasks).where(tasks.c.id == task_id, tasks.c.status == TaskStatus.RUNNING.value)
                     .values(**values)
