@@ -80,7 +80,7 @@ def _failure(run: NmapRun, report: ReportParser, result: ScanResult, time_limit:
     if not report.complete:
         return "nmap's report ended before it was complete"
     if result.hosts_total == 0:
-        return "nmap scanned no hosts: the target did not resolve to any address"
+        return "nmap scanned no hosts: every target was excluded or resolved to nothing"
     return None
 
 

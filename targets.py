@@ -214,6 +214,9 @@ def _parse_hostname(token: str) -> str:
     name = token.lower()
     if name in BUILTIN_DENIED_HOSTNAMES:
         raise TargetError(f"'{token}' is a cloud metadata hostname and is never scanned")
+    if "." not in name and name != "localhost":
+        # A single label would be completed by the resolver's search domains: a surprise.
+        raise TargetError(f"'{token}' is a single-label name; give a fully qualified hostname such as host.example.com")
     return name
 
 

@@ -38,7 +38,7 @@ HOSTILE = [
     "metadata.google.internal", "METADATA.GOOGLE.INTERNAL", "metadata", "instance-data",
     # malformed networks, ranges and hostnames
     "127.0.0.1/33", "127.0.0.1/24", "10.0.0.0/7", "127.0.0.5-1", "127.0.0.1-256", "127.0-1.0.1",
-    "-host", "host-", "a..b", ".", "a" * 64 + ".com", "xn--", "exa_mple.com", "ex ample.com", "",
+    "-host", "host-", "a..b", ".", "a" * 64 + ".com", "xn--", "exa_mple.com", "ex ample.com", "", "id", "router",
     # too many addresses
     "10.0.0.0/16", "127.0.0.0/8", "::1/64",
 ]
