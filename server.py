@@ -64,7 +64,7 @@ from task_manager import (
     TaskRecord,
     create_db_engine,
 )
-from views import csv_page, diff_results, json_page, text_page
+from views import csv_page, diff_results, json_page, text_page, with_requested_names
 
 logger = logging.getLogger(__name__)
 ToolFunction = Callable[..., Awaitable[Any]]
@@ -212,13 +212,15 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
         cap = settings.max_answer_bytes
         if fmt == "xml":
             raw = await manager.raw_xml(record.id, record.owner)
-            return base if raw is None else text_page(base, raw.decode("utf-8", "replace"), offset=offset, cap=cap)
+            return base if raw is None else more_hint(text_page(base, raw.decode("utf-8", "replace"), offset=offset,
+                                                                cap=cap))
         result = record.result or manager.live_result(record)
         if result is None:
             return base
+        result = with_requested_names(result, record.argv, record.target)
         if fmt == "csv":
-            return csv_page(base, result, offset=offset, limit=limit, cap=cap)
-        return json_page(base, result, view=view, offset=offset, limit=limit, cap=cap)
+            return more_hint(csv_page(base, result, offset=offset, limit=limit, cap=cap))
+        return more_hint(json_page(base, result, view=view, offset=offset, limit=limit, cap=cap))
 
     default_wait = settings.sync_timeout
     fresh = settings.result_freshness_seconds
@@ -382,6 +384,16 @@ def script_policy(settings: Settings, nmap_path: str) -> ScriptPolicy:
 def custom_scan_description(privileged: bool) -> str:
     """custom_scan's description, with the allowlist it enforces."""
     return CUSTOM_SCAN_DESCRIPTION.format(allowlist=describe_allowlist(privileged=privileged))
+
+
+def more_hint(shown: TaskAnswer) -> TaskAnswer:
+    """Say in words how to fetch the rest of a paged result."""
+    if shown.page is None or shown.page.next_offset is None:
+        return shown
+    rest = (f"This answer holds {shown.page.unit} {shown.page.offset}-{shown.page.offset + shown.page.returned - 1}"
+            f" of {shown.page.total}; call get_task_result with task_id '{shown.task_id}', format "
+            f"'{shown.format}' and offset {shown.page.next_offset} for more.")
+    return shown.model_copy(update={"message": f"{shown.message} {rest}" if shown.message else rest})
 
 
 def _reuse_note(reused: TaskRecord) -> str:

@@ -26,6 +26,20 @@ from models import (
 CSV_FIELDS = ("address", "hostname", "port", "protocol", "state", "service", "product", "version", "extrainfo")
 
 
+def with_requested_names(result: ScanResult, argv: list[str], target: str) -> ScanResult:
+    """Give hosts the hostnames the caller asked for: nmap only saw resolved addresses
+    (argv after `--`, in the order of the caller's targets)."""
+    scanned = argv[argv.index("--") + 1:] if "--" in argv else []
+    names = {address: name for address, name in zip(scanned, target.split()) if address != name}
+    if not names:
+        return result
+    hosts = [
+        h.model_copy(update={"hostnames": [names[h.address], *h.hostnames]}) if h.address in names else h
+        for h in result.hosts
+    ]
+    return result.model_copy(update={"hosts": hosts})
+
+
 def summarize(result: ScanResult, hosts: list[HostDetail]) -> ScanSummary:
     """The compact view: per host only its open ports, with service and version."""
     return ScanSummary(

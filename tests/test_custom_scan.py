@@ -131,6 +131,7 @@ async def test_audit_record_of_an_allowed_call(live_server: StartServer, listene
     [p1] = listeners.open_free_top_ports(1)
     server = live_server()
     answer = (await call_tool(server.url, ALICE, "custom_scan", {"command": f"-sT -p{p1} --open localhost"}))
+    assert answer.structured_content["result"]["hosts"][0]["hostnames"] == ["localhost"]
     server.stop()
     [record] = [r for r in audit_records(server) if r["tool"] == "custom_scan"]
     assert record["verdict"] == "allowed" and record["reason"] is None and record["token"] == "alice"

@@ -105,3 +105,18 @@ def test_zero_hosts_and_no_report() -> None:
     garbage = ReportParser()
     garbage.feed(b"<nmaprun><host></nmaprun>\n")
     assert garbage.broken and garbage.result("x").hosts == []
+
+
+def test_mac_addresses_with_vendor_and_ptr_names() -> None:
+    # Loopback has no link layer and scans run with -n, so no real run here can produce a
+    # MAC address or a PTR name: these two elements are edited into a recorded report,
+    # in the exact form nmap writes them on a LAN.
+    xml = fixture("rich_loopback.xml").replace(
+        b'<address addr="127.0.0.1" addrtype="ipv4"/>',
+        b'<address addr="127.0.0.1" addrtype="ipv4"/>\n<address addr="52:54:00:12:34:56" addrtype="mac" '
+        b'vendor="QEMU virtual NIC"/>',
+    ).replace(b"<hostnames>\n</hostnames>", b'<hostnames>\n<hostname name="gw.example.lan" type="PTR"/>\n</hostnames>')
+    host = parse_report(xml, "t").hosts[0]
+    assert [(a.address, a.type, a.vendor) for a in host.addresses] == [
+        ("127.0.0.1", "ipv4", ""), ("52:54:00:12:34:56", "mac", "QEMU virtual NIC")]
+    assert host.address == "127.0.0.1" and host.ptr == "gw.example.lan" and host.hostnames == ["gw.example.lan"]

@@ -128,6 +128,7 @@ async def test_answers_stay_under_the_byte_cap(live_server: StartServer) -> None
     server = live_server(max_answer_bytes=4000)
     scan = await tool(server, "custom_scan", command="-p 1-30 --reason 127.0.0.0/26")
     assert compact_size(scan) <= 4000
+    assert f"offset {scan['page']['next_offset']} for more" in scan["message"]
     seen, offset, cut = [], 0, []
     while offset is not None:
         page = await tool(server, "get_task_result", task_id=scan["task_id"], view="full", offset=offset)

@@ -125,3 +125,13 @@ def test_diff_reports_hosts_and_ports_that_changed() -> None:
         ("127.0.0.1", PORTS["banner"], "open ssh OpenSSH 9.2p1 Debian 2+deb12u3")]
     assert [(c.address, c.port, c.after) for c in diff.ports_closed] == [("127.0.0.3", PORTS["multi"], "")]
     assert diff.services_changed == [] and diff.unchanged_open_ports == 0
+
+
+def test_hostnames_the_caller_asked_for_are_shown() -> None:
+    from views import with_requested_names
+
+    result = recorded("multi_host.xml")
+    argv = ["nmap", "-sT", "-n", "--", "127.0.0.1", "127.0.0.2"]
+    named = with_requested_names(result, argv, "localhost 127.0.0.2")
+    assert named.hosts[0].hostnames == ["localhost"] and named.hosts[1].hostnames == []
+    assert with_requested_names(result, argv, "127.0.0.1 127.0.0.2") is result
