@@ -30,7 +30,9 @@ def with_requested_names(result: ScanResult, argv: list[str], target: str) -> Sc
     """Give hosts the hostnames the caller asked for: nmap only saw resolved addresses
     (argv after `--`, in the order of the caller's targets)."""
     scanned = argv[argv.index("--") + 1:] if "--" in argv else []
-    names = {address: name for address, name in zip(scanned, target.split()) if address != name}
+    # The two lists align by construction; were they ever not to, names would just be lost.
+    pairs = zip(scanned, target.split(), strict=False)
+    names = {address: name for address, name in pairs if address != name}
     if not names:
         return result
     hosts = [

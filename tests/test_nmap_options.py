@@ -28,7 +28,13 @@ from nse_policy import (
     load_catalog,
 )
 from scanner import build_argv
-from targets import TargetError, TargetPolicy, parse_literal, parse_networks, resolve_targets
+from targets import (
+    TargetError,
+    TargetPolicy,
+    parse_literal,
+    parse_networks,
+    resolve_targets,
+)
 from tests.commands import HOSTILE_COMMANDS, LEGITIMATE_COMMANDS, PRIVILEGED_COMMANDS
 
 NMAP = shutil.which("nmap") or "/usr/bin/nmap"
