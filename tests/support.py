@@ -26,6 +26,7 @@ from mcp.types import CallToolResult
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = {"alice": "alice-secret-" + "a" * 24, "bob": "bob-secret-" + "b" * 26}
+ALICE, BOB = SECRETS["alice"], SECRETS["bob"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -200,6 +201,9 @@ class LiveServer:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+StartServer = Callable[..., "LiveServer"]
 
 
 def write_config(path: Path, **overrides: object) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -13,19 +13,19 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tests.commands import HOSTILE_COMMANDS, LEGITIMATE_COMMANDS, PRIVILEGED_COMMANDS
 from tests.support import (
-    SECRETS,
+    ALICE,
+    BOB,
     BannerServer,
     Listeners,
     LiveServer,
     NmapWrapper,
+    StartServer,
     call_tool,
     error_text,
     poll_until_finished,
 )
 
 pytestmark = pytest.mark.anyio
-StartServer = Callable[..., LiveServer]
-ALICE, BOB = SECRETS["alice"], SECRETS["bob"]
 
 
 @pytest.fixture

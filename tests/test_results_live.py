@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 
 import httpx2
 import pytest
@@ -13,17 +12,17 @@ from mcp.client.streamable_http import streamable_http_client
 
 from nmap_report import parse_report
 from tests.support import (
+    ALICE,
     SECRETS,
     Listeners,
     LiveServer,
+    StartServer,
     call_tool,
     error_text,
     poll_until_finished,
 )
 
 pytestmark = pytest.mark.anyio
-StartServer = Callable[..., LiveServer]
-ALICE = SECRETS["alice"]
 
 
 async def tool(server: LiveServer, name: str, **args: object) -> dict:

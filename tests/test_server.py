@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -13,11 +12,14 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.support import (
+    ALICE,
+    BOB,
     ROOT,
     SECRETS,
     Listeners,
     LiveServer,
     NmapWrapper,
+    StartServer,
     call_tool,
     error_text,
     failure_of,
@@ -26,8 +28,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.anyio
-StartServer = Callable[..., LiveServer]
-ALICE, BOB = SECRETS["alice"], SECRETS["bob"]
 INITIALIZE = {
     "jsonrpc": "2.0", "id": 1, "method": "initialize",
     "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
