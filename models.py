@@ -244,3 +244,4 @@ class ScanDiff(BaseModel):
     ports_closed: list[PortChange]
     services_changed: list[PortChange]
     unchanged_open_ports: int
+    truncated: bool = Field(default=False, description="True when the lists were cut to fit the answer size cap")

@@ -64,7 +64,14 @@ from task_manager import (
     TaskRecord,
     create_db_engine,
 )
-from views import csv_page, diff_results, json_page, text_page, with_requested_names
+from views import (
+    capped_diff,
+    csv_page,
+    diff_results,
+    json_page,
+    text_page,
+    with_requested_names,
+)
 
 logger = logging.getLogger(__name__)
 ToolFunction = Callable[..., Awaitable[Any]]
@@ -296,7 +303,8 @@ def create_server(settings: Settings, nmap_path: str) -> FastMCP:
             for record in (first, second):
                 if record.result is None:
                     raise NotComparable(f"task {record.id} has no result to compare (it is {record.status.value})")
-            return diff_results(task_a, first.result, task_b, second.result)  # type: ignore[arg-type]
+            diff = diff_results(task_a, first.result, task_b, second.result)  # type: ignore[arg-type]
+            return capped_diff(diff, settings.max_answer_bytes)
 
     @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
     async def list_tasks(

@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from models import (
     HostDetail,
@@ -23,6 +26,7 @@ from models import (
     TaskAnswer,
 )
 
+Answer = TypeVar("Answer", bound=BaseModel)
 CSV_FIELDS = ("address", "hostname", "port", "protocol", "state", "service", "product", "version", "extrainfo")
 
 
@@ -132,7 +136,7 @@ def _mark_truncated(answer: TaskAnswer, *, requested: int) -> TaskAnswer:
     return answer.model_copy(update={"truncated": cut})
 
 
-def _largest_fitting(build: Callable[[int], TaskAnswer], most: int, cap: int) -> TaskAnswer | None:
+def _largest_fitting(build: Callable[[int], Answer], most: int, cap: int) -> Answer | None:
     """Binary search for the largest count whose answer serialises within `cap` bytes."""
     best, low, high = None, 1, most
     if most == 0:
@@ -148,8 +152,20 @@ def _largest_fitting(build: Callable[[int], TaskAnswer], most: int, cap: int) ->
     return best
 
 
-def _size(answer: TaskAnswer) -> int:
+def _size(answer: BaseModel) -> int:
     return len(answer.model_dump_json().encode())
+
+
+def capped_diff(diff: ScanDiff, cap: int) -> ScanDiff:
+    """The diff, with each change list cut to a common length so that it fits `cap` bytes."""
+    lists = ("hosts_came_up", "hosts_went_down", "ports_opened", "ports_closed", "services_changed")
+    longest = max(len(getattr(diff, name)) for name in lists)
+
+    def build(count: int) -> ScanDiff:
+        return diff.model_copy(update={name: getattr(diff, name)[:count] for name in lists})
+
+    fitted = _largest_fitting(build, longest, cap) or build(0)
+    return fitted.model_copy(update={"truncated": fitted != diff})
 
 
 def diff_results(task_a: str, a: ScanResult, task_b: str, b: ScanResult) -> ScanDiff:

@@ -135,3 +135,15 @@ def test_hostnames_the_caller_asked_for_are_shown() -> None:
     named = with_requested_names(result, argv, "localhost 127.0.0.2")
     assert named.hosts[0].hostnames == ["localhost"] and named.hosts[1].hostnames == []
     assert with_requested_names(result, argv, "127.0.0.1 127.0.0.2") is result
+
+
+def test_a_large_diff_is_cut_to_fit_the_cap() -> None:
+    from views import capped_diff
+
+    empty = many_hosts(0)
+    diff = diff_results("a", empty, "b", many_hosts(500))
+    assert len(diff.ports_opened) == 500 and len(diff.hosts_came_up) == 500
+    cut = capped_diff(diff, 6_000)
+    assert len(cut.model_dump_json().encode()) <= 6_000 and cut.truncated
+    assert 0 < len(cut.ports_opened) < 500 and cut.ports_opened == diff.ports_opened[: len(cut.ports_opened)]
+    assert capped_diff(diff, 10_000_000) == diff and not diff.truncated
