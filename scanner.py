@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import os
 import shutil
 import signal
@@ -22,8 +21,6 @@ from dataclasses import dataclass
 
 from models import ScanKind, ScanResult, TaskStatus
 from nmap_report import RAW_CAP, ReportParser
-
-logger = logging.getLogger(__name__)
 
 QUICK_OPTIONS: tuple[str, ...] = ("-T4", "--top-ports", "100")
 FULL_OPTIONS: tuple[str, ...] = ("-T4", "-p-", "-sV")

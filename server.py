@@ -73,7 +73,6 @@ from views import (
     with_requested_names,
 )
 
-logger = logging.getLogger(__name__)
 ToolFunction = Callable[..., Awaitable[Any]]
 VERSION = Path(__file__).with_name("VERSION").read_text(encoding="utf-8").strip()
 
