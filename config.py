@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     max_queued_tasks: int = Field(default=100, ge=1, le=100_000)
     max_scan_seconds: int = Field(default=3600, ge=10, le=86_400)
     shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=300)
+    # A worker renews the lease of each scan it runs; a task whose lease expired (its worker
+    # died or lost the database) is resolved by any process.
+    lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    worker_name: str | None = Field(default=None, min_length=1, max_length=128)
+    pool: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     allowed_targets: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))
     denied_targets: list[str] = Field(default_factory=list)
     allow_loopback: bool = False

@@ -1,4 +1,4 @@
-"""The schema: the tasks table, the task status machine, and the result models."""
+"""The schema: the tables, the task status machine, and the result and answer models."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from sqlalchemy import (
 class TaskStatus(enum.StrEnum):
     """Lifecycle of a scan task.
 
-    queued -> running -> completed | failed | cancelled
+    queued -> running -> completed | failed | cancelled | interrupted
     queued -> cancelled
-    running -> interrupted   (the process running it died; the scan is never re-run)
+    running -> queued        (claimed, but its worker died before nmap started: run it later)
+    running -> interrupted   (nmap had started when its worker died or shut down; never re-run)
     """
 
     QUEUED = "queued"
@@ -41,13 +42,14 @@ class TaskStatus(enum.StrEnum):
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
     TaskStatus.RUNNING: frozenset(
-        {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED}
+        {TaskStatus.QUEUED, TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED}
     ),
     TaskStatus.COMPLETED: frozenset(),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
     TaskStatus.INTERRUPTED: frozenset(),
 }
+ACTIVE_STATUSES = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
 
 
 class ScanKind(enum.StrEnum):
@@ -61,7 +63,8 @@ class ScanKind(enum.StrEnum):
 metadata = MetaData()
 
 # Times are Unix epoch seconds (float): portable across SQLite and PostgreSQL and cheap to
-# compare in the heartbeat and reaper queries.
+# compare in the lease queries. Every change to these tables comes with a migration under
+# migrations/versions; tests check that the migrations build exactly this schema.
 tasks = Table(
     "tasks",
     metadata,
@@ -72,18 +75,54 @@ tasks = Table(
     Column("argv", Text, nullable=False),
     Column("status", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
+    # When nmap was started; NULL while queued or claimed but not yet started.
     Column("started_at", Float),
     Column("finished_at", Float),
     Column("time_limit", Integer, nullable=False),
+    Column("pool", String(64), nullable=False, server_default="default"),
+    # The worker holding the task's lease (a random id), its human name, and the lease.
     Column("worker_id", String(64)),
-    Column("heartbeat_at", Float),
-    Column("pid", Integer),
+    Column("worker_name", String(128)),
+    Column("claimed_at", Float),
+    Column("lease_expires_at", Float),
     Column("progress", Text),
     Column("result", Text),
     Column("raw_xml", LargeBinary),
     Column("error", Text),
-    Index("ix_tasks_status_created", "status", "created_at"),
+    # Set while an identical call may share this task (queued or running); unique, so two
+    # simultaneous identical calls get one task whichever process they reach.
+    Column("dedupe_key", String(64)),
+    # A big scan is a parent (shard_count > 0, never claimed) and shards (parent_id set).
+    Column("parent_id", String(36)),
+    Column("shard_count", Integer, nullable=False, server_default="0"),
+    Index("ix_tasks_status_pool_created", "status", "pool", "created_at"),
     Index("ix_tasks_owner_created", "owner", "created_at"),
+    Index("ix_tasks_owner_status_created", "owner", "status", "created_at"),
+    Index("ix_tasks_parent", "parent_id"),
+    Index("ux_tasks_dedupe_key", "dedupe_key", unique=True),
+)
+
+# Hosts a running scan has finished, written as nmap reports them: partial results (and
+# what a crashed or cancelled scan had found) are readable from every process.
+task_hosts = Table(
+    "task_hosts",
+    metadata,
+    Column("task_id", String(36), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", Text, nullable=False),
+)
+
+# Scan workers alive (or recently so): their pool, capacity and heartbeat, for list_workers.
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("pool", String(64), nullable=False),
+    Column("capacity", Integer, nullable=False),
+    Column("running", Integer, nullable=False, server_default="0"),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
 )
 
 
@@ -206,6 +245,8 @@ class TaskAnswer(BaseModel):
     task_id: str
     kind: ScanKind
     target: str
+    pool: str = Field(default="default", description="The scanner pool the task was routed to")
+    worker: str | None = Field(default=None, description="The name of the worker that ran or runs it")
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

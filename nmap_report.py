@@ -104,24 +104,42 @@ class ReportParser:
 
     def result(self, target: str) -> ScanResult:
         """The hosts parsed so far, with the run's statistics when nmap wrote them."""
-        stats = self.runstats or RunStats(hosts_up=sum(h.status == "up" for h in self.hosts))
-        hosts = sorted(self.hosts, key=_address_key)
-        timed_out = [h.address for h in hosts if h.timed_out]
-        warnings = [f"host {address} timed out before its scan finished" for address in timed_out]
-        return ScanResult(
-            target=target,
-            scan_time=stats.elapsed,
-            hosts_up=stats.hosts_up,
-            hosts_down=stats.hosts_down,
-            hosts_total=stats.hosts_total or len(hosts),
-            open_ports=sum(p.state == "open" for h in hosts for p in h.ports),
-            partial=not self.complete,
-            warnings=warnings,
-            hosts=hosts,
-            exit_status=stats.exit_status,
-            errors=[clean_text(stats.errormsg, FIELD_LIMIT)] if stats.errormsg else [],
-            hosts_timed_out=timed_out,
-        )
+        return build_result(target, self.hosts, self.runstats, complete=self.complete)
+
+
+def build_result(target: str, hosts: list[HostDetail], stats: RunStats | None, *, complete: bool) -> ScanResult:
+    """A result from finished hosts; without `stats` (a scan still running, or cut off) the
+    counts come from the hosts themselves."""
+    stats = stats or RunStats(hosts_up=sum(h.status == "up" for h in hosts))
+    ordered = sorted(hosts, key=_address_key)
+    timed_out = [h.address for h in ordered if h.timed_out]
+    return ScanResult(
+        target=target,
+        scan_time=stats.elapsed,
+        hosts_up=stats.hosts_up,
+        hosts_down=stats.hosts_down,
+        hosts_total=stats.hosts_total or len(ordered),
+        open_ports=sum(p.state == "open" for h in ordered for p in h.ports),
+        partial=not complete,
+        warnings=[f"host {address} timed out before its scan finished" for address in timed_out],
+        hosts=ordered,
+        exit_status=stats.exit_status,
+        errors=[clean_text(stats.errormsg, FIELD_LIMIT)] if stats.errormsg else [],
+        hosts_timed_out=timed_out,
+    )
+
+
+def merge_results(target: str, parts: list[ScanResult], elapsed: float) -> ScanResult:
+    """One result from the results of a scan's shards (each host appears in one shard)."""
+    stats = RunStats(
+        elapsed=round(elapsed, 2),
+        exit_status="success" if parts and all(p.exit_status == "success" for p in parts) else "",
+        hosts_up=sum(p.hosts_up for p in parts),
+        hosts_down=sum(p.hosts_down for p in parts),
+        hosts_total=sum(p.hosts_total for p in parts),
+    )
+    merged = build_result(target, [h for p in parts for h in p.hosts], stats, complete=not any(p.partial for p in parts))
+    return merged.model_copy(update={"errors": [e for p in parts for e in p.errors]})
 
 
 def parse_report(xml: bytes | str, target: str) -> ScanResult:

@@ -1,49 +1,75 @@
-"""The durable scan queue: the only module that talks to the database.
+"""The task store: every SQL statement of the service, and how processes hear of changes.
 
-A task is inserted as `queued`, claimed by one guarded statement, run by exactly one nmap
-process, and finished by a guarded update. A semaphore bounds concurrent scans; the queue
-itself lives in the database, so a restart loses nothing. Liveness lives there too
-(`worker_id`, `heartbeat_at`): running tasks left by a dead process are marked
-`interrupted`, never re-run, and never hold capacity.
+A task is inserted `queued` (identical calls share one task through a unique dedupe key),
+claimed by one guarded statement that gives a worker a lease, marked started just before
+nmap starts, and finished by a guarded update. Everything a caller can see (progress, the
+hosts finished so far, the result) is written here as it happens, so every process reads
+the same truth. A task whose lease expired is resolved by any process: queued again if
+nmap never started, interrupted if it had.
 
-Database calls use SQLAlchemy Core on a synchronous engine in worker threads: measured
-here, that is several times faster per lookup than the async ORM (see docs/performance).
+Processes hear of changes through `ChangeFeed`: in-process events first, then PostgreSQL's
+LISTEN/NOTIFY, or on SQLite (one machine) a cheap check of `PRAGMA data_version`.
+
+Database calls use SQLAlchemy Core on a synchronous engine, one worker-thread hand-off per
+operation: measured here, several times faster per lookup than the async ORM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
-import socket
+import threading
 import time
 import uuid
-import weakref
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, literal, select, update
-from sqlalchemy.engine import Row
+import psycopg
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy.engine import Row, make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from models import Progress, ScanKind, ScanResult, TaskStatus, metadata, tasks
-from nmap_report import ReportParser, clean_text
-from scanner import ScanOutcome, interpret_run, run_nmap
+from models import (
+    ACTIVE_STATUSES,
+    HostDetail,
+    Progress,
+    ScanKind,
+    ScanResult,
+    TaskStatus,
+    task_hosts,
+    tasks,
+    workers,
+)
+from nmap_report import build_result, merge_results
+from scanner import ScanOutcome
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HEARTBEAT_SECONDS = 5.0
-# A running task whose worker has not beaten for this long is considered orphaned.
-STALE_AFTER_SECONDS = 30.0
-# An idle dispatcher re-reads the queue this often, to pick up work another process queued.
-IDLE_RECHECK_SECONDS = 5.0
+MIGRATIONS = Path(__file__).with_name("migrations")
+NOTIFY_CHANNEL = "nmap_mcp"
+# A constant key for pg_advisory_xact_lock: submissions take it so the queue bound is exact.
+_SUBMIT_LOCK = 7_301_001
+# How often SQLite's data_version is checked for commits made by other processes.
+SQLITE_POLL_SECONDS = 0.5
+# Threads for database calls (the engines' pools hold at least as many connections).
+DB_THREADS = 12
 _SUMMARY_COLUMNS = [c for c in tasks.c if c.name not in ("result", "raw_xml")]
 _RESULT_COLUMNS = [c for c in tasks.c if c.name != "raw_xml"]
+_INTERRUPTED = "the worker running this scan stopped before it finished; submit it again"
 
 
 class TaskNotFound(LookupError):
@@ -58,9 +84,13 @@ class TaskAlreadyFinished(RuntimeError):
     """The task finished before it could be cancelled."""
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The task database cannot be reached (or is locked past its busy timeout)."""
+
+
 @dataclass(frozen=True)
 class TaskRecord:
-    """One row of the tasks table, as callers see it."""
+    """One row of the tasks table, as callers and workers see it."""
 
     id: str
     owner: str
@@ -73,22 +103,76 @@ class TaskRecord:
     started_at: float | None
     finished_at: float | None
     error: str | None
+    pool: str = "default"
+    worker_name: str | None = None
+    parent_id: str | None = None
+    shard_count: int = 0
     progress: Progress | None = None
     result: ScanResult | None = None
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The change-feed keys a change of this task wakes: itself, and its parent."""
+        return (self.id, self.parent_id) if self.parent_id else (self.id,)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One part of a big scan: what it covers (for display) and its own argv."""
+
+    target: str
+    argv: list[str]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A scan worker: a random id (never a pid), a human name, its pool and capacity."""
+
+    id: str
+    name: str
+    pool: str
+    capacity: int
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """A pool as list_workers shows it."""
+
+    pool: str
+    queued: int
+    workers: list[dict[str, Any]]
+
+
+def dedupe_key(owner: str, kind: ScanKind, argv: Sequence[str]) -> str:
+    """Identical calls: the same caller, tool and canonical nmap argv."""
+    return hashlib.sha256(json.dumps([owner, kind.value, list(argv)]).encode()).hexdigest()
+
 
 def create_db_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL mode and a busy timeout."""
+    """An engine for `url`. SQLite files are created mode 0600 and get WAL mode, a busy
+    timeout, and `BEGIN IMMEDIATE` for writing transactions (see `_sqlite_begin`)."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=8)
-    engine = create_engine(url, connect_args={"timeout": 5.0})
+        return create_engine(url, pool_pre_ping=True, pool_size=DB_THREADS, max_overflow=8)
+    database = make_url(url).database
+    if database and database != ":memory:":
+        _create_private(Path(database))
+    engine = create_engine(url, connect_args={"timeout": 5.0}, pool_size=DB_THREADS, max_overflow=4)
     event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only, unless it already exists."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Transactions are begun by _sqlite_begin, not by the driver's own implicit BEGIN.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
@@ -96,85 +180,195 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-class TaskManager:
-    """Queue, run and track nmap scans; see the module docstring for the guarantees."""
+def _sqlite_begin(conn: Connection) -> None:
+    # A writing transaction that reads first must hold the write lock from its start: in WAL
+    # mode a deferred one that read an older snapshot fails at its first write.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("writing") else "BEGIN")
 
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        max_concurrent: int,
-        max_queued: int,
-        shutdown_grace: float = 5.0,
-    ) -> None:
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the database to the newest schema; a database of 0.1.0 (made without
+    migrations) is recognised and upgraded in place. Concurrent starts take turns."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with _migration_lock(engine), engine.connect() as conn:
+        conn.execution_options(writing=True)
+        with conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(_SUBMIT_LOCK)))
+            config.attributes["connection"] = conn
+            tables = set(inspect(conn).get_table_names())
+            if "tasks" in tables and "alembic_version" not in tables:
+                command.stamp(config, "0001")
+            command.upgrade(config, "head")
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """SQLite: a lock file beside the database, as SQLite's own locks cannot span DDL checks."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+class ChangeFeed:
+    """Wakes whoever waits on a key (a task id, or `queue:<pool>`) when it changes, in any
+    process. In-process writers publish directly; other processes are heard through
+    PostgreSQL NOTIFY, or on SQLite by a commit counter that changes with every commit."""
+
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._max_queued = max_queued
-        self._grace = shutdown_grace
-        self._slots = asyncio.Semaphore(max_concurrent)
-        self._wakeup = asyncio.Event()
-        self._stopping = False
-        self._running: dict[str, asyncio.Task[None]] = {}
-        # Live state of the scans this process runs: their reports as they stream, progress.
-        self._reports: dict[str, ReportParser] = {}
-        self._progress: dict[str, Progress] = {}
-        self._changes: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
-        self._submit_locks: weakref.WeakValueDictionary[tuple[str, ScanKind, str], asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
-        self._side_tasks: list[asyncio.Task[None]] = []
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+        self._poller: asyncio.Task[None] | None = None
 
-    # ---- lifecycle -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def subscribe(self, key: str) -> Iterator[asyncio.Event]:
+        """An event set whenever `key` changes, for the duration of the block."""
+        changed = asyncio.Event()
+        self._events[key].add(changed)
+        try:
+            yield changed
+        finally:
+            self._events[key].discard(changed)
+            if not self._events[key]:
+                del self._events[key]
+
+    def publish(self, *keys: str) -> None:
+        for key in keys:
+            for changed in self._events.get(key, ()):
+                changed.set()
+
+    def wake_all(self) -> None:
+        """Something may have changed that we could not hear of (a reconnect, SQLite)."""
+        for events in self._events.values():
+            for changed in events:
+                changed.set()
 
     async def start(self) -> None:
-        """Create the schema, resolve what a dead process left behind, start the workers."""
-        await self._db(metadata.create_all, self._engine)
-        interrupted = await self._db(self._reap_orphans)
-        if interrupted:
-            logger.warning("marked %d task(s) left running by a dead process as interrupted", interrupted)
-        self._side_tasks = [
-            asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-        ]
+        self._loop = asyncio.get_running_loop()
+        if self._engine.dialect.name == "postgresql":
+            # A thread of its own: it blocks on the socket for as long as the process lives.
+            self._listener = threading.Thread(target=self._listen, name="change-feed", daemon=True)
+            self._listener.start()
+        elif self._engine.dialect.name == "sqlite":
+            self._poller = asyncio.create_task(self._poll_sqlite(), name="change-feed")
 
     async def stop(self) -> None:
-        """Stop claiming, give running scans a grace period, then cancel and record them."""
-        self._stopping = True
-        for side in self._side_tasks:
-            side.cancel()
-        await asyncio.gather(*self._side_tasks, return_exceptions=True)
-        running = list(self._running.values())
-        if running:
-            _, pending = await asyncio.wait(running, timeout=self._grace)
-            for run in pending:
-                run.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        self._stop.set()
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join, 5)
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+
+    def _listen(self) -> None:
+        """PostgreSQL: a dedicated connection LISTENs; reconnects with backoff."""
+        url = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    delay = 0.5
+                    self._call(self.wake_all)  # whatever happened while we were not listening
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._call(self.publish, note.payload)
+            except psycopg.Error as e:
+                logger.warning("change feed lost its database connection (%s); reconnecting", type(e).__name__)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _call(self, fn: Callable[..., None], *args: str) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed under us at shutdown
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    async def _poll_sqlite(self) -> None:
+        with self._engine.connect() as conn:
+            last = None
+            while True:
+                try:
+                    version = await asyncio.to_thread(self._data_version, conn)
+                except OperationalError:
+                    version = None
+                if version != last:
+                    last = version
+                    self.wake_all()
+                await asyncio.sleep(SQLITE_POLL_SECONDS)
+
+    @staticmethod
+    def _data_version(conn: Connection) -> int:
+        version = conn.exec_driver_sql("PRAGMA data_version").scalar_one()
+        conn.rollback()
+        return int(version)
+
+
+class TaskManager:
+    """The durable store of scan tasks; see the module docstring for its guarantees."""
+
+    def __init__(self, engine: Engine, *, max_queued: int, lease_seconds: float = 30.0) -> None:
+        self._engine = engine
+        self._max_queued = max_queued
+        self.lease_seconds = lease_seconds
+        self._postgres = engine.dialect.name == "postgresql"
+        self.feed = ChangeFeed(engine)
+        self._threads = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="db")
+
+    async def start(self) -> None:
+        """Bring the schema up to date and start hearing of other processes' changes."""
+        await self._db(upgrade_schema, self._engine)
+        await self.feed.start()
+
+    async def stop(self) -> None:
+        await self.feed.stop()
+        self._threads.shutdown(wait=True)
         self._engine.dispose()
 
-    # ---- the API the server calls -------------------------------------------------------
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless the database answers."""
+        await self._db(self._select_one_value)
+
+    # ---- what callers do ---------------------------------------------------------------
 
     async def submit(
-        self, owner: str, kind: ScanKind, target: str, argv: Sequence[str], time_limit: int
-    ) -> TaskRecord:
-        """Queue a scan; raise QueueFull when the queue is at its bound."""
-        task_id = str(uuid.uuid4())
+        self,
+        owner: str,
+        kind: ScanKind,
+        target: str,
+        argv: Sequence[str],
+        time_limit: int,
+        *,
+        pool: str = "default",
+        share: bool = False,
+        fresh_since: float | None = None,
+        shards: Sequence[Shard] = (),
+    ) -> tuple[TaskRecord, bool]:
+        """Queue a scan (as shards when given), or with `share` return the caller's identical
+        scan already queued or running, or completed since `fresh_since`. Returns the task and
+        whether it was reused; QueueFull when the queue is at its bound."""
         values = {
-            "id": task_id,
-            "owner": owner,
-            "kind": kind.value,
-            "target": target,
-            "argv": json.dumps(list(argv)),
-            "status": TaskStatus.QUEUED.value,
-            "created_at": time.time(),
-            "time_limit": time_limit,
+            "id": str(uuid.uuid4()), "owner": owner, "kind": kind.value, "target": target,
+            "argv": json.dumps(list(argv)), "status": TaskStatus.QUEUED.value, "created_at": time.time(),
+            "time_limit": time_limit, "pool": pool, "shard_count": len(shards), "parent_id": None,
+            "dedupe_key": dedupe_key(owner, kind, argv) if share else None,
         }
-        if not await self._db(self._insert_bounded, values):
-            raise QueueFull(
-                f"the scan queue is full ({self._max_queued} tasks waiting); "
-                "try again later or cancel queued tasks"
-            )
-        self._wakeup.set()
-        return _record(values | {"started_at": None, "finished_at": None, "error": None})
+        row, reused = await self._db(self._submit, values, fresh_since, shards)
+        record = _record(row)
+        if not reused:
+            self.feed.publish(f"queue:{pool}")
+        return record, reused
+
+    async def get(self, task_id: str, owner: str, *, with_result: bool = False) -> TaskRecord:
+        """The caller's task; TaskNotFound for a missing id and for another owner's id alike."""
+        return await self._db(self._read, task_id, owner, with_result)
 
     async def wait(
         self,
@@ -182,63 +376,37 @@ class TaskManager:
         owner: str,
         timeout: float,
         on_progress: Callable[[Progress], Awaitable[None]] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> TaskRecord:
-        """Wait up to `timeout` s for the task to finish, reporting progress as it comes;
-        the scan goes on either way. Woken by events, never by polling."""
+        """Wait up to `timeout` s (or until `stop` is set) for the task to finish, reporting
+        progress as it changes; the scan goes on either way. Woken by the change feed; each
+        wake-up reads the task once (with its result once it has finished)."""
         loop = asyncio.get_running_loop()
-        changed = self._changes.setdefault(task_id, asyncio.Event())
         deadline = loop.time() + timeout
         reported: Progress | None = None
-        while True:
-            changed.clear()  # before reading, so a change after the read still wakes us
-            record = await self.get(task_id, owner)
-            remaining = deadline - loop.time()
-            if record.status.finished or remaining <= 0:
-                break
-            if on_progress is not None and record.progress is not None and record.progress != reported:
-                reported = record.progress
-                await on_progress(reported)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
-        return await self.get(task_id, owner, with_result=True) if record.status.finished else record
+        with self.feed.subscribe(task_id) as changed:
+            while True:
+                changed.clear()  # before reading, so a change after the read still wakes us
+                record = await self._db(self._read, task_id, owner, None)
+                remaining = deadline - loop.time()
+                if record.status.finished or remaining <= 0 or (stop is not None and stop.is_set()):
+                    return record
+                if on_progress is not None and record.progress is not None and record.progress != reported:
+                    reported = record.progress
+                    await on_progress(reported)
+                await _first_of(changed, stop, remaining)
 
-    async def get(self, task_id: str, owner: str, *, with_result: bool = False) -> TaskRecord:
-        """The caller's task; TaskNotFound for a missing id and for another owner's id alike."""
-        row = await self._db(self._select_one, task_id, owner, with_result)
-        if row is None:
-            raise TaskNotFound(f"no task {task_id!r}")
-        record = _record(row)
-        live = self._progress.get(task_id)
-        return replace(record, progress=live) if live is not None and not record.status.finished else record
-
-    def live_result(self, record: TaskRecord) -> ScanResult | None:
-        """The hosts a scan running in this process has finished so far (partial), if any."""
-        report = self._reports.get(record.id)
-        if report is None or record.status.finished or not report.hosts:
-            return None
-        return report.result(record.target)
+    async def result_so_far(self, record: TaskRecord) -> ScanResult | None:
+        """The final result, or the hosts finished so far (partial) while it runs or after it
+        was stopped without one; None when there are none."""
+        if record.result is not None:
+            return record.result
+        return await self._db(self._partial_result, record)
 
     async def raw_xml(self, task_id: str, owner: str) -> bytes | None:
-        """nmap's XML report as it was written (None while the task has none)."""
-        stored = await self._db(self._select_raw, task_id, owner)
-        if stored is None:
-            report = self._reports.get(task_id)
-            return bytes(report.raw) if report is not None else None
-        return zlib.decompress(stored)
-
-    async def submit_or_reuse(
-        self, owner: str, kind: ScanKind, target: str, argv: Sequence[str], time_limit: int, fresh_since: float | None
-    ) -> tuple[TaskRecord, bool]:
-        """Submit a scan, unless the caller has the same one queued, running, or completed
-        since `fresh_since` (None: always submit). Returns the task and whether it was reused.
-        Look-up and submit hold one lock per scan, so simultaneous calls share one task."""
-        lock = self._submit_locks.setdefault((owner, kind, target), asyncio.Lock())
-        async with lock:
-            if fresh_since is not None:
-                row = await self._db(self._select_recent, owner, kind, target, fresh_since)
-                if row is not None:
-                    return _record(row), True
-            return await self.submit(owner, kind, target, argv, time_limit), False
+        """nmap's XML report (for a sharded scan, each shard's report in turn); None while
+        the task has none."""
+        return await self._db(self._select_raw, task_id, owner)
 
     async def list(self, owner: str, status: TaskStatus | None, limit: int) -> list[TaskRecord]:
         """The caller's most recent tasks, newest first."""
@@ -246,126 +414,249 @@ class TaskManager:
         return [_record(row) for row in rows]
 
     async def cancel(self, task_id: str, owner: str) -> TaskRecord:
-        """Cancel a queued or running task; its nmap process group is killed."""
-        cancelled = await self._db(self._mark_cancelled, task_id, owner)
-        if not cancelled:
-            record = await self.get(task_id, owner)
-            raise TaskAlreadyFinished(f"task {task_id} is already {record.status.value}")
-        run = self._running.get(task_id)
-        if run is not None:
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-        self._signal_changed(task_id)
-        return await self.get(task_id, owner)
+        """Mark a queued or running task (and its shards) cancelled; the worker running it
+        hears of it through the change feed and stops its nmap."""
+        record, shard_ids = await self._db(self._cancel, task_id, owner)
+        self.feed.publish(task_id, *shard_ids)
+        return record
 
-    # ---- workers ------------------------------------------------------------------------
+    async def pools(self, stale_after: float) -> list[PoolStatus]:
+        """Per pool: its workers (alive when they beat within `stale_after` s) and its queue."""
+        return await self._db(self._select_pools, stale_after)
 
-    async def _dispatch_loop(self) -> None:
-        while True:
-            await self._slots.acquire()
-            self._wakeup.clear()
-            try:
-                record = await self._db(self._claim_next)
-            except Exception:
-                logger.exception("claiming the next task failed; retrying")
-                record = None
-            if record is None:
-                self._slots.release()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), IDLE_RECHECK_SECONDS)
-                continue
-            run = asyncio.create_task(self._run(record), name=f"scan-{record.id}")
-            self._running[record.id] = run
-            run.add_done_callback(partial(self._on_run_done, record.id))
+    # ---- what workers do ---------------------------------------------------------------
 
-    def _on_run_done(self, task_id: str, _run: asyncio.Task[None]) -> None:
-        self._running.pop(task_id, None)
-        self._slots.release()
+    async def register_worker(self, worker: WorkerInfo) -> None:
+        await self._db(self._beat_worker, worker, 0)
 
-    async def _run(self, record: TaskRecord) -> None:
-        limit = float(record.time_limit)
-        report = self._reports[record.id] = ReportParser()
+    async def unregister_worker(self, worker_id: str) -> None:
+        await self._db(self._delete_worker, worker_id)
 
-        def on_output(chunk: bytes) -> None:
-            progress = report.progress
-            report.feed(chunk)
-            if report.progress is not None and report.progress != progress:
-                self._progress[record.id] = report.progress
-                self._signal_changed(record.id)
+    async def claim(self, worker_id: str, worker_name: str, pool: str) -> TaskRecord | None:
+        """The oldest queued task of the pool, now leased to this worker; None when none."""
+        record = await self._db(self._claim, worker_id, worker_name, pool)
+        if record is not None:
+            self.feed.publish(*record.keys)
+        return record
 
-        try:
-            run = await run_nmap(record.argv, time_limit=limit, stdout_sink=on_output)
-            outcome = interpret_run(run, report, record.target, limit)
-            if outcome.status is TaskStatus.FAILED:
-                logger.warning(
-                    "task %s failed: %s; nmap stderr: %s",
-                    record.id, outcome.error, clean_text(run.stderr.decode("utf-8", "replace"), 2000),
-                )
-            await self._finish(record.id, outcome)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._finish(record.id, self._stopped_outcome(record, report)))
-            raise
-        except Exception:
-            logger.exception("task %s crashed", record.id)
-            outcome = ScanOutcome(TaskStatus.FAILED, None, "internal error while running the scan", b"")
-            await self._finish(record.id, outcome)
-        finally:
-            del self._reports[record.id]
-            self._progress.pop(record.id, None)
-            self._signal_changed(record.id)
+    async def mark_started(self, record: TaskRecord, worker_id: str) -> bool:
+        """Record that nmap is about to start; False when the task is no longer ours."""
+        started = await self._db(self._mark_started, record, worker_id)
+        self.feed.publish(*record.keys)
+        return started
 
-    def _stopped_outcome(self, record: TaskRecord, report: ReportParser) -> ScanOutcome:
-        """A scan cancelled or cut by shutdown keeps the hosts it had finished."""
-        partial = report.result(record.target)
-        if self._stopping:
-            status, error = TaskStatus.INTERRUPTED, "the server shut down during the scan; submit it again"
-        else:
-            status, error = TaskStatus.CANCELLED, "cancelled"
-        return ScanOutcome(status, partial if partial.hosts else None, error, bytes(report.raw))
+    async def release(self, record: TaskRecord, worker_id: str) -> None:
+        """Give back a task we claimed but never started: it is queued again."""
+        await self._db(self._release, record.id, worker_id)
+        self.feed.publish(*record.keys, f"queue:{record.pool}")
 
-    async def _finish(self, task_id: str, outcome: ScanOutcome) -> None:
-        if not await self._db(self._mark_finished, task_id, outcome):
-            logger.info("task %s was already resolved elsewhere; keeping that state", task_id)
+    async def save_live(
+        self, record: TaskRecord, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail]
+    ) -> None:
+        """Write a running scan's progress and the hosts it finished since the last call."""
+        await self._db(self._save_live, record.id, worker_id, progress, first_seq, hosts)
+        self.feed.publish(*record.keys)
 
-    def _signal_changed(self, task_id: str) -> None:
-        changed = self._changes.get(task_id)
-        if changed is not None:
-            changed.set()
+    async def finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
+        """Record how the scan ended. False when the task was no longer ours to finish (it
+        was cancelled, then only what it found is kept; or resolved by another process)."""
+        finished = await self._db(self._finish, record, worker_id, outcome)
+        self.feed.publish(*record.keys)
+        return finished
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
-            try:
-                gone = await self._db(self._beat, dict(self._progress), list(self._running))
-                await self._db(self._reap_orphans)
-            except Exception:
-                logger.exception("heartbeat failed; retrying")
-                continue
-            for task_id in gone:
-                # Cancelled through another process: stop our nmap too.
-                if (run := self._running.get(task_id)) is not None:
-                    run.cancel()
+    async def renew(self, worker: WorkerInfo, task_ids: Sequence[str]) -> set[str]:
+        """Extend this worker's leases and heartbeat; return the ids no longer ours."""
+        return await self._db(self._renew, worker, list(task_ids))
+
+    async def still_ours(self, task_id: str, worker_id: str) -> bool:
+        return await self._db(self._still_ours, task_id, worker_id)
+
+    async def resolve_expired(self) -> tuple[int, int]:
+        """Resolve tasks whose lease expired: (queued again, interrupted)."""
+        requeued, interrupted = await self._db(self._resolve_expired)
+        if requeued or interrupted:
+            self.feed.wake_all()
+        return len(requeued), len(interrupted)
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, partial(fn, *args))
+        except (OperationalError, InterfaceError) as e:
+            raise DatabaseUnavailable("the task database is not reachable; retry later") from e
 
     # ---- SQL: every statement of the service lives below --------------------------------
 
-    def _insert_bounded(self, values: dict[str, Any]) -> bool:
-        # One statement, so the bound holds under concurrent submissions on SQLite.
-        queued = select(func.count()).select_from(tasks).where(tasks.c.status == TaskStatus.QUEUED.value)
-        source = select(*(literal(v, tasks.c[k].type) for k, v in values.items())).where(
-            queued.scalar_subquery() < self._max_queued
-        )
-        with self._engine.begin() as conn:
-            inserted = tasks.insert().from_select(list(values), source).returning(tasks.c.id)
-            return conn.execute(inserted).first() is not None
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            conn.execution_options(writing=True)
+            with conn.begin():
+                yield conn
 
-    def _claim_next(self) -> TaskRecord | None:
+    def _notify(self, conn: Connection, *keys: str | None) -> None:
+        """NOTIFY other processes at commit (SQLite's commit counter needs nothing)."""
+        if self._postgres:
+            for key in filter(None, keys):
+                conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, key)))
+
+    def _relaxed_commit(self, conn: Connection) -> None:
+        """PostgreSQL: this commit need not wait for its WAL flush; a lost claim or
+        heartbeat is covered by the lease (a claim is re-done, a heartbeat is re-sent)."""
+        if self._postgres:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+    def _select_one_value(self) -> None:
+        with self._engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1").scalar_one()
+
+    def _submit(
+        self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard]
+    ) -> tuple[Mapping[str, Any], bool]:
+        with self._writing() as conn:
+            if self._postgres:
+                conn.execute(select(func.pg_advisory_xact_lock(_SUBMIT_LOCK)))
+            if values["dedupe_key"] is not None:
+                shared = self._select_shareable(conn, values, fresh_since)
+                if shared is not None:
+                    return shared, True
+            waiting = conn.execute(
+                select(func.count()).select_from(tasks)
+                .where(tasks.c.status == TaskStatus.QUEUED.value, tasks.c.shard_count == 0)
+            ).scalar_one()
+            if waiting + max(len(shards), 1) > self._max_queued:
+                raise QueueFull(
+                    f"the scan queue is full ({self._max_queued} tasks waiting); "
+                    "try again later or cancel queued tasks"
+                )
+            conn.execute(insert(tasks), [values, *self._shard_rows(values, shards)])
+            self._notify(conn, f"queue:{values['pool']}")
+        return values | {"started_at": None, "finished_at": None, "error": None}, False
+
+    def _select_shareable(
+        self, conn: Connection, values: dict[str, Any], fresh_since: float | None
+    ) -> Row[Any] | None:
+        active = conn.execute(select(*_SUMMARY_COLUMNS).where(tasks.c.dedupe_key == values["dedupe_key"])).first()
+        if active is not None or fresh_since is None:
+            return active
+        return conn.execute(
+            select(*_SUMMARY_COLUMNS)
+            .where(tasks.c.owner == values["owner"], tasks.c.kind == values["kind"], tasks.c.argv == values["argv"],
+                   tasks.c.status == TaskStatus.COMPLETED.value, tasks.c.finished_at >= fresh_since,
+                   tasks.c.parent_id.is_(None))
+            .order_by(tasks.c.finished_at.desc())
+            .limit(1)
+        ).first()
+
+    @staticmethod
+    def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[str, Any]]:
+        return [
+            parent | {"id": str(uuid.uuid4()), "target": shard.target, "argv": json.dumps(shard.argv),
+                      "parent_id": parent["id"], "shard_count": 0, "dedupe_key": None,
+                      "created_at": parent["created_at"] + index * 1e-6}
+            for index, shard in enumerate(shards)
+        ]
+
+    def _read(self, task_id: str, owner: str, with_result: bool | None) -> TaskRecord:
+        """One task; `with_result` None: the result only once it has finished."""
+        with self._engine.connect() as conn:
+            columns = _RESULT_COLUMNS if with_result else _SUMMARY_COLUMNS
+            mine = (tasks.c.id == task_id) & (tasks.c.owner == owner) & tasks.c.parent_id.is_(None)
+            row = conn.execute(select(*columns).where(mine)).first()
+            if row is None:
+                raise TaskNotFound(f"no task {task_id!r}")
+            record = _record(row)
+            if with_result is None and record.status.finished:
+                stored = conn.execute(select(tasks.c.result).where(tasks.c.id == task_id)).scalar_one()
+                record = replace(record, result=ScanResult.model_validate_json(stored) if stored else None)
+            if record.shard_count and not record.status.finished:
+                record = replace(record, progress=self._shard_progress(conn, record))
+            return record
+
+    @staticmethod
+    def _shard_progress(conn: Connection, parent: TaskRecord) -> Progress:
+        rows = conn.execute(select(tasks.c.status, tasks.c.progress).where(tasks.c.parent_id == parent.id)).all()
+        percents = [
+            100.0 if TaskStatus(status).finished else (Progress.model_validate_json(p).percent if p else 0.0)
+            for status, p in rows
+        ]
+        done = sum(TaskStatus(status).finished for status, _ in rows)
+        return Progress(percent=round(sum(percents) / max(len(percents), 1), 1),
+                        phase=f"{done} of {len(rows)} shards finished")
+
+    def _partial_result(self, record: TaskRecord) -> ScanResult | None:
+        with self._engine.connect() as conn:
+            if record.shard_count:
+                shards = conn.execute(
+                    select(tasks.c.id, tasks.c.result).where(tasks.c.parent_id == record.id)
+                ).all()
+                parts = [ScanResult.model_validate_json(r) for _, r in shards if r]
+                ids = [task_id for task_id, r in shards if not r]
+            else:
+                parts, ids = [], [record.id]
+            rows = conn.execute(
+                select(task_hosts.c.data).where(task_hosts.c.task_id.in_(ids))
+                .order_by(task_hosts.c.task_id, task_hosts.c.seq)
+            ).scalars()
+            hosts = [HostDetail.model_validate_json(data) for data in rows]
+        if not record.shard_count:
+            return build_result(record.target, hosts, None, complete=False) if hosts else None
+        if hosts:
+            parts.append(build_result(record.target, hosts, None, complete=False))
+        if not parts:
+            return None
+        merged = merge_results(record.target, parts, (record.finished_at or time.time()) - record.created_at)
+        return merged.model_copy(update={"partial": True})
+
+    def _select_raw(self, task_id: str, owner: str) -> bytes | None:
+        mine = (tasks.c.id == task_id) & (tasks.c.owner == owner)
+        with self._engine.connect() as conn:
+            row = conn.execute(select(tasks.c.raw_xml, tasks.c.shard_count).where(mine)).first()
+            if row is None or not row.shard_count:
+                return None if row is None or row.raw_xml is None else zlib.decompress(row.raw_xml)
+            parts = conn.execute(
+                select(tasks.c.raw_xml).where(tasks.c.parent_id == task_id).order_by(tasks.c.created_at)
+            ).scalars()
+            reports = [zlib.decompress(part) for part in parts if part is not None]
+        return b"".join(reports) if reports else None
+
+    def _select_many(self, owner: str, status: TaskStatus | None, limit: int) -> list[Row[Any]]:
+        query = select(*_SUMMARY_COLUMNS).where(tasks.c.owner == owner, tasks.c.parent_id.is_(None))
+        if status is not None:
+            query = query.where(tasks.c.status == status.value)
+        query = query.order_by(tasks.c.created_at.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return list(conn.execute(query).all())
+
+    def _cancel(self, task_id: str, owner: str) -> tuple[TaskRecord, list[str]]:
+        now = time.time()
+        with self._writing() as conn:
+            mine = (tasks.c.id == task_id) & (tasks.c.owner == owner) & tasks.c.parent_id.is_(None)
+            row = conn.execute(select(*_SUMMARY_COLUMNS).where(mine)).first()
+            if row is None:
+                raise TaskNotFound(f"no task {task_id!r}")
+            record = _record(row)
+            if record.status.finished:
+                raise TaskAlreadyFinished(f"task {task_id} is already {record.status.value}")
+            cancelled = {"status": TaskStatus.CANCELLED.value, "finished_at": now, "error": "cancelled",
+                         "dedupe_key": None, "lease_expires_at": None}
+            active = tasks.c.status.in_(ACTIVE_STATUSES)
+            conn.execute(update(tasks).where((tasks.c.id == task_id) | (tasks.c.parent_id == task_id), active)
+                         .values(**cancelled))
+            shard_ids = self._shard_ids(conn, record)
+            self._notify(conn, task_id, *shard_ids)
+        return replace(record, status=TaskStatus.CANCELLED, finished_at=now, error="cancelled"), shard_ids
+
+    @staticmethod
+    def _shard_ids(conn: Connection, record: TaskRecord) -> list[str]:
+        if not record.shard_count:
+            return []
+        return list(conn.execute(select(tasks.c.id).where(tasks.c.parent_id == record.id)).scalars())
+
+    def _claim(self, worker_id: str, worker_name: str, pool: str) -> TaskRecord | None:
         now = time.time()
         oldest = (
             select(tasks.c.id)
-            .where(tasks.c.status == TaskStatus.QUEUED.value)
+            .where(tasks.c.status == TaskStatus.QUEUED.value, tasks.c.pool == pool, tasks.c.shard_count == 0)
             .order_by(tasks.c.created_at)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -374,147 +665,198 @@ class TaskManager:
         claim = (
             update(tasks)
             .where(tasks.c.id == oldest, tasks.c.status == TaskStatus.QUEUED.value)
-            .values(status=TaskStatus.RUNNING.value, started_at=now, worker_id=self.worker_id, heartbeat_at=now)
+            .values(status=TaskStatus.RUNNING.value, worker_id=worker_id, worker_name=worker_name,
+                    claimed_at=now, lease_expires_at=now + self.lease_seconds)
             .returning(*_SUMMARY_COLUMNS)
         )
-        with self._engine.begin() as conn:
+        with self._writing() as conn:
+            self._relaxed_commit(conn)
             row = conn.execute(claim).first()
-        return None if row is None else _record(row)
+            if row is None:
+                return None
+            record = _record(row)
+            if record.parent_id:
+                conn.execute(update(tasks).where(tasks.c.id == record.parent_id,
+                                                 tasks.c.status == TaskStatus.QUEUED.value)
+                             .values(status=TaskStatus.RUNNING.value, claimed_at=now))
+            self._notify(conn, *record.keys)
+        return record
 
-    def _mark_finished(self, task_id: str, outcome: ScanOutcome) -> bool:
-        values = {
-            "status": outcome.status.value,
-            "finished_at": time.time(),
-            "error": outcome.error,
+    def _mark_started(self, record: TaskRecord, worker_id: str) -> bool:
+        now = time.time()
+        with self._writing() as conn:
+            started = conn.execute(
+                update(tasks).where(tasks.c.id == record.id, tasks.c.worker_id == worker_id,
+                                    tasks.c.status == TaskStatus.RUNNING.value)
+                .values(started_at=now)
+            ).rowcount == 1
+            if started and record.parent_id:
+                conn.execute(update(tasks).where(tasks.c.id == record.parent_id, tasks.c.started_at.is_(None))
+                             .values(started_at=now))
+            self._notify(conn, *record.keys)
+        return started
+
+    def _release(self, task_id: str, worker_id: str) -> None:
+        with self._writing() as conn:
+            conn.execute(
+                update(tasks).where(tasks.c.id == task_id, tasks.c.worker_id == worker_id,
+                                    tasks.c.status == TaskStatus.RUNNING.value, tasks.c.started_at.is_(None))
+                .values(**_UNCLAIMED)
+            )
+
+    def _save_live(
+        self, task_id: str, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail]
+    ) -> None:
+        with self._writing() as conn:
+            ours = conn.execute(
+                update(tasks).where(tasks.c.id == task_id, tasks.c.worker_id == worker_id,
+                                    tasks.c.status == TaskStatus.RUNNING.value)
+                .values(progress=progress.model_dump_json() if progress else None)
+            ).rowcount == 1
+            if ours and hosts:
+                conn.execute(insert(task_hosts), [
+                    {"task_id": task_id, "seq": first_seq + i, "data": host.model_dump_json()}
+                    for i, host in enumerate(hosts)
+                ])
+            self._notify(conn, task_id)
+
+    def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
+        found = {
             "result": None if outcome.result is None else outcome.result.model_dump_json(),
-            "progress": None,
             "raw_xml": zlib.compress(outcome.raw_xml) if outcome.raw_xml else None,
         }
-        guarded = update(tasks).where(
-            tasks.c.id == task_id,
-            tasks.c.status == TaskStatus.RUNNING.value,
-            tasks.c.worker_id == self.worker_id,
-        )
-        with self._engine.begin() as conn:
-            return conn.execute(guarded.values(**values)).rowcount == 1
+        ours = (tasks.c.id == record.id) & (tasks.c.worker_id == worker_id)
+        with self._writing() as conn:
+            finished = conn.execute(
+                update(tasks).where(ours, tasks.c.status == TaskStatus.RUNNING.value)
+                .values(**found, status=outcome.status.value, finished_at=time.time(), error=outcome.error,
+                        progress=None, dedupe_key=None, lease_expires_at=None)
+            ).rowcount == 1
+            if not finished:
+                # Cancelled while it ran: keep what it found, not the verdict.
+                conn.execute(update(tasks).where(ours, tasks.c.status == TaskStatus.CANCELLED.value,
+                                                 tasks.c.result.is_(None)).values(**found))
+            if outcome.result is not None:
+                conn.execute(delete(task_hosts).where(task_hosts.c.task_id == record.id))
+            if record.parent_id:
+                self._settle_parent(conn, record.parent_id)
+            self._notify(conn, *record.keys)
+        return finished
 
-    def _mark_cancelled(self, task_id: str, owner: str) -> bool:
-        """Cancel a queued task here. A running task of this process is left to its runner,
-        which records `cancelled` with the hosts it had finished; one of another process is
-        marked here, and that process's heartbeat stops its nmap. False: not cancellable."""
-        with self._engine.begin() as conn:
-            queued = update(tasks).where(
-                tasks.c.id == task_id, tasks.c.owner == owner, tasks.c.status == TaskStatus.QUEUED.value
-            )
-            values = {"status": TaskStatus.CANCELLED.value, "finished_at": time.time(), "error": "cancelled"}
-            if conn.execute(queued.values(**values)).rowcount == 1:
-                return True
-            running = select(tasks.c.worker_id).where(
-                tasks.c.id == task_id, tasks.c.owner == owner, tasks.c.status == TaskStatus.RUNNING.value
-            )
-            worker = conn.execute(running).scalar_one_or_none()
-            if worker is None:
-                return False
-            if worker != self.worker_id:
-                return conn.execute(
-                    update(tasks).where(tasks.c.id == task_id, tasks.c.status == TaskStatus.RUNNING.value)
-                    .values(**values)
-                ).rowcount == 1
-            return True
+    def _settle_parent(self, conn: Connection, parent_id: str) -> None:
+        """Once every shard has finished, give the parent its merged result and verdict."""
+        # Locking the parent row serialises shards finishing at the same moment.
+        parent = _record(conn.execute(select(*_SUMMARY_COLUMNS).where(tasks.c.id == parent_id)
+                                      .with_for_update()).one())
+        shards = conn.execute(select(tasks.c.status, tasks.c.result, tasks.c.error)
+                              .where(tasks.c.parent_id == parent_id)).all()
+        statuses = [TaskStatus(s.status) for s in shards]
+        if not all(status.finished for status in statuses) or parent.status.finished:
+            return
+        parts = [ScanResult.model_validate_json(s.result) for s in shards if s.result]
+        now = time.time()
+        merged = merge_results(parent.target, parts, now - (parent.started_at or parent.created_at)) if parts else None
+        status = next((s for s in (TaskStatus.FAILED, TaskStatus.INTERRUPTED, TaskStatus.CANCELLED)
+                       if s in statuses), TaskStatus.COMPLETED)
+        errors = sorted({f"shard {i + 1}: {s.error}" for i, s in enumerate(shards) if s.error})
+        conn.execute(update(tasks).where(tasks.c.id == parent_id).values(
+            status=status.value, finished_at=now, error="; ".join(errors) or None, dedupe_key=None,
+            result=merged.model_dump_json() if merged else None,
+        ))
+        self._notify(conn, parent_id)
 
-    def _beat(self, progress: dict[str, Progress], running_ids: list[str]) -> list[str]:
-        """Refresh our heartbeat and our tasks' progress; return local task ids that are
-        no longer running in the database (cancelled through another process)."""
-        if not running_ids:
-            return []
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(tasks)
-                .where(tasks.c.worker_id == self.worker_id, tasks.c.status == TaskStatus.RUNNING.value)
-                .values(heartbeat_at=time.time())
-            )
-            for task_id, current in progress.items():
-                conn.execute(
-                    update(tasks)
-                    .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.RUNNING.value)
-                    .values(progress=current.model_dump_json())
-                )
-            still = conn.execute(
-                select(tasks.c.id).where(
-                    tasks.c.id.in_(running_ids), tasks.c.status == TaskStatus.RUNNING.value
-                )
-            ).scalars()
-            return sorted(set(running_ids) - set(still))
+    def _renew(self, worker: WorkerInfo, task_ids: list[str]) -> set[str]:
+        now = time.time()
+        with self._writing() as conn:
+            self._relaxed_commit(conn)
+            self._beat_worker_in(conn, worker, len(task_ids))
+            if not task_ids:
+                return set()
+            ours = (tasks.c.worker_id == worker.id) & (tasks.c.status == TaskStatus.RUNNING.value)
+            conn.execute(update(tasks).where(ours, tasks.c.id.in_(task_ids))
+                         .values(lease_expires_at=now + self.lease_seconds))
+            still = set(conn.execute(select(tasks.c.id).where(ours, tasks.c.id.in_(task_ids))).scalars())
+        return set(task_ids) - still
 
-    def _reap_orphans(self) -> int:
-        """Mark running tasks of dead workers interrupted: a stale heartbeat, or a worker
-        process on this host that no longer exists."""
-        with self._engine.begin() as conn:
-            candidates = conn.execute(
-                select(tasks.c.id, tasks.c.worker_id, tasks.c.heartbeat_at).where(
-                    tasks.c.status == TaskStatus.RUNNING.value, tasks.c.worker_id != self.worker_id
-                )
+    def _still_ours(self, task_id: str, worker_id: str) -> bool:
+        ours = (tasks.c.id == task_id) & (tasks.c.worker_id == worker_id) & (tasks.c.status == TaskStatus.RUNNING.value)
+        with self._engine.connect() as conn:
+            return conn.execute(select(tasks.c.id).where(ours)).first() is not None
+
+    def _resolve_expired(self) -> tuple[list[str], list[str]]:
+        now = time.time()
+        expired = (tasks.c.status == TaskStatus.RUNNING.value) & (
+            tasks.c.lease_expires_at.is_(None) | (tasks.c.lease_expires_at < now)
+        ) & (tasks.c.shard_count == 0)
+        with self._writing() as conn:
+            requeued = conn.execute(
+                update(tasks).where(expired, tasks.c.started_at.is_(None)).values(**_UNCLAIMED)
+                .returning(tasks.c.id, tasks.c.pool)
             ).all()
-            dead = [row.id for row in candidates if _worker_is_dead(row.worker_id, row.heartbeat_at)]
-            if not dead:
-                return 0
-            values = {
-                "status": TaskStatus.INTERRUPTED.value,
-                "finished_at": time.time(),
-                "error": "the server process running this scan stopped before it finished; submit it again",
-            }
-            guarded = update(tasks).where(tasks.c.id.in_(dead), tasks.c.status == TaskStatus.RUNNING.value)
-            return conn.execute(guarded.values(**values)).rowcount
+            interrupted = conn.execute(
+                update(tasks).where(expired, tasks.c.started_at.is_not(None))
+                .values(status=TaskStatus.INTERRUPTED.value, finished_at=now, error=_INTERRUPTED,
+                        dedupe_key=None, lease_expires_at=None)
+                .returning(tasks.c.id, tasks.c.parent_id)
+            ).all()
+            for parent_id in sorted({row.parent_id for row in interrupted if row.parent_id}):
+                self._settle_parent(conn, parent_id)
+            self._notify(conn, *(row.id for row in interrupted), *(f"queue:{row.pool}" for row in requeued))
+            conn.execute(delete(workers).where(workers.c.heartbeat_at < now - 10 * self.lease_seconds))
+        if interrupted:
+            logger.warning("%d task(s) whose worker stopped mid-scan marked interrupted", len(interrupted))
+        return [row.id for row in requeued], [row.id for row in interrupted]
 
-    def _select_raw(self, task_id: str, owner: str) -> bytes | None:
-        query = select(tasks.c.raw_xml).where(tasks.c.id == task_id, tasks.c.owner == owner)
+    def _beat_worker(self, worker: WorkerInfo, running: int) -> None:
+        with self._writing() as conn:
+            self._beat_worker_in(conn, worker, running)
+
+    @staticmethod
+    def _beat_worker_in(conn: Connection, worker: WorkerInfo, running: int) -> None:
+        """Refresh the worker's row, or (first beat, or pruned while unreachable) insert it."""
+        now = time.time()
+        beat = conn.execute(update(workers).where(workers.c.id == worker.id)
+                            .values(heartbeat_at=now, running=running)).rowcount
+        if not beat:
+            conn.execute(insert(workers).values(id=worker.id, name=worker.name, pool=worker.pool,
+                                                capacity=worker.capacity, running=running, started_at=now,
+                                                heartbeat_at=now))
+
+    def _delete_worker(self, worker_id: str) -> None:
+        with self._writing() as conn:
+            conn.execute(delete(workers).where(workers.c.id == worker_id))
+
+    def _select_pools(self, stale_after: float) -> list[PoolStatus]:
+        now = time.time()
         with self._engine.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
-
-    def _select_recent(self, owner: str, kind: ScanKind, target: str, since: float) -> Row[Any] | None:
-        active = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
-        query = (
-            select(*_SUMMARY_COLUMNS)
-            .where(tasks.c.owner == owner, tasks.c.kind == kind.value, tasks.c.target == target)
-            .where(
-                tasks.c.status.in_(active)
-                | ((tasks.c.status == TaskStatus.COMPLETED.value) & (tasks.c.finished_at >= since))
-            )
-            .order_by(tasks.c.created_at.desc())
-            .limit(1)
-        )
-        with self._engine.connect() as conn:
-            return conn.execute(query).first()
-
-    def _select_one(self, task_id: str, owner: str, with_result: bool) -> Row[Any] | None:
-        columns = _RESULT_COLUMNS if with_result else _SUMMARY_COLUMNS
-        query = select(*columns).where(tasks.c.id == task_id, tasks.c.owner == owner)
-        with self._engine.connect() as conn:
-            return conn.execute(query).first()
-
-    def _select_many(self, owner: str, status: TaskStatus | None, limit: int) -> list[Row[Any]]:
-        query = select(*_SUMMARY_COLUMNS).where(tasks.c.owner == owner)
-        if status is not None:
-            query = query.where(tasks.c.status == status.value)
-        query = query.order_by(tasks.c.created_at.desc()).limit(limit)
-        with self._engine.connect() as conn:
-            return list(conn.execute(query).all())
+            queued = dict(conn.execute(
+                select(tasks.c.pool, func.count()).where(tasks.c.status == TaskStatus.QUEUED.value,
+                                                         tasks.c.shard_count == 0).group_by(tasks.c.pool)
+            ).all())
+            rows = conn.execute(select(workers).order_by(workers.c.pool, workers.c.name)).all()
+        by_pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            by_pool[row.pool].append({
+                "name": row.name, "capacity": row.capacity, "running": row.running,
+                "heartbeat_at": row.heartbeat_at, "alive": now - row.heartbeat_at <= stale_after,
+            })
+        return [PoolStatus(pool, queued.get(pool, 0), by_pool.get(pool, [])) for pool in sorted({*queued, *by_pool})]
 
 
-def _worker_is_dead(worker_id: str | None, heartbeat_at: float | None) -> bool:
-    if heartbeat_at is None or time.time() - heartbeat_at > STALE_AFTER_SECONDS:
-        return True
-    host, _, rest = (worker_id or "").partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+_UNCLAIMED = {"status": TaskStatus.QUEUED.value, "worker_id": None, "worker_name": None,
+              "claimed_at": None, "lease_expires_at": None}
+
+
+async def _first_of(changed: asyncio.Event, stop: asyncio.Event | None, timeout: float) -> None:
+    """Return when `changed` or `stop` is set, or after `timeout` s."""
+    waits = [asyncio.ensure_future(changed.wait())]
+    if stop is not None:
+        waits.append(asyncio.ensure_future(stop.wait()))
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
 
 
 def _record(row: Row[Any] | Mapping[str, Any]) -> TaskRecord:
@@ -529,9 +871,13 @@ def _record(row: Row[Any] | Mapping[str, Any]) -> TaskRecord:
         status=TaskStatus(data["status"]),
         time_limit=data["time_limit"],
         created_at=data["created_at"],
-        started_at=data["started_at"],
-        finished_at=data["finished_at"],
-        error=data["error"],
+        started_at=data.get("started_at"),
+        finished_at=data.get("finished_at"),
+        error=data.get("error"),
+        pool=data.get("pool") or "default",
+        worker_name=data.get("worker_name"),
+        parent_id=data.get("parent_id"),
+        shard_count=data.get("shard_count") or 0,
         progress=Progress.model_validate_json(progress) if progress else None,
         result=ScanResult.model_validate_json(result) if result else None,
     )

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
 
@@ -26,8 +27,60 @@ from models import (
     TaskAnswer,
 )
 
+if TYPE_CHECKING:
+    from task_manager import TaskRecord
+
 Answer = TypeVar("Answer", bound=BaseModel)
 CSV_FIELDS = ("address", "hostname", "port", "protocol", "state", "service", "product", "version", "extrainfo")
+POLL_HINT = (
+    "The scan continues in the background. Call get_task_result with task_id '{id}' "
+    "to fetch the result, or the hosts finished so far (get_task_status shows progress)."
+)
+
+
+def answer(record: TaskRecord) -> TaskAnswer:
+    """A task's state without its result; unfinished tasks say how to poll."""
+    message = None
+    if not record.status.finished:
+        done = f" ({record.progress.phase}, {record.progress.percent:.0f}%)" if record.progress else ""
+        message = f"Scan {record.status.value}{done}. " + POLL_HINT.format(id=record.id)
+    return TaskAnswer(
+        status=record.status,
+        task_id=record.id,
+        kind=record.kind,
+        target=record.target,
+        pool=record.pool,
+        worker=record.worker_name,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        message=message,
+        error=record.error,
+        progress=record.progress,
+    )
+
+
+def with_message(shown: TaskAnswer, note: str) -> TaskAnswer:
+    """The answer with `note` put before whatever message it already had."""
+    return shown.model_copy(update={"message": f"{note} {shown.message}" if shown.message else note})
+
+
+def reuse_note(reused: TaskRecord) -> str:
+    """Why the caller got an existing task instead of a new scan."""
+    if reused.status.finished:
+        age = time.time() - (reused.finished_at or reused.created_at)
+        return f"This is the result of the same scan {age:.0f} s ago; pass rescan=true to scan again."
+    return "The same scan was already under way; this is its task. Pass rescan=true to start another."
+
+
+def more_hint(shown: TaskAnswer) -> TaskAnswer:
+    """Say in words how to fetch the rest of a paged result."""
+    if shown.page is None or shown.page.next_offset is None:
+        return shown
+    rest = (f"This answer holds {shown.page.unit} {shown.page.offset}-{shown.page.offset + shown.page.returned - 1}"
+            f" of {shown.page.total}; call get_task_result with task_id '{shown.task_id}', format "
+            f"'{shown.format}' and offset {shown.page.next_offset} for more.")
+    return shown.model_copy(update={"message": f"{shown.message} {rest}" if shown.message else rest})
 
 
 def with_requested_names(result: ScanResult, argv: list[str], target: str) -> ScanResult:

@@ -74,7 +74,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS tasks"))
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return url
 

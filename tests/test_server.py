@@ -149,7 +149,7 @@ async def test_kill_9_then_restart_resolves_the_task_and_frees_capacity(
     live_server: StartServer, nmap_wrapper: NmapWrapper
 ) -> None:
     nmap_wrapper.set_delay(60)
-    server = live_server(max_concurrent_tasks=1)
+    server = live_server(max_concurrent_tasks=1, lease_seconds=2)
     started = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 5})).structured_content
     assert started["status"] == "running"
     [pid] = nmap_wrapper.alive()
@@ -157,10 +157,11 @@ async def test_kill_9_then_restart_resolves_the_task_and_frees_capacity(
     assert wait_until(lambda: nmap_wrapper.alive() == [], 5), "nmap outlived the server"
     nmap_wrapper.set_delay(0)
     server.start()
-    status = (await call_tool(server.url, ALICE, "get_task_status", {"task_id": started["task_id"]})).structured_content
-    assert status["status"] == "interrupted" and "submit it again" in status["error"]
-    fresh = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 20})).structured_content
-    assert fresh["status"] == "completed"
+    fresh = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 20, "rescan": True})
+             ).structured_content
+    assert fresh["status"] == "completed", "the dead worker's task must not hold the new worker's capacity"
+    final = await poll_until_finished(server.url, ALICE, started["task_id"], timeout=10)
+    assert final["status"] == "interrupted" and "submit it again" in final["error"]
     assert len(nmap_wrapper.pids()) == 2 and pid in nmap_wrapper.pids()
 
 

@@ -1,95 +1,123 @@
-"""task_manager.py on real SQLite and real PostgreSQL, running real nmap on loopback."""
+"""task_manager.py and worker.py on real SQLite and real PostgreSQL, running real nmap on loopback.
+
+A "node" here is what one process of the service holds: a store (its own engine) and,
+unless it serves the API only, a worker. Two nodes on one database behave like two processes
+for everything that goes through the database.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
-from models import ScanKind, TaskStatus, tasks
+from models import ScanKind, TaskStatus, task_hosts, tasks
 from scanner import ScanOutcome, build_argv
 from task_manager import (
     QueueFull,
     TaskAlreadyFinished,
     TaskManager,
     TaskNotFound,
+    TaskRecord,
     create_db_engine,
+    upgrade_schema,
 )
 from tests.support import Listeners, NmapWrapper, process_alive
+from worker import Worker, resolve_expired_forever
 
 pytestmark = pytest.mark.anyio
-MakeManager = Callable[..., Awaitable[TaskManager]]
+
+
+@dataclass
+class Node:
+    store: TaskManager
+    worker: Worker | None
+    reaper: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        self.reaper.cancel()
+        await asyncio.gather(self.reaper, return_exceptions=True)
+        await self.store.stop()
+
+
+MakeNode = Callable[..., Awaitable[Node]]
 
 
 @pytest.fixture
-async def make_manager(database_url: str) -> AsyncIterator[MakeManager]:
-    managers: list[TaskManager] = []
+async def make_node(database_url: str) -> AsyncIterator[MakeNode]:
+    nodes: list[Node] = []
 
-    async def make(max_concurrent: int = 4, max_queued: int = 50, grace: float = 0.5) -> TaskManager:
-        manager = TaskManager(
-            create_db_engine(database_url), max_concurrent=max_concurrent, max_queued=max_queued,
-            shutdown_grace=grace,
-        )
-        await manager.start()
-        managers.append(manager)
-        return manager
+    async def make(capacity: int = 4, max_queued: int = 50, grace: float = 0.5, lease: float = 30.0,
+                   pool: str = "default", worker: bool = True) -> Node:
+        store = TaskManager(create_db_engine(database_url), max_queued=max_queued, lease_seconds=lease)
+        await store.start()
+        scan_worker = Worker(store, name=f"w{len(nodes)}", pool=pool, capacity=capacity, grace_seconds=grace)
+        if worker:
+            await scan_worker.start()
+        reaper = asyncio.create_task(resolve_expired_forever(store, max(lease / 4, 0.2)))
+        node = Node(store, scan_worker if worker else None, reaper)
+        nodes.append(node)
+        return node
 
     yield make
-    for manager in managers:
-        await manager.stop()
+    for node in nodes:
+        await node.stop()
 
 
 def argv_for(nmap: NmapWrapper, port: int, target: str = "127.0.0.1") -> list[str]:
     return build_argv(str(nmap.path), ["-sT", "-p", str(port)], [target], ipv6=False, privileged=False)
 
 
-async def submit(manager: TaskManager, nmap: NmapWrapper, port: int, owner: str = "alice", limit: int = 120):
-    return await manager.submit(owner, ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap, port), limit)
+async def submit(store: TaskManager, nmap: NmapWrapper, port: int, owner: str = "alice", limit: int = 120,
+                 **options: object) -> TaskRecord:
+    record, _ = await store.submit(owner, ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap, port), limit, **options)
+    return record
 
 
-async def test_scan_completes_within_the_wait(make_manager: MakeManager, nmap_wrapper: NmapWrapper,
+async def test_scan_completes_within_the_wait(make_node: MakeNode, nmap_wrapper: NmapWrapper,
                                               listeners: Listeners) -> None:
     [port] = listeners.open_free_top_ports(1)
-    manager = await make_manager()
-    record = await submit(manager, nmap_wrapper, port)
+    node = await make_node()
+    record = await submit(node.store, nmap_wrapper, port)
     assert record.status is TaskStatus.QUEUED
-    done = await manager.wait(record.id, "alice", timeout=30)
+    done = await node.store.wait(record.id, "alice", timeout=30)
     assert done.status is TaskStatus.COMPLETED and done.result is not None
     assert [(p.port, p.state) for p in done.result.hosts[0].ports] == [(port, "open")]
     assert done.started_at is not None and done.finished_at is not None
+    assert done.worker_name == "w0" and done.pool == "default"
 
 
 async def test_a_scan_longer_than_the_wait_runs_once_in_the_background(
-    make_manager: MakeManager, nmap_wrapper: NmapWrapper, listeners: Listeners
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
 ) -> None:
     [port] = listeners.open_free_top_ports(1)
     nmap_wrapper.set_delay(2)
-    manager = await make_manager()
-    record = await submit(manager, nmap_wrapper, port)
-    early = await manager.wait(record.id, "alice", timeout=0.5)
+    node = await make_node()
+    record = await submit(node.store, nmap_wrapper, port)
+    early = await node.store.wait(record.id, "alice", timeout=0.5)
     assert early.status is TaskStatus.RUNNING and early.result is None
-    final = await manager.wait(record.id, "alice", timeout=30)
+    final = await node.store.wait(record.id, "alice", timeout=30)
     assert final.status is TaskStatus.COMPLETED
     assert final.result is not None and final.result.hosts[0].ports[0].port == port
     assert len(nmap_wrapper.pids()) == 1
 
 
 async def test_concurrency_is_bounded_and_every_task_runs_once(
-    make_manager: MakeManager, nmap_wrapper: NmapWrapper, listeners: Listeners
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
 ) -> None:
     [port] = listeners.open_free_top_ports(1)
     nmap_wrapper.set_delay(0.6)
-    manager = await make_manager(max_concurrent=2)
-    records = [await submit(manager, nmap_wrapper, port) for _ in range(6)]
+    node = await make_node(capacity=2)
+    records = [await submit(node.store, nmap_wrapper, port) for _ in range(6)]
     peak = 0
-    waits = asyncio.gather(*(manager.wait(r.id, "alice", timeout=60) for r in records))
+    waits = asyncio.gather(*(node.store.wait(r.id, "alice", timeout=60) for r in records))
     while not waits.done():
         peak = max(peak, len(nmap_wrapper.alive()))
         await asyncio.sleep(0.01)
@@ -99,139 +127,237 @@ async def test_concurrency_is_bounded_and_every_task_runs_once(
     assert len(nmap_wrapper.pids()) == 6
 
 
-async def test_a_full_queue_refuses_with_a_clear_error(make_manager: MakeManager, nmap_wrapper: NmapWrapper) -> None:
+async def test_a_full_queue_refuses_with_a_clear_error(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
     nmap_wrapper.set_delay(30)
-    manager = await make_manager(max_concurrent=1, max_queued=2)
-    first = await submit(manager, nmap_wrapper, 1)
-    assert (await manager.wait(first.id, "alice", timeout=0.3)).status is TaskStatus.RUNNING
-    queued = [await submit(manager, nmap_wrapper, 1) for _ in range(2)]
+    node = await make_node(capacity=1, max_queued=2)
+    first = await submit(node.store, nmap_wrapper, 1)
+    assert (await node.store.wait(first.id, "alice", timeout=0.5)).status is TaskStatus.RUNNING
+    queued = [await submit(node.store, nmap_wrapper, 1) for _ in range(2)]
     with pytest.raises(QueueFull, match="queue is full"):
-        await submit(manager, nmap_wrapper, 1)
+        await submit(node.store, nmap_wrapper, 1)
     for record in [first, *queued]:
-        await manager.cancel(record.id, "alice")
+        await node.store.cancel(record.id, "alice")
     assert len(nmap_wrapper.pids()) == 1
 
 
-async def test_cancel_kills_nmap_and_records_cancelled(make_manager: MakeManager, nmap_wrapper: NmapWrapper) -> None:
+async def test_cancel_kills_nmap_and_records_cancelled(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
     nmap_wrapper.set_delay(30)
-    manager = await make_manager(max_concurrent=1)
-    running = await submit(manager, nmap_wrapper, 1)
-    queued = await submit(manager, nmap_wrapper, 1)
-    assert (await manager.wait(running.id, "alice", timeout=0.3)).status is TaskStatus.RUNNING
+    node = await make_node(capacity=1)
+    assert node.worker is not None
+    running = await submit(node.store, nmap_wrapper, 1)
+    queued = await submit(node.store, nmap_wrapper, 1)
+    assert (await node.store.wait(running.id, "alice", timeout=0.5)).status is TaskStatus.RUNNING
+    assert await wait_for(lambda: len(nmap_wrapper.pids()) == 1)
     [pid] = nmap_wrapper.pids()
-    assert (await manager.cancel(running.id, "alice")).status is TaskStatus.CANCELLED
+    assert (await node.store.cancel(running.id, "alice")).status is TaskStatus.CANCELLED
+    await node.worker.wait_stopped(running.id, 5)
     assert not process_alive(pid)
-    assert (await manager.cancel(queued.id, "alice")).status is TaskStatus.CANCELLED
+    assert (await node.store.cancel(queued.id, "alice")).status is TaskStatus.CANCELLED
     assert nmap_wrapper.pids() == [pid]
     with pytest.raises(TaskAlreadyFinished, match="already cancelled"):
-        await manager.cancel(queued.id, "alice")
+        await node.store.cancel(queued.id, "alice")
 
 
-async def test_owners_cannot_see_each_others_tasks(make_manager: MakeManager, nmap_wrapper: NmapWrapper) -> None:
-    manager = await make_manager()
-    record = await submit(manager, nmap_wrapper, 1, owner="alice")
-    for call in (manager.get(record.id, "bob"), manager.cancel(record.id, "bob"), manager.wait(record.id, "bob", 1)):
+async def wait_for(condition: Callable[[], bool], timeout: float = 5) -> bool:
+    """Poll `condition` while the event loop (and the worker on it) keeps running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+async def test_owners_cannot_see_each_others_tasks(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
+    node = await make_node(worker=False)
+    record = await submit(node.store, nmap_wrapper, 1, owner="alice")
+    store = node.store
+    for call in (store.get(record.id, "bob"), store.cancel(record.id, "bob"), store.wait(record.id, "bob", 1)):
         with pytest.raises(TaskNotFound):
             await call
-    assert await manager.list("bob", None, 10) == []
-    assert [r.id for r in await manager.list("alice", None, 10)] == [record.id]
+    assert await store.list("bob", None, 10) == []
+    assert [r.id for r in await store.list("alice", None, 10)] == [record.id]
 
 
-async def test_list_filters_by_status_newest_first(make_manager: MakeManager, nmap_wrapper: NmapWrapper) -> None:
-    manager = await make_manager()
-    first = await submit(manager, nmap_wrapper, 1)
-    second = await submit(manager, nmap_wrapper, 1)
-    await manager.wait(first.id, "alice", 30)
-    await manager.wait(second.id, "alice", 30)
-    assert [r.id for r in await manager.list("alice", TaskStatus.COMPLETED, 10)] == [second.id, first.id]
-    assert await manager.list("alice", TaskStatus.RUNNING, 10) == []
+async def test_list_filters_by_status_newest_first(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
+    node = await make_node()
+    first = await submit(node.store, nmap_wrapper, 1)
+    second = await submit(node.store, nmap_wrapper, 1)
+    await node.store.wait(first.id, "alice", 30)
+    await node.store.wait(second.id, "alice", 30)
+    assert [r.id for r in await node.store.list("alice", TaskStatus.COMPLETED, 10)] == [second.id, first.id]
+    assert await node.store.list("alice", TaskStatus.RUNNING, 10) == []
 
 
-def dead_pid() -> int:
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(finished.stdout)
-
-
-async def test_start_resolves_what_a_dead_process_left_behind(
-    database_url: str, make_manager: MakeManager, nmap_wrapper: NmapWrapper, listeners: Listeners
+async def test_expired_leases_are_resolved_by_any_process(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
 ) -> None:
+    """A task claimed by a worker that died before nmap started is queued again (it never
+    touched the network); one whose nmap had started is interrupted; a live lease is kept."""
     [port] = listeners.open_free_top_ports(1)
     engine = create_db_engine(database_url)
-    from models import metadata
-
-    metadata.create_all(engine)
+    upgrade_schema(engine)
     now = time.time()
-    base = {"owner": "alice", "kind": "custom", "target": "127.0.0.1", "time_limit": 60, "created_at": now}
+    base = {"owner": "alice", "kind": "custom", "target": "127.0.0.1", "time_limit": 60, "created_at": now,
+            "argv": json.dumps(argv_for(nmap_wrapper, port)), "status": "running", "worker_id": "gone"}
     rows = [
-        base | {"id": "dead-local", "status": "running", "argv": "[]",
-                "worker_id": f"{socket.gethostname()}:{dead_pid()}:x", "heartbeat_at": now},
-        base | {"id": "stale-remote", "status": "running", "argv": "[]",
-                "worker_id": "other-host:1:x", "heartbeat_at": now - 3600},
-        base | {"id": "live-remote", "status": "running", "argv": "[]",
-                "worker_id": "other-host:2:x", "heartbeat_at": now},
-        base | {"id": "left-queued", "status": "queued", "argv": json.dumps(argv_for(nmap_wrapper, port)),
-                "worker_id": None, "heartbeat_at": None},
+        base | {"id": "claimed-never-started", "claimed_at": now - 60, "started_at": None, "lease_expires_at": now - 30},
+        base | {"id": "started-then-died", "claimed_at": now - 50, "started_at": now - 50, "lease_expires_at": now - 1},
+        base | {"id": "alive-elsewhere", "claimed_at": now, "started_at": now, "lease_expires_at": now + 3600},
     ]
     with engine.begin() as conn:
         conn.execute(insert(tasks), rows)
     engine.dispose()
-    manager = await make_manager(max_concurrent=1)
-    for task_id in ("dead-local", "stale-remote"):
-        record = await manager.get(task_id, "alice")
-        assert record.status is TaskStatus.INTERRUPTED and "stopped before it finished" in (record.error or "")
-    assert (await manager.get("live-remote", "alice")).status is TaskStatus.RUNNING
-    requeued = await manager.wait("left-queued", "alice", timeout=30)
-    assert requeued.status is TaskStatus.COMPLETED
+    node = await make_node(capacity=1, lease=2)
+    requeued = await node.store.wait("claimed-never-started", "alice", timeout=30)
+    assert requeued.status is TaskStatus.COMPLETED and requeued.worker_name == "w0"
     assert requeued.result is not None and requeued.result.hosts[0].ports[0].port == port
+    died = await node.store.get("started-then-died", "alice")
+    assert died.status is TaskStatus.INTERRUPTED and "submit it again" in (died.error or "")
+    assert (await node.store.get("alive-elsewhere", "alice")).status is TaskStatus.RUNNING
+    assert len(nmap_wrapper.pids()) == 1
 
 
-async def test_shutdown_interrupts_scans_past_the_grace_period(make_manager: MakeManager,
-                                                               nmap_wrapper: NmapWrapper) -> None:
+async def test_shutdown_interrupts_scans_past_the_grace_period_and_keeps_the_queue(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
     nmap_wrapper.set_delay(30)
-    manager = await make_manager(grace=0.2)
-    record = await submit(manager, nmap_wrapper, 1)
-    await manager.wait(record.id, "alice", timeout=0.3)
+    node = await make_node(capacity=1, grace=0.2)
+    record = await submit(node.store, nmap_wrapper, 1)
+    waiting = await submit(node.store, nmap_wrapper, 1)
+    await node.store.wait(record.id, "alice", timeout=0.5)
+    assert await wait_for(lambda: len(nmap_wrapper.pids()) == 1)
     [pid] = nmap_wrapper.pids()
-    await manager.stop()
+    assert node.worker is not None
+    await node.worker.stop()
     assert not process_alive(pid)
-    reopened = await make_manager()
-    final = await reopened.get(record.id, "alice")
+    final = await node.store.get(record.id, "alice")
     assert final.status is TaskStatus.INTERRUPTED and "shut down" in (final.error or "")
+    assert (await node.store.get(waiting.id, "alice")).status is TaskStatus.QUEUED
 
 
-async def test_time_limit_stops_the_scan_and_fails_the_task(make_manager: MakeManager,
+async def test_time_limit_stops_the_scan_and_fails_the_task(make_node: MakeNode,
                                                             nmap_wrapper: NmapWrapper) -> None:
     nmap_wrapper.set_delay(30)
-    manager = await make_manager()
-    record = await submit(manager, nmap_wrapper, 1, limit=1)
-    final = await manager.wait(record.id, "alice", timeout=30)
+    node = await make_node()
+    record = await submit(node.store, nmap_wrapper, 1, limit=1)
+    final = await node.store.wait(record.id, "alice", timeout=30)
     assert final.status is TaskStatus.FAILED and "time limit of 1 s" in (final.error or "")
     assert not nmap_wrapper.alive()
 
 
-async def test_finishing_is_a_guarded_transition(make_manager: MakeManager, nmap_wrapper: NmapWrapper,
-                                                 database_url: str) -> None:
+async def test_finishing_is_a_guarded_transition(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
     nmap_wrapper.set_delay(30)
-    manager = await make_manager()
-    record = await submit(manager, nmap_wrapper, 1)
-    await manager.wait(record.id, "alice", timeout=0.3)
-    await manager.cancel(record.id, "alice")
+    node = await make_node()
+    assert node.worker is not None
+    record = await submit(node.store, nmap_wrapper, 1)
+    claimed = await node.store.wait(record.id, "alice", timeout=0.5)
+    await node.store.cancel(record.id, "alice")
     late = ScanOutcome(TaskStatus.COMPLETED, None, None, b"")
-    assert manager._mark_finished(record.id, late) is False
-    engine = create_db_engine(database_url)
-    with engine.connect() as conn:
-        status = conn.execute(select(tasks.c.status).where(tasks.c.id == record.id)).scalar_one()
-    engine.dispose()
-    assert status == TaskStatus.CANCELLED.value
+    assert await node.store.finish(claimed, node.worker.info.id, late) is False
+    assert (await node.store.get(record.id, "alice")).status is TaskStatus.CANCELLED
 
 
-async def test_time_limit_keeps_the_hosts_finished_so_far(make_manager: MakeManager, nmap_wrapper: NmapWrapper) -> None:
-    manager = await make_manager()
+async def test_time_limit_keeps_the_hosts_finished_so_far(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
+    node = await make_node()
     argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-100", "--scan-delay", "10ms", "--max-hostgroup", "1"],
                       ["127.0.0.1-8"], ipv6=False, privileged=False)
-    record = await manager.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)
-    final = await manager.wait(record.id, "alice", timeout=30)
+    record, _ = await node.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)
+    final = await node.store.wait(record.id, "alice", timeout=30)
     assert final.status is TaskStatus.FAILED and "time limit of 3 s" in (final.error or "")
     assert final.result is not None and final.result.partial
     assert 1 <= len(final.result.hosts) < 8 and final.result.hosts[0].address == "127.0.0.1"
-    assert (await manager.raw_xml(record.id, "alice") or b"").startswith(b"<?xml")
+    assert (await node.store.raw_xml(record.id, "alice") or b"").startswith(b"<?xml")
+
+
+async def test_progress_and_finished_hosts_are_readable_from_another_process(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    """What a scan has found so far lives in the database, not in the worker's memory."""
+    runner = await make_node()
+    reader = await make_node(worker=False)
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-200", "--scan-delay", "10ms", "--max-hostgroup", "1"],
+                      ["127.0.0.1-8"], ipv6=False, privileged=False)
+    record, _ = await reader.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 120)
+    deadline = time.monotonic() + 30
+    partial = None
+    while time.monotonic() < deadline:
+        seen = await reader.store.get(record.id, "alice")
+        partial = await reader.store.result_so_far(seen)
+        if partial is not None and partial.hosts and seen.progress is not None:
+            break
+        await asyncio.sleep(0.2)
+    assert partial is not None and partial.partial and seen.status is TaskStatus.RUNNING
+    assert seen.progress is not None and seen.progress.percent >= 0
+    await reader.store.cancel(record.id, "alice")
+    assert runner.worker is not None
+    await runner.worker.wait_stopped(record.id, 5)
+    stopped = await reader.store.get(record.id, "alice", with_result=True)
+    kept = await reader.store.result_so_far(stopped)
+    assert stopped.status is TaskStatus.CANCELLED and kept is not None and kept.partial
+    assert [h.address for h in kept.hosts][: len(partial.hosts)] == [h.address for h in partial.hosts]
+
+
+async def test_a_wait_is_woken_by_a_change_made_in_another_process(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
+) -> None:
+    [port] = listeners.open_free_top_ports(1)
+    runner = await make_node()
+    waiter = await make_node(worker=False)
+    record = await submit(waiter.store, nmap_wrapper, port)
+    started = time.monotonic()
+    final = await waiter.store.wait(record.id, "alice", timeout=30)
+    assert final.status is TaskStatus.COMPLETED
+    # The scan itself takes well under a second; the wake-up comes from the feed, not a timeout.
+    assert time.monotonic() - started < 5
+    assert runner.worker is not None and final.worker_name == runner.worker.info.name
+
+
+async def test_identical_shared_submissions_get_one_task_across_processes(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    nmap_wrapper.set_delay(2)
+    first = await make_node(worker=False)
+    second = await make_node(worker=False)
+    argv = argv_for(nmap_wrapper, 1)
+    results = await asyncio.gather(*(
+        node.store.submit("alice", ScanKind.QUICK, "127.0.0.1", argv, 60, share=True)
+        for node in (first, second, first, second)
+    ))
+    assert len({record.id for record, _ in results}) == 1
+    assert sorted(reused for _, reused in results) == [False, True, True, True]
+    other, reused = await first.store.submit("bob", ScanKind.QUICK, "127.0.0.1", argv, 60, share=True)
+    assert not reused and other.id != results[0][0].id
+
+
+async def test_a_completed_task_clears_its_live_rows(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    node = await make_node()
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-50", "--scan-delay", "10ms", "--max-hostgroup", "1"],
+                      ["127.0.0.1-3"], ipv6=False, privileged=False)
+    record, _ = await node.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-3", argv, 120)
+    final = await node.store.wait(record.id, "alice", timeout=60)
+    assert final.status is TaskStatus.COMPLETED and final.result is not None and len(final.result.hosts) == 3
+    engine = create_db_engine(database_url)
+    with engine.connect() as conn:
+        left = conn.execute(select(task_hosts).where(task_hosts.c.task_id == record.id)).all()
+        dedupe = conn.execute(select(tasks.c.dedupe_key).where(tasks.c.id == record.id)).scalar_one()
+    engine.dispose()
+    assert left == [] and dedupe is None
+
+
+async def test_a_task_whose_lease_a_live_worker_lost_is_never_left_running(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    """Another process resolved the task (its lease had expired): the worker stops its nmap."""
+    nmap_wrapper.set_delay(30)
+    node = await make_node(lease=3)
+    record = await submit(node.store, nmap_wrapper, 1)
+    assert (await node.store.wait(record.id, "alice", timeout=1)).status is TaskStatus.RUNNING
+    assert await wait_for(lambda: len(nmap_wrapper.alive()) == 1)
+    engine = create_db_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == record.id).values(lease_expires_at=time.time() - 1))
+    engine.dispose()
+    final = await node.store.wait(record.id, "alice", timeout=10)
+    assert final.status is TaskStatus.INTERRUPTED
+    assert await wait_for(lambda: nmap_wrapper.alive() == [], 5)

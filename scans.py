@@ -1,0 +1,189 @@
+"""The scan use case, without MCP: validate, resolve, build argv, submit or reuse, wait, present.
+
+Every front door (the MCP tools over HTTP or stdio, schedules, a dashboard) calls
+`ScanService`. It raises the exceptions of the modules it uses (TargetError, CommandError,
+QueueFull, TaskNotFound, DatabaseUnavailable, ...); each front door turns them into its own
+errors. Nothing here needs a FastMCP context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import audit
+from config import Settings
+from models import Progress, ScanDiff, ScanKind, TaskAnswer, TaskList, TaskStatus
+from nmap_options import parse_command
+from policy import Policy
+from scanner import build_argv, scan_options
+from targets import resolve_targets
+from task_manager import DatabaseUnavailable, TaskManager, TaskRecord
+from views import (
+    answer,
+    capped_diff,
+    csv_page,
+    diff_results,
+    json_page,
+    more_hint,
+    reuse_note,
+    text_page,
+    with_message,
+    with_requested_names,
+)
+from worker import Worker
+
+ProgressCallback = Callable[[Progress], Awaitable[None]]
+DEFAULT_PAGE = 50
+# How long cancel_task waits for this process's own worker to have stopped nmap.
+CANCEL_WAIT_SECONDS = 5.0
+
+
+class ShuttingDown(RuntimeError):
+    """The server is shutting down and takes no new scans."""
+
+
+class NotComparable(ValueError):
+    """diff_scans was given a task without a result."""
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """What a front door asks for: validated nmap options and the targets still to check."""
+
+    kind: ScanKind
+    options: list[str]
+    targets: list[str]
+    # Built-in scans may share an identical running task or a recent result.
+    shareable: bool
+
+
+class ScanService:
+    """Scans and tasks for authenticated callers (`owner` is the caller's token name)."""
+
+    def __init__(
+        self, store: TaskManager, policy: Policy, settings: Settings, nmap_path: str, worker: Worker | None
+    ) -> None:
+        self._store = store
+        self.policy = policy
+        self._settings = settings
+        self._nmap = nmap_path
+        self._worker = worker
+        # At shutdown new scans are refused first; then, once the worker has stopped, the
+        # calls still waiting are released to answer with the state their task ended in.
+        self.accepting = True
+        self.closing = asyncio.Event()
+
+    # ---- building requests ---------------------------------------------------------------
+
+    def quick(self, target: str) -> ScanRequest:
+        options = scan_options(ScanKind.QUICK, privileged=self._settings.privileged)
+        return ScanRequest(ScanKind.QUICK, options, [target], shareable=True)
+
+    def full(self, target: str) -> ScanRequest:
+        options = scan_options(ScanKind.FULL, privileged=self._settings.privileged)
+        return ScanRequest(ScanKind.FULL, options, [target], shareable=True)
+
+    def custom(self, command: str) -> ScanRequest:
+        """custom_scan's command, checked against the allowlist (CommandError if refused)."""
+        parsed = parse_command(command, self.policy.scripts, privileged=self._settings.privileged)
+        if "--host-timeout" not in parsed.options:
+            parsed.options += ["--host-timeout", f"{self._settings.custom_host_timeout}s"]
+        return ScanRequest(ScanKind.CUSTOM, parsed.options, parsed.targets, shareable=False)
+
+    # ---- running them --------------------------------------------------------------------
+
+    async def scan(
+        self, owner: str, request: ScanRequest, *, timeout: float, rescan: bool = False,
+        on_progress: ProgressCallback | None = None,
+    ) -> TaskAnswer:
+        """Check the targets, submit (or reuse) the scan, wait up to `timeout` s, present it.
+
+        Once the scan is queued the answer always carries its task id, even when the wait
+        after it fails or the server shuts down."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down; retry in a moment")
+        resolved = await resolve_targets(request.targets, self.policy.targets(owner))
+        argv = build_argv(self._nmap, request.options, resolved.nmap_targets, ipv6=resolved.ipv6,
+                          privileged=self._settings.privileged)
+        audit.note(argv=argv, targets=list(resolved.nmap_targets))
+        share = request.shareable and not rescan
+        record, reused = await self._store.submit(
+            owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds,
+            share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
+        )
+        audit.note(task_id=record.id)
+        try:
+            shown = await self.present(
+                await self._store.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing)
+            )
+        except DatabaseUnavailable:
+            return with_message(answer(record), "The task database stopped answering while the call waited; "
+                                                "the scan is queued. Ask get_task_status later.")
+        return with_message(shown, reuse_note(record)) if reused else shown
+
+    async def present(
+        self, record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0,
+        limit: int = DEFAULT_PAGE,
+    ) -> TaskAnswer:
+        """Shape a task for the caller: a page of its result (partial while it runs)."""
+        base = answer(record).model_copy(update={"format": fmt})
+        cap = self._settings.max_answer_bytes
+        if fmt == "xml":
+            raw = await self._store.raw_xml(record.id, record.owner)
+            if raw is None:
+                return base
+            return more_hint(text_page(base, raw.decode("utf-8", "replace"), offset=offset, cap=cap))
+        result = await self._store.result_so_far(record)
+        if result is None:
+            return base
+        result = with_requested_names(result, record.argv, record.target)
+        if fmt == "csv":
+            return more_hint(csv_page(base, result, offset=offset, limit=limit, cap=cap))
+        return more_hint(json_page(base, result, view=view, offset=offset, limit=limit, cap=cap))
+
+    # ---- tasks ---------------------------------------------------------------------------
+
+    async def status(self, owner: str, task_id: str) -> TaskAnswer:
+        return answer(await self._store.get(task_id, owner))
+
+    async def result(
+        self, owner: str, task_id: str, fmt: str = "json", view: str = "summary", offset: int = 0,
+        limit: int = DEFAULT_PAGE,
+    ) -> TaskAnswer:
+        record = await self._store.get(task_id, owner, with_result=True)
+        return await self.present(record, fmt, view, offset, limit)
+
+    async def diff(self, owner: str, task_a: str, task_b: str) -> ScanDiff:
+        first = await self._store.get(task_a, owner, with_result=True)
+        second = await self._store.get(task_b, owner, with_result=True)
+        for record in (first, second):
+            if record.result is None:
+                raise NotComparable(f"task {record.id} has no result to compare (it is {record.status.value})")
+        diff = diff_results(task_a, first.result, task_b, second.result)  # type: ignore[arg-type]
+        return capped_diff(diff, self._settings.max_answer_bytes)
+
+    async def list(self, owner: str, status: TaskStatus | None, limit: int) -> TaskList:
+        return TaskList(tasks=[answer(record) for record in await self._store.list(owner, status, limit)])
+
+    async def cancel(self, owner: str, task_id: str) -> TaskAnswer:
+        """Cancel a queued or running scan; when this process runs it, wait until nmap stopped."""
+        await self._store.cancel(task_id, owner)
+        if self._worker is not None:
+            await self._worker.wait_stopped(task_id, CANCEL_WAIT_SECONDS)
+        return answer(await self._store.get(task_id, owner))
+
+    async def health(self) -> str | None:
+        """None when scans can run; else what is wrong, in words that reveal no configuration."""
+        if not self.accepting:
+            return "the server is shutting down"
+        try:
+            await self._store.ping()
+        except DatabaseUnavailable:
+            return "the task database is not reachable"
+        if not os.access(self._nmap, os.X_OK):
+            return "nmap cannot be run"
+        return None

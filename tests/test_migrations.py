@@ -1,0 +1,67 @@
+"""Schema migrations: a database made by 0.1.0 upgrades in place, and the migrations build
+exactly the schema models.py declares.
+
+The fixtures are real databases of nmap-mcp 0.1.0 (commit 30881d6), made by running its
+TaskManager on loopback: two completed scans (owners 'default' and 'ci') and a cancelled
+one; the PostgreSQL one is its `pg_dump --inserts`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+
+from models import TaskStatus, metadata
+from task_manager import TaskManager, create_db_engine, upgrade_schema
+
+pytestmark = pytest.mark.anyio
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_v010(database_url: str, tmp_path: Path) -> str:
+    """Put the 0.1.0 database behind `database_url` (a fresh SQLite file or PostgreSQL db)."""
+    if database_url.startswith("sqlite"):
+        path = tmp_path / "v010.db"
+        shutil.copy(FIXTURES / "db_v0.1.0.sqlite", path)
+        return f"sqlite:///{path}"
+    engine = create_db_engine(database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql((FIXTURES / "db_v0.1.0_postgresql.sql").read_text())
+    engine.dispose()
+    return database_url
+
+
+async def test_a_database_of_0_1_0_upgrades_in_place(database_url: str, tmp_path: Path) -> None:
+    url = load_v010(database_url, tmp_path)
+    store = TaskManager(create_db_engine(url), max_queued=10)
+    await store.start()
+    try:
+        default = await store.list("default", None, 10)
+        assert sorted(r.status for r in default) == [TaskStatus.CANCELLED, TaskStatus.COMPLETED]
+        [completed] = [r for r in default if r.status is TaskStatus.COMPLETED]
+        kept = await store.get(completed.id, "default", with_result=True)
+        assert kept.pool == "default" and kept.result is not None
+        assert [(p.port, p.state) for p in kept.result.hosts[0].ports] == [(22022, "open"), (22023, "closed")]
+        assert (await store.raw_xml(completed.id, "default") or b"").startswith(b"<?xml")
+        [ci] = await store.list("ci", None, 10)
+        ci_result = (await store.get(ci.id, "ci", with_result=True)).result
+        assert ci_result is not None and [h.address for h in ci_result.hosts] == ["127.0.0.2", "127.0.0.3"]
+    finally:
+        await store.stop()
+
+
+def test_migrations_build_the_schema_models_declare(database_url: str) -> None:
+    engine = create_db_engine(database_url)
+    upgrade_schema(engine)
+    upgrade_schema(engine)  # a second start finds nothing to do
+    with engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    engine.dispose()
+    assert differences == []
+    assert version == "0002"

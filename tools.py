@@ -1,0 +1,238 @@
+"""The MCP tools: argument types, descriptions and annotations; each tool a few lines that
+call the scan service and turn its errors into tool errors with a stable code."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Annotated, Any, Literal
+
+from fastmcp import Context, FastMCP
+from fastmcp.exceptions import ToolError
+from fastmcp.server.dependencies import get_access_token
+from fastmcp.tools.function_tool import FunctionTool
+from fastmcp.utilities.json_schema import dereference_refs
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from config import Settings
+from models import Progress, ScanDiff, TaskAnswer, TaskList, TaskStatus
+from nmap_options import MAX_COMMAND_LENGTH, CommandError, describe_allowlist
+from scans import DEFAULT_PAGE, NotComparable, ScanService, ShuttingDown
+from targets import TargetError
+from task_manager import DatabaseUnavailable, QueueFull, TaskAlreadyFinished, TaskNotFound
+
+ToolFunction = Callable[..., Awaitable[Any]]
+
+TaskId = Annotated[
+    str,
+    Field(
+        description="The task_id a scan tool returned",
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    ),
+]
+Target = Annotated[
+    str,
+    Field(
+        description=(
+            "One target: an IPv4 or IPv6 address (192.168.1.10, fd00::5), a CIDR network on its "
+            "boundary (192.168.1.0/24), a last-octet range (192.168.1.1-20) or a hostname"
+        ),
+        min_length=1,
+        max_length=253,
+    ),
+]
+
+_ERROR_CODES: dict[type[Exception], str] = {
+    NotComparable: "not_comparable",
+    CommandError: "invalid_command",
+    TargetError: "invalid_target",
+    QueueFull: "queue_full",
+    TaskNotFound: "not_found",
+    TaskAlreadyFinished: "already_finished",
+    DatabaseUnavailable: "unavailable",
+    ShuttingDown: "unavailable",
+}
+_SCAN_ANNOTATIONS = ToolAnnotations(
+    readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True
+)
+_CANCEL_ANNOTATIONS = ToolAnnotations(
+    readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False
+)
+_READ_ANNOTATIONS = ToolAnnotations(
+    readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False
+)
+
+QUICK_SCAN_DESCRIPTION = """Quick TCP port scan: nmap's 100 most common ports.
+
+Runs `nmap -sT -T4 --top-ports 100 -n` against one target. Usually finishes in under a
+second for one host on a local network and in a few seconds for a /24.
+Waits up to `timeout` seconds; when the scan takes longer it returns status 'running' and
+a task_id while the same scan goes on: fetch it later with get_task_result. A result for the
+same target from the last {fresh} s (or the same scan still running) is returned instead of
+scanning again, unless rescan is true. The answer lists open ports per host."""
+
+FULL_SCAN_DESCRIPTION = """Full TCP port scan: all 65535 ports with service and version detection.
+
+Runs `nmap -sT -T4 -p- -sV -n` against one target. Takes from about ten seconds for one
+nearby host to many minutes for slow or filtered hosts and ranges.
+Waits up to `timeout` seconds; when the scan takes longer it returns status 'running' and
+a task_id while the same scan goes on: fetch it later with get_task_result. A result for the
+same target from the last {fresh} s (or the same scan still running) is returned instead of
+scanning again, unless rescan is true. The answer lists open ports per host."""
+
+CUSTOM_SCAN_DESCRIPTION = """Run nmap with your own options, checked against an allowlist.
+
+`command` holds nmap options and targets without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'
+or '-sT --top-ports 1000 -T4 --open 10.0.0.0/24'. It is split into words without a shell; each
+option must be one of the exact spellings below (no abbreviations, no clustered short options;
+'--opt=value' and '-p80' also work). The server adds -n, its own XML output, a host timeout
+(unless you give --host-timeout) and a scan type when you give none. Output, input-file,
+spoofing and debugging options are refused with the reason. --script takes allowed categories
+(default, safe, discovery, version) or names of installed scripts in them; intrusive,
+exploit, dos, brute, malware, fuzzer, external and broadcast scripts never run.
+Duration: from a second (a few ports on one host) to hours (all ports, version detection,
+large ranges). Waits up to `timeout` seconds, then returns a task_id while the scan goes on.
+
+Allowed options:
+{allowlist}"""
+
+
+def register_tools(mcp: FastMCP, service: ScanService, settings: Settings) -> None:
+    """Add every tool to `mcp`; each one acts for the token that authenticated the call."""
+    default_wait = settings.sync_timeout
+    fresh = settings.result_freshness_seconds
+
+    @inlined_tool(mcp, description=QUICK_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
+    async def quick_scan(
+        target: Target,
+        ctx: Context,
+        timeout: Annotated[int, Field(ge=5, le=300, description="Seconds to wait for the result")] = min(
+            default_wait, 300
+        ),
+        rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
+    ) -> TaskAnswer:
+        with tool_errors():
+            return await service.scan(caller(), service.quick(target), timeout=timeout, rescan=rescan,
+                                      on_progress=progress_reporter(ctx))
+
+    @inlined_tool(mcp, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
+    async def full_scan(
+        target: Target,
+        ctx: Context,
+        timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+        rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
+    ) -> TaskAnswer:
+        with tool_errors():
+            return await service.scan(caller(), service.full(target), timeout=timeout, rescan=rescan,
+                                      on_progress=progress_reporter(ctx))
+
+    @inlined_tool(mcp, description=custom_scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS)
+    async def custom_scan(
+        command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_LENGTH, description=(
+            "nmap options and targets, without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'"
+        ))],
+        ctx: Context,
+        timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+    ) -> TaskAnswer:
+        with tool_errors():
+            return await service.scan(caller(), service.custom(command), timeout=timeout,
+                                      on_progress=progress_reporter(ctx))
+
+    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    async def get_task_status(task_id: TaskId) -> TaskAnswer:
+        """State, timings and progress (percent, phase, seconds left) of one of your scan
+        tasks, without the result. Instant."""
+        with tool_errors():
+            return await service.status(caller(), task_id)
+
+    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    async def get_task_result(
+        task_id: TaskId,
+        format: Annotated[Literal["json", "xml", "csv"], Field(
+            description="json: parsed result; xml: nmap's own report; csv: one row per port")] = "json",
+        view: Annotated[Literal["summary", "full"], Field(
+            description="summary: open ports with service and version; full: every detail")] = "summary",
+        offset: Annotated[int, Field(ge=0, description="First host (json, csv) or character (xml)")] = 0,
+        limit: Annotated[int, Field(ge=1, le=1000, description="Hosts per page (json, csv)")] = DEFAULT_PAGE,
+    ) -> TaskAnswer:
+        """The result of one of your scan tasks: once finished, or the hosts done so far
+        (partial: true) while it runs or after it was stopped. Answers are paged and capped
+        in size; `page.next_offset` says where the rest starts. Instant: it never waits."""
+        with tool_errors():
+            return await service.result(caller(), task_id, format, view, offset, limit)
+
+    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    async def diff_scans(task_a: TaskId, task_b: TaskId) -> ScanDiff:
+        """What changed between two of your finished scans (a: before, b: after): hosts
+        that came up or went down, ports opened or closed, services or versions changed."""
+        with tool_errors():
+            return await service.diff(caller(), task_a, task_b)
+
+    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    async def list_tasks(
+        status: Annotated[TaskStatus | None, Field(description="Only tasks in this state")] = None,
+        limit: Annotated[int, Field(ge=1, le=100, description="At most this many tasks")] = 20,
+    ) -> TaskList:
+        """Your most recent scan tasks, newest first, without results. Instant."""
+        with tool_errors():
+            return await service.list(caller(), status, limit)
+
+    @inlined_tool(mcp, annotations=_CANCEL_ANNOTATIONS)
+    async def cancel_task(task_id: TaskId) -> TaskAnswer:
+        """Cancel one of your queued or running scans; a running nmap is stopped at once."""
+        with tool_errors():
+            return await service.cancel(caller(), task_id)
+
+
+def inlined_tool(mcp: FastMCP, **options: Any) -> Callable[[ToolFunction], ToolFunction]:
+    """Register a tool with its JSON schemas inlined once, at start-up.
+
+    For 2026-07-28 clients FastMCP lists the tools on every tools/call, and its
+    DereferenceRefsMiddleware then re-inlines every $ref of our nested result models each
+    time: about 12 ms per call, three quarters of the server's CPU (measured with py-spy).
+    Inlined here, that per-call walk finds nothing to do.
+    """
+
+    def register(fn: ToolFunction) -> ToolFunction:
+        tool = FunctionTool.from_function(fn, **options)
+        inlined: dict[str, Any] = {"parameters": dereference_refs(tool.parameters)}
+        if tool.output_schema is not None:
+            inlined["output_schema"] = dereference_refs(tool.output_schema)
+        mcp.add_tool(tool.model_copy(update=inlined))
+        return fn
+
+    return register
+
+
+def custom_scan_description(privileged: bool) -> str:
+    """custom_scan's description, with the allowlist it enforces."""
+    return CUSTOM_SCAN_DESCRIPTION.format(allowlist=describe_allowlist(privileged=privileged))
+
+
+def progress_reporter(ctx: Context) -> Callable[[Progress], Awaitable[None]]:
+    """MCP progress notifications for a waiting call (sent when the client asked for them)."""
+
+    async def report(progress: Progress) -> None:
+        left = f", about {progress.remaining_s} s left" if progress.remaining_s is not None else ""
+        await ctx.report_progress(progress.percent, 100, f"{progress.phase}: {progress.percent:.0f}%{left}")
+
+    return report
+
+
+def caller() -> str:
+    """The name of the token that authenticated this request."""
+    token = get_access_token()
+    if token is None or not token.client_id:
+        raise ToolError("unauthenticated: this tool needs a valid token")
+    return token.client_id
+
+
+@contextlib.contextmanager
+def tool_errors() -> Iterator[None]:
+    """Turn the errors a caller can act on into ToolErrors with a stable code."""
+    try:
+        yield
+    except tuple(_ERROR_CODES) as e:
+        code = next(code for kind, code in _ERROR_CODES.items() if isinstance(e, kind))
+        raise ToolError(f"{code}: {e}") from e

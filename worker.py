@@ -1,0 +1,262 @@
+"""Scan workers: claim -> scan -> finish, leases renewed by a heartbeat, and shutdown.
+
+A worker serves one pool and runs at most `capacity` nmap processes at once. It claims the
+oldest queued task of its pool (the claim gives it a lease), marks the task started just
+before nmap starts, writes progress and finished hosts as they come (at most about once a
+second), and records the verdict. Its heartbeat renews the leases of the scans it runs;
+a task it no longer holds (cancelled by a caller in any process, or resolved elsewhere)
+has its nmap stopped within about a second, through the store's change feed.
+
+Shutdown, in order: stop claiming; give running scans `grace_seconds`; stop the rest, which
+are recorded `interrupted` with the hosts they had finished; give back tasks claimed but not
+yet started (they are queued again); leave the workers table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from functools import partial
+
+from models import TaskStatus
+from nmap_report import ReportParser, clean_text
+from scanner import ScanOutcome, interpret_run, run_nmap
+from task_manager import DatabaseUnavailable, TaskManager, TaskRecord, WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+# An idle worker looks at the queue this often even when no change was heard of.
+IDLE_RECHECK_SECONDS = 5.0
+# Progress and finished hosts of a running scan are written at most this often.
+LIVE_WRITE_SECONDS = 1.0
+# Retrying to record a verdict while the database is unreachable: first and longest pause.
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 5.0
+SHUTDOWN_ERROR = "the worker shut down during the scan; submit it again"
+
+
+class Worker:
+    """One process's scan worker; see the module docstring."""
+
+    def __init__(
+        self, store: TaskManager, *, name: str, pool: str, capacity: int, grace_seconds: float
+    ) -> None:
+        self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity)
+        self._store = store
+        self._grace = grace_seconds
+        self._slots = asyncio.Semaphore(capacity)
+        self._runs: dict[str, asyncio.Task[None]] = {}
+        # Tasks whose lease the heartbeat renews: claimed and not yet done scanning.
+        self._holding: set[str] = set()
+        self._shutdown = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self._store.register_worker(self.info)
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="claim"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        """Shut down in the order the module docstring gives."""
+        claim = self._loops[0] if self._loops else None
+        if claim is not None:
+            claim.cancel()
+            await asyncio.gather(claim, return_exceptions=True)
+        runs = list(self._runs.values())
+        if runs:
+            await asyncio.wait(runs, timeout=self._grace)
+        self._shutdown.set()
+        await asyncio.gather(*self._runs.values(), return_exceptions=True)
+        for loop in self._loops[1:]:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        with contextlib.suppress(DatabaseUnavailable):
+            await self._store.unregister_worker(self.info.id)
+
+    async def wait_stopped(self, task_id: str, timeout: float) -> None:
+        """Wait (up to `timeout` s) until this worker no longer runs the task."""
+        run = self._runs.get(task_id)
+        if run is not None:
+            await asyncio.wait([run], timeout=timeout)
+
+    @property
+    def running(self) -> int:
+        return len(self._runs)
+
+    # ---- claim -> scan -> finish --------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        with self._store.feed.subscribe(f"queue:{self.info.pool}") as queued:
+            while True:
+                await self._slots.acquire()
+                queued.clear()
+                record = await self._claim()
+                if record is None:
+                    self._slots.release()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(queued.wait(), IDLE_RECHECK_SECONDS)
+                    continue
+                self._holding.add(record.id)
+                run = asyncio.create_task(self._run(record), name=f"scan-{record.id}")
+                self._runs[record.id] = run
+                run.add_done_callback(partial(self._on_run_done, record.id))
+
+    async def _claim(self) -> TaskRecord | None:
+        try:
+            return await self._store.claim(self.info.id, self.info.name, self.info.pool)
+        except DatabaseUnavailable:
+            logger.warning("cannot claim work: the task database is not reachable; retrying")
+            return None
+
+    def _on_run_done(self, task_id: str, run: asyncio.Task[None]) -> None:
+        self._runs.pop(task_id, None)
+        self._holding.discard(task_id)
+        self._slots.release()
+        if not run.cancelled() and run.exception() is not None:
+            logger.error("the run of task %s crashed", task_id, exc_info=run.exception())
+
+    async def _run(self, record: TaskRecord) -> None:
+        if self._shutdown.is_set():
+            await self._store.release(record, self.info.id)
+            return
+        try:
+            if not await self._store.mark_started(record, self.info.id):
+                return  # cancelled between claim and start: nmap never ran
+        except DatabaseUnavailable:
+            # nmap has not started: when the lease expires the task is simply queued again.
+            logger.warning("task %s not started: the task database is not reachable", record.id)
+            return
+        outcome = await self._scan(record)
+        self._holding.discard(record.id)
+        await self._record(record, outcome)
+
+    async def _scan(self, record: TaskRecord) -> ScanOutcome:
+        if not os.access(record.argv[0], os.X_OK):
+            return ScanOutcome(TaskStatus.FAILED, None, f"nmap not found at {record.argv[0]}", b"")
+        live = LiveScan(self._store, record, self.info.id)
+        scan = asyncio.create_task(run_nmap(record.argv, time_limit=float(record.time_limit), stdout_sink=live.feed))
+        lost = asyncio.create_task(self._until_lost(record))
+        shutdown = asyncio.create_task(self._shutdown.wait())
+        try:
+            await asyncio.wait({scan, lost, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (lost, shutdown):
+                waiter.cancel()
+            if not scan.done():
+                scan.cancel()
+            await asyncio.gather(scan, return_exceptions=True)
+            await live.close()
+        if scan.cancelled():
+            stopped_by = TaskStatus.CANCELLED if lost.done() and not lost.cancelled() else TaskStatus.INTERRUPTED
+            return live.stopped(stopped_by, "cancelled" if stopped_by is TaskStatus.CANCELLED else SHUTDOWN_ERROR)
+        if scan.exception() is not None:
+            logger.error("task %s: nmap could not be run", record.id, exc_info=scan.exception())
+            return ScanOutcome(TaskStatus.FAILED, None, "internal error while running the scan", b"")
+        run = scan.result()
+        outcome = interpret_run(run, live.report, record.target, float(record.time_limit))
+        if outcome.status is TaskStatus.FAILED:
+            logger.warning("task %s failed: %s; nmap stderr: %s", record.id, outcome.error,
+                           clean_text(run.stderr.decode("utf-8", "replace"), 2000))
+        return outcome
+
+    async def _until_lost(self, record: TaskRecord) -> None:
+        """Return once the task is no longer this worker's (cancelled, or resolved elsewhere)."""
+        with self._store.feed.subscribe(record.id) as changed:
+            while True:
+                await changed.wait()
+                changed.clear()
+                with contextlib.suppress(DatabaseUnavailable):
+                    if not await self._store.still_ours(record.id, self.info.id):
+                        return
+
+    async def _record(self, record: TaskRecord, outcome: ScanOutcome) -> None:
+        """Write the verdict, retrying with backoff while the database is unreachable (during
+        shutdown for at most the grace period): a finished result is never dropped silently."""
+        delay, deadline = RETRY_FIRST_SECONDS, None
+        while True:
+            try:
+                if not await self._store.finish(record, self.info.id, outcome):
+                    logger.info("task %s was cancelled or resolved elsewhere; kept that state", record.id)
+                return
+            except DatabaseUnavailable:
+                if self._shutdown.is_set():
+                    deadline = deadline or time.monotonic() + self._grace
+                    if time.monotonic() > deadline:
+                        logger.error("task %s: gave up recording its %s result at shutdown", record.id,
+                                     outcome.status.value)
+                        return
+                logger.warning("task %s finished %s but the task database is not reachable; retrying in %.1f s",
+                               record.id, outcome.status.value, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._store.lease_seconds / 3)
+            try:
+                lost = await self._store.renew(self.info, sorted(self._holding))
+            except DatabaseUnavailable:
+                logger.warning("heartbeat failed: the task database is not reachable")
+                continue
+            # Their watchers re-read the task and stop its nmap.
+            self._store.feed.publish(*lost)
+
+
+class LiveScan:
+    """A running scan's report as it streams, and the part of it already written."""
+
+    def __init__(self, store: TaskManager, record: TaskRecord, worker_id: str) -> None:
+        self.report = ReportParser()
+        self._store = store
+        self._record = record
+        self._worker_id = worker_id
+        self._hosts_written = 0
+        self._progress_written = None
+        self._closed = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_every(LIVE_WRITE_SECONDS), name=f"live-{record.id}")
+
+    def feed(self, chunk: bytes) -> None:
+        self.report.feed(chunk)
+
+    async def close(self) -> None:
+        """Stop writing; a write under way is finished first, so none lands after the verdict."""
+        self._closed.set()
+        await asyncio.gather(self._writer, return_exceptions=True)
+
+    def stopped(self, status: TaskStatus, error: str) -> ScanOutcome:
+        """A scan cancelled or cut by shutdown keeps the hosts it had finished."""
+        partial_result = self.report.result(self._record.target)
+        return ScanOutcome(status, partial_result if partial_result.hosts else None, error, bytes(self.report.raw))
+
+    async def _write_every(self, interval: float) -> None:
+        while not self._closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), interval)
+            if not self._closed.is_set():
+                await self._write()
+
+    async def _write(self) -> None:
+        hosts = self.report.hosts[self._hosts_written:]
+        progress = self.report.progress
+        if not hosts and progress == self._progress_written:
+            return
+        try:
+            await self._store.save_live(self._record, self._worker_id, progress, self._hosts_written, hosts)
+        except DatabaseUnavailable:
+            logger.warning("task %s: progress not written, the task database is not reachable", self._record.id)
+            return
+        self._hosts_written += len(hosts)
+        self._progress_written = progress
+
+
+async def resolve_expired_forever(store: TaskManager, interval: float) -> None:
+    """Any process: resolve tasks whose worker's lease expired, every `interval` s."""
+    while True:
+        with contextlib.suppress(DatabaseUnavailable):
+            await store.resolve_expired()
+        await asyncio.sleep(interval)
