@@ -6,7 +6,6 @@ Every scan in this suite targets 127.0.0.0/8 and asserts only on ports the test 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import uuid
@@ -15,12 +14,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from nse_policy import default_script_db
-from tests.support import Listeners, LiveServer, NmapWrapper, write_config
+from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, write_config
 
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
-POSTGRES_ADMIN_URL = os.environ.get("NMAP_MCP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture
@@ -59,7 +58,7 @@ def postgres_url() -> Iterator[str]:
     name = f"nmap_mcp_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import selectors
 import signal
@@ -23,10 +24,14 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
+from sqlalchemy.engine import URL, make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = {"alice": "alice-secret-" + "a" * 24, "bob": "bob-secret-" + "b" * 26}
 ALICE, BOB = SECRETS["alice"], SECRETS["bob"]
+# The admin URL of the test PostgreSQL server: TCP or, as ./test.sh sets it, its unix socket
+# (postgresql://postgres@/postgres?host=/socket/dir&port=NNNN).
+POSTGRES_ADMIN_URL = os.environ.get("NMAP_MCP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,6 +45,18 @@ def free_port(host: str = "127.0.0.1") -> int:
                 continue
             return port
     raise RuntimeError("no free port below 32768")
+
+
+def postgres_socket_url(database: str) -> str:
+    """A URL for `database` on the test PostgreSQL server over its unix socket, which processes
+    inside a network namespace can reach (a TCP admin URL means the machine's server, whose
+    socket is in /var/run/postgresql)."""
+    url = make_url(POSTGRES_ADMIN_URL)
+    socket_dir = url.query.get("host", "/var/run/postgresql")
+    port = url.query.get("port", str(url.port or 5432))
+    query = {"host": socket_dir, "port": port}
+    socket_url = URL.create(url.drivername, url.username, url.password, database=database, query=query)
+    return socket_url.render_as_string(hide_password=False)
 
 
 def top_ports(count: int = 100) -> list[int]:

@@ -1,0 +1,97 @@
+# shellcheck shell=bash
+# Sourced by run.sh and test.sh (from the checkout's root): what both need on a fresh
+# Debian/Ubuntu machine, a recent python3, the apt packages they rely on, and a working .venv.
+
+# Stop unless python3 is 3.11 or newer; a python3 that is absent is installed by require_packages.
+require_python_311() {
+  local version
+  command -v python3 >/dev/null 2>&1 || return 0
+  version=$(python3 --version 2>&1 || true)
+  if [[ ! $version =~ ^Python\ ([0-9]+)\.([0-9]+) ]] ||
+    ((BASH_REMATCH[1] < 3 || (BASH_REMATCH[1] == 3 && BASH_REMATCH[2] < 11))); then
+    echo "nmap-mcp needs Python 3.11 or newer, but $(command -v python3) is: ${version:-unknown}" >&2
+    exit 1
+  fi
+}
+
+# The directory of the newest PostgreSQL server programs (initdb, pg_ctl): Debian keeps them off PATH.
+postgres_bindir() {
+  local dir candidates
+  candidates=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V -r)
+  if command -v initdb >/dev/null 2>&1; then
+    candidates+=" $(dirname "$(command -v initdb)")"
+  fi
+  for dir in $candidates; do
+    if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then
+      echo "$dir"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# The apt packages missing for what the caller needs: any of python, nmap, postgresql.
+missing_packages() {
+  local need
+  for need in "$@"; do
+    case $need in
+      python)
+        if ! command -v python3 >/dev/null 2>&1; then
+          echo python3 python3-venv
+        elif ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+          echo python3-venv  # Debian ships ensurepip, which `python3 -m venv` needs, in python3-venv
+        fi ;;
+      nmap) command -v nmap >/dev/null 2>&1 || echo nmap ;;
+      postgresql) { command -v psql >/dev/null 2>&1 && postgres_bindir >/dev/null; } || echo postgresql ;;
+    esac
+  done
+}
+
+# Install with apt-get what is missing for NEEDS (see missing_packages). Without root, stop at
+# once and say what to install, rather than fail later on something else.
+require_packages() {
+  local packages
+  read -r -a packages <<<"$(missing_packages "$@" | tr '\n' ' ')"
+  if [ ${#packages[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "$0: missing ${packages[*]}. Install with: sudo apt-get install -y ${packages[*]}" \
+        "(or rerun as root: sudo $0)" >&2
+      exit 1
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+      echo "$0: missing ${packages[*]}, and there is no apt-get: install them by hand" >&2
+      exit 1
+    fi
+    echo "installing ${packages[*]} with apt-get" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
+  fi
+  require_python_311
+}
+
+# Make .venv hold REQUIREMENTS (a requirements file). It is rebuilt when its python cannot run,
+# it has no pip (what `python3 -m venv` leaves without ensurepip), or an earlier creation or
+# pip install stopped mid-way: the flag .venv/.incomplete is removed only after a successful
+# install. The stamp of each requirements file records what was installed, so that an
+# unchanged file costs no pip run and a changed one is installed again.
+ensure_venv() {
+  local requirements=$1 stamp=".venv/.installed-${1%.txt}" wanted
+  if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
+    [ ! -x .venv/bin/pip ] || [ -e .venv/.incomplete ]; then
+    if [ -e .venv ] || [ -L .venv ]; then
+      echo "rebuilding .venv: its python or pip does not work, or an earlier install did not finish" >&2
+    fi
+    rm -rf .venv
+    mkdir .venv
+    touch .venv/.incomplete
+    python3 -m venv .venv
+  fi
+  wanted=$(cat "$requirements" requirements.txt | sha256sum)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+    echo "installing the Python packages of $requirements into .venv" >&2
+    touch .venv/.incomplete
+    .venv/bin/pip install -q --disable-pip-version-check -r "$requirements"
+    echo "$wanted" >"$stamp"
+    rm -f .venv/.incomplete
+  fi
+}
