@@ -70,6 +70,19 @@ def top_ports(count: int = 100) -> list[int]:
     return [port for _, port in sorted(ranked, reverse=True)[:count]]
 
 
+def with_lan_elements(xml: bytes) -> bytes:
+    """A recorded report with a MAC address (and its vendor) and a PTR name added to its hosts.
+
+    Loopback has no link layer and scans run with -n, so no real run here can produce either:
+    the two elements are edited in, in the exact form nmap writes them on a LAN.
+    """
+    return xml.replace(
+        b'<address addr="127.0.0.1" addrtype="ipv4"/>',
+        b'<address addr="127.0.0.1" addrtype="ipv4"/>\n<address addr="52:54:00:12:34:56" addrtype="mac" '
+        b'vendor="QEMU virtual NIC"/>',
+    ).replace(b"<hostnames>\n</hostnames>", b'<hostnames>\n<hostname name="gw.example.lan" type="PTR"/>\n</hostnames>')
+
+
 class Listeners:
     """TCP listeners the test opened, accepting and closing every connection like a quiet
     service (an unaccepted backlog would fill up and make the port look filtered)."""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from nmap_report import ReportParser, clean_text, parse_report
+from tests.support import with_lan_elements
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PORTS = json.loads((FIXTURES / "ports.json").read_text())
@@ -108,15 +109,7 @@ def test_zero_hosts_and_no_report() -> None:
 
 
 def test_mac_addresses_with_vendor_and_ptr_names() -> None:
-    # Loopback has no link layer and scans run with -n, so no real run here can produce a
-    # MAC address or a PTR name: these two elements are edited into a recorded report,
-    # in the exact form nmap writes them on a LAN.
-    xml = fixture("rich_loopback.xml").replace(
-        b'<address addr="127.0.0.1" addrtype="ipv4"/>',
-        b'<address addr="127.0.0.1" addrtype="ipv4"/>\n<address addr="52:54:00:12:34:56" addrtype="mac" '
-        b'vendor="QEMU virtual NIC"/>',
-    ).replace(b"<hostnames>\n</hostnames>", b'<hostnames>\n<hostname name="gw.example.lan" type="PTR"/>\n</hostnames>')
-    host = parse_report(xml, "t").hosts[0]
+    host = parse_report(with_lan_elements(fixture("rich_loopback.xml")), "t").hosts[0]
     assert [(a.address, a.type, a.vendor) for a in host.addresses] == [
         ("127.0.0.1", "ipv4", ""), ("52:54:00:12:34:56", "mac", "QEMU virtual NIC")]
     assert host.address == "127.0.0.1" and host.ptr == "gw.example.lan" and host.hostnames == ["gw.example.lan"]
