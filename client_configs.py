@@ -1,70 +1,206 @@
-"""Ready-to-paste MCP client configurations, printed by the server at start-up.
+"""Ready-to-paste MCP client configurations: `--print-config CLIENT` and the start-up banner.
 
-Each client gets both auth styles: the `Authorization: Bearer` header and the `?token=`
-URL. The secret is a placeholder unless the operator asked to see it.
+Each client gets one paste in the shape its own documentation gives (the page is cited next
+to each client below). Where a client can both reach the running server over Streamable HTTP
+and start nmap-mcp itself over stdio, the paste holds both: the remote entry under "nmap" and
+the stdio one under "nmap-local", so one paste works either way and the unwanted entry is
+deleted by hand. ChatGPT, DeepSOC and Cherry Studio get the remote entry alone: a ChatGPT
+connector takes nothing but a URL, DeepSOC runs no local processes, and Cherry Studio's JSON
+import accepts one server at a time.
+
+The secret goes into an Authorization header wherever the client can send one. Only the
+ChatGPT connector, which cannot, carries it as `?token=` in its URL. The caller passes the
+real secret or the placeholder `<TOKEN>`.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote
 
 SERVER_NAME = "nmap"
+LOCAL_SERVER_NAME = "nmap-local"
+DESCRIPTION = "nmap port scans over MCP"
+# The release tested against nmap-mcp (shared docs/clients.md); pinned so a paste keeps working.
+MCP_REMOTE = "mcp-remote@0.15.1"
+
+JsonDocument = dict[str, object]
+TomlValue = str | list[str] | dict[str, str]
 
 
-def render_client_configs(url: str, secret: str) -> str:
-    """Every supported client's configuration, header style and URL-token style."""
-    sections = []
-    for title, header_style, url_style in _snippets(url, secret):
-        sections.append(f"--- {title} ---\n# Bearer header\n{header_style}\n# Token in the URL\n{url_style}")
-    return "\n\n".join(sections)
+class UnknownClient(ValueError):
+    """The client name is not one of CLIENTS."""
 
 
-def _snippets(url: str, secret: str) -> list[tuple[str, str, str]]:
-    token_url = f"{url}?token={secret}"
-    headers = {"Authorization": f"Bearer {secret}"}
-    return [
-        (
-            "Claude Code",
-            f'claude mcp add --transport http {SERVER_NAME} {url} --header "Authorization: Bearer {secret}"',
-            f'claude mcp add --transport http {SERVER_NAME} "{token_url}"',
-        ),
-        (
-            "Cursor / Claude Desktop / Windsurf (mcp.json)",
-            _json({"mcpServers": {SERVER_NAME: {"url": url, "headers": headers}}}),
-            _json({"mcpServers": {SERVER_NAME: {"url": token_url}}}),
-        ),
-        (
-            "VS Code (.vscode/mcp.json)",
-            _json({"servers": {SERVER_NAME: {"type": "http", "url": url, "headers": headers}}}),
-            _json({"servers": {SERVER_NAME: {"type": "http", "url": token_url}}}),
-        ),
-        (
-            "Gemini CLI (~/.gemini/settings.json)",
-            _json({"mcpServers": {SERVER_NAME: {"httpUrl": url, "headers": headers}}}),
-            _json({"mcpServers": {SERVER_NAME: {"httpUrl": token_url}}}),
-        ),
-        (
-            "Codex (~/.codex/config.toml)",
-            f'[mcp_servers.{SERVER_NAME}]\nurl = "{url}"\nhttp_headers = {{ "Authorization" = "Bearer {secret}" }}',
-            f'[mcp_servers.{SERVER_NAME}]\nurl = "{token_url}"',
-        ),
-        (
-            "DeepSOC / Cherry Studio",
-            _json({"mcpServers": {SERVER_NAME: _deepsoc(url) | {"headers": headers}}}),
-            _json({"mcpServers": {SERVER_NAME: _deepsoc(token_url)}}),
-        ),
-    ]
+@dataclass(frozen=True)
+class _Endpoint:
+    url: str
+    secret: str
+    stdio_command: tuple[str, ...]
+
+    @property
+    def bearer(self) -> str:
+        return f"Bearer {self.secret}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": self.bearer}
+
+    @property
+    def token_url(self) -> str:
+        # `<` and `>` stay as they are so that the `<TOKEN>` placeholder reads as one; the
+        # server's query parsing decodes whatever else quote() escapes.
+        return f"{self.url}?token={quote(self.secret, safe='<>')}"
+
+    @property
+    def stdio_entry(self) -> dict[str, str | list[str]]:
+        return {"command": self.stdio_command[0], "args": list(self.stdio_command[1:])}
 
 
-def _deepsoc(base_url: str) -> dict[str, object]:
+@dataclass(frozen=True)
+class _Client:
+    title: str
+    where: str
+    render: Callable[[_Endpoint], JsonDocument | str]
+
+
+def _both(remote: Mapping[str, object], local: Mapping[str, object], key: str = "mcpServers") -> JsonDocument:
+    return {key: {SERVER_NAME: remote, LOCAL_SERVER_NAME: local}}
+
+
+def _claude_code(endpoint: _Endpoint) -> str:
+    remote = ["claude", "mcp", "add", "--transport", "http", SERVER_NAME, endpoint.url]
+    remote += ["--header", f"Authorization: {endpoint.bearer}"]
+    local = ["claude", "mcp", "add", LOCAL_SERVER_NAME, "--", *endpoint.stdio_command]
+    return f"{shlex.join(remote)}\n{shlex.join(local)}"
+
+
+def _claude_desktop(endpoint: _Endpoint) -> JsonDocument:
+    # The header value travels in an environment variable because Claude Desktop on Windows
+    # splits arguments at spaces, as mcp-remote's README explains.
+    args = ["-y", MCP_REMOTE, endpoint.url, "--header", "Authorization:${AUTH_HEADER}"]
+    if endpoint.url.startswith("http://"):
+        args.append("--allow-http")  # mcp-remote refuses plain HTTP to any host but localhost without it
+    remote = {"command": "npx", "args": args, "env": {"AUTH_HEADER": endpoint.bearer}}
+    return _both(remote, endpoint.stdio_entry)
+
+
+def _url_and_headers(url_key: str) -> Callable[[_Endpoint], JsonDocument]:
+    """The common `mcpServers` file: clients differ only in the key that holds the URL."""
+
+    def render(endpoint: _Endpoint) -> JsonDocument:
+        return _both({url_key: endpoint.url, "headers": endpoint.headers}, endpoint.stdio_entry)
+
+    return render
+
+
+def _vscode(endpoint: _Endpoint) -> JsonDocument:
+    remote = {"type": "http", "url": endpoint.url, "headers": endpoint.headers}
+    return _both(remote, {"type": "stdio", **endpoint.stdio_entry}, key="servers")
+
+
+def _codex(endpoint: _Endpoint) -> str:
+    remote: dict[str, TomlValue] = {"url": endpoint.url, "http_headers": endpoint.headers}
+    return _toml({f"mcp_servers.{SERVER_NAME}": remote, f"mcp_servers.{LOCAL_SERVER_NAME}": endpoint.stdio_entry})
+
+
+def _chatgpt(endpoint: _Endpoint) -> JsonDocument:
+    # The fields of the connector form; its authentication choice is OAuth or none, so the
+    # secret rides in the URL.
     return {
-        "name": "Nmap Scanner",
-        "type": "streamableHttp",
-        "description": "nmap port scans over MCP",
-        "isActive": True,
-        "baseUrl": base_url,
+        "connector_name": SERVER_NAME,
+        "description": DESCRIPTION,
+        "connector_url": endpoint.token_url,
+        "authentication": "No authentication",
     }
 
 
-def _json(document: dict[str, object]) -> str:
-    return json.dumps(document, indent=2)
+def _streamable_http_import(endpoint: _Endpoint) -> JsonDocument:
+    server = {"name": SERVER_NAME, "type": "streamableHttp", "description": DESCRIPTION, "isActive": True}
+    return {"mcpServers": {SERVER_NAME: server | {"baseUrl": endpoint.url, "headers": endpoint.headers}}}
+
+
+_CLIENTS: dict[str, _Client] = {
+    # https://code.claude.com/docs/en/mcp
+    "claude-code": _Client("Claude Code", "run in a terminal", _claude_code),
+    # stdio: https://modelcontextprotocol.io/docs/develop/connect-local-servers
+    # remote through mcp-remote: https://github.com/geelen/mcp-remote#custom-headers
+    "claude-desktop": _Client("Claude Desktop", "claude_desktop_config.json", _claude_desktop),
+    # https://cursor.com/docs/mcp
+    "cursor": _Client("Cursor", "~/.cursor/mcp.json", _url_and_headers("url")),
+    # https://docs.windsurf.com/windsurf/cascade/mcp
+    "windsurf": _Client("Windsurf", "~/.codeium/windsurf/mcp_config.json", _url_and_headers("serverUrl")),
+    # https://code.visualstudio.com/docs/copilot/reference/mcp-configuration
+    "vscode": _Client("VS Code", ".vscode/mcp.json", _vscode),
+    # https://geminicli.com/docs/tools/mcp-server/
+    "gemini": _Client("Gemini CLI", "~/.gemini/settings.json", _url_and_headers("httpUrl")),
+    # https://developers.openai.com/codex/mcp
+    "codex": _Client("Codex", "~/.codex/config.toml", _codex),
+    # https://api.portscan.com/mcp's client list and https://sam-mesh.dev/docs/integrations/antigravity/
+    # (serverUrl with headers); no page of Antigravity's own was found
+    "antigravity": _Client("Antigravity", "~/.gemini/antigravity/mcp_config.json", _url_and_headers("serverUrl")),
+    # https://developers.openai.com/apps-sdk/deploy/connect-chatgpt
+    "chatgpt": _Client("ChatGPT", "Settings > Connectors > Create, in developer mode; needs public HTTPS", _chatgpt),
+    # https://lmstudio.ai/docs/app/mcp
+    "lm-studio": _Client("LM Studio", "Program > Install > Edit mcp.json", _url_and_headers("url")),
+    # https://github.com/wzfukui/nmap-mcp-http (its DeepSOC setup, Bearer Token form)
+    "deepsoc": _Client("DeepSOC", "MCP server settings", _streamable_http_import),
+    # https://github.com/CherryHQ/cherry-studio/blob/main/src/renderer/src/pages/settings/MCPSettings/AddMcpServerModal.tsx
+    "cherry-studio": _Client(
+        "Cherry Studio", "Settings > MCP Servers > Add > Import from JSON", _streamable_http_import
+    ),
+}
+
+CLIENTS: tuple[str, ...] = tuple(_CLIENTS)
+
+
+def render_client_config(client: str, *, url: str, secret: str, stdio_command: Sequence[str]) -> str:
+    """What `nmap-mcp --print-config CLIENT` prints: the client's paste, formatted.
+
+    JSON for every client but codex (TOML) and claude-code (two `claude mcp add` command
+    lines, remote then stdio). `stdio_command` is the argv that starts the stdio server.
+    Raises UnknownClient for a name not in CLIENTS.
+    """
+    if client not in _CLIENTS:
+        raise UnknownClient(f"unknown client '{client}': choose one of {', '.join(CLIENTS)}")
+    return _text(_CLIENTS[client].render(_endpoint(url, secret, stdio_command)), indent=2)
+
+
+def render_client_configs(url: str, secret: str, stdio_command: Sequence[str]) -> str:
+    """Every client's paste for the start-up banner, each under a title, JSON on one line."""
+    endpoint = _endpoint(url, secret, stdio_command)
+    sections = []
+    for name, client in _CLIENTS.items():
+        title = f"--- {client.title} ({client.where}; --print-config {name}) ---"
+        sections.append(f"{title}\n{_text(client.render(endpoint), indent=None)}")
+    return "\n".join(sections)
+
+
+def _endpoint(url: str, secret: str, stdio_command: Sequence[str]) -> _Endpoint:
+    if not stdio_command:
+        raise ValueError("stdio_command needs at least the program that starts the stdio server")
+    return _Endpoint(url, secret, tuple(stdio_command))
+
+
+def _text(document: JsonDocument | str, *, indent: int | None) -> str:
+    return document if isinstance(document, str) else json.dumps(document, indent=indent)
+
+
+def _toml(tables: Mapping[str, Mapping[str, TomlValue]]) -> str:
+    blocks = []
+    for table, keys in tables.items():
+        lines = [f"[{table}]", *(f"{key} = {_toml_value(value)}" for key, value in keys.items())]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _toml_value(value: TomlValue) -> str:
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string, except that TOML also forbids a raw DEL.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return "{ " + ", ".join(f"{_toml_value(key)} = {_toml_value(item)}" for key, item in value.items()) + " }"
