@@ -16,9 +16,10 @@ from typing import Any
 
 import mcp.types as mt
 from fastmcp.exceptions import ToolError
-from fastmcp.server.dependencies import get_access_token
 from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools.base import ToolResult
+
+from auth import Identify
 
 _details: ContextVar[dict[str, Any] | None] = ContextVar("audit_details", default=None)
 
@@ -36,7 +37,7 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self._handler = logging.FileHandler(path, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(message)s"))
-        self._logger = logging.Logger("nmap_mcp.audit")
+        self._logger = logging.Logger("nmap_mcp.audit")  # noqa: LOG001 - private, never global
         self._logger.addHandler(self._handler)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -49,8 +50,9 @@ class AuditLog:
 class AuditMiddleware(Middleware):
     """Records every tools/call: who, what, the verdict with its reason, how long."""
 
-    def __init__(self, log: AuditLog) -> None:
+    def __init__(self, log: AuditLog, identify: Identify) -> None:
         self._log = log
+        self._identify = identify
 
     async def on_call_tool(
         self,
@@ -72,10 +74,9 @@ class AuditMiddleware(Middleware):
             raise
         finally:
             _details.reset(reset)
-            token = get_access_token()
             self._log.write({
                 "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "token": token.client_id if token else None,
+                "token": self._identify(),
                 "tool": context.message.name,
                 "argv": details.get("argv"),
                 "targets": details.get("targets"),

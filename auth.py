@@ -1,17 +1,13 @@
 """Token authentication and per-token tool scopes.
 
-Named static tokens arrive as a Bearer header or as `?token=`.
-
-The query-token shim runs before authentication. It always removes `token` from the
-query string, in place, so that neither the access log nor any later code sees it, and
-(when allowed) turns it into an `Authorization: Bearer` header.
+Named static tokens arrive as a Bearer header; `?token=` in the URL is turned into that
+header (and removed from the URL) by http_edge.py before anything else sees the request.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping, Sequence
-from urllib.parse import parse_qsl, urlencode
+from collections.abc import Callable, Mapping, Sequence
 
 import mcp.types as mt
 from fastmcp.exceptions import ToolError
@@ -20,19 +16,24 @@ from fastmcp.server.dependencies import get_access_token
 from fastmcp.server.middleware import CallNext, MiddlewareContext
 from fastmcp.server.middleware import Middleware as MCPMiddleware
 from fastmcp.tools.base import Tool, ToolResult
-from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-QUERY_PARAMETER = "token"
+# Who is calling: the name of the token that authenticated the request (None: nobody), or,
+# over stdio where no token travels, the configured local identity.
+Identify = Callable[[], str | None]
+
+
+def token_name() -> str | None:
+    """The name of the token that authenticated this HTTP request, if any."""
+    token = get_access_token()
+    return token.client_id if token is not None and token.client_id else None
 
 
 class NamedTokenVerifier(TokenVerifier):
     """Accepts any configured secret; the token's name becomes the caller's identity."""
 
-    def __init__(self, secrets: Mapping[str, str], *, allow_query_token: bool) -> None:
+    def __init__(self, secrets: Mapping[str, str]) -> None:
         super().__init__()
         self._secrets = [(name, secret.encode()) for name, secret in secrets.items()]
-        self._allow_query_token = allow_query_token
 
     async def verify_token(self, token: str) -> AccessToken | None:
         candidate = token.encode()
@@ -45,51 +46,17 @@ class NamedTokenVerifier(TokenVerifier):
             return None
         return AccessToken(token=token, client_id=matched, scopes=[])
 
-    def get_middleware(self) -> list[Middleware]:
-        # The shim must come first: placed after authentication it would be too late.
-        shim = Middleware(QueryTokenMiddleware, allow=self._allow_query_token)  # type: ignore[arg-type]
-        return [shim, *super().get_middleware()]
-
-
-class QueryTokenMiddleware:
-    """Pure ASGI: move `?token=` into the Authorization header, or drop it."""
-
-    def __init__(self, app: ASGIApp, *, allow: bool) -> None:
-        self.app = app
-        self.allow = allow
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("query_string"):
-            token = pop_query_token(scope)
-            if token and self.allow and not _has_authorization(scope):
-                scope["headers"] = [*scope["headers"], (b"authorization", b"Bearer " + token.encode())]
-        await self.app(scope, receive, send)
-
-
-def pop_query_token(scope: Scope) -> str | None:
-    """Remove every `token` parameter from the scope's query string; return the first."""
-    pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-    tokens = [value for key, value in pairs if key == QUERY_PARAMETER]
-    if not tokens:
-        return None
-    # Mutate the scope uvicorn holds: its access log reads this very dict.
-    scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != QUERY_PARAMETER]).encode("latin-1")
-    return tokens[0]
-
-
-def _has_authorization(scope: Scope) -> bool:
-    return any(name.lower() == b"authorization" for name, _ in scope["headers"])
-
 
 class ToolScopeMiddleware(MCPMiddleware):
     """Per-token tool allowlists: a token sees and calls only the tools it was given."""
 
-    def __init__(self, scopes: Mapping[str, frozenset[str] | None]) -> None:
+    def __init__(self, scopes: Mapping[str, frozenset[str] | None], identify: Identify) -> None:
         self._scopes = dict(scopes)
+        self._identify = identify
 
     def _allows(self, tool: str) -> bool:
-        token = get_access_token()
-        scope = self._scopes.get(token.client_id) if token else None
+        name = self._identify()
+        scope = self._scopes.get(name) if name else None
         return scope is None or tool in scope
 
     async def on_list_tools(

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     allow_query_token: bool = True
     allowed_hosts: list[str] = Field(default_factory=list)
     allowed_origins: list[str] = Field(default_factory=list)
+    # Browser origins (https://app.example) allowed to call the endpoint with CORS; each is
+    # also accepted by the Origin check. None by default.
+    cors_origins: list[str] = Field(default_factory=list)
     sync_timeout: int = Field(default=30, ge=5, le=600)
     max_concurrent_tasks: int = Field(default=10, ge=1, le=256)
     max_queued_tasks: int = Field(default=100, ge=1, le=100_000)
@@ -94,6 +97,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, ge=1, le=3600)
     worker_name: str | None = Field(default=None, min_length=1, max_length=128)
     pool: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # Over stdio no token travels: the local client acts as this caller (its tasks' owner).
+    stdio_caller: str = Field(default="local", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     allowed_targets: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))
     denied_targets: list[str] = Field(default_factory=list)
     allow_loopback: bool = False

@@ -23,13 +23,17 @@ from pathlib import Path
 
 import uvicorn
 from fastmcp import FastMCP
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp
 
 from audit import AuditLog, AuditMiddleware
-from auth import NamedTokenVerifier, ToolScopeMiddleware
-from client_configs import render_client_configs
+from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
+from client_configs import CLIENTS, render_client_config, render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
+from errors import ToolErrorMiddleware
+from http_edge import JsonRpcBodyCheck, edge_app
 from policy import Policy
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
@@ -108,9 +112,15 @@ class Runtime:
             await self.stop()
 
 
-def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) -> tuple[FastMCP, Runtime]:
-    """The FastMCP server with its tools, and the runtime its lifespan starts and stops."""
+def create_server(
+    settings: Settings, nmap_path: str, *, role: Role = Role.ALL, stdio: bool = False
+) -> tuple[FastMCP, Runtime]:
+    """The FastMCP server with its tools, and the runtime its lifespan starts and stops.
+
+    Over HTTP every call carries a token whose name is the caller; over stdio (a local
+    client that started this process) the caller is `stdio_caller`."""
     runtime = Runtime(settings, nmap_path, role)
+    identify = (lambda: settings.stdio_caller) if stdio else token_name
     audit_log = AuditLog(Path(settings.audit_log))
 
     @contextlib.asynccontextmanager
@@ -125,13 +135,14 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
         "nmap-mcp",
         version=VERSION,
         instructions="Network scans with nmap. Scans return a result or a task_id to poll.",
-        auth=NamedTokenVerifier(settings.named_secrets(), allow_query_token=settings.allow_query_token),
+        auth=None if stdio else NamedTokenVerifier(settings.named_secrets()),
         lifespan=lifespan,
-        middleware=[AuditMiddleware(audit_log), ToolScopeMiddleware(runtime.service.policy.tool_scopes)],
+        middleware=[AuditMiddleware(audit_log, identify),
+                    ToolScopeMiddleware(runtime.service.policy.tool_scopes, identify)],
         mask_error_details=True,
         strict_input_validation=True,
     )
-    register_tools(mcp, runtime.service, settings)
+    mcp.add_middleware(ToolErrorMiddleware(register_tools(mcp, runtime.service, settings, identify)))
 
     @mcp.custom_route("/healthz", methods=["GET"])
     async def healthz(_request: Request) -> JSONResponse:
@@ -143,16 +154,20 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
     return mcp, runtime
 
 
-def create_app(mcp: FastMCP, settings: Settings) -> object:
-    """The Streamable HTTP app: stateless, SSE-capable, Host/Origin protected."""
-    return mcp.http_app(
+def create_app(mcp: FastMCP, settings: Settings) -> ASGIApp:
+    """The Streamable HTTP app: stateless, SSE-capable, Host/Origin protected (browser
+    origins allowed for CORS are allowed by the Origin check too), inside http_edge."""
+    app = mcp.http_app(
         path=settings.path,
         stateless_http=True,
         json_response=False,
         host_origin_protection=True,
         allowed_hosts=settings.allowed_hosts,
-        allowed_origins=settings.allowed_origins,
+        allowed_origins=[*settings.allowed_origins, *settings.cors_origins],
+        middleware=[Middleware(JsonRpcBodyCheck, mcp_path=settings.path)],
     )
+    return edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
+                    cors_origins=settings.cors_origins)
 
 
 class GracefulServer(uvicorn.Server):
@@ -186,13 +201,30 @@ def find_nmap(configured: str) -> str:
     return found
 
 
+def endpoint_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}{settings.path}"
+
+
+def shown_secret(settings: Settings, *, show_token: bool) -> str:
+    """The first token's secret when asked for, else the placeholder clients' docs show."""
+    named = settings.named_secrets()
+    return named[min(named)] if show_token else "<TOKEN>"
+
+
+def stdio_command(config_path: Path) -> list[str]:
+    """The argv with which a local client starts this server over stdio."""
+    program = Path(sys.argv[0])
+    start = [sys.executable, str(program.resolve())] if program.name == "server.py" else [program.name]
+    return [*start, "--stdio", "-c", str(config_path.resolve())]
+
+
 def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
     """Where the server listens and how to connect each client."""
     names = sorted(settings.named_secrets())
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    url = f"http://{host}:{settings.port}{settings.path}"
+    url = endpoint_url(settings)
     first = names[0]
-    secret = settings.named_secrets()[first] if show_token else "<TOKEN>"
+    secret = shown_secret(settings, show_token=show_token)
     lines = [
         f"nmap-mcp {VERSION} listening on {settings.host}:{settings.port}, endpoint {url}",
         f"tokens: {', '.join(names)} (secrets are in {config_path}; --show-token prints them here)",
@@ -201,7 +233,9 @@ def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
         lines.append(f"below, replace <TOKEN> with the secret of token '{first}'")
     if settings.host in ("0.0.0.0", "::"):
         lines.append("listening on all interfaces: replace 127.0.0.1 below with this machine's address")
-    return "\n".join(lines) + "\n\n" + render_client_configs(url, secret) + "\n"
+    lines.append(f"one client's config alone: {rerun_command(config_path)} --print-config CLIENT "
+                 f"(CLIENT: {', '.join(CLIENTS)})")
+    return "\n".join(lines) + "\n\n" + render_client_configs(url, secret, stdio_command(config_path)) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,8 +243,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
     parser.add_argument("--init", action="store_true", help="write a config with a fresh token and exit")
     parser.add_argument("--force", action="store_true", help="with --init: overwrite an existing config")
-    parser.add_argument("--show-token", action="store_true", help="print real token secrets in the banner")
+    parser.add_argument("--show-token", action="store_true",
+                        help="print the real token secret in the banner and --print-config")
+    parser.add_argument("--print-config", metavar="CLIENT", choices=CLIENTS,
+                        help=f"print one MCP client's configuration and exit: {', '.join(CLIENTS)}")
     roles = parser.add_mutually_exclusive_group()
+    roles.add_argument("--stdio", action="store_true",
+                       help="serve MCP over stdin/stdout for a local client (scans run in this process)")
     roles.add_argument("--api", dest="role", action="store_const", const=Role.API,
                        help="serve MCP only; scans are run by workers started with --worker")
     roles.add_argument("--worker", dest="role", action="store_const", const=Role.WORKER,
@@ -220,25 +259,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Notices go to stderr: stdout carries only what was asked for (the
+    banner, a client config, or over --stdio the MCP stream itself)."""
     args = parse_args(argv)
     config_path: Path = args.config or DEFAULT_CONFIG_PATH
     try:
         if args.init:
             write_new_config(config_path, force=args.force)
-            print(f"wrote {config_path.resolve()} with a new token; edit it, then run: {rerun_command(args)}")
+            print(f"wrote {config_path.resolve()} with a new token; edit it, then run: {rerun_command(args.config)}",
+                  file=sys.stderr)
             return 0
         if args.config is None and not config_path.exists():
             write_new_config(config_path)
-            print(f"no config found: wrote {config_path.resolve()} with a new token")
+            print(f"no config found: wrote {config_path.resolve()} with a new token", file=sys.stderr)
         settings = load_settings(config_path)
+        if args.print_config:
+            print(render_client_config(args.print_config, url=endpoint_url(settings),
+                                       secret=shown_secret(settings, show_token=args.show_token),
+                                       stdio_command=stdio_command(config_path)))
+            return 0
         nmap_path = find_nmap(settings.nmap_path)
         check_privileges(settings, nmap_path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     if args.role is Role.WORKER:
         return asyncio.run(run_worker(settings, nmap_path))
+    if args.stdio:
+        return asyncio.run(serve_stdio(settings, nmap_path))
     return serve(settings, nmap_path, args, config_path)
 
 
@@ -251,7 +301,7 @@ def serve(settings: Settings, nmap_path: str, args: argparse.Namespace, config_p
               f"or set another `port` in {config_path}", file=sys.stderr)
         return 2
     mcp, runtime = create_server(settings, nmap_path, role=args.role)
-    config = uvicorn.Config(create_app(mcp, settings), log_config=None, lifespan="on")  # type: ignore[arg-type]
+    config = uvicorn.Config(create_app(mcp, settings), log_config=None, lifespan="on")
     text = banner(settings, show_token=args.show_token, config_path=config_path.resolve())
     GracefulServer(config, runtime, text).run(sockets=[listener])
     return 0
@@ -269,6 +319,19 @@ def bind(host: str, port: int) -> socket.socket:
         raise
     listener.set_inheritable(True)
     return listener
+
+
+async def serve_stdio(settings: Settings, nmap_path: str) -> int:
+    """`--stdio`: MCP over stdin/stdout until the client closes it, or SIGTERM or SIGINT.
+    Scans run in this process; the database keeps them for the client's next start."""
+    mcp, _runtime = create_server(settings, nmap_path, stdio=True)
+    session = asyncio.ensure_future(mcp.run_stdio_async(show_banner=False))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, session.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await session
+    return 0
 
 
 async def run_worker(settings: Settings, nmap_path: str) -> int:
@@ -299,12 +362,12 @@ def check_privileges(settings: Settings, nmap_path: str) -> None:
         ) from e
 
 
-def rerun_command(args: argparse.Namespace) -> str:
+def rerun_command(config: Path | None) -> str:
     """The command that starts the server again the way it was started now."""
     program = Path(sys.argv[0]).name
     if program == "server.py":
         program = f"{python_command()} {sys.argv[0]}"
-    return f"{program} -c {args.config}" if args.config else program
+    return f"{program} -c {config}" if config else program
 
 
 def python_command() -> str:

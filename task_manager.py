@@ -205,12 +205,13 @@ def upgrade_schema(engine: Engine) -> None:
 
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """SQLite: a lock file beside the database, as SQLite's own locks cannot span DDL checks."""
+    """SQLite: processes starting together migrate one at a time. flock() on the database
+    file itself; it does not interfere with SQLite's own (POSIX record) locks."""
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:":
         yield
         return
-    with open(f"{database}.migrate-lock", "a") as handle:
+    with open(database, "rb") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 

@@ -3,24 +3,22 @@ call the scan service and turn its errors into tool errors with a stable code.""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
-from fastmcp.server.dependencies import get_access_token
 from fastmcp.tools.function_tool import FunctionTool
 from fastmcp.utilities.json_schema import dereference_refs
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
+from auth import Identify
 from config import Settings
+from errors import tool_errors
 from models import Progress, ScanDiff, TaskAnswer, TaskList, TaskStatus
-from nmap_options import MAX_COMMAND_LENGTH, CommandError, describe_allowlist
-from scans import DEFAULT_PAGE, NotComparable, ScanService, ShuttingDown
-from targets import TargetError
-from task_manager import DatabaseUnavailable, QueueFull, TaskAlreadyFinished, TaskNotFound
+from nmap_options import MAX_COMMAND_LENGTH, describe_allowlist
+from scans import DEFAULT_PAGE, ScanService
 
 ToolFunction = Callable[..., Awaitable[Any]]
 
@@ -43,16 +41,6 @@ Target = Annotated[
     ),
 ]
 
-_ERROR_CODES: dict[type[Exception], str] = {
-    NotComparable: "not_comparable",
-    CommandError: "invalid_command",
-    TargetError: "invalid_target",
-    QueueFull: "queue_full",
-    TaskNotFound: "not_found",
-    TaskAlreadyFinished: "already_finished",
-    DatabaseUnavailable: "unavailable",
-    ShuttingDown: "unavailable",
-}
 _SCAN_ANNOTATIONS = ToolAnnotations(
     readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True
 )
@@ -98,12 +86,23 @@ Allowed options:
 {allowlist}"""
 
 
-def register_tools(mcp: FastMCP, service: ScanService, settings: Settings) -> None:
-    """Add every tool to `mcp`; each one acts for the token that authenticated the call."""
+def register_tools(
+    mcp: FastMCP, service: ScanService, settings: Settings, identify: Identify
+) -> dict[str, dict[str, Any]]:
+    """Add every tool to `mcp`; each one acts for the caller `identify` names. Returns each
+    tool's input schema (for the words of argument errors)."""
+    schemas: dict[str, dict[str, Any]] = {}
+
+    def caller() -> str:
+        name = identify()
+        if name is None:
+            raise ToolError("unauthenticated: this tool needs a valid token")
+        return name
+
     default_wait = settings.sync_timeout
     fresh = settings.result_freshness_seconds
 
-    @inlined_tool(mcp, description=QUICK_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, description=QUICK_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
     async def quick_scan(
         target: Target,
         ctx: Context,
@@ -116,7 +115,7 @@ def register_tools(mcp: FastMCP, service: ScanService, settings: Settings) -> No
             return await service.scan(caller(), service.quick(target), timeout=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
-    @inlined_tool(mcp, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
     async def full_scan(
         target: Target,
         ctx: Context,
@@ -127,7 +126,7 @@ def register_tools(mcp: FastMCP, service: ScanService, settings: Settings) -> No
             return await service.scan(caller(), service.full(target), timeout=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
-    @inlined_tool(mcp, description=custom_scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, description=custom_scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS)
     async def custom_scan(
         command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_LENGTH, description=(
             "nmap options and targets, without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'"
@@ -139,14 +138,14 @@ def register_tools(mcp: FastMCP, service: ScanService, settings: Settings) -> No
             return await service.scan(caller(), service.custom(command), timeout=timeout,
                                       on_progress=progress_reporter(ctx))
 
-    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def get_task_status(task_id: TaskId) -> TaskAnswer:
         """State, timings and progress (percent, phase, seconds left) of one of your scan
         tasks, without the result. Instant."""
         with tool_errors():
             return await service.status(caller(), task_id)
 
-    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def get_task_result(
         task_id: TaskId,
         format: Annotated[Literal["json", "xml", "csv"], Field(
@@ -162,14 +161,14 @@ def register_tools(mcp: FastMCP, service: ScanService, settings: Settings) -> No
         with tool_errors():
             return await service.result(caller(), task_id, format, view, offset, limit)
 
-    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def diff_scans(task_a: TaskId, task_b: TaskId) -> ScanDiff:
         """What changed between two of your finished scans (a: before, b: after): hosts
         that came up or went down, ports opened or closed, services or versions changed."""
         with tool_errors():
             return await service.diff(caller(), task_a, task_b)
 
-    @inlined_tool(mcp, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def list_tasks(
         status: Annotated[TaskStatus | None, Field(description="Only tasks in this state")] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="At most this many tasks")] = 20,
@@ -178,14 +177,18 @@ def register_tools(mcp: FastMCP, service: ScanService, settings: Settings) -> No
         with tool_errors():
             return await service.list(caller(), status, limit)
 
-    @inlined_tool(mcp, annotations=_CANCEL_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_CANCEL_ANNOTATIONS)
     async def cancel_task(task_id: TaskId) -> TaskAnswer:
         """Cancel one of your queued or running scans; a running nmap is stopped at once."""
         with tool_errors():
             return await service.cancel(caller(), task_id)
 
+    return schemas
 
-def inlined_tool(mcp: FastMCP, **options: Any) -> Callable[[ToolFunction], ToolFunction]:
+
+def inlined_tool(
+    mcp: FastMCP, schemas: dict[str, dict[str, Any]], **options: Any
+) -> Callable[[ToolFunction], ToolFunction]:
     """Register a tool with its JSON schemas inlined once, at start-up.
 
     For 2026-07-28 clients FastMCP lists the tools on every tools/call, and its
@@ -200,6 +203,7 @@ def inlined_tool(mcp: FastMCP, **options: Any) -> Callable[[ToolFunction], ToolF
         if tool.output_schema is not None:
             inlined["output_schema"] = dereference_refs(tool.output_schema)
         mcp.add_tool(tool.model_copy(update=inlined))
+        schemas[tool.name] = inlined["parameters"]
         return fn
 
     return register
@@ -218,21 +222,3 @@ def progress_reporter(ctx: Context) -> Callable[[Progress], Awaitable[None]]:
         await ctx.report_progress(progress.percent, 100, f"{progress.phase}: {progress.percent:.0f}%{left}")
 
     return report
-
-
-def caller() -> str:
-    """The name of the token that authenticated this request."""
-    token = get_access_token()
-    if token is None or not token.client_id:
-        raise ToolError("unauthenticated: this tool needs a valid token")
-    return token.client_id
-
-
-@contextlib.contextmanager
-def tool_errors() -> Iterator[None]:
-    """Turn the errors a caller can act on into ToolErrors with a stable code."""
-    try:
-        yield
-    except tuple(_ERROR_CODES) as e:
-        code = next(code for kind, code in _ERROR_CODES.items() if isinstance(e, kind))
-        raise ToolError(f"{code}: {e}") from e

@@ -1,0 +1,130 @@
+"""The errors callers see: every tool error starts with a stable code, then says in plain
+words what to change. Exceptions of the modules below become codes in `tool_errors()`;
+arguments that fail schema validation, unknown tools and internal failures are translated
+by `ToolErrorMiddleware`, so no caller ever reads library text or an external URL."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import mcp.types as mt
+from fastmcp.exceptions import NotFoundError, ToolError
+from fastmcp.exceptions import ValidationError as ArgumentsRefused
+from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
+from fastmcp.tools.base import ToolResult
+from pydantic import ValidationError
+
+from nmap_options import CommandError
+from nmap_report import clean_text
+from scans import NotComparable, ShuttingDown
+from targets import TargetError
+from task_manager import DatabaseUnavailable, QueueFull, TaskAlreadyFinished, TaskNotFound
+
+logger = logging.getLogger(__name__)
+CODES: dict[type[Exception], str] = {
+    NotComparable: "not_comparable",
+    CommandError: "invalid_command",
+    TargetError: "invalid_target",
+    QueueFull: "queue_full",
+    TaskNotFound: "not_found",
+    TaskAlreadyFinished: "already_finished",
+    DatabaseUnavailable: "unavailable",
+    ShuttingDown: "unavailable",
+}
+# What of a caller's own text an error may repeat (an argument's name, a tool's name).
+ECHO_LIMIT = 64
+
+
+@contextlib.contextmanager
+def tool_errors() -> Iterator[None]:
+    """Turn the errors a caller can act on into ToolErrors with a stable code."""
+    try:
+        yield
+    except tuple(CODES) as e:
+        code = next(code for kind, code in CODES.items() if isinstance(e, kind))
+        raise ToolError(f"{code}: {e}") from e
+
+
+class ToolErrorMiddleware(Middleware):
+    """Arguments refused by a tool's schema, unknown tools and unexpected failures, as coded
+    tool errors. `schemas` maps each tool to its input schema, for the bounds it states."""
+
+    def __init__(self, schemas: Mapping[str, dict[str, Any]]) -> None:
+        self._schemas = schemas
+
+    async def on_call_tool(
+        self,
+        context: MiddlewareContext[mt.CallToolRequestParams],
+        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
+    ) -> ToolResult:
+        name = context.message.name
+        try:
+            return await call_next(context)
+        except ToolError:
+            raise
+        except ArgumentsRefused as e:
+            if not isinstance(e.__cause__, ValidationError):
+                raise ToolError("invalid_argument: the arguments do not fit the tool's input schema") from e
+            schema = self._schemas.get(name, {})
+            raise ToolError("invalid_argument: " + describe_invalid_arguments(e.__cause__, name, schema)) from e
+        except NotFoundError as e:
+            raise ToolError(f"not_found: there is no tool {_echo(name)!r}; tools/list names them") from e
+        except Exception as e:
+            logger.exception("tool %s failed", name)
+            raise ToolError("internal_error: the tool failed unexpectedly; the server log has the details") from e
+
+
+def describe_invalid_arguments(error: ValidationError, tool: str, schema: Mapping[str, Any]) -> str:
+    """One sentence per refused argument, from the tool's schema: never the caller's input."""
+    properties: Mapping[str, Any] = schema.get("properties", {})
+    sentences = []
+    for item in error.errors():
+        argument = _echo(str(item["loc"][0])) if item["loc"] else "the arguments"
+        if item["type"] in ("missing_argument", "missing"):
+            sentences.append(f"{argument} is required")
+        elif item["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            sentences.append(f"{argument!r} is not an argument of {tool}; it takes {', '.join(properties)}")
+        elif argument in properties:
+            sentences.append(f"{argument} must be {expectation(properties[argument])}")
+        else:
+            sentences.append(f"{argument}: {_echo(item['msg'], 200)}")
+    return "; ".join(sentences)
+
+
+def expectation(prop: Mapping[str, Any]) -> str:
+    """What a JSON-schema property accepts, in words: 'a whole number from 5 to 300'."""
+    choices = [p for p in prop.get("anyOf", ()) if p.get("type") != "null"]
+    if choices:
+        return " or ".join(expectation(p) for p in choices) + " (or null)"
+    if "enum" in prop:
+        return "one of " + ", ".join(str(v) for v in prop["enum"])
+    kind = prop.get("type")
+    if kind == "integer":
+        return "a whole number" + _range(prop.get("minimum"), prop.get("maximum"))
+    if kind == "number":
+        return "a number" + _range(prop.get("minimum"), prop.get("maximum"))
+    if kind == "boolean":
+        return "true or false"
+    if kind == "string":
+        return "a string" + _length(prop.get("minLength"), prop.get("maxLength")) + (
+            f" matching {prop['pattern']}" if "pattern" in prop else "")
+    return f"of JSON type {kind}" if kind else "of another kind"
+
+
+def _range(low: object, high: object) -> str:
+    if low is not None and high is not None:
+        return f" from {low} to {high}"
+    return f" of at least {low}" if low is not None else (f" of at most {high}" if high is not None else "")
+
+
+def _length(low: object, high: object) -> str:
+    if low is not None and high is not None:
+        return f" of {low} to {high} characters"
+    return f" of at most {high} characters" if high is not None else ""
+
+
+def _echo(text: str, limit: int = ECHO_LIMIT) -> str:
+    return clean_text(text, limit)
