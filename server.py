@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import logging
 import re
 import shutil
@@ -74,7 +75,10 @@ from views import (
 )
 
 ToolFunction = Callable[..., Awaitable[Any]]
-VERSION = Path(__file__).with_name("VERSION").read_text(encoding="utf-8").strip()
+# A checkout has the VERSION file beside this module; an installed copy has only its metadata.
+_VERSION_FILE = Path(__file__).with_name("VERSION")
+VERSION = (_VERSION_FILE.read_text(encoding="utf-8").strip() if _VERSION_FILE.exists()
+           else importlib.metadata.version("nmap-mcp"))
 
 TaskId = Annotated[
     str,
