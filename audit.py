@@ -1,14 +1,25 @@
-"""The audit log: one JSON line per tool call, allowed or refused. Never a token.
+"""The audit log: JSON lines, written ahead, never a token.
 
-Tools add what they decided (canonical argv, resolved targets, task id) with `note()`;
-the middleware writes the record when the call ends, whatever the outcome.
+For every tools/call three moments are recorded, each as one line with the same `call` id:
+`accepted` before the tool runs (who, which tool, its arguments), `queued` the moment a scan
+tool's task exists (task id, the canonical argv nmap gets, resolved targets, pool), and `done`
+when the call ends (verdict with its reason, duration). A crash or `kill -9` mid-scan thus
+never loses the record of a scan that started.
+
+Each line is appended with one write(2) on a file opened O_APPEND (mode 0600), so it is in
+the kernel's hands before the tool goes on. When a line cannot be written (full disk,
+permissions), scan tools refuse with `unavailable: audit log not writable` unless
+`audit_fail_open`; that refusal is logged at most once a minute, not once per call.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
+import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,67 +32,120 @@ from fastmcp.tools.base import ToolResult
 
 from auth import Identify
 
-_details: ContextVar[dict[str, Any] | None] = ContextVar("audit_details", default=None)
+logger = logging.getLogger(__name__)
+# Tools that start scans: they do not run unaudited unless the operator chose fail-open.
+SCAN_TOOLS = frozenset({"quick_scan", "full_scan", "custom_scan", "scan"})
+ARGUMENTS_LIMIT = 4096
+WARN_EVERY_SECONDS = 60.0
+_current: ContextVar[AuditedCall | None] = ContextVar("audited_call", default=None)
 
 
-def note(**facts: Any) -> None:
-    """Attach facts to the audit record of the tool call in progress."""
-    details = _details.get()
-    if details is not None:
-        details.update(facts)
+def queued(**facts: Any) -> None:
+    """Record, now, that the tool call in progress created a task (task_id, argv, ...)."""
+    call = _current.get()
+    if call is not None:
+        call.queued(facts)
 
 
 class AuditLog:
-    """Appends JSON lines to a file through a private logger (no global logging state)."""
+    """Appends JSON lines to a file; `write` says whether the line reached the file."""
 
     def __init__(self, path: Path) -> None:
-        self._handler = logging.FileHandler(path, encoding="utf-8")
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
-        self._logger = logging.Logger("nmap_mcp.audit")  # noqa: LOG001 - private, never global
-        self._logger.addHandler(self._handler)
+        self._path = path
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        with self._lock:
+            self._open()
 
-    def write(self, record: dict[str, Any]) -> None:
-        self._logger.info(json.dumps(record, separators=(",", ":")))
+    def _open(self) -> bool:
+        """Open (create, mode 0600) the file if it is not open yet; False if it cannot be."""
+        if self._fd is None:
+            try:
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            except OSError as e:
+                logger.error("cannot open the audit log %s: %s", self._path, e.strerror)
+                return False
+        return True
+
+    def write(self, record: dict[str, Any]) -> bool:
+        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        with self._lock:
+            if not self._open():
+                return False
+            try:
+                return os.write(self._fd, line) == len(line)  # type: ignore[arg-type]
+            except OSError:
+                return False
 
     def close(self) -> None:
-        self._handler.close()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+class AuditedCall:
+    """One tools/call's lines."""
+
+    def __init__(self, log: AuditLog, token: str | None, tool: str) -> None:
+        self._log = log
+        self._base = {"call": uuid.uuid4().hex[:16], "token": token, "tool": tool}
+        self.facts: dict[str, Any] = {}
+
+    def write(self, event: str, **fields: Any) -> bool:
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        return self._log.write({"time": now, "event": event, **self._base, **fields})
+
+    def queued(self, facts: dict[str, Any]) -> None:
+        self.facts.update(facts)
+        self.write("queued", **facts)
 
 
 class AuditMiddleware(Middleware):
-    """Records every tools/call: who, what, the verdict with its reason, how long."""
+    """Writes the three lines of every tools/call; refuses scans it cannot audit."""
 
-    def __init__(self, log: AuditLog, identify: Identify) -> None:
+    def __init__(self, log: AuditLog, identify: Identify, *, fail_open: bool = False) -> None:
         self._log = log
         self._identify = identify
+        self._fail_open = fail_open
+        self._warned_at = float("-inf")
 
     async def on_call_tool(
         self,
         context: MiddlewareContext[mt.CallToolRequestParams],
         call_next: CallNext[mt.CallToolRequestParams, ToolResult],
     ) -> ToolResult:
-        details: dict[str, Any] = {}
-        reset = _details.set(details)
+        tool = context.message.name
+        call = AuditedCall(self._log, self._identify(), tool)
         started = time.perf_counter()
         verdict, reason = "allowed", None
+        reset = _current.set(call)
         try:
+            if not call.write("accepted", arguments=_bounded(context.message.arguments)):
+                self._warn_unwritable()
+                if tool in SCAN_TOOLS and not self._fail_open:
+                    raise ToolError("unavailable: audit log not writable; the scan was not started")
             return await call_next(context)
         except ToolError as e:
             verdict, reason = "refused", str(e)
             raise
         except Exception as e:
-            # Argument validation and internal failures; the class name is enough here.
             verdict, reason = "error", type(e).__name__
             raise
         finally:
-            _details.reset(reset)
-            self._log.write({
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "token": self._identify(),
-                "tool": context.message.name,
-                "argv": details.get("argv"),
-                "targets": details.get("targets"),
-                "task_id": details.get("task_id"),
-                "verdict": verdict,
-                "reason": reason,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            })
+            _current.reset(reset)
+            call.write("done", verdict=verdict, reason=reason, task_id=call.facts.get("task_id"),
+                       duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    def _warn_unwritable(self) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_SECONDS:
+            self._warned_at = now
+            action = "scans run unaudited (audit_fail_open)" if self._fail_open else "scan tools refuse"
+            logger.error("the audit log cannot be written (disk full or permissions?); %s until it can", action)
+
+
+def _bounded(arguments: dict[str, Any] | None) -> Any:
+    """The call's arguments, or a note that they were too long to record whole."""
+    text = json.dumps(arguments or {}, default=str)
+    return (arguments or {}) if len(text) <= ARGUMENTS_LIMIT else {"truncated": text[:ARGUMENTS_LIMIT]}

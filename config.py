@@ -33,10 +33,17 @@ from targets import parse_networks
 
 DEFAULT_CONFIG_PATH = Path("config.json")
 ENV_PREFIX = "NMAP_MCP_"
-MIN_SECRET_LENGTH = 16
+MIN_SECRET_LENGTH = 32
+# The secrets config.example.json shows: they never work as real ones.
+PLACEHOLDER_SECRETS = frozenset({
+    "REPLACE-ME-run-python-server.py---init-for-a-real-secret",
+    "REPLACE-ME-too-every-token-needs-its-own-secret",
+})
 # Where scans may go on a fresh install: private networks only. The public internet and
 # loopback must be allowed explicitly; the built-in deny list in targets.py always wins.
 PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+# Pool, worker-less caller and similar names: short, no spaces or punctuation beyond _.-
+POOL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # The name a seed-style single `token` is known by in task ownership and audit records.
 DEFAULT_TOKEN_NAME = "default"
 
@@ -62,13 +69,6 @@ class TokenConfig(BaseModel):
         if values is not None:
             parse_networks(values)
         return values
-
-    @field_validator("secret")
-    @classmethod
-    def _long_enough(cls, value: SecretStr) -> SecretStr:
-        if len(value.get_secret_value()) < MIN_SECRET_LENGTH:
-            raise ValueError(f"a token secret needs at least {MIN_SECRET_LENGTH} characters")
-        return value
 
 
 class Settings(BaseSettings):
@@ -96,9 +96,12 @@ class Settings(BaseSettings):
     # died or lost the database) is resolved by any process.
     lease_seconds: float = Field(default=30.0, ge=1, le=3600)
     worker_name: str | None = Field(default=None, min_length=1, max_length=128)
-    pool: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    pool: str = Field(default="default", pattern=POOL_NAME)
+    # Scanner pools and the networks each reaches: a scan goes to the pool whose networks
+    # hold all its addresses. Empty: every scan goes to the pool `default`.
+    pools: dict[str, list[str]] = Field(default_factory=dict)
     # Over stdio no token travels: the local client acts as this caller (its tasks' owner).
-    stdio_caller: str = Field(default="local", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    stdio_caller: str = Field(default="local", pattern=POOL_NAME)
     allowed_targets: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))
     denied_targets: list[str] = Field(default_factory=list)
     allow_loopback: bool = False
@@ -112,6 +115,8 @@ class Settings(BaseSettings):
     script_args_allowed: dict[str, str] = Field(default_factory=dict)
     script_db_path: str = ""
     audit_log: str = "audit.jsonl"
+    # When the audit log cannot be written: false refuses scans, true runs them unaudited.
+    audit_fail_open: bool = False
     max_answer_bytes: int = Field(default=60_000, ge=4_000, le=10_000_000)
     result_freshness_seconds: int = Field(default=300, ge=0, le=86_400)
     db_path: str = "nmap_tasks.db"
@@ -137,6 +142,17 @@ class Settings(BaseSettings):
         parse_networks(values)
         return values
 
+    @field_validator("pools")
+    @classmethod
+    def _pool_networks(cls, pools: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, networks in pools.items():
+            if not re.match(POOL_NAME, name):
+                raise ValueError(f"pool name {name[:64]!r} may hold only letters, digits, '_', '.' and '-'")
+            if not networks:
+                raise ValueError(f"pool {name!r} lists no networks")
+            parse_networks(networks)
+        return pools
+
     @field_validator("script_categories")
     @classmethod
     def _safe_categories(cls, values: list[str]) -> list[str]:
@@ -153,13 +169,6 @@ class Settings(BaseSettings):
             except re.error as e:
                 raise ValueError(f"the pattern for '{key}' is not a regular expression ({e})") from e
         return values
-
-    @field_validator("token")
-    @classmethod
-    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
-            raise ValueError(f"a token secret needs at least {MIN_SECRET_LENGTH} characters")
-        return value
 
     def named_secrets(self) -> dict[str, str]:
         """Token name -> secret, the single seed-style `token` included as 'default'."""
@@ -189,7 +198,37 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
         raise ConfigError(f"{path}: {describe_validation_error(e)}") from e
     if not settings.named_secrets():
         raise ConfigError(f"{path}: no token configured; set `token` or `tokens`")
-    return settings
+    if problems := secret_problems(settings.named_secrets()):
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return anchored(settings, path.parent)
+
+
+def anchored(settings: Settings, directory: Path) -> Settings:
+    """Relative file paths of the config mean: beside the config file (a local client that
+    starts the server over stdio may run it from any working directory)."""
+    files = {key: getattr(settings, key) for key in ("db_path", "audit_log", "script_db_path")}
+    update = {key: str(directory / value) for key, value in files.items()
+              if value and not Path(value).expanduser().is_absolute()}
+    return settings.model_copy(update=update)
+
+
+def secret_problems(named: dict[str, str]) -> list[str]:
+    """Why secrets are unfit, naming their tokens (never the secrets): too short, a
+    placeholder from config.example.json, or one secret shared by several tokens."""
+    fresh = "`python server.py --init -c NEW.json` writes a file with a fresh one"
+    problems = []
+    for name, secret in named.items():
+        if secret in PLACEHOLDER_SECRETS:
+            problems.append(f"token '{name}' still has the placeholder secret of config.example.json; {fresh}")
+        elif len(secret) < MIN_SECRET_LENGTH:
+            problems.append(f"token '{name}': its secret has {len(secret)} characters, fewer than "
+                            f"{MIN_SECRET_LENGTH}; {fresh}")
+    owners: dict[str, list[str]] = {}
+    for name, secret in named.items():
+        owners.setdefault(secret, []).append(name)
+    problems += [f"tokens {', '.join(repr(n) for n in names)} share one secret; give each its own"
+                 for names in owners.values() if len(names) > 1]
+    return problems
 
 
 def describe_validation_error(error: ValidationError) -> str:

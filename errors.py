@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from nmap_options import CommandError
 from nmap_report import clean_text
+from policy import NoPool
 from scans import NotComparable, ShuttingDown
 from targets import TargetError
 from task_manager import DatabaseUnavailable, QueueFull, TaskAlreadyFinished, TaskNotFound
@@ -33,6 +34,7 @@ CODES: dict[type[Exception], str] = {
     TaskAlreadyFinished: "already_finished",
     DatabaseUnavailable: "unavailable",
     ShuttingDown: "unavailable",
+    NoPool: "no_pool",
 }
 # What of a caller's own text an error may repeat (an argument's name, a tool's name).
 ECHO_LIMIT = 64

@@ -286,3 +286,29 @@ class ScanDiff(BaseModel):
     services_changed: list[PortChange]
     unchanged_open_ports: int
     truncated: bool = Field(default=False, description="True when the lists were cut to fit the answer size cap")
+
+
+class WorkerStatus(BaseModel):
+    """One scan worker, as its heartbeat last told."""
+
+    name: str
+    capacity: int = Field(description="Scans it runs at once at most")
+    running: int
+    heartbeat_at: float
+    alive: bool = Field(description="Its heartbeat is within the lease time")
+
+
+class PoolOverview(BaseModel):
+    """A scanner pool: the networks it reaches, its workers and its queue."""
+
+    pool: str
+    networks: list[str] = Field(description="Where its workers scan; empty: everything the policy allows")
+    queued: int
+    workers_alive: int
+    workers: list[WorkerStatus]
+
+
+class WorkerList(BaseModel):
+    """Every pool with its workers."""
+
+    pools: list[PoolOverview]

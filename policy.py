@@ -1,5 +1,5 @@
 """Per-token policy, built once from Settings: where scans may go, which tools a token may
-use, and which NSE scripts may run."""
+use, which NSE scripts may run, and which scanner pool a scan is routed to."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from pathlib import Path
 
 from config import ConfigError, Settings
 from nse_policy import BUILTIN_DENIED_SCRIPTS, ScriptPolicy, default_script_db, load_catalog
-from targets import TargetPolicy, parse_networks
+from targets import IPNetwork, TargetPolicy, parse_networks
+
+DEFAULT_POOL = "default"
+
+
+class NoPool(ValueError):
+    """No scanner pool reaches all of a scan's addresses; the message says how to split it."""
 
 
 class Policy:
@@ -30,6 +36,7 @@ class Policy:
             for name, spec in settings.tokens.items()
             if spec.allowed_targets is not None
         }
+        self.pools = {name: parse_networks(networks) for name, networks in settings.pools.items()}
         self.tool_scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_secrets())
         for name, spec in settings.tokens.items():
             if spec.tools is not None:
@@ -38,6 +45,50 @@ class Policy:
     def targets(self, owner: str) -> TargetPolicy:
         """The target policy of the caller's scans: the server's, narrowed for its token."""
         return self._targets.get(owner, self._base)
+
+    def route(self, targets: list[tuple[str, tuple[IPNetwork, ...]]], requested: str | None) -> str:
+        """The pool for a scan of `targets` (each target with the networks it covers): the
+        requested one if it reaches them all, else the pool whose networks hold them all most
+        narrowly. Without configured pools everything goes to `default`."""
+        if not self.pools:
+            if requested not in (None, DEFAULT_POOL):
+                raise NoPool(f"there is no pool {requested!r}: this server has only the pool '{DEFAULT_POOL}'")
+            return DEFAULT_POOL
+        if requested is not None and requested not in self.pools:
+            raise NoPool(f"there is no pool {requested!r}; the pools are {', '.join(self.pools)}")
+        candidates = [requested] if requested else list(self.pools)
+        fits = {name: self._span(name, targets) for name in candidates}
+        reaching = {name: span for name, span in fits.items() if span is not None}
+        if reaching:
+            return min(reaching, key=lambda name: (reaching[name], name))
+        raise NoPool(self._why_not(targets, requested))
+
+    def _span(self, pool: str, targets: list[tuple[str, tuple[IPNetwork, ...]]]) -> int | None:
+        """Addresses of the narrowest of the pool's networks holding each target, summed;
+        None when some target is outside all of them."""
+        total = 0
+        for _, networks in targets:
+            for network in networks:
+                holding = [n.num_addresses for n in self.pools[pool]
+                           if n.version == network.version and network.subnet_of(n)]  # type: ignore[arg-type]
+                if not holding:
+                    return None
+                total += min(holding)
+        return total
+
+    def _why_not(self, targets: list[tuple[str, tuple[IPNetwork, ...]]], requested: str | None) -> str:
+        homes = {target: [p for p in self.pools if self._span(p, [(target, nets)]) is not None]
+                 for target, nets in targets}
+        if requested:
+            outside = [target for target, pools in homes.items() if requested not in pools]
+            return f"pool {requested!r} does not reach {', '.join(outside)}; its networks are " + ", ".join(
+                str(n) for n in self.pools[requested])
+        nowhere = [target for target, pools in homes.items() if not pools]
+        if nowhere:
+            listing = "; ".join(f"{p}: {', '.join(str(n) for n in nets)}" for p, nets in self.pools.items())
+            return f"no scanner pool reaches {', '.join(nowhere)} (pools: {listing})"
+        split = "; ".join(f"{target} ({' or '.join(pools)})" for target, pools in homes.items())
+        return f"the targets are reached by different pools; scan them in separate calls: {split}"
 
 
 def script_policy(settings: Settings, nmap_path: str) -> ScriptPolicy:

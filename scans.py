@@ -16,7 +16,17 @@ from dataclasses import dataclass
 
 import audit
 from config import Settings
-from models import Progress, ScanDiff, ScanKind, TaskAnswer, TaskList, TaskStatus
+from models import (
+    PoolOverview,
+    Progress,
+    ScanDiff,
+    ScanKind,
+    TaskAnswer,
+    TaskList,
+    TaskStatus,
+    WorkerList,
+    WorkerStatus,
+)
 from nmap_options import parse_command
 from policy import Policy
 from scanner import build_argv, scan_options
@@ -59,6 +69,8 @@ class ScanRequest:
     targets: list[str]
     # Built-in scans may share an identical running task or a recent result.
     shareable: bool
+    # A scanner pool the caller asked for; None: routed by the targets' addresses.
+    pool: str | None = None
 
 
 class ScanService:
@@ -79,20 +91,20 @@ class ScanService:
 
     # ---- building requests ---------------------------------------------------------------
 
-    def quick(self, target: str) -> ScanRequest:
+    def quick(self, target: str, pool: str | None = None) -> ScanRequest:
         options = scan_options(ScanKind.QUICK, privileged=self._settings.privileged)
-        return ScanRequest(ScanKind.QUICK, options, [target], shareable=True)
+        return ScanRequest(ScanKind.QUICK, options, [target], shareable=True, pool=pool)
 
-    def full(self, target: str) -> ScanRequest:
+    def full(self, target: str, pool: str | None = None) -> ScanRequest:
         options = scan_options(ScanKind.FULL, privileged=self._settings.privileged)
-        return ScanRequest(ScanKind.FULL, options, [target], shareable=True)
+        return ScanRequest(ScanKind.FULL, options, [target], shareable=True, pool=pool)
 
-    def custom(self, command: str) -> ScanRequest:
+    def custom(self, command: str, pool: str | None = None) -> ScanRequest:
         """custom_scan's command, checked against the allowlist (CommandError if refused)."""
         parsed = parse_command(command, self.policy.scripts, privileged=self._settings.privileged)
         if "--host-timeout" not in parsed.options:
             parsed.options += ["--host-timeout", f"{self._settings.custom_host_timeout}s"]
-        return ScanRequest(ScanKind.CUSTOM, parsed.options, parsed.targets, shareable=False)
+        return ScanRequest(ScanKind.CUSTOM, parsed.options, parsed.targets, shareable=False, pool=pool)
 
     # ---- running them --------------------------------------------------------------------
 
@@ -109,13 +121,13 @@ class ScanService:
         resolved = await resolve_targets(request.targets, self.policy.targets(owner))
         argv = build_argv(self._nmap, request.options, resolved.nmap_targets, ipv6=resolved.ipv6,
                           privileged=self._settings.privileged)
-        audit.note(argv=argv, targets=list(resolved.nmap_targets))
+        pool = self.policy.route(list(zip(resolved.nmap_targets, resolved.networks, strict=True)), request.pool)
         share = request.shareable and not rescan
         record, reused = await self._store.submit(
-            owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds,
+            owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds, pool=pool,
             share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
         )
-        audit.note(task_id=record.id)
+        audit.queued(task_id=record.id, reused=reused, argv=argv, targets=list(resolved.nmap_targets), pool=pool)
         try:
             shown = await self.present(
                 await self._store.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing)
@@ -175,6 +187,20 @@ class ScanService:
         if self._worker is not None:
             await self._worker.wait_stopped(task_id, CANCEL_WAIT_SECONDS)
         return answer(await self._store.get(task_id, owner))
+
+    async def workers(self) -> WorkerList:
+        """Every pool (configured, or with workers or queued tasks) with its workers."""
+        seen = {status.pool: status for status in await self._store.pools(self._store.lease_seconds)}
+        names = sorted({*self.policy.pools, *seen, *( [self._worker.info.pool] if self._worker else [])})
+        overviews = []
+        for name in names:
+            status = seen.get(name)
+            workers = [WorkerStatus(**w) for w in status.workers] if status else []
+            overviews.append(PoolOverview(
+                pool=name, networks=[str(n) for n in self.policy.pools.get(name, ())],
+                queued=status.queued if status else 0, workers_alive=sum(w.alive for w in workers), workers=workers,
+            ))
+        return WorkerList(pools=overviews)
 
     async def health(self) -> str | None:
         """None when scans can run; else what is wrong, in words that reveal no configuration."""

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -41,7 +42,10 @@ from task_manager import TaskManager, create_db_engine
 from tools import register_tools
 from worker import Worker, resolve_expired_forever
 
-VERSION = Path(__file__).with_name("VERSION").read_text(encoding="utf-8").strip()
+# A checkout has the VERSION file beside this module; an installed copy has only its metadata.
+_VERSION_FILE = Path(__file__).with_name("VERSION")
+VERSION = (_VERSION_FILE.read_text(encoding="utf-8").strip() if _VERSION_FILE.exists()
+           else importlib.metadata.version("nmap-mcp"))
 logger = logging.getLogger(__name__)
 
 
@@ -137,7 +141,7 @@ def create_server(
         instructions="Network scans with nmap. Scans return a result or a task_id to poll.",
         auth=None if stdio else NamedTokenVerifier(settings.named_secrets()),
         lifespan=lifespan,
-        middleware=[AuditMiddleware(audit_log, identify),
+        middleware=[AuditMiddleware(audit_log, identify, fail_open=settings.audit_fail_open),
                     ToolScopeMiddleware(runtime.service.policy.tool_scopes, identify)],
         mask_error_details=True,
         strict_input_validation=True,
@@ -239,7 +243,7 @@ def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="server.py", description="nmap-mcp: nmap as an MCP server")
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description="nmap-mcp: nmap as an MCP server")
     parser.add_argument("-c", "--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
     parser.add_argument("--init", action="store_true", help="write a config with a fresh token and exit")
     parser.add_argument("--force", action="store_true", help="with --init: overwrite an existing config")

@@ -96,6 +96,8 @@ class ResolvedTargets:
     ipv6: bool
     address_count: int
     hostnames: dict[str, str] = field(default_factory=dict)
+    # The networks each of nmap_targets covers, in the same order.
+    networks: tuple[tuple[IPNetwork, ...], ...] = ()
 
 
 def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -121,6 +123,7 @@ async def resolve_targets(tokens: Sequence[str], policy: TargetPolicy) -> Resolv
     if len(tokens) > policy.max_targets:
         raise TargetError(f"{len(tokens)} targets given; at most {policy.max_targets} per call")
     nmap_targets: list[str] = []
+    covered: list[tuple[IPNetwork, ...]] = []
     hostnames: dict[str, str] = {}
     families: set[int] = set()
     total = 0
@@ -136,11 +139,12 @@ async def resolve_targets(tokens: Sequence[str], policy: TargetPolicy) -> Resolv
                 "scan a smaller range (for example a /24 or less)"
             )
         nmap_targets.append(nmap_target)
+        covered.append(tuple(network_list))
         if hostname:
             hostnames[nmap_target] = hostname
     if len(families) > 1:
         raise TargetError("IPv4 and IPv6 targets cannot be mixed in one scan; split the call")
-    return ResolvedTargets(tuple(nmap_targets), 6 in families, total, hostnames)
+    return ResolvedTargets(tuple(nmap_targets), 6 in families, total, hostnames, tuple(covered))
 
 
 async def _resolve_one(token: str, policy: TargetPolicy) -> tuple[str, list[IPNetwork], str]:

@@ -16,7 +16,7 @@ from pydantic import Field
 from auth import Identify
 from config import Settings
 from errors import tool_errors
-from models import Progress, ScanDiff, TaskAnswer, TaskList, TaskStatus
+from models import Progress, ScanDiff, TaskAnswer, TaskList, TaskStatus, WorkerList
 from nmap_options import MAX_COMMAND_LENGTH, describe_allowlist
 from scans import DEFAULT_PAGE, ScanService
 
@@ -41,6 +41,11 @@ Target = Annotated[
     ),
 ]
 
+PoolName = Annotated[
+    str | None,
+    Field(description="Scanner pool to run in (list_workers shows them); default: the pool that reaches the target",
+          pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
+]
 _SCAN_ANNOTATIONS = ToolAnnotations(
     readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True
 )
@@ -110,9 +115,10 @@ def register_tools(
             default_wait, 300
         ),
         rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
+        pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await service.scan(caller(), service.quick(target), timeout=timeout, rescan=rescan,
+            return await service.scan(caller(), service.quick(target, pool), timeout=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
@@ -121,9 +127,10 @@ def register_tools(
         ctx: Context,
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
         rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
+        pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await service.scan(caller(), service.full(target), timeout=timeout, rescan=rescan,
+            return await service.scan(caller(), service.full(target, pool), timeout=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, description=custom_scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS)
@@ -133,9 +140,10 @@ def register_tools(
         ))],
         ctx: Context,
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+        pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await service.scan(caller(), service.custom(command), timeout=timeout,
+            return await service.scan(caller(), service.custom(command, pool), timeout=timeout,
                                       on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
@@ -182,6 +190,13 @@ def register_tools(
         """Cancel one of your queued or running scans; a running nmap is stopped at once."""
         with tool_errors():
             return await service.cancel(caller(), task_id)
+
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    async def list_workers() -> WorkerList:
+        """Scanner pools: the networks each reaches, its workers (alive, capacity, running,
+        last heartbeat) and how many tasks wait in its queue. Instant."""
+        with tool_errors():
+            return await service.workers()
 
     return schemas
 

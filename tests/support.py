@@ -184,13 +184,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
 
 @dataclass
 class LiveServer:
-    """`python server.py -c CONFIG` running as a real process on a free port."""
+    """The server (`python server.py -c CONFIG` unless `program` says otherwise) as a real process on a free port."""
 
     config_path: Path
     log_path: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    # What runs with `-c CONFIG`: the checkout's server.py, or an installed `nmap-mcp`.
+    program: tuple[str, ...] = (sys.executable, str(ROOT / "server.py"))
 
     @property
     def url(self) -> str:
@@ -199,7 +201,7 @@ class LiveServer:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), "-c", str(self.config_path)],
+            [*self.program, "-c", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.config_path.parent,

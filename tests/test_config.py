@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import server
-from config import ConfigError, Settings, load_settings, write_new_config
+from config import PLACEHOLDER_SECRETS, ConfigError, Settings, load_settings, write_new_config
 from tests.support import ROOT, SECRETS
 
 
@@ -18,13 +18,17 @@ def write(path: Path, document: dict[str, object]) -> Path:
     return path
 
 
-def test_example_config_loads_and_shows_every_key() -> None:
+def test_example_config_shows_every_key_and_its_placeholders_never_work() -> None:
     example = json.loads((ROOT / "config.example.json").read_text())
-    settings = load_settings(ROOT / "config.example.json")
     assert set(example) == set(Settings.model_fields)
-    assert len(settings.named_secrets()) >= 2
     defaults = Settings.model_construct().model_dump(mode="json", exclude={"token", "tokens"})
     assert {k: v for k, v in example.items() if k not in ("token", "tokens")} == defaults
+    assert {spec["secret"] for spec in example["tokens"].values()} == PLACEHOLDER_SECRETS
+    with pytest.raises(ConfigError) as refused:
+        load_settings(ROOT / "config.example.json")
+    for name in example["tokens"]:
+        assert f"token '{name}' still has the placeholder secret of config.example.json" in str(refused.value)
+    assert "--init" in str(refused.value)
 
 
 def test_unknown_key_is_an_error_naming_the_key(tmp_path: Path) -> None:
@@ -33,12 +37,31 @@ def test_unknown_key_is_an_error_naming_the_key(tmp_path: Path) -> None:
         load_settings(path)
 
 
-def test_bad_values_are_named_without_echoing_secrets(tmp_path: Path) -> None:
-    path = write(tmp_path / "c.json", {"tokens": {"x": {"secret": "short"}}, "port": 70000})
-    with pytest.raises(ConfigError) as caught:
+def test_bad_values_are_named(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", {"tokens": {"x": {"secret": SECRETS["alice"]}}, "port": 70000})
+    with pytest.raises(ConfigError, match="'port'"):
         load_settings(path)
-    assert "'port'" in str(caught.value) and "'tokens.x.secret'" in str(caught.value)
-    assert "short" not in str(caught.value).replace("at least", "")
+
+
+@pytest.mark.parametrize(("tokens", "problem"), [
+    ({"ci": {"secret": "s" * 31}}, "token 'ci': its secret has 31 characters, fewer than 32"),
+    ({"a": {"secret": SECRETS["alice"]}, "b": {"secret": SECRETS["alice"]}}, "tokens 'a', 'b' share one secret"),
+    ({"ci": {"secret": "REPLACE-ME-too-every-token-needs-its-own-secret"}}, "token 'ci' still has the placeholder"),
+])
+def test_unfit_secrets_stop_the_server_naming_the_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tokens: dict[str, dict[str, str]], problem: str
+) -> None:
+    path = write(tmp_path / "c.json", {"tokens": tokens})
+    assert server.main(["-c", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert problem in error
+    for spec in tokens.values():
+        assert spec["secret"] not in error
+
+
+def test_a_single_seed_token_must_be_long_enough_too(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="token 'default': its secret has 12 characters"):
+        load_settings(write(tmp_path / "c.json", {"token": "twelve-chars"}))
 
 
 def test_a_token_is_required(tmp_path: Path) -> None:
@@ -76,7 +99,8 @@ def test_init_writes_a_private_config_with_a_fresh_token_and_refuses_to_overwrit
 ) -> None:
     path = tmp_path / "config.json"
     assert server.main(["--init", "-c", str(path)]) == 0
-    assert str(path) in capsys.readouterr().out
+    notice = capsys.readouterr()
+    assert str(path) in notice.err and f"-c {path}" in notice.err and notice.out == ""
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     first = load_settings(path).named_secrets()["default"]
     assert len(first) >= 43
@@ -106,6 +130,7 @@ def test_banner_hides_the_secret_unless_asked(tmp_path: Path) -> None:
     shown = server.banner(settings, show_token=True, config_path=path)
     assert secret not in hidden and "<TOKEN>" in hidden
     assert shown.count(secret) >= 12
-    for client in ("Claude Code", "Cursor", "VS Code", "Gemini CLI", "Codex", "DeepSOC"):
+    for client in ("Claude Code", "Claude Desktop", "Cursor", "Windsurf", "VS Code", "Gemini CLI", "Codex",
+                   "Antigravity", "ChatGPT", "LM Studio", "DeepSOC", "Cherry Studio"):
         assert client in hidden
     assert f"?token={secret}" in shown and f"Bearer {secret}" in shown

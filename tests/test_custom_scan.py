@@ -36,8 +36,16 @@ def banner() -> Iterator[BannerServer]:
 
 
 def audit_records(server: LiveServer) -> list[dict]:
+    """One record per tool call: its accepted, queued and done lines merged, in call order."""
     path = server.config_path.parent / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    calls: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        merged = calls.setdefault(entry["call"], {"argv": None, "targets": None, "events": []})
+        merged["events"].append(entry.pop("event"))
+        merged.update({k: v for k, v in entry.items() if v is not None or k not in merged})
+    assert all(call["events"][0] == "accepted" and call["events"][-1] == "done" for call in calls.values())
+    return list(calls.values())
 
 
 async def test_hostile_commands_are_refused_before_nmap_and_audited(
