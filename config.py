@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     # Scanner pools and the networks each reaches: a scan goes to the pool whose networks
     # hold all its addresses. Empty: every scan goes to the pool `default`.
     pools: dict[str, list[str]] = Field(default_factory=dict)
+    # A scan of more addresses than this is split into shards that workers run in parallel.
+    shard_addresses: int = Field(default=64, ge=1, le=65_536)
     # Over stdio no token travels: the local client acts as this caller (its tasks' owner).
     stdio_caller: str = Field(default="local", pattern=POOL_NAME)
     allowed_targets: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))

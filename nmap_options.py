@@ -234,7 +234,8 @@ def parse_command(command: str, scripts: ScriptPolicy, *, privileged: bool) -> P
         raise CommandError(f"the command could not be split into words: {e}") from e
     parsed = ParsedCommand()
     seen: dict[str, str] = {}
-    position = 0
+    # People paste whole command lines: a leading `nmap` is the program, not a target.
+    position = 1 if tokens and tokens[0] == "nmap" else 0
     while position < len(tokens):
         token = tokens[position]
         if token == "--":

@@ -46,8 +46,9 @@ class ScriptPolicy:
     args_allowed: Mapping[str, re.Pattern[str]] | None = None
 
     def expression(self, requested: Iterable[str]) -> str:
-        """The one `--script` value nmap receives for the caller's comma-separated picks."""
-        picks = sorted(set(requested))
+        """The one `--script` value nmap receives for the caller's comma-separated picks
+        (case does not matter: script names and categories are lower case)."""
+        picks = sorted({pick.lower() for pick in requested})
         for pick in picks:
             self._check_pick(pick)
         excluded = [*EXCLUDED_CATEGORIES, *self.denied]
@@ -111,6 +112,11 @@ def load_catalog(script_db: Path) -> dict[str, frozenset[str]]:
     return catalog
 
 
-def default_script_db(nmap_path: str) -> Path:
-    """Where nmap's own package keeps script.db: <prefix>/share/nmap/scripts/script.db."""
-    return Path(nmap_path).resolve().parent.parent / "share" / "nmap" / "scripts" / "script.db"
+def find_script_db(nmap_path: str, nmapdir: str | None) -> Path | None:
+    """nmap's script.db, looked for where nmap itself looks for its data: `NMAPDIR`, beside
+    the binary and in its ../share/nmap, then the usual share directories. `nmap_path` may be
+    a wrapper script anywhere; then the share directories find the real one's data."""
+    binary = Path(nmap_path).resolve().parent
+    candidates = [Path(nmapdir)] if nmapdir else []
+    candidates += [binary, binary.parent / "share" / "nmap", Path("/usr/local/share/nmap"), Path("/usr/share/nmap")]
+    return next((c / "scripts" / "script.db" for c in candidates if (c / "scripts" / "script.db").is_file()), None)

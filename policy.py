@@ -3,12 +3,13 @@ use, which NSE scripts may run, and which scanner pool a scan is routed to."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
 
 from config import ConfigError, Settings
-from nse_policy import BUILTIN_DENIED_SCRIPTS, ScriptPolicy, default_script_db, load_catalog
+from nse_policy import BUILTIN_DENIED_SCRIPTS, ScriptPolicy, find_script_db, load_catalog
 from targets import IPNetwork, TargetPolicy, parse_networks
 
 DEFAULT_POOL = "default"
@@ -93,7 +94,11 @@ class Policy:
 
 def script_policy(settings: Settings, nmap_path: str) -> ScriptPolicy:
     """The NSE policy, over the script database of the nmap that will run."""
-    script_db = Path(settings.script_db_path) if settings.script_db_path else default_script_db(nmap_path)
+    script_db = Path(settings.script_db_path) if settings.script_db_path else find_script_db(
+        nmap_path, os.environ.get("NMAPDIR"))
+    if script_db is None:
+        raise ConfigError(f"cannot find nmap's script database (scripts/script.db) for {nmap_path} in NMAPDIR, "
+                          "beside it or in /usr/share/nmap: set script_db_path")
     try:
         catalog = load_catalog(script_db)
     except (OSError, ValueError) as e:

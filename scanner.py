@@ -123,6 +123,13 @@ def sandbox_prefix() -> tuple[str, ...]:
     return (tools["setpriv"], "--pdeathsig", "KILL", "--", tools["prlimit"], "--fsize=0", "--")  # type: ignore[return-value]
 
 
+def nmap_environment() -> dict[str, str]:
+    """Nothing of ours (NMAP_ARGS and friends never reach nmap), except the operator's own
+    NMAPDIR, where an nmap installed elsewhere keeps its data."""
+    nmapdir = os.environ.get("NMAPDIR")
+    return _CLEAN_ENV | {"NMAPDIR": nmapdir} if nmapdir else dict(_CLEAN_ENV)
+
+
 async def run_nmap(argv: Sequence[str], *, time_limit: float, stdout_sink: Callable[[bytes], None]) -> NmapRun:
     """Run nmap once; kill its whole process group on timeout, cancellation or error."""
     started = time.monotonic()
@@ -134,7 +141,7 @@ async def run_nmap(argv: Sequence[str], *, time_limit: float, stdout_sink: Calla
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=workdir,
-            env=_CLEAN_ENV,
+            env=nmap_environment(),
             start_new_session=True,
         )
         try:

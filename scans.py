@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import audit
@@ -30,8 +30,8 @@ from models import (
 from nmap_options import parse_command
 from policy import Policy
 from scanner import build_argv, scan_options
-from targets import resolve_targets
-from task_manager import DatabaseUnavailable, TaskManager, TaskRecord
+from targets import IPNetwork, resolve_targets
+from task_manager import DatabaseUnavailable, Shard, TaskManager, TaskRecord
 from views import (
     answer,
     capped_diff,
@@ -71,6 +71,26 @@ class ScanRequest:
     shareable: bool
     # A scanner pool the caller asked for; None: routed by the targets' addresses.
     pool: str | None = None
+
+
+def shard(argv: list[str], networks: Sequence[Sequence[IPNetwork]], size: int) -> list[Shard]:
+    """Split a scan into shards of at most `size` addresses, each a copy of `argv` with its
+    own targets after `--`. Networks larger than `size` are cut into subnets; whole networks
+    are packed into shards in order, so that every address is scanned by exactly one shard."""
+    pieces: list[IPNetwork] = []
+    for network in (n for target in networks for n in target):
+        if network.num_addresses <= size:
+            pieces.append(network)
+        else:
+            bits = network.max_prefixlen - (size.bit_length() - 1)
+            pieces.extend(network.subnets(new_prefix=bits))
+    groups: list[list[IPNetwork]] = [[]]
+    for piece in pieces:
+        if sum(n.num_addresses for n in groups[-1]) + piece.num_addresses > size:
+            groups.append([])
+        groups[-1].append(piece)
+    options = argv[: argv.index("--") + 1]
+    return [Shard(target=" ".join(map(str, group)), argv=[*options, *map(str, group)]) for group in groups if group]
 
 
 class ScanService:
@@ -123,9 +143,12 @@ class ScanService:
                           privileged=self._settings.privileged)
         pool = self.policy.route(list(zip(resolved.nmap_targets, resolved.networks, strict=True)), request.pool)
         share = request.shareable and not rescan
+        shards = shard(argv, resolved.networks, self._settings.shard_addresses) \
+            if resolved.address_count > self._settings.shard_addresses else []
         record, reused = await self._store.submit(
             owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds, pool=pool,
             share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
+            shards=shards,
         )
         audit.queued(task_id=record.id, reused=reused, argv=argv, targets=list(resolved.nmap_targets), pool=pool)
         try:

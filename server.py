@@ -24,6 +24,7 @@ from pathlib import Path
 
 import uvicorn
 from fastmcp import FastMCP
+from sse_starlette.sse import AppStatus
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -190,6 +191,8 @@ class GracefulServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self._runtime.drain()
+        # The waiting calls have their answers now; SSE streams may close.
+        AppStatus.should_exit = True
         await super().shutdown(sockets)
 
 
@@ -305,6 +308,9 @@ def serve(settings: Settings, nmap_path: str, args: argparse.Namespace, config_p
               f"or set another `port` in {config_path}", file=sys.stderr)
         return 2
     mcp, runtime = create_server(settings, nmap_path, role=args.role)
+    # sse-starlette cuts every SSE response the moment SIGTERM arrives; calls still waiting on
+    # a scan must answer first (GracefulServer.shutdown lets the streams close afterwards).
+    AppStatus.disable_automatic_graceful_drain()
     config = uvicorn.Config(create_app(mcp, settings), log_config=None, lifespan="on")
     text = banner(settings, show_token=args.show_token, config_path=config_path.resolve())
     GracefulServer(config, runtime, text).run(sockets=[listener])

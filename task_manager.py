@@ -63,7 +63,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 NOTIFY_CHANNEL = "nmap_mcp"
 # A constant key for pg_advisory_xact_lock: submissions take it so the queue bound is exact.
 _SUBMIT_LOCK = 7_301_001
-# How often SQLite's data_version is checked for commits made by other processes.
+# How often SQLite's data_version is checked for commits made by other processes (and how
+# often everyone re-reads while PostgreSQL's notifications cannot be heard).
 SQLITE_POLL_SECONDS = 0.5
 # Threads for database calls (the engines' pools hold at least as many connections).
 DB_THREADS = 12
@@ -270,22 +271,28 @@ class ChangeFeed:
             await asyncio.gather(self._poller, return_exceptions=True)
 
     def _listen(self) -> None:
-        """PostgreSQL: a dedicated connection LISTENs; reconnects with backoff."""
+        """PostgreSQL: a dedicated connection LISTENs. While it cannot, everyone is woken every
+        half second to read for themselves, so that nothing waits on a notification that
+        cannot come; it reconnects as often."""
         url = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        delay = 0.5
+        lost = False
         while not self._stop.is_set():
             try:
-                with psycopg.connect(url, autocommit=True) as conn:
+                with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    delay = 0.5
+                    if lost:
+                        logger.info("change feed reconnected")
+                    lost = False
                     self._call(self.wake_all)  # whatever happened while we were not listening
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.5):
                             self._call(self.publish, note.payload)
             except psycopg.Error as e:
-                logger.warning("change feed lost its database connection (%s); reconnecting", type(e).__name__)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
+                if not lost:
+                    logger.warning("change feed lost its database connection (%s); retrying", type(e).__name__)
+                lost = True
+                self._call(self.wake_all)
+                self._stop.wait(SQLITE_POLL_SECONDS)
 
     def _call(self, fn: Callable[..., None], *args: str) -> None:
         assert self._loop is not None

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -39,7 +40,7 @@ class CheckFailed(Exception):
 
 async def call_tool(url: str, headers: dict[str, str], mode: str, name: str, args: dict[str, Any]) -> Any:
     """Call one tool with the official MCP client; return its structured content."""
-    async with httpx2.AsyncClient(headers=headers, timeout=120) as http:
+    async with refusals_explained(url, headers), httpx2.AsyncClient(headers=headers, timeout=120) as http:
         async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
             result = await client.call_tool(name, args)
     if result.is_error:
@@ -49,9 +50,24 @@ async def call_tool(url: str, headers: dict[str, str], mode: str, name: str, arg
 
 
 async def list_tool_names(url: str, headers: dict[str, str], mode: str) -> list[str]:
-    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+    async with refusals_explained(url, headers), httpx2.AsyncClient(headers=headers, timeout=30) as http:
         async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
             return [tool.name for tool in (await client.list_tools()).tools]
+
+
+@contextlib.asynccontextmanager
+async def refusals_explained(url: str, headers: dict[str, str]) -> AsyncIterator[None]:
+    """The MCP client reports any HTTP refusal as a generic error: when a call fails, ask
+    the server over plain HTTP whether it refused the token, and say so."""
+    try:
+        yield
+    except Exception as e:
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.post(url, json=_INITIALIZE, headers=_HEADERS | headers)
+        if response.status_code == 401:
+            reason = response.json().get("error_description", "") if response.content else ""
+            raise CheckFailed(f"HTTP 401, token not accepted: {reason}") from e
+        raise
 
 
 async def expect_refused(url: str, headers: dict[str, str]) -> str:
@@ -124,7 +140,7 @@ def describe(error: BaseException) -> str:
     """A one-line reason; unwraps the exception groups that anyio raises."""
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
         error = error.exceptions[0]
-    return f"{type(error).__name__}: {error}"
+    return str(error) if isinstance(error, CheckFailed) else f"{type(error).__name__}: {error}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,9 +131,9 @@ class Worker:
             # nmap has not started: when the lease expires the task is simply queued again.
             logger.warning("task %s not started: the task database is not reachable", record.id)
             return
-        outcome = await self._scan(record)
-        self._holding.discard(record.id)
-        await self._record(record, outcome)
+        # The lease stays renewed until the verdict is written: a result finished during a
+        # database outage is this worker's to record when the database is back.
+        await self._record(record, await self._scan(record))
 
     async def _scan(self, record: TaskRecord) -> ScanOutcome:
         if not os.access(record.argv[0], os.X_OK):
@@ -255,8 +255,18 @@ class LiveScan:
 
 
 async def resolve_expired_forever(store: TaskManager, interval: float) -> None:
-    """Any process: resolve tasks whose worker's lease expired, every `interval` s."""
+    """Any process: resolve tasks whose worker's lease expired, every `interval` s.
+
+    After this process could not reach the database, no lease is judged until the database
+    has answered for a whole lease period: the workers could not renew theirs either, and a
+    worker holding a finished result must get the chance to record it."""
+    trusted_from = float("-inf")
     while True:
-        with contextlib.suppress(DatabaseUnavailable):
-            await store.resolve_expired()
+        try:
+            if time.monotonic() >= trusted_from:
+                await store.resolve_expired()
+            else:
+                await store.ping()
+        except DatabaseUnavailable:
+            trusted_from = time.monotonic() + store.lease_seconds
         await asyncio.sleep(interval)

@@ -16,7 +16,6 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from nse_policy import default_script_db
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, write_config
 
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
@@ -86,7 +85,6 @@ def live_server(tmp_path: Path, nmap_wrapper: NmapWrapper) -> Iterator[Callable[
 
     def start(**overrides: object) -> LiveServer:
         overrides.setdefault("nmap_path", str(nmap_wrapper.path))
-        overrides.setdefault("script_db_path", str(default_script_db(REAL_NMAP)))
         config = write_config(tmp_path / "config.json", **overrides)
         server = LiveServer(config, tmp_path / "server.log", json.loads(config.read_text())["port"])
         server.start()

@@ -34,6 +34,18 @@ ALICE, BOB = SECRETS["alice"], SECRETS["bob"]
 POSTGRES_ADMIN_URL = os.environ.get("NMAP_MCP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+INITIALIZE = {
+    "jsonrpc": "2.0", "id": 1, "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def post(server: LiveServer, *, url: str | None = None, body: object = INITIALIZE, **headers: str) -> httpx.Response:
+    """One raw JSON-RPC POST (an initialize unless `body` says otherwise) to the server."""
+    return httpx.post(url or server.url, json=body, headers=MCP_HEADERS | headers, timeout=10)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port below 32768 (outside the ephemeral range) that nothing listens on."""
     for _ in range(200):
@@ -261,6 +273,18 @@ async def call_tool(
     async with httpx2.AsyncClient(headers=headers, timeout=120) as http:
         async with Client(streamable_http_client(target_url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
             return await client.call_tool(name, args)
+
+
+async def raw_tool_call(url: str, token: str, name: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+    """One tools/call as a single HTTP POST, without the follow-up requests an SDK client
+    may make (tools/list for output validation); returns the JSON-RPC result."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": args}}
+    headers = MCP_HEADERS | {"Authorization": f"Bearer {token}", "MCP-Protocol-Version": "2025-11-25"}
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        response = await http.post(url, json=body, headers=headers)
+    data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
+    message = json.loads(data[-1] if data else response.text)
+    return message["result"]
 
 
 def error_text(result: CallToolResult) -> str:

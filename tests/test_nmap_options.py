@@ -24,7 +24,7 @@ from nse_policy import (
     EXCLUDED_CATEGORIES,
     ScriptPolicy,
     ScriptPolicyError,
-    default_script_db,
+    find_script_db,
     load_catalog,
 )
 from scanner import build_argv
@@ -38,7 +38,7 @@ from targets import (
 from tests.commands import HOSTILE_COMMANDS, LEGITIMATE_COMMANDS, PRIVILEGED_COMMANDS
 
 NMAP = shutil.which("nmap") or "/usr/bin/nmap"
-CATALOG = load_catalog(default_script_db(NMAP))
+CATALOG = load_catalog(find_script_db(NMAP, None))  # type: ignore[arg-type]
 SCRIPTS = ScriptPolicy(catalog=CATALOG)
 POLICY = TargetPolicy(allowed=parse_networks(["0.0.0.0/0", "::/0"]), allow_loopback=True)
 PORTS = {"tmp": "/tmp/nmap-mcp-test", "p1": "10001", "p2": "10002", "banner": "10003"}
@@ -113,6 +113,22 @@ def test_the_server_adds_the_scan_type_and_keeps_canonical_spellings() -> None:
                               "--host-timeout", "90000ms"]
     assert parse_command("-p80,443 127.0.0.1", SCRIPTS, privileged=False).options == ["-sT", "-p", "80,443"]
     assert parse_command("-p - 127.0.0.1", SCRIPTS, privileged=True).options == ["-sS", "-p", "1-65535"]
+
+
+def test_a_pasted_command_line_may_start_with_nmap() -> None:
+    assert parse_command("nmap -p 22 127.0.0.1", SCRIPTS, privileged=False) == parse_command(
+        "-p 22 127.0.0.1", SCRIPTS, privileged=False)
+    with pytest.raises(CommandError, match="names no target"):
+        parse_command("nmap", SCRIPTS, privileged=False)
+    assert parse_command("-p 22 127.0.0.1 nmap", SCRIPTS, privileged=False).targets == ["127.0.0.1", "nmap"]
+
+
+def test_script_categories_and_names_are_case_insensitive() -> None:
+    upper = parse_command("--script DEFAULT,Safe,BANNER -p 22 127.0.0.1", SCRIPTS, privileged=False)
+    lower = parse_command("--script default,safe,banner -p 22 127.0.0.1", SCRIPTS, privileged=False)
+    assert upper.options == lower.options and "(banner or default or safe)" in " ".join(upper.options)
+    with pytest.raises(CommandError, match="'intrusive' is not allowed"):
+        parse_command("--script INTRUSIVE 127.0.0.1", SCRIPTS, privileged=False)
 
 
 def test_allowlisted_script_arguments_with_a_matching_value() -> None:

@@ -24,21 +24,11 @@ from tests.support import (
     error_text,
     failure_of,
     poll_until_finished,
+    post,
     wait_until,
 )
 
 pytestmark = pytest.mark.anyio
-INITIALIZE = {
-    "jsonrpc": "2.0", "id": 1, "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-
-
-def post(server: LiveServer, *, url: str | None = None, **headers: str) -> httpx.Response:
-    return httpx.post(url or server.url, json=INITIALIZE, headers=MCP_HEADERS | headers, timeout=10)
-
-
 async def test_auth_matrix_in_both_eras_and_no_token_in_any_log(
     live_server: StartServer, listeners: Listeners
 ) -> None:
@@ -249,7 +239,8 @@ async def test_test_client_passes_on_a_live_server_and_fails_with_a_wrong_token(
     assert ALICE not in good.stdout + good.stderr
     bad = run_test_client(server, "not-the-right-token-at-all")
     assert bad.returncode == 1
-    assert "FAIL url_token" in bad.stdout and "FAIL quick_scan" in bad.stdout
+    assert "FAIL url_token: HTTP 401, token not accepted: the token is not one of" in bad.stdout
+    assert "FAIL quick_scan: HTTP 401, token not accepted" in bad.stdout
     assert "PASS no_token" in bad.stdout
 
 

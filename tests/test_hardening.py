@@ -1,0 +1,325 @@
+"""The README's promises under hostile input and faults, through the real server over real HTTP:
+no secret in any log, answers a person can act on, the audit log written ahead, shutdown that
+answers, CORS, and the start-up checks of a newcomer's machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nse_policy import find_script_db
+from tests.support import (
+    ALICE,
+    BOB,
+    ROOT,
+    SECRETS,
+    LiveServer,
+    NmapWrapper,
+    StartServer,
+    call_tool,
+    error_text,
+    failure_of,
+    free_port,
+    post,
+    raw_tool_call,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.anyio
+WRONG = "wrong-secret-" + "w" * 30
+
+
+def base_url(server: LiveServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(live_server: StartServer) -> None:
+    """Every spelling of a URL token, on requests refused by the Host and Origin checks (421,
+    403), by authentication (401), routing (404), method (405) and size (413); then the good
+    ones. The server logs at DEBUG, uvicorn's access log included."""
+    server = live_server()
+    spellings = [f"?token={ALICE}", f"?TOKEN={BOB}", f"?access_token={ALICE}", f"?x=1;token={BOB}",
+                 f"?Access_Token={ALICE}", f"?token={ALICE}&token={WRONG}"]
+    mcp = server.url
+    for query in spellings:
+        assert post(server, url=mcp + query, Host="evil.example").status_code == 421
+        assert post(server, url=mcp + query, Origin="http://evil.example").status_code == 403
+        assert httpx.get(f"{base_url(server)}/nope{query}").status_code == 404
+        assert httpx.get(mcp + query, headers={"Accept": "text/event-stream"}).status_code == 405
+        big = httpx.post(mcp + query, content=b"x" * (4 * 1024 * 1024 + 10),
+                         headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
+        assert big.status_code == 413
+    assert post(server, url=f"{mcp};token={WRONG}").status_code == 401
+    assert post(server, url=f"{mcp}?Access_Token={WRONG}").status_code == 401
+    assert post(server, url=f"{mcp}?token={WRONG}").status_code == 401
+    assert post(server, url=f"{mcp}?TOKEN={ALICE}").status_code == 200
+    assert post(server, url=f"{mcp}/?token={ALICE}").status_code == 200, "a trailing slash must not redirect"
+    await call_tool(server.url, ALICE, "list_tasks", {}, via="query")
+    server.stop()
+    logs = server.log_text() + (server.config_path.parent / "audit.jsonl").read_text()
+    for status in (421, 403, 404, 405, 413, 401, 200):
+        assert f'HTTP/1.1" {status}' in logs, f"the access log must show the {status}s"
+    for secret in (*SECRETS.values(), WRONG):
+        assert secret not in logs
+
+
+async def test_a_trailing_slash_is_the_endpoint_itself(live_server: StartServer) -> None:
+    server = live_server()
+    answer = post(server, url=f"{server.url}/?token={ALICE}")
+    assert answer.status_code == 200 and "location" not in answer.headers
+
+
+async def test_401_says_in_plain_words_what_is_wrong(live_server: StartServer) -> None:
+    server = live_server()
+    missing = post(server)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == 'Bearer realm="nmap-mcp"'
+    assert missing.json()["error_description"].startswith("no token: send 'Authorization: Bearer <token>'")
+    for wrong in (post(server, Authorization=f"Bearer {WRONG}"), post(server, url=f"{server.url}?token={WRONG}")):
+        assert wrong.status_code == 401 and 'error="invalid_token"' in wrong.headers["www-authenticate"]
+        text = wrong.json()["error_description"]
+        assert "is not one of this server's tokens" in text and "config file" in text
+        assert "register" not in text.replace("nothing can be registered", "")
+    off = live_server(allow_query_token=False)
+    refused = post(off, url=f"{off.url}?token={ALICE}")
+    assert refused.status_code == 401 and "allow_query_token is false" in refused.json()["error_description"]
+
+
+@pytest.mark.parametrize(("tool", "arguments", "message"), [
+    ("quick_scan", {"target": "127.0.0.1", "timeout": 4}, "invalid_argument: timeout must be a whole number from 5 to 300"),
+    ("quick_scan", {"target": "127.0.0.1", "timeout": "30"}, "invalid_argument: timeout must be a whole number"),
+    ("quick_scan", {}, "invalid_argument: target is required"),
+    ("quick_scan", {"target": "x" * 5000}, "invalid_argument: target must be a string of 1 to 253 characters"),
+    ("quick_scan", {"target": "127.0.0.1", "colour": "red"},
+     "invalid_argument: 'colour' is not an argument of quick_scan; it takes target, timeout, rescan, pool"),
+    ("get_task_result", {"task_id": "../../etc/passwd"}, "invalid_argument: task_id must be a string matching"),
+    ("get_task_result", {"task_id": "00000000-0000-4000-8000-000000000000", "format": "pdf"},
+     "invalid_argument: format must be one of json, xml, csv"),
+    ("no_such_tool", {}, "not_found: there is no tool 'no_such_tool'"),
+])
+async def test_every_tool_error_starts_with_a_code_and_never_quotes_a_library(
+    live_server: StartServer, tool: str, arguments: dict[str, object], message: str
+) -> None:
+    server = live_server()
+    for mode in ("legacy", "auto"):
+        text = error_text(await call_tool(server.url, ALICE, tool, arguments, mode=mode))
+        assert text.startswith(message), (mode, text)
+        assert "http" not in text and "pydantic" not in text and "x" * 201 not in text
+
+
+async def test_batches_and_bodies_that_are_not_one_message_get_short_json_rpc_errors(live_server: StartServer) -> None:
+    server = live_server()
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    batch = post(server, body=[{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}], **auth)
+    assert batch.status_code == 400 and batch.json()["error"] == {
+        "code": -32600, "message": "Invalid Request: JSON-RPC batches are not supported; send one message per request"}
+    garbage = httpx.post(server.url, content=b"{not json", headers={"Content-Type": "application/json",
+                         "Accept": "application/json, text/event-stream", **auth})
+    assert garbage.status_code == 400 and garbage.json()["error"]["code"] == -32700
+    odd = post(server, body={"jsonrpc": "2.0", "id": 1, "method": 5}, **auth)
+    assert odd.status_code == 400 and odd.json()["error"]["message"] == 'Invalid Request: "method" must be a string'
+    for answer in (batch, garbage, odd):
+        assert "pydantic" not in answer.text and "http" not in answer.text
+    assert post(server, body=[1, 2]).status_code == 401, "the token is checked before the body is"
+
+
+async def test_healthz_is_503_with_the_reason_when_nmap_cannot_run(
+    live_server: StartServer, nmap_wrapper: NmapWrapper
+) -> None:
+    server = live_server()
+    healthy = httpx.get(f"{base_url(server)}/healthz")
+    assert healthy.status_code == 200 and set(healthy.json()) == {"status", "version"}
+    nmap_wrapper.path.unlink()
+    sick = httpx.get(f"{base_url(server)}/healthz")
+    assert sick.status_code == 503 and sick.json()["reason"] == "nmap cannot be run"
+    assert str(nmap_wrapper.path) not in sick.text
+    failed = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1"})).structured_content
+    assert failed["status"] == "failed" and failed["error"] == f"nmap not found at {nmap_wrapper.path}"
+
+
+def audit_lines(server: LiveServer) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (server.config_path.parent / "audit.jsonl").read_text().splitlines()]
+
+
+async def test_the_audit_record_of_a_scan_survives_kill_9(live_server: StartServer, nmap_wrapper: NmapWrapper) -> None:
+    nmap_wrapper.set_delay(30)
+    server = live_server()
+    started = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 5})).structured_content
+    assert started["status"] == "running"
+    server.kill()
+    lines = [line for line in audit_lines(server) if line["tool"] == "quick_scan"]
+    assert [line["event"] for line in lines] == ["accepted", "queued", "done"]
+    server.start()
+    # A second scan, cut off by kill -9 while the call still waits: no `done`, but the rest.
+    waiting = asyncio.create_task(call_tool(server.url, BOB, "quick_scan", {"target": "127.0.0.2", "timeout": 60}))
+    assert await asyncio.to_thread(wait_until, lambda: len(nmap_wrapper.alive()) == 1, 10)
+    server.kill()
+    await failure_of(waiting)  # the connection dies with the server
+    cut = [line for line in audit_lines(server) if line["token"] == "bob"]
+    assert [line["event"] for line in cut] == ["accepted", "queued"]
+    assert cut[1]["task_id"] and cut[1]["argv"][-1] == "127.0.0.2"  # type: ignore[index]
+
+
+@pytest.fixture
+def tiny_disk() -> Iterator[Path]:
+    """A 1 MiB tmpfs, filled up: nothing more can be written there."""
+    mount = Path(tempfile.mkdtemp(prefix="nmap-mcp-full-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        (mount / "audit.jsonl").touch()
+        subprocess.run(["dd", "if=/dev/zero", f"of={mount}/filler", "bs=64k"], capture_output=True)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        mount.rmdir()
+
+
+async def test_scans_refuse_when_the_audit_log_cannot_be_written(
+    live_server: StartServer, nmap_wrapper: NmapWrapper, tiny_disk: Path
+) -> None:
+    server = live_server(audit_log=str(tiny_disk / "audit.jsonl"))
+    for target in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+        refused = await call_tool(server.url, ALICE, "quick_scan", {"target": target})
+        assert error_text(refused) == "unavailable: audit log not writable; the scan was not started"
+    listed = await call_tool(server.url, ALICE, "list_tasks", {})
+    assert not listed.is_error and listed.structured_content == {"tasks": []}
+    assert nmap_wrapper.pids() == []
+    assert server.log_text().count("the audit log cannot be written") == 1, "logged once a minute, not per call"
+    server.stop()
+    open_server = live_server(audit_log=str(tiny_disk / "audit.jsonl"), audit_fail_open=True)
+    ran = (await call_tool(open_server.url, ALICE, "quick_scan", {"target": "127.0.0.1"})).structured_content
+    assert ran["status"] == "completed" and "scans run unaudited" in open_server.log_text()
+    open_server.stop()  # before the disk is unmounted
+
+
+async def test_sigterm_answers_every_waiting_call_with_its_task(
+    live_server: StartServer, nmap_wrapper: NmapWrapper
+) -> None:
+    nmap_wrapper.set_delay(30)
+    server = live_server(max_concurrent_tasks=1, shutdown_grace_seconds=0.5)
+    calls = [asyncio.create_task(raw_tool_call(server.url, ALICE, "custom_scan",
+                                               {"command": f"-p {port} 127.0.0.1", "timeout": 120}))
+             for port in (1, 2)]
+    assert await asyncio.to_thread(wait_until, lambda: len(nmap_wrapper.alive()) == 1, 10)
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    answers = [result["structuredContent"] for result in await asyncio.wait_for(asyncio.gather(*calls), 20)]
+    assert sorted(answer["status"] for answer in answers) == ["interrupted", "queued"]
+    assert all(answer["task_id"] for answer in answers)
+    assert server.process.wait(10) == -signal.SIGTERM, "uvicorn ends by re-raising the signal it caught"
+    assert nmap_wrapper.alive() == []
+    nmap_wrapper.set_delay(0)
+    server.start()
+    [queued] = [answer for answer in answers if answer["status"] == "queued"]
+    final = (await call_tool(server.url, ALICE, "get_task_status", {"task_id": queued["task_id"]})).structured_content
+    for _ in range(50):
+        if final["status"] == "completed":
+            break
+        await asyncio.sleep(0.2)
+        final = (await call_tool(server.url, ALICE, "get_task_status", {"task_id": queued["task_id"]})
+                 ).structured_content
+    assert final["status"] == "completed", "a queued task waits for the next start"
+
+
+async def test_cors_preflight_and_origin_protection_agree(live_server: StartServer) -> None:
+    server = live_server(cors_origins=["http://app.example"])
+    preflight = httpx.options(server.url, headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, mcp-protocol-version, mcp-session-id"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+    allowed = {h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")}
+    assert {"authorization", "mcp-session-id", "mcp-protocol-version", "content-type"} <= allowed
+    call = post(server, Origin="http://app.example", Authorization=f"Bearer {ALICE}")
+    assert call.status_code == 200 and call.headers["access-control-allow-origin"] == "http://app.example"
+    assert post(server, Origin="http://other.example", Authorization=f"Bearer {ALICE}").status_code == 403
+    other = httpx.options(server.url, headers={"Origin": "http://other.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers
+    without = live_server()
+    plain = httpx.options(without.url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in plain.headers
+
+
+def run_server(config: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if user == "nobody" else []
+    return subprocess.run([*prefix, sys.executable, str(ROOT / "server.py"), "-c", str(config), *args],
+                          capture_output=True, text=True, timeout=60, cwd=config.parent)
+
+
+def test_a_busy_port_is_one_clear_line_and_no_banner(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.json")
+    port = json.loads(config.read_text())["port"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        finished = run_server(config)
+    assert finished.returncode == 2
+    assert finished.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert "listening on" not in finished.stdout and "--print-config" not in finished.stdout
+
+
+def test_privileged_without_raw_sockets_is_a_start_up_error_saying_how_to_grant_them() -> None:
+    home = Path(tempfile.mkdtemp(prefix="nmap-mcp-nobody-"))
+    try:
+        home.chmod(0o777)
+        config = write_config(home / "config.json", privileged=True)
+        config.chmod(0o644)
+        finished = run_server(config, user="nobody")
+        assert finished.returncode == 2, finished.stderr
+        assert "privileged is true but this process is not root" in finished.stderr
+        assert "setcap cap_net_raw,cap_net_admin+eip" in finished.stderr
+    finally:
+        subprocess.run(["rm", "-rf", str(home)], check=True)
+
+
+def test_hints_print_a_command_that_works(tmp_path: Path) -> None:
+    config = tmp_path / "fresh.json"
+    wrote = subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    assert wrote.returncode == 0 and wrote.stdout == ""
+    hint = wrote.stderr.split("then run: ", 1)[1].strip()
+    assert hint.endswith(f"server.py -c {config}")
+    again = subprocess.run([*shlex.split(hint), "--print-config", "cursor"], capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0 and json.loads(again.stdout)["mcpServers"]["nmap"]["headers"]
+
+
+def test_nmaps_data_is_found_as_nmap_finds_it(tmp_path: Path) -> None:
+    wrapper = tmp_path / "bin" / "nmap"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\nexec /usr/bin/nmap \"$@\"\n")
+    assert find_script_db(str(wrapper), None) == Path("/usr/share/nmap/scripts/script.db")
+    mine = tmp_path / "data"
+    (mine / "scripts").mkdir(parents=True)
+    (mine / "scripts" / "script.db").write_text('Entry { filename = "x.nse", categories = { "safe", } }\n')
+    assert find_script_db(str(wrapper), str(mine)) == mine / "scripts" / "script.db"
+    assert find_script_db(str(wrapper), str(tmp_path / "nothing")) == Path("/usr/share/nmap/scripts/script.db")
+
+
+def test_files_holding_secrets_or_results_are_private(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    assert subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)],
+                          capture_output=True, timeout=60).returncode == 0
+    document = json.loads(config.read_text()) | {"port": free_port()}
+    config.write_text(json.dumps(document))
+    server = LiveServer(config, tmp_path / "server.log", document["port"])
+    server.start()
+    try:
+        for name in ("config.json", "nmap_tasks.db", "audit.jsonl"):
+            assert (tmp_path / name).stat().st_mode & 0o077 == 0, name
+    finally:
+        server.stop()
+    ignored = subprocess.run(["git", "check-ignore", "config.json", "nmap_tasks.db", "nmap_tasks.db-wal",
+                              "audit.jsonl"], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["config.json", "nmap_tasks.db", "nmap_tasks.db-wal", "audit.jsonl"]
