@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, write_config
+from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
 
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
 
@@ -54,12 +52,8 @@ def nmap_wrapper(tmp_path: Path) -> NmapWrapper:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this session, dropped at the end."""
-    name = f"nmap_mcp_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database() as name:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -8,19 +8,22 @@ import json
 import os
 import random
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import httpx2
+import psycopg
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
@@ -69,6 +72,66 @@ def postgres_socket_url(database: str) -> str:
     query = {"host": socket_dir, "port": port}
     socket_url = URL.create(url.drivername, url.username, url.password, database=database, query=query)
     return socket_url.render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    """A new database on the test PostgreSQL server, dropped (with its connections) at the end; yields its name."""
+    name = f"nmap_mcp_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def postgres_bindir() -> Path:
+    """Where initdb and pg_ctl are: the newest /usr/lib/postgresql/N/bin on Debian, else PATH."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name.split(".")[0]))
+    return versions[-1] if versions else Path(shutil.which("initdb") or "initdb").parent
+
+
+def as_postgres(argv: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL program as user postgres (the server refuses root)."""
+    runuser = ["runuser", "-u", "postgres", "--"]
+    return subprocess.run([*runuser, *argv], cwd=cwd, capture_output=True, text=True, check=check)
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own, never the machine's: owned by user postgres, its
+    data and its unix socket (its only way in) in `directory`, stopped and started at will."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self._data = directory / "data"
+        self._pg_ctl = str(postgres_bindir() / "pg_ctl")
+        shutil.chown(directory, "postgres", "postgres")
+        initdb = [str(postgres_bindir() / "initdb"), "-D", str(self._data), "-U", "postgres", "--auth=trust",
+                  "--no-sync", "--no-locale", "-E", "UTF8"]
+        as_postgres(initdb, directory)
+        with (self._data / "postgresql.conf").open("a") as conf:
+            conf.write(f"listen_addresses = ''\nport = {self.port}\nunix_socket_directories = '{directory}'\n"
+                       "fsync = off\n")
+
+    def url(self, database: str = "postgres") -> str:
+        """A URL for `database` over the socket, as a service config takes it."""
+        return f"postgresql://postgres@/{database}?host={self.directory}&port={self.port}"
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        as_postgres([self._pg_ctl, "-D", str(self._data), "-l", str(self.directory / "log"), "-w", "start"],
+                    self.directory)
+
+    def stop(self, mode: str = "fast") -> None:
+        """`pg_ctl stop -m MODE`: fast ends every session at once, immediate does not even checkpoint."""
+        as_postgres([self._pg_ctl, "-D", str(self._data), "-m", mode, "-w", "stop"], self.directory)
+
+    def running(self) -> bool:
+        status = [self._pg_ctl, "-D", str(self._data), "status"]
+        return as_postgres(status, self.directory, check=False).returncode == 0
 
 
 def top_ports(count: int = 100) -> list[int]:
@@ -194,6 +257,16 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
     return condition()
 
 
+async def eventually(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """`wait_until` for async tests: the event loop (and calls under way on it) keeps running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(interval)
+    return condition()
+
+
 @dataclass
 class LiveServer:
     """The server (`python server.py -c CONFIG` unless `program` says otherwise) as a real process on a free port."""
@@ -248,6 +321,59 @@ class LiveServer:
 
 
 StartServer = Callable[..., "LiveServer"]
+
+
+def server_argv(config: Path, *options: str, prefix: Sequence[str] = ()) -> list[str]:
+    """`python server.py -c CONFIG OPTIONS`, run under `prefix` (`ip netns exec NS`, `unshare ...`)."""
+    return [*prefix, sys.executable, str(ROOT / "server.py"), "-c", str(config), *options]
+
+
+@dataclass
+class ServiceProcess:
+    """A process in a session of its own, stopped by its process group: a signal reaches it
+    and whatever wraps it (`ip netns exec` execs it, `unshare --fork` waits for it)."""
+
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def check_running(self) -> None:
+        """Raise with its log when it has exited."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.argv} exited with {self.process.returncode}:\n{self.log_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group, as a crash would."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM to the group; SIGKILL when it has not exited within `timeout` s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 def write_config(path: Path, **overrides: object) -> Path:

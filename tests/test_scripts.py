@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support import ROOT, free_port, postgres_socket_url
+from tests.support import ROOT, as_postgres, free_port, postgres_bindir, postgres_socket_url
 
 # The PostgreSQL variables a developer's shell may carry; the scripts must not depend on them.
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "NMAP_MCP_TEST_POSTGRES")
@@ -30,18 +30,6 @@ with psycopg.connect(os.environ["NMAP_MCP_TEST_POSTGRES"], autocommit=True) as c
     conn.execute("CREATE DATABASE probe")
     print(conn.execute("SHOW data_directory").fetchone()[0])
 """
-
-
-def postgres_bindir() -> Path:
-    """Where initdb and pg_ctl are: the newest /usr/lib/postgresql/N/bin on Debian, else PATH."""
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name.split(".")[0]))
-    return versions[-1] if versions else Path(shutil.which("initdb") or "initdb").parent
-
-
-def as_postgres(argv: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL program as user postgres (the server refuses root)."""
-    runuser = ["runuser", "-u", "postgres", "--"]
-    return subprocess.run([*runuser, *argv], cwd=cwd, capture_output=True, text=True, check=check)
 
 
 @pytest.fixture
