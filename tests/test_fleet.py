@@ -23,7 +23,6 @@ from typing import Any, Self
 import httpx
 import pytest
 
-from tests.conftest import REAL_NMAP
 from tests.support import (
     ALICE,
     Listeners,
