@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     max_concurrent_tasks: int = Field(default=10, ge=1, le=256)
     max_queued_tasks: int = Field(default=100, ge=1, le=100_000)
     max_scan_seconds: int = Field(default=3600, ge=10, le=86_400)
+    # full_scan's second phase (version detection on the open ports) stops after this long;
+    # the ports from its first phase are kept either way.
+    version_detection_seconds: int = Field(default=300, ge=5, le=86_400)
     shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=300)
     # A worker renews the lease of each scan it runs; a task whose lease expired (its worker
     # died or lost the database) is resolved by any process.
@@ -119,7 +122,8 @@ class Settings(BaseSettings):
     audit_log: str = "audit.jsonl"
     # When the audit log cannot be written: false refuses scans, true runs them unaudited.
     audit_fail_open: bool = False
-    max_answer_bytes: int = Field(default=60_000, ge=4_000, le=10_000_000)
+    # No tool answer takes more bytes on the wire (both copies of it, see views.wire_size).
+    max_answer_bytes: int = Field(default=60_000, ge=8_000, le=10_000_000)
     result_freshness_seconds: int = Field(default=300, ge=0, le=86_400)
     db_path: str = "nmap_tasks.db"
     database_url: str | None = None

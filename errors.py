@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools.base import ToolResult
 from pydantic import ValidationError
 
+from inventory import InventoryQueryError
 from nmap_options import CommandError
 from nmap_report import clean_text
 from policy import NoPool
@@ -35,7 +37,9 @@ CODES: dict[type[Exception], str] = {
     DatabaseUnavailable: "unavailable",
     ShuttingDown: "unavailable",
     NoPool: "no_pool",
+    InventoryQueryError: "invalid_argument",
 }
+CODED = re.compile(r"^[a-z][a-z_]*: ")
 # What of a caller's own text an error may repeat (an argument's name, a tool's name).
 ECHO_LIMIT = 64
 
@@ -65,8 +69,11 @@ class ToolErrorMiddleware(Middleware):
         name = context.message.name
         try:
             return await call_next(context)
-        except ToolError:
-            raise
+        except ToolError as e:
+            if CODED.match(str(e)):
+                raise
+            # FastMCP's own mask ("Error calling tool 'x'"); it has logged the traceback.
+            raise ToolError("internal_error: the tool failed unexpectedly; the server log has the details") from e
         except ArgumentsRefused as e:
             if not isinstance(e.__cause__, ValidationError):
                 raise ToolError("invalid_argument: the arguments do not fit the tool's input schema") from e

@@ -125,6 +125,47 @@ workers = Table(
     Column("heartbeat_at", Float, nullable=False),
 )
 
+# The inventory: the latest known state of every host and port a token's scans have seen,
+# kept as results are written. address_key orders and ranges addresses of one family as
+# text ("4" + 8 hex digits, "6" + 32), so a network filter is a BETWEEN in any database.
+inventory_hosts = Table(
+    "inventory_hosts",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("address", String(45), primary_key=True),
+    Column("address_key", String(33), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("hostnames", Text, nullable=False, server_default="[]"),
+    Column("os", Text, nullable=False, server_default=""),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("changed_at", Float, nullable=False),
+    Column("last_task_id", String(36), nullable=False),
+    Index("ix_inventory_hosts_owner_key", "owner", "address_key"),
+)
+inventory_ports = Table(
+    "inventory_ports",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("address", String(45), primary_key=True),
+    Column("protocol", String(8), primary_key=True),
+    Column("port", Integer, primary_key=True),
+    Column("address_key", String(33), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("service", String(64), nullable=False, server_default=""),
+    Column("product", String(200), nullable=False, server_default=""),
+    Column("version", String(200), nullable=False, server_default=""),
+    Column("cpe", Text, nullable=False, server_default="[]"),
+    Column("scripts", Text, nullable=False, server_default="[]"),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("changed_at", Float, nullable=False),
+    Column("last_task_id", String(36), nullable=False),
+    Index("ix_inventory_ports_owner_port", "owner", "port", "state"),
+    Index("ix_inventory_ports_owner_service", "owner", "service"),
+    Index("ix_inventory_ports_owner_key", "owner", "address_key"),
+)
+
 
 class ScriptOutput(BaseModel):
     """One NSE script's output (target-controlled text, cleaned and bounded)."""
@@ -221,6 +262,13 @@ class ScanSummary(BaseModel):
     hosts: list[HostSummary]
 
 
+class ScannedPorts(BaseModel):
+    """Which ports nmap scanned for one protocol (its <scaninfo>)."""
+
+    protocol: str
+    services: str = Field(description="Ports and ranges, as nmap lists them: 1-1024,3389")
+
+
 class ScanResult(ScanSummary):
     """The full parsed result of one scan (what is stored, and view='full')."""
 
@@ -228,6 +276,7 @@ class ScanResult(ScanSummary):
     exit_status: str = Field(default="", description="nmap's own verdict: success, error, or '' if unfinished")
     errors: list[str] = Field(default_factory=list)
     hosts_timed_out: list[str] = Field(default_factory=list)
+    scanned: list[ScannedPorts] = Field(default_factory=list)
 
 
 class Progress(BaseModel):
@@ -312,3 +361,55 @@ class WorkerList(BaseModel):
     """Every pool with its workers."""
 
     pools: list[PoolOverview]
+
+
+class InventoryPort(BaseModel):
+    """A port of the inventory: its latest known state, and since when."""
+
+    port: int
+    protocol: str
+    state: str
+    service: str
+    product: str
+    version: str
+    cpe: list[str]
+    scripts: list[str] = Field(description="Ids of the NSE scripts that reported on it")
+    first_seen: float
+    last_seen: float = Field(description="When a scan last reported it")
+    changed_at: float = Field(description="When its state, service or version last changed")
+    last_task_id: str
+
+
+class InventoryHost(BaseModel):
+    """A host of the inventory with its ports that matched the query."""
+
+    address: str
+    status: str = Field(description="up, or down when a later scan of its network did not find it")
+    hostnames: list[str]
+    os: str
+    first_seen: float
+    last_seen: float
+    changed_at: float
+    last_task_id: str = Field(description="The task that last reported it")
+    ports: list[InventoryPort]
+
+
+class InventoryPage(BaseModel):
+    """A page of find_hosts: hosts ordered by address."""
+
+    hosts: list[InventoryHost]
+    page: Page
+    truncated: bool = Field(default=False, description="True when fewer hosts than asked fit the size cap")
+    message: str | None = None
+
+
+class ValueCount(BaseModel):
+    value: str
+    hosts: int = Field(description="How many hosts have it")
+
+
+class TopValues(BaseModel):
+    """The most common values of one field across the inventory."""
+
+    field: str
+    values: list[ValueCount]

@@ -21,6 +21,7 @@ from models import (
     OsMatch,
     PortDetail,
     Progress,
+    ScannedPorts,
     ScanResult,
     ScriptOutput,
 )
@@ -61,7 +62,10 @@ class ReportParser:
     """Feed nmap's stdout as it arrives; ask for the result at any time."""
 
     hosts: list[HostDetail] = field(default_factory=list)
+    scanned: list[ScannedPorts] = field(default_factory=list)
     progress: Progress | None = None
+    # Put before nmap's own phase names, e.g. "port discovery (1 of 2): " in a two-phase scan.
+    phase_prefix: str = ""
     runstats: RunStats | None = None
     complete: bool = False
     broken: bool = False
@@ -93,18 +97,27 @@ class ReportParser:
         if element.tag == "host":
             self.hosts.append(_host(element))
             element.clear()  # done with it: what stays in the tree is an empty stub
+        elif element.tag == "scaninfo":
+            self.scanned.append(ScannedPorts(protocol=element.get("protocol", ""), services=element.get("services", "")))
         elif element.tag == "taskprogress":
-            self.progress = _progress(element)
+            self.progress = self._honest(_progress(element, self.phase_prefix))
         elif element.tag == "taskbegin":
-            self.progress = Progress(percent=0.0, phase=element.get("task", ""), remaining_s=None)
+            self.progress = Progress(percent=0.0, phase=self.phase_prefix + element.get("task", ""), remaining_s=None)
         elif element.tag == "runstats":
             self.runstats = _runstats(element)
         elif element.tag == "nmaprun":
             self.complete = True
 
+    def _honest(self, reported: Progress) -> Progress:
+        """nmap's estimate can dip within one of its phases; the percent shown never does."""
+        if self.progress is not None and self.progress.phase == reported.phase:
+            return reported.model_copy(update={"percent": max(reported.percent, self.progress.percent)})
+        return reported
+
     def result(self, target: str) -> ScanResult:
         """The hosts parsed so far, with the run's statistics when nmap wrote them."""
-        return build_result(target, self.hosts, self.runstats, complete=self.complete)
+        result = build_result(target, self.hosts, self.runstats, complete=self.complete)
+        return result.model_copy(update={"scanned": self.scanned}) if self.scanned else result
 
 
 def build_result(target: str, hosts: list[HostDetail], stats: RunStats | None, *, complete: bool) -> ScanResult:
@@ -129,6 +142,22 @@ def build_result(target: str, hosts: list[HostDetail], stats: RunStats | None, *
     )
 
 
+def with_versions(discovery: ScanResult, versions: ScanResult, warning: str | None) -> ScanResult:
+    """A two-phase scan's result: the discovery's hosts and ports, each port that version
+    detection reported replaced by its report (service, product, version, CPE, scripts)."""
+    detected = {(h.address, p.protocol, p.port): p for h in versions.hosts for p in h.ports}
+    hosts = [
+        host.model_copy(update={"ports": [detected.get((host.address, p.protocol, p.port), p) for p in host.ports]})
+        for host in discovery.hosts
+    ]
+    return discovery.model_copy(update={
+        "hosts": hosts,
+        "scan_time": round(discovery.scan_time + versions.scan_time, 2),
+        "warnings": [*discovery.warnings, *versions.warnings, *([warning] if warning else [])],
+        "errors": [*discovery.errors, *versions.errors],
+    })
+
+
 def merge_results(target: str, parts: list[ScanResult], elapsed: float) -> ScanResult:
     """One result from the results of a scan's shards (each host appears in one shard)."""
     stats = RunStats(
@@ -139,7 +168,8 @@ def merge_results(target: str, parts: list[ScanResult], elapsed: float) -> ScanR
         hosts_total=sum(p.hosts_total for p in parts),
     )
     merged = build_result(target, [h for p in parts for h in p.hosts], stats, complete=not any(p.partial for p in parts))
-    return merged.model_copy(update={"errors": [e for p in parts for e in p.errors]})
+    scanned = next((p.scanned for p in parts if p.scanned), [])
+    return merged.model_copy(update={"errors": [e for p in parts for e in p.errors], "scanned": scanned})
 
 
 def parse_report(xml: bytes | str, target: str) -> ScanResult:
@@ -216,11 +246,11 @@ def _scripts(parent: ET.Element | None) -> list[ScriptOutput]:
     ]
 
 
-def _progress(element: ET.Element) -> Progress:
+def _progress(element: ET.Element, prefix: str) -> Progress:
     remaining = element.get("remaining")
     return Progress(
         percent=float(element.get("percent", "0")),
-        phase=element.get("task", ""),
+        phase=prefix + element.get("task", ""),
         remaining_s=int(remaining) if remaining and remaining.isdigit() else None,
     )
 

@@ -23,7 +23,14 @@ from models import ScanKind, ScanResult, TaskStatus
 from nmap_report import RAW_CAP, ReportParser
 
 QUICK_OPTIONS: tuple[str, ...] = ("-T4", "--top-ports", "100")
-FULL_OPTIONS: tuple[str, ...] = ("-T4", "-p-", "-sV")
+# A full scan's first phase, port discovery over all ports. -T4 adapts its speed to the
+# network; --min-rate 1000 only sets a floor (about 60 kB/s of connection attempts, which a
+# real network takes easily) so that a host that drops probes is done in about a minute,
+# and --max-retries 2 stops nmap's default of up to 10 retransmissions per port on filtered
+# hosts. On loopback it finds the same open ports as -T4 alone, in 1.3 s instead of 1.8-2.9 s.
+FULL_OPTIONS: tuple[str, ...] = ("-T4", "-p-", "--min-rate", "1000", "--max-retries", "2")
+# Its second phase: version detection, on the ports discovery found open only.
+VERSION_OPTIONS: tuple[str, ...] = ("-T4", "-sV")
 # nmap writes <taskprogress> into its XML this often; the task records it as progress.
 STATS_EVERY = "2s"
 STDERR_CAP = 64 * 1024
@@ -105,6 +112,19 @@ def build_argv(
     if ipv6:
         argv.append("-6")
     return [*argv, "--", *targets]
+
+
+def version_argv(discovery_argv: Sequence[str], discovery: ScanResult) -> list[str] | None:
+    """The second phase of a full scan: -sV on each port discovery found open, on the hosts
+    that have them, with the first phase's scan type and privileges; None when none is open."""
+    open_ports = sorted({(p.protocol, p.port) for h in discovery.hosts for p in h.ports if p.state == "open"})
+    hosts = [h.address for h in discovery.hosts if any(p.state == "open" for p in h.ports)]
+    if not hosts:
+        return None
+    ports = ",".join(f"{'U' if protocol == 'udp' else 'T'}:{port}" for protocol, port in open_ports)
+    privileged = "--privileged" in discovery_argv
+    return build_argv(discovery_argv[0], [discovery_argv[1], *VERSION_OPTIONS, "-p", ports], hosts,
+                      ipv6="-6" in discovery_argv, privileged=privileged)
 
 
 @functools.cache

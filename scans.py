@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import audit
 from config import Settings
+from inventory import HostQuery, parse_network, parse_since
 from models import (
+    InventoryPage,
     PoolOverview,
     Progress,
     ScanDiff,
@@ -24,6 +26,8 @@ from models import (
     TaskAnswer,
     TaskList,
     TaskStatus,
+    TopValues,
+    ValueCount,
     WorkerList,
     WorkerStatus,
 )
@@ -37,8 +41,8 @@ from views import (
     capped_diff,
     csv_page,
     diff_results,
+    inventory_page,
     json_page,
-    more_hint,
     reuse_note,
     text_page,
     with_message,
@@ -152,33 +156,33 @@ class ScanService:
         )
         audit.queued(task_id=record.id, reused=reused, argv=argv, targets=list(resolved.nmap_targets), pool=pool)
         try:
-            shown = await self.present(
-                await self._store.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing)
-            )
+            finished = await self._store.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing)
+            return await self.present(finished, note=reuse_note(record) if reused else None)
         except DatabaseUnavailable:
             return with_message(answer(record), "The task database stopped answering while the call waited; "
                                                 "the scan is queued. Ask get_task_status later.")
-        return with_message(shown, reuse_note(record)) if reused else shown
 
     async def present(
         self, record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0,
-        limit: int = DEFAULT_PAGE,
+        limit: int = DEFAULT_PAGE, note: str | None = None,
     ) -> TaskAnswer:
-        """Shape a task for the caller: a page of its result (partial while it runs)."""
-        base = answer(record).model_copy(update={"format": fmt})
+        """Shape a task for the caller: a page of its result (partial while it runs), `note`
+        first in its message; the whole answer fits max_answer_bytes on the wire."""
+        shown = answer(record)
+        base = (with_message(shown, note) if note else shown).model_copy(update={"format": fmt})
         cap = self._settings.max_answer_bytes
         if fmt == "xml":
             raw = await self._store.raw_xml(record.id, record.owner)
             if raw is None:
                 return base
-            return more_hint(text_page(base, raw.decode("utf-8", "replace"), offset=offset, cap=cap))
+            return text_page(base, raw.decode("utf-8", "replace"), offset=offset, cap=cap)
         result = await self._store.result_so_far(record)
         if result is None:
             return base
         result = with_requested_names(result, record.argv, record.target)
         if fmt == "csv":
-            return more_hint(csv_page(base, result, offset=offset, limit=limit, cap=cap))
-        return more_hint(json_page(base, result, view=view, offset=offset, limit=limit, cap=cap))
+            return csv_page(base, result, offset=offset, limit=limit, cap=cap)
+        return json_page(base, result, view=view, offset=offset, limit=limit, cap=cap)
 
     # ---- tasks ---------------------------------------------------------------------------
 
@@ -210,6 +214,29 @@ class ScanService:
         if self._worker is not None:
             await self._worker.wait_stopped(task_id, CANCEL_WAIT_SECONDS)
         return answer(await self._store.get(task_id, owner))
+
+    async def find_hosts(self, owner: str, *, limit: int = DEFAULT_PAGE, offset: int = 0,
+                         **filters: str | int | None) -> InventoryPage:
+        """A page of the caller's inventory: hosts (and their ports) matching the filters."""
+        hosts, total = await self._store.find_hosts(owner, self._query(filters), limit, offset)
+        return inventory_page(hosts, total, offset, self._settings.max_answer_bytes)
+
+    async def top_values(self, owner: str, field: str, *, limit: int = 20, **filters: str | None) -> TopValues:
+        """The caller's most common values of `field`, counted in hosts."""
+        counted = await self._store.top_values(owner, field, self._query(filters), limit)
+        return TopValues(field=field, values=[ValueCount(value=value, hosts=n) for value, n in counted])
+
+    @staticmethod
+    def _query(filters: dict[str, str | int | None]) -> HostQuery:
+        """The inventory query for tool arguments: networks and times parsed, Nones dropped."""
+        given = {key: value for key, value in filters.items() if value is not None}
+        now = time.time()
+        for key in ("seen_since", "changed_since"):
+            if key in given:
+                given[key] = parse_since(str(given[key]), now)  # type: ignore[assignment]
+        if "network" in given:
+            given["network"] = parse_network(str(given["network"]))  # type: ignore[assignment]
+        return HostQuery(**given)  # type: ignore[arg-type]
 
     async def workers(self) -> WorkerList:
         """Every pool (configured, or with workers or queued tasks) with its workers."""

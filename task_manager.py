@@ -38,23 +38,43 @@ from typing import Any, TypeVar
 import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from inventory import HostQuery, network_bounds, plan_update
 from models import (
     ACTIVE_STATUSES,
     HostDetail,
+    InventoryHost,
+    InventoryPort,
     Progress,
     ScanKind,
     ScanResult,
     TaskStatus,
+    inventory_hosts,
+    inventory_ports,
     task_hosts,
     tasks,
     workers,
 )
 from nmap_report import build_result, merge_results
 from scanner import ScanOutcome
+from targets import parse_literal
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -428,6 +448,14 @@ class TaskManager:
         self.feed.publish(task_id, *shard_ids)
         return record
 
+    async def find_hosts(self, owner: str, query: HostQuery, limit: int, offset: int) -> tuple[list[InventoryHost], int]:
+        """A page of the owner's inventory hosts matching `query`, and how many match in all."""
+        return await self._db(self._find_hosts, owner, query, limit, offset)
+
+    async def top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[tuple[str, int]]:
+        """The owner's most common values of `field` (port, service, product, version, os, status)."""
+        return await self._db(self._top_values, owner, field, query, limit)
+
     async def pools(self, stale_after: float) -> list[PoolStatus]:
         """Per pool: its workers (alive when they beat within `stale_after` s) and its queue."""
         return await self._db(self._select_pools, stale_after)
@@ -746,6 +774,8 @@ class TaskManager:
                                                  tasks.c.result.is_(None)).values(**found))
             if outcome.result is not None:
                 conn.execute(delete(task_hosts).where(task_hosts.c.task_id == record.id))
+            if finished and outcome.status is TaskStatus.COMPLETED and outcome.result is not None:
+                self._update_inventory(conn, record, outcome.result)
             if record.parent_id:
                 self._settle_parent(conn, record.parent_id)
             self._notify(conn, *record.keys)
@@ -849,6 +879,135 @@ class TaskManager:
                 "heartbeat_at": row.heartbeat_at, "alive": now - row.heartbeat_at <= stale_after,
             })
         return [PoolStatus(pool, queued.get(pool, 0), by_pool.get(pool, [])) for pool in sorted({*queued, *by_pool})]
+
+
+    # ---- the inventory (inventory.py decides, these statements read and write) ---------
+
+    def _update_inventory(self, conn: Connection, record: TaskRecord, result: ScanResult) -> None:
+        """Fold a completed scan into its owner's inventory, in the transaction finishing it."""
+        scope = [n for target in record.argv[record.argv.index("--") + 1:]
+                 for n in (parse_literal(target) or ("", []))[1]]
+        owned_hosts = inventory_hosts.c.owner == record.owner
+        in_scope = or_(*(inventory_hosts.c.address_key.between(*network_bounds(n)) for n in scope))
+        known_hosts = {row.address: dict(row._mapping)
+                       for row in conn.execute(select(inventory_hosts).where(owned_hosts, in_scope))}
+        up = [h.address for h in result.hosts if h.status == "up"]
+        known_ports = {
+            (row.address, row.protocol, row.port): dict(row._mapping)
+            for chunk in _chunks(up, 500)
+            for row in conn.execute(select(inventory_ports).where(inventory_ports.c.owner == record.owner,
+                                                                  inventory_ports.c.address.in_(chunk)))
+        }
+        plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports, time.time())
+        self._replace_rows(conn, inventory_hosts, ("address",), record.owner, plan.hosts)
+        self._replace_rows(conn, inventory_ports, ("address", "protocol", "port"), record.owner, plan.ports)
+
+    @staticmethod
+    def _replace_rows(conn: Connection, table: Any, key: tuple[str, ...], owner: str, rows: list[dict[str, Any]]) -> None:
+        for chunk in _chunks(rows, 500):
+            keys = [tuple(row[k] for k in key) for row in chunk]
+            conn.execute(delete(table).where(table.c.owner == owner,
+                                             tuple_(*(table.c[k] for k in key)).in_(keys)))
+            conn.execute(insert(table), chunk)
+
+    def _find_hosts(self, owner: str, query: HostQuery, limit: int, offset: int) -> tuple[list[InventoryHost], int]:
+        """Hosts matching `query`, by address, with their matching ports; and how many match."""
+        ports = inventory_ports.c
+        port_filter = self._port_conditions(owner, query)
+        with self._engine.connect() as conn:
+            if query.by_port:
+                matched = select(ports.address_key, ports.address).where(*port_filter).distinct()
+                total = conn.execute(select(func.count()).select_from(matched.subquery())).scalar_one()
+                page = conn.execute(matched.order_by(ports.address_key).limit(limit).offset(offset)).all()
+                addresses = [row.address for row in page]
+                host_rows = conn.execute(select(inventory_hosts).where(
+                    inventory_hosts.c.owner == owner, inventory_hosts.c.address.in_(addresses))).all()
+            else:
+                hosts_filter = self._host_conditions(owner, query)
+                total = conn.execute(select(func.count()).select_from(inventory_hosts).where(*hosts_filter)).scalar_one()
+                host_rows = conn.execute(select(inventory_hosts).where(*hosts_filter)
+                                         .order_by(inventory_hosts.c.address_key).limit(limit).offset(offset)).all()
+                addresses = [row.address for row in host_rows]
+            port_rows = conn.execute(select(inventory_ports).where(*port_filter, ports.address.in_(addresses))
+                                     .order_by(ports.address_key, ports.protocol, ports.port)).all() if addresses else []
+        by_host: dict[str, list[InventoryPort]] = defaultdict(list)
+        for row in port_rows:
+            by_host[row.address].append(_inventory_port(row))
+        hosts = {row.address: _inventory_host(row, by_host[row.address]) for row in host_rows}
+        return [hosts[a] for a in addresses if a in hosts], total
+
+    @staticmethod
+    def _port_conditions(owner: str, query: HostQuery) -> list[Any]:
+        ports = inventory_ports.c
+        conditions: list[Any] = []
+        state = query.port_state if query.by_port else "open"
+        exact = {ports.port: query.port, ports.protocol: query.protocol, ports.state: state,
+                 ports.service: query.service}
+        conditions += [column == value for column, value in exact.items() if value is not None]
+        if query.product is not None:
+            conditions.append(func.lower(ports.product) == query.product.lower())
+        if query.version_prefix is not None:
+            conditions.append(ports.version.startswith(query.version_prefix, autoescape=True))
+        if query.cpe is not None:
+            conditions.append(ports.cpe.contains(query.cpe, autoescape=True))
+        if query.script is not None:
+            conditions.append(ports.scripts.contains(json.dumps(query.script), autoescape=True))
+        return conditions + TaskManager._host_conditions(owner, query, inventory_ports)
+
+    @staticmethod
+    def _host_conditions(owner: str, query: HostQuery, table: Any = inventory_hosts) -> list[Any]:
+        """Owner, network and time filters, which both inventory tables have."""
+        columns = table.c
+        conditions: list[Any] = [columns.owner == owner]
+        if query.network is not None:
+            conditions.append(columns.address_key.between(*query.network))
+        if query.seen_since is not None:
+            conditions.append(columns.last_seen >= query.seen_since)
+        if query.changed_since is not None:
+            conditions.append(columns.changed_at >= query.changed_since)
+        return conditions
+
+    def _top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[tuple[str, int]]:
+        """The most common values of `field` among the owner's hosts (open ports for port fields)."""
+        if field in ("os", "status"):
+            column = inventory_hosts.c[field]
+            counted = (select(column, func.count().label("n")).where(*self._host_conditions(owner, query),
+                                                                      column != "")
+                       .group_by(column))
+        else:
+            ports = inventory_ports.c
+            columns = [ports.protocol, ports.port] if field == "port" else (
+                [ports.product, ports.version] if field == "version" else [ports[field]])
+            counted = (select(*columns, func.count(ports.address.distinct()).label("n"))
+                       .where(*self._port_conditions(owner, query), columns[-1] != "").group_by(*columns))
+        with self._engine.connect() as conn:
+            rows = conn.execute(counted.order_by(literal_column("n").desc()).limit(limit)).all()
+        return [(_value_name(field, row), row.n) for row in rows]
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
+
+
+def _value_name(field: str, row: Row[Any]) -> str:
+    if field == "port":
+        return f"{row.port}/{row.protocol}"
+    if field == "version":
+        return f"{row.product} {row.version}".strip()
+    return str(row[0])
+
+
+def _inventory_port(row: Row[Any]) -> InventoryPort:
+    data = dict(row._mapping)
+    return InventoryPort(**{k: v for k, v in data.items() if k in InventoryPort.model_fields and k not in
+                            ("cpe", "scripts")}, cpe=json.loads(data["cpe"]), scripts=json.loads(data["scripts"]))
+
+
+def _inventory_host(row: Row[Any], ports: list[InventoryPort]) -> InventoryHost:
+    data = dict(row._mapping)
+    fields = {k: v for k, v in data.items() if k in InventoryHost.model_fields and k != "hostnames"}
+    return InventoryHost(**fields, hostnames=json.loads(data["hostnames"]), ports=ports)
 
 
 _UNCLAIMED = {"status": TaskStatus.QUEUED.value, "worker_id": None, "worker_name": None,

@@ -16,7 +16,7 @@ from pydantic import Field
 from auth import Identify
 from config import Settings
 from errors import tool_errors
-from models import Progress, ScanDiff, TaskAnswer, TaskList, TaskStatus, WorkerList
+from models import InventoryPage, Progress, ScanDiff, TaskAnswer, TaskList, TaskStatus, TopValues, WorkerList
 from nmap_options import MAX_COMMAND_LENGTH, describe_allowlist
 from scans import DEFAULT_PAGE, ScanService
 
@@ -41,6 +41,14 @@ Target = Annotated[
     ),
 ]
 
+Network = Annotated[
+    str | None,
+    Field(max_length=50, description="Only hosts in this network or address: 10.0.0.0/24, 10.0.0.5, fd00::/64"),
+]
+Since = Annotated[
+    str | None,
+    Field(max_length=40, description="A duration back from now (24h, 7d, 2w) or an ISO date (2026-11-24)"),
+]
 PoolName = Annotated[
     str | None,
     Field(description="Scanner pool to run in (list_workers shows them); default: the pool that reaches the target",
@@ -65,14 +73,15 @@ a task_id while the same scan goes on: fetch it later with get_task_result. A re
 same target from the last {fresh} s (or the same scan still running) is returned instead of
 scanning again, unless rescan is true. The answer lists open ports per host."""
 
-FULL_SCAN_DESCRIPTION = """Full TCP port scan: all 65535 ports with service and version detection.
+FULL_SCAN_DESCRIPTION = """Full TCP port scan: all 65535 ports, then service and version detection.
 
-Runs `nmap -sT -T4 -p- -sV -n` against one target. Takes from about ten seconds for one
-nearby host to many minutes for slow or filtered hosts and ranges.
-Waits up to `timeout` seconds; when the scan takes longer it returns status 'running' and
-a task_id while the same scan goes on: fetch it later with get_task_result. A result for the
-same target from the last {fresh} s (or the same scan still running) is returned instead of
-scanning again, unless rescan is true. The answer lists open ports per host."""
+Two phases, one task: port discovery (`nmap -sT -T4 -p- --min-rate 1000 --max-retries 2 -n`,
+about a second for one nearby host), then version detection (`-sV`) on the open ports only,
+stopped after {version} s. If `timeout` passes during version detection, the answer is
+status 'running' with the open ports already found (partial: true, progress names the
+phase); fetch the versions later with get_task_result. A result for the same target from
+the last {fresh} s (or the same scan still running) is returned instead of scanning again,
+unless rescan is true. The answer lists open ports per host."""
 
 CUSTOM_SCAN_DESCRIPTION = """Run nmap with your own options, checked against an allowlist.
 
@@ -92,7 +101,7 @@ Allowed options:
 
 
 def register_tools(
-    mcp: FastMCP, service: ScanService, settings: Settings, identify: Identify
+    mcp: FastMCP, scans: ScanService, settings: Settings, identify: Identify
 ) -> dict[str, dict[str, Any]]:
     """Add every tool to `mcp`; each one acts for the caller `identify` names. Returns each
     tool's input schema (for the words of argument errors)."""
@@ -118,10 +127,11 @@ def register_tools(
         pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await service.scan(caller(), service.quick(target, pool), timeout=timeout, rescan=rescan,
+            return await scans.scan(caller(), scans.quick(target, pool), timeout=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
-    @inlined_tool(mcp, schemas, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh,
+                  version=settings.version_detection_seconds), annotations=_SCAN_ANNOTATIONS)
     async def full_scan(
         target: Target,
         ctx: Context,
@@ -130,7 +140,7 @@ def register_tools(
         pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await service.scan(caller(), service.full(target, pool), timeout=timeout, rescan=rescan,
+            return await scans.scan(caller(), scans.full(target, pool), timeout=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, description=custom_scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS)
@@ -143,7 +153,7 @@ def register_tools(
         pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await service.scan(caller(), service.custom(command, pool), timeout=timeout,
+            return await scans.scan(caller(), scans.custom(command, pool), timeout=timeout,
                                       on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
@@ -151,7 +161,7 @@ def register_tools(
         """State, timings and progress (percent, phase, seconds left) of one of your scan
         tasks, without the result. Instant."""
         with tool_errors():
-            return await service.status(caller(), task_id)
+            return await scans.status(caller(), task_id)
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def get_task_result(
@@ -167,14 +177,14 @@ def register_tools(
         (partial: true) while it runs or after it was stopped. Answers are paged and capped
         in size; `page.next_offset` says where the rest starts. Instant: it never waits."""
         with tool_errors():
-            return await service.result(caller(), task_id, format, view, offset, limit)
+            return await scans.result(caller(), task_id, format, view, offset, limit)
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def diff_scans(task_a: TaskId, task_b: TaskId) -> ScanDiff:
         """What changed between two of your finished scans (a: before, b: after): hosts
         that came up or went down, ports opened or closed, services or versions changed."""
         with tool_errors():
-            return await service.diff(caller(), task_a, task_b)
+            return await scans.diff(caller(), task_a, task_b)
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def list_tasks(
@@ -183,20 +193,61 @@ def register_tools(
     ) -> TaskList:
         """Your most recent scan tasks, newest first, without results. Instant."""
         with tool_errors():
-            return await service.list(caller(), status, limit)
+            return await scans.list(caller(), status, limit)
 
     @inlined_tool(mcp, schemas, annotations=_CANCEL_ANNOTATIONS)
     async def cancel_task(task_id: TaskId) -> TaskAnswer:
         """Cancel one of your queued or running scans; a running nmap is stopped at once."""
         with tool_errors():
-            return await service.cancel(caller(), task_id)
+            return await scans.cancel(caller(), task_id)
+
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    async def find_hosts(
+        network: Network = None,
+        port: Annotated[int | None, Field(ge=1, le=65535, description="Only hosts with this port")] = None,
+        protocol: Annotated[Literal["tcp", "udp"] | None, Field(description="Port protocol")] = None,
+        state: Annotated[Literal["open", "closed", "filtered", "open|filtered", "any"] | None, Field(
+            description="Port state; default open when a port filter is given")] = None,
+        service: Annotated[str | None, Field(max_length=64, description="nmap service name: ssh, http, ms-wbt-server")] = None,
+        product: Annotated[str | None, Field(max_length=200, description="Product, any case: OpenSSH, nginx")] = None,
+        version_prefix: Annotated[str | None, Field(max_length=200, description="Version starts with: 7. or 1.18")] = None,
+        cpe: Annotated[str | None, Field(max_length=200, description="CPE contains: cpe:/a:openbsd:openssh")] = None,
+        script: Annotated[str | None, Field(max_length=64, description="An NSE script reported on the port")] = None,
+        seen_since: Since = None,
+        changed_since: Since = None,
+        limit: Annotated[int, Field(ge=1, le=1000, description="Hosts per page")] = DEFAULT_PAGE,
+        offset: Annotated[int, Field(ge=0, description="First host of the page")] = 0,
+    ) -> InventoryPage:
+        """Search what your scans have found, across all of them: the latest known state of every
+        host and port. 'Which hosts expose RDP?' is port=3389; 'where does OpenSSH 7 still run?' is
+        product='OpenSSH', version_prefix='7.'; 'what changed on 10.0.0.0/24 this week?' is
+        network='10.0.0.0/24', changed_since='7d', state='any'. Hosts a later scan found down,
+        and ports it found closed, say so with when it changed. Instant; paged and capped."""
+        with tool_errors():
+            return await scans.find_hosts(
+                caller(), limit=limit, offset=offset, network=network, port=port, protocol=protocol, state=state,
+                service=service, product=product, version_prefix=version_prefix, cpe=cpe, script=script,
+                seen_since=seen_since, changed_since=changed_since)
+
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    async def top_values(
+        field: Annotated[Literal["port", "service", "product", "version", "os", "status"], Field(
+            description="What to count: open ports, services, products, product versions, OS guesses, host status")],
+        network: Network = None,
+        seen_since: Since = None,
+        limit: Annotated[int, Field(ge=1, le=100, description="At most this many values")] = 20,
+    ) -> TopValues:
+        """The most common values of one field across your inventory, counted in hosts, e.g. the
+        open ports or products seen most on a network. Instant."""
+        with tool_errors():
+            return await scans.top_values(caller(), field, limit=limit, network=network, seen_since=seen_since)
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def list_workers() -> WorkerList:
         """Scanner pools: the networks each reaches, its workers (alive, capacity, running,
         last heartbeat) and how many tasks wait in its queue. Instant."""
         with tool_errors():
-            return await service.workers()
+            return await scans.workers()
 
     return schemas
 

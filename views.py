@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from models import (
     HostDetail,
     HostSummary,
+    InventoryHost,
+    InventoryPage,
     Page,
     PortChange,
     PortDetail,
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
     from task_manager import TaskRecord
 
 Answer = TypeVar("Answer", bound=BaseModel)
+# The JSON-RPC envelope, the content block's keys, the server's _meta and SSE's "event:
+# message", measured on real answers at about 170 bytes; with room to spare.
+WIRE_FRAMING_BYTES = 400
 CSV_FIELDS = ("address", "hostname", "port", "protocol", "state", "service", "product", "version", "extrainfo")
 POLL_HINT = (
     "The scan continues in the background. Call get_task_result with task_id '{id}' "
@@ -126,9 +131,13 @@ def json_page(base: TaskAnswer, result: ScanResult, *, view: str, offset: int, l
         return _paged(base.model_copy(update={"result": shaped}), offset, count, len(result.hosts))
 
     answer = _largest_fitting(build, len(window), cap)
-    if answer is None:
-        # Even one host is too big: keep the first host, with as many ports as fit.
-        answer = _largest_fitting(lambda n: _one_host(base, result, window[0], n, view, offset), len(window[0].ports), cap)
+    if answer is None and window:
+        # Even one host is too big: keep the first host with as many ports as fit, or at
+        # least its address and state, so that every page moves on by one host.
+        first = window[0]
+        answer = _largest_fitting(lambda n: _one_host(base, result, first, n, view, offset), len(first.ports), cap) or (
+            _one_host(base, result, HostDetail(address=first.address, status=first.status, hostnames=[], ports=[]),
+                      0, view, offset))
     return _mark_truncated(answer or build(0), requested=len(window))
 
 
@@ -145,7 +154,7 @@ def text_page(base: TaskAnswer, text: str, *, offset: int, cap: int) -> TaskAnsw
         chunk = text[offset: offset + count]
         page = Page(unit="characters", offset=offset, returned=len(chunk), total=len(text),
                     next_offset=offset + len(chunk) if offset + len(chunk) < len(text) else None)
-        return base.model_copy(update={"content": chunk, "page": page})
+        return more_hint(base.model_copy(update={"content": chunk, "page": page}))
 
     answer = _largest_fitting(build, max(len(text) - offset, 0), cap) or build(0)
     return answer.model_copy(update={"truncated": answer.page is not None and answer.page.next_offset is not None})
@@ -181,7 +190,7 @@ def _paged(answer: TaskAnswer, offset: int, count: int, total: int) -> TaskAnswe
     following = offset + count
     page = Page(unit="hosts", offset=offset, returned=count, total=total,
                 next_offset=following if following < total else None)
-    return answer.model_copy(update={"page": page})
+    return more_hint(answer.model_copy(update={"page": page}))
 
 
 def _mark_truncated(answer: TaskAnswer, *, requested: int) -> TaskAnswer:
@@ -190,23 +199,44 @@ def _mark_truncated(answer: TaskAnswer, *, requested: int) -> TaskAnswer:
 
 
 def _largest_fitting(build: Callable[[int], Answer], most: int, cap: int) -> Answer | None:
-    """Binary search for the largest count whose answer serialises within `cap` bytes."""
+    """Binary search for the largest count whose answer goes out within `cap` bytes."""
     best, low, high = None, 1, most
     if most == 0:
         empty = build(0)
-        return empty if _size(empty) <= cap else None
+        return empty if wire_size(empty) <= cap else None
     while low <= high:
         middle = (low + high) // 2
         candidate = build(middle)
-        if _size(candidate) <= cap:
+        if wire_size(candidate) <= cap:
             best, low = candidate, middle + 1
         else:
             high = middle - 1
     return best
 
 
-def _size(answer: BaseModel) -> int:
-    return len(answer.model_dump_json().encode())
+def wire_size(answer: BaseModel) -> int:
+    """The bytes an answer takes on the wire. Every tool answer travels twice: as
+    structuredContent and, as the MCP spec asks for backwards compatibility, as the same JSON
+    in a text block, where each quote and backslash is escaped once more; plus the JSON-RPC
+    and SSE framing around them."""
+    body = answer.model_dump_json().encode()
+    return 2 * len(body) + body.count(b'"') + body.count(b"\\") + WIRE_FRAMING_BYTES
+
+
+def inventory_page(hosts: list[InventoryHost], total: int, offset: int, cap: int) -> InventoryPage:
+    """A find_hosts answer: the hosts of this page that fit `cap` bytes, and where the rest starts."""
+
+    def build(count: int) -> InventoryPage:
+        following = offset + count
+        page = Page(unit="hosts", offset=offset, returned=count, total=total,
+                    next_offset=following if following < total else None)
+        return InventoryPage(hosts=hosts[:count], page=page, truncated=count < len(hosts))
+
+    shown = _largest_fitting(build, len(hosts), cap) or build(0)
+    if shown.page.next_offset is None:
+        return shown
+    note = f"{total} hosts match; pass offset {shown.page.next_offset} for the next ones."
+    return shown.model_copy(update={"message": note})
 
 
 def capped_diff(diff: ScanDiff, cap: int) -> ScanDiff:

@@ -20,11 +20,12 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from functools import partial
 
-from models import TaskStatus
-from nmap_report import ReportParser, clean_text
-from scanner import ScanOutcome, interpret_run, run_nmap
+from models import Progress, ScanKind, TaskStatus
+from nmap_report import ReportParser, clean_text, with_versions
+from scanner import NmapRun, ScanOutcome, interpret_run, run_nmap, version_argv
 from task_manager import DatabaseUnavailable, TaskManager, TaskRecord, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,14 @@ class Worker:
     """One process's scan worker; see the module docstring."""
 
     def __init__(
-        self, store: TaskManager, *, name: str, pool: str, capacity: int, grace_seconds: float
+        self, store: TaskManager, *, name: str, pool: str, capacity: int, grace_seconds: float,
+        version_seconds: float = 300.0,
     ) -> None:
         self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity)
         self._store = store
         self._grace = grace_seconds
+        # The time bound of a full scan's second phase, version detection.
+        self._version_seconds = version_seconds
         self._slots = asyncio.Semaphore(capacity)
         self._runs: dict[str, asyncio.Task[None]] = {}
         # Tasks whose lease the heartbeat renews: claimed and not yet done scanning.
@@ -138,8 +142,41 @@ class Worker:
     async def _scan(self, record: TaskRecord) -> ScanOutcome:
         if not os.access(record.argv[0], os.X_OK):
             return ScanOutcome(TaskStatus.FAILED, None, f"nmap not found at {record.argv[0]}", b"")
+        if record.kind is ScanKind.FULL:
+            return await self._two_phase_scan(record)
         live = LiveScan(self._store, record, self.info.id)
-        scan = asyncio.create_task(run_nmap(record.argv, time_limit=float(record.time_limit), stdout_sink=live.feed))
+        return self._verdict(record, await self._run_phase(record, record.argv, record.time_limit, live), live)
+
+    async def _two_phase_scan(self, record: TaskRecord) -> ScanOutcome:
+        """A full scan: port discovery, written as a partial result the moment it ends, then
+        version detection on the open ports only, within its own time bound."""
+        started = time.monotonic()
+        discovery = LiveScan(self._store, record, self.info.id, phase="port discovery (1 of 2): ")
+        first = self._verdict(record, await self._run_phase(record, record.argv, record.time_limit, discovery,
+                                                            write_all=True), discovery)
+        second_argv = version_argv(record.argv, first.result) if first.result is not None else None
+        if first.status is not TaskStatus.COMPLETED or first.result is None or second_argv is None:
+            return first
+        left = record.time_limit - (time.monotonic() - started)
+        bound = max(min(self._version_seconds, left), 1.0)
+        versions = LiveScan(self._store, record, self.info.id, phase="version detection (2 of 2): ", hosts=False)
+        await versions.announce("version detection (2 of 2)")
+        end = await self._run_phase(record, second_argv, bound, versions)
+        second = self._verdict(record, end, versions)
+        raw = first.raw_xml + second.raw_xml
+        found = versions.report.result(record.target)
+        if end.stopped_by is not None:
+            merged = with_versions(first.result, found, "stopped during version detection")
+            return ScanOutcome(end.stopped_by, merged, second.error, raw)
+        warning = None if second.status is TaskStatus.COMPLETED else (
+            f"version detection did not finish ({second.error}); ports without a version come from port discovery")
+        return ScanOutcome(TaskStatus.COMPLETED, with_versions(first.result, found, warning), None, raw)
+
+    async def _run_phase(
+        self, record: TaskRecord, argv: list[str], time_limit: float, live: LiveScan, *, write_all: bool = False
+    ) -> PhaseEnd:
+        """Run one nmap until it ends, the task is no longer ours, or the worker shuts down."""
+        scan = asyncio.create_task(run_nmap(argv, time_limit=float(time_limit), stdout_sink=live.feed))
         lost = asyncio.create_task(self._until_lost(record))
         shutdown = asyncio.create_task(self._shutdown.wait())
         try:
@@ -150,18 +187,25 @@ class Worker:
             if not scan.done():
                 scan.cancel()
             await asyncio.gather(scan, return_exceptions=True)
-            await live.close()
+            await live.close(write_all=write_all)
         if scan.cancelled():
-            stopped_by = TaskStatus.CANCELLED if lost.done() and not lost.cancelled() else TaskStatus.INTERRUPTED
-            return live.stopped(stopped_by, "cancelled" if stopped_by is TaskStatus.CANCELLED else SHUTDOWN_ERROR)
+            cancelled = lost.done() and not lost.cancelled()
+            return PhaseEnd(None, TaskStatus.CANCELLED if cancelled else TaskStatus.INTERRUPTED, time_limit)
         if scan.exception() is not None:
             logger.error("task %s: nmap could not be run", record.id, exc_info=scan.exception())
+            return PhaseEnd(None, None, time_limit)
+        return PhaseEnd(scan.result(), None, time_limit)
+
+    def _verdict(self, record: TaskRecord, end: PhaseEnd, live: LiveScan) -> ScanOutcome:
+        if end.stopped_by is not None:
+            return live.stopped(end.stopped_by, "cancelled" if end.stopped_by is TaskStatus.CANCELLED
+                                else SHUTDOWN_ERROR)
+        if end.run is None:
             return ScanOutcome(TaskStatus.FAILED, None, "internal error while running the scan", b"")
-        run = scan.result()
-        outcome = interpret_run(run, live.report, record.target, float(record.time_limit))
+        outcome = interpret_run(end.run, live.report, record.target, end.time_limit)
         if outcome.status is TaskStatus.FAILED:
-            logger.warning("task %s failed: %s; nmap stderr: %s", record.id, outcome.error,
-                           clean_text(run.stderr.decode("utf-8", "replace"), 2000))
+            logger.warning("task %s: an nmap run failed: %s; nmap stderr: %s", record.id, outcome.error,
+                           clean_text(end.run.stderr.decode("utf-8", "replace"), 2000))
         return outcome
 
     async def _until_lost(self, record: TaskRecord) -> None:
@@ -207,14 +251,27 @@ class Worker:
             self._store.feed.publish(*lost)
 
 
-class LiveScan:
-    """A running scan's report as it streams, and the part of it already written."""
+@dataclass(frozen=True)
+class PhaseEnd:
+    """How one nmap run of a task ended: its run, or what stopped it (None and None: a crash)."""
 
-    def __init__(self, store: TaskManager, record: TaskRecord, worker_id: str) -> None:
-        self.report = ReportParser()
+    run: NmapRun | None
+    stopped_by: TaskStatus | None
+    time_limit: float
+
+
+class LiveScan:
+    """A running scan's report as it streams, and the part of it already written: progress,
+    and (unless `hosts` is false, for a phase that re-scans hosts already written) the hosts
+    nmap has finished."""
+
+    def __init__(self, store: TaskManager, record: TaskRecord, worker_id: str, *, phase: str = "",
+                 hosts: bool = True) -> None:
+        self.report = ReportParser(phase_prefix=phase)
         self._store = store
         self._record = record
         self._worker_id = worker_id
+        self._write_hosts = hosts
         self._hosts_written = 0
         self._progress_written = None
         self._closed = asyncio.Event()
@@ -223,10 +280,18 @@ class LiveScan:
     def feed(self, chunk: bytes) -> None:
         self.report.feed(chunk)
 
-    async def close(self) -> None:
-        """Stop writing; a write under way is finished first, so none lands after the verdict."""
+    async def announce(self, phase: str) -> None:
+        """Say at once which phase began (nmap reports its progress only every few seconds)."""
+        self.report.progress = self.report.progress or Progress(percent=0.0, phase=phase)
+        await self._write()
+
+    async def close(self, *, write_all: bool = False) -> None:
+        """Stop writing; a write under way is finished first, so none lands after the verdict.
+        With `write_all`, what is not written yet is written now (the end of a first phase)."""
         self._closed.set()
         await asyncio.gather(self._writer, return_exceptions=True)
+        if write_all:
+            await self._write()
 
     def stopped(self, status: TaskStatus, error: str) -> ScanOutcome:
         """A scan cancelled or cut by shutdown keeps the hosts it had finished."""
@@ -241,7 +306,7 @@ class LiveScan:
                 await self._write()
 
     async def _write(self) -> None:
-        hosts = self.report.hosts[self._hosts_written:]
+        hosts = self.report.hosts[self._hosts_written:] if self._write_hosts else []
         progress = self.report.progress
         if not hosts and progress == self._progress_written:
             return

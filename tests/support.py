@@ -404,13 +404,21 @@ async def call_tool(
 async def raw_tool_call(url: str, token: str, name: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     """One tools/call as a single HTTP POST, without the follow-up requests an SDK client
     may make (tools/list for output validation); returns the JSON-RPC result."""
+    result, _ = await tool_call_on_the_wire(url, token, name, args, timeout)
+    return result
+
+
+async def tool_call_on_the_wire(
+    url: str, token: str, name: str, args: dict[str, Any], timeout: float = 120
+) -> tuple[dict[str, Any], int]:
+    """raw_tool_call, and the bytes of the HTTP response body that carried the answer."""
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": args}}
     headers = MCP_HEADERS | {"Authorization": f"Bearer {token}", "MCP-Protocol-Version": "2025-11-25"}
     async with httpx.AsyncClient(timeout=timeout) as http:
         response = await http.post(url, json=body, headers=headers)
     data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
     message = json.loads(data[-1] if data else response.text)
-    return message["result"]
+    return message["result"], len(response.content)
 
 
 def error_text(result: CallToolResult) -> str:
@@ -427,6 +435,32 @@ async def failure_of(call: Awaitable[object]) -> BaseException:
             e = e.exceptions[0]
         return e
     raise AssertionError("the call succeeded; a failure was expected")
+
+
+class SilentServer:
+    """A loopback TCP service that accepts and then says nothing, for as long as the client
+    stays: nmap's version detection waits on it through all its probes."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.port = free_port(host)
+        self._sock = socket.create_server((host, self.port), backlog=64)
+        self._sock.settimeout(0.2)
+        self._held: list[socket.socket] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                self._held.append(self._sock.accept()[0])
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        for held in self._held:
+            held.close()
+        self._sock.close()
 
 
 class BannerServer:

@@ -335,13 +335,14 @@ async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_d
     fleet: Fleet, listeners: Listeners
 ) -> None:
     ports = listeners.open_free_top_ports(2)
-    first = fleet.serve()
+    # This test is about identity, not expiry: a lease that a busy machine cannot miss.
+    first = fleet.serve(lease_seconds=15)
     fleet.nmap.set_delay(8)
     calls = [asyncio.ensure_future(fleet.call("custom_scan", connect_scan(port))) for port in ports]
     pids = await until_started(fleet.nmap, 2)
     assert {parent_pid(pid) for pid in pids} == {first.pid}, "the scans must run in the first server"
     # Same hostname (the default worker name), same database, pids that collide with the host's.
-    fleet.serve(prefix=("unshare", "--pid", "--fork", "--mount-proc"))
+    fleet.serve(prefix=("unshare", "--pid", "--fork", "--mount-proc"), lease_seconds=15)
     assert sorted(fleet.nmap.alive()) == pids, "the second server's start stopped a scan of the first"
     hostname = socket.gethostname()
     listing = await fleet.call("list_workers", {})

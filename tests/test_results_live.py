@@ -20,6 +20,7 @@ from tests.support import (
     call_tool,
     error_text,
     poll_until_finished,
+    tool_call_on_the_wire,
 )
 
 pytestmark = pytest.mark.anyio
@@ -123,23 +124,25 @@ async def test_xml_and_csv_formats_of_a_finished_scan(live_server: StartServer, 
     assert f"127.0.0.1,,{port},tcp,open," in table["content"] and len(lines) == 1 + 3 * 2
 
 
-async def test_answers_stay_under_the_byte_cap(live_server: StartServer) -> None:
-    server = live_server(max_answer_bytes=4000)
-    scan = await tool(server, "custom_scan", command="-p 1-30 --reason 127.0.0.0/26")
-    assert compact_size(scan) <= 4000
+async def test_answers_stay_under_the_byte_cap_on_the_wire(live_server: StartServer) -> None:
+    """The cap counts the bytes of the HTTP body: the answer's two copies and the framing."""
+    server = live_server(max_answer_bytes=8000)
+    result, wire = await tool_call_on_the_wire(server.url, ALICE, "custom_scan",
+                                               {"command": "-p 1-30 --reason 127.0.0.0/26", "timeout": 60})
+    scan = result["structuredContent"]
+    assert wire <= 8000 and scan["status"] == "completed"
     assert f"offset {scan['page']['next_offset']} for more" in scan["message"]
-    seen, offset, cut = [], 0, []
+    seen, offset, cut, sizes = [], 0, [], []
     while offset is not None:
-        page = await tool(server, "get_task_result", task_id=scan["task_id"], view="full", offset=offset)
-        assert compact_size(page) <= 4000
+        result, wire = await tool_call_on_the_wire(server.url, ALICE, "get_task_result",
+                                                   {"task_id": scan["task_id"], "view": "full", "offset": offset})
+        page = result["structuredContent"]
+        sizes.append(wire)
         seen += [h["address"] for h in page["result"]["hosts"]]
         cut.append(page["truncated"])
         offset = page["page"]["next_offset"]
+    assert max(sizes) <= 8000 and max(sizes) > 6000, "pages fill the cap, and never pass it"
     assert len(seen) == len(set(seen)) == 64 and any(cut)
-
-
-def compact_size(answer: dict) -> int:
-    return len(json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 async def test_a_finished_result_is_fetched_again_after_the_hand_off(live_server: StartServer) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from models import ScanKind, TaskStatus
-from nmap_report import ReportParser
-from scanner import NmapRun, build_argv, interpret_run, run_nmap, scan_options
+from nmap_report import ReportParser, with_versions
+from scanner import NmapRun, build_argv, interpret_run, run_nmap, scan_options, version_argv
 from tests.support import Listeners, NmapWrapper, process_alive
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -34,8 +34,35 @@ def test_argv_puts_targets_after_double_dash_and_owns_output() -> None:
 
 def test_full_scan_argv_and_ipv6() -> None:
     argv = build_argv("nmap", scan_options(ScanKind.FULL, privileged=True), ["::1"], ipv6=True, privileged=True)
-    assert argv == ["nmap", "-sS", "-T4", "-p-", "-sV", "-n", "-oX", "-", "--stats-every", "2s", "--privileged",
-                    "-6", "--", "::1"]
+    assert argv == ["nmap", "-sS", "-T4", "-p-", "--min-rate", "1000", "--max-retries", "2", "-n", "-oX", "-",
+                    "--stats-every", "2s", "--privileged", "-6", "--", "::1"]
+
+
+def test_the_version_phase_probes_only_the_open_ports_of_the_hosts_that_have_them() -> None:
+    discovery = report_of("multi_host.xml").result("127.0.0.1-8")
+    argv = build_argv("/usr/bin/nmap", scan_options(ScanKind.FULL, privileged=False), ["127.0.0.1-8"],
+                      ipv6=False, privileged=False)
+    second = version_argv(argv, discovery)
+    assert second is not None
+    open_ports = {(h.address, p.port) for h in discovery.hosts for p in h.ports if p.state == "open"}
+    hosts = sorted({address for address, _ in open_ports})
+    assert second[:4] == ["/usr/bin/nmap", "-sT", "-T4", "-sV"] and second[second.index("--") + 1:] == hosts
+    assert second[5] == ",".join(f"T:{port}" for port in sorted({port for _, port in open_ports}))
+    assert "--unprivileged" in second and "-p-" not in second
+    nothing_open = discovery.model_copy(update={"hosts": [h.model_copy(update={"ports": []}) for h in discovery.hosts]})
+    assert version_argv(argv, nothing_open) is None
+
+
+def test_versions_replace_the_discovered_ports_they_report() -> None:
+    discovery = report_of("quick_loopback.xml").result("127.0.0.1")
+    versions = report_of("rich_loopback.xml").result("127.0.0.1")
+    merged = with_versions(discovery, versions, "a note")
+    detected = {(p.protocol, p.port): p for p in versions.hosts[0].ports}
+    for port in merged.hosts[0].ports:
+        expected = detected.get((port.protocol, port.port))
+        assert port == (expected or next(p for p in discovery.hosts[0].ports if p.port == port.port))
+    assert [h.address for h in merged.hosts] == [h.address for h in discovery.hosts]
+    assert merged.warnings[-1] == "a note" and merged.scan_time == round(discovery.scan_time + versions.scan_time, 2)
 
 
 def run_of(*, returncode: int = 0, timed_out: bool = False) -> NmapRun:

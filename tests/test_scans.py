@@ -66,7 +66,7 @@ async def test_a_big_scan_is_sharded_over_two_workers_and_merged(
 ) -> None:
     [port] = listeners.open_free_top_ports(1)
     first = await make_service(shard_addresses=32)
-    second = await make_service(shard_addresses=32)
+    second = await make_service(shard_addresses=32, max_answer_bytes=1_000_000)
     answer = await first.scan("alice", first.custom(f"-Pn -p {port} 127.0.0.0/25"), timeout=60)
     assert answer.status is TaskStatus.COMPLETED and answer.result is not None
     assert len(nmap_wrapper.pids()) == 4, "four shards of 32 addresses"

@@ -1,0 +1,177 @@
+"""The inventory across scans: the latest known state of every host and port a token's scans
+have seen, and what one completed scan changes in it. Pure functions over rows (dicts);
+task_manager.py reads and writes the rows in the transaction that finishes the scan.
+
+A completed scan knows its scope: the networks it targeted and, per protocol, the ports it
+scanned (nmap's <scaninfo>). Inside that scope, a host it did not find up is marked down, and
+a known port of a host it did find up, scanned but not reported, takes the state nmap gave
+the unlisted ports (its `extraports`, closed when mixed). Every change records when it
+happened; what was only seen again just gets a newer `last_seen`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from models import HostDetail, PortDetail, ScanResult
+from targets import IPNetwork
+
+Row = dict[str, Any]
+PortKey = tuple[str, str, int]
+# top_values fields: where each lives and how it is named in an answer.
+TOP_FIELDS = ("port", "service", "product", "version", "os", "status")
+_DURATION = re.compile(r"^([0-9]{1,6})\s*(m|h|d|w)$")
+_UNITS = {"m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+class InventoryQueryError(ValueError):
+    """A find_hosts or top_values argument was refused; the message says what to write."""
+
+
+@dataclass(frozen=True)
+class HostQuery:
+    """What find_hosts looks for; port-level filters select the ports shown, too."""
+
+    network: tuple[str, str] | None = None
+    port: int | None = None
+    protocol: str | None = None
+    state: str | None = None
+    service: str | None = None
+    product: str | None = None
+    version_prefix: str | None = None
+    cpe: str | None = None
+    script: str | None = None
+    seen_since: float | None = None
+    changed_since: float | None = None
+
+    @property
+    def by_port(self) -> bool:
+        """True when hosts are chosen by their ports rather than listed as they are."""
+        fields = (self.port, self.protocol, self.service, self.product, self.version_prefix, self.cpe, self.script)
+        return any(value is not None for value in fields) or self.state is not None
+
+    @property
+    def port_state(self) -> str | None:
+        """The state ports must be in: as asked ('any': every state), else open."""
+        return None if self.state == "any" else (self.state or "open")
+
+
+@dataclass(frozen=True)
+class InventoryUpdate:
+    """Rows to write: every host and port this scan reported or changed, whole."""
+
+    hosts: list[Row]
+    ports: list[Row]
+
+
+def address_key(address: str) -> str:
+    """A text key that sorts addresses of one family numerically: '4' + 8 or '6' + 32 hex."""
+    parsed = ipaddress.ip_address(address)
+    return f"{parsed.version}{int(parsed):0{8 if parsed.version == 4 else 32}x}"
+
+
+def network_bounds(network: IPNetwork) -> tuple[str, str]:
+    """The first and last address_key of a network."""
+    return address_key(str(network.network_address)), address_key(str(network.broadcast_address))
+
+
+def parse_network(text: str) -> tuple[str, str]:
+    try:
+        return network_bounds(ipaddress.ip_network(text, strict=False))
+    except ValueError as e:
+        raise InventoryQueryError(f"network {text[:64]!r} is not an address or CIDR network, such as 10.0.0.0/24") \
+            from e
+
+
+def parse_since(text: str, now: float) -> float:
+    """'24h', '7d', '90m', '2w' ago, or an ISO date or time ('2026-11-24', '2026-11-24T08:00Z')."""
+    if match := _DURATION.match(text.strip()):
+        return now - int(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError as e:
+        raise InventoryQueryError(f"{text[:64]!r} is neither a duration such as 24h or 7d nor an ISO date "
+                                  "such as 2026-11-24") from e
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def port_set(services: str) -> set[int]:
+    """The ports of nmap's scaninfo list '1-1024,3389'."""
+    ports: set[int] = set()
+    for part in filter(None, services.split(",")):
+        first, _, last = part.partition("-")
+        ports.update(range(int(first), int(last or first) + 1))
+    return ports
+
+
+def plan_update(
+    owner: str, task_id: str, result: ScanResult, scope: Sequence[IPNetwork],
+    known_hosts: Mapping[str, Row], known_ports: Mapping[PortKey, Row], now: float,
+) -> InventoryUpdate:
+    """What a completed scan of `scope` writes, given the rows known before it."""
+    up = {h.address: h for h in result.hosts if h.status == "up"}
+    hosts = [_host_row(owner, task_id, host, known_hosts.get(host.address), now) for host in up.values()]
+    hosts += [
+        {**row, "status": "down", "changed_at": now, "last_task_id": task_id}
+        for address, row in known_hosts.items()
+        if address not in up and row["status"] != "down" and _within(address, scope)
+    ]
+    scanned = {s.protocol: port_set(s.services) for s in result.scanned}
+    ports: list[Row] = []
+    for host in up.values():
+        reported = {(p.protocol, p.port) for p in host.ports}
+        ports += [_port_row(owner, task_id, host.address, p, known_ports.get((host.address, p.protocol, p.port)), now)
+                  for p in host.ports]
+        unlisted = _unlisted_state(host)
+        ports += [
+            _seen(row, unlisted, task_id, now)
+            for (address, protocol, port), row in known_ports.items()
+            if address == host.address and (protocol, port) not in reported and port in scanned.get(protocol, ())
+        ]
+    return InventoryUpdate(hosts, ports)
+
+
+def _host_row(owner: str, task_id: str, host: HostDetail, known: Row | None, now: float) -> Row:
+    os_name = host.os_matches[0].name if host.os_matches else (known or {}).get("os", "")
+    changed = known is None or known["status"] != "up"
+    return {
+        "owner": owner, "address": host.address, "address_key": address_key(host.address), "status": "up",
+        "hostnames": json.dumps(host.hostnames or json.loads((known or {}).get("hostnames", "[]"))),
+        "os": os_name, "first_seen": known["first_seen"] if known else now, "last_seen": now,
+        "changed_at": now if changed else known["changed_at"], "last_task_id": task_id,  # type: ignore[index]
+    }
+
+
+def _port_row(owner: str, task_id: str, address: str, port: PortDetail, known: Row | None, now: float) -> Row:
+    row = {
+        "owner": owner, "address": address, "protocol": port.protocol, "port": port.port,
+        "address_key": address_key(address), "state": port.state, "service": port.service,
+        "product": port.product, "version": port.product_version, "cpe": json.dumps(port.cpe),
+        "scripts": json.dumps([s.id for s in port.scripts]), "last_seen": now, "last_task_id": task_id,
+    }
+    same = known is not None and all(known[k] == row[k] for k in ("state", "service", "product", "version"))
+    return row | {"first_seen": known["first_seen"] if known else now,
+                  "changed_at": known["changed_at"] if same else now}  # type: ignore[index]
+
+
+def _seen(row: Row, state: str, task_id: str, now: float) -> Row:
+    """A known port that this scan scanned but did not list: it is in the unlisted state."""
+    changed = row["state"] != state
+    return {**row, "state": state, "last_seen": now, "last_task_id": task_id,
+            "changed_at": now if changed else row["changed_at"]}
+
+
+def _unlisted_state(host: HostDetail) -> str:
+    states = {e.state for e in host.extraports}
+    return states.pop() if len(states) == 1 else "closed"
+
+
+def _within(address: str, scope: Iterable[IPNetwork]) -> bool:
+    parsed = ipaddress.ip_address(address)
+    return any(parsed.version == n.version and parsed in n for n in scope)
