@@ -34,6 +34,7 @@ from audit import AuditLog, AuditMiddleware
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import CLIENTS, render_client_config, render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
+from dashboard import register_dashboard
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from policy import Policy
@@ -148,6 +149,8 @@ def create_server(
         strict_input_validation=True,
     )
     mcp.add_middleware(ToolErrorMiddleware(register_tools(mcp, runtime.service, settings, identify)))
+    if not stdio:
+        register_dashboard(mcp, runtime.service, settings, identify)
 
     @mcp.custom_route("/healthz", methods=["GET"])
     async def healthz(_request: Request) -> JSONResponse:
