@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # Browser origins (https://app.example) allowed to call the endpoint with CORS; each is
     # also accepted by the Origin check. None by default.
     cors_origins: list[str] = Field(default_factory=list)
+    # Token names whose holders see every token's tasks on the operator page (/ui); everyone
+    # else sees only their own. None by default.
+    ui_admin_tokens: list[str] = Field(default_factory=list)
     sync_timeout: int = Field(default=30, ge=5, le=600)
     max_concurrent_tasks: int = Field(default=10, ge=1, le=256)
     max_queued_tasks: int = Field(default=100, ge=1, le=100_000)
@@ -206,6 +209,9 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
         raise ConfigError(f"{path}: no token configured; set `token` or `tokens`")
     if problems := secret_problems(settings.named_secrets()):
         raise ConfigError(f"{path}: " + "; ".join(problems))
+    if unknown := sorted(set(settings.ui_admin_tokens) - set(settings.named_secrets())):
+        raise ConfigError(f"{path}: 'ui_admin_tokens': no token is named {', '.join(repr(n) for n in unknown)}; "
+                          "list names from `tokens`")
     return anchored(settings, path.parent)
 
 

@@ -50,8 +50,12 @@ def tool_errors() -> Iterator[None]:
     try:
         yield
     except tuple(CODES) as e:
-        code = next(code for kind, code in CODES.items() if isinstance(e, kind))
-        raise ToolError(f"{code}: {e}") from e
+        raise ToolError(f"{code_of(e)}: {e}") from e
+
+
+def code_of(error: Exception) -> str | None:
+    """The stable code of an error a caller can act on; None for any other error."""
+    return next((code for kind, code in CODES.items() if isinstance(error, kind)), None)
 
 
 class ToolErrorMiddleware(Middleware):

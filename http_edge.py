@@ -136,7 +136,7 @@ def _plain_unauthorized(send: Send, reason: str, *, credentials: bool) -> Send:
         if message["type"] == "http.response.start" and message["status"] == 401:
             rewriting = True
             headers = [(b"www-authenticate", challenge.encode()), (b"content-type", b"application/json"),
-                       (b"content-length", str(len(body)).encode())]
+                       (b"x-content-type-options", b"nosniff"), (b"content-length", str(len(body)).encode())]
             await send({**message, "headers": headers})
         elif rewriting and message["type"] == "http.response.body":
             if not message.get("more_body", False):

@@ -208,6 +208,10 @@ class ScanService:
     async def list(self, owner: str, status: TaskStatus | None, limit: int) -> TaskList:
         return TaskList(tasks=[answer(record) for record in await self._store.list(owner, status, limit)])
 
+    async def list_all(self, status: TaskStatus | None, limit: int) -> list[tuple[str, TaskAnswer]]:
+        """Every token's most recent tasks, newest first, each with its owner (for operators)."""
+        return [(record.owner, answer(record)) for record in await self._store.list_all(status, limit)]
+
     async def cancel(self, owner: str, task_id: str) -> TaskAnswer:
         """Cancel a queued or running scan; when this process runs it, wait until nmap stopped."""
         await self._store.cancel(task_id, owner)

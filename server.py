@@ -34,6 +34,7 @@ from audit import AuditLog, AuditMiddleware
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import CLIENTS, render_client_config, render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
+from dashboard import register_dashboard
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from policy import Policy
@@ -155,6 +156,8 @@ def create_server(
     # on status polls, measured with py-spy) unless the low-level server can look it up.
     # FastMCP does not expose the hook; the schemas built at start-up answer it.
     mcp._mcp_server.get_tool_input_schema = schemas.get
+    if not stdio:
+        register_dashboard(mcp, runtime.service, settings, identify)
 
     @mcp.custom_route("/healthz", methods=["GET"])
     async def healthz(_request: Request) -> JSONResponse:

@@ -441,6 +441,11 @@ class TaskManager:
         rows = await self._db(self._select_many, owner, status, limit)
         return [_record(row) for row in rows]
 
+    async def list_all(self, status: TaskStatus | None, limit: int) -> list[TaskRecord]:
+        """Every owner's most recent tasks, newest first (for operators)."""
+        rows = await self._db(self._select_many, None, status, limit)
+        return [_record(row) for row in rows]
+
     async def cancel(self, task_id: str, owner: str) -> TaskRecord:
         """Mark a queued or running task (and its shards) cancelled; the worker running it
         hears of it through the change feed and stops its nmap."""
@@ -655,8 +660,11 @@ class TaskManager:
             reports = [zlib.decompress(part) for part in parts if part is not None]
         return b"".join(reports) if reports else None
 
-    def _select_many(self, owner: str, status: TaskStatus | None, limit: int) -> list[Row[Any]]:
-        query = select(*_SUMMARY_COLUMNS).where(tasks.c.owner == owner, tasks.c.parent_id.is_(None))
+    def _select_many(self, owner: str | None, status: TaskStatus | None, limit: int) -> list[Row[Any]]:
+        """Top-level tasks newest first: the owner's, or with owner None everyone's."""
+        query = select(*_SUMMARY_COLUMNS).where(tasks.c.parent_id.is_(None))
+        if owner is not None:
+            query = query.where(tasks.c.owner == owner)
         if status is not None:
             query = query.where(tasks.c.status == status.value)
         query = query.order_by(tasks.c.created_at.desc()).limit(limit)

@@ -30,7 +30,8 @@ postgres_bindir() {
   return 1
 }
 
-# The apt packages missing for what the caller needs: any of python, nmap, postgresql.
+# The apt packages missing for what the caller needs: any of python, nmap, postgresql, chromium
+# (the browser and its driver, for the operator page's browser test).
 missing_packages() {
   local need
   for need in "$@"; do
@@ -43,6 +44,7 @@ missing_packages() {
         fi ;;
       nmap) command -v nmap >/dev/null 2>&1 || echo nmap ;;
       postgresql) { command -v psql >/dev/null 2>&1 && postgres_bindir >/dev/null; } || echo postgresql ;;
+      chromium) { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || echo chromium chromium-driver ;;
     esac
   done
 }

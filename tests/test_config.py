@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
     path = write(tmp_path / "c.json", {"tokens": {"x": {"secret": SECRETS["alice"]}}, "port": 70000})
     with pytest.raises(ConfigError, match="'port'"):
         load_settings(path)
+
+
+def test_ui_admin_tokens_must_name_configured_tokens(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", {"tokens": {"alice": {"secret": SECRETS["alice"]}},
+                                       "ui_admin_tokens": ["alice", "mallory"]})
+    with pytest.raises(ConfigError, match=re.escape("'ui_admin_tokens': no token is named 'mallory'; list names")):
+        load_settings(path)
+    assert load_settings(write(path, {"token": SECRETS["alice"], "ui_admin_tokens": ["default"]})).ui_admin_tokens == [
+        "default"]
 
 
 @pytest.mark.parametrize(("tokens", "problem"), [

@@ -119,7 +119,10 @@ def test_the_installed_server_serves_and_knows_its_version(installed: Installed,
     server.start()
     try:
         health = httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
+        script = httpx.get(f"http://127.0.0.1:{server.port}/ui/dashboard.js", timeout=5)
     finally:
         server.stop()
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "version": VERSION}
+    # The operator page's files travel in the wheel too.
+    assert script.status_code == 200 and script.content == (ROOT / "dashboard_assets/dashboard.js").read_bytes()

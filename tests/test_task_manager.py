@@ -20,6 +20,7 @@ from models import ScanKind, TaskStatus, task_hosts, tasks
 from scanner import ScanOutcome, build_argv
 from task_manager import (
     QueueFull,
+    Shard,
     TaskAlreadyFinished,
     TaskManager,
     TaskNotFound,
@@ -175,6 +176,19 @@ async def test_owners_cannot_see_each_others_tasks(make_node: MakeNode, nmap_wra
             await call
     assert await store.list("bob", None, 10) == []
     assert [r.id for r in await store.list("alice", None, 10)] == [record.id]
+
+
+async def test_list_all_shows_every_owners_top_level_tasks_newest_first(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    node = await make_node(worker=False)
+    alices = await submit(node.store, nmap_wrapper, 1, owner="alice")
+    shards = [Shard(target, argv_for(nmap_wrapper, 1, target)) for target in ("127.0.0.1", "127.0.0.2")]
+    bobs = await submit(node.store, nmap_wrapper, 1, owner="bob", shards=shards)
+    listed = await node.store.list_all(None, 10)
+    assert [(r.owner, r.id) for r in listed] == [("bob", bobs.id), ("alice", alices.id)]
+    assert [r.id for r in await node.store.list_all(TaskStatus.QUEUED, 1)] == [bobs.id]
+    assert await node.store.list_all(TaskStatus.RUNNING, 10) == []
 
 
 async def test_list_filters_by_status_newest_first(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:

@@ -1,0 +1,258 @@
+"""The operator page under /ui: a static page over a small read-only JSON API.
+
+The page's own files (dashboard_assets/: HTML, JS, CSS) hold no data and are served to
+anyone. Every answer under /ui/api/ needs one of the MCP tokens as a Bearer header; the page
+asks for it once, keeps it in sessionStorage and sends it only as that header (never in a
+URL or a cookie). Holders of a token named in `ui_admin_tokens` see every token's tasks,
+everyone else only their own; each part of the page needs the right of the MCP tool that
+reads the same data (list_workers, list_tasks, get_task_result, diff_scans).
+
+The overview is a list of sections: each is built by one `Section` here and drawn by the
+renderer of the same name in dashboard_assets/dashboard.js, so a new section is one entry in
+`Dashboard.sections` and one renderer there. docs/ui.md says more.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastmcp import FastMCP
+from pydantic import BaseModel, SerializeAsAny
+from starlette.requests import Request
+from starlette.responses import Response
+
+from auth import Identify
+from config import Settings
+from errors import CODES, code_of
+from models import ScanDiff, TaskAnswer, TaskStatus, WorkerList
+from scans import ScanService
+
+ASSETS = Path(__file__).with_name("dashboard_assets")
+# The page at /ui, and its two files at /ui/<name>.
+PAGE = ("dashboard.html", "text/html; charset=utf-8")
+PAGE_FILES = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
+# Scripts and styles only from our own files (none inline), requests only to us, no forms
+# submitted by the browser itself (a token typed with scripts off must not land in a URL),
+# and no framing.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "no-referrer"}
+API_HEADERS = SECURITY_HEADERS | {"Cache-Control": "no-store"}
+TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+RECENT_TASKS = 20
+ACTIVE_TASKS = 50
+COMPARABLE_TASKS = 50
+HOSTS_SHOWN = 50
+HTTP_STATUS = {"not_found": 404, "not_comparable": 409, "unavailable": 503}
+
+
+class Forbidden(PermissionError):
+    """The token may not use the MCP tool that reads this data."""
+
+
+class BadRequest(ValueError):
+    """A query parameter is missing or malformed."""
+
+
+class Viewer(BaseModel):
+    """Who looks at the page: a token's name, and whether it sees every token's tasks."""
+
+    name: str
+    admin: bool
+
+
+class OwnedTask(BaseModel):
+    """A task with the name of the token that started it."""
+
+    owner: str
+    task: TaskAnswer
+
+
+class TaskRows(BaseModel):
+    """Tasks, newest first."""
+
+    tasks: list[OwnedTask]
+
+
+class SectionData(BaseModel):
+    """One section of the overview: the renderer that draws it, its heading, its data."""
+
+    name: str
+    title: str
+    data: SerializeAsAny[BaseModel]
+
+
+class Overview(BaseModel):
+    """Everything the page shows at once, refreshed every few seconds."""
+
+    viewer: Viewer
+    sections: list[SectionData]
+
+
+@dataclass(frozen=True)
+class Section:
+    """How one overview section is built: the name of its renderer in dashboard.js, its
+    heading, the MCP tool whose right it needs, and what builds its data for a viewer."""
+
+    name: str
+    title: str
+    tool: str
+    build: Callable[[Viewer], Awaitable[BaseModel]]
+
+
+class Dashboard:
+    """The page's data for one viewer at a time, composed from ScanService."""
+
+    def __init__(self, service: ScanService, admins: Iterable[str]) -> None:
+        self._service = service
+        self._admins = frozenset(admins)
+        # In page order.
+        self.sections = [
+            Section("pools", "Pools and workers", "list_workers", self.pools),
+            Section("running", "Running and queued scans", "list_tasks", self.running),
+            Section("recent", "Recent tasks", "list_tasks", self.recent),
+            Section("diff", "Compare two tasks", "diff_scans", self.comparable),
+        ]
+
+    def viewer(self, name: str) -> Viewer:
+        """The viewer holding the token named `name`."""
+        return Viewer(name=name, admin=name in self._admins)
+
+    def may(self, viewer: Viewer, tool: str) -> bool:
+        """Whether the viewer's token may use `tool` (its `tools` in the config)."""
+        scope = self._service.policy.tool_scopes.get(viewer.name)
+        return scope is None or tool in scope
+
+    async def overview(self, viewer: Viewer) -> Overview:
+        """Every section the viewer's token may see, built now."""
+        built = [SectionData(name=s.name, title=s.title, data=await s.build(viewer))
+                 for s in self.sections if self.may(viewer, s.tool)]
+        return Overview(viewer=viewer, sections=built)
+
+    async def pools(self, _viewer: Viewer) -> WorkerList:
+        """Every pool with its queue and workers (the same for every viewer)."""
+        return await self._service.workers()
+
+    async def running(self, viewer: Viewer) -> TaskRows:
+        """The running tasks with their progress, then the queued ones."""
+        running = await self._tasks(viewer, TaskStatus.RUNNING, ACTIVE_TASKS)
+        queued = await self._tasks(viewer, TaskStatus.QUEUED, ACTIVE_TASKS)
+        return TaskRows(tasks=running.tasks + queued.tasks)
+
+    async def recent(self, viewer: Viewer) -> TaskRows:
+        """The latest tasks in any state (the page fetches each finished one's ports once)."""
+        return await self._tasks(viewer, None, RECENT_TASKS)
+
+    async def comparable(self, viewer: Viewer) -> TaskRows:
+        """The completed tasks: what diff_scans can compare."""
+        return await self._tasks(viewer, TaskStatus.COMPLETED, COMPARABLE_TASKS)
+
+    async def task(self, viewer: Viewer, task_id: str, owner: str | None) -> OwnedTask:
+        """One task with its result (open ports per host), or the hosts so far while it runs."""
+        self._require(viewer, "get_task_result")
+        owner = self._owner(viewer, owner)
+        return OwnedTask(owner=owner, task=await self._service.result(owner, task_id, limit=HOSTS_SHOWN))
+
+    async def diff(self, viewer: Viewer, task_a: str, task_b: str, owner: str | None) -> ScanDiff:
+        """What changed from task a to task b, two tasks of one owner."""
+        self._require(viewer, "diff_scans")
+        return await self._service.diff(self._owner(viewer, owner), task_a, task_b)
+
+    def _require(self, viewer: Viewer, tool: str) -> None:
+        if not self.may(viewer, tool):
+            raise Forbidden(f"this token may not use {tool}")
+
+    def _owner(self, viewer: Viewer, requested: str | None) -> str:
+        """Whose task is asked for: any token's for an admin, else always the viewer's own."""
+        return requested if viewer.admin and requested else viewer.name
+
+    async def _tasks(self, viewer: Viewer, status: TaskStatus | None, limit: int) -> TaskRows:
+        if viewer.admin:
+            pairs = await self._service.list_all(status, limit)
+        else:
+            pairs = [(viewer.name, task) for task in (await self._service.list(viewer.name, status, limit)).tasks]
+        return TaskRows(tasks=[OwnedTask(owner=owner, task=task) for owner, task in pairs])
+
+
+Handler = Callable[[Request, Viewer], Awaitable[BaseModel]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def register_dashboard(mcp: FastMCP, service: ScanService, settings: Settings, identify: Identify) -> None:
+    """Serve the page at /ui, its files at /ui/<name> and its JSON API under /ui/api/."""
+    dashboard = Dashboard(service, settings.ui_admin_tokens)
+    mcp.custom_route("/ui", methods=["GET"])(static_file(*PAGE))
+    for name, media_type in PAGE_FILES.items():
+        mcp.custom_route(f"/ui/{name}", methods=["GET"])(static_file(name, media_type))
+    api = api_route(mcp, dashboard, identify)
+
+    @api("/ui/api/overview")
+    async def overview(_request: Request, viewer: Viewer) -> Overview:
+        return await dashboard.overview(viewer)
+
+    @api("/ui/api/tasks/{task_id}")
+    async def task(request: Request, viewer: Viewer) -> OwnedTask:
+        return await dashboard.task(viewer, task_id(request.path_params["task_id"]), request.query_params.get("owner"))
+
+    @api("/ui/api/diff")
+    async def diff(request: Request, viewer: Viewer) -> ScanDiff:
+        task_a, task_b = (task_id(request.query_params.get(key, "")) for key in ("a", "b"))
+        return await dashboard.diff(viewer, task_a, task_b, request.query_params.get("owner"))
+
+
+def static_file(name: str, media_type: str) -> Endpoint:
+    """An endpoint answering with one of the page's files (read once, now)."""
+    body = (ASSETS / name).read_bytes()
+
+    async def serve(_request: Request) -> Response:
+        return Response(body, media_type=media_type, headers=SECURITY_HEADERS | {"Cache-Control": "no-cache"})
+
+    return serve
+
+
+def api_route(mcp: FastMCP, dashboard: Dashboard, identify: Identify) -> Callable[[str], Callable[[Handler], Handler]]:
+    """A decorator registering a GET handler under a path, for authenticated viewers only;
+    the errors a caller can act on become JSON errors with the stable codes of the tools."""
+
+    def register(path: str) -> Callable[[Handler], Handler]:
+        def wrap(handler: Handler) -> Handler:
+            async def endpoint(request: Request) -> Response:
+                name = identify()
+                if name is None:
+                    # http_edge gives every 401 the plain words and challenge the MCP endpoint's have.
+                    return Response(status_code=401, headers=API_HEADERS)
+                try:
+                    answer = await handler(request, dashboard.viewer(name))
+                except Forbidden as e:
+                    return error_response(403, "forbidden", str(e))
+                except BadRequest as e:
+                    return error_response(400, "invalid_argument", str(e))
+                except tuple(CODES) as e:
+                    code = code_of(e) or "error"
+                    return error_response(HTTP_STATUS.get(code, 400), code, str(e))
+                return Response(answer.model_dump_json(), media_type="application/json", headers=API_HEADERS)
+
+            mcp.custom_route(path, methods=["GET"])(endpoint)
+            return handler
+
+        return wrap
+
+    return register
+
+
+def task_id(text: str) -> str:
+    """`text` when it is a task id; BadRequest (not echoing it) otherwise."""
+    if not TASK_ID.match(text):
+        raise BadRequest("a task id is required: the task_id of a scan (8-4-4-4-12 lowercase hex digits)")
+    return text
+
+
+def error_response(status: int, code: str, description: str) -> Response:
+    """A JSON error in the shape of the 401s: {"error": code, "error_description": words}."""
+    body = json.dumps({"error": code, "error_description": description})
+    return Response(body, status_code=status, media_type="application/json", headers=API_HEADERS)

@@ -1,0 +1,323 @@
+// The operator page (dashboard.py serves it and its API). It asks for a token once, keeps
+// it in sessionStorage and sends it only as a Bearer header, then draws the overview's
+// sections every REFRESH_MS. Every value goes into the page as text (text nodes, never
+// HTML): hostnames, banners and versions are whatever the scanned hosts said.
+"use strict";
+
+const TOKEN_KEY = "nmap-mcp-token";
+const REFRESH_MS = 2000;
+// Each overview section is drawn into its own <section> by the renderer of its name:
+// renderer(data, body, viewer), where body keeps what the renderer put there last time.
+const RENDERERS = { pools: renderPools, running: renderRunning, recent: renderRecent, diff: renderDiff };
+// A finished task's result never changes: each is fetched once, keyed by taskKey().
+const results = new Map();
+// The completed tasks the diff section offers, by taskKey().
+let comparable = new Map();
+let overview = null;
+let timer = null;
+
+class Unauthorized extends Error {}
+
+function $(id) {
+  return document.getElementById(id);
+}
+
+// An element with attributes and children; strings become text nodes, null is skipped.
+function el(tag, attributes, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes || {})) {
+    node.setAttribute(name, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) {
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+  }
+  return node;
+}
+
+function table(headings, rows) {
+  return el("table", {},
+    el("thead", {}, el("tr", {}, headings.map((heading) => el("th", {}, heading)))),
+    el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((cell) => el("td", {}, cell))))));
+}
+
+async function api(path) {
+  const response = await fetch(path, {
+    headers: { Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY) },
+    cache: "no-store",
+    credentials: "omit",
+  });
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    signOut(body.error_description || "the token was not accepted");
+    throw new Unauthorized();
+  }
+  if (!response.ok) {
+    throw new Error(body.error_description || "the server answered " + response.status);
+  }
+  return body;
+}
+
+function start() {
+  $("sign-in").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", () => signOut(""));
+  if (sessionStorage.getItem(TOKEN_KEY)) {
+    refresh();
+  } else {
+    showSignIn("");
+  }
+}
+
+function signIn(event) {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  refresh();
+}
+
+function signOut(reason) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  clearTimeout(timer);
+  results.clear();
+  overview = null;
+  $("sections").replaceChildren();
+  showSignIn(reason);
+}
+
+function showSignIn(reason) {
+  $("sign-in").hidden = false;
+  $("sections").hidden = true;
+  $("sign-out").hidden = true;
+  $("viewer").textContent = "";
+  $("sign-in-error").textContent = reason;
+  $("token").focus();
+}
+
+async function refresh() {
+  clearTimeout(timer);
+  try {
+    overview = await api("/ui/api/overview");
+    draw();
+    $("status").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (error) {
+    if (error instanceof Unauthorized) {
+      return;
+    }
+    $("status").textContent = "could not update: " + error.message;
+  }
+  timer = setTimeout(refresh, REFRESH_MS);
+}
+
+function draw() {
+  const main = $("sections");
+  $("sign-in").hidden = true;
+  main.hidden = false;
+  $("sign-out").hidden = false;
+  $("viewer").textContent = overview.viewer.name + (overview.viewer.admin ? " (sees every token's tasks)" : "");
+  const existing = new Map([...main.children].map((node) => [node.dataset.section, node]));
+  const wanted = new Set(overview.sections.map((section) => section.name));
+  existing.forEach((node, name) => wanted.has(name) || node.remove());
+  overview.sections.forEach((section, index) => {
+    let node = existing.get(section.name);
+    if (!node) {
+      node = el("section", { "data-section": section.name }, el("h2", {}, section.title), el("div"));
+    }
+    if (main.children[index] !== node) {
+      main.insertBefore(node, main.children[index] || null);
+    }
+    const body = node.lastElementChild;
+    const renderer = RENDERERS[section.name];
+    if (renderer) {
+      renderer(section.data, body, overview.viewer);
+    } else {
+      body.replaceChildren(el("p", { class: "muted" }, "This page has no renderer for '" + section.name + "' yet."));
+    }
+  });
+}
+
+// "1 open port", "2 open ports".
+function count(number, noun) {
+  return number + " " + noun + (number === 1 ? "" : "s");
+}
+
+function when(seconds) {
+  return seconds ? new Date(seconds * 1000).toLocaleString() : "";
+}
+
+function taskKey(row) {
+  return row.owner + "/" + row.task.task_id;
+}
+
+// A diff choice: "alice: custom 127.0.0.1, 12/1/2026, 8:26:52 PM (3f2a9c1e)".
+function describe(row, viewer) {
+  const owner = viewer.admin ? row.owner + ": " : "";
+  return owner + row.task.kind + " " + row.task.target + ", " + when(row.task.finished_at || row.task.created_at)
+    + " (" + row.task.task_id.slice(0, 8) + ")";
+}
+
+function progressOf(task) {
+  const progress = task.progress;
+  if (!progress) {
+    return task.status;
+  }
+  const left = progress.remaining_s === null ? "" : ", about " + progress.remaining_s + " s left";
+  return el("span", {},
+    el("progress", { max: "100", value: String(progress.percent) }),
+    progress.phase + " " + progress.percent.toFixed(0) + "%" + left);
+}
+
+function renderPools(data, body) {
+  if (!data.pools.length) {
+    body.replaceChildren(el("p", { class: "muted" }, "No pool has workers or queued tasks."));
+    return;
+  }
+  body.replaceChildren(...data.pools.map((pool) => el("div", { class: "pool" },
+    el("h3", {}, "pool " + pool.pool),
+    el("p", {}, pool.queued + " queued, " + pool.workers_alive + " of " + count(pool.workers.length, "worker")
+      + " alive" + (pool.networks.length ? "; reaches " + pool.networks.join(", ") : "")),
+    pool.workers.length
+      ? table(["worker", "state", "running", "last heartbeat"], pool.workers.map((worker) => [
+        worker.name, worker.alive ? "alive" : "silent", worker.running + " of " + worker.capacity,
+        Math.max(0, Math.round(Date.now() / 1000 - worker.heartbeat_at)) + " s ago"]))
+      : el("p", { class: "muted" }, "no workers"))));
+}
+
+function renderRunning(data, body, viewer) {
+  if (!data.tasks.length) {
+    body.replaceChildren(el("p", { class: "muted" }, "No scan is running or queued."));
+    return;
+  }
+  const headings = [...(viewer.admin ? ["token"] : []), "target", "kind", "pool", "worker", "started", "progress"];
+  body.replaceChildren(table(headings, data.tasks.map((row) => [
+    ...(viewer.admin ? [row.owner] : []), el("span", { class: "address" }, row.task.target), row.task.kind,
+    row.task.pool, row.task.worker || "", when(row.task.started_at), progressOf(row.task)])));
+}
+
+function renderRecent(data, body, viewer) {
+  if (!data.tasks.length) {
+    body.replaceChildren(el("p", { class: "muted" }, "No tasks yet."));
+    return;
+  }
+  const headings = [...(viewer.admin ? ["token"] : []), "created", "kind", "target", "status", "pool / worker",
+    "open ports"];
+  body.replaceChildren(table(headings, data.tasks.map((row) => [
+    ...(viewer.admin ? [row.owner] : []), when(row.task.created_at), row.task.kind,
+    el("span", { class: "address" }, row.task.target),
+    el("span", { class: "status-" + row.task.status }, row.task.status, row.task.error ? ": " + row.task.error : ""),
+    row.task.pool + (row.task.worker ? " / " + row.task.worker : ""), resultOf(row)])));
+}
+
+// The open ports of a finished task, fetched once; a running task shows its progress.
+function resultOf(row) {
+  if (row.task.status === "queued" || row.task.status === "running") {
+    return progressOf(row.task);
+  }
+  const key = taskKey(row);
+  const known = results.get(key);
+  if (!known) {
+    results.set(key, { pending: true });
+    const path = "/ui/api/tasks/" + encodeURIComponent(row.task.task_id) + "?owner=" + encodeURIComponent(row.owner);
+    api(path).then((answer) => results.set(key, { task: answer.task }), (error) => {
+      if (!(error instanceof Unauthorized)) {
+        results.set(key, { error: error.message });
+      }
+    }).then(() => overview && draw());
+    return el("span", { class: "muted" }, "loading");
+  }
+  if (known.pending) {
+    return el("span", { class: "muted" }, "loading");
+  }
+  if (known.error) {
+    return el("span", { class: "error" }, known.error);
+  }
+  return openPorts(known.task);
+}
+
+function openPorts(task) {
+  const result = task.result;
+  if (!result) {
+    return el("span", { class: "muted" }, "no result");
+  }
+  const hosts = result.hosts.filter((host) => host.ports.length);
+  const more = task.page && task.page.next_offset !== null ? " (the first " + task.page.returned + " hosts shown)" : "";
+  const counts = result.hosts_up + " of " + count(result.hosts_total, "host") + " up, "
+    + count(result.open_ports, "open port") + more;
+  return el("div", {}, el("span", { class: "muted" }, counts), el("ul", {}, hosts.map((host) => el("li", {},
+    el("span", { class: "address" }, host.address),
+    host.hostnames.length ? " (" + host.hostnames.join(", ") + ")" : "", ": ",
+    host.ports.map((port) => [port.port + "/" + port.protocol, port.service, port.version].filter(Boolean).join(" "))
+      .join(", ")))));
+}
+
+function renderDiff(data, body, viewer) {
+  if (!body.firstChild) {
+    const before = el("select", { id: "diff-a", "aria-label": "before" });
+    const after = el("select", { id: "diff-b", "aria-label": "after" });
+    const button = el("button", { id: "diff-run", type: "button" }, "Compare");
+    const output = el("div", { id: "diff-output" });
+    button.addEventListener("click", () => compare(before.value, after.value, output));
+    body.append(el("p", {}, el("label", {}, "before ", before), " ", el("label", {}, "after ", after), " ", button),
+      output);
+  }
+  comparable = new Map(data.tasks.map((row) => [taskKey(row), row]));
+  const choices = data.tasks.map((row) => [taskKey(row), describe(row, viewer)]);
+  // Newest as "after", the one before it as "before", until the user picks others.
+  fillChoices($("diff-a"), choices, Math.min(1, choices.length - 1));
+  fillChoices($("diff-b"), choices, 0);
+}
+
+// Replace a select's options only when the choices changed, keeping what was picked.
+function fillChoices(select, choices, fallback) {
+  const same = select.options.length === choices.length
+    && choices.every(([value], index) => select.options[index].value === value);
+  if (same) {
+    return;
+  }
+  const picked = select.value;
+  select.replaceChildren(...choices.map(([value, text]) => el("option", { value }, text)));
+  const keep = choices.some(([value]) => value === picked);
+  if (choices.length) {
+    select.value = keep ? picked : choices[fallback][0];
+  }
+}
+
+async function compare(keyA, keyB, output) {
+  const a = comparable.get(keyA);
+  const b = comparable.get(keyB);
+  if (!a || !b) {
+    output.replaceChildren(el("p", { class: "error" }, "Pick two completed tasks."));
+    return;
+  }
+  if (a.owner !== b.owner) {
+    output.replaceChildren(el("p", { class: "error" }, "Pick two tasks of one token: a diff compares its own scans."));
+    return;
+  }
+  output.replaceChildren(el("p", { class: "muted" }, "comparing"));
+  const query = "?a=" + encodeURIComponent(a.task.task_id) + "&b=" + encodeURIComponent(b.task.task_id)
+    + "&owner=" + encodeURIComponent(a.owner);
+  try {
+    output.replaceChildren(drawDiff(await api("/ui/api/diff" + query)));
+  } catch (error) {
+    if (!(error instanceof Unauthorized)) {
+      output.replaceChildren(el("p", { class: "error" }, error.message));
+    }
+  }
+}
+
+function drawDiff(diff) {
+  const hosts = (title, list) => (list.length ? el("p", {}, title + ": " + list.join(", ")) : null);
+  const ports = (title, list) => (list.length ? el("div", {}, el("h3", {}, title), el("ul", {}, list.map((change) =>
+    el("li", {}, el("span", { class: "address" }, change.address), " " + change.port + "/" + change.protocol + ": "
+      + (change.before || "absent") + " \u2192 " + (change.after || "absent"))))) : null);
+  return el("div", { class: "diff" },
+    hosts("hosts that came up", diff.hosts_came_up),
+    hosts("hosts that went down", diff.hosts_went_down),
+    ports("ports opened", diff.ports_opened),
+    ports("ports closed", diff.ports_closed),
+    ports("services changed", diff.services_changed),
+    el("p", { class: "muted" }, count(diff.unchanged_open_ports, "open port") + " unchanged"
+      + (diff.truncated ? "; the lists were cut to fit" : "")));
+}
+
+start();
