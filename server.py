@@ -36,6 +36,7 @@ from client_configs import CLIENTS, render_client_config, render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
+from mcp_tasks import ScanTasks
 from policy import Policy
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
@@ -148,6 +149,7 @@ def create_server(
         strict_input_validation=True,
     )
     mcp.add_middleware(ToolErrorMiddleware(register_tools(mcp, runtime.service, settings, identify)))
+    mcp.add_extension(ScanTasks(runtime.service, identify))
 
     @mcp.custom_route("/healthz", methods=["GET"])
     async def healthz(_request: Request) -> JSONResponse:
