@@ -9,9 +9,11 @@ errors. Nothing here needs a FastMCP context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import audit
@@ -54,6 +56,9 @@ ProgressCallback = Callable[[Progress], Awaitable[None]]
 DEFAULT_PAGE = 50
 # How long cancel_task waits for this process's own worker to have stopped nmap.
 CANCEL_WAIT_SECONDS = 5.0
+# Set, for one call, by a front door that answers with a task handle instead of waiting (the
+# MCP Tasks extension, mcp_tasks.py): scan() then returns as soon as its task is queued.
+_submitted: ContextVar[list[TaskRecord] | None] = ContextVar("submitted_scans", default=None)
 
 
 class ShuttingDown(RuntimeError):
@@ -75,6 +80,18 @@ class ScanRequest:
     shareable: bool
     # A scanner pool the caller asked for; None: routed by the targets' addresses.
     pool: str | None = None
+
+
+@contextlib.contextmanager
+def without_waiting() -> Iterator[list[TaskRecord]]:
+    """Within the block, `ScanService.scan` returns once its task is queued (or an identical
+    one reused) instead of waiting for it; the list yielded collects those tasks."""
+    submitted: list[TaskRecord] = []
+    reset = _submitted.set(submitted)
+    try:
+        yield submitted
+    finally:
+        _submitted.reset(reset)
 
 
 def shard(argv: list[str], networks: Sequence[Sequence[IPNetwork]], size: int) -> list[Shard]:
@@ -139,7 +156,7 @@ class ScanService:
         """Check the targets, submit (or reuse) the scan, wait up to `timeout` s, present it.
 
         Once the scan is queued the answer always carries its task id, even when the wait
-        after it fails or the server shuts down."""
+        after it fails or the server shuts down. Under `without_waiting()` it does not wait."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down; retry in a moment")
         resolved = await resolve_targets(request.targets, self.policy.targets(owner))
@@ -155,6 +172,10 @@ class ScanService:
             shards=shards,
         )
         audit.queued(task_id=record.id, reused=reused, argv=argv, targets=list(resolved.nmap_targets), pool=pool)
+        submitted = _submitted.get()
+        if submitted is not None:
+            submitted.append(record)
+            return answer(record)
         try:
             finished = await self._store.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing)
             return await self.present(finished, note=reuse_note(record) if reused else None)

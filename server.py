@@ -37,6 +37,7 @@ from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, wr
 from dashboard import register_dashboard
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
+from mcp_tasks import ScanTasks
 from policy import Policy
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
@@ -158,6 +159,7 @@ def create_server(
     mcp._mcp_server.get_tool_input_schema = schemas.get
     if not stdio:
         register_dashboard(mcp, runtime.service, settings, identify)
+    mcp.add_extension(ScanTasks(runtime.service, identify))
 
     @mcp.custom_route("/healthz", methods=["GET"])
     async def healthz(_request: Request) -> JSONResponse:

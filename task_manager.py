@@ -226,13 +226,15 @@ def upgrade_schema(engine: Engine) -> None:
 
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """SQLite: processes starting together migrate one at a time. flock() on the database
-    file itself; it does not interfere with SQLite's own (POSIX record) locks."""
+    """SQLite: processes starting together migrate one at a time, by flock() on a file beside
+    the database. Not on the database file itself: closing any descriptor of that file drops
+    every POSIX lock this process holds on it, SQLite's included, and without its shared lock
+    another process that closes its last connection deletes the WAL under this one's writes."""
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:":
         yield
         return
-    with open(database, "rb") as handle:
+    with open(os.open(f"{database}.lock", os.O_RDWR | os.O_CREAT, 0o600), "rb") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
