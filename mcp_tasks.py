@@ -47,8 +47,10 @@ MCP_STATUS: dict[TaskStatus, McpTaskStatus] = {
     TaskStatus.QUEUED: "working",
     TaskStatus.RUNNING: "working",
     TaskStatus.COMPLETED: "completed",
-    TaskStatus.FAILED: "failed",
-    TaskStatus.INTERRUPTED: "failed",
+    # The extension keeps `failed` for JSON-RPC errors: a scan that failed is a tool call that
+    # completed with an answer saying so (status, error, and the hosts it had finished).
+    TaskStatus.FAILED: "completed",
+    TaskStatus.INTERRUPTED: "completed",
     TaskStatus.CANCELLED: "cancelled",
 }
 # A poll is one keyed read; scans take seconds to hours, so once a second is plenty.
@@ -144,13 +146,10 @@ class ScanTasks(ServerExtension):
         owner = self._caller(ctx, params.task_id)
         with protocol_errors():
             shown = await self._service.status(owner, params.task_id)
-            if shown.status is TaskStatus.COMPLETED:
+            if MCP_STATUS[shown.status] == "completed":
                 # The answer get_task_result gives, as the CallToolResult it arrives in.
                 shown = await self._service.result(owner, params.task_id)
                 return GetTaskResult(**task_fields(shown), result=tool_result(shown))
-        if MCP_STATUS[shown.status] == "failed":
-            error = {"code": mcp_types.INTERNAL_ERROR, "message": status_message(shown)}
-            return GetTaskResult(**task_fields(shown), error=error)
         return GetTaskResult(**task_fields(shown))
 
     async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:

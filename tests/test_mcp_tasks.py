@@ -118,6 +118,19 @@ async def test_a_scan_answers_with_a_task_whose_state_is_our_task(
     assert len(nmap_wrapper.pids()) == 1
 
 
+async def test_a_failed_scan_is_a_completed_task_whose_answer_says_it_failed(
+    live_server: StartServer, nmap_wrapper: NmapWrapper
+) -> None:
+    server = live_server()
+    nmap_wrapper.path.unlink()  # nmap disappears after start-up: the scan fails, the tool call did not
+    async with Client(server.url, auth=ALICE) as client:
+        task = await call_tool_task(client, "quick_scan", {"target": "127.0.0.1"})
+        answer = await same_as_get_task_result(server.url, task)
+        final = await task.status()
+    assert final.status == "completed" and final.status_message == f"nmap not found at {nmap_wrapper.path}"
+    assert answer["status"] == "failed" and answer["error"] == final.status_message
+
+
 async def test_tasks_cancel_stops_nmap_and_get_shows_cancelled(
     live_server: StartServer, nmap_wrapper: NmapWrapper
 ) -> None:
