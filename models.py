@@ -413,3 +413,16 @@ class TopValues(BaseModel):
 
     field: str
     values: list[ValueCount]
+
+
+class NmapVersion(BaseModel):
+    """The nmap that runs the scans and what this server lets it do."""
+
+    nmap_version: str
+    platform: str
+    compiled_with: list[str]
+    compiled_without: list[str]
+    nsock_engines: list[str]
+    raw_packet_scans: bool = Field(description="SYN, UDP and OS detection scans are allowed (privileged)")
+    script_categories: list[str] = Field(description="NSE categories scans may use")
+    server_version: str

@@ -127,6 +127,28 @@ def version_argv(discovery_argv: Sequence[str], discovery: ScanResult) -> list[s
                       ipv6="-6" in discovery_argv, privileged=privileged)
 
 
+async def nmap_build(nmap_path: str) -> dict[str, object]:
+    """What `nmap --version` says of itself: version, platform, libraries, nsock engines."""
+    proc = await asyncio.create_subprocess_exec(
+        nmap_path, "--version", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, env=nmap_environment())
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    return parse_version_output(out.decode("utf-8", "replace"))
+
+
+def parse_version_output(text: str) -> dict[str, object]:
+    """The fields of `nmap --version` output (no URL, nothing else of it)."""
+    fields = dict(line.split(":", 1) for line in text.splitlines()[1:] if ":" in line)
+    first = text.splitlines()[0] if text else ""
+    return {
+        "nmap_version": first.removeprefix("Nmap version ").split(" ", 1)[0],
+        "platform": fields.get("Platform", "").strip(),
+        "compiled_with": fields.get("Compiled with", "").split(),
+        "compiled_without": fields.get("Compiled without", "").split(),
+        "nsock_engines": fields.get("Available nsock engines", "").split(),
+    }
+
+
 @functools.cache
 def sandbox_prefix() -> tuple[str, ...]:
     """util-linux commands that exec nmap with no file writes, dying with the server.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
@@ -21,6 +22,7 @@ from config import Settings
 from inventory import HostQuery, parse_network, parse_since
 from models import (
     InventoryPage,
+    NmapVersion,
     PoolOverview,
     Progress,
     ScanDiff,
@@ -35,8 +37,8 @@ from models import (
 )
 from nmap_options import parse_command
 from policy import Policy
-from scanner import build_argv, scan_options
-from targets import IPNetwork, resolve_targets
+from scanner import build_argv, nmap_build, scan_options
+from targets import IPNetwork, resolve_targets, split_targets
 from task_manager import DatabaseUnavailable, Shard, TaskManager, TaskRecord
 from views import (
     answer,
@@ -114,11 +116,41 @@ def shard(argv: list[str], networks: Sequence[Sequence[IPNetwork]], size: int) -
     return [Shard(target=" ".join(map(str, group)), argv=[*options, *map(str, group)]) for group in groups if group]
 
 
+SCAN_TYPES = {"connect": "-sT", "syn": "-sS", "udp": "-sU", "ping": "-sn"}
+
+
+@dataclass(frozen=True)
+class TypedScan:
+    """The typed `scan` tool's parameters, for models that do better with fields than with a
+    command line. `command()` writes the custom_scan command they mean, so both tools share
+    one allowlist, one policy and one canonical argv."""
+
+    targets: str
+    scan_type: str = "connect"
+    ports: str | None = None
+    top_ports: int = 100
+    service_versions: bool = False
+    os_detection: bool = False
+    scripts: tuple[str, ...] = ()
+    skip_host_discovery: bool = False
+    timing: str = "T3"
+
+    def command(self) -> str:
+        words = [SCAN_TYPES[self.scan_type]]
+        if self.scan_type != "ping":
+            words += ["-p", self.ports] if self.ports else ["--top-ports", str(self.top_ports)]
+        words += ["-sV"] * self.service_versions + ["-O"] * self.os_detection + ["-Pn"] * self.skip_host_discovery
+        if self.scripts:
+            words += ["--script", ",".join(self.scripts)]
+        return shlex.join([*words, f"-{self.timing}", *split_targets(self.targets)])
+
+
 class ScanService:
     """Scans and tasks for authenticated callers (`owner` is the caller's token name)."""
 
     def __init__(
-        self, store: TaskManager, policy: Policy, settings: Settings, nmap_path: str, worker: Worker | None
+        self, store: TaskManager, policy: Policy, settings: Settings, nmap_path: str, worker: Worker | None,
+        version: str = "",
     ) -> None:
         self._store = store
         self.policy = policy
@@ -129,6 +161,8 @@ class ScanService:
         # calls still waiting are released to answer with the state their task ended in.
         self.accepting = True
         self.closing = asyncio.Event()
+        self._version = version
+        self._nmap_build: dict[str, object] | None = None
 
     # ---- building requests ---------------------------------------------------------------
 
@@ -146,6 +180,19 @@ class ScanService:
         if "--host-timeout" not in parsed.options:
             parsed.options += ["--host-timeout", f"{self._settings.custom_host_timeout}s"]
         return ScanRequest(ScanKind.CUSTOM, parsed.options, parsed.targets, shareable=False, pool=pool)
+
+    def typed(self, spec: TypedScan, pool: str | None = None) -> ScanRequest:
+        """The typed scan tool's request: exactly custom_scan's for the command it means."""
+        return self.custom(spec.command(), pool)
+
+    async def nmap_version(self) -> NmapVersion:
+        """The nmap that runs scans, what it was built with, and what this server lets it do."""
+        if self._nmap_build is None:
+            self._nmap_build = await nmap_build(self._nmap)
+        return NmapVersion(
+            **self._nmap_build, server_version=self._version, raw_packet_scans=self._settings.privileged,
+            script_categories=list(self._settings.script_categories),
+        )
 
     # ---- running them --------------------------------------------------------------------
 

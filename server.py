@@ -21,6 +21,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastmcp import FastMCP
@@ -39,6 +40,7 @@ from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from mcp_tasks import ScanTasks
 from policy import Policy
+from resources import INSTRUCTIONS, register_resources
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
 from task_manager import TaskManager, create_db_engine
@@ -82,7 +84,7 @@ class Runtime:
             grace_seconds=settings.shutdown_grace_seconds,
             version_seconds=settings.version_detection_seconds,
         )
-        self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker)
+        self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker, VERSION)
         self._reaper: asyncio.Task[None] | None = None
         self._drained = False
 
@@ -142,7 +144,7 @@ def create_server(
     mcp = FastMCP(
         "nmap-mcp",
         version=VERSION,
-        instructions="Network scans with nmap. Scans return a result or a task_id to poll.",
+        instructions=INSTRUCTIONS,
         auth=None if stdio else NamedTokenVerifier(settings.named_secrets()),
         lifespan=lifespan,
         middleware=[AuditMiddleware(audit_log, identify, fail_open=settings.audit_fail_open),
@@ -151,12 +153,10 @@ def create_server(
         strict_input_validation=True,
     )
     schemas = register_tools(mcp, runtime.service, settings, identify)
+    register_resources(mcp, runtime.service, identify, privileged=settings.privileged,
+                       categories=tuple(settings.script_categories))
     mcp.add_middleware(ToolErrorMiddleware(schemas))
-    # For every 2026-07-28 tools/call, mcp 2.3.0 checks Mcp-Param headers against the tool's
-    # input schema, which it gets by running the whole tools/list (71% of the server's time
-    # on status polls, measured with py-spy) unless the low-level server can look it up.
-    # FastMCP does not expose the hook; the schemas built at start-up answer it.
-    mcp._mcp_server.get_tool_input_schema = schemas.get
+    tune_low_level_server(mcp, schemas)
     if not stdio:
         register_dashboard(mcp, runtime.service, settings, identify)
     mcp.add_extension(ScanTasks(runtime.service, identify))
@@ -169,6 +169,21 @@ def create_server(
         return JSONResponse({"status": "unavailable", "reason": problem, "version": VERSION}, status_code=503)
 
     return mcp, runtime
+
+
+def tune_low_level_server(mcp: FastMCP, schemas: dict[str, dict[str, Any]]) -> None:
+    """What FastMCP 4.1.2 does not expose of the MCP SDK's server, set on it directly.
+
+    - For every 2026-07-28 tools/call, mcp 2.3.0 checks Mcp-Param headers against the tool's
+      input schema, which it gets by running the whole tools/list (71% of the server's time on
+      status polls, measured with py-spy) unless the server can look it up: the schemas built
+      at start-up answer it.
+    - serverInfo's title and description, shown by clients that list their servers.
+    """
+    low_level = mcp._mcp_server
+    low_level.get_tool_input_schema = schemas.get
+    low_level.title = "nmap scanner"
+    low_level.description = "nmap port scans, an inventory across scans, schedules and scanner pools"
 
 
 def create_app(mcp: FastMCP, settings: Settings) -> ASGIApp:

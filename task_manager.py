@@ -249,8 +249,9 @@ class ChangeFeed:
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
+        # A thread of its own, which alone uses its connection: it blocks on the socket
+        # (PostgreSQL) or sleeps between checks (SQLite) for as long as the process lives.
         self._listener: threading.Thread | None = None
-        self._poller: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
     def subscribe(self, key: str) -> Iterator[asyncio.Event]:
@@ -277,20 +278,15 @@ class ChangeFeed:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self._engine.dialect.name == "postgresql":
-            # A thread of its own: it blocks on the socket for as long as the process lives.
-            self._listener = threading.Thread(target=self._listen, name="change-feed", daemon=True)
+        target = {"postgresql": self._listen, "sqlite": self._poll_sqlite}.get(self._engine.dialect.name)
+        if target is not None:
+            self._listener = threading.Thread(target=target, name="change-feed", daemon=True)
             self._listener.start()
-        elif self._engine.dialect.name == "sqlite":
-            self._poller = asyncio.create_task(self._poll_sqlite(), name="change-feed")
 
     async def stop(self) -> None:
         self._stop.set()
         if self._listener is not None:
             await asyncio.to_thread(self._listener.join, 5)
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
 
     def _listen(self) -> None:
         """PostgreSQL: a dedicated connection LISTENs. While it cannot, everyone is woken every
@@ -321,24 +317,20 @@ class ChangeFeed:
         with contextlib.suppress(RuntimeError):  # the loop closed under us at shutdown
             self._loop.call_soon_threadsafe(fn, *args)
 
-    async def _poll_sqlite(self) -> None:
+    def _poll_sqlite(self) -> None:
+        """SQLite: `PRAGMA data_version` changes whenever another connection commits."""
         with self._engine.connect() as conn:
             last = None
-            while True:
+            while not self._stop.is_set():
                 try:
-                    version = await asyncio.to_thread(self._data_version, conn)
+                    version = conn.exec_driver_sql("PRAGMA data_version").scalar_one()
+                    conn.rollback()
                 except OperationalError:
                     version = None
                 if version != last:
                     last = version
-                    self.wake_all()
-                await asyncio.sleep(SQLITE_POLL_SECONDS)
-
-    @staticmethod
-    def _data_version(conn: Connection) -> int:
-        version = conn.exec_driver_sql("PRAGMA data_version").scalar_one()
-        conn.rollback()
-        return int(version)
+                    self._call(self.wake_all)
+                self._stop.wait(SQLITE_POLL_SECONDS)
 
 
 class TaskManager:

@@ -16,9 +16,19 @@ from pydantic import Field
 from auth import Identify
 from config import Settings
 from errors import tool_errors
-from models import InventoryPage, Progress, ScanDiff, TaskAnswer, TaskList, TaskStatus, TopValues, WorkerList
-from nmap_options import MAX_COMMAND_LENGTH, describe_allowlist
-from scans import DEFAULT_PAGE, ScanService
+from models import (
+    InventoryPage,
+    NmapVersion,
+    Progress,
+    ScanDiff,
+    TaskAnswer,
+    TaskList,
+    TaskStatus,
+    TopValues,
+    WorkerList,
+)
+from nmap_options import MAX_COMMAND_LENGTH
+from scans import DEFAULT_PAGE, ScanService, TypedScan
 
 ToolFunction = Callable[..., Awaitable[Any]]
 
@@ -85,19 +95,22 @@ unless rescan is true. The answer lists open ports per host."""
 
 CUSTOM_SCAN_DESCRIPTION = """Run nmap with your own options, checked against an allowlist.
 
-`command` holds nmap options and targets without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'
-or '-sT --top-ports 1000 -T4 --open 10.0.0.0/24'. It is split into words without a shell; each
-option must be one of the exact spellings below (no abbreviations, no clustered short options;
-'--opt=value' and '-p80' also work). The server adds -n, its own XML output, a host timeout
-(unless you give --host-timeout) and a scan type when you give none. Output, input-file,
-spoofing and debugging options are refused with the reason. --script takes allowed categories
-(default, safe, discovery, version) or names of installed scripts in them; intrusive,
-exploit, dos, brute, malware, fuzzer, external and broadcast scripts never run.
-Duration: from a second (a few ports on one host) to hours (all ports, version detection,
-large ranges). Waits up to `timeout` seconds, then returns a task_id while the scan goes on.
+`command` holds nmap options and targets, e.g. '-sV -p 22,80,443 192.168.1.10' or
+'-sT --top-ports 1000 -T4 --open 10.0.0.0/24' (a leading 'nmap' is fine). It is split into
+words without a shell; options must be spelled exactly (no abbreviations or clusters). The
+server adds -n, its own XML output, a host timeout and a scan type when you give none; a
+refused option comes back with the reason. The allowed options are in the resource
+nmap://help/custom_scan; the `scan` tool asks for the same scans field by field.
+Duration: a second (a few ports) to hours (all ports, versions, large ranges). Waits up to
+`timeout` seconds, then returns a task_id while the scan goes on."""
 
-Allowed options:
-{allowlist}"""
+SCAN_DESCRIPTION = """Scan with nmap, choosing each part of the scan from a short list.
+
+targets: addresses, networks (10.0.0.0/24), ranges (10.0.0.1-20) or hostnames, separated by
+spaces or commas. scan_type connect works everywhere; syn, udp and os_detection need a
+privileged server; ping finds hosts without scanning ports. ports (22,80,443 or 1-1024) or
+else top_ports (the N most common). Waits up to `timeout` seconds, then returns a task_id
+while the scan goes on; the answer lists open ports per host."""
 
 
 def register_tools(
@@ -143,7 +156,7 @@ def register_tools(
             return await scans.scan(caller(), scans.full(target, pool), timeout=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
-    @inlined_tool(mcp, schemas, description=custom_scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, description=CUSTOM_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
     async def custom_scan(
         command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_LENGTH, description=(
             "nmap options and targets, without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'"
@@ -155,6 +168,45 @@ def register_tools(
         with tool_errors():
             return await scans.scan(caller(), scans.custom(command, pool), timeout=timeout,
                                       on_progress=progress_reporter(ctx))
+
+    async def scan(
+        targets: Annotated[str, Field(min_length=1, max_length=1000, description=(
+            "What to scan: 192.168.1.10, 192.168.1.0/24, 192.168.1.1-20 or host.example.com, several "
+            "separated by spaces or commas"))],
+        ctx: Context,
+        scan_type: Annotated[Literal["connect", "syn", "udp", "ping"], Field(
+            description="connect (TCP), syn (TCP SYN), udp, or ping (find hosts, no ports)")] = "connect",
+        ports: Annotated[str | None, Field(max_length=200, pattern=r"^[0-9TU:,-]+$", description=(
+            "Ports to scan: 22,80,443 or 1-1024; when given, top_ports is not used"))] = None,
+        top_ports: Annotated[int, Field(ge=1, le=65535, description="Scan the N most common ports")] = 100,
+        service_versions: Annotated[bool, Field(description="Detect services and versions (-sV)")] = False,
+        os_detection: Annotated[bool, Field(description="Guess the operating system (-O)")] = False,
+        scripts: list[str] | None = None,
+        skip_host_discovery: Annotated[bool, Field(description="Scan hosts that do not answer pings (-Pn)")] = False,
+        timing: Annotated[Literal["T2", "T3", "T4"], Field(description="T2 polite, T3 normal, T4 fast")] = "T3",
+        timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+        pool: PoolName = None,
+    ) -> TaskAnswer:
+        spec = TypedScan(targets, scan_type, ports, top_ports, service_versions, os_detection, tuple(scripts or ()),
+                         skip_host_discovery, timing)
+        with tool_errors():
+            return await scans.scan(caller(), scans.typed(spec, pool), timeout=timeout,
+                                    on_progress=progress_reporter(ctx))
+
+    # The categories this server allows, as an enum a model can pick from: known only now,
+    # so the annotation is set here (a name local to this function cannot be resolved later).
+    categories = Literal[tuple(settings.script_categories)]  # type: ignore[valid-type]
+    scan.__annotations__["scripts"] = Annotated[list[categories] | None, Field(  # type: ignore[valid-type]
+        max_length=8, description="NSE script categories to run")]
+    inlined_tool(mcp, schemas, description=SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)(scan)
+
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    async def nmap_version() -> NmapVersion:
+        """The nmap that runs the scans: its version, platform and libraries, whether raw-packet
+        scans (syn, udp, OS detection) are allowed here, the script categories scans may use,
+        and this server's version. Instant."""
+        with tool_errors():
+            return await scans.nmap_version()
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def get_task_status(task_id: TaskId) -> TaskAnswer:
@@ -273,11 +325,6 @@ def inlined_tool(
         return fn
 
     return register
-
-
-def custom_scan_description(privileged: bool) -> str:
-    """custom_scan's description, with the allowlist it enforces."""
-    return CUSTOM_SCAN_DESCRIPTION.format(allowlist=describe_allowlist(privileged=privileged))
 
 
 def progress_reporter(ctx: Context) -> Callable[[Progress], Awaitable[None]]:

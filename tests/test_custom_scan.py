@@ -184,12 +184,14 @@ async def test_tokens_can_be_limited_to_tools_and_to_targets(live_server: StartS
     assert ("bob", "custom_scan", "refused") in verdicts and ("bob", "quick_scan", "allowed") in verdicts
 
 
-async def test_the_tool_description_publishes_the_allowlist(live_server: StartServer) -> None:
+async def test_the_allowlist_is_published_as_a_resource_the_description_links(live_server: StartServer) -> None:
     server = live_server()
     async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {ALICE}"}) as http:
         async with Client(streamable_http_client(server.url, http_client=http)) as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+            published = (await client.read_resource("nmap://help/custom_scan")).contents[0].text  # type: ignore[union-attr]
     description = tools["custom_scan"].description or ""
+    assert "nmap://help/custom_scan" in description and len(description) < 1000
     for option in ("-sT", "-p VALUE", "--top-ports VALUE", "--script VALUE", "-T4", "--exclude VALUE"):
-        assert f"  {option}:" in description
-    assert "  -sS:" not in description
+        assert f"  {option}:" in published
+    assert "  -sS:" not in published and "intrusive" in published

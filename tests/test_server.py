@@ -206,7 +206,8 @@ async def test_tools_describe_themselves(live_server: StartServer) -> None:
         async with Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {"quick_scan", "full_scan", "custom_scan", "get_task_status", "get_task_result",
-                          "list_tasks", "cancel_task", "diff_scans", "list_workers", "find_hosts", "top_values"}
+                          "list_tasks", "cancel_task", "diff_scans", "list_workers", "find_hosts", "top_values",
+                          "scan", "nmap_version"}
     for tool in tools.values():
         assert tool.description and tool.output_schema and tool.annotations
     assert "--top-ports 100" in tools["quick_scan"].description
