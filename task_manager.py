@@ -54,7 +54,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Row, make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from inventory import HostQuery, network_bounds, plan_update
 from models import (
@@ -81,8 +81,10 @@ T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 NOTIFY_CHANNEL = "nmap_mcp"
-# A constant key for pg_advisory_xact_lock: submissions take it so the queue bound is exact.
+# Constant keys for pg_advisory_xact_lock: submissions take the first, so that the queue bound
+# and the limits are exact; inventory updates the second (with the owner), one at a time.
 _SUBMIT_LOCK = 7_301_001
+_INVENTORY_LOCK = 7_301_002
 # How often SQLite's data_version is checked for commits made by other processes (and how
 # often everyone re-reads while PostgreSQL's notifications cannot be heard).
 SQLITE_POLL_SECONDS = 0.5
@@ -886,7 +888,20 @@ class TaskManager:
     # ---- the inventory (inventory.py decides, these statements read and write) ---------
 
     def _update_inventory(self, conn: Connection, record: TaskRecord, result: ScanResult) -> None:
-        """Fold a completed scan into its owner's inventory, in the transaction finishing it."""
+        """Fold a completed scan into its owner's inventory, in the transaction finishing it.
+
+        Scans of one owner finishing at the same moment take turns (on PostgreSQL an advisory
+        lock per owner; SQLite writes one at a time anyway), so each plans from what the other
+        wrote. A savepoint keeps the verdict even if the inventory could not be written."""
+        try:
+            with conn.begin_nested():
+                if self._postgres:
+                    conn.execute(select(func.pg_advisory_xact_lock(_INVENTORY_LOCK, func.hashtext(record.owner))))
+                self._fold_into_inventory(conn, record, result)
+        except SQLAlchemyError:
+            logger.exception("task %s: its result could not be added to the inventory", record.id)
+
+    def _fold_into_inventory(self, conn: Connection, record: TaskRecord, result: ScanResult) -> None:
         scope = [n for target in record.argv[record.argv.index("--") + 1:]
                  for n in (parse_literal(target) or ("", []))[1]]
         owned_hosts = inventory_hosts.c.owner == record.owner

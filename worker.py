@@ -238,6 +238,12 @@ class Worker:
                                record.id, outcome.status.value, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
+            except Exception:
+                if outcome.status is TaskStatus.FAILED and outcome.result is None:
+                    raise
+                # A result the store cannot take (a bug): the task still gets a verdict, not a lease to expire.
+                logger.exception("task %s: its %s result could not be recorded", record.id, outcome.status.value)
+                outcome = ScanOutcome(TaskStatus.FAILED, None, "internal error while recording the result", b"")
 
     async def _heartbeat_loop(self) -> None:
         while True:
