@@ -52,6 +52,25 @@ class ConfigError(Exception):
     """The configuration file or environment is unusable; the message says what to fix."""
 
 
+class Limits(BaseModel):
+    """How much one token may scan, enforced in the database so that it holds across
+    processes. Per token, a key left out (or null) is the server's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scans_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+    # Scans queued or running at once.
+    concurrent_scans: int | None = Field(default=None, ge=1, le=100_000)
+    # Addresses covered by the scans of one day (24 hours back from now).
+    addresses_per_day: int | None = Field(default=None, ge=1, le=100_000_000)
+    # Scans forced past a recent result (rescan=true) in one hour.
+    rescans_per_hour: int | None = Field(default=None, ge=1, le=100_000)
+
+
+# Generous: they stop a runaway agent, not a busy team.
+DEFAULT_LIMITS = Limits(scans_per_minute=60, concurrent_scans=20, addresses_per_day=65_536, rescans_per_hour=120)
+
+
 class TokenConfig(BaseModel):
     """One named API token."""
 
@@ -62,6 +81,8 @@ class TokenConfig(BaseModel):
     tools: list[str] | None = None
     # None: the server's target policy alone; else also within these networks.
     allowed_targets: list[str] | None = None
+    # This token's own limits, key by key; the server's `limits` fill the rest.
+    limits: Limits = Field(default_factory=Limits)
 
     @field_validator("allowed_targets")
     @classmethod
@@ -93,6 +114,7 @@ class Settings(BaseSettings):
     sync_timeout: int = Field(default=30, ge=5, le=600)
     max_concurrent_tasks: int = Field(default=10, ge=1, le=256)
     max_queued_tasks: int = Field(default=100, ge=1, le=100_000)
+    limits: Limits = Field(default_factory=lambda: DEFAULT_LIMITS.model_copy())
     max_scan_seconds: int = Field(default=3600, ge=10, le=86_400)
     # full_scan's second phase (version detection on the open ports) stops after this long;
     # the ports from its first phase are kept either way.
@@ -128,6 +150,8 @@ class Settings(BaseSettings):
     # No tool answer takes more bytes on the wire (both copies of it, see views.wire_size).
     max_answer_bytes: int = Field(default=60_000, ge=8_000, le=10_000_000)
     result_freshness_seconds: int = Field(default=300, ge=0, le=86_400)
+    # Finished tasks and inventory rows older than this are deleted; 0 keeps everything.
+    retention_days: int = Field(default=30, ge=0, le=36_500)
     db_path: str = "nmap_tasks.db"
     database_url: str | None = None
     nmap_path: str = "nmap"

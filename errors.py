@@ -24,7 +24,7 @@ from nmap_report import clean_text
 from policy import NoPool
 from scans import NotComparable, ShuttingDown
 from targets import TargetError
-from task_manager import DatabaseUnavailable, QueueFull, TaskAlreadyFinished, TaskNotFound
+from task_manager import DatabaseUnavailable, QueueFull, RateLimited, TaskAlreadyFinished, TaskNotFound
 
 logger = logging.getLogger(__name__)
 CODES: dict[type[Exception], str] = {
@@ -32,6 +32,7 @@ CODES: dict[type[Exception], str] = {
     CommandError: "invalid_command",
     TargetError: "invalid_target",
     QueueFull: "queue_full",
+    RateLimited: "rate_limited",
     TaskNotFound: "not_found",
     TaskAlreadyFinished: "already_finished",
     DatabaseUnavailable: "unavailable",

@@ -6,6 +6,7 @@ import enum
 
 from pydantic import BaseModel, Field
 from sqlalchemy import (
+    Boolean,
     Column,
     Float,
     Index,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 
@@ -95,6 +97,10 @@ tasks = Table(
     # A big scan is a parent (shard_count > 0, never claimed) and shards (parent_id set).
     Column("parent_id", String(36)),
     Column("shard_count", Integer, nullable=False, server_default="0"),
+    # What the per-token limits count: the addresses a scan covers, and whether the caller
+    # forced it past a recent result (rescan).
+    Column("address_count", Integer, nullable=False, server_default="0"),
+    Column("forced", Boolean, nullable=False, server_default=false()),
     Index("ix_tasks_status_pool_created", "status", "pool", "created_at"),
     Index("ix_tasks_owner_created", "owner", "created_at"),
     Index("ix_tasks_owner_status_created", "owner", "status", "created_at"),
@@ -426,3 +432,19 @@ class NmapVersion(BaseModel):
     raw_packet_scans: bool = Field(description="SYN, UDP and OS detection scans are allowed (privileged)")
     script_categories: list[str] = Field(description="NSE categories scans may use")
     server_version: str
+
+
+class LimitUsage(BaseModel):
+    """One of the caller's limits and how much of it is used now."""
+
+    name: str
+    limit: int
+    used: int
+    window: str = Field(description="What is counted: the last minute, hour or day, or what runs now")
+
+
+class LimitsAnswer(BaseModel):
+    """The caller's limits and its usage of each."""
+
+    token: str
+    limits: list[LimitUsage]

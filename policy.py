@@ -8,7 +8,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from config import ConfigError, Settings
+from config import DEFAULT_LIMITS, ConfigError, Limits, Settings
 from nse_policy import BUILTIN_DENIED_SCRIPTS, ScriptPolicy, find_script_db, load_catalog
 from targets import IPNetwork, TargetPolicy, parse_networks
 
@@ -38,10 +38,18 @@ class Policy:
             if spec.allowed_targets is not None
         }
         self.pools = {name: parse_networks(networks) for name, networks in settings.pools.items()}
+        self._limits = settings.limits
+        self._token_limits = {name: spec.limits for name, spec in settings.tokens.items()}
         self.tool_scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_secrets())
         for name, spec in settings.tokens.items():
             if spec.tools is not None:
                 self.tool_scopes[name] = frozenset(spec.tools)
+
+    def limits(self, owner: str) -> Limits:
+        """The caller's limits: its token's own, else the server's, else the defaults."""
+        layers = [self._token_limits.get(owner, Limits()), self._limits, DEFAULT_LIMITS]
+        return Limits(**{key: next(getattr(layer, key) for layer in layers if getattr(layer, key) is not None)
+                         for key in Limits.model_fields})
 
     def targets(self, owner: str) -> TargetPolicy:
         """The target policy of the caller's scans: the server's, narrowed for its token."""

@@ -22,6 +22,8 @@ from config import Settings
 from inventory import HostQuery, parse_network, parse_since
 from models import (
     InventoryPage,
+    LimitsAnswer,
+    LimitUsage,
     NmapVersion,
     PoolOverview,
     Progress,
@@ -216,7 +218,8 @@ class ScanService:
         record, reused = await self._store.submit(
             owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds, pool=pool,
             share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
-            shards=shards,
+            shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
+            forced=request.shareable and rescan,
         )
         audit.queued(task_id=record.id, reused=reused, argv=argv, targets=list(resolved.nmap_targets), pool=pool)
         submitted = _submitted.get()
@@ -309,6 +312,15 @@ class ScanService:
         if "network" in given:
             given["network"] = parse_network(str(given["network"]))  # type: ignore[assignment]
         return HostQuery(**given)  # type: ignore[arg-type]
+
+    async def limits(self, owner: str) -> LimitsAnswer:
+        """The caller's limits, and how much of each its scans use now."""
+        limits, used = self.policy.limits(owner), await self._store.usage(owner)
+        windows = {"scans_per_minute": "the last minute", "concurrent_scans": "queued or running now",
+                   "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour"}
+        return LimitsAnswer(token=owner, limits=[
+            LimitUsage(name=name, limit=getattr(limits, name), used=used[name], window=window)
+            for name, window in windows.items()])
 
     async def workers(self) -> WorkerList:
         """Every pool (configured, or with workers or queued tasks) with its workers."""

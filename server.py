@@ -41,6 +41,7 @@ from http_edge import JsonRpcBodyCheck, edge_app
 from mcp_tasks import ScanTasks
 from policy import Policy
 from resources import INSTRUCTIONS, register_resources
+from retention import purge_forever
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
 from task_manager import TaskManager, create_db_engine
@@ -86,6 +87,8 @@ class Runtime:
         )
         self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker, VERSION)
         self._reaper: asyncio.Task[None] | None = None
+        self._purger: asyncio.Task[None] | None = None
+        self._retention_days = settings.retention_days
         self._drained = False
 
     async def start(self) -> None:
@@ -93,6 +96,7 @@ class Runtime:
         self._reaper = asyncio.create_task(
             resolve_expired_forever(self.store, max(self.store.lease_seconds / 4, 0.5)), name="lease-reaper"
         )
+        self._purger = asyncio.create_task(purge_forever(self.store, self._retention_days), name="retention")
         if self.worker is not None:
             await self.worker.start()
 
@@ -108,9 +112,10 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.drain()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            await asyncio.gather(self._reaper, return_exceptions=True)
+        for loop in (self._reaper, self._purger):
+            if loop is not None:
+                loop.cancel()
+                await asyncio.gather(loop, return_exceptions=True)
         await self.store.stop()
 
     @contextlib.asynccontextmanager

@@ -56,6 +56,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
+from config import Limits
 from inventory import HostQuery, network_bounds, plan_update
 from models import (
     ACTIVE_STATUSES,
@@ -109,6 +110,16 @@ class TaskAlreadyFinished(RuntimeError):
 
 class DatabaseUnavailable(RuntimeError):
     """The task database cannot be reached (or is locked past its busy timeout)."""
+
+
+class RateLimited(RuntimeError):
+    """A limit of the caller's token would be passed; the message names it and when to retry."""
+
+
+# What each limit counts over, in seconds (None: what is queued or running now).
+LIMIT_WINDOWS: dict[str, float | None] = {
+    "scans_per_minute": 60.0, "concurrent_scans": None, "addresses_per_day": 86_400.0, "rescans_per_hour": 3600.0,
+}
 
 
 @dataclass(frozen=True)
@@ -374,17 +385,22 @@ class TaskManager:
         share: bool = False,
         fresh_since: float | None = None,
         shards: Sequence[Shard] = (),
+        limits: Limits | None = None,
+        address_count: int = 0,
+        forced: bool = False,
     ) -> tuple[TaskRecord, bool]:
         """Queue a scan (as shards when given), or with `share` return the caller's identical
         scan already queued or running, or completed since `fresh_since`. Returns the task and
-        whether it was reused; QueueFull when the queue is at its bound."""
+        whether it was reused; QueueFull when the queue is at its bound, RateLimited when a
+        new task would pass one of `limits` (a reused task passes none)."""
         values = {
             "id": str(uuid.uuid4()), "owner": owner, "kind": kind.value, "target": target,
             "argv": json.dumps(list(argv)), "status": TaskStatus.QUEUED.value, "created_at": time.time(),
             "time_limit": time_limit, "pool": pool, "shard_count": len(shards), "parent_id": None,
             "dedupe_key": dedupe_key(owner, kind, argv) if share else None,
+            "address_count": address_count, "forced": forced,
         }
-        row, reused = await self._db(self._submit, values, fresh_since, shards)
+        row, reused = await self._db(self._submit, values, fresh_since, shards, limits)
         record = _record(row)
         if not reused:
             self.feed.publish(f"queue:{pool}")
@@ -456,6 +472,24 @@ class TaskManager:
     async def top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[tuple[str, int]]:
         """The owner's most common values of `field` (port, service, product, version, os, status)."""
         return await self._db(self._top_values, owner, field, query, limit)
+
+    async def usage(self, owner: str) -> dict[str, int]:
+        """What the caller's limits count now: scans running or queued, in the last minute,
+        addresses in the last day, forced rescans in the last hour."""
+        return await self._db(self._usage, owner)
+
+    async def purge(self, before: float, batch: int = 500) -> dict[str, int]:
+        """Delete finished tasks (with their shards and live rows) and inventory rows last seen
+        before `before`, `batch` rows per transaction so that no lock is held for long."""
+        deleted = {"tasks": 0, "inventory_hosts": 0, "inventory_ports": 0}
+        for kind in deleted:
+            while count := await self._db(self._purge_batch, kind, before, batch):
+                deleted[kind] += count
+        return deleted
+
+    async def compact(self, free_share: float = 0.25) -> bool:
+        """SQLite: VACUUM when at least `free_share` of the file is free pages; True if it did."""
+        return await self._db(self._compact, free_share)
 
     async def pools(self, stale_after: float) -> list[PoolStatus]:
         """Per pool: its workers (alive when they beat within `stale_after` s) and its queue."""
@@ -547,7 +581,7 @@ class TaskManager:
             conn.exec_driver_sql("SELECT 1").scalar_one()
 
     def _submit(
-        self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard]
+        self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard], limits: Limits | None
     ) -> tuple[Mapping[str, Any], bool]:
         with self._writing() as conn:
             if self._postgres:
@@ -556,6 +590,8 @@ class TaskManager:
                 shared = self._select_shareable(conn, values, fresh_since)
                 if shared is not None:
                     return shared, True
+            if limits is not None:
+                self._check_limits(conn, values, limits)
             waiting = conn.execute(
                 select(func.count()).select_from(tasks)
                 .where(tasks.c.status == TaskStatus.QUEUED.value, tasks.c.shard_count == 0)
@@ -583,6 +619,68 @@ class TaskManager:
             .order_by(tasks.c.finished_at.desc())
             .limit(1)
         ).first()
+
+    def _check_limits(self, conn: Connection, values: dict[str, Any], limits: Limits) -> None:
+        """Raise RateLimited if the new task would pass a limit; inside the submitting
+        transaction, which submissions take one at a time, so limits hold across processes."""
+        owner, now = values["owner"], values["created_at"]
+        usage = self._usage_in(conn, owner, now)
+        problems = {
+            "concurrent_scans": usage["concurrent_scans"] + 1 > limits.concurrent_scans,  # type: ignore[operator]
+            "scans_per_minute": usage["scans_per_minute"] + 1 > limits.scans_per_minute,  # type: ignore[operator]
+            "addresses_per_day": usage["addresses_per_day"] + values["address_count"]
+                                  > limits.addresses_per_day,  # type: ignore[operator]
+            "rescans_per_hour": values["forced"] and usage["rescans_per_hour"] + 1
+                                 > limits.rescans_per_hour,  # type: ignore[operator]
+        }
+        name = next((name for name, passed in problems.items() if passed), None)
+        if name is None:
+            return
+        limit = getattr(limits, name)
+        label = name.replace("_per_", " per ").replace("_", " ")
+        if name == "addresses_per_day" and values["address_count"] > limit:
+            raise RateLimited(f"this scan covers {values['address_count']} addresses, more than the {limit} "
+                              f"addresses per day of token '{owner}'; scan a smaller range")
+        if name == "concurrent_scans":
+            raise RateLimited(f"{limit} concurrent scans for token '{owner}'; retry when one of them has finished "
+                              "(list_tasks shows them)")
+        wait = self._retry_after(conn, owner, name, limit, values, now)
+        raise RateLimited(f"{limit} {label} for token '{owner}'; retry in {max(1, round(wait))} s")
+
+    def _usage_in(self, conn: Connection, owner: str, now: float) -> dict[str, int]:
+        mine = (tasks.c.owner == owner) & tasks.c.parent_id.is_(None)
+        counted = {
+            "scans_per_minute": func.count().filter(tasks.c.created_at > now - 60),
+            "concurrent_scans": func.count().filter(tasks.c.status.in_(ACTIVE_STATUSES)),
+            "addresses_per_day": func.coalesce(
+                func.sum(tasks.c.address_count).filter(tasks.c.created_at > now - 86_400), 0),
+            "rescans_per_hour": func.count().filter(tasks.c.forced.is_(True), tasks.c.created_at > now - 3600),
+        }
+        row = conn.execute(select(*(c.label(name) for name, c in counted.items()))
+                           .where(mine, (tasks.c.created_at > now - 86_400) | tasks.c.status.in_(ACTIVE_STATUSES))).one()
+        return {name: int(row._mapping[name]) for name in counted}
+
+    @staticmethod
+    def _retry_after(conn: Connection, owner: str, name: str, limit: int, values: dict[str, Any], now: float) -> float:
+        """Seconds until enough of the window's tasks have aged out for the new one to fit."""
+        window = LIMIT_WINDOWS[name]
+        assert window is not None
+        counted = (tasks.c.owner == owner) & tasks.c.parent_id.is_(None) & (tasks.c.created_at > now - window)
+        if name == "rescans_per_hour":
+            counted &= tasks.c.forced.is_(True)
+        rows = conn.execute(select(tasks.c.created_at, tasks.c.address_count).where(counted)
+                            .order_by(tasks.c.created_at)).all()
+        weight = [row.address_count if name == "addresses_per_day" else 1 for row in rows]
+        need = sum(weight) + (values["address_count"] if name == "addresses_per_day" else 1) - limit
+        for row, amount in zip(rows, weight, strict=True):
+            need -= amount
+            if need <= 0:
+                return row.created_at + window - now
+        return window
+
+    def _usage(self, owner: str) -> dict[str, int]:
+        with self._engine.connect() as conn:
+            return self._usage_in(conn, owner, time.time())
 
     @staticmethod
     def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[str, Any]]:
@@ -884,6 +982,41 @@ class TaskManager:
             })
         return [PoolStatus(pool, queued.get(pool, 0), by_pool.get(pool, [])) for pool in sorted({*queued, *by_pool})]
 
+
+    # ---- retention ---------------------------------------------------------------------
+
+    def _purge_batch(self, kind: str, before: float, batch: int) -> int:
+        with self._writing() as conn:
+            if kind == "tasks":
+                old = conn.execute(select(tasks.c.id).where(
+                    tasks.c.parent_id.is_(None), tasks.c.status.not_in(ACTIVE_STATUSES),
+                    tasks.c.finished_at < before).limit(batch)).scalars().all()
+                family = (tasks.c.id.in_(old)) | (tasks.c.parent_id.in_(old))
+                ids = conn.execute(select(tasks.c.id).where(family)).scalars().all()
+                conn.execute(delete(task_hosts).where(task_hosts.c.task_id.in_(ids)))
+                conn.execute(delete(tasks).where(family))
+                return len(old)
+            table = inventory_hosts if kind == "inventory_hosts" else inventory_ports
+            key = [c for c in table.primary_key.columns]
+            stale = select(*key).where(table.c.last_seen < before).limit(batch)
+            return conn.execute(delete(table).where(tuple_(*key).in_(stale))).rowcount
+
+    def _compact(self, free_share: float) -> bool:
+        if self._engine.dialect.name != "sqlite":
+            return False
+        with self._engine.connect() as conn:
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+            free = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
+            conn.rollback()
+        if not pages or free / pages < free_share:
+            return False
+        # VACUUM cannot run inside a transaction: on the driver's own connection, which begins none.
+        raw = self._engine.raw_connection()
+        try:
+            raw.driver_connection.execute("VACUUM")  # type: ignore[union-attr]
+        finally:
+            raw.close()
+        return True
 
     # ---- the inventory (inventory.py decides, these statements read and write) ---------
 

@@ -18,6 +18,7 @@ from config import Settings
 from errors import tool_errors
 from models import (
     InventoryPage,
+    LimitsAnswer,
     NmapVersion,
     Progress,
     ScanDiff,
@@ -293,6 +294,14 @@ def register_tools(
         open ports or products seen most on a network. Instant."""
         with tool_errors():
             return await scans.top_values(caller(), field, limit=limit, network=network, seen_since=seen_since)
+
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    async def get_limits() -> LimitsAnswer:
+        """Your token's limits (scans per minute, concurrent scans, addresses per day, forced
+        rescans per hour) and how much of each you use now. A scan past one is refused with
+        rate_limited and when to retry. Instant."""
+        with tool_errors():
+            return await scans.limits(caller())
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def list_workers() -> WorkerList:

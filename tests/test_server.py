@@ -207,7 +207,7 @@ async def test_tools_describe_themselves(live_server: StartServer) -> None:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {"quick_scan", "full_scan", "custom_scan", "get_task_status", "get_task_result",
                           "list_tasks", "cancel_task", "diff_scans", "list_workers", "find_hosts", "top_values",
-                          "scan", "nmap_version"}
+                          "scan", "nmap_version", "get_limits"}
     for tool in tools.values():
         assert tool.description and tool.output_schema and tool.annotations
     assert "--top-ports 100" in tools["quick_scan"].description

@@ -1,0 +1,43 @@
+"""Retention: finished tasks, their XML and inventory rows older than `retention_days` are
+deleted by a periodic job in small batches, and a SQLite file is compacted when much of it
+has become free. `retention_days: 0` keeps everything."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from task_manager import DatabaseUnavailable, TaskManager
+
+logger = logging.getLogger(__name__)
+DAY_SECONDS = 86_400.0
+# How often the job runs; every process runs it (deleting twice is harmless), at a jittered
+# time so that the processes of a fleet do not start together.
+EVERY_SECONDS = 3600.0
+
+
+async def purge_once(store: TaskManager, retention_days: int, now: float | None = None) -> dict[str, int]:
+    """Delete what is older than the retention; compact SQLite if that freed much of it."""
+    before = (now or time.time()) - retention_days * DAY_SECONDS
+    deleted = await store.purge(before)
+    if any(deleted.values()):
+        logger.info("retention: deleted %d tasks, %d inventory hosts and %d ports older than %d days",
+                    deleted["tasks"], deleted["inventory_hosts"], deleted["inventory_ports"], retention_days)
+        if await store.compact():
+            logger.info("retention: compacted the SQLite database")
+    return deleted
+
+
+async def purge_forever(store: TaskManager, retention_days: int) -> None:
+    """The periodic job; nothing at all when retention_days is 0."""
+    if retention_days <= 0:
+        return
+    await asyncio.sleep(random.uniform(0, 60))
+    while True:
+        try:
+            await purge_once(store, retention_days)
+        except DatabaseUnavailable:
+            logger.warning("retention: the task database is not reachable; trying again later")
+        await asyncio.sleep(EVERY_SECONDS * random.uniform(0.9, 1.1))

@@ -1,0 +1,102 @@
+"""Per-token limits, enforced in the database: on real SQLite and PostgreSQL, across two
+"processes" (stores) on one database, and through a live server's tools."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from config import Limits
+from models import ScanKind
+from task_manager import RateLimited, TaskManager, create_db_engine
+from tests.support import ALICE, BOB, SECRETS, StartServer, call_tool, error_text
+
+pytestmark = pytest.mark.anyio
+MakeStore = Callable[[], Awaitable[TaskManager]]
+ARGV = ["/usr/bin/nmap", "-sT", "-p", "1", "--", "127.0.0.1"]
+
+
+@pytest.fixture
+async def make_store(database_url: str) -> AsyncIterator[MakeStore]:
+    """Stores without workers: what they queue stays queued, which the limits count too."""
+    stores: list[TaskManager] = []
+
+    async def make() -> TaskManager:
+        store = TaskManager(create_db_engine(database_url), max_queued=1000)
+        await store.start()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.stop()
+
+
+async def submit(store: TaskManager, limits: Limits, owner: str = "alice", addresses: int = 1,
+                 forced: bool = False) -> None:
+    await store.submit(owner, ScanKind.QUICK, "127.0.0.1", ARGV, 60, limits=limits, address_count=addresses,
+                       forced=forced)
+
+
+def retry_seconds(error: RateLimited, window: int) -> int:
+    seconds = int(re.search(r"retry in (\d+) s$", str(error)).group(1))  # type: ignore[union-attr]
+    assert 0 < seconds <= window
+    return seconds
+
+
+async def test_scans_per_minute_hold_across_processes(make_store: MakeStore) -> None:
+    first, second = await make_store(), await make_store()
+    limits = Limits(scans_per_minute=2, concurrent_scans=100, addresses_per_day=10_000, rescans_per_hour=100)
+    await submit(first, limits)
+    await submit(second, limits)
+    with pytest.raises(RateLimited, match=r"^2 scans per minute for token 'alice'; retry in \d+ s$") as refused:
+        await submit(first, limits)
+    assert retry_seconds(refused.value, 60) > 50
+    await submit(second, limits, owner="bob")
+    assert (await first.usage("alice"))["scans_per_minute"] == 2
+
+
+async def test_concurrent_scans_count_what_is_queued_or_running(make_store: MakeStore) -> None:
+    store = await make_store()
+    limits = Limits(scans_per_minute=100, concurrent_scans=2, addresses_per_day=10_000, rescans_per_hour=100)
+    await submit(store, limits)
+    await submit(store, limits)
+    with pytest.raises(RateLimited, match="^2 concurrent scans for token 'alice'; retry when one of them has finished"):
+        await submit(store, limits)
+    [oldest, *_] = await store.list("alice", None, 10)
+    await store.cancel(oldest.id, "alice")
+    await submit(store, limits)
+
+
+async def test_addresses_per_day_and_forced_rescans(make_store: MakeStore) -> None:
+    store = await make_store()
+    limits = Limits(scans_per_minute=100, concurrent_scans=100, addresses_per_day=300, rescans_per_hour=1)
+    await submit(store, limits, addresses=256)
+    await submit(store, limits, addresses=40)
+    with pytest.raises(RateLimited, match=r"^300 addresses per day for token 'alice'; retry in \d+ s$") as refused:
+        await submit(store, limits, addresses=8)
+    assert retry_seconds(refused.value, 86_400) > 86_000
+    with pytest.raises(RateLimited, match="covers 512 addresses, more than the 300 addresses per day"):
+        await submit(store, limits, owner="bob", addresses=512)
+    await submit(store, limits, owner="bob", forced=True)
+    with pytest.raises(RateLimited, match=r"^1 rescans per hour for token 'bob'; retry in \d+ s$"):
+        await submit(store, limits, owner="bob", forced=True)
+    await submit(store, limits, owner="bob")
+
+
+async def test_a_token_s_own_limits_over_live_http(live_server: StartServer) -> None:
+    tokens = {"alice": {"secret": SECRETS["alice"]},
+              "bob": {"secret": SECRETS["bob"], "limits": {"scans_per_minute": 1}}}
+    server = live_server(tokens=tokens, limits={"concurrent_scans": 5})
+    first = await call_tool(server.url, BOB, "custom_scan", {"command": "-p 1 127.0.0.1"})
+    assert not first.is_error
+    second = await call_tool(server.url, BOB, "custom_scan", {"command": "-p 2 127.0.0.1"})
+    assert re.fullmatch(r"rate_limited: 1 scans per minute for token 'bob'; retry in \d+ s", error_text(second))
+    assert not (await call_tool(server.url, ALICE, "custom_scan", {"command": "-p 2 127.0.0.1"})).is_error
+    shown = (await call_tool(server.url, BOB, "get_limits", {})).structured_content
+    by_name = {entry["name"]: entry for entry in shown["limits"]}
+    assert shown["token"] == "bob" and by_name["scans_per_minute"] == {
+        "name": "scans_per_minute", "limit": 1, "used": 1, "window": "the last minute"}
+    assert by_name["concurrent_scans"]["limit"] == 5 and by_name["addresses_per_day"]["limit"] == 65_536
