@@ -38,6 +38,7 @@ from dashboard import register_dashboard
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from mcp_tasks import ScanTasks
+from metrics import Metrics, MetricsEndpoint, metrics_listener
 from policy import Policy
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
@@ -69,10 +70,12 @@ class Runtime:
     """
 
     def __init__(self, settings: Settings, nmap_path: str, role: Role) -> None:
+        self.metrics = Metrics()
         self.store = TaskManager(
             create_db_engine(settings.effective_database_url()),
             max_queued=settings.max_queued_tasks,
             lease_seconds=settings.lease_seconds,
+            on_unavailable=self.metrics.database_error,
         )
         self.worker = None if role is Role.API else Worker(
             self.store,
@@ -81,6 +84,7 @@ class Runtime:
             capacity=settings.max_concurrent_tasks,
             grace_seconds=settings.shutdown_grace_seconds,
             version_seconds=settings.version_detection_seconds,
+            metrics=self.metrics,
         )
         self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker)
         self._reaper: asyncio.Task[None] | None = None
@@ -145,12 +149,14 @@ def create_server(
         instructions="Network scans with nmap. Scans return a result or a task_id to poll.",
         auth=None if stdio else NamedTokenVerifier(settings.named_secrets()),
         lifespan=lifespan,
-        middleware=[AuditMiddleware(audit_log, identify, fail_open=settings.audit_fail_open),
+        middleware=[AuditMiddleware(audit_log, identify, on_verdict=runtime.metrics.tool_call,
+                                    fail_open=settings.audit_fail_open),
                     ToolScopeMiddleware(runtime.service.policy.tool_scopes, identify)],
         mask_error_details=True,
         strict_input_validation=True,
     )
     schemas = register_tools(mcp, runtime.service, settings, identify)
+    runtime.metrics.known_tools(schemas)
     mcp.add_middleware(ToolErrorMiddleware(schemas))
     # For every 2026-07-28 tools/call, mcp 2.3.0 checks Mcp-Param headers against the tool's
     # input schema, which it gets by running the whole tools/list (71% of the server's time
@@ -171,9 +177,10 @@ def create_server(
     return mcp, runtime
 
 
-def create_app(mcp: FastMCP, settings: Settings) -> ASGIApp:
+def create_app(mcp: FastMCP, settings: Settings, runtime: Runtime) -> ASGIApp:
     """The Streamable HTTP app: stateless, SSE-capable, Host/Origin protected (browser
-    origins allowed for CORS are allowed by the Origin check too), inside http_edge."""
+    origins allowed for CORS are allowed by the Origin check too), inside http_edge; and
+    /metrics beside it, outside the edge (metrics.py says why)."""
     app = mcp.http_app(
         path=settings.path,
         stateless_http=True,
@@ -183,8 +190,9 @@ def create_app(mcp: FastMCP, settings: Settings) -> ASGIApp:
         allowed_origins=[*settings.allowed_origins, *settings.cors_origins],
         middleware=[Middleware(JsonRpcBodyCheck, mcp_path=settings.path)],
     )
-    return edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
-                    cors_origins=settings.cors_origins)
+    edge = edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
+                    cors_origins=settings.cors_origins, on_unauthorized=runtime.metrics.auth_failure)
+    return MetricsEndpoint(edge, runtime.metrics, runtime.store, settings)
 
 
 class GracefulServer(uvicorn.Server):
@@ -323,7 +331,7 @@ def serve(settings: Settings, nmap_path: str, args: argparse.Namespace, config_p
     # sse-starlette cuts every SSE response the moment SIGTERM arrives; calls still waiting on
     # a scan must answer first (GracefulServer.shutdown lets the streams close afterwards).
     AppStatus.disable_automatic_graceful_drain()
-    config = uvicorn.Config(create_app(mcp, settings), log_config=None, lifespan="on")
+    config = uvicorn.Config(create_app(mcp, settings, runtime), log_config=None, lifespan="on")
     text = banner(settings, show_token=args.show_token, config_path=config_path.resolve())
     GracefulServer(config, runtime, text).run(sockets=[listener])
     return 0
@@ -357,13 +365,20 @@ async def serve_stdio(settings: Settings, nmap_path: str) -> int:
 
 
 async def run_worker(settings: Settings, nmap_path: str) -> int:
-    """`--worker`: claim and run scans of the configured pool until SIGTERM or SIGINT."""
+    """`--worker`: claim and run scans of the configured pool until SIGTERM or SIGINT; with
+    `metrics_port`, serve /metrics there meanwhile."""
+    try:
+        listener = bind(settings.host, settings.metrics_port) if settings.metrics_port else None
+    except OSError as e:
+        print(f"error: cannot listen on {settings.host}:{settings.metrics_port}: {e.strerror}; stop what uses it "
+              "or set another `metrics_port`", file=sys.stderr)
+        return 2
     runtime = Runtime(settings, nmap_path, Role.WORKER)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with runtime.running():
+    async with runtime.running(), metrics_listener(listener, runtime.metrics, runtime.store, settings):
         assert runtime.worker is not None
         logger.info("worker %s serving pool %r with %d slots", runtime.worker.info.name, settings.pool,
                     settings.max_concurrent_tasks)

@@ -39,6 +39,7 @@ from tests.support import (
 
 pytestmark = pytest.mark.anyio
 WRONG = "wrong-secret-" + "w" * 30
+METRICS_SECRET = "metrics-secret-" + "m" * 30
 
 
 def base_url(server: LiveServer) -> str:
@@ -48,8 +49,9 @@ def base_url(server: LiveServer) -> str:
 async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(live_server: StartServer) -> None:
     """Every spelling of a URL token, on requests refused by the Host and Origin checks (421,
     403), by authentication (401), routing (404), method (405) and size (413); then the good
-    ones. The server logs at DEBUG, uvicorn's access log included."""
-    server = live_server()
+    ones; and /metrics with its own token in the URL, in a header, and wrong. The server logs
+    at DEBUG, uvicorn's access log included."""
+    server = live_server(metrics_token=METRICS_SECRET)
     spellings = [f"?token={ALICE}", f"?TOKEN={BOB}", f"?access_token={ALICE}", f"?x=1;token={BOB}",
                  f"?Access_Token={ALICE}", f"?token={ALICE}&token={WRONG}"]
     mcp = server.url
@@ -67,11 +69,16 @@ async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(live_se
     assert post(server, url=f"{mcp}?TOKEN={ALICE}").status_code == 200
     assert post(server, url=f"{mcp}/?token={ALICE}").status_code == 200, "a trailing slash must not redirect"
     await call_tool(server.url, ALICE, "list_tasks", {}, via="query")
+    metrics = f"{base_url(server)}/metrics"
+    assert httpx.get(f"{metrics}?token={METRICS_SECRET}").status_code == 401
+    assert httpx.get(metrics, headers={"Authorization": f"Bearer {WRONG}"}).status_code == 401
+    assert httpx.get(metrics, headers={"Authorization": f"Bearer {METRICS_SECRET}"}).status_code == 200
     server.stop()
     logs = server.log_text() + (server.config_path.parent / "audit.jsonl").read_text()
     for status in (421, 403, 404, 405, 413, 401, 200):
         assert f'HTTP/1.1" {status}' in logs, f"the access log must show the {status}s"
-    for secret in (*SECRETS.values(), WRONG):
+    assert '"GET /metrics HTTP/1.1" 401' in logs and '"GET /metrics HTTP/1.1" 200' in logs
+    for secret in (*SECRETS.values(), WRONG, METRICS_SECRET):
         assert secret not in logs
 
 
