@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     nmap_path: str = "nmap"
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # text: one human-readable line per record; json: one JSON object per line (docs/metrics.md).
+    log_format: Literal["text", "json"] = "text"
     # None: /metrics is open to whoever reaches the port, as Prometheus exporters usually are;
     # else it needs `Authorization: Bearer <metrics_token>`. No MCP token opens it.
     metrics_token: SecretStr | None = None

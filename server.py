@@ -37,6 +37,7 @@ from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, wr
 from dashboard import register_dashboard
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
+from logs import LogContext, configure_logging
 from mcp_tasks import ScanTasks
 from metrics import Metrics, MetricsEndpoint, metrics_listener
 from policy import Policy
@@ -149,7 +150,8 @@ def create_server(
         instructions="Network scans with nmap. Scans return a result or a task_id to poll.",
         auth=None if stdio else NamedTokenVerifier(settings.named_secrets()),
         lifespan=lifespan,
-        middleware=[AuditMiddleware(audit_log, identify, on_verdict=runtime.metrics.tool_call,
+        middleware=[LogContext(identify),
+                    AuditMiddleware(audit_log, identify, on_verdict=runtime.metrics.tool_call,
                                     fail_open=settings.audit_fail_open),
                     ToolScopeMiddleware(runtime.service.policy.tool_scopes, identify)],
         mask_error_details=True,
@@ -310,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging(settings.log_level, settings.log_format)
     if args.role is Role.WORKER:
         return asyncio.run(run_worker(settings, nmap_path))
     if args.stdio:

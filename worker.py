@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from functools import partial
 
+import logs
 from metrics import Metrics
 from models import Progress, ScanKind, TaskStatus
 from nmap_report import ReportParser, clean_text, with_versions
@@ -127,6 +128,7 @@ class Worker:
             logger.error("the run of task %s crashed", task_id, exc_info=run.exception())
 
     async def _run(self, record: TaskRecord) -> None:
+        logs.task_id.set(record.id)  # this run is a task of its own: the id stays within it
         if self._shutdown.is_set():
             await self._store.release(record, self.info.id)
             return
