@@ -20,6 +20,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,9 +105,13 @@ class AuditedCall:
 class AuditMiddleware(Middleware):
     """Writes the three lines of every tools/call; refuses scans it cannot audit."""
 
-    def __init__(self, log: AuditLog, identify: Identify, *, fail_open: bool = False) -> None:
+    def __init__(
+        self, log: AuditLog, identify: Identify, *, on_verdict: Callable[[str, str], None], fail_open: bool = False
+    ) -> None:
         self._log = log
         self._identify = identify
+        # Told each call's tool and verdict (metrics count them).
+        self._on_verdict = on_verdict
         self._fail_open = fail_open
         self._warned_at = float("-inf")
 
@@ -127,13 +132,15 @@ class AuditMiddleware(Middleware):
                     raise ToolError("unavailable: audit log not writable; the scan was not started")
             return await call_next(context)
         except ToolError as e:
-            verdict, reason = "refused", str(e)
+            # ToolErrorMiddleware (inside this one) has turned internal failures into coded errors too.
+            verdict, reason = "error" if str(e).startswith("internal_error:") else "refused", str(e)
             raise
         except Exception as e:
             verdict, reason = "error", type(e).__name__
             raise
         finally:
             _current.reset(reset)
+            self._on_verdict(tool, verdict)
             call.write("done", verdict=verdict, reason=reason, task_id=call.facts.get("task_id"),
                        duration_ms=round((time.perf_counter() - started) * 1000, 2))
 

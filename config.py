@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -156,6 +156,13 @@ class Settings(BaseSettings):
     database_url: str | None = None
     nmap_path: str = "nmap"
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # text: one human-readable line per record; json: one JSON object per line (docs/metrics.md).
+    log_format: Literal["text", "json"] = "text"
+    # None: /metrics is open to whoever reaches the port, as Prometheus exporters usually are;
+    # else it needs `Authorization: Bearer <metrics_token>`. No MCP token opens it.
+    metrics_token: SecretStr | None = None
+    # A `--worker` has no HTTP listener; with this set it serves /metrics alone on host:metrics_port.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @classmethod
     def settings_customise_sources(
@@ -231,7 +238,7 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
         raise ConfigError(f"{path}: {describe_validation_error(e)}") from e
     if not settings.named_secrets():
         raise ConfigError(f"{path}: no token configured; set `token` or `tokens`")
-    if problems := secret_problems(settings.named_secrets()):
+    if problems := secret_problems(settings.named_secrets()) + metrics_token_problems(settings):
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if unknown := sorted(set(settings.ui_admin_tokens) - set(settings.named_secrets())):
         raise ConfigError(f"{path}: 'ui_admin_tokens': no token is named {', '.join(repr(n) for n in unknown)}; "
@@ -265,6 +272,19 @@ def secret_problems(named: dict[str, str]) -> list[str]:
     problems += [f"tokens {', '.join(repr(n) for n in names)} share one secret; give each its own"
                  for names in owners.values() if len(names) > 1]
     return problems
+
+
+def metrics_token_problems(settings: Settings) -> list[str]:
+    """Why `metrics_token` is unfit (never saying it): too short, or an MCP token's secret,
+    which would let one secret open both /metrics and the MCP endpoint."""
+    if settings.metrics_token is None:
+        return []
+    secret = settings.metrics_token.get_secret_value()
+    if len(secret) < MIN_SECRET_LENGTH:
+        return [(f"metrics_token has {len(secret)} characters, fewer than {MIN_SECRET_LENGTH}; "
+                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` prints a fresh one")]
+    return [f"metrics_token is the secret of token '{name}'; give /metrics a secret of its own"
+            for name, token in settings.named_secrets().items() if token == secret]
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -15,7 +15,8 @@ that is not one JSON-RPC message gets a short JSON-RPC error instead of library 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from urllib.parse import unquote
 
 from starlette.middleware.cors import CORSMiddleware
@@ -36,26 +37,35 @@ QUERY_TOKEN_OFF = (
     "this server does not accept ?token= in the URL (allow_query_token is false): "
     "send 'Authorization: Bearer <token>' instead."
 )
+# The reason of each 401, as metrics count it.
+REASON_NAMES = {MISSING_TOKEN: "missing_token", WRONG_TOKEN: "wrong_token", QUERY_TOKEN_OFF: "query_token_off"}
 CORS_HEADERS = ["Authorization", "Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version",
                 "Last-Event-ID"]
 
 
-def edge_app(app: ASGIApp, *, mcp_path: str, allow_query_token: bool, cors_origins: Iterable[str]) -> ASGIApp:
-    """The whole HTTP stack around FastMCP's app: edge first, then CORS (when configured)."""
+def edge_app(
+    app: ASGIApp, *, mcp_path: str, allow_query_token: bool, cors_origins: Iterable[str],
+    on_unauthorized: Callable[[str, str], None],
+) -> ASGIApp:
+    """The whole HTTP stack around FastMCP's app: edge first, then CORS (when configured).
+    `on_unauthorized` is told the endpoint ('mcp' or 'other') and reason of every 401."""
     origins = list(cors_origins)
     if origins:
         app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                              allow_headers=CORS_HEADERS, expose_headers=["Mcp-Session-Id"], max_age=600)
-    return EdgeMiddleware(app, mcp_path=mcp_path, allow_query_token=allow_query_token)
+    return EdgeMiddleware(app, mcp_path=mcp_path, allow_query_token=allow_query_token, on_unauthorized=on_unauthorized)
 
 
 class EdgeMiddleware:
     """Pure ASGI; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, *, mcp_path: str, allow_query_token: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, *, mcp_path: str, allow_query_token: bool, on_unauthorized: Callable[[str, str], None]
+    ) -> None:
         self.app = app
         self.mcp_path = mcp_path.rstrip("/") or "/"
         self.allow_query_token = allow_query_token
+        self.on_unauthorized = on_unauthorized
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +82,10 @@ class EdgeMiddleware:
             reason = QUERY_TOKEN_OFF
         else:
             reason = WRONG_TOKEN if (sent_header or url_token) else MISSING_TOKEN
-        await self.app(scope, receive, _plain_unauthorized(send, reason, credentials=reason != MISSING_TOKEN))
+        endpoint = "mcp" if scope["path"] == self.mcp_path else "other"
+        refused = partial(self.on_unauthorized, endpoint, REASON_NAMES[reason])
+        await self.app(scope, receive, _plain_unauthorized(send, reason, credentials=reason != MISSING_TOKEN,
+                                                           refused=refused))
 
 
 def remove_url_secrets(scope: Scope) -> str | None:
@@ -122,9 +135,10 @@ def _has_authorization(scope: Scope) -> bool:
     return any(name.lower() == b"authorization" for name, _ in scope["headers"])
 
 
-def _plain_unauthorized(send: Send, reason: str, *, credentials: bool) -> Send:
+def _plain_unauthorized(send: Send, reason: str, *, credentials: bool, refused: Callable[[], None]) -> Send:
     """A `send` that replaces the body and challenge of a 401 with ours (RFC 6750: a request
-    without credentials gets a bare `Bearer` challenge, a refused token `invalid_token`)."""
+    without credentials gets a bare `Bearer` challenge, a refused token `invalid_token`), and
+    calls `refused` when it does."""
     body = json.dumps({"error": "invalid_token" if credentials else "unauthorized", "error_description": reason})
     challenge = 'Bearer realm="nmap-mcp"'
     if credentials:
@@ -135,6 +149,7 @@ def _plain_unauthorized(send: Send, reason: str, *, credentials: bool) -> Send:
         nonlocal rewriting
         if message["type"] == "http.response.start" and message["status"] == 401:
             rewriting = True
+            refused()
             headers = [(b"www-authenticate", challenge.encode()), (b"content-type", b"application/json"),
                        (b"x-content-type-options", b"nosniff"), (b"content-length", str(len(body)).encode())]
             await send({**message, "headers": headers})

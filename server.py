@@ -38,7 +38,9 @@ from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, wr
 from dashboard import register_dashboard
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
+from logs import LogContext, configure_logging
 from mcp_tasks import ScanTasks
+from metrics import Metrics, MetricsEndpoint, metrics_listener
 from policy import Policy
 from resources import INSTRUCTIONS, register_resources
 from retention import purge_forever
@@ -72,10 +74,12 @@ class Runtime:
     """
 
     def __init__(self, settings: Settings, nmap_path: str, role: Role) -> None:
+        self.metrics = Metrics()
         self.store = TaskManager(
             create_db_engine(settings.effective_database_url()),
             max_queued=settings.max_queued_tasks,
             lease_seconds=settings.lease_seconds,
+            on_unavailable=self.metrics.database_error,
         )
         self.worker = None if role is Role.API else Worker(
             self.store,
@@ -84,6 +88,7 @@ class Runtime:
             capacity=settings.max_concurrent_tasks,
             grace_seconds=settings.shutdown_grace_seconds,
             version_seconds=settings.version_detection_seconds,
+            metrics=self.metrics,
         )
         self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker, VERSION)
         self._reaper: asyncio.Task[None] | None = None
@@ -152,7 +157,9 @@ def create_server(
         instructions=INSTRUCTIONS,
         auth=None if stdio else NamedTokenVerifier(settings.named_secrets()),
         lifespan=lifespan,
-        middleware=[AuditMiddleware(audit_log, identify, fail_open=settings.audit_fail_open),
+        middleware=[LogContext(identify),
+                    AuditMiddleware(audit_log, identify, on_verdict=runtime.metrics.tool_call,
+                                    fail_open=settings.audit_fail_open),
                     ToolScopeMiddleware(runtime.service.policy.tool_scopes, identify)],
         mask_error_details=True,
         strict_input_validation=True,
@@ -160,6 +167,7 @@ def create_server(
     schemas = register_tools(mcp, runtime.service, settings, identify)
     register_resources(mcp, runtime.service, identify, privileged=settings.privileged,
                        categories=tuple(settings.script_categories))
+    runtime.metrics.known_tools(schemas)
     mcp.add_middleware(ToolErrorMiddleware(schemas))
     tune_low_level_server(mcp, schemas)
     if not stdio:
@@ -191,9 +199,10 @@ def tune_low_level_server(mcp: FastMCP, schemas: dict[str, dict[str, Any]]) -> N
     low_level.description = "nmap port scans, an inventory across scans, schedules and scanner pools"
 
 
-def create_app(mcp: FastMCP, settings: Settings) -> ASGIApp:
+def create_app(mcp: FastMCP, settings: Settings, runtime: Runtime) -> ASGIApp:
     """The Streamable HTTP app: stateless, SSE-capable, Host/Origin protected (browser
-    origins allowed for CORS are allowed by the Origin check too), inside http_edge."""
+    origins allowed for CORS are allowed by the Origin check too), inside http_edge; and
+    /metrics beside it, outside the edge (metrics.py says why)."""
     app = mcp.http_app(
         path=settings.path,
         stateless_http=True,
@@ -203,8 +212,9 @@ def create_app(mcp: FastMCP, settings: Settings) -> ASGIApp:
         allowed_origins=[*settings.allowed_origins, *settings.cors_origins],
         middleware=[Middleware(JsonRpcBodyCheck, mcp_path=settings.path)],
     )
-    return edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
-                    cors_origins=settings.cors_origins)
+    edge = edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
+                    cors_origins=settings.cors_origins, on_unauthorized=runtime.metrics.auth_failure)
+    return MetricsEndpoint(edge, runtime.metrics, runtime.store, settings)
 
 
 class GracefulServer(uvicorn.Server):
@@ -322,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging(settings.log_level, settings.log_format)
     if args.role is Role.WORKER:
         return asyncio.run(run_worker(settings, nmap_path))
     if args.stdio:
@@ -343,7 +352,7 @@ def serve(settings: Settings, nmap_path: str, args: argparse.Namespace, config_p
     # sse-starlette cuts every SSE response the moment SIGTERM arrives; calls still waiting on
     # a scan must answer first (GracefulServer.shutdown lets the streams close afterwards).
     AppStatus.disable_automatic_graceful_drain()
-    config = uvicorn.Config(create_app(mcp, settings), log_config=None, lifespan="on")
+    config = uvicorn.Config(create_app(mcp, settings, runtime), log_config=None, lifespan="on")
     text = banner(settings, show_token=args.show_token, config_path=config_path.resolve())
     GracefulServer(config, runtime, text).run(sockets=[listener])
     return 0
@@ -377,13 +386,20 @@ async def serve_stdio(settings: Settings, nmap_path: str) -> int:
 
 
 async def run_worker(settings: Settings, nmap_path: str) -> int:
-    """`--worker`: claim and run scans of the configured pool until SIGTERM or SIGINT."""
+    """`--worker`: claim and run scans of the configured pool until SIGTERM or SIGINT; with
+    `metrics_port`, serve /metrics there meanwhile."""
+    try:
+        listener = bind(settings.host, settings.metrics_port) if settings.metrics_port else None
+    except OSError as e:
+        print(f"error: cannot listen on {settings.host}:{settings.metrics_port}: {e.strerror}; stop what uses it "
+              "or set another `metrics_port`", file=sys.stderr)
+        return 2
     runtime = Runtime(settings, nmap_path, Role.WORKER)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with runtime.running():
+    async with runtime.running(), metrics_listener(listener, runtime.metrics, runtime.store, settings):
         assert runtime.worker is not None
         logger.info("worker %s serving pool %r with %d slots", runtime.worker.info.name, settings.pool,
                     settings.max_concurrent_tasks)

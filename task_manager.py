@@ -175,6 +175,7 @@ class PoolStatus:
     pool: str
     queued: int
     workers: list[dict[str, Any]]
+    running: int = 0
 
 
 def dedupe_key(owner: str, kind: ScanKind, argv: Sequence[str]) -> str:
@@ -349,8 +350,13 @@ class ChangeFeed:
 class TaskManager:
     """The durable store of scan tasks; see the module docstring for its guarantees."""
 
-    def __init__(self, engine: Engine, *, max_queued: int, lease_seconds: float = 30.0) -> None:
+    def __init__(
+        self, engine: Engine, *, max_queued: int, lease_seconds: float = 30.0,
+        on_unavailable: Callable[[str], None] = lambda _operation: None,
+    ) -> None:
         self._engine = engine
+        # Told the operation each time the database cannot be reached (metrics count them).
+        self._on_unavailable = on_unavailable
         self._max_queued = max_queued
         self.lease_seconds = lease_seconds
         self._postgres = engine.dialect.name == "postgresql"
@@ -553,6 +559,7 @@ class TaskManager:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._threads, partial(fn, *args))
         except (OperationalError, InterfaceError) as e:
+            self._on_unavailable(fn.__name__.lstrip("_"))
             raise DatabaseUnavailable("the task database is not reachable; retry later") from e
 
     # ---- SQL: every statement of the service lives below --------------------------------
@@ -969,10 +976,14 @@ class TaskManager:
     def _select_pools(self, stale_after: float) -> list[PoolStatus]:
         now = time.time()
         with self._engine.connect() as conn:
-            queued = dict(conn.execute(
-                select(tasks.c.pool, func.count()).where(tasks.c.status == TaskStatus.QUEUED.value,
-                                                         tasks.c.shard_count == 0).group_by(tasks.c.pool)
-            ).all())
+            counts: dict[str, dict[str, int]] = defaultdict(dict)
+            for pool, status, count in conn.execute(
+                select(tasks.c.pool, tasks.c.status, func.count())
+                .where(tasks.c.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]),
+                       tasks.c.shard_count == 0).group_by(tasks.c.pool, tasks.c.status)
+            ):
+                counts[status][pool] = count
+            queued, running = counts[TaskStatus.QUEUED.value], counts[TaskStatus.RUNNING.value]
             rows = conn.execute(select(workers).order_by(workers.c.pool, workers.c.name)).all()
         by_pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
@@ -980,7 +991,8 @@ class TaskManager:
                 "name": row.name, "capacity": row.capacity, "running": row.running,
                 "heartbeat_at": row.heartbeat_at, "alive": now - row.heartbeat_at <= stale_after,
             })
-        return [PoolStatus(pool, queued.get(pool, 0), by_pool.get(pool, [])) for pool in sorted({*queued, *by_pool})]
+        return [PoolStatus(pool, queued.get(pool, 0), by_pool.get(pool, []), running.get(pool, 0))
+                for pool in sorted({*queued, *running, *by_pool})]
 
 
     # ---- retention ---------------------------------------------------------------------

@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass
 from functools import partial
 
+import logs
+from metrics import Metrics
 from models import Progress, ScanKind, TaskStatus
 from nmap_report import ReportParser, clean_text, with_versions
 from scanner import NmapRun, ScanOutcome, interpret_run, run_nmap, version_argv
@@ -44,10 +46,11 @@ class Worker:
 
     def __init__(
         self, store: TaskManager, *, name: str, pool: str, capacity: int, grace_seconds: float,
-        version_seconds: float = 300.0,
+        version_seconds: float = 300.0, metrics: Metrics | None = None,
     ) -> None:
         self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity)
         self._store = store
+        self._metrics = metrics or Metrics()
         self._grace = grace_seconds
         # The time bound of a full scan's second phase, version detection.
         self._version_seconds = version_seconds
@@ -125,6 +128,7 @@ class Worker:
             logger.error("the run of task %s crashed", task_id, exc_info=run.exception())
 
     async def _run(self, record: TaskRecord) -> None:
+        logs.task_id.set(record.id)  # this run is a task of its own: the id stays within it
         if self._shutdown.is_set():
             await self._store.release(record, self.info.id)
             return
@@ -137,7 +141,7 @@ class Worker:
             return
         # The lease stays renewed until the verdict is written: a result finished during a
         # database outage is this worker's to record when the database is back.
-        await self._record(record, await self._scan(record))
+        await self._record(record, await self._metrics.timed_scan(record.kind, self._scan(record)))
 
     async def _scan(self, record: TaskRecord) -> ScanOutcome:
         if not os.access(record.argv[0], os.X_OK):
@@ -176,7 +180,8 @@ class Worker:
         self, record: TaskRecord, argv: list[str], time_limit: float, live: LiveScan, *, write_all: bool = False
     ) -> PhaseEnd:
         """Run one nmap until it ends, the task is no longer ours, or the worker shuts down."""
-        scan = asyncio.create_task(run_nmap(argv, time_limit=float(time_limit), stdout_sink=live.feed))
+        scan = asyncio.create_task(self._metrics.nmap_process(
+            run_nmap(argv, time_limit=float(time_limit), stdout_sink=live.feed)))
         lost = asyncio.create_task(self._until_lost(record))
         shutdown = asyncio.create_task(self._shutdown.wait())
         try:

@@ -80,7 +80,9 @@ def live_server(tmp_path: Path, nmap_wrapper: NmapWrapper) -> Iterator[Callable[
     def start(**overrides: object) -> LiveServer:
         overrides.setdefault("nmap_path", str(nmap_wrapper.path))
         config = write_config(tmp_path / "config.json", **overrides)
-        server = LiveServer(config, tmp_path / "server.log", json.loads(config.read_text())["port"])
+        # JSON logs: the banner (stdout) goes to a file of its own, so that the log is JSON lines only.
+        banner = tmp_path / "server.out" if overrides.get("log_format") == "json" else None
+        server = LiveServer(config, tmp_path / "server.log", json.loads(config.read_text())["port"], stdout_path=banner)
         server.start()
         started.append(server)
         return server

@@ -278,6 +278,8 @@ class LiveServer:
     extra: dict[str, object] = field(default_factory=dict)
     # What runs with `-c CONFIG`: the checkout's server.py, or an installed `nmap-mcp`.
     program: tuple[str, ...] = (sys.executable, str(ROOT / "server.py"))
+    # Where stdout (the banner) goes; None: into the log with stderr.
+    stdout_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -287,8 +289,8 @@ class LiveServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [*self.program, "-c", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=self.stdout_path.open("ab") if self.stdout_path else log,
+            stderr=log,
             cwd=self.config_path.parent,
         )
         if not wait_until(self._healthy, 20, 0.05):

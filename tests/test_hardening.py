@@ -39,17 +39,23 @@ from tests.support import (
 
 pytestmark = pytest.mark.anyio
 WRONG = "wrong-secret-" + "w" * 30
+METRICS_SECRET = "metrics-secret-" + "m" * 30
+JSON_LINE_FIELDS = {"time", "level", "logger", "message"}
 
 
 def base_url(server: LiveServer) -> str:
     return f"http://127.0.0.1:{server.port}"
 
 
-async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(live_server: StartServer) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(
+    live_server: StartServer, log_format: str
+) -> None:
     """Every spelling of a URL token, on requests refused by the Host and Origin checks (421,
     403), by authentication (401), routing (404), method (405) and size (413); then the good
-    ones. The server logs at DEBUG, uvicorn's access log included."""
-    server = live_server()
+    ones; and /metrics with its own token in the URL, in a header, and wrong. The server logs
+    at DEBUG, uvicorn's access log included; in JSON, every line of the log is one object."""
+    server = live_server(log_format=log_format, metrics_token=METRICS_SECRET)
     spellings = [f"?token={ALICE}", f"?TOKEN={BOB}", f"?access_token={ALICE}", f"?x=1;token={BOB}",
                  f"?Access_Token={ALICE}", f"?token={ALICE}&token={WRONG}"]
     mcp = server.url
@@ -67,12 +73,44 @@ async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(live_se
     assert post(server, url=f"{mcp}?TOKEN={ALICE}").status_code == 200
     assert post(server, url=f"{mcp}/?token={ALICE}").status_code == 200, "a trailing slash must not redirect"
     await call_tool(server.url, ALICE, "list_tasks", {}, via="query")
+    metrics = f"{base_url(server)}/metrics"
+    assert httpx.get(f"{metrics}?token={METRICS_SECRET}").status_code == 401
+    assert httpx.get(metrics, headers={"Authorization": f"Bearer {WRONG}"}).status_code == 401
+    assert httpx.get(metrics, headers={"Authorization": f"Bearer {METRICS_SECRET}"}).status_code == 200
     server.stop()
+    if log_format == "json":
+        records = [json.loads(line) for line in server.log_text().splitlines()]
+        assert records and all(isinstance(r, dict) and JSON_LINE_FIELDS <= set(r) for r in records)
+        messages = "\n".join(r["message"] for r in records)
+    else:
+        messages = server.log_text()
     logs = server.log_text() + (server.config_path.parent / "audit.jsonl").read_text()
     for status in (421, 403, 404, 405, 413, 401, 200):
-        assert f'HTTP/1.1" {status}' in logs, f"the access log must show the {status}s"
-    for secret in (*SECRETS.values(), WRONG):
+        assert f'HTTP/1.1" {status}' in messages, f"the access log must show the {status}s"
+    assert '"GET /metrics HTTP/1.1" 401' in messages and '"GET /metrics HTTP/1.1" 200' in messages
+    for secret in (*SECRETS.values(), WRONG, METRICS_SECRET):
         assert secret not in logs
+
+
+async def test_json_log_lines_name_the_caller_s_token_and_the_task_a_worker_runs(
+    live_server: StartServer, nmap_wrapper: NmapWrapper
+) -> None:
+    """The token name rides on records made during an MCP request, the task id on those a
+    worker makes while it runs the task; neither leaks into records made elsewhere."""
+    nmap_wrapper.set_delay(60)
+    server = live_server(log_format="json")
+    refused = await call_tool(server.url, ALICE, "custom_scan", {"command": "-oN /tmp/x 127.0.0.1"})
+    assert error_text(refused).startswith("invalid_command:")
+    started = (await call_tool(server.url, BOB, "quick_scan", {"target": "127.0.0.1", "timeout": 5})).structured_content
+    assert started["status"] == "running"
+    await call_tool(server.url, BOB, "cancel_task", {"task_id": started["task_id"]})
+    server.stop()
+    records = [json.loads(line) for line in server.log_text().splitlines()]
+    [refusal] = [r for r in records if r["message"] == "Error calling tool 'custom_scan'"]
+    assert refusal["token"] == "alice" and "task_id" not in refusal
+    [kept] = [r for r in records if "was cancelled or resolved elsewhere" in r["message"]]
+    assert kept["task_id"] == started["task_id"] and "token" not in kept
+    assert all("token" not in r and "task_id" not in r for r in records if r["logger"] == "uvicorn.error")
 
 
 async def test_a_trailing_slash_is_the_endpoint_itself(live_server: StartServer) -> None:
