@@ -214,7 +214,7 @@ async def full_page_bytes(url: str) -> dict[str, Any]:
     structured = result["structuredContent"]
     return {
         "body": len(body),
-        "structured": len(json.dumps(structured, separators=(",", ":"))),
+        "structured": len(json.dumps(structured, separators=(",", ":"), ensure_ascii=False).encode()),
         "text": sum(len(part["text"].encode()) for part in result["content"] if part["type"] == "text"),
         "truncated": structured["truncated"], "page": structured["page"],
         "hosts_total": structured["result"]["hosts_total"],
