@@ -1,0 +1,105 @@
+"""What the service benchmarks share: configs, throw-away PostgreSQL databases, worker
+processes, an MCP session, and CPU time read from /proc.
+
+Every benchmark runs the real `server.py` as separate processes (never in-process), so
+that what is measured is what an operator runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import psycopg
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support import POSTGRES_ADMIN_URL, LiveServer, write_config
+
+SECRET = "bench-secret-" + "0" * 32
+SERVER = (sys.executable, str(ROOT / "server.py"))
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the PostgreSQL server of NMAP_MCP_TEST_POSTGRES (default: this
+    machine's, trust auth), dropped on the way out whatever happened."""
+    name = f"nmap_mcp_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def service_config(directory: Path, **overrides: object) -> Path:
+    """A config in its own `directory` (database, audit log) with the one bench token."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_config(directory / "config.json", tokens={"bench": {"secret": SECRET}},
+                        audit_log=str(directory / "audit.jsonl"), log_level="WARNING", **overrides)
+
+
+def start_api(config: Path, *, role: str | None = None) -> LiveServer:
+    """`server.py -c CONFIG` (or with `--api`) on the config's port, once /healthz answers."""
+    program = (*SERVER, f"--{role}") if role else SERVER
+    server = LiveServer(config, config.parent / "server.log", json.loads(config.read_text())["port"], program=program)
+    server.start()
+    return server
+
+
+def start_worker(config: Path) -> subprocess.Popen[bytes]:
+    """`server.py --worker -c CONFIG`; it has no port, so callers wait for it with list_workers."""
+    log = (config.parent / "worker.log").open("ab")
+    return subprocess.Popen([*SERVER, "--worker", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=config.parent)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 20 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def mcp_session(url: str, event_hooks: dict[str, list[Any]] | None = None) -> AsyncIterator[Client]:
+    """One official MCP SDK client (mode auto: the 2026-07-28 era here) with the bench token;
+    `event_hooks` go to its httpx2 client (to see the requests and responses on the wire)."""
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {SECRET}"}, timeout=600,
+                              event_hooks=event_hooks or {})
+    async with http, Client(streamable_http_client(url, http_client=http)) as client:
+        yield client
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def queued_argv(audit_log: Path) -> list[str]:
+    """The argv of the last scan the server queued, as its audit log recorded it."""
+    for line in reversed(audit_log.read_text().splitlines()):
+        record = json.loads(line)
+        if record["event"] == "queued":
+            return record["argv"]
+    raise RuntimeError(f"no queued line in {audit_log}")
