@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 from nse_policy import DEFAULT_CATEGORIES, EXCLUDED_CATEGORIES
 from targets import parse_networks
+from webhooks import endpoint
 
 DEFAULT_CONFIG_PATH = Path("config.json")
 ENV_PREFIX = "NMAP_MCP_"
@@ -128,6 +129,11 @@ class Settings(BaseSettings):
     # No tool answer takes more bytes on the wire (both copies of it, see views.wire_size).
     max_answer_bytes: int = Field(default=60_000, ge=8_000, le=10_000_000)
     result_freshness_seconds: int = Field(default=300, ge=0, le=86_400)
+    # No schedule (schedule_scan) runs more often than this.
+    min_schedule_seconds: int = Field(default=60, ge=1, le=86_400)
+    # URL prefixes a schedule's webhook may point at (scheme, host, port and path prefix, e.g.
+    # https://hooks.example.com/nmap). Empty: no webhooks, so none can reach internal services.
+    webhook_allowed_urls: list[str] = Field(default_factory=list)
     db_path: str = "nmap_tasks.db"
     database_url: str | None = None
     nmap_path: str = "nmap"
@@ -161,6 +167,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"pool {name!r} lists no networks")
             parse_networks(networks)
         return pools
+
+    @field_validator("webhook_allowed_urls")
+    @classmethod
+    def _webhook_prefixes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            endpoint(value)
+        return values
 
     @field_validator("script_categories")
     @classmethod
