@@ -41,6 +41,7 @@ from mcp_tasks import ScanTasks
 from policy import Policy
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
+from schedules import Scheduler, Schedules
 from task_manager import TaskManager, create_db_engine
 from tools import register_tools
 from worker import Worker, resolve_expired_forever
@@ -63,8 +64,8 @@ class Role(enum.StrEnum):
 class Runtime:
     """The running parts of one process, started and stopped in a written-down order.
 
-    Stop: refuse new scans; stop the worker (no more claims, running scans get their grace
-    period, the rest are recorded interrupted); then release the calls still waiting, which
+    Stop: refuse new scans and stop the scheduler (it gives its lease back); stop the worker (no
+    more claims, running scans get their grace period, the rest are recorded interrupted); then release the calls still waiting, which
     answer with their task and the state it ended in; then close the store.
     """
 
@@ -83,6 +84,9 @@ class Runtime:
             version_seconds=settings.version_detection_seconds,
         )
         self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker)
+        self.schedules = Schedules(self.store, self.service, settings)
+        self.scheduler = Scheduler(self.store, self.schedules, self.service, settings,
+                                   name=settings.worker_name or socket.gethostname())
         self._reaper: asyncio.Task[None] | None = None
         self._drained = False
 
@@ -93,6 +97,7 @@ class Runtime:
         )
         if self.worker is not None:
             await self.worker.start()
+        await self.scheduler.start()
 
     async def drain(self) -> None:
         """Everything of `stop` but closing the store; safe to call twice."""
@@ -100,6 +105,7 @@ class Runtime:
             return
         self._drained = True
         self.service.accepting = False
+        await self.scheduler.stop()
         if self.worker is not None:
             await self.worker.stop()
         self.service.closing.set()
@@ -150,7 +156,7 @@ def create_server(
         mask_error_details=True,
         strict_input_validation=True,
     )
-    schemas = register_tools(mcp, runtime.service, settings, identify)
+    schemas = register_tools(mcp, runtime.service, settings, identify, runtime.schedules)
     mcp.add_middleware(ToolErrorMiddleware(schemas))
     # For every 2026-07-28 tools/call, mcp 2.3.0 checks Mcp-Param headers against the tool's
     # input schema, which it gets by running the whole tools/list (71% of the server's time
@@ -158,7 +164,7 @@ def create_server(
     # FastMCP does not expose the hook; the schemas built at start-up answer it.
     mcp._mcp_server.get_tool_input_schema = schemas.get
     if not stdio:
-        register_dashboard(mcp, runtime.service, settings, identify)
+        register_dashboard(mcp, runtime.service, settings, identify, runtime.schedules)
     mcp.add_extension(ScanTasks(runtime.service, identify))
 
     @mcp.custom_route("/healthz", methods=["GET"])
