@@ -208,11 +208,13 @@ def describe(state: ScheduleState, cap: int) -> ScheduleInfo:
     return ScheduleInfo(
         schedule_id=schedule.id, kind=schedule.kind, target=None if custom else schedule.spec,
         command=schedule.spec if custom else None, every=schedule.every, created_at=schedule.created_at,
-        next_run_at=schedule.next_run_at, webhook=webhooks.shown(schedule.webhook_url) if schedule.webhook_url else None,
+        next_run_at=schedule.next_run_at,
+        webhook=webhooks.shown(schedule.webhook_url) if schedule.webhook_url else None,
         last_run=None if run is None else ScheduleRun(due_at=run.due_at, task_id=run.task_id, error=run.error,
                                                       status=state.last_task_status or run.status),
         last_change=None if change is None or change.diff is None else ScheduleChange(
-            found_at=change.finished_at or change.due_at, diff=capped_diff(ScanDiff.model_validate_json(change.diff), cap),
+            found_at=change.finished_at or change.due_at,
+            diff=capped_diff(ScanDiff.model_validate_json(change.diff), cap),
             webhook=change.webhook_status, webhook_error=change.webhook_error),
     )
 

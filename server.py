@@ -1,7 +1,7 @@
 """nmap-mcp: nmap as MCP tools over authenticated Streamable HTTP.
 
 This module only wires things together: `create_server(settings, nmap_path)` builds the
-FastMCP server and the parts it runs (task store, scan worker, scan service), `create_app`
+FastMCP server and the parts it runs (task store, scan worker, scan service, scheduler), `create_app`
 the ASGI app, and `main()` the command line: serve (API and worker), `--api` (serve only),
 `--worker` (scan only, no HTTP listener).
 """
@@ -65,8 +65,9 @@ class Runtime:
     """The running parts of one process, started and stopped in a written-down order.
 
     Stop: refuse new scans and stop the scheduler (it gives its lease back); stop the worker (no
-    more claims, running scans get their grace period, the rest are recorded interrupted); then release the calls still waiting, which
-    answer with their task and the state it ended in; then close the store.
+    more claims, running scans get their grace period, the rest are recorded interrupted); then
+    release the calls still waiting, which answer with their task and the state it ended in;
+    then close the store.
     """
 
     def __init__(self, settings: Settings, nmap_path: str, role: Role) -> None:

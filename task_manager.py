@@ -1105,8 +1105,8 @@ class TaskManager:
         """The latest run of the same schedule, due before `run`, whose scan completed."""
         return await self._db(self._select_previous_run, run)
 
-    async def settle_run(self, run_id: str, status: str, *, error: str | None = None, previous_task_id: str | None = None,
-                         diff: str | None = None, webhook: bool = False) -> bool:
+    async def settle_run(self, run_id: str, status: str, *, error: str | None = None,
+                         previous_task_id: str | None = None, diff: str | None = None, webhook: bool = False) -> bool:
         """Record a run's end (done or failed), once; with `webhook`, its change is due to be sent."""
         return await self._db(self._settle_run, run_id, status, error, previous_task_id, diff, webhook)
 
@@ -1200,8 +1200,8 @@ class TaskManager:
 
     @staticmethod
     def _link_run(conn: Connection, run_id: str, task_id: str) -> None:
-        linked = conn.execute(update(schedule_runs).where(schedule_runs.c.id == run_id, schedule_runs.c.status == "pending")
-                              .values(status="submitted", task_id=task_id)).rowcount
+        pending = (schedule_runs.c.id == run_id) & (schedule_runs.c.status == "pending")
+        linked = conn.execute(update(schedule_runs).where(pending).values(status="submitted", task_id=task_id)).rowcount
         if not linked:
             raise RunAlreadyQueued(f"run {run_id} already has its task or no longer exists")
 

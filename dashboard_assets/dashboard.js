@@ -355,8 +355,8 @@ function lastChange(change) {
   if (!change) {
     return el("span", { class: "muted" }, "none found");
   }
-  const webhook = change.webhook ? "; webhook " + change.webhook + (change.webhook_error ? ": " + change.webhook_error : "")
-    : "";
+  const failure = change.webhook_error ? ": " + change.webhook_error : "";
+  const webhook = change.webhook ? "; webhook " + change.webhook + failure : "";
   return el("div", {}, el("span", { class: "muted" }, when(change.found_at) + webhook), drawDiff(change.diff));
 }
 
@@ -371,7 +371,8 @@ function renderInventory(data, body, viewer) {
     body.append(el("p", {}, inputs.flatMap((input) => [input, " "]), owner, " ", button), output);
   }
   if (viewer.admin) {
-    fillChoices($("hosts-owner"), data.owners.map((name) => [name, name]), Math.max(0, data.owners.indexOf(viewer.name)));
+    const own = Math.max(0, data.owners.indexOf(viewer.name));
+    fillChoices($("hosts-owner"), data.owners.map((name) => [name, name]), own);
   }
 }
 

@@ -171,9 +171,11 @@ async def test_the_schedules_and_the_inventory_search_show_each_tokens_own_unles
         rows = await bobs_schedules()
     [row] = rows
     assert row["owner"] == "bob" and row["schedule"]["schedule_id"] == schedule_id
-    assert (row["schedule"]["command"], row["schedule"]["every"], row["schedule"]["last_change"]) == (command, "1h", None)
+    assert (row["schedule"]["command"], row["schedule"]["every"], row["schedule"]["last_change"]) == (
+        command, "1h", None)
     as_admin = await overview(server, ALICE)
-    assert [(r["owner"], r["schedule"]["schedule_id"]) for r in as_admin["schedules"]["schedules"]] == [("bob", schedule_id)]
+    admin_rows = as_admin["schedules"]["schedules"]
+    assert [(r["owner"], r["schedule"]["schedule_id"]) for r in admin_rows] == [("bob", schedule_id)]
     assert as_admin["inventory"] == {"owners": ["alice", "bob"]}
     assert (await overview(server, BOB))["inventory"] == {"owners": ["bob"]}
 

@@ -394,17 +394,16 @@ async def test_a_schedule_is_refused_at_creation_as_its_scan_tool_would_refuse_i
         ({"kind": "quick", "target": "127.0.0.1", "every": "0,1 */6 * * *"},
          "invalid_schedule: 'every' '0,1 */6 * * *' runs 60 s apart"),
         ({"kind": "quick", "target": "127.0.0.1", "every": "every hour"}, "invalid_schedule: 'every' must be"),
-        ({"kind": "quick", "target": "127.0.0.1", "webhook_url": "http://127.0.0.1:9/hooksevil"}, "invalid_webhook: "),
-        ({"kind": "quick", "target": "127.0.0.1", "webhook_url": "http://127.0.0.1:10/hooks"}, "invalid_webhook: "),
-        ({"kind": "quick", "target": "127.0.0.1", "webhook_url": "http://127.0.0.1:9.evil.com/hooks"}, "invalid_webhook"),
-        ({"kind": "quick", "target": "127.0.0.1", "webhook_url": "https://127.0.0.1:9/hooks"}, "invalid_webhook: "),
+        *(({"kind": "quick", "target": "127.0.0.1", "webhook_url": url}, "invalid_webhook: ") for url in (
+            "http://127.0.0.1:9/hooksevil", "http://127.0.0.1:10/hooks", "http://127.0.0.1:9.evil.com/hooks",
+            "https://127.0.0.1:9/hooks", "http://127.0.0.1:9/hooks/../admin")),
     ]
     async with Client(mcp) as client:
         for arguments, refusal in refusals:
             result = await client.call_tool("schedule_scan", {"every": "1h"} | arguments, raise_on_error=False)
             assert result.is_error and result.content[0].text.startswith(refusal), (arguments, result.content)
-        accepted = await client.call_tool("schedule_scan", {"kind": "quick", "target": "127.0.0.1", "every": "*/5 * * * *",
-                                                            "webhook_url": allowed + "/nmap"})
+        accepted = await client.call_tool("schedule_scan", {"kind": "quick", "target": "127.0.0.1",
+                                                            "every": "*/5 * * * *", "webhook_url": allowed + "/nmap"})
         listing = await client.call_tool("list_schedules", {})
     created = accepted.structured_content
     assert created["next_run_at"] > time.time() and len(created["webhook_secret"]) >= 43
