@@ -35,7 +35,7 @@ from auth import Identify
 
 logger = logging.getLogger(__name__)
 # Tools that start scans: they do not run unaudited unless the operator chose fail-open.
-SCAN_TOOLS = frozenset({"quick_scan", "full_scan", "custom_scan", "scan"})
+SCAN_TOOLS = frozenset({"quick_scan", "full_scan", "custom_scan", "scan", "schedule_scan"})
 ARGUMENTS_LIMIT = 4096
 WARN_EVERY_SECONDS = 60.0
 _current: ContextVar[AuditedCall | None] = ContextVar("audited_call", default=None)

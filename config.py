@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 from nse_policy import DEFAULT_CATEGORIES, EXCLUDED_CATEGORIES
 from targets import parse_networks
+from webhooks import endpoint
 
 DEFAULT_CONFIG_PATH = Path("config.json")
 ENV_PREFIX = "NMAP_MCP_"
@@ -152,6 +153,11 @@ class Settings(BaseSettings):
     result_freshness_seconds: int = Field(default=300, ge=0, le=86_400)
     # Finished tasks and inventory rows older than this are deleted; 0 keeps everything.
     retention_days: int = Field(default=30, ge=0, le=36_500)
+    # No schedule (schedule_scan) runs more often than this.
+    min_schedule_seconds: int = Field(default=60, ge=1, le=86_400)
+    # URL prefixes a schedule's webhook may point at (scheme, host, port and path prefix, e.g.
+    # https://hooks.example.com/nmap). Empty: no webhooks, so none can reach internal services.
+    webhook_allowed_urls: list[str] = Field(default_factory=list)
     db_path: str = "nmap_tasks.db"
     database_url: str | None = None
     nmap_path: str = "nmap"
@@ -192,6 +198,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"pool {name!r} lists no networks")
             parse_networks(networks)
         return pools
+
+    @field_validator("webhook_allowed_urls")
+    @classmethod
+    def _webhook_prefixes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            endpoint(value)
+        return values
 
     @field_validator("script_categories")
     @classmethod

@@ -5,7 +5,8 @@ anyone. Every answer under /ui/api/ needs one of the MCP tokens as a Bearer head
 asks for it once, keeps it in sessionStorage and sends it only as that header (never in a
 URL or a cookie). Holders of a token named in `ui_admin_tokens` see every token's tasks,
 everyone else only their own; each part of the page needs the right of the MCP tool that
-reads the same data (list_workers, list_tasks, get_task_result, diff_scans).
+reads the same data (list_workers, list_tasks, get_task_result, diff_scans, list_schedules,
+find_hosts).
 
 The overview is a list of sections: each is built by one `Section` here and drawn by the
 renderer of the same name in dashboard_assets/dashboard.js, so a new section is one entry in
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from starlette.responses import Response
 from auth import Identify
 from config import Settings
 from errors import CODES, code_of
-from models import ScanDiff, TaskAnswer, TaskStatus, WorkerList
+from models import InventoryPage, ScanDiff, ScheduleInfo, TaskAnswer, TaskStatus, WorkerList
 from scans import ScanService
+from schedules import Schedules
 
 ASSETS = Path(__file__).with_name("dashboard_assets")
 # The page at /ui, and its two files at /ui/<name>.
@@ -48,6 +50,9 @@ RECENT_TASKS = 20
 ACTIVE_TASKS = 50
 COMPARABLE_TASKS = 50
 HOSTS_SHOWN = 50
+SCHEDULES_SHOWN = 100
+# The inventory search's filters (find_hosts' arguments of the same names) and their longest values.
+HOST_FILTERS = {"network": 50, "service": 64, "product": 200}
 HTTP_STATUS = {"not_found": 404, "not_comparable": 409, "unavailable": 503}
 
 
@@ -79,6 +84,30 @@ class TaskRows(BaseModel):
     tasks: list[OwnedTask]
 
 
+class OwnedSchedule(BaseModel):
+    """A schedule with the name of the token that owns it."""
+
+    owner: str
+    schedule: ScheduleInfo
+
+
+class ScheduleRows(BaseModel):
+    schedules: list[OwnedSchedule]
+
+
+class InventoryOwners(BaseModel):
+    """Whose inventory the viewer may search: its own, or any token's for an admin."""
+
+    owners: list[str]
+
+
+class OwnedHosts(BaseModel):
+    """A page of one token's inventory."""
+
+    owner: str
+    hosts: InventoryPage
+
+
 class SectionData(BaseModel):
     """One section of the overview: the renderer that draws it, its heading, its data."""
 
@@ -108,15 +137,18 @@ class Section:
 class Dashboard:
     """The page's data for one viewer at a time, composed from ScanService."""
 
-    def __init__(self, service: ScanService, admins: Iterable[str]) -> None:
+    def __init__(self, service: ScanService, admins: Iterable[str], schedules: Schedules) -> None:
         self._service = service
         self._admins = frozenset(admins)
+        self._schedules = schedules
         # In page order.
         self.sections = [
             Section("pools", "Pools and workers", "list_workers", self.pools),
             Section("running", "Running and queued scans", "list_tasks", self.running),
             Section("recent", "Recent tasks", "list_tasks", self.recent),
             Section("diff", "Compare two tasks", "diff_scans", self.comparable),
+            Section("schedules", "Schedules", "list_schedules", self.schedule_rows),
+            Section("inventory", "Inventory search", "find_hosts", self.inventory_owners),
         ]
 
     def viewer(self, name: str) -> Viewer:
@@ -152,6 +184,25 @@ class Dashboard:
         """The completed tasks: what diff_scans can compare."""
         return await self._tasks(viewer, TaskStatus.COMPLETED, COMPARABLE_TASKS)
 
+    async def schedule_rows(self, viewer: Viewer) -> ScheduleRows:
+        """The viewer's schedules (every token's for an admin) with their last run and change."""
+        if viewer.admin:
+            pairs = await self._schedules.list_all(SCHEDULES_SHOWN)
+        else:
+            pairs = [(viewer.name, s) for s in (await self._schedules.list(viewer.name, SCHEDULES_SHOWN)).schedules]
+        return ScheduleRows(schedules=[OwnedSchedule(owner=owner, schedule=schedule) for owner, schedule in pairs])
+
+    async def inventory_owners(self, viewer: Viewer) -> InventoryOwners:
+        """The tokens whose inventory the search section offers."""
+        return InventoryOwners(owners=sorted(self._service.policy.tool_scopes) if viewer.admin else [viewer.name])
+
+    async def hosts(self, viewer: Viewer, owner: str | None, offset: int, **filters: str | int | None) -> OwnedHosts:
+        """A page of hosts of one owner's inventory matching find_hosts' filters."""
+        self._require(viewer, "find_hosts")
+        owner = self._owner(viewer, owner)
+        page = await self._service.find_hosts(owner, limit=HOSTS_SHOWN, offset=offset, **filters)
+        return OwnedHosts(owner=owner, hosts=page)
+
     async def task(self, viewer: Viewer, task_id: str, owner: str | None) -> OwnedTask:
         """One task with its result (open ports per host), or the hosts so far while it runs."""
         self._require(viewer, "get_task_result")
@@ -183,9 +234,11 @@ Handler = Callable[[Request, Viewer], Awaitable[BaseModel]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def register_dashboard(mcp: FastMCP, service: ScanService, settings: Settings, identify: Identify) -> None:
+def register_dashboard(
+    mcp: FastMCP, service: ScanService, settings: Settings, identify: Identify, schedules: Schedules
+) -> None:
     """Serve the page at /ui, its files at /ui/<name> and its JSON API under /ui/api/."""
-    dashboard = Dashboard(service, settings.ui_admin_tokens)
+    dashboard = Dashboard(service, settings.ui_admin_tokens, schedules)
     mcp.custom_route("/ui", methods=["GET"])(static_file(*PAGE))
     for name, media_type in PAGE_FILES.items():
         mcp.custom_route(f"/ui/{name}", methods=["GET"])(static_file(name, media_type))
@@ -203,6 +256,13 @@ def register_dashboard(mcp: FastMCP, service: ScanService, settings: Settings, i
     async def diff(request: Request, viewer: Viewer) -> ScanDiff:
         task_a, task_b = (task_id(request.query_params.get(key, "")) for key in ("a", "b"))
         return await dashboard.diff(viewer, task_a, task_b, request.query_params.get("owner"))
+
+    @api("/ui/api/hosts")
+    async def hosts(request: Request, viewer: Viewer) -> OwnedHosts:
+        query = request.query_params
+        filters = {key: bounded(query, key, limit) for key, limit in HOST_FILTERS.items()}
+        return await dashboard.hosts(viewer, query.get("owner"), whole_number(query, "offset", 0, 1_000_000) or 0,
+                                     port=whole_number(query, "port", 1, 65535), **filters)
 
 
 def static_file(name: str, media_type: str) -> Endpoint:
@@ -250,6 +310,24 @@ def task_id(text: str) -> str:
     if not TASK_ID.match(text):
         raise BadRequest("a task id is required: the task_id of a scan (8-4-4-4-12 lowercase hex digits)")
     return text
+
+
+def bounded(query: Mapping[str, str], key: str, limit: int) -> str | None:
+    """The query parameter `key` (None when absent or empty); BadRequest when longer than `limit`."""
+    value = query.get(key, "").strip()
+    if len(value) > limit:
+        raise BadRequest(f"{key} takes at most {limit} characters")
+    return value or None
+
+
+def whole_number(query: Mapping[str, str], key: str, low: int, high: int) -> int | None:
+    """The query parameter `key` as a whole number from `low` to `high`; None when absent or empty."""
+    value = query.get(key, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise BadRequest(f"{key} must be a whole number from {low} to {high}")
+    return int(value)
 
 
 def error_response(status: int, code: str, description: str) -> Response:

@@ -23,8 +23,17 @@ from nmap_options import CommandError
 from nmap_report import clean_text
 from policy import NoPool
 from scans import NotComparable, ShuttingDown
+from schedules import ScheduleError, ScheduleForbidden
 from targets import TargetError
-from task_manager import DatabaseUnavailable, QueueFull, RateLimited, TaskAlreadyFinished, TaskNotFound
+from task_manager import (
+    DatabaseUnavailable,
+    QueueFull,
+    RateLimited,
+    ScheduleNotFound,
+    TaskAlreadyFinished,
+    TaskNotFound,
+)
+from webhooks import WebhookRefused
 
 logger = logging.getLogger(__name__)
 CODES: dict[type[Exception], str] = {
@@ -39,6 +48,10 @@ CODES: dict[type[Exception], str] = {
     ShuttingDown: "unavailable",
     NoPool: "no_pool",
     InventoryQueryError: "invalid_argument",
+    ScheduleError: "invalid_schedule",
+    ScheduleForbidden: "forbidden",
+    ScheduleNotFound: "not_found",
+    WebhookRefused: "invalid_webhook",
 }
 CODED = re.compile(r"^[a-z][a-z_]*: ")
 # What of a caller's own text an error may repeat (an argument's name, a tool's name).

@@ -172,6 +172,58 @@ inventory_ports = Table(
     Index("ix_inventory_ports_owner_key", "owner", "address_key"),
 )
 
+# Schedules (schedules.py): a scan run again and again for its owner, and each of its runs.
+# `spec` is what the caller gave: the target of a quick or full scan, a custom scan's command.
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("every", String(100), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("next_run_at", Float, nullable=False),
+    Column("webhook_url", Text),
+    # The key of the webhook's HMAC-SHA256 signature, shown to the caller once at creation.
+    Column("webhook_secret", String(64)),
+    Index("ix_schedules_next_run", "next_run_at"),
+    Index("ix_schedules_owner_created", "owner", "created_at"),
+)
+# One row per due time of a schedule (unique: a due time runs once, whichever process fires
+# it): pending (fired, scan not yet queued) -> submitted (task_id set in the transaction that
+# queued it) -> done | failed. A run that found a change keeps its diff (JSON) and the state
+# of its webhook: pending -> sent | failed.
+schedule_runs = Table(
+    "schedule_runs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("schedule_id", String(36), nullable=False),
+    Column("due_at", Float, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("task_id", String(36)),
+    Column("error", Text),
+    Column("finished_at", Float),
+    Column("previous_task_id", String(36)),
+    Column("diff", Text),
+    Column("webhook_status", String(16)),
+    Column("webhook_attempts", Integer, nullable=False, server_default="0"),
+    Column("webhook_next_at", Float),
+    Column("webhook_error", Text),
+    Index("ux_schedule_runs_due", "schedule_id", "due_at", unique=True),
+    Index("ix_schedule_runs_status", "status"),
+    Index("ix_schedule_runs_webhook", "webhook_status", "webhook_next_at"),
+)
+# Work that one process at a time does (the scheduler): who holds it, until when.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("holder_name", String(200), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
 
 class ScriptOutput(BaseModel):
     """One NSE script's output (target-controlled text, cleaned and bounded)."""
@@ -448,3 +500,56 @@ class LimitsAnswer(BaseModel):
 
     token: str
     limits: list[LimitUsage]
+
+class ScheduleCreated(BaseModel):
+    """What schedule_scan answers."""
+
+    schedule_id: str
+    next_run_at: float = Field(description="When it runs first (Unix time, UTC)")
+    webhook_secret: str | None = Field(default=None, description=(
+        "The HMAC-SHA256 key of the webhook's X-Nmap-MCP-Signature header; shown only in this answer"))
+    message: str
+
+
+class ScheduleRun(BaseModel):
+    """The latest run of a schedule."""
+
+    due_at: float
+    task_id: str | None = Field(description="The scan task of this run; null when it could not be queued")
+    status: str = Field(description="The task's status; failed (with error) when the scan could not be queued")
+    error: str | None = None
+
+
+class ScheduleChange(BaseModel):
+    """The latest change a schedule's runs found, and whether its webhook got it."""
+
+    found_at: float
+    diff: ScanDiff = Field(description="task_a: the previous completed run's task; task_b: the run that changed")
+    webhook: str | None = Field(description="pending, sent or failed; null without a webhook")
+    webhook_error: str | None = None
+
+
+class ScheduleInfo(BaseModel):
+    """One schedule: what it scans, how often, and what its runs found."""
+
+    schedule_id: str
+    kind: ScanKind
+    target: str | None = Field(default=None, description="What a quick or full scan scans")
+    command: str | None = Field(default=None, description="A custom scan's command")
+    every: str
+    created_at: float
+    next_run_at: float
+    webhook: str | None = Field(default=None, description="The webhook's scheme, host and path (its query hidden)")
+    last_run: ScheduleRun | None = None
+    last_change: ScheduleChange | None = None
+
+
+class ScheduleList(BaseModel):
+    """The caller's schedules, oldest first."""
+
+    schedules: list[ScheduleInfo]
+
+
+class ScheduleDeleted(BaseModel):
+    schedule_id: str
+    deleted: bool = True

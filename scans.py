@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import audit
 from config import Settings
@@ -40,7 +41,7 @@ from models import (
 from nmap_options import parse_command
 from policy import Policy
 from scanner import build_argv, nmap_build, scan_options
-from targets import IPNetwork, resolve_targets, split_targets
+from targets import IPNetwork, ResolvedTargets, resolve_targets, split_targets
 from task_manager import DatabaseUnavailable, Shard, TaskManager, TaskRecord
 from views import (
     answer,
@@ -84,6 +85,14 @@ class ScanRequest:
     shareable: bool
     # A scanner pool the caller asked for; None: routed by the targets' addresses.
     pool: str | None = None
+
+
+class CheckedScan(NamedTuple):
+    """A request that passed every check: its targets resolved, its argv and its pool."""
+
+    resolved: ResolvedTargets
+    argv: list[str]
+    pool: str
 
 
 @contextlib.contextmanager
@@ -198,20 +207,27 @@ class ScanService:
 
     # ---- running them --------------------------------------------------------------------
 
-    async def scan(
-        self, owner: str, request: ScanRequest, *, timeout: float, rescan: bool = False,
-        on_progress: ProgressCallback | None = None,
-    ) -> TaskAnswer:
-        """Check the targets, submit (or reuse) the scan, wait up to `timeout` s, present it.
-
-        Once the scan is queued the answer always carries its task id, even when the wait
-        after it fails or the server shuts down. Under `without_waiting()` it does not wait."""
-        if not self.accepting:
-            raise ShuttingDown("the server is shutting down; retry in a moment")
+    async def check(self, owner: str, request: ScanRequest) -> CheckedScan:
+        """Every check `scan` makes before it queues anything (targets against the caller's
+        policy, the argv, the pool), raising what it would raise; nothing is queued."""
         resolved = await resolve_targets(request.targets, self.policy.targets(owner))
         argv = build_argv(self._nmap, request.options, resolved.nmap_targets, ipv6=resolved.ipv6,
                           privileged=self._settings.privileged)
         pool = self.policy.route(list(zip(resolved.nmap_targets, resolved.networks, strict=True)), request.pool)
+        return CheckedScan(resolved, argv, pool)
+
+    async def scan(
+        self, owner: str, request: ScanRequest, *, timeout: float, rescan: bool = False,
+        on_progress: ProgressCallback | None = None, schedule_run: str | None = None,
+    ) -> TaskAnswer:
+        """Check the targets, submit (or reuse) the scan, wait up to `timeout` s, present it.
+
+        Once the scan is queued the answer always carries its task id, even when the wait
+        after it fails or the server shuts down. Under `without_waiting()` it does not wait.
+        A `schedule_run` (a run of a schedule) is linked to the task that queues it."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down; retry in a moment")
+        resolved, argv, pool = await self.check(owner, request)
         share = request.shareable and not rescan
         shards = shard(argv, resolved.networks, self._settings.shard_addresses) \
             if resolved.address_count > self._settings.shard_addresses else []
@@ -219,7 +235,7 @@ class ScanService:
             owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds, pool=pool,
             share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
             shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
-            forced=request.shareable and rescan,
+            forced=request.shareable and rescan, schedule_run=schedule_run,
         )
         audit.queued(task_id=record.id, reused=reused, argv=argv, targets=list(resolved.nmap_targets), pool=pool)
         submitted = _submitted.get()

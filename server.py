@@ -1,7 +1,7 @@
 """nmap-mcp: nmap as MCP tools over authenticated Streamable HTTP.
 
 This module only wires things together: `create_server(settings, nmap_path)` builds the
-FastMCP server and the parts it runs (task store, scan worker, scan service), `create_app`
+FastMCP server and the parts it runs (task store, scan worker, scan service, scheduler), `create_app`
 the ASGI app, and `main()` the command line: serve (API and worker), `--api` (serve only),
 `--worker` (scan only, no HTTP listener).
 """
@@ -46,6 +46,7 @@ from resources import INSTRUCTIONS, register_resources
 from retention import purge_forever
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
+from schedules import Scheduler, Schedules
 from task_manager import TaskManager, create_db_engine
 from tools import register_tools
 from worker import Worker, resolve_expired_forever
@@ -68,9 +69,10 @@ class Role(enum.StrEnum):
 class Runtime:
     """The running parts of one process, started and stopped in a written-down order.
 
-    Stop: refuse new scans; stop the worker (no more claims, running scans get their grace
-    period, the rest are recorded interrupted); then release the calls still waiting, which
-    answer with their task and the state it ended in; then close the store.
+    Stop: refuse new scans and stop the scheduler (it gives its lease back); stop the worker (no
+    more claims, running scans get their grace period, the rest are recorded interrupted); then
+    release the calls still waiting, which answer with their task and the state it ended in;
+    then close the store.
     """
 
     def __init__(self, settings: Settings, nmap_path: str, role: Role) -> None:
@@ -91,6 +93,9 @@ class Runtime:
             metrics=self.metrics,
         )
         self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker, VERSION)
+        self.schedules = Schedules(self.store, self.service, settings)
+        self.scheduler = Scheduler(self.store, self.schedules, self.service, settings,
+                                   name=settings.worker_name or socket.gethostname())
         self._reaper: asyncio.Task[None] | None = None
         self._purger: asyncio.Task[None] | None = None
         self._retention_days = settings.retention_days
@@ -104,6 +109,7 @@ class Runtime:
         self._purger = asyncio.create_task(purge_forever(self.store, self._retention_days), name="retention")
         if self.worker is not None:
             await self.worker.start()
+        await self.scheduler.start()
 
     async def drain(self) -> None:
         """Everything of `stop` but closing the store; safe to call twice."""
@@ -111,6 +117,7 @@ class Runtime:
             return
         self._drained = True
         self.service.accepting = False
+        await self.scheduler.stop()
         if self.worker is not None:
             await self.worker.stop()
         self.service.closing.set()
@@ -164,14 +171,14 @@ def create_server(
         mask_error_details=True,
         strict_input_validation=True,
     )
-    schemas = register_tools(mcp, runtime.service, settings, identify)
+    schemas = register_tools(mcp, runtime.service, settings, identify, runtime.schedules)
     register_resources(mcp, runtime.service, identify, privileged=settings.privileged,
                        categories=tuple(settings.script_categories))
     runtime.metrics.known_tools(schemas)
     mcp.add_middleware(ToolErrorMiddleware(schemas))
     tune_low_level_server(mcp, schemas)
     if not stdio:
-        register_dashboard(mcp, runtime.service, settings, identify)
+        register_dashboard(mcp, runtime.service, settings, identify, runtime.schedules)
     mcp.add_extension(ScanTasks(runtime.service, identify))
 
     @mcp.custom_route("/healthz", methods=["GET"])

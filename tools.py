@@ -22,6 +22,10 @@ from models import (
     NmapVersion,
     Progress,
     ScanDiff,
+    ScanKind,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleList,
     TaskAnswer,
     TaskList,
     TaskStatus,
@@ -30,6 +34,7 @@ from models import (
 )
 from nmap_options import MAX_COMMAND_LENGTH
 from scans import DEFAULT_PAGE, ScanService, TypedScan
+from schedules import Schedules
 
 ToolFunction = Callable[..., Awaitable[Any]]
 
@@ -64,6 +69,13 @@ PoolName = Annotated[
     str | None,
     Field(description="Scanner pool to run in (list_workers shows them); default: the pool that reaches the target",
           pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
+]
+ScheduleId = Annotated[
+    str,
+    Field(
+        description="The schedule_id schedule_scan returned",
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    ),
 ]
 _SCAN_ANNOTATIONS = ToolAnnotations(
     readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True
@@ -113,9 +125,22 @@ privileged server; ping finds hosts without scanning ports. ports (22,80,443 or 
 else top_ports (the N most common). Waits up to `timeout` seconds, then returns a task_id
 while the scan goes on; the answer lists open ports per host."""
 
+SCHEDULE_SCAN_DESCRIPTION = """Run a scan again and again, and hear what changed.
+
+kind 'quick' or 'full' scans `target` as quick_scan or full_scan would; 'custom' runs `command`
+as custom_scan would. It is checked now exactly as that tool would check it, and refused now if
+it would be. `every`: an interval (90s, 15m, 1h, 1d; the first run is at once) or a 5-field cron
+expression in UTC ('0 3 * * *': daily at 03:00); at most every {minimum} s. Each run is a scan
+task of yours (list_tasks, get_task_result show it). When a run finds a change against the
+previous completed run of the schedule (hosts up or down, ports opened or closed, services or
+versions changed), list_schedules shows it and `webhook_url`, if given, receives it as a JSON
+POST signed with HMAC-SHA256 (header X-Nmap-MCP-Signature: sha256=<hex of the raw body>) under
+the webhook_secret in this answer, which is shown only once. The server allows webhooks only to
+the URLs its operator listed. Runs missed while the server was down are run once when it is back."""
+
 
 def register_tools(
-    mcp: FastMCP, scans: ScanService, settings: Settings, identify: Identify
+    mcp: FastMCP, scans: ScanService, settings: Settings, identify: Identify, schedules: Schedules
 ) -> dict[str, dict[str, Any]]:
     """Add every tool to `mcp`; each one acts for the caller `identify` names. Returns each
     tool's input schema (for the words of argument errors)."""
@@ -309,6 +334,37 @@ def register_tools(
         last heartbeat) and how many tasks wait in its queue. Instant."""
         with tool_errors():
             return await scans.workers()
+
+    @inlined_tool(mcp, schemas, description=SCHEDULE_SCAN_DESCRIPTION.format(minimum=settings.min_schedule_seconds),
+                  annotations=_SCAN_ANNOTATIONS)
+    async def schedule_scan(
+        kind: Annotated[Literal["quick", "full", "custom"], Field(description="The scan tool each run uses")],
+        every: Annotated[str, Field(min_length=2, max_length=100, description=(
+            "How often: 90s, 15m, 1h, 1d, or a 5-field cron expression in UTC such as '*/30 * * * *'"))],
+        target: Annotated[str | None, Field(min_length=1, max_length=253, description=(
+            "quick and full: one target, as quick_scan takes it"))] = None,
+        command: Annotated[str | None, Field(min_length=1, max_length=MAX_COMMAND_LENGTH, description=(
+            "custom: nmap options and targets, as custom_scan takes them"))] = None,
+        webhook_url: Annotated[str | None, Field(max_length=2000, description=(
+            "Where changes are POSTed; must fall under a URL this server allows"))] = None,
+    ) -> ScheduleCreated:
+        with tool_errors():
+            return await schedules.create(caller(), ScanKind(kind), target, command, every, webhook_url)
+
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    async def list_schedules(
+        limit: Annotated[int, Field(ge=1, le=100, description="At most this many schedules")] = 100,
+    ) -> ScheduleList:
+        """Your schedules, oldest first: what each scans and how often, its next run, its last run's
+        task and status, and the last change its runs found (with the webhook's delivery). Instant."""
+        with tool_errors():
+            return await schedules.list(caller(), limit)
+
+    @inlined_tool(mcp, schemas, annotations=_CANCEL_ANNOTATIONS)
+    async def delete_schedule(schedule_id: ScheduleId) -> ScheduleDeleted:
+        """Delete one of your schedules: it runs no more. A run under way finishes as a normal task."""
+        with tool_errors():
+            return await schedules.delete(caller(), schedule_id)
 
     return schemas
 

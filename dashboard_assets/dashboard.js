@@ -8,7 +8,13 @@ const TOKEN_KEY = "nmap-mcp-token";
 const REFRESH_MS = 2000;
 // Each overview section is drawn into its own <section> by the renderer of its name:
 // renderer(data, body, viewer), where body keeps what the renderer put there last time.
-const RENDERERS = { pools: renderPools, running: renderRunning, recent: renderRecent, diff: renderDiff };
+const RENDERERS = {
+  pools: renderPools, running: renderRunning, recent: renderRecent, diff: renderDiff, schedules: renderSchedules,
+  inventory: renderInventory,
+};
+// The inventory search's filters: find_hosts' argument, its label, an example.
+const HOST_FILTERS = [["network", "network", "10.0.0.0/24"], ["port", "port", "22"], ["service", "service", "ssh"],
+  ["product", "product", "OpenSSH"]];
 // A finished task's result never changes: each is fetched once, keyed by taskKey().
 const results = new Map();
 // The completed tasks the diff section offers, by taskKey().
@@ -318,6 +324,91 @@ function drawDiff(diff) {
     ports("services changed", diff.services_changed),
     el("p", { class: "muted" }, count(diff.unchanged_open_ports, "open port") + " unchanged"
       + (diff.truncated ? "; the lists were cut to fit" : "")));
+}
+
+function renderSchedules(data, body, viewer) {
+  if (!data.schedules.length) {
+    body.replaceChildren(el("p", { class: "muted" }, "No schedules yet (schedule_scan creates them)."));
+    return;
+  }
+  const headings = [...(viewer.admin ? ["token"] : []), "scan", "every", "next run", "last run", "last change",
+    "webhook"];
+  body.replaceChildren(table(headings, data.schedules.map((row) => {
+    const schedule = row.schedule;
+    return [...(viewer.admin ? [row.owner] : []),
+      el("span", {}, schedule.kind + " ", el("span", { class: "address" }, schedule.target || schedule.command)),
+      schedule.every, when(schedule.next_run_at), lastRun(schedule.last_run), lastChange(schedule.last_change),
+      schedule.webhook || ""];
+  })));
+}
+
+function lastRun(run) {
+  if (!run) {
+    return el("span", { class: "muted" }, "not yet");
+  }
+  const task = run.task_id ? " (" + run.task_id.slice(0, 8) + ")" : "";
+  return el("span", {}, el("span", { class: "status-" + run.status }, run.status + task,
+    run.error ? ": " + run.error : ""), " " + when(run.due_at));
+}
+
+function lastChange(change) {
+  if (!change) {
+    return el("span", { class: "muted" }, "none found");
+  }
+  const failure = change.webhook_error ? ": " + change.webhook_error : "";
+  const webhook = change.webhook ? "; webhook " + change.webhook + failure : "";
+  return el("div", {}, el("span", { class: "muted" }, when(change.found_at) + webhook), drawDiff(change.diff));
+}
+
+function renderInventory(data, body, viewer) {
+  if (!body.firstChild) {
+    const inputs = HOST_FILTERS.map(([name, label, example]) => el("label", {}, label + " ",
+      el("input", { id: "hosts-" + name, placeholder: example, spellcheck: "false" })));
+    const owner = viewer.admin ? el("label", {}, "token ", el("select", { id: "hosts-owner" })) : null;
+    const button = el("button", { id: "hosts-run", type: "button" }, "Search");
+    const output = el("div", { id: "hosts-output" });
+    button.addEventListener("click", () => searchHosts(output));
+    body.append(el("p", {}, inputs.flatMap((input) => [input, " "]), owner, " ", button), output);
+  }
+  if (viewer.admin) {
+    const own = Math.max(0, data.owners.indexOf(viewer.name));
+    fillChoices($("hosts-owner"), data.owners.map((name) => [name, name]), own);
+  }
+}
+
+async function searchHosts(output) {
+  const query = new URLSearchParams();
+  for (const [name] of HOST_FILTERS) {
+    const value = $("hosts-" + name).value.trim();
+    if (value) {
+      query.set(name, value);
+    }
+  }
+  if ($("hosts-owner")) {
+    query.set("owner", $("hosts-owner").value);
+  }
+  output.replaceChildren(el("p", { class: "muted" }, "searching"));
+  try {
+    output.replaceChildren(drawHosts(await api("/ui/api/hosts?" + query.toString())));
+  } catch (error) {
+    if (!(error instanceof Unauthorized)) {
+      output.replaceChildren(el("p", { class: "error" }, error.message));
+    }
+  }
+}
+
+function drawHosts(answer) {
+  const page = answer.hosts;
+  if (!page.hosts.length) {
+    return el("p", { class: "muted" }, "No host of " + answer.owner + "'s inventory matches.");
+  }
+  const first = page.page.total > page.page.returned ? "the first " + page.page.returned + " of " : "";
+  return el("div", {}, el("p", { class: "muted" }, first + count(page.page.total, "host") + " of " + answer.owner
+    + "'s inventory"), table(["address", "status", "ports", "last seen"], page.hosts.map((host) => [
+    el("span", {}, el("span", { class: "address" }, host.address),
+      host.hostnames.length ? " (" + host.hostnames.join(", ") + ")" : ""),
+    host.status, el("ul", {}, host.ports.map((port) => el("li", {}, [port.port + "/" + port.protocol, port.state,
+      port.service, port.product, port.version].filter(Boolean).join(" ")))), when(host.last_seen)])));
 }
 
 start();

@@ -128,7 +128,7 @@ async def test_the_overview_shows_pools_workers_and_a_scan_with_the_port_it_foun
     done = await scan(server, BOB, f"-p {port} 127.0.0.1")
     seen = await overview(server, BOB)
     assert seen["viewer"] == {"name": "bob", "admin": False}
-    assert list(seen) == ["viewer", "pools", "running", "recent", "diff"]
+    assert list(seen) == ["viewer", "pools", "running", "recent", "diff", "schedules", "inventory"]
     [pool] = seen["pools"]["pools"]
     assert pool["pool"] == "default" and pool["workers_alive"] == 1
     assert [(w["name"], w["alive"], w["capacity"]) for w in pool["workers"]] == [("dash-worker", True, 10)]
@@ -146,6 +146,54 @@ async def test_the_overview_shows_pools_workers_and_a_scan_with_the_port_it_foun
     unknown = await get(server, f"/ui/api/tasks/{uuid.uuid4()}", BOB)
     assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
     assert (await get(server, "/ui/api/tasks/not-a-task-id", BOB)).json()["error"] == "invalid_argument"
+
+
+@pytest.mark.anyio
+async def test_the_schedules_and_the_inventory_search_show_each_tokens_own_unless_admin(
+    live_server: StartServer, listeners: Listeners
+) -> None:
+    port = free_port()
+    assert listeners.open(port)
+    server = start(live_server)
+    command = f"-p {port} 127.0.0.1"
+    created = await call_tool(server.url, BOB, "schedule_scan", {"kind": "custom", "command": command, "every": "1h"})
+    assert not created.is_error, created.content
+    schedule_id = created.structured_content["schedule_id"]
+
+    async def bobs_schedules() -> list[dict[str, Any]]:
+        return (await overview(server, BOB))["schedules"]["schedules"]
+
+    deadline = asyncio.get_running_loop().time() + 30
+    rows = await bobs_schedules()
+    while (rows[0]["schedule"]["last_run"] or {}).get("status") != "completed":
+        assert asyncio.get_running_loop().time() < deadline, rows
+        await asyncio.sleep(0.3)
+        rows = await bobs_schedules()
+    [row] = rows
+    assert row["owner"] == "bob" and row["schedule"]["schedule_id"] == schedule_id
+    assert (row["schedule"]["command"], row["schedule"]["every"], row["schedule"]["last_change"]) == (
+        command, "1h", None)
+    as_admin = await overview(server, ALICE)
+    admin_rows = as_admin["schedules"]["schedules"]
+    assert [(r["owner"], r["schedule"]["schedule_id"]) for r in admin_rows] == [("bob", schedule_id)]
+    assert as_admin["inventory"] == {"owners": ["alice", "bob"]}
+    assert (await overview(server, BOB))["inventory"] == {"owners": ["bob"]}
+
+    found = await get(server, "/ui/api/hosts", BOB, port=str(port))
+    assert found.status_code == 200 and found.headers["cache-control"] == "no-store"
+    [host] = found.json()["hosts"]["hosts"]
+    assert found.json()["owner"] == "bob" and host["address"] == "127.0.0.1"
+    assert [(p["port"], p["state"]) for p in host["ports"]] == [(port, "open")]
+    theirs = await get(server, "/ui/api/hosts", ALICE, port=str(port), owner="bob", network="127.0.0.0/8")
+    assert [h["address"] for h in theirs.json()["hosts"]["hosts"]] == ["127.0.0.1"]
+    assert (await get(server, "/ui/api/hosts", ALICE, port=str(port))).json()["hosts"]["hosts"] == []
+    mine_only = await get(server, "/ui/api/hosts", BOB, owner="alice", port=str(port))
+    assert mine_only.json()["owner"] == "bob", "owner counts only for admins"
+    for bad in ({"port": "0"}, {"port": "http"}, {"network": "127.0.0.1/99"}, {"service": "s" * 65}):
+        refused = await get(server, "/ui/api/hosts", BOB, **bad)
+        assert refused.status_code == 400 and refused.json()["error"] == "invalid_argument", (bad, refused.text)
+    await call_tool(server.url, BOB, "delete_schedule", {"schedule_id": schedule_id})
+    assert await bobs_schedules() == []
 
 
 @pytest.mark.anyio
@@ -267,6 +315,9 @@ async def test_the_page_in_a_browser_shows_tasks_ports_pools_progress_and_a_diff
         await scan(server, ALICE, f"-sV -p {hostile.port} 127.0.0.1")
     finally:
         hostile.stop()
+    scheduled = await call_tool(server.url, ALICE, "schedule_scan",
+                                {"kind": "custom", "command": f"-p {opening} 127.0.0.1", "every": "1h"})
+    assert not scheduled.is_error, scheduled.content
     running = await scan(server, ALICE, LONG_SCAN, timeout=5)
     assert running["status"] == "running"
 
@@ -285,6 +336,20 @@ async def test_the_page_in_a_browser_shows_tasks_ports_pools_progress_and_a_diff
     assert "127.0.0.2" in text_of(browser, "section[data-section=running]")
     first = wait.until(progress_values)
     wait.until(lambda d: progress_values(d) not in ([], first), message="the running scan's progress is refreshed")
+    wait.until(lambda d: "completed" in text_of(d, "section[data-section=schedules]"),
+               message="the schedule's first run never showed as completed")
+    schedules = text_of(browser, "section[data-section=schedules]")
+    assert f"custom -p {opening} 127.0.0.1" in schedules and "1h" in schedules and "none found" in schedules
+
+    for port, expected in ((opening, f"{opening}/tcp open"), (hostile.port, HOSTILE_VERSION)):
+        field = browser.find_element(By.ID, "hosts-port")
+        field.clear()
+        field.send_keys(str(port))
+        browser.find_element(By.ID, "hosts-run").click()
+        wait.until(lambda d, e=expected: e in text_of(d, "#hosts-output"),
+                   message=f"the inventory search for port {port} never showed {expected!r}")
+        assert "127.0.0.1" in text_of(browser, "#hosts-output")
+    assert browser.find_elements(By.CSS_SELECTOR, "main img") == [], "a banner's markup stays text in the inventory too"
 
     Select(browser.find_element(By.ID, "diff-a")).select_by_value(f"alice/{before['task_id']}")
     Select(browser.find_element(By.ID, "diff-b")).select_by_value(f"alice/{after['task_id']}")
@@ -295,6 +360,9 @@ async def test_the_page_in_a_browser_shows_tasks_ports_pools_progress_and_a_diff
     assert re.search(rf"127\.0\.0\.1 {closing}/tcp: open\b.* \u2192 absent", compared), compared
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+    browser.execute_script("arguments[0].scrollIntoView()",
+                           browser.find_element(By.CSS_SELECTOR, "section[data-section=schedules]"))
+    assert browser.save_screenshot(str(ARTIFACTS / "dashboard-schedules.png"))
 
     assert browser.current_url == base(server) + "/ui" and browser.get_cookies() == []
     assert browser.execute_script("return sessionStorage.getItem('nmap-mcp-token')") == ALICE

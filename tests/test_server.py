@@ -207,7 +207,8 @@ async def test_tools_describe_themselves(live_server: StartServer) -> None:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {"quick_scan", "full_scan", "custom_scan", "get_task_status", "get_task_result",
                           "list_tasks", "cancel_task", "diff_scans", "list_workers", "find_hosts", "top_values",
-                          "scan", "nmap_version", "get_limits"}
+                          "scan", "nmap_version", "get_limits",
+                          "schedule_scan", "list_schedules", "delete_schedule"}
     for tool in tools.values():
         assert tool.description and tool.output_schema and tool.annotations
     assert "--top-ports 100" in tools["quick_scan"].description
@@ -215,6 +216,8 @@ async def test_tools_describe_themselves(live_server: StartServer) -> None:
     assert tools["full_scan"].input_schema["properties"]["timeout"]["maximum"] == 600
     assert tools["get_task_status"].annotations.read_only_hint is True
     assert tools["cancel_task"].annotations.destructive_hint is True
+    assert tools["delete_schedule"].annotations.destructive_hint is True
+    assert "X-Nmap-MCP-Signature" in tools["schedule_scan"].description
 
 
 async def test_healthz_needs_no_token_and_host_origin_protection_is_on(live_server: StartServer) -> None:
