@@ -14,13 +14,14 @@ permissions), scan tools refuse with `unavailable: audit log not writable` unles
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +53,7 @@ class AuditLog:
     """Appends JSON lines to a file; `write` says whether the line reached the file."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        self.path = path
         self._fd: int | None = None
         self._lock = threading.Lock()
         with self._lock:
@@ -62,9 +63,9 @@ class AuditLog:
         """Open (create, mode 0600) the file if it is not open yet; False if it cannot be."""
         if self._fd is None:
             try:
-                self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             except OSError as e:
-                logger.error("cannot open the audit log %s: %s", self._path, e.strerror)
+                logger.error("cannot open the audit log %s: %s", self.path, e.strerror)
                 return False
         return True
 
@@ -102,37 +103,32 @@ class AuditedCall:
         self.write("queued", **facts)
 
 
-class AuditMiddleware(Middleware):
-    """Writes the three lines of every tools/call; refuses scans it cannot audit."""
+class Auditor:
+    """Writes the three lines of an audited call, tool call or scheduled run alike; refuses
+    scans it cannot audit (unless fail-open)."""
 
-    def __init__(
-        self, log: AuditLog, identify: Identify, *, on_verdict: Callable[[str, str], None], fail_open: bool = False
-    ) -> None:
+    def __init__(self, log: AuditLog, *, on_verdict: Callable[[str, str], None], fail_open: bool = False) -> None:
         self._log = log
-        self._identify = identify
         # Told each call's tool and verdict (metrics count them).
         self._on_verdict = on_verdict
         self._fail_open = fail_open
         self._warned_at = float("-inf")
 
-    async def on_call_tool(
-        self,
-        context: MiddlewareContext[mt.CallToolRequestParams],
-        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
-    ) -> ToolResult:
-        tool = context.message.name
-        call = AuditedCall(self._log, self._identify(), tool)
+    @contextlib.contextmanager
+    def call(self, token: str | None, tool: str, arguments: dict[str, Any] | None, *, scans: bool) -> Iterator[None]:
+        """Audit what runs in the block; `scans`: it may start a scan."""
+        call = AuditedCall(self._log, token, tool)
         started = time.perf_counter()
         verdict, reason = "allowed", None
         reset = _current.set(call)
         try:
-            if not call.write("accepted", arguments=_bounded(context.message.arguments)):
+            if not call.write("accepted", arguments=_bounded(arguments)):
                 self._warn_unwritable()
-                if tool in SCAN_TOOLS and not self._fail_open:
+                if scans and not self._fail_open:
                     raise ToolError("unavailable: audit log not writable; the scan was not started")
-            return await call_next(context)
+            yield
         except ToolError as e:
-            # ToolErrorMiddleware (inside this one) has turned internal failures into coded errors too.
+            # ToolErrorMiddleware (inside the middleware) has turned internal failures into coded errors too.
             verdict, reason = "error" if str(e).startswith("internal_error:") else "refused", str(e)
             raise
         except Exception as e:
@@ -150,6 +146,23 @@ class AuditMiddleware(Middleware):
             self._warned_at = now
             action = "scans run unaudited (audit_fail_open)" if self._fail_open else "scan tools refuse"
             logger.error("the audit log cannot be written (disk full or permissions?); %s until it can", action)
+
+
+class AuditMiddleware(Middleware):
+    """Every tools/call, audited by the Auditor as the caller `identify` names."""
+
+    def __init__(self, auditor: Auditor, identify: Identify) -> None:
+        self._auditor = auditor
+        self._identify = identify
+
+    async def on_call_tool(
+        self,
+        context: MiddlewareContext[mt.CallToolRequestParams],
+        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
+    ) -> ToolResult:
+        tool = context.message.name
+        with self._auditor.call(self._identify(), tool, context.message.arguments, scans=tool in SCAN_TOOLS):
+            return await call_next(context)
 
 
 def _bounded(arguments: dict[str, Any] | None) -> Any:

@@ -39,8 +39,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cronsim import CronSim, CronSimError
+from fastmcp.exceptions import ToolError
 
 import webhooks
+from audit import Auditor
 from config import Settings
 from models import (
     ScanDiff,
@@ -61,6 +63,7 @@ from task_manager import (
     SCHEDULES_KEY,
     DatabaseUnavailable,
     QueueFull,
+    RateLimited,
     RunAlreadyQueued,
     RunRecord,
     ScheduleRecord,
@@ -85,7 +88,7 @@ UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 CRON_FIRINGS_CHECKED = 1441
 SCAN_TOOLS = {ScanKind.QUICK: "quick_scan", ScanKind.FULL: "full_scan", ScanKind.CUSTOM: "custom_scan"}
 # Why a run's scan may be refused although its schedule was accepted (the policy changed since).
-REFUSED = (TargetError, CommandError, NoPool, QueueFull)
+REFUSED = (TargetError, CommandError, NoPool, QueueFull, RateLimited)
 
 
 class ScheduleError(ValueError):
@@ -238,14 +241,16 @@ def webhook_payload(schedule: ScheduleRecord, run: RunRecord) -> bytes:
 class Scheduler:
     """One process's scheduler; see the module docstring for what it does while it holds the lease."""
 
-    def __init__(self, store: TaskManager, schedules: Schedules, service: ScanService, settings: Settings, *,
-                 name: str) -> None:
+    def __init__(self, store: TaskManager, schedules: Schedules, service: ScanService, settings: Settings,
+                 auditor: Auditor, *, name: str) -> None:
         self.holder = str(uuid.uuid4())
         self._name = f"{name} pid {os.getpid()}"
         self._store = store
         self._schedules = schedules
         self._service = service
         self._settings = settings
+        # Each run's scan is audited like a tool call, as the tool `schedule_run`.
+        self._auditor = auditor
         # The pause after a webhook's first failed attempt (it doubles after each further one).
         self.backoff_seconds = WEBHOOK_BACKOFF_SECONDS
         self._holding = False
@@ -319,13 +324,14 @@ class Scheduler:
 
     async def _submit(self, run_id: str, schedule: ScheduleRecord) -> None:
         """Queue the run's scan as a normal task of the schedule's owner, linked to the run."""
+        facts = {"schedule_id": schedule.id, "run_id": run_id}
         try:
-            with without_waiting():
+            with self._auditor.call(schedule.owner, "schedule_run", facts, scans=True), without_waiting():
                 await self._service.scan(schedule.owner, self._schedules.request(schedule.kind, schedule.spec),
                                          timeout=0, rescan=True, schedule_run=run_id)
         except (RunAlreadyQueued, ShuttingDown):
             return  # queued by another process already, or left for the next holder
-        except REFUSED as e:
+        except (*REFUSED, ToolError) as e:
             logger.warning("schedule %s: a run's scan was refused: %s", schedule.id, e)
             await self._store.settle_run(run_id, "failed", error=str(e))
 

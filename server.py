@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
-from audit import AuditLog, AuditMiddleware
+from audit import AuditLog, AuditMiddleware, Auditor
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import CLIENTS, render_client_config, render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
@@ -77,6 +77,8 @@ class Runtime:
 
     def __init__(self, settings: Settings, nmap_path: str, role: Role) -> None:
         self.metrics = Metrics()
+        self.audit_log = AuditLog(Path(settings.audit_log))
+        self.auditor = Auditor(self.audit_log, on_verdict=self.metrics.tool_call, fail_open=settings.audit_fail_open)
         self.store = TaskManager(
             create_db_engine(settings.effective_database_url()),
             max_queued=settings.max_queued_tasks,
@@ -94,7 +96,7 @@ class Runtime:
         )
         self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker, VERSION)
         self.schedules = Schedules(self.store, self.service, settings)
-        self.scheduler = Scheduler(self.store, self.schedules, self.service, settings,
+        self.scheduler = Scheduler(self.store, self.schedules, self.service, settings, self.auditor,
                                    name=settings.worker_name or socket.gethostname())
         self._reaper: asyncio.Task[None] | None = None
         self._purger: asyncio.Task[None] | None = None
@@ -129,6 +131,7 @@ class Runtime:
                 loop.cancel()
                 await asyncio.gather(loop, return_exceptions=True)
         await self.store.stop()
+        self.audit_log.close()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -148,15 +151,11 @@ def create_server(
     client that started this process) the caller is `stdio_caller`."""
     runtime = Runtime(settings, nmap_path, role)
     identify = (lambda: settings.stdio_caller) if stdio else token_name
-    audit_log = AuditLog(Path(settings.audit_log))
 
     @contextlib.asynccontextmanager
     async def lifespan(_server: FastMCP) -> AsyncIterator[dict[str, object]]:
-        try:
-            async with runtime.running():
-                yield {}
-        finally:
-            audit_log.close()
+        async with runtime.running():
+            yield {}
 
     mcp = FastMCP(
         "nmap-mcp",
@@ -165,8 +164,7 @@ def create_server(
         auth=None if stdio else NamedTokenVerifier(settings.named_secrets()),
         lifespan=lifespan,
         middleware=[LogContext(identify),
-                    AuditMiddleware(audit_log, identify, on_verdict=runtime.metrics.tool_call,
-                                    fail_open=settings.audit_fail_open),
+                    AuditMiddleware(runtime.auditor, identify),
                     ToolScopeMiddleware(runtime.service.policy.tool_scopes, identify)],
         mask_error_details=True,
         strict_input_validation=True,

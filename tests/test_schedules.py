@@ -291,6 +291,10 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
     assert (await runtime.schedules.list("alice")).schedules == [] and len(receiver.requests) == 1
     tasks_of_alice = (await runtime.service.list("alice", None, 100)).tasks
     assert len(tasks_of_alice) == len(nmap_wrapper.pids()), "each run was one normal task of its owner, scanned once"
+    audited = [json.loads(line) for line in Path(runtime.audit_log.path).read_text().splitlines()]
+    queued = {entry["task_id"] for entry in audited if entry["tool"] == "schedule_run" and entry["event"] == "queued"}
+    assert queued == {task.task_id for task in tasks_of_alice}, "every run's scan is in the audit log"
+    assert all(entry["token"] == "alice" for entry in audited if entry["tool"] == "schedule_run")
 
 
 async def test_webhooks_are_retried_with_backoff_never_follow_a_redirect_and_record_a_failure(
