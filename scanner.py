@@ -132,7 +132,8 @@ async def nmap_build(nmap_path: str) -> dict[str, object]:
     proc = await asyncio.create_subprocess_exec(
         nmap_path, "--version", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL, env=nmap_environment())
-    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    async with asyncio.timeout(10):
+        out, _ = await proc.communicate()
     return parse_version_output(out.decode("utf-8", "replace"))
 
 
@@ -201,7 +202,8 @@ async def _collect(
     readers = asyncio.gather(_stream(proc.stdout, stdout_sink), _read_capped(proc.stderr, STDERR_CAP))
     timed_out = False
     try:
-        await asyncio.wait_for(proc.wait(), time_limit)
+        async with asyncio.timeout(time_limit):
+            await proc.wait()
     except TimeoutError:
         timed_out = True
         _kill_group(proc.pid)

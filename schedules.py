@@ -69,6 +69,7 @@ from task_manager import (
     ScheduleRecord,
     ScheduleState,
     TaskManager,
+    wait_set,
 )
 from views import capped_diff, diff_results
 
@@ -285,8 +286,7 @@ class Scheduler:
                 except Exception:
                     # The loop outlives any one failure: a bug is logged with its traceback, and retried.
                     logger.exception("the scheduler's tick failed; retrying in %.1f s", pause)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(created.wait(), pause)
+                await wait_set(created, pause)
 
     async def _hold(self) -> bool:
         """Whether this process holds the scheduler lease, renewed every third of its length."""

@@ -237,9 +237,8 @@ async def _resolve_hostname(hostname: str, policy: TargetPolicy) -> IPAddress:
     """Resolve with a timeout; prefer IPv4, as nmap does without -6."""
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(hostname, None, type=socket.SOCK_STREAM), policy.resolve_timeout
-        )
+        async with asyncio.timeout(policy.resolve_timeout):
+            infos = await loop.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         raise TargetError(f"'{hostname}' does not resolve") from e
     except TimeoutError as e:

@@ -1427,6 +1427,15 @@ _UNCLAIMED = {"status": TaskStatus.QUEUED.value, "worker_id": None, "worker_name
               "claimed_at": None, "lease_expires_at": None}
 
 
+async def wait_set(event: asyncio.Event, timeout: float) -> None:
+    """Return when `event` is set, or after `timeout` s. Not `asyncio.wait_for(event.wait())`:
+    on Python 3.11 that swallows a cancel arriving as the event is set, and a loop written with
+    it then never stops (seen: a scheduler that outlived its process's shutdown)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
 async def _first_of(changed: asyncio.Event, stop: asyncio.Event | None, timeout: float) -> None:
     """Return when `changed` or `stop` is set, or after `timeout` s."""
     waits = [asyncio.ensure_future(changed.wait())]

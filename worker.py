@@ -28,7 +28,7 @@ from metrics import Metrics
 from models import Progress, ScanKind, TaskStatus
 from nmap_report import ReportParser, clean_text, with_versions
 from scanner import NmapRun, ScanOutcome, interpret_run, run_nmap, version_argv
-from task_manager import DatabaseUnavailable, TaskManager, TaskRecord, WorkerInfo
+from task_manager import DatabaseUnavailable, TaskManager, TaskRecord, WorkerInfo, wait_set
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class Worker:
                 record = await self._claim()
                 if record is None:
                     self._slots.release()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(queued.wait(), IDLE_RECHECK_SECONDS)
+                    await wait_set(queued, IDLE_RECHECK_SECONDS)
                     continue
                 self._holding.add(record.id)
                 run = asyncio.create_task(self._run(record), name=f"scan-{record.id}")
@@ -311,8 +310,7 @@ class LiveScan:
 
     async def _write_every(self, interval: float) -> None:
         while not self._closed.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), interval)
+            await wait_set(self._closed, interval)
             if not self._closed.is_set():
                 await self._write()
 

@@ -27,6 +27,7 @@ from task_manager import (
     TaskRecord,
     create_db_engine,
     upgrade_schema,
+    wait_set,
 )
 from tests.support import Listeners, NmapWrapper, process_alive
 from worker import Worker, resolve_expired_forever
@@ -80,6 +81,27 @@ async def submit(store: TaskManager, nmap: NmapWrapper, port: int, owner: str = 
                  **options: object) -> TaskRecord:
     record, _ = await store.submit(owner, ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap, port), limit, **options)
     return record
+
+
+async def test_a_loop_waiting_on_an_event_stops_when_cancelled_as_the_event_is_set() -> None:
+    """The race that kept a scheduler alive after its process stopped, on Python 3.11's wait_for."""
+    changed = asyncio.Event()
+    woken = 0
+
+    async def wait_forever() -> None:
+        nonlocal woken
+        while True:
+            changed.clear()
+            await wait_set(changed, 30)
+            woken += 1
+
+    loop = asyncio.create_task(wait_forever())
+    await asyncio.sleep(0.05)
+    changed.set()
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(loop, 2)
+    assert woken == 0
 
 
 async def test_scan_completes_within_the_wait(make_node: MakeNode, nmap_wrapper: NmapWrapper,
