@@ -167,7 +167,7 @@ class Settings(BaseSettings):
     # None: /metrics is open to whoever reaches the port, as Prometheus exporters usually are;
     # else it needs `Authorization: Bearer <metrics_token>`. No MCP token opens it.
     metrics_token: SecretStr | None = None
-    # A `--worker` has no HTTP listener; with this set it serves /metrics alone on host:metrics_port.
+    # A `--worker` has no MCP listener; with this set it serves /metrics and /healthz on host:metrics_port.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @classmethod

@@ -23,7 +23,7 @@ import contextlib
 import hmac
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TypeVar
 
 import uvicorn
@@ -37,7 +37,10 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.asgi import make_asgi_app
+from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
@@ -47,6 +50,7 @@ from scanner import ScanOutcome
 from task_manager import DatabaseUnavailable, PoolStatus, TaskManager
 
 T = TypeVar("T")
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 METRICS_PATH = "/metrics"
 VERDICTS = ("allowed", "refused", "error")
@@ -224,6 +228,11 @@ def bearer_token(scope: Scope) -> bytes | None:
     return None
 
 
+async def _not_found(_request: Request, _exc: Exception) -> Response:
+    return JSONResponse({"error": "not_found", "error_description": "this port serves only /metrics and /healthz"},
+                        status_code=404)
+
+
 class _MetricsServer(uvicorn.Server):
     """uvicorn inside a process that handles SIGTERM and SIGINT itself (the worker's loop)."""
 
@@ -235,13 +244,14 @@ class _MetricsServer(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def metrics_listener(listener: socket.socket | None, metrics: Metrics, store: TaskManager,
-                           settings: Settings) -> AsyncIterator[None]:
-    """Serve /metrics alone (any other path is a 404) on `listener`, if any, while the block runs."""
+                           settings: Settings, healthz: Endpoint) -> AsyncIterator[None]:
+    """Serve /metrics and /healthz (a worker's container HEALTHCHECK asks it) on `listener`,
+    if any, while the block runs; any other path is a 404."""
     if listener is None:
         yield
         return
-    not_found = JSONResponse({"error": "not_found", "error_description": "this port serves only /metrics"}, 404)
-    app = MetricsEndpoint(not_found, metrics, store, settings)
+    app = MetricsEndpoint(Starlette(routes=[Route("/healthz", healthz, methods=["GET"])],
+                                    exception_handlers={404: _not_found}), metrics, store, settings)
     server = _MetricsServer(uvicorn.Config(app, log_config=None, lifespan="off"))
     serving = asyncio.create_task(server.serve(sockets=[listener]), name="metrics-listener")
     try:

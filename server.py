@@ -19,7 +19,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,14 +179,20 @@ def create_server(
         register_dashboard(mcp, runtime.service, settings, identify, runtime.schedules)
     mcp.add_extension(ScanTasks(runtime.service, identify))
 
-    @mcp.custom_route("/healthz", methods=["GET"])
+    mcp.custom_route("/healthz", methods=["GET"])(health_endpoint(runtime))
+    return mcp, runtime
+
+
+def health_endpoint(runtime: Runtime) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """GET /healthz: 200 when scans can be queued and run, else 503 with the reason."""
+
     async def healthz(_request: Request) -> JSONResponse:
         problem = await runtime.service.health()
         if problem is None:
             return JSONResponse({"status": "ok", "version": VERSION})
         return JSONResponse({"status": "unavailable", "reason": problem, "version": VERSION}, status_code=503)
 
-    return mcp, runtime
+    return healthz
 
 
 def tune_low_level_server(mcp: FastMCP, schemas: dict[str, dict[str, Any]]) -> None:
@@ -392,7 +398,7 @@ async def serve_stdio(settings: Settings, nmap_path: str) -> int:
 
 async def run_worker(settings: Settings, nmap_path: str) -> int:
     """`--worker`: claim and run scans of the configured pool until SIGTERM or SIGINT; with
-    `metrics_port`, serve /metrics there meanwhile."""
+    `metrics_port`, serve /metrics and /healthz there meanwhile."""
     try:
         listener = bind(settings.host, settings.metrics_port) if settings.metrics_port else None
     except OSError as e:
@@ -404,7 +410,8 @@ async def run_worker(settings: Settings, nmap_path: str) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with runtime.running(), metrics_listener(listener, runtime.metrics, runtime.store, settings):
+    async with runtime.running(), metrics_listener(listener, runtime.metrics, runtime.store, settings,
+                                                   health_endpoint(runtime)):
         assert runtime.worker is not None
         logger.info("worker %s serving pool %r with %d slots", runtime.worker.info.name, settings.pool,
                     settings.max_concurrent_tasks)

@@ -1,12 +1,16 @@
 """compose.yaml against the service's settings: one API service and two workers in two pools,
 all on the compose file's PostgreSQL, each with a volume of its own, and every NMAP_MCP_
-variable a setting with a valid value. (tests/container/run-container-test.sh builds and runs
-the image itself; no compose engine runs here.)"""
+variable a setting with a valid value; and the image's HEALTHCHECK script against real
+`server.py` processes. (tests/container/run-container-test.sh builds and runs the image itself;
+no compose engine runs here.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,7 +19,7 @@ import yaml
 
 from config import ENV_PREFIX, Settings
 from targets import parse_networks
-from tests.support import ROOT
+from tests.support import ROOT, ServiceProcess, free_port, server_argv, wait_until, write_config
 
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -85,3 +89,46 @@ def test_every_value_is_valid_for_its_setting(name: str, monkeypatch: pytest.Mon
     if "NMAP_MCP_ALLOWED_HOSTS" in env:
         assert settings.allowed_hosts == ["test-nmap_mcp_public_host"]
     assert settings.database_url == env["NMAP_MCP_DATABASE_URL"]
+
+
+def healthcheck(monkeypatch: pytest.MonkeyPatch, config: Path, pid1: list[str]) -> ModuleType:
+    """deploy/healthcheck.py as the container runs it, with /data/config.json and PID 1's
+    command line (what the entrypoint exec'd) replaced by the test's."""
+    spec = importlib.util.spec_from_file_location("healthcheck", ROOT / "deploy" / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cmdline = config.with_suffix(".cmdline")
+    cmdline.write_bytes(b"".join(arg.encode() + b"\0" for arg in pid1))
+    monkeypatch.setattr(module, "CONFIG", config)
+    monkeypatch.setattr(module, "PID1_COMMAND_LINE", cmdline)
+    for key in ("HOST", "PORT", "METRICS_PORT"):
+        monkeypatch.delenv(f"{ENV_PREFIX}{key}", raising=False)
+    return module
+
+
+def test_the_healthcheck_asks_the_api_on_its_port_and_a_worker_on_its_metrics_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = {"db_path": str(tmp_path / "tasks.db"), "audit_log": str(tmp_path / "audit.jsonl")}
+    api_config = write_config(tmp_path / "api.json", **shared)
+    worker_config = write_config(tmp_path / "worker.json", metrics_port=free_port(), **shared)
+    bare_worker_config = write_config(tmp_path / "bare.json", **shared)
+    as_worker = ["/opt/nmap-mcp/bin/python", "/opt/nmap-mcp/bin/nmap-mcp", "-c", "/data/config.json", "--worker"]
+    as_api = as_worker[:-1] + ["--api"]
+    assert healthcheck(monkeypatch, api_config, as_api).main() == 1, "nothing listens yet"
+    api = ServiceProcess(server_argv(api_config, "--api"), tmp_path / "api.log").start()
+    worker = ServiceProcess(server_argv(worker_config, "--worker"), tmp_path / "worker.log").start()
+    try:
+        assert wait_until(lambda: healthcheck(monkeypatch, api_config, as_api).main() == 0, 30, 0.2), api.log_text()
+        assert wait_until(lambda: healthcheck(monkeypatch, worker_config, as_worker).main() == 0, 30, 0.2), \
+            worker.log_text()
+        capsys.readouterr()
+        bare = healthcheck(monkeypatch, bare_worker_config, as_worker)
+        assert bare.main() == 1
+        assert "set metrics_port (NMAP_MCP_METRICS_PORT)" in capsys.readouterr().err
+        monkeypatch.setenv(f"{ENV_PREFIX}METRICS_PORT", str(json.loads(worker_config.read_text())["metrics_port"]))
+        assert bare.main() == 0, "the variable wins over the file, as compose.yaml sets it"
+    finally:
+        worker.stop()
+        api.stop()

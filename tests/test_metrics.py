@@ -1,6 +1,6 @@
 """GET /metrics through live servers: values after real scans (real nmap on 127.0.0.1, ports the
 test opened), refused calls and wrong tokens; the queue of a slowed-down worker; metrics_token;
-and a `--worker` process serving /metrics alone on its metrics_port."""
+and a `--worker` process serving /metrics and /healthz alone on its metrics_port."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_metrics_token_must_be_long_and_its_own(tmp_path: Path) -> None:
     assert load_settings(write_config(tmp_path / "fine.json", metrics_token=METRICS_SECRET)).metrics_token
 
 
-async def test_a_worker_serves_metrics_alone_on_its_metrics_port(
+async def test_a_worker_serves_metrics_and_its_health_alone_on_its_metrics_port(
     tmp_path: Path, nmap_wrapper: NmapWrapper, listeners: Listeners
 ) -> None:
     [port] = listeners.open_free_top_ports(1)
@@ -184,7 +184,10 @@ async def test_a_worker_serves_metrics_alone_on_its_metrics_port(
         assert wait_until(lambda: responds(f"http://127.0.0.1:{api_port}/healthz"), 30, 0.1), api.log_text()
         assert wait_until(lambda: responds(f"http://127.0.0.1:{metrics_port}/metrics"), 30, 0.1), worker.log_text()
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").status_code == 401
-        assert httpx.get(f"http://127.0.0.1:{metrics_port}/healthz").status_code == 404
+        health = httpx.get(f"http://127.0.0.1:{metrics_port}/healthz")
+        assert (health.status_code, health.json()["status"]) == (200, "ok"), "no token: a HEALTHCHECK has none"
+        other = httpx.get(f"http://127.0.0.1:{metrics_port}/mcp")
+        assert other.status_code == 404 and "only /metrics and /healthz" in other.json()["error_description"]
         url = f"http://127.0.0.1:{api_port}/mcp"
         started = (await call_tool(url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 30})).structured_content
         final = started if started["status"] == "completed" else await poll_until_finished(url, ALICE,
