@@ -4,7 +4,8 @@
 # test_client.py passes every check against the container, the database and the audit log
 # land in the volume, the server runs as the image's non-root user and nmap has no file
 # capabilities, no token reaches the container log, SIGTERM stops it with status 0 and a
-# restart keeps the config.
+# restart keeps the config; and a `--worker` container passes the HEALTHCHECK on its
+# metrics_port, as compose.yaml runs its workers.
 #
 #   tests/container/run-container-test.sh [--remove-image]
 #
@@ -56,9 +57,10 @@ pm() {
 image=localhost/nmap-mcp:container-test
 name=nmap-mcp-container-test-$$
 volume=$(mktemp -d /tmp/nmap-mcp-data.XXXXXX)
+worker_volume=$(mktemp -d /tmp/nmap-mcp-worker-data.XXXXXX)
 cleanup() {
-  pm rm -f -t 0 "$name" >/dev/null 2>&1 || true
-  rm -rf "$volume"
+  pm rm -f -t 0 "$name" "$name-worker" >/dev/null 2>&1 || true
+  rm -rf "$volume" "$worker_volume"
   if [ "$remove_image" = true ]; then
     pm rmi -f "$image" >/dev/null 2>&1 || true
   fi
@@ -156,6 +158,16 @@ check "SIGTERM stops the server with exit status 0" test "$(container_exit_code)
 pm start "$name" >/dev/null
 check "after a restart /healthz answers 200" healthz_ok "$port"
 check "a restart keeps the config" test "$(sha256sum "$volume/config.json")" = "$config_sum"
+
+# A worker has no MCP listener: its HEALTHCHECK asks /healthz on metrics_port.
+chown "$uid:$uid" "$worker_volume"
+chmod 0700 "$worker_volume"
+metrics_port=$("$python" -c 'from tests.support import free_port; print(free_port())')
+pm run -d --name "$name-worker" --network host -v "$worker_volume:/data" -e NMAP_MCP_HOST=127.0.0.1 \
+  -e NMAP_MCP_PORT="$("$python" -c 'from tests.support import free_port; print(free_port())')" \
+  -e NMAP_MCP_METRICS_PORT="$metrics_port" "$image" --worker >/dev/null
+check "a --worker container's /healthz on its metrics_port answers 200" healthz_ok "$metrics_port"
+check "a --worker container passes the image's HEALTHCHECK" pm healthcheck run "$name-worker"
 
 echo "$failures failed; total $(elapsed)"
 [ "$failures" = 0 ]
