@@ -98,6 +98,8 @@ _INVENTORY_LOCK = 7_301_002
 SQLITE_POLL_SECONDS = 0.5
 # Threads for database calls (the engines' pools hold at least as many connections).
 DB_THREADS = 12
+# At most this many task reads in one query (far below SQLite's limit of bound parameters).
+READ_BATCH = 500
 _SUMMARY_COLUMNS = [c for c in tasks.c if c.name not in ("result", "raw_xml")]
 _RESULT_COLUMNS = [c for c in tasks.c if c.name != "raw_xml"]
 _INTERRUPTED = "the worker running this scan stopped before it finished; submit it again"
@@ -434,6 +436,9 @@ class TaskManager:
         self._postgres = engine.dialect.name == "postgresql"
         self.feed = ChangeFeed(engine)
         self._threads = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="db")
+        # Task reads waiting for the next batch, and the task that serves them (see `get`).
+        self._reads: list[tuple[str, str, asyncio.Future[TaskRecord]]] = []
+        self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bring the schema up to date and start hearing of other processes' changes."""
@@ -442,6 +447,8 @@ class TaskManager:
 
     async def stop(self) -> None:
         await self.feed.stop()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
         self._threads.shutdown(wait=True)
         self._engine.dispose()
 
@@ -487,8 +494,38 @@ class TaskManager:
         return record, reused
 
     async def get(self, task_id: str, owner: str, *, with_result: bool = False) -> TaskRecord:
-        """The caller's task; TaskNotFound for a missing id and for another owner's id alike."""
-        return await self._db(self._read, task_id, owner, with_result)
+        """The caller's task; TaskNotFound for a missing id and for another owner's id alike.
+
+        Without the result, reads are batched: those that arrive while a batch is being read
+        are read together next, in one query and one thread hand-off. Status polls come many
+        at a time, and a hand-off per poll cost more than the query (bench/status_polling.py:
+        a third of the server's CPU per poll on SQLite)."""
+        if with_result:
+            return await self._db(self._read, task_id, owner, with_result)
+        read: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
+        self._reads.append((task_id, owner, read))
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._serve_reads(), name="task-reads")
+        return await read
+
+    async def _serve_reads(self) -> None:
+        while self._reads:
+            batch, self._reads = self._reads[:READ_BATCH], self._reads[READ_BATCH:]
+            try:
+                found = await self._db(self._read_many, sorted({task_id for task_id, _, _ in batch}))
+            except Exception as e:  # noqa: BLE001 (DatabaseUnavailable, or a bug: every read of the batch gets it)
+                for _, _, read in batch:
+                    if not read.done():
+                        read.set_exception(e)
+                continue
+            for task_id, owner, read in batch:
+                record = found.get(task_id)
+                if read.done():
+                    continue  # its caller gave up
+                if record is None or record.owner != owner:
+                    read.set_exception(TaskNotFound(f"no task {task_id!r}"))
+                else:
+                    read.set_result(record)
 
     async def wait(
         self,
@@ -790,6 +827,15 @@ class TaskManager:
             if record.shard_count and not record.status.finished:
                 record = replace(record, progress=self._shard_progress(conn, record))
             return record
+
+    def _read_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
+        """Top-level tasks by id, without their results (callers check the owner)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(*_SUMMARY_COLUMNS)
+                                .where(tasks.c.id.in_(task_ids) & tasks.c.parent_id.is_(None))).all()
+            records = [_record(row) for row in rows]
+            return {record.id: replace(record, progress=self._shard_progress(conn, record))
+                    if record.shard_count and not record.status.finished else record for record in records}
 
     @staticmethod
     def _shard_progress(conn: Connection, parent: TaskRecord) -> Progress:

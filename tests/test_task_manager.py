@@ -200,6 +200,36 @@ async def test_owners_cannot_see_each_others_tasks(make_node: MakeNode, nmap_wra
     assert [r.id for r in await store.list("alice", None, 10)] == [record.id]
 
 
+async def test_concurrent_reads_share_one_query_and_each_sees_only_its_own(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await make_node(worker=False)
+    store = node.store
+    alices = [await submit(store, nmap_wrapper, port, owner="alice") for port in (1, 2, 3)]
+    shards = [Shard(target, argv_for(nmap_wrapper, 1, target)) for target in ("127.0.0.1", "127.0.0.2")]
+    bobs = await submit(store, nmap_wrapper, 1, owner="bob", shards=shards)
+    queries: list[list[str]] = []
+    read_many = store._read_many
+
+    def counted(task_ids: list[str]) -> dict[str, TaskRecord]:
+        queries.append(task_ids)
+        return read_many(task_ids)
+
+    monkeypatch.setattr(store, "_read_many", counted)
+    missing = "00000000-0000-4000-8000-000000000000"
+    reads = [*((r.id, "alice") for r in alices), (bobs.id, "bob"), (alices[0].id, "bob"), (bobs.id, "alice"),
+             (missing, "alice"), *((r.id, "alice") for r in alices)] * 5
+    answers = await asyncio.gather(*(store.get(task_id, owner) for task_id, owner in reads), return_exceptions=True)
+    for (task_id, owner), got in zip(reads, answers, strict=True):
+        if (task_id, owner) in {(alices[0].id, "bob"), (bobs.id, "alice"), (missing, "alice")}:
+            assert isinstance(got, TaskNotFound), (task_id, owner, got)
+        else:
+            assert isinstance(got, TaskRecord) and (got.id, got.owner) == (task_id, owner)
+    [bobs_read] = {got.id: got for got in answers if isinstance(got, TaskRecord) and got.owner == "bob"}.values()
+    assert bobs_read.progress is not None, "a sharded task's progress is its shards'"
+    assert len(queries) <= 2 and sum(map(len, queries)) <= 2 * 5, f"{len(reads)} reads took {len(queries)} queries"
+
+
 async def test_list_all_shows_every_owners_top_level_tasks_newest_first(
     make_node: MakeNode, nmap_wrapper: NmapWrapper
 ) -> None:
