@@ -230,7 +230,11 @@ class NmapWrapper:
     delay_file: Path
 
     def set_delay(self, seconds: float) -> None:
-        self.delay_file.write_text(str(seconds))
+        # Replaced, not rewritten: a wrapper starting meanwhile must never read an emptied file
+        # (float('') fails it, and its scan with it: seen once in test_fleet's outage test).
+        staged = self.delay_file.with_suffix(".new")
+        staged.write_text(str(seconds))
+        os.replace(staged, self.delay_file)
 
     def pids(self) -> list[int]:
         return sorted(int(p.name) for p in self.starts.iterdir())

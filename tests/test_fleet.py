@@ -92,6 +92,10 @@ class Fleet:
         self.api_url = self.api_url or f"{url}/mcp"
         return process
 
+    def log_tails(self, lines: int = 40) -> dict[str, list[str]]:
+        """The last lines of every process's log, for a failure's message."""
+        return {process.log_path.stem: process.log_text().splitlines()[-lines:] for process in self.processes}
+
     def worker(self, name: str, prefix: tuple[str, ...] = (), **overrides: object) -> ServiceProcess:
         """Start a `--worker` named `name`; `wait_for_workers` says when it is up."""
         return self.start(name, "--worker", prefix=prefix, worker_name=name, **overrides)
@@ -147,7 +151,7 @@ def connect_scan(port: int, address: str = "127.0.0.1") -> dict[str, Any]:
 
 
 def open_ports(answer: dict[str, Any]) -> int:
-    assert answer["status"] == "completed", answer
+    assert answer["status"] == "completed", (answer["status"], answer.get("error"), answer.get("message"))
     return answer["result"]["open_ports"]
 
 
@@ -321,6 +325,7 @@ async def test_a_database_outage_leaves_nothing_stuck(
         print(f"the waiting scan calls returned {time.time() - restarted:.2f} s after the restart")
         ids = [a["task_id"] for a in answers]
         finished = [await poll_until_finished(fleet.api_url, ALICE, task_id, 30) for task_id in ids]
+        assert [a["status"] for a in finished] == ["completed"] * 3, (finished, fleet.log_tails())
         assert [open_ports(a) for a in finished] == [1, 1, 1]
         assert all(a["finished_at"] > restarted for a in finished), [a["finished_at"] - restarted for a in finished]
         print("results written", [round(a["finished_at"] - restarted, 2) for a in finished], "s after restart")
