@@ -30,6 +30,10 @@ sys.path.insert(0, str(ROOT))
 from tests.support import POSTGRES_ADMIN_URL, LiveServer, write_config
 
 SECRET = "bench-secret-" + "0" * 32
+# The highest value of each per-token limit: a benchmark measures throughput, and the default
+# quotas (60 scans a minute, 20 at once, ...) would refuse its scans.
+NO_LIMITS = {"scans_per_minute": 100_000, "concurrent_scans": 100_000, "addresses_per_day": 100_000_000,
+             "rescans_per_hour": 100_000}
 SERVER = (sys.executable, str(ROOT / "server.py"))
 
 
@@ -48,10 +52,12 @@ def postgres_database() -> Iterator[str]:
 
 
 def service_config(directory: Path, **overrides: object) -> Path:
-    """A config in its own `directory` (database, audit log) with the one bench token."""
+    """A config in its own `directory` (database, audit log) with the one bench token, and no
+    limits that a benchmark's scans could reach."""
     directory.mkdir(parents=True, exist_ok=True)
     return write_config(directory / "config.json", tokens={"bench": {"secret": SECRET}},
-                        audit_log=str(directory / "audit.jsonl"), log_level="WARNING", **overrides)
+                        audit_log=str(directory / "audit.jsonl"), log_level="WARNING", limits=NO_LIMITS,
+                        **overrides)
 
 
 def start_api(config: Path, *, role: str | None = None) -> LiveServer:
