@@ -372,7 +372,10 @@ def serve(settings: Settings, nmap_path: str, args: argparse.Namespace, config_p
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, made here so that a busy port is reported before start."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says
+    # TCP, and accepted sockets inherit proto 0 otherwise; with Nagle on, a response's second
+    # write waited for the client's delayed ACK, 40 ms on every request of a kept-alive connection.
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))

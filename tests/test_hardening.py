@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from nse_policy import find_script_db
+from server import bind
 from tests.support import (
     ALICE,
     BOB,
@@ -293,6 +294,23 @@ def run_server(config: Path, *args: str, user: str | None = None) -> subprocess.
     prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if user == "nobody" else []
     return subprocess.run([*prefix, sys.executable, str(ROOT / "server.py"), "-c", str(config), *args],
                           capture_output=True, text=True, timeout=60, cwd=config.parent)
+
+
+async def test_connections_to_the_listener_have_nagle_off() -> None:
+    """With Nagle on, a response's second write waits for the client's delayed ACK: 40 ms on
+    every request of a kept-alive connection (seen: /healthz took 44 ms, 1.5 ms without)."""
+    listener = bind("127.0.0.1", free_port())
+    accepted: asyncio.Queue[int] = asyncio.Queue()
+
+    async def on_connection(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connection, sock=listener)
+    async with server:
+        _, writer = await asyncio.open_connection(*listener.getsockname())
+        assert await asyncio.wait_for(accepted.get(), 5) == 1
+        writer.close()
 
 
 def test_a_busy_port_is_one_clear_line_and_no_banner(tmp_path: Path) -> None:
