@@ -824,29 +824,28 @@ class TaskManager:
             if with_result is None and record.status.finished:
                 stored = conn.execute(select(tasks.c.result).where(tasks.c.id == task_id)).scalar_one()
                 record = replace(record, result=ScanResult.model_validate_json(stored) if stored else None)
-            if record.shard_count and not record.status.finished:
-                record = replace(record, progress=self._shard_progress(conn, record))
-            return record
+            return self._with_shard_progress(conn, record)
 
     def _read_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
         """Top-level tasks by id, without their results (callers check the owner)."""
         with self._engine.connect() as conn:
             rows = conn.execute(select(*_SUMMARY_COLUMNS)
                                 .where(tasks.c.id.in_(task_ids) & tasks.c.parent_id.is_(None))).all()
-            records = [_record(row) for row in rows]
-            return {record.id: replace(record, progress=self._shard_progress(conn, record))
-                    if record.shard_count and not record.status.finished else record for record in records}
+            return {row.id: self._with_shard_progress(conn, _record(row)) for row in rows}
 
     @staticmethod
-    def _shard_progress(conn: Connection, parent: TaskRecord) -> Progress:
-        rows = conn.execute(select(tasks.c.status, tasks.c.progress).where(tasks.c.parent_id == parent.id)).all()
+    def _with_shard_progress(conn: Connection, record: TaskRecord) -> TaskRecord:
+        """A sharded task that has not finished, with its shards' progress; any other as it is."""
+        if not record.shard_count or record.status.finished:
+            return record
+        rows = conn.execute(select(tasks.c.status, tasks.c.progress).where(tasks.c.parent_id == record.id)).all()
         percents = [
             100.0 if TaskStatus(status).finished else (Progress.model_validate_json(p).percent if p else 0.0)
             for status, p in rows
         ]
         done = sum(TaskStatus(status).finished for status, _ in rows)
-        return Progress(percent=round(sum(percents) / max(len(percents), 1), 1),
-                        phase=f"{done} of {len(rows)} shards finished")
+        return replace(record, progress=Progress(percent=round(sum(percents) / max(len(percents), 1), 1),
+                                                 phase=f"{done} of {len(rows)} shards finished"))
 
     def _partial_result(self, record: TaskRecord) -> ScanResult | None:
         with self._engine.connect() as conn:

@@ -81,8 +81,9 @@ async def service_scan(url: str, workers: int) -> tuple[float, int, set[tuple[st
         return status["finished_at"] - status["created_at"], hosts_up, found
 
 
-def run_service(workdir: Path, workers: int, shard: int, slots: int) -> tuple[float, int, set[tuple[str, int]], Path]:
-    """A fresh database, one --api process and `workers` --worker processes; one scan."""
+def run_service(workdir: Path, workers: int, shard: int, slots: int) -> tuple[float, int, set[tuple[str, int]]]:
+    """A fresh database, one --api process (its audit log in workdir/api) and `workers`
+    --worker processes; one scan."""
     with postgres_database() as database_url:
         common = {"database_url": database_url, "max_concurrent_tasks": slots, "shard_addresses": shard,
                   "max_addresses_per_scan": NETWORK.num_addresses}
@@ -91,12 +92,11 @@ def run_service(workdir: Path, workers: int, shard: int, slots: int) -> tuple[fl
         processes = [start_worker(service_config(workdir / f"worker{i}", worker_name=f"worker{i}", **common))
                      for i in range(1, workers + 1)]
         try:
-            seconds, hosts_up, found = asyncio.run(service_scan(api.url, workers))
+            return asyncio.run(service_scan(api.url, workers))
         finally:
             for process in processes:
                 stop_process(process)
             api.stop()
-    return seconds, hosts_up, found, workdir / "api" / "audit.jsonl"
 
 
 def run_direct(argv: list[str]) -> tuple[float, int, set[tuple[str, int]]]:
@@ -119,18 +119,17 @@ def main() -> None:
     print(f"target {NETWORK}; listening on {', '.join(f'{a}:{p}' for a, p in ports.items())}")
     times: dict[str, list[float]] = {"direct": [], "unsharded": [], "sharded": []}
     seen: dict[str, set[tuple[int, frozenset[tuple[str, int]]]]] = {name: set() for name in times}
-    argv: list[str] | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
-            # The service's own argv for the whole /22 comes from the first unsharded run.
-            runs: dict[str, Callable[[Path], tuple[float, int, set[tuple[str, int]]]]] = {
-                "unsharded": lambda d: run_service(d, 1, NETWORK.num_addresses + 1, args.slots)[:3],
-                "sharded": lambda d: run_service(d, 2, args.shard, args.slots)[:3],
-                "direct": lambda _d: run_direct(argv or []),
-            }
-            *_, audit = run_service(Path(tmp) / "argv", 1, NETWORK.num_addresses + 1, args.slots)
-            argv = queued_argv(audit)
+            # The service's own argv for the whole /22 comes from a first unsharded run.
+            run_service(Path(tmp) / "argv", 1, NETWORK.num_addresses + 1, args.slots)
+            argv = queued_argv(Path(tmp) / "argv" / "api" / "audit.jsonl")
             print("nmap argv:", " ".join(argv))
+            runs: dict[str, Callable[[Path], tuple[float, int, set[tuple[str, int]]]]] = {
+                "unsharded": lambda d: run_service(d, 1, NETWORK.num_addresses + 1, args.slots),
+                "sharded": lambda d: run_service(d, 2, args.shard, args.slots),
+                "direct": lambda _d: run_direct(argv),
+            }
             order = list(runs)
             for round_no in range(args.rounds):
                 for name in order[round_no % 3:] + order[:round_no % 3]:
