@@ -243,7 +243,9 @@ class ScanService:
             submitted.append(record)
             return answer(record)
         try:
-            finished = await self._store.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing)
+            # A reused task was read without its result: the wait reads it whole.
+            finished = await self._store.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing,
+                                              known=None if reused else record)
             return await self.present(finished, note=reuse_note(record) if reused else None)
         except DatabaseUnavailable:
             return with_message(answer(record), "The task database stopped answering while the call waited; "

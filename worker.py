@@ -1,9 +1,10 @@
 """Scan workers: claim -> scan -> finish, leases renewed by a heartbeat, and shutdown.
 
 A worker serves one pool and runs at most `capacity` nmap processes at once. It claims the
-oldest queued task of its pool (the claim gives it a lease), marks the task started just
-before nmap starts, writes progress and finished hosts as they come (at most about once a
-second), and records the verdict. Its heartbeat renews the leases of the scans it runs;
+oldest queued tasks of its pool, as many as it has free slots (the claim gives it a lease),
+marks each started just before its nmap starts, writes progress and finished hosts as they
+come (at most about once a second), and records the verdict. Its heartbeat renews the leases
+of the scans it runs;
 a task it no longer holds (cancelled by a caller in any process, or resolved elsewhere)
 has its nmap stopped within about a second, through the store's change feed.
 
@@ -98,26 +99,39 @@ class Worker:
     # ---- claim -> scan -> finish --------------------------------------------------------
 
     async def _claim_loop(self) -> None:
+        """Claim as many tasks as there are free slots, in one statement; a claim that comes
+        back short means the queue is empty, so the loop sleeps until a task is queued (a
+        claim per slot would cost a futile write transaction after every claimed scan)."""
         with self._store.feed.subscribe(f"queue:{self.info.pool}") as queued:
             while True:
-                await self._slots.acquire()
+                free = await self._free_slots()
                 queued.clear()
-                record = await self._claim()
-                if record is None:
+                records = await self._claim(free)
+                for record in records:
+                    self._holding.add(record.id)
+                    run = asyncio.create_task(self._run(record), name=f"scan-{record.id}")
+                    self._runs[record.id] = run
+                    run.add_done_callback(partial(self._on_run_done, record.id))
+                for _ in range(free - len(records)):
                     self._slots.release()
+                if len(records) < free:
                     await wait_set(queued, IDLE_RECHECK_SECONDS)
-                    continue
-                self._holding.add(record.id)
-                run = asyncio.create_task(self._run(record), name=f"scan-{record.id}")
-                self._runs[record.id] = run
-                run.add_done_callback(partial(self._on_run_done, record.id))
 
-    async def _claim(self) -> TaskRecord | None:
+    async def _free_slots(self) -> int:
+        """Wait for a free slot, then take every slot free at this moment; how many."""
+        await self._slots.acquire()
+        taken = 1
+        while not self._slots.locked():
+            await self._slots.acquire()
+            taken += 1
+        return taken
+
+    async def _claim(self, limit: int) -> list[TaskRecord]:
         try:
-            return await self._store.claim(self.info.id, self.info.name, self.info.pool)
+            return await self._store.claim(self.info.id, self.info.name, self.info.pool, limit)
         except DatabaseUnavailable:
             logger.warning("cannot claim work: the task database is not reachable; retrying")
-            return None
+            return []
 
     def _on_run_done(self, task_id: str, run: asyncio.Task[None]) -> None:
         self._runs.pop(task_id, None)

@@ -109,3 +109,24 @@ def queued_argv(audit_log: Path) -> list[str]:
         if record["event"] == "queued":
             return record["argv"]
     raise RuntimeError(f"no queued line in {audit_log}")
+
+
+class Wire:
+    """What an SDK session sent and received over HTTP: (request, response body) per call."""
+
+    def __init__(self) -> None:
+        self.exchanges: list[tuple[httpx2.Request, bytes]] = []
+
+    async def on_response(self, response: httpx2.Response) -> None:
+        await response.aread()
+        self.exchanges.append((response.request, response.content))
+
+    def hooks(self) -> dict[str, list[Any]]:
+        return {"response": [self.on_response]}
+
+    def tool_call(self, name: str) -> tuple[httpx2.Request, bytes]:
+        """The last tools/call of tool `name`."""
+        for request, body in reversed(self.exchanges):
+            if request.headers.get("mcp-method") == "tools/call" and request.headers.get("mcp-name") == name:
+                return request, body
+        raise LookupError(f"no tools/call of {name} was seen")

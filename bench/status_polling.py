@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     SECRET,
+    Wire,
     cpu_seconds,
     mcp_session,
     postgres_database,
@@ -133,27 +134,6 @@ def port_answers(server: LiveServer) -> bool:
         httpx.get(server.url, timeout=1)
         return True
     return False
-
-
-class Wire:
-    """What an SDK session sent and received over HTTP: (request, response body) per call."""
-
-    def __init__(self) -> None:
-        self.exchanges: list[tuple[httpx2.Request, bytes]] = []
-
-    async def on_response(self, response: httpx2.Response) -> None:
-        await response.aread()
-        self.exchanges.append((response.request, response.content))
-
-    def hooks(self) -> dict[str, list[Any]]:
-        return {"response": [self.on_response]}
-
-    def tool_call(self, name: str) -> tuple[httpx2.Request, bytes]:
-        """The last tools/call of tool `name`."""
-        for request, body in reversed(self.exchanges):
-            if request.headers.get("mcp-method") == "tools/call" and request.headers.get("mcp-name") == name:
-                return request, body
-        raise LookupError(f"no tools/call of {name} was seen")
 
 
 async def capture_status_poll(url: str, task_id: str) -> httpx2.Request:
