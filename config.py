@@ -188,6 +188,13 @@ class Settings(BaseSettings):
         parse_networks(values)
         return values
 
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("database_url must be a sqlite:///PATH file or a postgresql:// database")
+        return url
+
     @field_validator("pools")
     @classmethod
     def _pool_networks(cls, pools: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -102,6 +102,8 @@ def test_database_url_overrides_db_path(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path / "a.json", base)).effective_database_url() == f"sqlite:///{tmp_path}/x.db"
     with_url = base | {"database_url": "postgresql://u@h/db"}
     assert load_settings(write(tmp_path / "b.json", with_url)).effective_database_url() == "postgresql://u@h/db"
+    with pytest.raises(ConfigError, match="database_url must be a sqlite:///PATH file or a postgresql:// database"):
+        load_settings(write(tmp_path / "c.json", base | {"database_url": "mysql://u@h/db"}))
 
 
 def test_init_writes_a_private_config_with_a_fresh_token_and_refuses_to_overwrite(
