@@ -401,9 +401,7 @@ class ChangeFeed:
     process. In-process writers publish directly; other processes are heard through
     PostgreSQL NOTIFY, or on SQLite by a commit counter that changes with every commit.
 
-    A notification's payload is `<origin> <key>`: the listener skips this process's own,
-    which its writers published already (one more read per waiter and change otherwise). A
-    payload without an origin (an older release) is a key."""
+    A notification's payload is `<origin> <key>` (see `heard_key`)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -466,8 +464,8 @@ class ChangeFeed:
                     self._call(self.wake_all)  # whatever happened while we were not listening
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.5):
-                            origin, _, key = note.payload.rpartition(" ")
-                            if origin != self.origin:
+                            key = heard_key(note.payload, self.origin)
+                            if key is not None:
                                 self._call(self.publish, key)
             except psycopg.Error as e:
                 if not lost:
@@ -495,6 +493,15 @@ class ChangeFeed:
                     last = version
                     self._call(self.wake_all)
                 self._stop.wait(SQLITE_POLL_SECONDS)
+
+
+def heard_key(payload: str, origin: str) -> str | None:
+    """The key a notification's payload `<origin> <key>` names; None for one sent by this
+    process (origin `origin`), whose writers published it here already: heard again, it would
+    cost every waiter on the key one more read. A payload without an origin, from an older
+    release, is a key."""
+    sender, _, key = payload.rpartition(" ")
+    return None if sender == origin else key
 
 
 class TaskManager:

@@ -90,8 +90,8 @@ def curl_run(server: LiveServer, request: httpx2.Request, body: Path, scans: int
     started = time.perf_counter()
     # An output file per call: answers of parallel transfers may interleave on one stream.
     outputs = [body.with_name(f"answer-{n}.json") for n in range(scans)]
-    subprocess.run(["curl", "--silent", "--show-error", "--fail", "--parallel", "--parallel-immediate",
-                    "--parallel-max", str(clients), *headers, "--data-binary", f"@{body}",
+    subprocess.run(["curl", "--silent", "--show-error", "--no-progress-meter", "--fail", "--parallel",
+                    "--parallel-immediate", "--parallel-max", str(clients), *headers, "--data-binary", f"@{body}",
                     *(arg for output in outputs for arg in ("-o", str(output), server.url))], check=True)
     total = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -26,6 +26,7 @@ from task_manager import (
     TaskNotFound,
     TaskRecord,
     create_db_engine,
+    heard_key,
     upgrade_schema,
     wait_set,
 )
@@ -102,6 +103,12 @@ async def test_a_loop_waiting_on_an_event_stops_when_cancelled_as_the_event_is_s
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(loop, 2)
     assert woken == 0
+
+
+def test_a_process_hears_other_processes_notifications_and_not_its_own() -> None:
+    assert heard_key("a1b2 queue:dmz", "a1b2") is None
+    assert heard_key("c3d4 queue:dmz", "a1b2") == "queue:dmz"
+    assert heard_key("0b1e8a4c-6f1d-4a54-9b1e-3f1f0a2b7c9d", "a1b2") == "0b1e8a4c-6f1d-4a54-9b1e-3f1f0a2b7c9d"
 
 
 async def test_scan_completes_within_the_wait(make_node: MakeNode, nmap_wrapper: NmapWrapper,
