@@ -4,9 +4,8 @@ A worker serves one pool and runs at most `capacity` nmap processes at once. It 
 oldest queued tasks of its pool, as many as it has free slots (the claim gives it a lease),
 marks each started just before its nmap starts, writes progress and finished hosts as they
 come (at most about once a second), and records the verdict. Its heartbeat renews the leases
-of the scans it runs;
-a task it no longer holds (cancelled by a caller in any process, or resolved elsewhere)
-has its nmap stopped within about a second, through the store's change feed.
+of the scans it runs; a task it no longer holds (cancelled by a caller in any process, or
+resolved elsewhere) has its nmap stopped within about a second, through the store's change feed.
 
 Shutdown, in order: stop claiming; give running scans `grace_seconds`; stop the rest, which
 are recorded `interrupted` with the hosts they had finished; give back tasks claimed but not

@@ -130,3 +130,15 @@ class Wire:
             if request.headers.get("mcp-method") == "tools/call" and request.headers.get("mcp-name") == name:
                 return request, body
         raise LookupError(f"no tools/call of {name} was seen")
+
+
+async def capture_tool_call(url: str, name: str, arguments: dict[str, Any]) -> httpx2.Request:
+    """The HTTP request the SDK (2026-07-28 era) sends for a tools/call of `name` with
+    `arguments`: its second such call, the steady state, to be replayed by wrk or curl."""
+    wire = Wire()
+    async with mcp_session(url, wire.hooks()) as client:
+        for _ in range(2):
+            await client.call_tool(name, arguments)
+    request, _ = wire.tool_call(name)
+    assert request.headers["mcp-protocol-version"] == "2026-07-28", request.headers
+    return request

@@ -43,7 +43,7 @@ from mcp import Client
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
-    Wire,
+    capture_tool_call,
     cpu_seconds,
     mcp_session,
     postgres_database,
@@ -67,17 +67,6 @@ def xargs_run(argv: list[str], scans: int, clients: int) -> dict[str, float]:
     subprocess.run(["xargs", "-P", str(clients), "-n", "1", *argv[:-1]], input=(argv[-1] + "\n").encode() * scans,
                    capture_output=True, check=True)
     return {"total": time.perf_counter() - started}
-
-
-async def capture_quick_scan(url: str) -> httpx2.Request:
-    """The HTTP request the SDK sends for the quick_scan call (its second: steady state)."""
-    wire = Wire()
-    async with mcp_session(url, wire.hooks()) as client:
-        for _ in range(2):
-            await client.call_tool("quick_scan", QUICK)
-    request, _ = wire.tool_call("quick_scan")
-    assert request.headers["mcp-protocol-version"] == "2026-07-28", request.headers
-    return request
 
 
 def curl_run(server: LiveServer, request: httpx2.Request, body: Path, scans: int, clients: int) -> dict[str, float]:
@@ -152,7 +141,7 @@ def main() -> None:
             stack.callback(servers[database].stop)
         argvs, requests = {}, {}
         for database, server in servers.items():
-            requests[database] = asyncio.run(capture_quick_scan(server.url))  # the audit log records its argv
+            requests[database] = asyncio.run(capture_tool_call(server.url, "quick_scan", QUICK))  # the audit log records its argv
             argvs[database] = queued_argv(server.config_path.parent / "audit.jsonl")
             body = Path(tmp) / f"{database}-request.json"
             body.write_bytes(requests[database].content)

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     SECRET,
     Wire,
+    capture_tool_call,
     cpu_seconds,
     mcp_session,
     postgres_database,
@@ -134,17 +135,6 @@ def port_answers(server: LiveServer) -> bool:
         httpx.get(server.url, timeout=1)
         return True
     return False
-
-
-async def capture_status_poll(url: str, task_id: str) -> httpx2.Request:
-    """The HTTP request the SDK sends for get_task_status (its second call: steady state)."""
-    wire = Wire()
-    async with mcp_session(url, wire.hooks()) as client:
-        for _ in range(2):
-            await client.call_tool("get_task_status", {"task_id": task_id})
-    request, _ = wire.tool_call("get_task_status")
-    assert request.headers["mcp-protocol-version"] == "2026-07-28", request.headers
-    return request
 
 
 def check_replay(url: str, request: httpx2.Request) -> None:
@@ -235,7 +225,7 @@ def main() -> None:
             assert answer["status"] == "completed", answer
             return answer["task_id"]
 
-        request = asyncio.run(capture_status_poll(ours.url, asyncio.run(first_scan())))
+        request = asyncio.run(capture_tool_call(ours.url, "get_task_status", {"task_id": asyncio.run(first_scan())}))
         for server in (ours, bare):
             check_replay(server.url, request)
         script = lua_script(workdir / "poll.lua", request)
