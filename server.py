@@ -44,7 +44,7 @@ from metrics import Metrics, MetricsEndpoint, metrics_listener
 from policy import Policy
 from resources import INSTRUCTIONS, register_resources
 from retention import purge_forever
-from scanner import SandboxUnavailable, sandbox_prefix, watch_children_with_pidfd
+from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
 from schedules import Scheduler, Schedules
 from task_manager import TaskManager, create_db_engine
@@ -104,7 +104,6 @@ class Runtime:
         self._drained = False
 
     async def start(self) -> None:
-        watch_children_with_pidfd()
         await self.store.start()
         self._reaper = asyncio.create_task(
             resolve_expired_forever(self.store, max(self.store.lease_seconds / 4, 0.5)), name="lease-reaper"

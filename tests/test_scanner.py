@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from models import ScanKind, TaskStatus
 from nmap_report import ReportParser, with_versions
-from scanner import NmapRun, build_argv, interpret_run, run_nmap, scan_options, version_argv
-from tests.support import Listeners, NmapWrapper, process_alive
+from scanner import NMAP_NICENESS, NmapRun, build_argv, interpret_run, run_nmap, scan_options, version_argv
+from tests.support import Listeners, NmapWrapper, process_alive, wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NMAP = shutil.which("nmap") or "nmap"
@@ -148,6 +152,81 @@ async def test_run_nmap_cancel_kills_the_process_group(nmap_wrapper: NmapWrapper
         await scan
     [pid] = nmap_wrapper.pids()
     assert not process_alive(pid)
+
+
+@pytest.mark.anyio
+async def test_nmap_runs_in_a_group_of_its_own_in_the_servers_session_at_a_lower_priority(
+    nmap_wrapper: NmapWrapper,
+) -> None:
+    nmap_wrapper.set_delay(30)
+    scan = asyncio.create_task(collect([str(nmap_wrapper.path), "--", "127.0.0.1"], 60))
+    while not nmap_wrapper.pids():
+        await asyncio.sleep(0.02)
+    [pid] = nmap_wrapper.pids()
+    try:
+        assert os.getpgid(pid) == pid != os.getpgid(0)
+        # Not a session of its own: under the kernel's autogroup that is a scheduling group of its own.
+        assert os.getsid(pid) == os.getsid(0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + NMAP_NICENESS, 19)
+    finally:
+        scan.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scan
+    assert not process_alive(pid)
+
+
+@pytest.mark.anyio
+async def test_without_pidfds_a_run_still_ends_and_a_time_limit_still_kills(
+    listeners: Listeners, nmap_wrapper: NmapWrapper, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_pidfds(_pid: int) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)  # a kernel before 5.3
+    [port] = listeners.open_free_top_ports(1)
+    run, report = await collect(build_argv(NMAP, ["-sT", "-p", str(port)], ["127.0.0.1"], ipv6=False,
+                                           privileged=False), 60)
+    assert run.returncode == 0 and [p.port for p in report.result("127.0.0.1").hosts[0].ports] == [port]
+    nmap_wrapper.set_delay(30)
+    run, _ = await collect([str(nmap_wrapper.path), "--", "127.0.0.1"], 0.5)
+    assert run.timed_out and run.duration < 5 and not nmap_wrapper.alive()
+
+
+@pytest.mark.anyio
+async def test_a_sink_that_fails_fails_the_run_and_nmap_is_killed(nmap_wrapper: NmapWrapper) -> None:
+    class SinkBroke(Exception):
+        pass
+
+    def sink(_chunk: bytes) -> None:
+        raise SinkBroke
+
+    nmap_wrapper.set_delay(0)
+    started = time.monotonic()
+    with pytest.raises(SinkBroke):
+        # nmap writes its XML's head at once, then would take 100 s.
+        await run_nmap([str(nmap_wrapper.path), "-sT", "-n", "-p", "1-100", "--scan-delay", "1s", "-oX", "-", "--",
+                        "127.0.0.1"],
+                       time_limit=60, stdout_sink=sink)
+    assert time.monotonic() - started < 5
+    [pid] = nmap_wrapper.pids()
+    assert not process_alive(pid)
+
+
+@pytest.mark.anyio
+async def test_what_nmap_leaves_behind_in_its_group_is_killed_when_it_exits(tmp_path: Path) -> None:
+    # A stand-in that starts a long sleeper in its group (stdout and stderr closed, so the pipes
+    # end) and exits at once: the run must end, and the sleeper with it.
+    stand_in = tmp_path / "nmap"
+    stand_in.write_text(f"#!{sys.executable}\n"
+                        "import subprocess\n"
+                        "p = subprocess.Popen(['sleep', '60'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                        "print(p.pid)\n")
+    stand_in.chmod(0o755)
+    out = bytearray()
+    run = await run_nmap([str(stand_in)], time_limit=30, stdout_sink=out.extend)
+    assert run.returncode == 0 and not run.timed_out
+    sleeper = int(out)
+    assert wait_until(lambda: not process_alive(sleeper), 5, 0.02)
 
 
 @pytest.mark.anyio
