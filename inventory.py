@@ -11,6 +11,7 @@ happened; what was only seen again just gets a newer `last_seen`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -101,13 +102,15 @@ def parse_since(text: str, now: float) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def port_set(services: str) -> set[int]:
-    """The ports of nmap's scaninfo list '1-1024,3389'."""
+@functools.lru_cache(maxsize=64)
+def port_set(services: str) -> frozenset[int]:
+    """The ports of nmap's scaninfo list '1-1024,3389'. Kept for the lists seen last: the
+    same few (a scan kind's ports) come back with every scan."""
     ports: set[int] = set()
     for part in filter(None, services.split(",")):
         first, _, last = part.partition("-")
         ports.update(range(int(first), int(last or first) + 1))
-    return ports
+    return frozenset(ports)
 
 
 def plan_update(

@@ -42,6 +42,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     String,
+    Table,
     bindparam,
     create_engine,
     delete,
@@ -54,8 +55,10 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row, make_url
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from config import Limits
 from inventory import HostQuery, network_bounds, plan_update
@@ -102,6 +105,8 @@ SQLITE_POLL_SECONDS = 0.5
 # GIL: with 4 instead of 12, bench/quick_scans_200.py ran 10% faster (server CPU 12.8 -> 11.0 ms
 # per scan). PostgreSQL serves many at once.
 DB_THREADS = {"sqlite": 4, "postgresql": 12}
+# A pooled PostgreSQL connection unused this long is pinged before it is used again.
+PING_IDLE_SECONDS = 1.0
 # At most this many task reads in one query (far below SQLite's limit of bound parameters).
 READ_BATCH = 500
 _SUMMARY_COLUMNS = [c for c in tasks.c if c.name not in ("result", "raw_xml")]
@@ -146,6 +151,8 @@ _CLAIM_PARENT = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.status =
     .values(status=TaskStatus.RUNNING.value)
 # Start, progress and verdict of a scan this worker runs; what they set is in their parameters.
 _UPDATE_RUNNING_OURS = update(tasks).where(_RUNNING_OURS)
+# The verdict returns the row it wrote: a waiting call in this process needs no read of it.
+_RECORD_VERDICT = _UPDATE_RUNNING_OURS.returning(*_RESULT_COLUMNS)
 _MARK_PARENT_STARTED = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.started_at.is_(None))
 _INSERT_LIVE_HOSTS = insert(task_hosts)
 _KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
@@ -165,13 +172,21 @@ _KNOWN_HOSTS = select(inventory_hosts).where(
     inventory_hosts.c.address_key.between(bindparam("p_low"), bindparam("p_high")))
 _KNOWN_PORTS = select(inventory_ports).where(
     inventory_ports.c.owner == _P["owner"], inventory_ports.c.address.in_(bindparam("p_addresses", expanding=True)))
-_INVENTORY_KEYS = {inventory_hosts: ("address",), inventory_ports: ("address", "protocol", "port")}
-_DELETE_INVENTORY_ROWS = {
-    table: delete(table).where(table.c.owner == _P["owner"], tuple_(*(table.c[k] for k in key))
-                               .in_(bindparam("p_keys", expanding=True)))
-    for table, key in _INVENTORY_KEYS.items()
+
+
+def _upsert(dialect_insert: Callable[[Table], Any], table: Table) -> Any:
+    """INSERT of whole rows that replaces the row of the same key, in one statement (the
+    same syntax on SQLite and PostgreSQL, built by each one's dialect)."""
+    statement = dialect_insert(table)
+    key = [column.name for column in table.primary_key]
+    return statement.on_conflict_do_update(
+        index_elements=key, set_={c.name: statement.excluded[c.name] for c in table.c if c.name not in key})
+
+
+_WRITE_INVENTORY_ROWS = {
+    dialect: {table: _upsert(dialect_insert, table) for table in (inventory_hosts, inventory_ports)}
+    for dialect, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
 }
-_INSERT_INVENTORY_ROWS = {table: insert(table) for table in _INVENTORY_KEYS}
 
 
 class TaskNotFound(LookupError):
@@ -332,7 +347,10 @@ def create_db_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=DB_THREADS["postgresql"], max_overflow=8)
+        engine = create_engine(url, pool_size=DB_THREADS["postgresql"], max_overflow=8)
+        event.listen(engine, "checkin", _note_checkin)
+        event.listen(engine, "checkout", partial(_ping_if_idle, engine.dialect))
+        return engine
     database = make_url(url).database
     if database and database != ":memory:":
         _create_private(Path(database))
@@ -340,6 +358,25 @@ def create_db_engine(url: str) -> Engine:
     event.listen(engine, "connect", _sqlite_pragmas)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["checked_in_at"] = time.monotonic()
+
+
+def _ping_if_idle(dialect: Any, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """PostgreSQL: a pooled connection idle for PING_IDLE_SECONDS is pinged before use; one
+    that does not answer is replaced by a new one (the pool retries on DisconnectionError).
+    pool_pre_ping pinged at every checkout: a round trip more for every operation, four or
+    five per scan. A connection that dies within the idle time fails its one operation,
+    with DatabaseUnavailable, and the pool is renewed."""
+    checked_in_at = record.info.get("checked_in_at")
+    if checked_in_at is None or time.monotonic() - checked_in_at < PING_IDLE_SECONDS:
+        return
+    try:
+        dialect.do_ping(dbapi_connection)
+    except psycopg.Error as e:
+        raise DisconnectionError("the pooled connection did not answer its ping") from e
 
 
 def _create_private(path: Path) -> None:
@@ -396,6 +433,13 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         yield
 
 
+class Change(asyncio.Event):
+    """Set whenever its key changes. `verdict`: the task as its verdict wrote it, when this
+    process wrote it (see ChangeFeed.publish_verdict)."""
+
+    verdict: TaskRecord | None = None
+
+
 class ChangeFeed:
     """Wakes whoever waits on a key (a task id, or `queue:<pool>`) when it changes, in any
     process. In-process writers publish directly; other processes are heard through
@@ -406,7 +450,7 @@ class ChangeFeed:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self.origin = uuid.uuid4().hex
-        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._events: dict[str, set[Change]] = defaultdict(set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         # A thread of its own, which alone uses its connection: it blocks on the socket
@@ -414,9 +458,9 @@ class ChangeFeed:
         self._listener: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def subscribe(self, key: str) -> Iterator[asyncio.Event]:
+    def subscribe(self, key: str) -> Iterator[Change]:
         """An event set whenever `key` changes, for the duration of the block."""
-        changed = asyncio.Event()
+        changed = Change()
         self._events[key].add(changed)
         try:
             yield changed
@@ -429,6 +473,12 @@ class ChangeFeed:
         for key in keys:
             for changed in self._events.get(key, ()):
                 changed.set()
+
+    def publish_verdict(self, record: TaskRecord) -> None:
+        """A task of this process finished: its waiters here get the row as it was written."""
+        for changed in self._events.get(record.id, ()):
+            changed.verdict = record
+        self.publish(*record.keys)
 
     def wake_all(self) -> None:
         """Something may have changed that we could not hear of (a reconnect, SQLite)."""
@@ -634,7 +684,8 @@ class TaskManager:
         with self.feed.subscribe(task_id) as changed:
             while True:
                 changed.clear()  # before reading, so a change after the read still wakes us
-                record = known or await self._db(self._read, task_id, owner)
+                verdict = changed.verdict if changed.verdict is not None and changed.verdict.owner == owner else None
+                record = known or verdict or await self._db(self._read, task_id, owner)
                 remaining = deadline - loop.time()
                 if record.status.finished or remaining <= 0 or (stop is not None and stop.is_set()):
                     return record
@@ -735,9 +786,12 @@ class TaskManager:
     async def finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
         """Record how the scan ended. False when the task was no longer ours to finish (it
         was cancelled, then only what it found is kept; or resolved by another process)."""
-        finished = await self._db(self._finish, record, worker_id, outcome)
-        self.feed.publish(*record.keys)
-        return finished
+        verdict = await self._db(self._finish, record, worker_id, outcome)
+        if verdict is None or record.parent_id:
+            self.feed.publish(*record.keys)
+        else:
+            self.feed.publish_verdict(verdict)
+        return verdict is not None
 
     async def renew(self, worker: WorkerInfo, task_ids: Sequence[str]) -> set[str]:
         """Extend this worker's leases and heartbeat; return the ids no longer ours."""
@@ -1035,17 +1089,19 @@ class TaskManager:
                 ])
             self._notify(conn, task_id)
 
-    def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
+    def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> TaskRecord | None:
+        """The task as the verdict wrote it; None when it was no longer ours."""
         found = {
             "result": None if outcome.result is None else outcome.result.model_dump_json(),
             "raw_xml": zlib.compress(outcome.raw_xml) if outcome.raw_xml else None,
         }
         ours = {"p_id": record.id, "p_worker": worker_id}
         with self._writing() as conn:
-            finished = conn.execute(_UPDATE_RUNNING_OURS, ours | found | {
+            row = conn.execute(_RECORD_VERDICT, ours | found | {
                 "status": outcome.status.value, "finished_at": time.time(), "error": outcome.error,
                 "progress": None, "dedupe_key": None, "lease_expires_at": None,
-            }).rowcount == 1
+            }).first()
+            finished = row is not None
             if not finished:
                 # Cancelled while it ran: keep what it found, not the verdict.
                 conn.execute(_KEEP_FOUND, ours | found)
@@ -1056,7 +1112,7 @@ class TaskManager:
             if record.parent_id:
                 self._settle_parent(conn, record.parent_id)
             self._notify(conn, *record.keys)
-        return finished
+        return _record(row) if row is not None else None
 
     def _settle_parent(self, conn: Connection, parent_id: str) -> None:
         """Once every shard has finished, give the parent its merged result and verdict."""
@@ -1228,15 +1284,10 @@ class TaskManager:
             for row in conn.execute(_KNOWN_PORTS, {"p_owner": record.owner, "p_addresses": list(chunk)})
         }
         plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports, time.time())
-        self._replace_rows(conn, inventory_hosts, record.owner, plan.hosts)
-        self._replace_rows(conn, inventory_ports, record.owner, plan.ports)
-
-    @staticmethod
-    def _replace_rows(conn: Connection, table: Any, owner: str, rows: list[dict[str, Any]]) -> None:
-        for chunk in _chunks(rows, 500):
-            keys = [tuple(row[k] for k in _INVENTORY_KEYS[table]) for row in chunk]
-            conn.execute(_DELETE_INVENTORY_ROWS[table], {"p_owner": owner, "p_keys": keys})
-            conn.execute(_INSERT_INVENTORY_ROWS[table], chunk)
+        statements = _WRITE_INVENTORY_ROWS[self._engine.dialect.name]
+        for table, rows in ((inventory_hosts, plan.hosts), (inventory_ports, plan.ports)):
+            for chunk in _chunks(rows, 500):
+                conn.execute(statements[table], chunk)
 
     def _find_hosts(self, owner: str, query: HostQuery, limit: int, offset: int) -> tuple[list[InventoryHost], int]:
         """Hosts matching `query`, by address, with their matching ports; and how many match."""

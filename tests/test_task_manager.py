@@ -13,9 +13,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import psycopg
 import pytest
 from sqlalchemy import insert, select, update
+from sqlalchemy.engine import make_url
 
+import task_manager
 from models import ScanKind, TaskStatus, task_hosts, tasks
 from scanner import ScanOutcome, build_argv
 from task_manager import (
@@ -30,7 +33,7 @@ from task_manager import (
     upgrade_schema,
     wait_set,
 )
-from tests.support import Listeners, NmapWrapper, process_alive
+from tests.support import POSTGRES_ADMIN_URL, Listeners, NmapWrapper, process_alive
 from worker import Worker, resolve_expired_forever
 
 pytestmark = pytest.mark.anyio
@@ -111,6 +114,25 @@ def test_a_process_hears_other_processes_notifications_and_not_its_own() -> None
     assert heard_key("0b1e8a4c-6f1d-4a54-9b1e-3f1f0a2b7c9d", "a1b2") == "0b1e8a4c-6f1d-4a54-9b1e-3f1f0a2b7c9d"
 
 
+async def test_a_pooled_postgresql_connection_that_died_while_idle_is_replaced_unseen(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(task_manager, "PING_IDLE_SECONDS", 0.2)
+    store = TaskManager(create_db_engine(postgres_url), max_queued=10)
+    await store.start()
+    try:
+        await store.ping()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                "pg_backend_pid() AND query NOT LIKE 'LISTEN%%'", (make_url(postgres_url).database,)).fetchone()
+        assert ended is not None and ended[0] >= 1
+        await asyncio.sleep(0.3)  # idle past PING_IDLE_SECONDS: pinged, found dead, replaced
+        await store.ping()
+    finally:
+        await store.stop()
+
+
 async def test_scan_completes_within_the_wait(make_node: MakeNode, nmap_wrapper: NmapWrapper,
                                               listeners: Listeners) -> None:
     [port] = listeners.open_free_top_ports(1)
@@ -122,6 +144,29 @@ async def test_scan_completes_within_the_wait(make_node: MakeNode, nmap_wrapper:
     assert [(p.port, p.state) for p in done.result.hosts[0].ports] == [(port, "open")]
     assert done.started_at is not None and done.finished_at is not None
     assert done.worker_name == "w0" and done.pool == "default"
+
+
+async def test_a_wait_in_the_process_that_finished_the_scan_gets_the_verdict_without_reading_it(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    [port] = listeners.open_free_top_ports(1)
+    nmap_wrapper.set_delay(1.2)
+    node = await make_node()
+    record = await submit(node.store, nmap_wrapper, port)
+    read_statuses: list[TaskStatus] = []
+    read = node.store._read
+
+    def counted_read(task_id: str, owner: str) -> TaskRecord:
+        found = read(task_id, owner)
+        read_statuses.append(found.status)
+        return found
+
+    monkeypatch.setattr(node.store, "_read", counted_read)
+    done = await node.store.wait(record.id, "alice", timeout=30, known=record)
+    # Reads while it ran (the wait re-reads at least every half second), none of the verdict.
+    assert read_statuses and set(read_statuses) == {TaskStatus.RUNNING}
+    assert done.status is TaskStatus.COMPLETED and done.result is not None
+    assert done == await node.store.get(record.id, "alice", with_result=True)  # the row as a read returns it, result and all
 
 
 async def test_a_wait_from_a_record_read_before_the_verdict_sees_it_within_half_a_second(
