@@ -2,9 +2,8 @@
 
 `build_argv` and `interpret_run` are pure. `run_nmap` owns the process from start to
 end: a clean environment, an empty working directory, no stdin, a file-size limit of
-zero, its own process group (killed on every exit path), a CPU priority below the
-server's, stdout streamed to a sink as it arrives and stderr read concurrently with a size
-cap.
+zero, its own process group (killed on every exit path), stdout streamed to a sink as it
+arrives and stderr read concurrently with a size cap.
 """
 
 from __future__ import annotations
@@ -37,11 +36,6 @@ VERSION_OPTIONS: tuple[str, ...] = ("-T4", "-sV")
 # nmap writes <taskprogress> into its XML this often; the task records it as progress.
 STATS_EVERY = "2s"
 STDERR_CAP = 64 * 1024
-# nmap runs this much nicer than the server, whose event loop serves the API, writes what
-# scans find and renews their leases. With it, and nmap in the server's session (see
-# run_nmap), the server's event loop waited for a CPU 1.7 s instead of 2.8 s over 200 quick
-# scans, 10 at a time on 2 cores (/proc schedstat). nmap gets every cycle the server leaves.
-NMAP_NICENESS = 10
 _CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
@@ -198,7 +192,6 @@ async def run_nmap(argv: Sequence[str], *, time_limit: float, stdout_sink: Calla
             # many kernels), where each nmap weighs as much as the whole server.
             process_group=0,
         )
-        _run_nicer(proc.pid)
         try:
             child = _Child(proc, stdout_sink)
         except BaseException:  # no descriptor left for its pidfd or pipes: it must not run on
@@ -321,13 +314,6 @@ def _pidfd(pid: int) -> int | None:
 def _wait_exit(pid: int) -> None:
     """Block until the process has exited, leaving it to be reaped (WNOWAIT)."""
     os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-
-
-def _run_nicer(pid: int) -> None:
-    """NMAP_NICENESS above the server's own niceness (kept through setpriv's and prlimit's
-    execs, so nmap has it); a process already gone is left to the exit path."""
-    with contextlib.suppress(ProcessLookupError):
-        os.setpriority(os.PRIO_PROCESS, pid, min(os.getpriority(os.PRIO_PROCESS, 0) + NMAP_NICENESS, 19))
 
 
 def _kill_group(pgid: int) -> None:
