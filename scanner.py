@@ -194,9 +194,12 @@ async def run_nmap(argv: Sequence[str], *, time_limit: float, stdout_sink: Calla
         )
         try:
             child = _Child(proc, stdout_sink)
-        except BaseException:  # no descriptor left for its pidfd or pipes: it must not run on
+        except BaseException:  # no descriptor left for its pidfd: it must not run on unwatched
             _kill_group(proc.pid)
             proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                assert stream is not None
+                stream.close()
             raise
         try:
             timed_out = await child.finished(time_limit)
@@ -222,14 +225,13 @@ class _Child:
         self._sink = stdout_sink
         self.stderr = bytearray()
         self._timed_out = False
-        # Exited (and reaped) and both pipes read to their end; or the sink failed.
-        self._exited = self._loop.create_future()
-        self._done = self._loop.create_future()
+        self._pidfd = _pidfd(proc.pid)  # first: if it fails, nothing is registered yet
+        self._exited = self._loop.create_future()  # exited, its group killed, reaped
+        self._done = self._loop.create_future()  # exited and both pipes read to their end; or the sink failed
         self._open = {proc.stdout.fileno(): self._to_sink, proc.stderr.fileno(): self._to_stderr}
         for fd in self._open:
             os.set_blocking(fd, False)
             self._loop.add_reader(fd, self._read, fd)
-        self._pidfd = _pidfd(proc.pid)
         if self._pidfd is not None:
             self._loop.add_reader(self._pidfd, self._on_exit)
         else:  # a kernel before 5.3: a thread waits, without reaping, for the exit

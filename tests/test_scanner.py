@@ -191,6 +191,33 @@ async def test_without_pidfds_a_run_still_ends_and_a_time_limit_still_kills(
     assert run.timed_out and run.duration < 5 and not nmap_wrapper.alive()
 
 
+def running_commands() -> dict[int, str]:
+    """pid -> command line of every live process (zombies have none)."""
+    commands = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+    return commands
+
+
+@pytest.mark.anyio
+async def test_an_nmap_that_cannot_be_watched_is_killed_at_once(
+    nmap_wrapper: NmapWrapper, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_descriptors_left(_pid: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pidfd_open", no_descriptors_left)
+    nmap_wrapper.set_delay(30)
+    with pytest.raises(OSError, match="Too many open files"):
+        await collect([str(nmap_wrapper.path), "--", "127.0.0.1"], 60)
+    # Killed and reaped before it got far enough to record its start, or after: gone either way.
+    assert not [pid for pid, command in running_commands().items() if str(nmap_wrapper.path) in command]
+
+
 @pytest.mark.anyio
 async def test_a_sink_that_fails_fails_the_run_and_nmap_is_killed(nmap_wrapper: NmapWrapper) -> None:
     class SinkBroke(Exception):
