@@ -122,6 +122,16 @@ _P = {name: bindparam(f"p_{name}") for name in ("id", "owner", "worker", "pool",
 _NOTIFY = select(func.pg_notify(NOTIFY_CHANNEL, bindparam("p_key", type_=String)))
 _TAKE_SUBMIT_LOCK = select(func.pg_advisory_xact_lock(_SUBMIT_LOCK))
 _TAKE_INVENTORY_LOCK = select(func.pg_advisory_xact_lock(_INVENTORY_LOCK, func.hashtext(_P["owner"])))
+# A shareable scan's twin: the same call queued or running, or completed recently enough.
+_ACTIVE_TWIN = select(*_SUMMARY_COLUMNS).where(tasks.c.dedupe_key == bindparam("p_dedupe_key"))
+_FRESH_TWIN = (
+    select(*_SUMMARY_COLUMNS)
+    .where(tasks.c.owner == _P["owner"], tasks.c.kind == bindparam("p_kind"), tasks.c.argv == bindparam("p_argv"),
+           tasks.c.status == TaskStatus.COMPLETED.value, tasks.c.finished_at >= bindparam("p_fresh_since"),
+           tasks.c.parent_id.is_(None))
+    .order_by(tasks.c.finished_at.desc())
+    .limit(1)
+)
 _COUNT_WAITING = select(func.count()).select_from(tasks).where(
     tasks.c.status == TaskStatus.QUEUED.value, tasks.c.shard_count == 0)
 _INSERT_TASKS = insert(tasks)
@@ -867,17 +877,11 @@ class TaskManager:
     def _select_shareable(
         self, conn: Connection, values: dict[str, Any], fresh_since: float | None
     ) -> Row[Any] | None:
-        active = conn.execute(select(*_SUMMARY_COLUMNS).where(tasks.c.dedupe_key == values["dedupe_key"])).first()
+        active = conn.execute(_ACTIVE_TWIN, {"p_dedupe_key": values["dedupe_key"]}).first()
         if active is not None or fresh_since is None:
             return active
-        return conn.execute(
-            select(*_SUMMARY_COLUMNS)
-            .where(tasks.c.owner == values["owner"], tasks.c.kind == values["kind"], tasks.c.argv == values["argv"],
-                   tasks.c.status == TaskStatus.COMPLETED.value, tasks.c.finished_at >= fresh_since,
-                   tasks.c.parent_id.is_(None))
-            .order_by(tasks.c.finished_at.desc())
-            .limit(1)
-        ).first()
+        return conn.execute(_FRESH_TWIN, {"p_owner": values["owner"], "p_kind": values["kind"],
+                                          "p_argv": values["argv"], "p_fresh_since": fresh_since}).first()
 
     def _check_limits(self, conn: Connection, values: dict[str, Any], limits: Limits) -> None:
         """Raise RateLimited if the new task would pass a limit; inside the submitting
