@@ -197,9 +197,7 @@ async def run_nmap(argv: Sequence[str], *, time_limit: float, stdout_sink: Calla
         except BaseException:  # no descriptor left for its pidfd: it must not run on unwatched
             _kill_group(proc.pid)
             proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                assert stream is not None
-                stream.close()
+            _close_pipes(proc)
             raise
         try:
             timed_out = await child.finished(time_limit)
@@ -222,13 +220,12 @@ class _Child:
         assert proc.stdout is not None and proc.stderr is not None
         self._loop = asyncio.get_running_loop()
         self._proc = proc
-        self._sink = stdout_sink
         self.stderr = bytearray()
         self._timed_out = False
         self._pidfd = _pidfd(proc.pid)  # first: if it fails, nothing is registered yet
         self._exited = self._loop.create_future()  # exited, its group killed, reaped
         self._done = self._loop.create_future()  # exited and both pipes read to their end; or the sink failed
-        self._open = {proc.stdout.fileno(): self._to_sink, proc.stderr.fileno(): self._to_stderr}
+        self._open = {proc.stdout.fileno(): stdout_sink, proc.stderr.fileno(): self._to_stderr}
         for fd in self._open:
             os.set_blocking(fd, False)
             self._loop.add_reader(fd, self._read, fd)
@@ -255,9 +252,7 @@ class _Child:
         await asyncio.shield(self._exited)
         for fd in list(self._open):
             self._stop_reading(fd)
-        for stream in (self._proc.stdout, self._proc.stderr):
-            assert stream is not None
-            stream.close()
+        _close_pipes(self._proc)
 
     def _time_out(self) -> None:
         self._timed_out = True
@@ -277,9 +272,6 @@ class _Child:
         except Exception as e:  # noqa: BLE001 - a failing sink (a bug) fails the run; nmap is killed on the way out
             if not self._done.done():
                 self._done.set_exception(e)
-
-    def _to_sink(self, chunk: bytes) -> None:
-        self._sink(chunk)
 
     def _to_stderr(self, chunk: bytes) -> None:
         self.stderr += chunk[: max(STDERR_CAP - len(self.stderr), 0)]
@@ -301,6 +293,12 @@ class _Child:
     def _settle(self) -> None:
         if self._exited.done() and not self._open and not self._done.done():
             self._done.set_result(None)
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    for stream in (proc.stdout, proc.stderr):
+        assert stream is not None
+        stream.close()
 
 
 def _pidfd(pid: int) -> int | None:
