@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from config import Limits
 from models import ScanKind
-from task_manager import RateLimited, TaskManager, create_db_engine
+from task_manager import _USAGE, RateLimited, TaskManager, create_db_engine, upgrade_schema
 from tests.support import ALICE, BOB, SECRETS, StartServer, call_tool, error_text
 
 pytestmark = pytest.mark.anyio
@@ -100,3 +101,18 @@ async def test_a_token_s_own_limits_over_live_http(live_server: StartServer) -> 
     assert shown["token"] == "bob" and by_name["scans_per_minute"] == {
         "name": "scans_per_minute", "limit": 1, "used": 1, "window": "the last minute"}
     assert by_name["concurrent_scans"]["limit"] == 5 and by_name["addresses_per_day"]["limit"] == 65_536
+
+
+def test_the_usage_check_of_every_submit_reads_no_task_row(tmp_path: Path) -> None:
+    """A task's row holds its result and XML: a usage check that read the rows of the token's
+    day cost a submit 4.7 ms at 1,200 tasks, growing with every scan. SQLite must answer it
+    from the indexes alone."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
+    upgrade_schema(engine)
+    params = {"p_owner": "alice", "p_minute_ago": 1.0, "p_hour_ago": 1.0, "p_day_ago": 1.0}
+    statement = str(_USAGE.params(params).compile(engine, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as conn:
+        plan = [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}")]
+    engine.dispose()
+    reads = [step for step in plan if step.startswith(("SEARCH", "SCAN"))]
+    assert len(reads) == 2 and all("USING COVERING INDEX" in step for step in reads), (statement, plan)

@@ -64,4 +64,4 @@ def test_migrations_build_the_schema_models_declare(database_url: str) -> None:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     engine.dispose()
     assert differences == []
-    assert version == "0005"
+    assert version == "0006"
