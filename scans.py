@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import audit
@@ -231,12 +232,16 @@ class ScanService:
         share = request.shareable and not rescan
         shards = shard(argv, resolved.networks, self._settings.shard_addresses) \
             if resolved.address_count > self._settings.shard_addresses else []
-        record, reused = await self._store.submit(
-            owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds, pool=pool,
-            share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
+        submit = partial(
+            self._store.submit, owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds,
+            pool=pool, share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
             shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
             forced=request.shareable and rescan, schedule_run=schedule_run,
         )
+        if self._worker is not None and self._worker.info.pool == pool:
+            record, reused, _ = await self._worker.hand_over(lambda worker: submit(claim_for=worker))
+        else:
+            record, reused, _ = await submit()
         audit.queued(task_id=record.id, reused=reused, argv=argv, targets=list(resolved.nmap_targets), pool=pool)
         submitted = _submitted.get()
         if submitted is not None:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -33,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from alembic import command
@@ -132,7 +133,7 @@ _FRESH_TWIN = (
     .order_by(tasks.c.finished_at.desc())
     .limit(1)
 )
-_COUNT_WAITING = select(func.count()).select_from(tasks).where(
+_COUNT_WAITING = select(func.count().label("waiting")).select_from(tasks).where(
     tasks.c.status == TaskStatus.QUEUED.value, tasks.c.shard_count == 0)
 _INSERT_TASKS = insert(tasks)
 _READ_TASK = select(*_RESULT_COLUMNS).where(tasks.c.id == _P["id"], tasks.c.owner == _P["owner"],
@@ -178,6 +179,8 @@ _USAGE = select(
     func.count().filter(tasks.c.forced.is_(True), tasks.c.created_at > bindparam("p_hour_ago"))
     .label("rescans_per_hour"),
 ).where(tasks.c.owner == _P["owner"], tasks.c.parent_id.is_(None), tasks.c.created_at > bindparam("p_day_ago"))
+# A submit checked against limits reads the usage and the queue's length in one statement.
+_USAGE_AND_WAITING = _USAGE.add_columns(_COUNT_WAITING.scalar_subquery().label("waiting"))
 # The inventory a completed scan folds into (see `_fold_into_inventory`).
 _KNOWN_HOSTS = select(inventory_hosts).where(
     inventory_hosts.c.owner == _P["owner"],
@@ -261,6 +264,15 @@ class TaskRecord:
     def keys(self) -> tuple[str, ...]:
         """The change-feed keys a change of this task wakes: itself, and its parent."""
         return (self.id, self.parent_id) if self.parent_id else (self.id,)
+
+
+class Submitted(NamedTuple):
+    """What `submit` did: the caller's task, whether it was an identical one reused, and the
+    queued task it leased to `claim_for` (the pool's oldest: the new one, or an older one)."""
+
+    record: TaskRecord
+    reused: bool
+    claimed: TaskRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -409,8 +421,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: Connection) -> None:
     # A writing transaction that reads first must hold the write lock from its start: in WAL
-    # mode a deferred one that read an older snapshot fails at its first write.
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("writing") else "BEGIN")
+    # mode a deferred one that read an older snapshot fails at its first write. Sent on the
+    # driver's connection: through SQLAlchemy's statement machinery the BEGIN cost as much as
+    # the statements after it (4% of the server's CPU per quick scan). Its errors come
+    # unwrapped, as sqlite3's own (see `TaskManager._db`).
+    begin = "BEGIN IMMEDIATE" if conn.get_execution_options().get("writing") else "BEGIN"
+    conn.connection.driver_connection.execute(begin).close()  # type: ignore[union-attr]
 
 
 def upgrade_schema(engine: Engine) -> None:
@@ -584,6 +600,9 @@ class TaskManager:
         # Task reads waiting for the next batch, and the task that serves them (see `get`).
         self._reads: list[tuple[str, str, asyncio.Future[TaskRecord]]] = []
         self._reader: asyncio.Task[None] | None = None
+        # Tasks this process may have written finished hosts of (see `save_live`): only
+        # their verdict needs to delete those rows, a statement saved for every other scan.
+        self._live_hosts_of: set[str] = set()
 
     async def start(self) -> None:
         """Bring the schema up to date and start hearing of other processes' changes."""
@@ -619,12 +638,17 @@ class TaskManager:
         address_count: int = 0,
         forced: bool = False,
         schedule_run: str | None = None,
-    ) -> tuple[TaskRecord, bool]:
+        claim_for: WorkerInfo | None = None,
+    ) -> Submitted:
         """Queue a scan (as shards when given), or with `share` return the caller's identical
-        scan already queued or running, or completed since `fresh_since`. Returns the task and
-        whether it was reused; QueueFull when the queue is at its bound, RateLimited when a
-        new task would pass one of `limits` (a reused task passes none). A `schedule_run` is
-        linked to the task in the same transaction, once (RunAlreadyQueued otherwise)."""
+        scan already queued or running, or completed since `fresh_since`. QueueFull when the
+        queue is at its bound, RateLimited when a new task would pass one of `limits` (a
+        reused task passes none). A `schedule_run` is linked to the task in the same
+        transaction, once (RunAlreadyQueued otherwise).
+
+        With `claim_for`, a worker of this process with a free slot, the same transaction
+        also claims the pool's oldest queued task for it, as its claim loop would have: no
+        second transaction, and no wake-up of any worker when nothing is left queued."""
         values = {
             "id": str(uuid.uuid4()), "owner": owner, "kind": kind.value, "target": target,
             "argv": json.dumps(list(argv)), "status": TaskStatus.QUEUED.value, "created_at": time.time(),
@@ -632,11 +656,11 @@ class TaskManager:
             "dedupe_key": dedupe_key(owner, kind, argv) if share else None,
             "address_count": address_count, "forced": forced,
         }
-        row, reused = await self._db(self._submit, values, fresh_since, shards, limits, schedule_run)
-        record = _record(row)
-        if not reused:
+        row, reused, claimed, left_queued = await self._db(
+            self._submit, values, fresh_since, shards, limits, schedule_run, claim_for)
+        if left_queued:
             self.feed.publish(f"queue:{pool}")
-        return record, reused
+        return Submitted(_record(row), reused, claimed)
 
     async def get(self, task_id: str, owner: str, *, with_result: bool = False) -> TaskRecord:
         """The caller's task; TaskNotFound for a missing id and for another owner's id alike.
@@ -774,10 +798,10 @@ class TaskManager:
     async def unregister_worker(self, worker_id: str) -> None:
         await self._db(self._delete_worker, worker_id)
 
-    async def claim(self, worker_id: str, worker_name: str, pool: str, limit: int) -> list[TaskRecord]:
-        """Up to `limit` of the pool's oldest queued tasks, oldest first, now leased to this
-        worker; fewer (or none) when the queue holds fewer."""
-        return await self._db(self._claim, worker_id, worker_name, pool, limit)
+    async def claim(self, worker: WorkerInfo, pool: str, limit: int) -> list[TaskRecord]:
+        """Up to `limit` of the pool's oldest queued tasks, oldest first, now leased to
+        `worker`; fewer (or none) when the queue holds fewer."""
+        return await self._db(self._claim, worker, pool, limit)
 
     async def mark_started(self, record: TaskRecord, worker_id: str) -> bool:
         """Record that nmap is about to start; False when the task is no longer ours."""
@@ -791,14 +815,19 @@ class TaskManager:
     async def save_live(
         self, record: TaskRecord, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail]
     ) -> None:
-        """Write a running scan's progress and the hosts it finished since the last call."""
+        """Write a running scan's progress and the hosts it finished since the last call.
+        Only the worker holding a task writes its hosts, from its start: the task is noted
+        before the write, which may commit even when its answer is lost."""
+        if hosts:
+            self._live_hosts_of.add(record.id)
         await self._db(self._save_live, record.id, worker_id, progress, first_seq, hosts)
         self.feed.publish(*record.keys)
 
     async def finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
         """Record how the scan ended. False when the task was no longer ours to finish (it
         was cancelled, then only what it found is kept; or resolved by another process)."""
-        verdict = await self._db(self._finish, record, worker_id, outcome)
+        verdict = await self._db(self._finish, record, worker_id, outcome, record.id in self._live_hosts_of)
+        self._live_hosts_of.discard(record.id)
         if verdict is None or record.parent_id:
             self.feed.publish(*record.keys)
         else:
@@ -822,7 +851,7 @@ class TaskManager:
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._threads, partial(fn, *args))
-        except (OperationalError, InterfaceError) as e:
+        except (OperationalError, InterfaceError, sqlite3.OperationalError) as e:
             self._on_unavailable(fn.__name__.lstrip("_"))
             raise DatabaseUnavailable("the task database is not reachable; retry later") from e
 
@@ -853,18 +882,23 @@ class TaskManager:
 
     def _submit(
         self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard],
-        limits: Limits | None = None, schedule_run: str | None = None,
-    ) -> tuple[Mapping[str, Any], bool]:
+        limits: Limits | None, schedule_run: str | None, claim_for: WorkerInfo | None,
+    ) -> tuple[Mapping[str, Any], bool, TaskRecord | None, bool]:
+        """(the task's row, reused, the task claimed for `claim_for`, whether a task this
+        submission queued is still queued)."""
         with self._writing() as conn:
             if self._postgres:
                 conn.execute(_TAKE_SUBMIT_LOCK)
             if values["dedupe_key"] is not None:
                 shared = self._select_shareable(conn, values, fresh_since)
                 if shared is not None:
-                    return shared, True
-            if limits is not None:
-                self._check_limits(conn, values, limits)
-            waiting = conn.execute(_COUNT_WAITING).scalar_one()
+                    return shared, True, None, False
+            if limits is None:
+                waiting = conn.execute(_COUNT_WAITING).scalar_one()
+            else:
+                usage = self._usage_in(conn, values["owner"], values["created_at"], _USAGE_AND_WAITING)
+                self._check_limits(conn, values, limits, usage)
+                waiting = usage["waiting"]
             if waiting + max(len(shards), 1) > self._max_queued:
                 raise QueueFull(
                     f"the scan queue is full ({self._max_queued} tasks waiting); "
@@ -872,9 +906,15 @@ class TaskManager:
                 )
             if schedule_run is not None:
                 self._link_run(conn, schedule_run, values["id"])
-            conn.execute(_INSERT_TASKS, [values, *self._shard_rows(values, shards)])
-            self._notify(conn, f"queue:{values['pool']}")
-        return values | {"started_at": None, "finished_at": None, "error": None}, False
+            rows = [values, *self._shard_rows(values, shards)]
+            conn.execute(_INSERT_TASKS, rows)
+            claimed = self._claim_in(conn, claim_for, values["pool"], 1, values["created_at"]) if claim_for else []
+            # Queued by this submission: its task, or its shards (the parent is never claimed).
+            left_queued = (len(shards) or 1) > sum(record.id in {row["id"] for row in rows} for record in claimed)
+            if left_queued:
+                self._notify(conn, f"queue:{values['pool']}")
+        return (values | {"started_at": None, "finished_at": None, "error": None}, False,
+                claimed[0] if claimed else None, left_queued)
 
     def _select_shareable(
         self, conn: Connection, values: dict[str, Any], fresh_since: float | None
@@ -885,11 +925,11 @@ class TaskManager:
         return conn.execute(_FRESH_TWIN, {"p_owner": values["owner"], "p_kind": values["kind"],
                                           "p_argv": values["argv"], "p_fresh_since": fresh_since}).first()
 
-    def _check_limits(self, conn: Connection, values: dict[str, Any], limits: Limits) -> None:
-        """Raise RateLimited if the new task would pass a limit; inside the submitting
-        transaction, which submissions take one at a time, so limits hold across processes."""
+    def _check_limits(self, conn: Connection, values: dict[str, Any], limits: Limits, usage: dict[str, int]) -> None:
+        """Raise RateLimited if the new task would pass a limit, given the owner's `usage`
+        read in the submitting transaction (which submissions take one at a time, so limits
+        hold across processes)."""
         owner, now = values["owner"], values["created_at"]
-        usage = self._usage_in(conn, owner, now)
         problems = {
             "concurrent_scans": usage["concurrent_scans"] + 1 > limits.concurrent_scans,  # type: ignore[operator]
             "scans_per_minute": usage["scans_per_minute"] + 1 > limits.scans_per_minute,  # type: ignore[operator]
@@ -913,9 +953,9 @@ class TaskManager:
         raise RateLimited(f"{limit} {label} for token '{owner}'; retry in {max(1, round(wait))} s")
 
     @staticmethod
-    def _usage_in(conn: Connection, owner: str, now: float) -> dict[str, int]:
-        row = conn.execute(_USAGE, {"p_owner": owner, "p_minute_ago": now - 60, "p_hour_ago": now - 3600,
-                                    "p_day_ago": now - 86_400}).one()
+    def _usage_in(conn: Connection, owner: str, now: float, statement: Any = _USAGE) -> dict[str, int]:
+        row = conn.execute(statement, {"p_owner": owner, "p_minute_ago": now - 60, "p_hour_ago": now - 3600,
+                                       "p_day_ago": now - 86_400}).one()
         return {name: int(value) for name, value in row._mapping.items()}
 
     @staticmethod
@@ -1049,18 +1089,20 @@ class TaskManager:
             return []
         return list(conn.execute(select(tasks.c.id).where(tasks.c.parent_id == record.id)).scalars())
 
-    def _claim(self, worker_id: str, worker_name: str, pool: str, limit: int) -> list[TaskRecord]:
+    def _claim(self, worker: WorkerInfo, pool: str, limit: int) -> list[TaskRecord]:
         """No notification: nobody waits for a claim (a waiting call wakes for progress and
         the verdict, a worker for losing its task), and one per scan costs every waiter a read."""
-        now = time.time()
         with self._writing() as conn:
             self._relaxed_commit(conn)
-            rows = conn.execute(_CLAIM, {"p_pool": pool, "p_limit": limit, "worker_id": worker_id,
-                                         "worker_name": worker_name, "claimed_at": now,
-                                         "lease_expires_at": now + self.lease_seconds}).all()
-            records = sorted((_record(row) for row in rows), key=lambda record: record.created_at)
-            for parent_id in sorted({record.parent_id for record in records if record.parent_id}):
-                conn.execute(_CLAIM_PARENT, {"p_parent": parent_id, "claimed_at": now})
+            return self._claim_in(conn, worker, pool, limit, time.time())
+
+    def _claim_in(self, conn: Connection, worker: WorkerInfo, pool: str, limit: int, now: float) -> list[TaskRecord]:
+        rows = conn.execute(_CLAIM, {"p_pool": pool, "p_limit": limit, "worker_id": worker.id,
+                                     "worker_name": worker.name, "claimed_at": now,
+                                     "lease_expires_at": now + self.lease_seconds}).all()
+        records = sorted((_record(row) for row in rows), key=lambda record: record.created_at)
+        for parent_id in sorted({record.parent_id for record in records if record.parent_id}):
+            conn.execute(_CLAIM_PARENT, {"p_parent": parent_id, "claimed_at": now})
         return records
 
     def _mark_started(self, record: TaskRecord, worker_id: str) -> bool:
@@ -1095,8 +1137,9 @@ class TaskManager:
                 ])
             self._notify(conn, task_id)
 
-    def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> TaskRecord | None:
-        """The task as the verdict wrote it; None when it was no longer ours."""
+    def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, live_hosts: bool) -> TaskRecord | None:
+        """The task as the verdict wrote it; None when it was no longer ours. `live_hosts`:
+        this process may have written finished hosts of the task, which a result replaces."""
         found = {
             "result": None if outcome.result is None else outcome.result.model_dump_json(),
             "raw_xml": zlib.compress(outcome.raw_xml) if outcome.raw_xml else None,
@@ -1111,7 +1154,7 @@ class TaskManager:
             if not finished:
                 # Cancelled while it ran: keep what it found, not the verdict.
                 conn.execute(_KEEP_FOUND, ours | found)
-            if outcome.result is not None:
+            if live_hosts and outcome.result is not None:
                 conn.execute(_DELETE_LIVE_HOSTS, {"p_id": record.id})
             if finished and outcome.status is TaskStatus.COMPLETED and outcome.result is not None:
                 self._update_inventory(conn, record, outcome.result)

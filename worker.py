@@ -1,9 +1,11 @@
 """Scan workers: claim -> scan -> finish, leases renewed by a heartbeat, and shutdown.
 
 A worker serves one pool and runs at most `capacity` nmap processes at once. It claims the
-oldest queued tasks of its pool, as many as it has free slots (the claim gives it a lease),
-marks each started just before its nmap starts, writes progress and finished hosts as they
-come (at most about once a second), and records the verdict. Its heartbeat renews the leases
+oldest queued tasks of its pool, as many as it has free slots (the claim gives it a lease);
+a call submitting in its process while a slot is free makes that claim in the submitting
+transaction (`hand_over`). It marks each task started just before its nmap starts, writes
+progress and finished hosts as they come (at most about once a second), and records the
+verdict. Its heartbeat renews the leases
 of the scans it runs; a task it no longer holds (cancelled by a caller in any process, or
 resolved elsewhere) has its nmap stopped within about a second, through the store's change feed.
 
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,7 +32,7 @@ from metrics import Metrics
 from models import Progress, ScanKind, TaskStatus
 from nmap_report import ReportParser, clean_text, with_versions
 from scanner import NmapRun, ScanOutcome, interpret_run, run_nmap, version_argv
-from task_manager import DatabaseUnavailable, TaskManager, TaskRecord, WorkerInfo, wait_set
+from task_manager import DatabaseUnavailable, Submitted, TaskManager, TaskRecord, WorkerInfo, wait_set
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +63,11 @@ class Worker:
         # Tasks whose lease the heartbeat renews: claimed and not yet done scanning.
         self._holding: set[str] = set()
         self._shutdown = asyncio.Event()
+        self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
+        # Where runs handed over by a submitting call start: the worker's own context, not
+        # the call's (whose token would ride on every log line of the scan).
+        self._context = contextvars.copy_context()
 
     async def start(self) -> None:
         await self._store.register_worker(self.info)
@@ -70,6 +78,7 @@ class Worker:
 
     async def stop(self) -> None:
         """Shut down in the order the module docstring gives."""
+        self._stopping = True
         claim = self._loops[0] if self._loops else None
         if claim is not None:
             claim.cancel()
@@ -95,6 +104,25 @@ class Worker:
     def running(self) -> int:
         return len(self._runs)
 
+    async def hand_over(self, submit: Callable[[WorkerInfo | None], Awaitable[Submitted]]) -> Submitted:
+        """Run `submit`, with this worker to claim for when it has a slot free: the task the
+        submission claims runs here without a claim of its own (a transaction, and a wake-up
+        of the claim loop, saved per scan). The slot is taken before the submission and given
+        back if it claimed nothing; a caller cancelled meanwhile does not strand the task."""
+        if self._stopping or self._slots.locked():
+            return await submit(None)
+        await self._slots.acquire()  # free, so it returns at once: the slot cannot be taken meanwhile
+        submitting = asyncio.ensure_future(submit(self.info))
+        submitting.add_done_callback(self._take_over, context=self._context)
+        return await asyncio.shield(submitting)
+
+    def _take_over(self, submitting: asyncio.Future[Submitted]) -> None:
+        claimed = None if submitting.cancelled() or submitting.exception() else submitting.result().claimed
+        if claimed is None:
+            self._slots.release()
+        else:
+            self._start_run(claimed)
+
     # ---- claim -> scan -> finish --------------------------------------------------------
 
     async def _claim_loop(self) -> None:
@@ -107,10 +135,7 @@ class Worker:
                 queued.clear()
                 records = await self._claim(free)
                 for record in records:
-                    self._holding.add(record.id)
-                    run = asyncio.create_task(self._run(record), name=f"scan-{record.id}")
-                    self._runs[record.id] = run
-                    run.add_done_callback(partial(self._on_run_done, record.id))
+                    self._start_run(record)
                 for _ in range(free - len(records)):
                     self._slots.release()
                 if len(records) < free:
@@ -125,9 +150,16 @@ class Worker:
             taken += 1
         return taken
 
+    def _start_run(self, record: TaskRecord) -> None:
+        """Run a task claimed for this worker, in a slot already taken for it."""
+        self._holding.add(record.id)
+        run = asyncio.create_task(self._run(record), name=f"scan-{record.id}")
+        self._runs[record.id] = run
+        run.add_done_callback(partial(self._on_run_done, record.id))
+
     async def _claim(self, limit: int) -> list[TaskRecord]:
         try:
-            return await self._store.claim(self.info.id, self.info.name, self.info.pool, limit)
+            return await self._store.claim(self.info, self.info.pool, limit)
         except DatabaseUnavailable:
             logger.warning("cannot claim work: the task database is not reachable; retrying")
             return []

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -22,12 +24,15 @@ import task_manager
 from models import ScanKind, TaskStatus, task_hosts, tasks
 from scanner import ScanOutcome, build_argv
 from task_manager import (
+    DatabaseUnavailable,
     QueueFull,
     Shard,
+    Submitted,
     TaskAlreadyFinished,
     TaskManager,
     TaskNotFound,
     TaskRecord,
+    WorkerInfo,
     create_db_engine,
     heard_key,
     upgrade_schema,
@@ -83,7 +88,7 @@ def argv_for(nmap: NmapWrapper, port: int, target: str = "127.0.0.1") -> list[st
 
 async def submit(store: TaskManager, nmap: NmapWrapper, port: int, owner: str = "alice", limit: int = 120,
                  **options: object) -> TaskRecord:
-    record, _ = await store.submit(owner, ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap, port), limit, **options)
+    record = (await store.submit(owner, ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap, port), limit, **options)).record
     return record
 
 
@@ -130,6 +135,24 @@ async def test_a_pooled_postgresql_connection_that_died_while_idle_is_replaced_u
         await asyncio.sleep(0.3)  # idle past PING_IDLE_SECONDS: pinged, found dead, replaced
         await store.ping()
     finally:
+        await store.stop()
+
+
+async def test_a_sqlite_database_locked_past_its_busy_timeout_is_unavailable(
+    tmp_path: Path, nmap_wrapper: NmapWrapper
+) -> None:
+    """The writing BEGIN goes to the driver directly, so its errors arrive as sqlite3's own."""
+    store = TaskManager(create_db_engine(f"sqlite:///{tmp_path / 'tasks.db'}"), max_queued=10)
+    await store.start()
+    holder = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        with pytest.raises(DatabaseUnavailable, match="not reachable"):
+            await submit(store, nmap_wrapper, 1)
+        holder.execute("ROLLBACK")
+        assert (await submit(store, nmap_wrapper, 1)).status is TaskStatus.QUEUED
+    finally:
+        holder.close()
         await store.stop()
 
 
@@ -253,6 +276,65 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5) -> bool:
     while time.monotonic() < deadline and not condition():
         await asyncio.sleep(0.02)
     return condition()
+
+
+async def test_a_submission_hands_the_pools_oldest_task_to_a_free_local_worker(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
+) -> None:
+    """The claim made in the submitting transaction follows the queue's order, as the claim
+    loop would: an older queued task goes first. A worker with no slot free claims nothing."""
+    [port] = listeners.open_free_top_ports(1)
+    node = await make_node(worker=False)  # no claim loop: only hand-overs start scans here
+    worker = Worker(node.store, name="direct", pool="default", capacity=1, grace_seconds=0.5)
+    try:
+        nmap_wrapper.set_delay(1.5)
+        older = await submit(node.store, nmap_wrapper, port)
+        newer = await worker.hand_over(lambda to: node.store.submit(
+            "alice", ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap_wrapper, port), 120, claim_for=to))
+        assert newer.claimed is not None and newer.claimed.id == older.id != newer.record.id
+        assert await wait_for(lambda: worker.running == 1)
+        full = await worker.hand_over(lambda to: node.store.submit(
+            "alice", ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap_wrapper, port), 120, claim_for=to))
+        assert full.claimed is None
+        final = await node.store.wait(older.id, "alice", timeout=30)
+        assert final.status is TaskStatus.COMPLETED and final.worker_name == "direct"
+        for waiting in (newer.record, full.record):
+            assert (await node.store.get(waiting.id, "alice")).status is TaskStatus.QUEUED
+        assert await wait_for(lambda: worker.running == 0)
+        nmap_wrapper.set_delay(0)
+        own = await worker.hand_over(lambda to: node.store.submit(
+            "alice", ScanKind.QUICK, "127.0.0.1", argv_for(nmap_wrapper, port), 120, claim_for=to))
+        assert own.claimed is not None and own.claimed.id == newer.record.id, "the slot was given back"
+    finally:
+        await worker.stop()
+
+
+async def test_a_caller_cancelled_during_a_hand_over_does_not_strand_its_task(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
+) -> None:
+    [port] = listeners.open_free_top_ports(1)
+    node = await make_node(worker=False)
+    worker = Worker(node.store, name="direct", pool="default", capacity=1, grace_seconds=0.5)
+    submitting = asyncio.Event()
+
+    async def submit_later(to: WorkerInfo | None) -> Submitted:
+        await submitting.wait()
+        return await node.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap_wrapper, port), 120,
+                                       claim_for=to)
+
+    try:
+        caller = asyncio.create_task(worker.hand_over(submit_later))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        submitting.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert await wait_for(lambda: worker.running == 1)
+        [record] = await node.store.list("alice", None, 10)
+        final = await node.store.wait(record.id, "alice", timeout=30)
+        assert final.status is TaskStatus.COMPLETED and final.worker_name == "direct"
+    finally:
+        await worker.stop()
 
 
 async def test_owners_cannot_see_each_others_tasks(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
@@ -392,7 +474,7 @@ async def test_time_limit_keeps_the_hosts_finished_so_far(make_node: MakeNode, n
     node = await make_node()
     argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-100", "--scan-delay", "10ms", "--max-hostgroup", "1"],
                       ["127.0.0.1-8"], ipv6=False, privileged=False)
-    record, _ = await node.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)
+    record = (await node.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)).record
     final = await node.store.wait(record.id, "alice", timeout=30)
     assert final.status is TaskStatus.FAILED and "time limit of 3 s" in (final.error or "")
     assert final.result is not None and final.result.partial
@@ -408,7 +490,7 @@ async def test_progress_and_finished_hosts_are_readable_from_another_process(
     reader = await make_node(worker=False)
     argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-200", "--scan-delay", "10ms", "--max-hostgroup", "1"],
                       ["127.0.0.1-8"], ipv6=False, privileged=False)
-    record, _ = await reader.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 120)
+    record = (await reader.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 120)).record
     deadline = time.monotonic() + 30
     partial = None
     while time.monotonic() < deadline:
@@ -454,10 +536,10 @@ async def test_identical_shared_submissions_get_one_task_across_processes(
         node.store.submit("alice", ScanKind.QUICK, "127.0.0.1", argv, 60, share=True)
         for node in (first, second, first, second)
     ))
-    assert len({record.id for record, _ in results}) == 1
-    assert sorted(reused for _, reused in results) == [False, True, True, True]
-    other, reused = await first.store.submit("bob", ScanKind.QUICK, "127.0.0.1", argv, 60, share=True)
-    assert not reused and other.id != results[0][0].id
+    assert len({submitted.record.id for submitted in results}) == 1
+    assert sorted(submitted.reused for submitted in results) == [False, True, True, True]
+    other, reused, _ = await first.store.submit("bob", ScanKind.QUICK, "127.0.0.1", argv, 60, share=True)
+    assert not reused and other.id != results[0].record.id
 
 
 async def test_a_completed_task_clears_its_live_rows(
@@ -466,12 +548,21 @@ async def test_a_completed_task_clears_its_live_rows(
     node = await make_node()
     argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-50", "--scan-delay", "10ms", "--max-hostgroup", "1"],
                       ["127.0.0.1-3"], ipv6=False, privileged=False)
-    record, _ = await node.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-3", argv, 120)
+    record = (await node.store.submit("alice", ScanKind.CUSTOM, "127.0.0.1-3", argv, 120)).record
+    engine = create_db_engine(database_url)
+    live = select(task_hosts).where(task_hosts.c.task_id == record.id)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            written = conn.execute(live).all()
+        if written:
+            break
+        await asyncio.sleep(0.1)
+    assert written, "no finished host was written while the scan ran"
     final = await node.store.wait(record.id, "alice", timeout=60)
     assert final.status is TaskStatus.COMPLETED and final.result is not None and len(final.result.hosts) == 3
-    engine = create_db_engine(database_url)
     with engine.connect() as conn:
-        left = conn.execute(select(task_hosts).where(task_hosts.c.task_id == record.id)).all()
+        left = conn.execute(live).all()
         dedupe = conn.execute(select(tasks.c.dedupe_key).where(tasks.c.id == record.id)).scalar_one()
     engine.dispose()
     assert left == [] and dedupe is None
