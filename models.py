@@ -6,6 +6,7 @@ import enum
 
 from pydantic import BaseModel, Field
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -120,6 +121,19 @@ task_hosts = Table(
     Column("task_id", String(36), primary_key=True),
     Column("seq", Integer, primary_key=True),
     Column("data", Text, nullable=False),
+)
+
+# What each token's top-level tasks counted against its limits, per minute of their creation
+# (minute = int(created_at // 60)), written with each task: the hour's and the day's usage
+# sum at most 60 and 1,440 of these instead of reading every task of the window.
+usage_minutes = Table(
+    "usage_minutes",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("minute", Integer, primary_key=True),
+    Column("addresses", BigInteger, nullable=False),
+    Column("rescans", Integer, nullable=False),
+    sqlite_with_rowid=False,
 )
 
 # Scan workers alive (or recently so): their pool, capacity and heartbeat, for list_workers.

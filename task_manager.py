@@ -79,6 +79,7 @@ from models import (
     schedules,
     task_hosts,
     tasks,
+    usage_minutes,
     workers,
 )
 from nmap_report import build_result, merge_results
@@ -168,17 +169,59 @@ _MARK_PARENT_STARTED = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.s
 _INSERT_LIVE_HOSTS = insert(task_hosts)
 _KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
 _DELETE_LIVE_HOSTS = delete(task_hosts).where(task_hosts.c.task_id == _P["id"])
-# What a token's top-level tasks use of its limits. Two index range scans, neither reading a
-# row (see models.tasks): the day's tasks, and the token's queued and running ones.
-_ACTIVE_TOP_LEVEL = select(func.count()).where(
-    tasks.c.owner == _P["owner"], tasks.c.parent_id.is_(None), tasks.c.status.in_(ACTIVE_STATUSES))
+# What a token's top-level tasks use of its limits, none of it growing with the day's tasks:
+# the last minute's tasks and the active ones (index range scans that read no row on SQLite,
+# see models.tasks; one status at a time: given `status IN (...)`, PostgreSQL read every task
+# of the token), the hour's and the day's usage from usage_minutes (see `_windowed`).
+_TOP_LEVEL_OF_OWNER = (tasks.c.owner == _P["owner"]) & tasks.c.parent_id.is_(None)
+
+
+def _top_level_in(status: TaskStatus) -> Any:
+    return select(func.count()).where(_TOP_LEVEL_OF_OWNER, tasks.c.status == status.value).scalar_subquery()
+
+
+def _windowed(bucketed: Any, from_tasks: Any, window: str, *counted: Any) -> Any:
+    """A window's usage, exactly: the minutes after its first one from usage_minutes, and the
+    part of its first minute inside the window from the tasks themselves (see usage_params)."""
+    minutes = select(func.coalesce(func.sum(bucketed), 0)).where(
+        usage_minutes.c.owner == _P["owner"], usage_minutes.c.minute > bindparam(f"p_{window}_first_minute"))
+    first_minute = select(from_tasks).where(
+        _TOP_LEVEL_OF_OWNER, *counted, tasks.c.created_at > bindparam(f"p_{window}_ago"),
+        tasks.c.created_at < bindparam(f"p_{window}_first_minute_end"))
+    return minutes.scalar_subquery() + first_minute.scalar_subquery()
+
+
 _USAGE = select(
-    func.count().filter(tasks.c.created_at > bindparam("p_minute_ago")).label("scans_per_minute"),
-    _ACTIVE_TOP_LEVEL.scalar_subquery().label("concurrent_scans"),
-    func.coalesce(func.sum(tasks.c.address_count), 0).label("addresses_per_day"),
-    func.count().filter(tasks.c.forced.is_(True), tasks.c.created_at > bindparam("p_hour_ago"))
-    .label("rescans_per_hour"),
-).where(tasks.c.owner == _P["owner"], tasks.c.parent_id.is_(None), tasks.c.created_at > bindparam("p_day_ago"))
+    select(func.count()).where(_TOP_LEVEL_OF_OWNER, tasks.c.created_at > bindparam("p_minute_ago"))
+    .scalar_subquery().label("scans_per_minute"),
+    (_top_level_in(TaskStatus.QUEUED) + _top_level_in(TaskStatus.RUNNING)).label("concurrent_scans"),
+    _windowed(usage_minutes.c.addresses, func.coalesce(func.sum(tasks.c.address_count), 0), "day")
+    .label("addresses_per_day"),
+    _windowed(usage_minutes.c.rescans, func.count(), "hour", tasks.c.forced.is_(True)).label("rescans_per_hour"),
+)
+
+
+def usage_params(owner: str, now: float) -> dict[str, Any]:
+    """The parameters of _USAGE at `now`. A window's first minute is the one its start falls in."""
+    params: dict[str, Any] = {"p_owner": owner, "p_minute_ago": now - 60}
+    for window, seconds in (("hour", 3600), ("day", 86_400)):
+        first = int((now - seconds) // 60)
+        params |= {f"p_{window}_ago": now - seconds, f"p_{window}_first_minute": first,
+                   f"p_{window}_first_minute_end": (first + 1) * 60.0}
+    return params
+
+
+def _add_usage(dialect_insert: Callable[[Table], Any]) -> Any:
+    statement = dialect_insert(usage_minutes)
+    return statement.on_conflict_do_update(index_elements=["owner", "minute"], set_={
+        "addresses": usage_minutes.c.addresses + statement.excluded.addresses,
+        "rescans": usage_minutes.c.rescans + statement.excluded.rescans,
+    })
+
+
+# A new top-level task's part of its owner's usage, added to its minute.
+_ADD_USAGE = {dialect: _add_usage(dialect_insert)
+              for dialect, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))}
 # A submit checked against limits reads the usage and the queue's length in one statement.
 _USAGE_AND_WAITING = _USAGE.add_columns(_COUNT_WAITING.scalar_subquery().label("waiting"))
 # The inventory a completed scan folds into (see `_fold_into_inventory`).
@@ -218,6 +261,10 @@ class TaskAlreadyFinished(RuntimeError):
 
 class DatabaseUnavailable(RuntimeError):
     """The task database cannot be reached (or is locked past its busy timeout)."""
+
+
+class _InventoryRefused(RuntimeError):
+    """The database refused the inventory rows of a completed scan (its transaction is lost)."""
 
 
 class RateLimited(RuntimeError):
@@ -590,6 +637,9 @@ class TaskManager:
         on_unavailable: Callable[[str], None] = lambda _operation: None,
     ) -> None:
         self._engine = engine
+        # Its connections begin writing transactions (see `_sqlite_begin`); made once, as
+        # setting the option per transaction cost more than the BEGIN itself.
+        self._writer = engine.execution_options(writing=True)
         # Told the operation each time the database cannot be reached (metrics count them).
         self._on_unavailable = on_unavailable
         self._max_queued = max_queued
@@ -774,9 +824,10 @@ class TaskManager:
         return await self._db(self._usage, owner)
 
     async def purge(self, before: float, batch: int = 500) -> dict[str, int]:
-        """Delete finished tasks (with their shards and live rows) and inventory rows last seen
-        before `before`, `batch` rows per transaction so that no lock is held for long."""
-        deleted = {"tasks": 0, "inventory_hosts": 0, "inventory_ports": 0}
+        """Delete finished tasks (with their shards and live rows), inventory rows last seen
+        and usage counted before `before`, `batch` rows per transaction so that no lock is
+        held for long. The limits look back a day at most: `before` is at least a day ago."""
+        deleted = {"tasks": 0, "inventory_hosts": 0, "inventory_ports": 0, "usage_minutes": 0}
         for kind in deleted:
             while count := await self._db(self._purge_batch, kind, before, batch):
                 deleted[kind] += count
@@ -859,10 +910,8 @@ class TaskManager:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn:
-            conn.execution_options(writing=True)
-            with conn.begin():
-                yield conn
+        with self._writer.connect() as conn, conn.begin():
+            yield conn
 
     def _notify(self, conn: Connection, *keys: str | None) -> None:
         """NOTIFY other processes at commit (SQLite's commit counter needs nothing)."""
@@ -908,6 +957,9 @@ class TaskManager:
                 self._link_run(conn, schedule_run, values["id"])
             rows = [values, *self._shard_rows(values, shards)]
             conn.execute(_INSERT_TASKS, rows)
+            conn.execute(_ADD_USAGE[self._engine.dialect.name], {
+                "owner": values["owner"], "minute": int(values["created_at"] // 60),
+                "addresses": values["address_count"], "rescans": int(values["forced"])})
             claimed = self._claim_in(conn, claim_for, values["pool"], 1, values["created_at"]) if claim_for else []
             # Queued by this submission: its task, or its shards (the parent is never claimed).
             left_queued = (len(shards) or 1) > sum(record.id in {row["id"] for row in rows} for record in claimed)
@@ -954,8 +1006,7 @@ class TaskManager:
 
     @staticmethod
     def _usage_in(conn: Connection, owner: str, now: float, statement: Any = _USAGE) -> dict[str, int]:
-        row = conn.execute(statement, {"p_owner": owner, "p_minute_ago": now - 60, "p_hour_ago": now - 3600,
-                                       "p_day_ago": now - 86_400}).one()
+        row = conn.execute(statement, usage_params(owner, now)).one()
         return {name: int(value) for name, value in row._mapping.items()}
 
     @staticmethod
@@ -1139,11 +1190,23 @@ class TaskManager:
 
     def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, live_hosts: bool) -> TaskRecord | None:
         """The task as the verdict wrote it; None when it was no longer ours. `live_hosts`:
-        this process may have written finished hosts of the task, which a result replaces."""
+        this process may have written finished hosts of the task, which a result replaces.
+
+        The inventory is folded in the same transaction; should the database refuse what
+        the fold writes, the verdict is written again without it (a savepoint around the fold
+        cost every scan two statements more, for a failure that is a bug)."""
         found = {
             "result": None if outcome.result is None else outcome.result.model_dump_json(),
             "raw_xml": zlib.compress(outcome.raw_xml) if outcome.raw_xml else None,
         }
+        try:
+            return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=True)
+        except _InventoryRefused:
+            logger.exception("task %s: its result could not be added to the inventory", record.id)
+            return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=False)
+
+    def _write_verdict(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, found: dict[str, Any],
+                       live_hosts: bool, *, inventory: bool) -> TaskRecord | None:
         ours = {"p_id": record.id, "p_worker": worker_id}
         with self._writing() as conn:
             row = conn.execute(_RECORD_VERDICT, ours | found | {
@@ -1156,7 +1219,7 @@ class TaskManager:
                 conn.execute(_KEEP_FOUND, ours | found)
             if live_hosts and outcome.result is not None:
                 conn.execute(_DELETE_LIVE_HOSTS, {"p_id": record.id})
-            if finished and outcome.status is TaskStatus.COMPLETED and outcome.result is not None:
+            if inventory and finished and outcome.status is TaskStatus.COMPLETED and outcome.result is not None:
                 self._update_inventory(conn, record, outcome.result)
             if record.parent_id:
                 self._settle_parent(conn, record.parent_id)
@@ -1280,9 +1343,13 @@ class TaskManager:
                 conn.execute(delete(task_hosts).where(task_hosts.c.task_id.in_(ids)))
                 conn.execute(delete(tasks).where(family))
                 return len(old)
-            table = inventory_hosts if kind == "inventory_hosts" else inventory_ports
+            table, older = {
+                "inventory_hosts": (inventory_hosts, inventory_hosts.c.last_seen < before),
+                "inventory_ports": (inventory_ports, inventory_ports.c.last_seen < before),
+                "usage_minutes": (usage_minutes, usage_minutes.c.minute < int(before // 60)),
+            }[kind]
             key = [c for c in table.primary_key.columns]
-            stale = select(*key).where(table.c.last_seen < before).limit(batch)
+            stale = select(*key).where(older).limit(batch)
             return conn.execute(delete(table).where(tuple_(*key).in_(stale))).rowcount
 
     def _compact(self, free_share: float) -> bool:
@@ -1309,14 +1376,16 @@ class TaskManager:
 
         Scans of one owner finishing at the same moment take turns (on PostgreSQL an advisory
         lock per owner; SQLite writes one at a time anyway), so each plans from what the other
-        wrote. A savepoint keeps the verdict even if the inventory could not be written."""
+        wrote. _InventoryRefused when the database refuses the rows; a database that cannot
+        be reached is DatabaseUnavailable as everywhere (the verdict is tried again later)."""
         try:
-            with conn.begin_nested():
-                if self._postgres:
-                    conn.execute(_TAKE_INVENTORY_LOCK, {"p_owner": record.owner})
-                self._fold_into_inventory(conn, record, result)
-        except SQLAlchemyError:
-            logger.exception("task %s: its result could not be added to the inventory", record.id)
+            if self._postgres:
+                conn.execute(_TAKE_INVENTORY_LOCK, {"p_owner": record.owner})
+            self._fold_into_inventory(conn, record, result)
+        except (OperationalError, InterfaceError):
+            raise
+        except SQLAlchemyError as e:
+            raise _InventoryRefused(str(e)) from e
 
     def _fold_into_inventory(self, conn: Connection, record: TaskRecord, result: ScanResult) -> None:
         scope = [n for target in record.argv[record.argv.index("--") + 1:]

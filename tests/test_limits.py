@@ -3,20 +3,34 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import insert
 
+import task_manager
 from config import Limits
-from models import ScanKind
-from task_manager import _USAGE, _USAGE_AND_WAITING, RateLimited, TaskManager, create_db_engine, upgrade_schema
+from models import ScanKind, TaskStatus, tasks
+from task_manager import (
+    _USAGE,
+    _USAGE_AND_WAITING,
+    RateLimited,
+    TaskManager,
+    create_db_engine,
+    upgrade_schema,
+    usage_params,
+)
 from tests.support import ALICE, BOB, SECRETS, StartServer, call_tool, error_text
 
 pytestmark = pytest.mark.anyio
 MakeStore = Callable[[], Awaitable[TaskManager]]
 ARGV = ["/usr/bin/nmap", "-sT", "-p", "1", "--", "127.0.0.1"]
+WIDE = Limits(scans_per_minute=100, concurrent_scans=100, addresses_per_day=100_000, rescans_per_hour=100)
 
 
 @pytest.fixture
@@ -87,6 +101,24 @@ async def test_addresses_per_day_and_forced_rescans(make_store: MakeStore) -> No
     await submit(store, limits, owner="bob")
 
 
+async def test_a_window_counts_exactly_the_tasks_since_its_start(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hour and the day are summed per minute of usage, with the minute a window starts
+    in read from the tasks themselves: tasks 5 s inside and 5 s outside a window, both in
+    that first minute, are told apart."""
+    store = await make_store()
+    now = 1_800_000_030.0  # 30 s into a minute: each window starts 30 s into its first minute
+    clock = {"now": now}
+    monkeypatch.setattr(task_manager.time, "time", lambda: clock["now"])
+    for age, addresses in ((86_405, 1000), (86_395, 100), (3605, 10), (3595, 1)):
+        clock["now"] = now - age
+        await submit(store, WIDE, addresses=addresses, forced=True)
+    clock["now"] = now
+    used = await store.usage("alice")
+    assert used["addresses_per_day"] == 111 and used["rescans_per_hour"] == 1 and used["scans_per_minute"] == 0
+
+
 async def test_a_token_s_own_limits_over_live_http(live_server: StartServer) -> None:
     tokens = {"alice": {"secret": SECRETS["alice"]},
               "bob": {"secret": SECRETS["bob"], "limits": {"scans_per_minute": 1}}}
@@ -110,15 +142,51 @@ def test_the_usage_check_of_every_submit_reads_no_task_row(tmp_path: Path) -> No
     queued ones)."""
     engine = create_db_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
     upgrade_schema(engine)
-    params = {"p_owner": "alice", "p_minute_ago": 1.0, "p_hour_ago": 1.0, "p_day_ago": 1.0}
+    params = usage_params("alice", time.time())
     plans = {}
     for name, statement in (("usage", _USAGE), ("submit", _USAGE_AND_WAITING)):
         sql = str(statement.params(params).compile(engine, compile_kwargs={"literal_binds": True}))
         with engine.connect() as conn:
             plans[name] = [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
-                           if row[-1].startswith(("SEARCH", "SCAN"))]
+                           if row[-1].startswith(("SEARCH", "SCAN")) and row[-1] != "SCAN CONSTANT ROW"]
     engine.dispose()
-    usage_reads = [step for step in plans["usage"] if "ix_tasks_owner" in step]
-    assert len(usage_reads) == 2 and all("USING COVERING INDEX" in step for step in usage_reads), plans
+    task_reads = [step for step in plans["usage"] if step.startswith("SEARCH tasks")]
+    assert len(task_reads) == 5 and all("USING COVERING INDEX" in step for step in task_reads), plans
+    assert [step for step in plans["usage"] if step not in task_reads] == [
+        "SEARCH usage_minutes USING PRIMARY KEY (owner=? AND minute>?)"] * 2, plans
     assert plans["submit"] == [*plans["usage"], "SEARCH tasks USING INDEX ix_tasks_status_pool_created (status=?)"], \
         plans
+
+
+def plan_nodes(node: dict[str, object]) -> Iterator[dict[str, object]]:
+    yield node
+    for child in node.get("Plans", []):  # type: ignore[union-attr]
+        yield from plan_nodes(child)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_postgresql_counts_a_tokens_running_scans_without_reading_its_finished_ones(
+    database_url: str, make_store: MakeStore
+) -> None:
+    """Given `status IN ('queued', 'running')`, PostgreSQL read every task of the token and
+    filtered them (802 rows for 10 active ones in the benchmark), at every submit."""
+    store = await make_store()
+    for _ in range(3):
+        await store.submit("alice", ScanKind.QUICK, "127.0.0.1", ARGV, 60)
+    now = time.time()
+    engine = create_db_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(insert(tasks), [
+            {"id": str(uuid.uuid4()), "owner": "alice", "kind": ScanKind.QUICK.value, "target": "127.0.0.1",
+             "argv": json.dumps(ARGV), "status": TaskStatus.COMPLETED.value, "created_at": now - n, "time_limit": 60}
+            for n in range(2000)])
+        conn.exec_driver_sql("ANALYZE tasks")
+    params = usage_params("alice", now)
+    sql = str(_USAGE.params(params).compile(engine, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as conn:
+        [[plan]] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}").all()
+    engine.dispose()
+    nodes = list(plan_nodes((plan if isinstance(plan, list) else json.loads(plan))[0]["Plan"]))
+    by_status = [n for n in nodes if "status" in str(n.get("Index Cond", ""))]
+    assert len(by_status) == 2, nodes
+    assert not [n for n in nodes if "status" in str(n.get("Filter", ""))], nodes

@@ -9,15 +9,18 @@ one; the PostgreSQL one is its `pg_dump --inserts`.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import insert, select, text
 
-from models import TaskStatus, metadata
-from task_manager import TaskManager, create_db_engine, upgrade_schema
+from models import TaskStatus, metadata, tasks, usage_minutes
+from task_manager import MIGRATIONS, TaskManager, create_db_engine, upgrade_schema
 
 pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -64,4 +67,37 @@ def test_migrations_build_the_schema_models_declare(database_url: str) -> None:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     engine.dispose()
     assert differences == []
-    assert version == "0006"
+    assert version == "0007"
+
+
+async def test_an_upgrade_counts_the_last_days_tasks_into_the_usage_of_the_limits(database_url: str) -> None:
+    """A database of the previous release (0006) gets usage_minutes filled from its tasks of
+    the last day, so that limits hold across the upgrade."""
+    engine = create_db_engine(database_url)
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    now = time.time()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0006")
+        row = {"owner": "alice", "kind": "quick", "target": "127.0.0.1", "argv": "[]", "status": "completed",
+               "time_limit": 60, "parent_id": None, "forced": False}
+        conn.execute(insert(tasks), [
+            row | {"id": "recent", "created_at": now - 120, "address_count": 256, "forced": True},
+            row | {"id": "shard", "created_at": now - 120, "address_count": 64, "parent_id": "recent"},
+            row | {"id": "earlier", "created_at": now - 7200, "address_count": 4},
+            row | {"id": "old", "created_at": now - 90_000, "address_count": 1000},
+        ])
+    upgrade_schema(engine)
+    with engine.connect() as conn:
+        counted = sorted(conn.execute(select(usage_minutes.c.minute, usage_minutes.c.addresses,
+                                             usage_minutes.c.rescans)).all())
+    engine.dispose()
+    assert counted == [(int((now - 7200) // 60), 4, 0), (int((now - 120) // 60), 256, 1)]
+    store = TaskManager(create_db_engine(database_url), max_queued=10)
+    await store.start()
+    try:
+        used = await store.usage("alice")
+    finally:
+        await store.stop()
+    assert used["addresses_per_day"] == 260 and used["rescans_per_hour"] == 1

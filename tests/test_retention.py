@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, insert, select
 
-from models import inventory_hosts, inventory_ports, task_hosts, tasks
+from models import inventory_hosts, inventory_ports, task_hosts, tasks, usage_minutes
 from retention import DAY_SECONDS, purge_forever, purge_once
 from task_manager import TaskManager, create_db_engine, upgrade_schema
 
@@ -44,17 +44,20 @@ def seed(url: str, old: int) -> None:
                                                 host | {"address": "127.0.0.3", "last_seen": NOW - DAY_SECONDS}])
         conn.execute(insert(inventory_ports), [port | {"address": "127.0.0.2", "last_seen": NOW - 40 * DAY_SECONDS},
                                                 port | {"address": "127.0.0.3", "last_seen": NOW - DAY_SECONDS}])
+        conn.execute(insert(usage_minutes), [{"owner": "alice", "minute": int((NOW - days * DAY_SECONDS) // 60),
+                                              "addresses": 1, "rescans": 0} for days in (40, 1)])
     engine.dispose()
 
 
-def remaining(url: str) -> tuple[list[str], int, list[str]]:
+def remaining(url: str) -> tuple[list[str], int, list[str], list[int]]:
     engine = create_db_engine(url)
     with engine.connect() as conn:
         ids = sorted(conn.execute(select(tasks.c.id)).scalars())
         live = conn.execute(select(func.count()).select_from(task_hosts)).scalar_one()
         hosts = sorted(conn.execute(select(inventory_hosts.c.address)).scalars())
+        minutes = sorted(conn.execute(select(usage_minutes.c.minute)).scalars())
     engine.dispose()
-    return ids, live, hosts
+    return ids, live, hosts, minutes
 
 
 async def test_old_finished_tasks_and_inventory_go_recent_and_active_stay(database_url: str) -> None:
@@ -65,8 +68,9 @@ async def test_old_finished_tasks_and_inventory_go_recent_and_active_stay(databa
         deleted = await purge_once(store, 30, now=NOW)
     finally:
         await store.stop()
-    assert deleted == {"tasks": 1201, "inventory_hosts": 1, "inventory_ports": 1}
-    assert remaining(database_url) == (["queued-long-ago", "recent", "running-long-ago"], 0, ["127.0.0.3"])
+    assert deleted == {"tasks": 1201, "inventory_hosts": 1, "inventory_ports": 1, "usage_minutes": 1}
+    assert remaining(database_url) == (["queued-long-ago", "recent", "running-long-ago"], 0, ["127.0.0.3"],
+                                       [int((NOW - DAY_SECONDS) // 60)])
 
 
 async def test_a_sqlite_file_is_compacted_after_much_was_deleted(tmp_path: Path) -> None:
@@ -91,4 +95,5 @@ async def test_retention_days_0_keeps_everything(database_url: str) -> None:
         await asyncio.wait_for(purge_forever(store, 0), 1)
     finally:
         await store.stop()
-    assert len(remaining(database_url)[0]) == 3 + 6
+    ids, _, _, minutes = remaining(database_url)
+    assert len(ids) == 3 + 6 and len(minutes) == 2

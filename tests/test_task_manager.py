@@ -21,6 +21,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import make_url
 
 import task_manager
+from inventory import HostQuery
 from models import ScanKind, TaskStatus, task_hosts, tasks
 from scanner import ScanOutcome, build_argv
 from task_manager import (
@@ -566,6 +567,36 @@ async def test_a_completed_task_clears_its_live_rows(
         dedupe = conn.execute(select(tasks.c.dedupe_key).where(tasks.c.id == record.id)).scalar_one()
     engine.dispose()
     assert left == [] and dedupe is None
+
+
+REFUSE_INVENTORY = {
+    "sqlite": [("CREATE TRIGGER refuse_inventory BEFORE INSERT ON inventory_hosts "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")],
+    "postgresql": [("CREATE FUNCTION refuse_inventory() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"),
+                   ("CREATE TRIGGER refuse_inventory BEFORE INSERT ON inventory_hosts "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_inventory()")],
+}
+
+
+async def test_a_completed_scan_keeps_its_verdict_when_the_database_refuses_its_inventory_rows(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    [port] = listeners.open_free_top_ports(1)
+    node = await make_node()
+    engine = create_db_engine(database_url)
+    with engine.begin() as conn:
+        for statement in REFUSE_INVENTORY[engine.dialect.name]:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+    record = await submit(node.store, nmap_wrapper, port)
+    final = await node.store.wait(record.id, "alice", timeout=30)
+    assert final.status is TaskStatus.COMPLETED and final.result is not None
+    assert final.result.hosts[0].ports[0].port == port
+    assert await node.store.find_hosts("alice", HostQuery(), 10, 0) == ([], 0)
+    assert any("could not be added to the inventory" in r.getMessage() and "refused by the test" in r.exc_text
+               for r in caplog.records if r.exc_text), caplog.text
 
 
 async def test_a_task_whose_lease_a_live_worker_lost_is_never_left_running(
