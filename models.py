@@ -124,13 +124,14 @@ task_hosts = Table(
 )
 
 # What each token's top-level tasks counted against its limits, per minute of their creation
-# (minute = int(created_at // 60)), written with each task: the hour's and the day's usage
-# sum at most 60 and 1,440 of these instead of reading every task of the window.
+# (minute = int(created_at // 60)), written with each task: the minute's, the hour's and the
+# day's usage sum at most 1, 60 and 1,440 of these instead of reading every task of the window.
 usage_minutes = Table(
     "usage_minutes",
     metadata,
     Column("owner", String(64), primary_key=True),
     Column("minute", Integer, primary_key=True),
+    Column("scans", Integer, nullable=False),
     Column("addresses", BigInteger, nullable=False),
     Column("rescans", Integer, nullable=False),
     sqlite_with_rowid=False,

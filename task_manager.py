@@ -169,10 +169,10 @@ _MARK_PARENT_STARTED = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.s
 _INSERT_LIVE_HOSTS = insert(task_hosts)
 _KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
 _DELETE_LIVE_HOSTS = delete(task_hosts).where(task_hosts.c.task_id == _P["id"])
-# What a token's top-level tasks use of its limits, none of it growing with the day's tasks:
-# the last minute's tasks and the active ones (index range scans that read no row on SQLite,
-# see models.tasks; one status at a time: given `status IN (...)`, PostgreSQL read every task
-# of the token), the hour's and the day's usage from usage_minutes (see `_windowed`).
+# What a token's top-level tasks use of its limits, none of it growing with the tasks of a
+# window: the windows' usage from usage_minutes (see `_windowed`), and the queued and running
+# tasks (index range scans that read no row on SQLite, see models.tasks; one status at a time:
+# given `status IN (...)`, PostgreSQL read every task of the token).
 _TOP_LEVEL_OF_OWNER = (tasks.c.owner == _P["owner"]) & tasks.c.parent_id.is_(None)
 
 
@@ -192,8 +192,7 @@ def _windowed(bucketed: Any, from_tasks: Any, window: str, *counted: Any) -> Any
 
 
 _USAGE = select(
-    select(func.count()).where(_TOP_LEVEL_OF_OWNER, tasks.c.created_at > bindparam("p_minute_ago"))
-    .scalar_subquery().label("scans_per_minute"),
+    _windowed(usage_minutes.c.scans, func.count(), "minute").label("scans_per_minute"),
     (_top_level_in(TaskStatus.QUEUED) + _top_level_in(TaskStatus.RUNNING)).label("concurrent_scans"),
     _windowed(usage_minutes.c.addresses, func.coalesce(func.sum(tasks.c.address_count), 0), "day")
     .label("addresses_per_day"),
@@ -203,8 +202,8 @@ _USAGE = select(
 
 def usage_params(owner: str, now: float) -> dict[str, Any]:
     """The parameters of _USAGE at `now`. A window's first minute is the one its start falls in."""
-    params: dict[str, Any] = {"p_owner": owner, "p_minute_ago": now - 60}
-    for window, seconds in (("hour", 3600), ("day", 86_400)):
+    params: dict[str, Any] = {"p_owner": owner}
+    for window, seconds in (("minute", 60), ("hour", 3600), ("day", 86_400)):
         first = int((now - seconds) // 60)
         params |= {f"p_{window}_ago": now - seconds, f"p_{window}_first_minute": first,
                    f"p_{window}_first_minute_end": (first + 1) * 60.0}
@@ -214,9 +213,7 @@ def usage_params(owner: str, now: float) -> dict[str, Any]:
 def _add_usage(dialect_insert: Callable[[Table], Any]) -> Any:
     statement = dialect_insert(usage_minutes)
     return statement.on_conflict_do_update(index_elements=["owner", "minute"], set_={
-        "addresses": usage_minutes.c.addresses + statement.excluded.addresses,
-        "rescans": usage_minutes.c.rescans + statement.excluded.rescans,
-    })
+        name: usage_minutes.c[name] + statement.excluded[name] for name in ("scans", "addresses", "rescans")})
 
 
 # A new top-level task's part of its owner's usage, added to its minute.
@@ -958,7 +955,7 @@ class TaskManager:
             rows = [values, *self._shard_rows(values, shards)]
             conn.execute(_INSERT_TASKS, rows)
             conn.execute(_ADD_USAGE[self._engine.dialect.name], {
-                "owner": values["owner"], "minute": int(values["created_at"] // 60),
+                "owner": values["owner"], "minute": int(values["created_at"] // 60), "scans": 1,
                 "addresses": values["address_count"], "rescans": int(values["forced"])})
             claimed = self._claim_in(conn, claim_for, values["pool"], 1, values["created_at"]) if claim_for else []
             # Queued by this submission: its task, or its shards (the parent is never claimed).

@@ -104,19 +104,19 @@ async def test_addresses_per_day_and_forced_rescans(make_store: MakeStore) -> No
 async def test_a_window_counts_exactly_the_tasks_since_its_start(
     make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The hour and the day are summed per minute of usage, with the minute a window starts
-    in read from the tasks themselves: tasks 5 s inside and 5 s outside a window, both in
-    that first minute, are told apart."""
+    """Each window is summed per minute of usage, with the minute it starts in read from the
+    tasks themselves: tasks 5 s inside and 5 s outside a window, both in that first minute,
+    are told apart."""
     store = await make_store()
     now = 1_800_000_030.0  # 30 s into a minute: each window starts 30 s into its first minute
     clock = {"now": now}
     monkeypatch.setattr(task_manager.time, "time", lambda: clock["now"])
-    for age, addresses in ((86_405, 1000), (86_395, 100), (3605, 10), (3595, 1)):
+    for age, addresses in ((86_405, 1000), (86_395, 100), (3605, 10), (3595, 1), (65, 0), (55, 0)):
         clock["now"] = now - age
         await submit(store, WIDE, addresses=addresses, forced=True)
     clock["now"] = now
     used = await store.usage("alice")
-    assert used["addresses_per_day"] == 111 and used["rescans_per_hour"] == 1 and used["scans_per_minute"] == 0
+    assert used["addresses_per_day"] == 111 and used["rescans_per_hour"] == 3 and used["scans_per_minute"] == 1
 
 
 async def test_a_token_s_own_limits_over_live_http(live_server: StartServer) -> None:
@@ -153,7 +153,7 @@ def test_the_usage_check_of_every_submit_reads_no_task_row(tmp_path: Path) -> No
     task_reads = [step for step in plans["usage"] if step.startswith("SEARCH tasks")]
     assert len(task_reads) == 5 and all("USING COVERING INDEX" in step for step in task_reads), plans
     assert [step for step in plans["usage"] if step not in task_reads] == [
-        "SEARCH usage_minutes USING PRIMARY KEY (owner=? AND minute>?)"] * 2, plans
+        "SEARCH usage_minutes USING PRIMARY KEY (owner=? AND minute>?)"] * 3, plans
     assert plans["submit"] == [*plans["usage"], "SEARCH tasks USING INDEX ix_tasks_status_pool_created (status=?)"], \
         plans
 

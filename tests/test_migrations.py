@@ -90,10 +90,10 @@ async def test_an_upgrade_counts_the_last_days_tasks_into_the_usage_of_the_limit
         ])
     upgrade_schema(engine)
     with engine.connect() as conn:
-        counted = sorted(conn.execute(select(usage_minutes.c.minute, usage_minutes.c.addresses,
+        counted = sorted(conn.execute(select(usage_minutes.c.minute, usage_minutes.c.scans, usage_minutes.c.addresses,
                                              usage_minutes.c.rescans)).all())
     engine.dispose()
-    assert counted == [(int((now - 7200) // 60), 4, 0), (int((now - 120) // 60), 256, 1)]
+    assert counted == [(int((now - 7200) // 60), 1, 4, 0), (int((now - 120) // 60), 1, 256, 1)]
     store = TaskManager(create_db_engine(database_url), max_queued=10)
     await store.start()
     try:

@@ -45,7 +45,7 @@ def seed(url: str, old: int) -> None:
         conn.execute(insert(inventory_ports), [port | {"address": "127.0.0.2", "last_seen": NOW - 40 * DAY_SECONDS},
                                                 port | {"address": "127.0.0.3", "last_seen": NOW - DAY_SECONDS}])
         conn.execute(insert(usage_minutes), [{"owner": "alice", "minute": int((NOW - days * DAY_SECONDS) // 60),
-                                              "addresses": 1, "rescans": 0} for days in (40, 1)])
+                                              "scans": 1, "addresses": 1, "rescans": 0} for days in (40, 1)])
     engine.dispose()
 
 

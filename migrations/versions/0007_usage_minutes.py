@@ -24,6 +24,7 @@ def upgrade() -> None:
         "usage_minutes",
         sa.Column("owner", sa.String(64), primary_key=True),
         sa.Column("minute", sa.Integer, primary_key=True),
+        sa.Column("scans", sa.Integer, nullable=False),
         sa.Column("addresses", sa.BigInteger, nullable=False),
         sa.Column("rescans", sa.Integer, nullable=False),
         sqlite_with_rowid=False,
@@ -33,15 +34,17 @@ def upgrade() -> None:
     day = op.get_bind().execute(
         sa.select(tasks.c.owner, tasks.c.created_at, tasks.c.address_count, tasks.c.forced)
         .where(tasks.c.parent_id.is_(None), tasks.c.created_at > time.time() - 86_400)).all()
+    scans: Counter[tuple[str, int]] = Counter()
     addresses: Counter[tuple[str, int]] = Counter()
     rescans: Counter[tuple[str, int]] = Counter()
     for owner, created_at, address_count, forced in day:
         key = (owner, int(created_at // 60))
+        scans[key] += 1
         addresses[key] += address_count
         rescans[key] += bool(forced)
-    if addresses:
-        op.bulk_insert(usage, [{"owner": owner, "minute": minute, "addresses": total, "rescans": rescans[owner, minute]}
-                               for (owner, minute), total in addresses.items()])
+    if scans:
+        op.bulk_insert(usage, [{"owner": owner, "minute": minute, "scans": count, "addresses": addresses[owner, minute],
+                                "rescans": rescans[owner, minute]} for (owner, minute), count in scans.items()])
 
 
 def downgrade() -> None:
