@@ -1,6 +1,6 @@
-"""Retention: finished tasks, their XML and inventory rows older than `retention_days` are
-deleted by a periodic job in small batches, and a SQLite file is compacted when much of it
-has become free. `retention_days: 0` keeps everything."""
+"""Retention: finished tasks, their XML, inventory rows and the limits' per-minute usage
+older than `retention_days` are deleted by a periodic job in small batches, and a SQLite file
+is compacted when much of it has become free. `retention_days: 0` keeps everything."""
 
 from __future__ import annotations
 
