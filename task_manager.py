@@ -216,9 +216,10 @@ def _add_usage(dialect_insert: Callable[[Table], Any]) -> Any:
         name: usage_minutes.c[name] + statement.excluded[name] for name in ("scans", "addresses", "rescans")})
 
 
+# Each dialect's INSERT, for the upserts (ON CONFLICT is spelled the same, built by each).
+_DIALECT_INSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
 # A new top-level task's part of its owner's usage, added to its minute.
-_ADD_USAGE = {dialect: _add_usage(dialect_insert)
-              for dialect, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))}
+_ADD_USAGE = {dialect: _add_usage(dialect_insert) for dialect, dialect_insert in _DIALECT_INSERTS.items()}
 # A submit checked against limits reads the usage and the queue's length in one statement.
 _USAGE_AND_WAITING = _USAGE.add_columns(_COUNT_WAITING.scalar_subquery().label("waiting"))
 # The inventory a completed scan folds into (see `_fold_into_inventory`).
@@ -240,7 +241,7 @@ def _upsert(dialect_insert: Callable[[Table], Any], table: Table) -> Any:
 
 _WRITE_INVENTORY_ROWS = {
     dialect: {table: _upsert(dialect_insert, table) for table in (inventory_hosts, inventory_ports)}
-    for dialect, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+    for dialect, dialect_insert in _DIALECT_INSERTS.items()
 }
 
 
@@ -958,8 +959,10 @@ class TaskManager:
                 "owner": values["owner"], "minute": int(values["created_at"] // 60), "scans": 1,
                 "addresses": values["address_count"], "rescans": int(values["forced"])})
             claimed = self._claim_in(conn, claim_for, values["pool"], 1, values["created_at"]) if claim_for else []
-            # Queued by this submission: its task, or its shards (the parent is never claimed).
-            left_queued = (len(shards) or 1) > sum(record.id in {row["id"] for row in rows} for record in claimed)
+            # What this submission queued (its task, or its shards: a parent is never claimed)
+            # is still queued unless the claim took the one task it queued.
+            took_own = bool(claimed) and claimed[0].id in {row["id"] for row in rows}
+            left_queued = len(shards) > 1 or not took_own
             if left_queued:
                 self._notify(conn, f"queue:{values['pool']}")
         return (values | {"started_at": None, "finished_at": None, "error": None}, False,
