@@ -187,9 +187,9 @@ class Dashboard:
     async def schedule_rows(self, viewer: Viewer) -> ScheduleRows:
         """The viewer's schedules (every token's for an admin) with their last run and change."""
         if viewer.admin:
-            pairs = await self._schedules.list_all(SCHEDULES_SHOWN)
+            pairs = await self._schedules.list_all_schedules(SCHEDULES_SHOWN)
         else:
-            pairs = [(viewer.name, s) for s in (await self._schedules.list(viewer.name, SCHEDULES_SHOWN)).schedules]
+            pairs = [(viewer.name, s) for s in (await self._schedules.list_schedules(viewer.name, SCHEDULES_SHOWN)).schedules]
         return ScheduleRows(schedules=[OwnedSchedule(owner=owner, schedule=schedule) for owner, schedule in pairs])
 
     async def inventory_owners(self, viewer: Viewer) -> InventoryOwners:
@@ -224,9 +224,9 @@ class Dashboard:
 
     async def _tasks(self, viewer: Viewer, status: TaskStatus | None, limit: int) -> TaskRows:
         if viewer.admin:
-            pairs = await self._service.list_all(status, limit)
+            pairs = await self._service.list_all_tasks(status, limit)
         else:
-            pairs = [(viewer.name, task) for task in (await self._service.list(viewer.name, status, limit)).tasks]
+            pairs = [(viewer.name, task) for task in (await self._service.list_tasks(viewer.name, status, limit)).tasks]
         return TaskRows(tasks=[OwnedTask(owner=owner, task=task) for owner, task in pairs])
 
 

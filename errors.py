@@ -18,21 +18,17 @@ from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools.base import ToolResult
 from pydantic import ValidationError
 
+from db import DatabaseUnavailable
 from inventory import InventoryQueryError
+from limits import QueueFull, RateLimited
 from nmap_options import CommandError
 from nmap_report import clean_text
 from policy import NoPool
 from scans import NotComparable, ShuttingDown
+from schedule_store import ScheduleNotFound
 from schedules import ScheduleError, ScheduleForbidden
 from targets import TargetError
-from task_manager import (
-    DatabaseUnavailable,
-    QueueFull,
-    RateLimited,
-    ScheduleNotFound,
-    TaskAlreadyFinished,
-    TaskNotFound,
-)
+from task_manager import TaskAlreadyFinished, TaskNotFound
 from webhooks import WebhookRefused
 
 logger = logging.getLogger(__name__)

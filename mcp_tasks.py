@@ -37,9 +37,10 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
 from auth import Identify
+from db import DatabaseUnavailable
 from models import TaskAnswer, TaskStatus
 from scans import ScanService, without_waiting
-from task_manager import DatabaseUnavailable, TaskAlreadyFinished, TaskNotFound
+from task_manager import TaskAlreadyFinished, TaskNotFound
 from views import answer
 
 McpTaskStatus = Literal["working", "input_required", "completed", "failed", "cancelled"]

@@ -5,7 +5,7 @@ Counted where it happens, a line or two at each place:
 - 401s for a missing or refused MCP token: http_edge.EdgeMiddleware;
 - scans by kind and the status this process's worker reached, with their duration, and the
   nmap processes running in this process: worker.Worker;
-- DatabaseUnavailable by store operation: task_manager.TaskManager.
+- DatabaseUnavailable by store operation: db.Database.
 
 Queue depth, running scans and live workers per pool are read from the shared database when
 scraped (two queries, at most once a second), so every process of a fleet reports the same
@@ -44,10 +44,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
+from db import DatabaseUnavailable
 from http_edge import remove_url_secrets
-from models import ScanKind, TaskStatus
-from scanner import ScanOutcome
-from task_manager import DatabaseUnavailable, PoolStatus, TaskManager
+from models import ScanKind, ScanOutcome, TaskStatus
+from worker_store import PoolStatus, WorkerStore
 
 T = TypeVar("T")
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -160,7 +160,7 @@ class Metrics:
 class PoolGauges:
     """The pool gauges, read from the store when scraped, at most once a second."""
 
-    def __init__(self, metrics: Metrics, store: TaskManager, configured: Iterable[str]) -> None:
+    def __init__(self, metrics: Metrics, store: WorkerStore, configured: Iterable[str]) -> None:
         self._metrics = metrics
         self._store = store
         self._configured = sorted(set(configured))
@@ -183,7 +183,7 @@ class PoolGauges:
 class MetricsEndpoint:
     """Pure ASGI, outermost: answers GET /metrics itself and passes every other request on."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, store: TaskManager, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, store: WorkerStore, settings: Settings) -> None:
         self.app = app
         self._token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
         self._pools = PoolGauges(metrics, store, [settings.pool, *settings.pools])
@@ -243,7 +243,7 @@ class _MetricsServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def metrics_listener(listener: socket.socket | None, metrics: Metrics, store: TaskManager,
+async def metrics_listener(listener: socket.socket | None, metrics: Metrics, store: WorkerStore,
                            settings: Settings, healthz: Endpoint) -> AsyncIterator[None]:
     """Serve /metrics and /healthz (a worker's container HEALTHCHECK asks it) on `listener`,
     if any, while the block runs; any other path is a 404."""

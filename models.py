@@ -1,8 +1,13 @@
-"""The schema: the tables, the task status machine, and the result and answer models."""
+"""The schema: the tables, the task status machine, the record types the stores hand out, and
+the result and answer models."""
 
 from __future__ import annotations
 
 import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import (
@@ -242,6 +247,85 @@ leases = Table(
     Column("holder_name", String(200), nullable=False),
     Column("expires_at", Float, nullable=False),
 )
+# A task's columns without its nmap XML, and without its result too: what most reads need.
+TASK_WITH_RESULT = [c for c in tasks.c if c.name != "raw_xml"]
+TASK_SUMMARY = [c for c in TASK_WITH_RESULT if c.name != "result"]
+
+
+# ---- record types: what the stores hand out ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One row of the tasks table, as callers and workers see it."""
+
+    id: str
+    owner: str
+    kind: ScanKind
+    target: str
+    argv: list[str]
+    status: TaskStatus
+    time_limit: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    pool: str = "default"
+    worker_name: str | None = None
+    parent_id: str | None = None
+    shard_count: int = 0
+    progress: Progress | None = None
+    result: ScanResult | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The change-feed keys a change of this task wakes: itself, and its parent."""
+        return (self.id, self.parent_id) if self.parent_id else (self.id,)
+
+    @classmethod
+    def from_row(cls, data: Mapping[str, Any]) -> TaskRecord:
+        """The record of a row of `tasks` (TASK_SUMMARY or TASK_WITH_RESULT columns)."""
+        result, progress = data.get("result"), data.get("progress")
+        return cls(
+            id=data["id"],
+            owner=data["owner"],
+            kind=ScanKind(data["kind"]),
+            target=data["target"],
+            argv=json.loads(data["argv"]),
+            status=TaskStatus(data["status"]),
+            time_limit=data["time_limit"],
+            created_at=data["created_at"],
+            started_at=data.get("started_at"),
+            finished_at=data.get("finished_at"),
+            error=data.get("error"),
+            pool=data.get("pool") or "default",
+            worker_name=data.get("worker_name"),
+            parent_id=data.get("parent_id"),
+            shard_count=data.get("shard_count") or 0,
+            progress=Progress.model_validate_json(progress) if progress else None,
+            result=ScanResult.model_validate_json(result) if result else None,
+        )
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    """How a scan ended, as the store records it: its status, its result (possibly partial),
+    an error for the caller, and nmap's XML. worker.judge alone makes one."""
+
+    status: TaskStatus
+    result: ScanResult | None
+    error: str | None
+    raw_xml: bytes
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A scan worker: a random id (never a pid), a human name, its pool and capacity."""
+
+    id: str
+    name: str
+    pool: str
+    capacity: int
 
 
 class ScriptOutput(BaseModel):

@@ -9,7 +9,8 @@ import logging
 import random
 import time
 
-from task_manager import DatabaseUnavailable, TaskManager
+from db import DatabaseUnavailable
+from stores import Stores
 
 logger = logging.getLogger(__name__)
 DAY_SECONDS = 86_400.0
@@ -18,26 +19,29 @@ DAY_SECONDS = 86_400.0
 EVERY_SECONDS = 3600.0
 
 
-async def purge_once(store: TaskManager, retention_days: int, now: float | None = None) -> dict[str, int]:
-    """Delete what is older than the retention; compact SQLite if that freed much of it."""
+async def purge_once(stores: Stores, retention_days: int, now: float | None = None) -> dict[str, int]:
+    """Delete what is older than the retention, in batches; compact SQLite if that freed much of
+    it. The limits look back a day at most, so the usage they count is never purged early."""
     before = (now or time.time()) - retention_days * DAY_SECONDS
-    deleted = await store.purge(before)
+    deleted = {"tasks": await stores.tasks.purge(before)}
+    deleted["inventory_hosts"], deleted["inventory_ports"] = await stores.inventory.purge(before)
+    deleted["usage_minutes"] = await stores.usage.purge(before)
     if any(deleted.values()):
         logger.info("retention: deleted %d tasks, %d inventory hosts and %d ports older than %d days",
                     deleted["tasks"], deleted["inventory_hosts"], deleted["inventory_ports"], retention_days)
-        if await store.compact():
+        if await stores.db.compact():
             logger.info("retention: compacted the SQLite database")
     return deleted
 
 
-async def purge_forever(store: TaskManager, retention_days: int) -> None:
+async def purge_forever(stores: Stores, retention_days: int) -> None:
     """The periodic job; nothing at all when retention_days is 0."""
     if retention_days <= 0:
         return
     await asyncio.sleep(random.uniform(0, 60))
     while True:
         try:
-            await purge_once(store, retention_days)
+            await purge_once(stores, retention_days)
         except DatabaseUnavailable:
             logger.warning("retention: the task database is not reachable; trying again later")
         await asyncio.sleep(EVERY_SECONDS * random.uniform(0.9, 1.1))

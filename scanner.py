@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from models import ScanKind, ScanResult, TaskStatus
+from models import ScanKind, ScanOutcome, ScanResult, TaskStatus
 from nmap_report import RAW_CAP, ReportParser
 
 QUICK_OPTIONS: tuple[str, ...] = ("-T4", "--top-ports", "100")
@@ -51,16 +51,6 @@ class NmapRun:
     stderr: bytes
     timed_out: bool
     duration: float
-
-
-@dataclass(frozen=True)
-class ScanOutcome:
-    """The verdict on one run: the status to record, the result (possibly partial), an error."""
-
-    status: TaskStatus
-    result: ScanResult | None
-    error: str | None
-    raw_xml: bytes
 
 
 def interpret_run(run: NmapRun, report: ReportParser, target: str, time_limit: float) -> ScanOutcome:

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shlex
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import audit
 from config import Settings
+from db import DatabaseUnavailable
 from inventory import HostQuery, parse_network, parse_since
 from models import (
     InventoryPage,
@@ -33,6 +34,7 @@ from models import (
     ScanKind,
     TaskAnswer,
     TaskList,
+    TaskRecord,
     TaskStatus,
     TopValues,
     ValueCount,
@@ -42,8 +44,9 @@ from models import (
 from nmap_options import parse_command
 from policy import Policy
 from scanner import build_argv, nmap_build, scan_options
-from targets import IPNetwork, ResolvedTargets, resolve_targets, split_targets
-from task_manager import DatabaseUnavailable, Shard, TaskManager, TaskRecord
+from sharding import shard
+from stores import Stores
+from targets import ResolvedTargets, resolve_targets, split_targets
 from views import (
     answer,
     capped_diff,
@@ -108,26 +111,6 @@ def without_waiting() -> Iterator[list[TaskRecord]]:
         _submitted.reset(reset)
 
 
-def shard(argv: list[str], networks: Sequence[Sequence[IPNetwork]], size: int) -> list[Shard]:
-    """Split a scan into shards of at most `size` addresses, each a copy of `argv` with its
-    own targets after `--`. Networks larger than `size` are cut into subnets; whole networks
-    are packed into shards in order, so that every address is scanned by exactly one shard."""
-    pieces: list[IPNetwork] = []
-    for network in (n for target in networks for n in target):
-        if network.num_addresses <= size:
-            pieces.append(network)
-        else:
-            bits = network.max_prefixlen - (size.bit_length() - 1)
-            pieces.extend(network.subnets(new_prefix=bits))
-    groups: list[list[IPNetwork]] = [[]]
-    for piece in pieces:
-        if sum(n.num_addresses for n in groups[-1]) + piece.num_addresses > size:
-            groups.append([])
-        groups[-1].append(piece)
-    options = argv[: argv.index("--") + 1]
-    return [Shard(target=" ".join(map(str, group)), argv=[*options, *map(str, group)]) for group in groups if group]
-
-
 SCAN_TYPES = {"connect": "-sT", "syn": "-sS", "udp": "-sU", "ping": "-sn"}
 
 
@@ -161,10 +144,11 @@ class ScanService:
     """Scans and tasks for authenticated callers (`owner` is the caller's token name)."""
 
     def __init__(
-        self, store: TaskManager, policy: Policy, settings: Settings, nmap_path: str, worker: Worker | None,
+        self, stores: Stores, policy: Policy, settings: Settings, nmap_path: str, worker: Worker | None,
         version: str = "",
     ) -> None:
-        self._store = store
+        self._stores = stores
+        self._tasks = stores.tasks
         self.policy = policy
         self._settings = settings
         self._nmap = nmap_path
@@ -233,7 +217,7 @@ class ScanService:
         shards = shard(argv, resolved.networks, self._settings.shard_addresses) \
             if resolved.address_count > self._settings.shard_addresses else []
         submit = partial(
-            self._store.submit, owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds,
+            self._tasks.submit, owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds,
             pool=pool, share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
             shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
             forced=request.shareable and rescan, schedule_run=schedule_run,
@@ -249,7 +233,7 @@ class ScanService:
             return answer(record)
         try:
             # A reused task was read without its result: the wait reads it whole.
-            finished = await self._store.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing,
+            finished = await self._tasks.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing,
                                               known=None if reused else record)
             return await self.present(finished, note=reuse_note(record) if reused else None)
         except DatabaseUnavailable:
@@ -266,11 +250,11 @@ class ScanService:
         base = (with_message(shown, note) if note else shown).model_copy(update={"format": fmt})
         cap = self._settings.max_answer_bytes
         if fmt == "xml":
-            raw = await self._store.raw_xml(record.id, record.owner)
+            raw = await self._tasks.raw_xml(record.id, record.owner)
             if raw is None:
                 return base
             return text_page(base, raw.decode("utf-8", "replace"), offset=offset, cap=cap)
-        result = await self._store.result_so_far(record)
+        result = await self._tasks.result_so_far(record)
         if result is None:
             return base
         result = with_requested_names(result, record.argv, record.target)
@@ -281,47 +265,47 @@ class ScanService:
     # ---- tasks ---------------------------------------------------------------------------
 
     async def status(self, owner: str, task_id: str) -> TaskAnswer:
-        return answer(await self._store.get(task_id, owner))
+        return answer(await self._tasks.get(task_id, owner))
 
     async def result(
         self, owner: str, task_id: str, fmt: str = "json", view: str = "summary", offset: int = 0,
         limit: int = DEFAULT_PAGE,
     ) -> TaskAnswer:
-        record = await self._store.get(task_id, owner, with_result=True)
+        record = await self._tasks.get(task_id, owner, with_result=True)
         return await self.present(record, fmt, view, offset, limit)
 
     async def diff(self, owner: str, task_a: str, task_b: str) -> ScanDiff:
-        first = await self._store.get(task_a, owner, with_result=True)
-        second = await self._store.get(task_b, owner, with_result=True)
+        first = await self._tasks.get(task_a, owner, with_result=True)
+        second = await self._tasks.get(task_b, owner, with_result=True)
         for record in (first, second):
             if record.result is None:
                 raise NotComparable(f"task {record.id} has no result to compare (it is {record.status.value})")
         diff = diff_results(task_a, first.result, task_b, second.result)  # type: ignore[arg-type]
         return capped_diff(diff, self._settings.max_answer_bytes)
 
-    async def list(self, owner: str, status: TaskStatus | None, limit: int) -> TaskList:
-        return TaskList(tasks=[answer(record) for record in await self._store.list(owner, status, limit)])
+    async def list_tasks(self, owner: str, status: TaskStatus | None, limit: int) -> TaskList:
+        return TaskList(tasks=[answer(record) for record in await self._tasks.recent(owner, status, limit)])
 
-    async def list_all(self, status: TaskStatus | None, limit: int) -> list[tuple[str, TaskAnswer]]:
+    async def list_all_tasks(self, status: TaskStatus | None, limit: int) -> list[tuple[str, TaskAnswer]]:
         """Every token's most recent tasks, newest first, each with its owner (for operators)."""
-        return [(record.owner, answer(record)) for record in await self._store.list_all(status, limit)]
+        return [(record.owner, answer(record)) for record in await self._tasks.recent(None, status, limit)]
 
     async def cancel(self, owner: str, task_id: str) -> TaskAnswer:
         """Cancel a queued or running scan; when this process runs it, wait until nmap stopped."""
-        await self._store.cancel(task_id, owner)
+        await self._tasks.cancel(task_id, owner)
         if self._worker is not None:
             await self._worker.wait_stopped(task_id, CANCEL_WAIT_SECONDS)
-        return answer(await self._store.get(task_id, owner))
+        return answer(await self._tasks.get(task_id, owner))
 
     async def find_hosts(self, owner: str, *, limit: int = DEFAULT_PAGE, offset: int = 0,
                          **filters: str | int | None) -> InventoryPage:
         """A page of the caller's inventory: hosts (and their ports) matching the filters."""
-        hosts, total = await self._store.find_hosts(owner, self._query(filters), limit, offset)
+        hosts, total = await self._stores.inventory.find_hosts(owner, self._query(filters), limit, offset)
         return inventory_page(hosts, total, offset, self._settings.max_answer_bytes)
 
     async def top_values(self, owner: str, field: str, *, limit: int = 20, **filters: str | None) -> TopValues:
         """The caller's most common values of `field`, counted in hosts."""
-        counted = await self._store.top_values(owner, field, self._query(filters), limit)
+        counted = await self._stores.inventory.top_values(owner, field, self._query(filters), limit)
         return TopValues(field=field, values=[ValueCount(value=value, hosts=n) for value, n in counted])
 
     @staticmethod
@@ -338,7 +322,7 @@ class ScanService:
 
     async def limits(self, owner: str) -> LimitsAnswer:
         """The caller's limits, and how much of each its scans use now."""
-        limits, used = self.policy.limits(owner), await self._store.usage(owner)
+        limits, used = self.policy.limits(owner), await self._stores.usage.usage(owner)
         windows = {"scans_per_minute": "the last minute", "concurrent_scans": "queued or running now",
                    "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour"}
         return LimitsAnswer(token=owner, limits=[
@@ -347,7 +331,7 @@ class ScanService:
 
     async def workers(self) -> WorkerList:
         """Every pool (configured, or with workers or queued tasks) with its workers."""
-        seen = {status.pool: status for status in await self._store.pools(self._store.lease_seconds)}
+        seen = {status.pool: status for status in await self._stores.workers.pools(self._stores.lease_seconds)}
         names = sorted({*self.policy.pools, *seen, *( [self._worker.info.pool] if self._worker else [])})
         overviews = []
         for name in names:
@@ -364,7 +348,7 @@ class ScanService:
         if not self.accepting:
             return "the server is shutting down"
         try:
-            await self._store.ping()
+            await self._stores.db.ping()
         except DatabaseUnavailable:
             return "the task database is not reachable"
         if not os.access(self._nmap, os.X_OK):

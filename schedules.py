@@ -43,7 +43,10 @@ from fastmcp.exceptions import ToolError
 
 import webhooks
 from audit import Auditor
+from change_feed import wait_set
 from config import Settings
+from db import DatabaseUnavailable
+from limits import QueueFull, RateLimited
 from models import (
     ScanDiff,
     ScanKind,
@@ -58,19 +61,9 @@ from models import (
 from nmap_options import CommandError
 from policy import NoPool
 from scans import ScanRequest, ScanService, ShuttingDown, without_waiting
+from schedule_store import SCHEDULES_KEY, RunAlreadyQueued, RunRecord, ScheduleRecord, ScheduleState, ScheduleStore
+from stores import Stores
 from targets import TargetError
-from task_manager import (
-    SCHEDULES_KEY,
-    DatabaseUnavailable,
-    QueueFull,
-    RateLimited,
-    RunAlreadyQueued,
-    RunRecord,
-    ScheduleRecord,
-    ScheduleState,
-    TaskManager,
-    wait_set,
-)
 from views import capped_diff, diff_results
 
 logger = logging.getLogger(__name__)
@@ -139,7 +132,7 @@ def parse_every(text: str) -> Every:
 class Schedules:
     """The callers' schedules (`owner` is the caller's token name)."""
 
-    def __init__(self, store: TaskManager, service: ScanService, settings: Settings) -> None:
+    def __init__(self, store: ScheduleStore, service: ScanService, settings: Settings) -> None:
         self._store = store
         self._service = service
         self._settings = settings
@@ -167,7 +160,7 @@ class Schedules:
         secret = secrets.token_urlsafe(32) if webhook_url is not None else None
         first = now if cadence.seconds is not None else cadence.next_after(now, now)
         schedule_id = str(uuid.uuid4())
-        await self._store.create_schedule({
+        await self._store.create({
             "id": schedule_id, "owner": owner, "kind": kind.value, "spec": spec, "every": cadence.text,
             "created_at": now, "next_run_at": first, "webhook_url": webhook_url, "webhook_secret": secret,
         })
@@ -175,14 +168,14 @@ class Schedules:
         return ScheduleCreated(schedule_id=schedule_id, next_run_at=first, webhook_secret=secret,
                                message=f"Scheduled every {cadence.text}; list_schedules shows its runs.{note}")
 
-    async def list(self, owner: str, limit: int = 100) -> ScheduleList:
+    async def list_schedules(self, owner: str, limit: int = 100) -> ScheduleList:
         """The caller's schedules; their changes share the answer's size cap."""
-        states = await self._store.schedule_states(owner, limit)
+        states = await self._store.states(owner, limit)
         return ScheduleList(schedules=[describe(state, self._share(states)) for state in states])
 
-    async def list_all(self, limit: int) -> list[tuple[str, ScheduleInfo]]:
+    async def list_all_schedules(self, limit: int) -> list[tuple[str, ScheduleInfo]]:
         """Every token's schedules, each with its owner (for operators)."""
-        states = await self._store.schedule_states(None, limit)
+        states = await self._store.states(None, limit)
         return [(state.schedule.owner, describe(state, self._share(states))) for state in states]
 
     def _share(self, states: list[ScheduleState]) -> int:
@@ -191,7 +184,7 @@ class Schedules:
 
     async def delete(self, owner: str, schedule_id: str) -> ScheduleDeleted:
         """Delete the caller's schedule: it runs no more (a scan under way finishes as a normal task)."""
-        await self._store.delete_schedule(schedule_id, owner)
+        await self._store.delete(schedule_id, owner)
         return ScheduleDeleted(schedule_id=schedule_id)
 
     @staticmethod
@@ -242,11 +235,13 @@ def webhook_payload(schedule: ScheduleRecord, run: RunRecord) -> bytes:
 class Scheduler:
     """One process's scheduler; see the module docstring for what it does while it holds the lease."""
 
-    def __init__(self, store: TaskManager, schedules: Schedules, service: ScanService, settings: Settings,
+    def __init__(self, stores: Stores, schedules: Schedules, service: ScanService, settings: Settings,
                  auditor: Auditor, *, name: str) -> None:
         self.holder = str(uuid.uuid4())
         self._name = f"{name} pid {os.getpid()}"
-        self._store = store
+        self._store = stores.schedules
+        self._tasks = stores.tasks
+        self._feed = stores.feed
         self._schedules = schedules
         self._service = service
         self._settings = settings
@@ -274,7 +269,7 @@ class Scheduler:
             self._holding = False
 
     async def _run_forever(self) -> None:
-        with self._store.feed.subscribe(SCHEDULES_KEY) as created:
+        with self._feed.subscribe(SCHEDULES_KEY) as created:
             while True:
                 created.clear()
                 pause = self._settings.lease_seconds / 3
@@ -301,7 +296,7 @@ class Scheduler:
 
     async def tick(self) -> float:
         """Do what is due now (the module docstring's four steps); return the pause until the next tick."""
-        work = await self._store.scheduler_work(time.time())
+        work = await self._store.work(time.time())
         for run in work.unsubmitted:
             if run.schedule_id in work.schedules:
                 await self._submit(run.id, work.schedules[run.schedule_id])
@@ -338,12 +333,12 @@ class Scheduler:
     async def _settle(self, run: RunRecord, schedule: ScheduleRecord) -> None:
         """Diff a finished run against the previous completed one; keep a change, due to be sent."""
         assert run.task_id is not None
-        record = await self._store.get(run.task_id, schedule.owner, with_result=True)
+        record = await self._tasks.get(run.task_id, schedule.owner, with_result=True)
         if record.status is not TaskStatus.COMPLETED or record.result is None:
             await self._store.settle_run(run.id, "failed", error=record.error or f"the scan {record.status.value}")
             return
         previous = await self._store.previous_completed_run(run)
-        before = await self._store.get(previous.task_id, schedule.owner, with_result=True) \
+        before = await self._tasks.get(previous.task_id, schedule.owner, with_result=True) \
             if previous is not None and previous.task_id else None
         diff = None
         if before is not None and before.result is not None:

@@ -48,7 +48,7 @@ from retention import purge_forever
 from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
 from schedules import Scheduler, Schedules
-from task_manager import TaskManager, create_db_engine
+from stores import Stores
 from tools import register_tools
 from worker import Worker, resolve_expired_forever
 
@@ -82,14 +82,14 @@ class Runtime:
         self.metrics = Metrics()
         self.audit_log = AuditLog(Path(settings.audit_log))
         self.auditor = Auditor(self.audit_log, on_verdict=self.metrics.tool_call, fail_open=settings.audit_fail_open)
-        self.store = TaskManager(
-            create_db_engine(settings.effective_database_url()),
+        self.stores = Stores.open(
+            settings.effective_database_url(),
             max_queued=settings.max_queued_tasks,
             lease_seconds=settings.lease_seconds,
             on_unavailable=self.metrics.database_error,
         )
         self.worker = None if role is Role.API else Worker(
-            self.store,
+            self.stores.workers,
             name=settings.worker_name or socket.gethostname(),
             pool=settings.pool,
             capacity=settings.max_concurrent_tasks,
@@ -97,9 +97,9 @@ class Runtime:
             version_seconds=settings.version_detection_seconds,
             metrics=self.metrics,
         )
-        self.service = ScanService(self.store, Policy(settings, nmap_path), settings, nmap_path, self.worker, VERSION)
-        self.schedules = Schedules(self.store, self.service, settings)
-        self.scheduler = Scheduler(self.store, self.schedules, self.service, settings, self.auditor,
+        self.service = ScanService(self.stores, Policy(settings, nmap_path), settings, nmap_path, self.worker, VERSION)
+        self.schedules = Schedules(self.stores.schedules, self.service, settings)
+        self.scheduler = Scheduler(self.stores, self.schedules, self.service, settings, self.auditor,
                                    name=settings.worker_name or socket.gethostname())
         self._reaper: asyncio.Task[None] | None = None
         self._purger: asyncio.Task[None] | None = None
@@ -107,11 +107,10 @@ class Runtime:
         self._drained = False
 
     async def start(self) -> None:
-        await self.store.start()
-        self._reaper = asyncio.create_task(
-            resolve_expired_forever(self.store, max(self.store.lease_seconds / 4, 0.5)), name="lease-reaper"
-        )
-        self._purger = asyncio.create_task(purge_forever(self.store, self._retention_days), name="retention")
+        await self.stores.start()
+        self._reaper = asyncio.create_task(resolve_expired_forever(
+            self.stores.workers, self.stores.db, max(self.stores.lease_seconds / 4, 0.5)), name="lease-reaper")
+        self._purger = asyncio.create_task(purge_forever(self.stores, self._retention_days), name="retention")
         if self.worker is not None:
             await self.worker.start()
         await self.scheduler.start()
@@ -134,7 +133,7 @@ class Runtime:
             if loop is not None:
                 loop.cancel()
                 await asyncio.gather(loop, return_exceptions=True)
-        await self.store.stop()
+        await self.stores.stop()
         self.audit_log.close()
 
     @contextlib.asynccontextmanager
@@ -229,7 +228,7 @@ def create_app(mcp: FastMCP, settings: Settings, runtime: Runtime) -> ASGIApp:
     )
     edge = edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
                     cors_origins=settings.cors_origins, on_unauthorized=runtime.metrics.auth_failure)
-    return MetricsEndpoint(edge, runtime.metrics, runtime.store, settings)
+    return MetricsEndpoint(edge, runtime.metrics, runtime.stores.workers, settings)
 
 
 class GracefulServer(uvicorn.Server):
@@ -417,7 +416,7 @@ async def run_worker(settings: Settings, nmap_path: str) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with runtime.running(), metrics_listener(listener, runtime.metrics, runtime.store, settings,
+    async with runtime.running(), metrics_listener(listener, runtime.metrics, runtime.stores.workers, settings,
                                                    health_endpoint(runtime)):
         assert runtime.worker is not None
         logger.info("worker %s serving pool %r with %d slots", runtime.worker.info.name, settings.pool,

@@ -271,7 +271,7 @@ def register_tools(
     ) -> TaskList:
         """Your most recent scan tasks, newest first, without results. Instant."""
         with tool_errors():
-            return await scans.list(caller(), status, limit)
+            return await scans.list_tasks(caller(), status, limit)
 
     @inlined_tool(mcp, schemas, annotations=_CANCEL_ANNOTATIONS)
     async def cancel_task(task_id: TaskId) -> TaskAnswer:
@@ -358,7 +358,7 @@ def register_tools(
         """Your schedules, oldest first: what each scans and how often, its next run, its last run's
         task and status, and the last change its runs found (with the webhook's delivery). Instant."""
         with tool_errors():
-            return await schedules.list(caller(), limit)
+            return await schedules.list_schedules(caller(), limit)
 
     @inlined_tool(mcp, schemas, annotations=_CANCEL_ANNOTATIONS)
     async def delete_schedule(schedule_id: ScheduleId) -> ScheduleDeleted:

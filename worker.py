@@ -28,11 +28,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import logs
+from change_feed import queue_key, wait_set
+from db import Database, DatabaseUnavailable
 from metrics import Metrics
-from models import Progress, ScanKind, TaskStatus
+from models import Progress, ScanKind, ScanOutcome, TaskRecord, TaskStatus, WorkerInfo
 from nmap_report import ReportParser, clean_text, with_versions
-from scanner import NmapRun, ScanOutcome, interpret_run, run_nmap, version_argv
-from task_manager import DatabaseUnavailable, Submitted, TaskManager, TaskRecord, WorkerInfo, wait_set
+from scanner import NmapRun, interpret_run, run_nmap, version_argv
+from task_manager import Submitted
+from worker_store import WorkerStore
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class Worker:
     """One process's scan worker; see the module docstring."""
 
     def __init__(
-        self, store: TaskManager, *, name: str, pool: str, capacity: int, grace_seconds: float,
+        self, store: WorkerStore, *, name: str, pool: str, capacity: int, grace_seconds: float,
         version_seconds: float = 300.0, metrics: Metrics | None = None,
     ) -> None:
         self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity)
@@ -70,7 +73,7 @@ class Worker:
         self._context = contextvars.copy_context()
 
     async def start(self) -> None:
-        await self._store.register_worker(self.info)
+        await self._store.register(self.info)
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -92,7 +95,7 @@ class Worker:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         with contextlib.suppress(DatabaseUnavailable):
-            await self._store.unregister_worker(self.info.id)
+            await self._store.unregister(self.info.id)
 
     async def wait_stopped(self, task_id: str, timeout: float) -> None:
         """Wait (up to `timeout` s) until this worker no longer runs the task."""
@@ -129,7 +132,7 @@ class Worker:
         """Claim as many tasks as there are free slots, in one statement; a claim that comes
         back short means the queue is empty, so the loop sleeps until a task is queued (a
         claim per slot would cost a futile write transaction after every claimed scan)."""
-        with self._store.feed.subscribe(f"queue:{self.info.pool}") as queued:
+        with self._store.feed.subscribe(queue_key(self.info.pool)) as queued:
             while True:
                 free = await self._free_slots()
                 queued.clear()
@@ -320,7 +323,7 @@ class LiveScan:
     and (unless `hosts` is false, for a phase that re-scans hosts already written) the hosts
     nmap has finished."""
 
-    def __init__(self, store: TaskManager, record: TaskRecord, worker_id: str, *, phase: str = "",
+    def __init__(self, store: WorkerStore, record: TaskRecord, worker_id: str, *, phase: str = "",
                  hosts: bool = True) -> None:
         self.report = ReportParser(phase_prefix=phase)
         self._store = store
@@ -373,7 +376,7 @@ class LiveScan:
         self._progress_written = progress
 
 
-async def resolve_expired_forever(store: TaskManager, interval: float) -> None:
+async def resolve_expired_forever(store: WorkerStore, db: Database, interval: float) -> None:
     """Any process: resolve tasks whose worker's lease expired, every `interval` s.
 
     After this process could not reach the database, no lease is judged until the database
@@ -385,7 +388,7 @@ async def resolve_expired_forever(store: TaskManager, interval: float) -> None:
             if time.monotonic() >= trusted_from:
                 await store.resolve_expired()
             else:
-                await store.ping()
+                await db.ping()
         except DatabaseUnavailable:
             trusted_from = time.monotonic() + store.lease_seconds
         await asyncio.sleep(interval)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.nodes import MakeNode, Node, start_node
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
 
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
@@ -90,3 +92,18 @@ def live_server(tmp_path: Path, nmap_wrapper: NmapWrapper) -> Iterator[Callable[
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+async def make_node(database_url: str) -> AsyncIterator[MakeNode]:
+    """Nodes (a process's stores and worker, see tests/nodes.py) on one database, stopped at teardown."""
+    nodes: list[Node] = []
+
+    async def make(**options: Any) -> Node:
+        node = await start_node(database_url, f"w{len(nodes)}", **options)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        await node.stop()

@@ -13,22 +13,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 
-import task_manager
 from config import Limits
+from db import create_db_engine, upgrade_schema
+from limits import USAGE, USAGE_AND_WAITING, RateLimited, usage_params
 from models import ScanKind, TaskStatus, tasks
-from task_manager import (
-    _USAGE,
-    _USAGE_AND_WAITING,
-    RateLimited,
-    TaskManager,
-    create_db_engine,
-    upgrade_schema,
-    usage_params,
-)
+from stores import Stores
 from tests.support import ALICE, BOB, SECRETS, StartServer, call_tool, error_text
 
 pytestmark = pytest.mark.anyio
-MakeStore = Callable[[], Awaitable[TaskManager]]
+MakeStore = Callable[[], Awaitable[Stores]]
 ARGV = ["/usr/bin/nmap", "-sT", "-p", "1", "--", "127.0.0.1"]
 WIDE = Limits(scans_per_minute=100, concurrent_scans=100, addresses_per_day=100_000, rescans_per_hour=100)
 
@@ -36,23 +29,23 @@ WIDE = Limits(scans_per_minute=100, concurrent_scans=100, addresses_per_day=100_
 @pytest.fixture
 async def make_store(database_url: str) -> AsyncIterator[MakeStore]:
     """Stores without workers: what they queue stays queued, which the limits count too."""
-    stores: list[TaskManager] = []
+    opened: list[Stores] = []
 
-    async def make() -> TaskManager:
-        store = TaskManager(create_db_engine(database_url), max_queued=1000)
-        await store.start()
-        stores.append(store)
-        return store
+    async def make() -> Stores:
+        stores = Stores.open(database_url, max_queued=1000)
+        await stores.start()
+        opened.append(stores)
+        return stores
 
     yield make
-    for store in stores:
-        await store.stop()
+    for stores in opened:
+        await stores.stop()
 
 
-async def submit(store: TaskManager, limits: Limits, owner: str = "alice", addresses: int = 1,
+async def submit(stores: Stores, limits: Limits, owner: str = "alice", addresses: int = 1,
                  forced: bool = False) -> None:
-    await store.submit(owner, ScanKind.QUICK, "127.0.0.1", ARGV, 60, limits=limits, address_count=addresses,
-                       forced=forced)
+    await stores.tasks.submit(owner, ScanKind.QUICK, "127.0.0.1", ARGV, 60, limits=limits, address_count=addresses,
+                             forced=forced)
 
 
 def retry_seconds(error: RateLimited, window: int) -> int:
@@ -70,7 +63,7 @@ async def test_scans_per_minute_hold_across_processes(make_store: MakeStore) -> 
         await submit(first, limits)
     assert retry_seconds(refused.value, 60) > 50
     await submit(second, limits, owner="bob")
-    assert (await first.usage("alice"))["scans_per_minute"] == 2
+    assert (await first.usage.usage("alice"))["scans_per_minute"] == 2
 
 
 async def test_concurrent_scans_count_what_is_queued_or_running(make_store: MakeStore) -> None:
@@ -80,8 +73,8 @@ async def test_concurrent_scans_count_what_is_queued_or_running(make_store: Make
     await submit(store, limits)
     with pytest.raises(RateLimited, match="^2 concurrent scans for token 'alice'; retry when one of them has finished"):
         await submit(store, limits)
-    [oldest, *_] = await store.list("alice", None, 10)
-    await store.cancel(oldest.id, "alice")
+    [oldest, *_] = await store.tasks.recent("alice", None, 10)
+    await store.tasks.cancel(oldest.id, "alice")
     await submit(store, limits)
 
 
@@ -110,12 +103,12 @@ async def test_a_window_counts_exactly_the_tasks_since_its_start(
     store = await make_store()
     now = 1_800_000_030.0  # 30 s into a minute: each window starts 30 s into its first minute
     clock = {"now": now}
-    monkeypatch.setattr(task_manager.time, "time", lambda: clock["now"])
+    monkeypatch.setattr(time, "time", lambda: clock["now"])
     for age, addresses in ((86_405, 1000), (86_395, 100), (3605, 10), (3595, 1), (65, 0), (55, 0)):
         clock["now"] = now - age
         await submit(store, WIDE, addresses=addresses, forced=True)
     clock["now"] = now
-    used = await store.usage("alice")
+    used = await store.usage.usage("alice")
     assert used["addresses_per_day"] == 111 and used["rescans_per_hour"] == 3 and used["scans_per_minute"] == 1
 
 
@@ -144,7 +137,7 @@ def test_the_usage_check_of_every_submit_reads_no_task_row(tmp_path: Path) -> No
     upgrade_schema(engine)
     params = usage_params("alice", time.time())
     plans = {}
-    for name, statement in (("usage", _USAGE), ("submit", _USAGE_AND_WAITING)):
+    for name, statement in (("usage", USAGE), ("submit", USAGE_AND_WAITING)):
         sql = str(statement.params(params).compile(engine, compile_kwargs={"literal_binds": True}))
         with engine.connect() as conn:
             plans[name] = [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
@@ -172,7 +165,7 @@ async def test_postgresql_counts_a_tokens_running_scans_without_reading_its_fini
     filtered them (802 rows for 10 active ones in the benchmark), at every submit."""
     store = await make_store()
     for _ in range(3):
-        await store.submit("alice", ScanKind.QUICK, "127.0.0.1", ARGV, 60)
+        await store.tasks.submit("alice", ScanKind.QUICK, "127.0.0.1", ARGV, 60)
     now = time.time()
     engine = create_db_engine(database_url)
     with engine.begin() as conn:
@@ -182,7 +175,7 @@ async def test_postgresql_counts_a_tokens_running_scans_without_reading_its_fini
             for n in range(2000)])
         conn.exec_driver_sql("ANALYZE tasks")
     params = usage_params("alice", now)
-    sql = str(_USAGE.params(params).compile(engine, compile_kwargs={"literal_binds": True}))
+    sql = str(USAGE.params(params).compile(engine, compile_kwargs={"literal_binds": True}))
     with engine.connect() as conn:
         [[plan]] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}").all()
     engine.dispose()

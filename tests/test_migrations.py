@@ -19,8 +19,9 @@ from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from sqlalchemy import insert, select, text
 
+from db import MIGRATIONS, create_db_engine, upgrade_schema
 from models import TaskStatus, metadata, tasks, usage_minutes
-from task_manager import MIGRATIONS, TaskManager, create_db_engine, upgrade_schema
+from stores import Stores
 
 pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -41,21 +42,22 @@ def load_v010(database_url: str, tmp_path: Path) -> str:
 
 async def test_a_database_of_0_1_0_upgrades_in_place(database_url: str, tmp_path: Path) -> None:
     url = load_v010(database_url, tmp_path)
-    store = TaskManager(create_db_engine(url), max_queued=10)
-    await store.start()
+    stores = Stores.open(url, max_queued=10)
+    await stores.start()
+    store = stores.tasks
     try:
-        default = await store.list("default", None, 10)
+        default = await store.recent("default", None, 10)
         assert sorted(r.status for r in default) == [TaskStatus.CANCELLED, TaskStatus.COMPLETED]
         [completed] = [r for r in default if r.status is TaskStatus.COMPLETED]
         kept = await store.get(completed.id, "default", with_result=True)
         assert kept.pool == "default" and kept.result is not None
         assert [(p.port, p.state) for p in kept.result.hosts[0].ports] == [(22022, "open"), (22023, "closed")]
         assert (await store.raw_xml(completed.id, "default") or b"").startswith(b"<?xml")
-        [ci] = await store.list("ci", None, 10)
+        [ci] = await store.recent("ci", None, 10)
         ci_result = (await store.get(ci.id, "ci", with_result=True)).result
         assert ci_result is not None and [h.address for h in ci_result.hosts] == ["127.0.0.2", "127.0.0.3"]
     finally:
-        await store.stop()
+        await stores.stop()
 
 
 def test_migrations_build_the_schema_models_declare(database_url: str) -> None:
@@ -94,10 +96,10 @@ async def test_an_upgrade_counts_the_last_days_tasks_into_the_usage_of_the_limit
                                              usage_minutes.c.rescans)).all())
     engine.dispose()
     assert counted == [(int((now - 7200) // 60), 1, 4, 0), (int((now - 120) // 60), 1, 256, 1)]
-    store = TaskManager(create_db_engine(database_url), max_queued=10)
-    await store.start()
+    stores = Stores.open(database_url, max_queued=10)
+    await stores.start()
     try:
-        used = await store.usage("alice")
+        used = await stores.usage.usage("alice")
     finally:
-        await store.stop()
+        await stores.stop()
     assert used["addresses_per_day"] == 260 and used["rescans_per_hour"] == 1

@@ -14,8 +14,8 @@ import pytest
 from config import Settings
 from models import TaskStatus
 from policy import NoPool, Policy
-from scans import ScanService, shard
-from task_manager import TaskManager, create_db_engine
+from scans import ScanService
+from stores import Stores
 from tests.support import SECRETS, Listeners, NmapWrapper
 from worker import Worker
 
@@ -31,34 +31,24 @@ def settings_for(database_url: str, nmap: NmapWrapper, **overrides: object) -> S
 @pytest.fixture
 async def make_service(database_url: str, nmap_wrapper: NmapWrapper) -> AsyncIterator[MakeService]:
     """A scan service with its own store and worker, like one process of the service."""
-    running: list[tuple[TaskManager, Worker | None]] = []
+    running: list[tuple[Stores, Worker | None]] = []
 
     async def make(*, worker: bool = True, pool: str = "default", **overrides: object) -> ScanService:
         settings = settings_for(database_url, nmap_wrapper, pool=pool, **overrides)
-        store = TaskManager(create_db_engine(database_url), max_queued=100)
-        await store.start()
-        scan_worker = Worker(store, name=f"worker-{len(running)}", pool=pool, capacity=4, grace_seconds=0.5)
+        stores = Stores.open(database_url, max_queued=100)
+        await stores.start()
+        scan_worker = Worker(stores.workers, name=f"worker-{len(running)}", pool=pool, capacity=4, grace_seconds=0.5)
         if worker:
             await scan_worker.start()
-        running.append((store, scan_worker if worker else None))
-        return ScanService(store, Policy(settings, str(nmap_wrapper.path)), settings, str(nmap_wrapper.path),
+        running.append((stores, scan_worker if worker else None))
+        return ScanService(stores, Policy(settings, str(nmap_wrapper.path)), settings, str(nmap_wrapper.path),
                            scan_worker if worker else None)
 
     yield make
-    for store, scan_worker in running:
+    for stores, scan_worker in running:
         if scan_worker is not None:
             await scan_worker.stop()
-        await store.stop()
-
-
-def test_shards_cover_every_address_once() -> None:
-    argv = ["nmap", "-sT", "-p", "22", "--", "10.0.0.0/22"]
-    shards = shard(argv, [[ipaddress.ip_network("10.0.0.0/22")]], 64)
-    assert len(shards) == 16 and all(s.argv[:5] == argv[:5] for s in shards)
-    covered = [a for s in shards for t in s.argv[5:] for a in ipaddress.ip_network(t)]
-    assert sorted(covered) == list(ipaddress.ip_network("10.0.0.0/22")) and len(set(covered)) == 1024
-    mixed = shard(argv, [[ipaddress.ip_network("10.0.0.1/32")], [ipaddress.ip_network("10.0.1.0/26")]], 64)
-    assert [s.target for s in mixed] == ["10.0.0.1/32", "10.0.1.0/26"]
+        await stores.stop()
 
 
 async def test_a_big_scan_is_sharded_over_two_workers_and_merged(
@@ -77,9 +67,9 @@ async def test_a_big_scan_is_sharded_over_two_workers_and_merged(
     assert page.result.hosts_total == 128 and not page.result.partial
     open_on = [h.address for h in page.result.hosts if any(p.port == port and p.state == "open" for p in h.ports)]
     assert open_on == ["127.0.0.1"]
-    raw = await second._store.raw_xml(answer.task_id, "alice")
-    assert raw is not None and raw.count(b"<nmaprun ") == 4
-    listed = await second.list("alice", None, 10)
+    xml = await second.result("alice", answer.task_id, fmt="xml")
+    assert xml.content is not None and xml.content.count("<nmaprun ") == 4
+    listed = await second.list_tasks("alice", None, 10)
     assert [t.task_id for t in listed.tasks] == [answer.task_id], "shards are not tasks of their own"
 
 

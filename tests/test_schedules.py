@@ -1,7 +1,7 @@
 """Schedules: scans run again and again, their changes diffed and sent to a signed webhook.
 
 The parsing of `every` and the webhook URL rules are pure. The rest runs real processes'
-parts (server.Runtime: store, worker, scan service, scheduler) on real SQLite and PostgreSQL,
+parts (server.Runtime: stores, worker, scan service, scheduler) on real SQLite and PostgreSQL,
 with real nmap scanning loopback and a webhook receiver the test runs on 127.0.0.1; the
 exactly-once test runs two `server.py` processes on one PostgreSQL database.
 
@@ -30,10 +30,12 @@ from fastmcp import Client
 from sqlalchemy import Row, select
 
 from config import ConfigError, Settings, load_settings
+from db import create_db_engine
 from models import ScanKind, leases, schedule_runs, tasks
+from schedule_store import ScheduleNotFound
 from schedules import ScheduleError, parse_every
 from server import Role, Runtime, create_server
-from task_manager import ScheduleNotFound, TaskManager, create_db_engine
+from stores import Stores
 from tests.support import (
     ALICE,
     SECRETS,
@@ -256,7 +258,7 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
     quiet = await until(lambda: settled(database_url, schedule_id), lambda done: len(done) >= 2)
     assert [run.status for run in quiet] == ["done", "done"] and all(run.diff is None for run in quiet)
     assert receiver.requests == [], "no change, nothing sent"
-    assert (await runtime.schedules.list("alice")).schedules[0].last_change is None
+    assert (await runtime.schedules.list_schedules("alice")).schedules[0].last_change is None
 
     port = open_top_port(listeners, address)
     opened_at = time.time()
@@ -271,7 +273,7 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
     assert [(p["address"], p["port"], p["before"]) for p in sent["diff"]["ports_opened"]] == [(address, port, "")]
     assert sent["diff"]["ports_closed"] == [] == sent["diff"]["hosts_came_up"]
 
-    [info] = (await runtime.schedules.list("alice")).schedules
+    [info] = (await runtime.schedules.list_schedules("alice")).schedules
     assert info.target == address and info.every == "2s" and info.webhook == receiver.url("/hooks/nmap") + "?…"
     assert info.last_change is not None and info.last_change.webhook == "sent"
     assert [(p.port, p.after.split()[0]) for p in info.last_change.diff.ports_opened] == [(port, "open")]
@@ -280,7 +282,7 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
     await until(lambda: settled(database_url, schedule_id), lambda done: len(done) >= len(quiet) + 3)
     assert len(receiver.requests) == 1, "the runs after the change found none"
 
-    assert (await runtime.schedules.list("bob")).schedules == []
+    assert (await runtime.schedules.list_schedules("bob")).schedules == []
     for owner, schedule in (("bob", schedule_id), ("alice", "00000000-0000-4000-8000-000000000000")):
         with pytest.raises(ScheduleNotFound, match="no schedule"):
             await runtime.schedules.delete(owner, schedule)
@@ -288,8 +290,8 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
     scanned = len(nmap_wrapper.pids())
     await asyncio.sleep(2 * INTERVAL + 1)
     assert len(nmap_wrapper.pids()) == scanned and runs(database_url, schedule_id) == []
-    assert (await runtime.schedules.list("alice")).schedules == [] and len(receiver.requests) == 1
-    tasks_of_alice = (await runtime.service.list("alice", None, 100)).tasks
+    assert (await runtime.schedules.list_schedules("alice")).schedules == [] and len(receiver.requests) == 1
+    tasks_of_alice = (await runtime.service.list_tasks("alice", None, 100)).tasks
     assert len(tasks_of_alice) == len(nmap_wrapper.pids()), "each run was one normal task of its owner, scanned once"
     audited = [json.loads(line) for line in Path(runtime.audit_log.path).read_text().splitlines()]
     queued = {entry["task_id"] for entry in audited if entry["tool"] == "schedule_run" and entry["event"] == "queued"}
@@ -312,11 +314,11 @@ async def test_webhooks_are_retried_with_backoff_never_follow_a_redirect_and_rec
     open_top_port(listeners, address)
 
     async def webhook_states() -> list[str | None]:
-        listing = [info for owner in ("alice", "bob") for info in (await runtime.schedules.list(owner)).schedules]
+        listing = [info for owner in ("alice", "bob") for info in (await runtime.schedules.list_schedules(owner)).schedules]
         return [info.last_change.webhook if info.last_change else None for info in listing]
 
     assert await until(webhook_states, lambda states: states == ["sent", "failed"], 40) == ["sent", "failed"]
-    [failed] = (await runtime.schedules.list("bob")).schedules
+    [failed] = (await runtime.schedules.list_schedules("bob")).schedules
     assert failed.last_change is not None
     assert failed.last_change.webhook_error == "the receiver answered 302, a redirect (not followed) (after 4 attempts)"
     attempts = receiver.posts("/hooks/flaky")
@@ -347,31 +349,31 @@ async def test_a_run_missed_while_no_process_ran_is_run_once_then_the_grid_goes_
                for at in due), "due times stay on the schedule's grid"
     assert all(run.status == "done" for run in done)
     assert len({run.task_id for run in done}) == len(done) and len(nmap_wrapper.pids()) >= len(done)
-    assert (await second.schedules.list("alice")).schedules[0].last_run is not None
+    assert (await second.schedules.list_schedules("alice")).schedules[0].last_run is not None
 
 
 async def test_the_scheduler_lease_is_held_by_one_process_and_fences_its_runs(database_url: str) -> None:
-    stores = [TaskManager(create_db_engine(database_url), max_queued=10) for _ in range(2)]
-    for store in stores:
-        await store.start()
+    opened = [Stores.open(database_url, max_queued=10) for _ in range(2)]
+    for stores in opened:
+        await stores.start()
     try:
-        one, two = stores
+        one, two = (stores.schedules for stores in opened)
         assert await one.hold_lease("scheduler", "one", "one", 1.0)
         assert not await two.hold_lease("scheduler", "two", "two", 1.0)
         assert await one.hold_lease("scheduler", "one", "one", 1.0), "the holder renews"
         await asyncio.sleep(1.1)
         assert await two.hold_lease("scheduler", "two", "two", 5.0), "an expired lease is taken over"
         now = time.time()
-        await one.create_schedule({"id": "s1", "owner": "alice", "kind": "quick", "spec": "127.0.0.1", "every": "1h",
+        await one.create({"id": "s1", "owner": "alice", "kind": "quick", "spec": "127.0.0.1", "every": "1h",
                                    "created_at": now, "next_run_at": now, "webhook_url": None, "webhook_secret": None})
-        [due] = (await two.scheduler_work(time.time())).due
+        [due] = (await two.work(time.time())).due
         assert await one.claim_run(due, now + 3600, "scheduler", "one") is None, "a lost lease fires nothing"
         assert await two.claim_run(due, now + 3600, "scheduler", "two") is not None
         assert await two.claim_run(due, now + 3600, "scheduler", "two") is None, "a due time fires once"
-        assert (await one.scheduler_work(time.time())).due == []
+        assert (await one.work(time.time())).due == []
     finally:
-        for store in stores:
-            await store.stop()
+        for stores in opened:
+            await stores.stop()
 
 
 # ---- what the tools refuse at creation (in memory, over the MCP protocol) -------------------

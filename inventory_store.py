@@ -1,0 +1,202 @@
+"""The inventory's rows: read for find_hosts and top_values, written when a completed scan is
+folded in (inventory.py decides what changes; these statements read and write it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Table, bindparam, func, literal_column, select, tuple_
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+
+from db import INVENTORY_LOCK, Database, upsert
+from inventory import HostQuery, network_bounds, plan_update
+from models import InventoryHost, InventoryPort, ScanResult, TaskRecord, inventory_hosts, inventory_ports
+from targets import parse_literal
+
+T = TypeVar("T")
+# Rows written (and addresses looked up) per statement: far below SQLite's limit of bound parameters.
+_CHUNK = 500
+_OWNER = bindparam("p_owner")
+_TAKE_INVENTORY_LOCK = select(func.pg_advisory_xact_lock(INVENTORY_LOCK, func.hashtext(_OWNER)))
+_KNOWN_HOSTS = select(inventory_hosts).where(
+    inventory_hosts.c.owner == _OWNER,
+    inventory_hosts.c.address_key.between(bindparam("p_low"), bindparam("p_high")))
+_KNOWN_PORTS = select(inventory_ports).where(
+    inventory_ports.c.owner == _OWNER, inventory_ports.c.address.in_(bindparam("p_addresses", expanding=True)))
+_WRITE_ROWS = {dialect: {table: upsert(dialect, table) for table in (inventory_hosts, inventory_ports)}
+               for dialect in ("sqlite", "postgresql")}
+
+
+class InventoryRefused(RuntimeError):
+    """The database refused the inventory rows of a completed scan (its transaction is lost)."""
+
+
+def fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult) -> None:
+    """Fold a completed scan into its owner's inventory, in the transaction finishing it.
+
+    Scans of one owner finishing at the same moment take turns (on PostgreSQL an advisory
+    lock per owner; SQLite writes one at a time anyway), so each plans from what the other
+    wrote. InventoryRefused when the database refuses the rows; a database that cannot be
+    reached raises as everywhere (the verdict is tried again later)."""
+    try:
+        if dialect == "postgresql":
+            conn.execute(_TAKE_INVENTORY_LOCK, {"p_owner": record.owner})
+        _fold(conn, dialect, record, result)
+    except (OperationalError, InterfaceError):
+        raise
+    except SQLAlchemyError as e:
+        raise InventoryRefused(str(e)) from e
+
+
+def _fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult) -> None:
+    scope = [n for target in record.argv[record.argv.index("--") + 1:]
+             for n in (parse_literal(target) or ("", []))[1]]
+    known_hosts: dict[str, dict[str, Any]] = {}
+    for network in scope:  # a read per network: a scan names few, and the statement is built once
+        low, high = network_bounds(network)
+        for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": low, "p_high": high}):
+            known_hosts[row.address] = dict(row._mapping)
+    up = [h.address for h in result.hosts if h.status == "up"]
+    known_ports = {
+        (row.address, row.protocol, row.port): dict(row._mapping)
+        for chunk in _chunks(up, _CHUNK)
+        for row in conn.execute(_KNOWN_PORTS, {"p_owner": record.owner, "p_addresses": list(chunk)})
+    }
+    plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports, time.time())
+    for table, rows in ((inventory_hosts, plan.hosts), (inventory_ports, plan.ports)):
+        for chunk in _chunks(rows, _CHUNK):
+            conn.execute(_WRITE_ROWS[dialect][table], chunk)
+
+
+class InventoryStore:
+    """A token's inventory as find_hosts and top_values read it."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def find_hosts(self, owner: str, query: HostQuery, limit: int, offset: int) -> tuple[list[InventoryHost], int]:
+        """A page of the owner's inventory hosts matching `query`, and how many match in all."""
+        return await self._db.run(self._find_hosts, owner, query, limit, offset)
+
+    async def top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[tuple[str, int]]:
+        """The owner's most common values of `field` (port, service, product, version, os, status)."""
+        return await self._db.run(self._top_values, owner, field, query, limit)
+
+    async def purge(self, before: float) -> tuple[int, int]:
+        """Delete hosts and ports last seen before `before`; how many of each."""
+        return (await self._db.purge(_stale_rows_of(inventory_hosts), before),
+                await self._db.purge(_stale_rows_of(inventory_ports), before))
+
+    def _find_hosts(self, owner: str, query: HostQuery, limit: int, offset: int) -> tuple[list[InventoryHost], int]:
+        """Hosts matching `query`, by address, with their matching ports; and how many match."""
+        ports = inventory_ports.c
+        port_filter = _port_conditions(owner, query)
+        with self._db.reading() as conn:
+            if query.by_port:
+                matched = select(ports.address_key, ports.address).where(*port_filter).distinct()
+                total = conn.execute(select(func.count()).select_from(matched.subquery())).scalar_one()
+                page = conn.execute(matched.order_by(ports.address_key).limit(limit).offset(offset)).all()
+                addresses = [row.address for row in page]
+                host_rows = conn.execute(select(inventory_hosts).where(
+                    inventory_hosts.c.owner == owner, inventory_hosts.c.address.in_(addresses))).all()
+            else:
+                hosts_filter = _host_conditions(owner, query)
+                total = conn.execute(select(func.count()).select_from(inventory_hosts).where(*hosts_filter)).scalar_one()
+                host_rows = conn.execute(select(inventory_hosts).where(*hosts_filter)
+                                         .order_by(inventory_hosts.c.address_key).limit(limit).offset(offset)).all()
+                addresses = [row.address for row in host_rows]
+            port_rows = conn.execute(select(inventory_ports).where(*port_filter, ports.address.in_(addresses))
+                                     .order_by(ports.address_key, ports.protocol, ports.port)).all() if addresses else []
+        by_host: dict[str, list[InventoryPort]] = defaultdict(list)
+        for row in port_rows:
+            by_host[row.address].append(_inventory_port(row))
+        hosts = {row.address: _inventory_host(row, by_host[row.address]) for row in host_rows}
+        return [hosts[a] for a in addresses if a in hosts], total
+
+    def _top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[tuple[str, int]]:
+        """The most common values of `field` among the owner's hosts (open ports for port fields)."""
+        if field in ("os", "status"):
+            column = inventory_hosts.c[field]
+            counted = (select(column, func.count().label("n")).where(*_host_conditions(owner, query), column != "")
+                       .group_by(column))
+        else:
+            ports = inventory_ports.c
+            columns = [ports.protocol, ports.port] if field == "port" else (
+                [ports.product, ports.version] if field == "version" else [ports[field]])
+            counted = (select(*columns, func.count(ports.address.distinct()).label("n"))
+                       .where(*_port_conditions(owner, query), columns[-1] != "").group_by(*columns))
+        with self._db.reading() as conn:
+            rows = conn.execute(counted.order_by(literal_column("n").desc()).limit(limit)).all()
+        return [(_value_name(field, row), row.n) for row in rows]
+
+
+def _port_conditions(owner: str, query: HostQuery) -> list[Any]:
+    ports = inventory_ports.c
+    conditions: list[Any] = []
+    state = query.port_state if query.by_port else "open"
+    exact = {ports.port: query.port, ports.protocol: query.protocol, ports.state: state,
+             ports.service: query.service}
+    conditions += [column == value for column, value in exact.items() if value is not None]
+    if query.product is not None:
+        conditions.append(func.lower(ports.product) == query.product.lower())
+    if query.version_prefix is not None:
+        conditions.append(ports.version.startswith(query.version_prefix, autoescape=True))
+    if query.cpe is not None:
+        conditions.append(ports.cpe.contains(query.cpe, autoescape=True))
+    if query.script is not None:
+        conditions.append(ports.scripts.contains(json.dumps(query.script), autoescape=True))
+    return conditions + _host_conditions(owner, query, inventory_ports)
+
+
+def _host_conditions(owner: str, query: HostQuery, table: Table = inventory_hosts) -> list[Any]:
+    """Owner, network and time filters, which both inventory tables have."""
+    columns = table.c
+    conditions: list[Any] = [columns.owner == owner]
+    if query.network is not None:
+        conditions.append(columns.address_key.between(*query.network))
+    if query.seen_since is not None:
+        conditions.append(columns.last_seen >= query.seen_since)
+    if query.changed_since is not None:
+        conditions.append(columns.changed_at >= query.changed_since)
+    return conditions
+
+
+def _stale_rows_of(table: Table) -> Any:
+    """A purge batch of `table`: rows last seen before the cut-off."""
+
+    def delete_batch(conn: Connection, before: float, batch: int) -> int:
+        key = list(table.primary_key.columns)
+        stale = select(*key).where(table.c.last_seen < before).limit(batch)
+        return conn.execute(table.delete().where(tuple_(*key).in_(stale))).rowcount
+
+    return delete_batch
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
+
+
+def _value_name(field: str, row: Row[Any]) -> str:
+    if field == "port":
+        return f"{row.port}/{row.protocol}"
+    if field == "version":
+        return f"{row.product} {row.version}".strip()
+    return str(row[0])
+
+
+def _inventory_port(row: Row[Any]) -> InventoryPort:
+    data = dict(row._mapping)
+    return InventoryPort(**{k: v for k, v in data.items() if k in InventoryPort.model_fields and k not in
+                            ("cpe", "scripts")}, cpe=json.loads(data["cpe"]), scripts=json.loads(data["scripts"]))
+
+
+def _inventory_host(row: Row[Any], ports: list[InventoryPort]) -> InventoryHost:
+    data = dict(row._mapping)
+    fields = {k: v for k, v in data.items() if k in InventoryHost.model_fields and k != "hostnames"}
+    return InventoryHost(**fields, hostnames=json.loads(data["hostnames"]), ports=ports)

@@ -1,0 +1,67 @@
+"""The store layer of one process, opened and closed as one: the database, its change feed,
+and a store per aggregate. SQL lives only in these modules (tests/test_layers.py checks it):
+
+- db.py: the engine, migrations, database threads, DatabaseUnavailable
+- change_feed.py: how processes hear of each other's changes
+- task_manager.py: what callers do to tasks
+- worker_store.py: what workers do to tasks, their leases and the workers table
+- limits.py: the per-token usage and the queue's bound
+- inventory_store.py: the inventory across scans
+- schedule_store.py: schedules, their runs and webhooks, the scheduler's lease
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from change_feed import ChangeFeed
+from db import Database, create_db_engine
+from inventory_store import InventoryStore
+from limits import UsageStore
+from schedule_store import ScheduleStore
+from task_manager import TaskManager
+from worker_store import WorkerStore
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Every store of one process, on one database."""
+
+    db: Database
+    feed: ChangeFeed
+    tasks: TaskManager
+    workers: WorkerStore
+    schedules: ScheduleStore
+    inventory: InventoryStore
+    usage: UsageStore
+
+    @classmethod
+    def open(cls, url: str, *, max_queued: int, lease_seconds: float = 30.0,
+             on_unavailable: Callable[[str], None] = lambda _operation: None) -> Stores:
+        """The stores on the database at `url` (nothing is read or written before `start`)."""
+        db = Database(create_db_engine(url), on_unavailable=on_unavailable)
+        feed = ChangeFeed(db)
+        return cls(
+            db=db,
+            feed=feed,
+            tasks=TaskManager(db, feed, max_queued=max_queued, lease_seconds=lease_seconds),
+            workers=WorkerStore(db, feed, lease_seconds=lease_seconds),
+            schedules=ScheduleStore(db, feed),
+            inventory=InventoryStore(db),
+            usage=UsageStore(db),
+        )
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.workers.lease_seconds
+
+    async def start(self) -> None:
+        """Bring the schema up to date and start hearing of other processes' changes."""
+        await self.db.start()
+        await self.feed.start()
+
+    async def stop(self) -> None:
+        await self.feed.stop()
+        await self.tasks.stop()
+        self.db.close()

@@ -1,0 +1,90 @@
+"""Nodes for the store and worker tests: what one process of the service holds.
+
+A node is the stores of one process (their own engine) and, unless it serves the API only, a
+worker and its lease reaper. Two nodes on one database behave like two processes for
+everything that goes through the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event
+
+from models import ScanKind, TaskRecord
+from scanner import build_argv
+from stores import Stores
+from task_manager import TaskManager
+from tests.support import NmapWrapper
+from worker import Worker, resolve_expired_forever
+
+
+@dataclass
+class Node:
+    stores: Stores
+    worker: Worker | None
+    reaper: asyncio.Task[None]
+
+    @property
+    def tasks(self) -> TaskManager:
+        return self.stores.tasks
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        self.reaper.cancel()
+        await asyncio.gather(self.reaper, return_exceptions=True)
+        await self.stores.stop()
+
+
+MakeNode = Callable[..., Awaitable[Node]]
+
+
+async def start_node(database_url: str, name: str, *, capacity: int = 4, max_queued: int = 50, grace: float = 0.5,
+                     lease: float = 30.0, pool: str = "default", worker: bool = True) -> Node:
+    """A node on `database_url` whose worker (started unless `worker` is false) is called `name`."""
+    stores = Stores.open(database_url, max_queued=max_queued, lease_seconds=lease)
+    await stores.start()
+    scan_worker = Worker(stores.workers, name=name, pool=pool, capacity=capacity, grace_seconds=grace)
+    if worker:
+        await scan_worker.start()
+    reaper = asyncio.create_task(resolve_expired_forever(stores.workers, stores.db, max(lease / 4, 0.2)))
+    return Node(stores, scan_worker if worker else None, reaper)
+
+
+def argv_for(nmap: NmapWrapper, port: int, target: str = "127.0.0.1") -> list[str]:
+    return build_argv(str(nmap.path), ["-sT", "-p", str(port)], [target], ipv6=False, privileged=False)
+
+
+async def submit(tasks: TaskManager, nmap: NmapWrapper, port: int, owner: str = "alice", limit: int = 120,
+                 **options: object) -> TaskRecord:
+    """A custom scan of `port` on 127.0.0.1, queued for `owner`."""
+    return (await tasks.submit(owner, ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap, port), limit, **options)).record
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5) -> bool:
+    """Poll `condition` while the event loop (and the worker on it) keeps running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+@contextlib.contextmanager
+def statements_run(stores: Stores) -> Iterator[list[tuple[str, Any]]]:
+    """The SQL statements (with their parameters) the stores run within the block, in order."""
+    seen: list[tuple[str, Any]] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(stores.db.engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(stores.db.engine, "before_cursor_execute", note)

@@ -1,0 +1,85 @@
+"""db.py and change_feed.py: the database under every store, and how processes hear of changes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+import db
+from change_feed import heard_key, wait_set
+from db import DatabaseUnavailable
+from models import TaskStatus
+from stores import Stores
+from tests.nodes import submit
+from tests.support import POSTGRES_ADMIN_URL, NmapWrapper
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_loop_waiting_on_an_event_stops_when_cancelled_as_the_event_is_set() -> None:
+    """The race that kept a scheduler alive after its process stopped, on Python 3.11's wait_for."""
+    changed = asyncio.Event()
+    woken = 0
+
+    async def wait_forever() -> None:
+        nonlocal woken
+        while True:
+            changed.clear()
+            await wait_set(changed, 30)
+            woken += 1
+
+    loop = asyncio.create_task(wait_forever())
+    await asyncio.sleep(0.05)
+    changed.set()
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(loop, 2)
+    assert woken == 0
+
+
+def test_a_process_hears_other_processes_notifications_and_not_its_own() -> None:
+    assert heard_key("a1b2 queue:dmz", "a1b2") is None
+    assert heard_key("c3d4 queue:dmz", "a1b2") == "queue:dmz"
+    assert heard_key("0b1e8a4c-6f1d-4a54-9b1e-3f1f0a2b7c9d", "a1b2") == "0b1e8a4c-6f1d-4a54-9b1e-3f1f0a2b7c9d"
+
+
+async def test_a_pooled_postgresql_connection_that_died_while_idle_is_replaced_unseen(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.2)
+    stores = Stores.open(postgres_url, max_queued=10)
+    await stores.start()
+    try:
+        await stores.db.ping()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                "pg_backend_pid() AND query NOT LIKE 'LISTEN%%'", (make_url(postgres_url).database,)).fetchone()
+        assert ended is not None and ended[0] >= 1
+        await asyncio.sleep(0.3)  # idle past PING_IDLE_SECONDS: pinged, found dead, replaced
+        await stores.db.ping()
+    finally:
+        await stores.stop()
+
+
+async def test_a_sqlite_database_locked_past_its_busy_timeout_is_unavailable(
+    tmp_path: Path, nmap_wrapper: NmapWrapper
+) -> None:
+    """The writing BEGIN goes to the driver directly, so its errors arrive as sqlite3's own."""
+    stores = Stores.open(f"sqlite:///{tmp_path / 'tasks.db'}", max_queued=10)
+    await stores.start()
+    holder = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        with pytest.raises(DatabaseUnavailable, match="not reachable"):
+            await submit(stores.tasks, nmap_wrapper, 1)
+        holder.execute("ROLLBACK")
+        assert (await submit(stores.tasks, nmap_wrapper, 1)).status is TaskStatus.QUEUED
+    finally:
+        holder.close()
+        await stores.stop()

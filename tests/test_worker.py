@@ -1,0 +1,302 @@
+"""worker.py and worker_store.py: claim -> scan -> finish, leases, hand-overs and shutdown, on
+real SQLite and real PostgreSQL, running real nmap on loopback (see tests/nodes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from sqlalchemy import insert, select, update
+
+from db import create_db_engine, upgrade_schema
+from inventory import HostQuery
+from models import ScanKind, ScanOutcome, TaskStatus, WorkerInfo, task_hosts, tasks
+from scanner import build_argv
+from task_manager import Submitted, TaskAlreadyFinished
+from tests.nodes import MakeNode, argv_for, submit, wait_for
+from tests.support import Listeners, NmapWrapper, process_alive
+from worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_concurrency_is_bounded_and_every_task_runs_once(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
+) -> None:
+    [port] = listeners.open_free_top_ports(1)
+    nmap_wrapper.set_delay(0.6)
+    node = await make_node(capacity=2)
+    records = [await submit(node.tasks, nmap_wrapper, port) for _ in range(6)]
+    peak = 0
+    waits = asyncio.gather(*(node.tasks.wait(r.id, "alice", timeout=60) for r in records))
+    while not waits.done():
+        peak = max(peak, len(nmap_wrapper.alive()))
+        await asyncio.sleep(0.01)
+    finals = await waits
+    assert peak == 2
+    assert all(f.status is TaskStatus.COMPLETED for f in finals)
+    assert len(nmap_wrapper.pids()) == 6
+
+
+async def test_cancel_kills_nmap_and_records_cancelled(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
+    nmap_wrapper.set_delay(30)
+    node = await make_node(capacity=1)
+    assert node.worker is not None
+    running = await submit(node.tasks, nmap_wrapper, 1)
+    queued = await submit(node.tasks, nmap_wrapper, 1)
+    assert (await node.tasks.wait(running.id, "alice", timeout=0.5)).status is TaskStatus.RUNNING
+    assert await wait_for(lambda: len(nmap_wrapper.pids()) == 1)
+    [pid] = nmap_wrapper.pids()
+    assert (await node.tasks.cancel(running.id, "alice")).status is TaskStatus.CANCELLED
+    await node.worker.wait_stopped(running.id, 5)
+    assert not process_alive(pid)
+    assert (await node.tasks.cancel(queued.id, "alice")).status is TaskStatus.CANCELLED
+    assert nmap_wrapper.pids() == [pid]
+    with pytest.raises(TaskAlreadyFinished, match="already cancelled"):
+        await node.tasks.cancel(queued.id, "alice")
+
+
+async def test_a_submission_hands_the_pools_oldest_task_to_a_free_local_worker(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
+) -> None:
+    """The claim made in the submitting transaction follows the queue's order, as the claim
+    loop would: an older queued task goes first. A worker with no slot free claims nothing."""
+    [port] = listeners.open_free_top_ports(1)
+    node = await make_node(worker=False)  # no claim loop: only hand-overs start scans here
+    worker = Worker(node.stores.workers, name="direct", pool="default", capacity=1, grace_seconds=0.5)
+    try:
+        nmap_wrapper.set_delay(1.5)
+        older = await submit(node.tasks, nmap_wrapper, port)
+        newer = await worker.hand_over(lambda to: node.tasks.submit(
+            "alice", ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap_wrapper, port), 120, claim_for=to))
+        assert newer.claimed is not None and newer.claimed.id == older.id != newer.record.id
+        assert await wait_for(lambda: worker.running == 1)
+        full = await worker.hand_over(lambda to: node.tasks.submit(
+            "alice", ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap_wrapper, port), 120, claim_for=to))
+        assert full.claimed is None
+        final = await node.tasks.wait(older.id, "alice", timeout=30)
+        assert final.status is TaskStatus.COMPLETED and final.worker_name == "direct"
+        for waiting in (newer.record, full.record):
+            assert (await node.tasks.get(waiting.id, "alice")).status is TaskStatus.QUEUED
+        assert await wait_for(lambda: worker.running == 0)
+        nmap_wrapper.set_delay(0)
+        own = await worker.hand_over(lambda to: node.tasks.submit(
+            "alice", ScanKind.QUICK, "127.0.0.1", argv_for(nmap_wrapper, port), 120, claim_for=to))
+        assert own.claimed is not None and own.claimed.id == newer.record.id, "the slot was given back"
+    finally:
+        await worker.stop()
+
+
+async def test_a_caller_cancelled_during_a_hand_over_does_not_strand_its_task(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
+) -> None:
+    [port] = listeners.open_free_top_ports(1)
+    node = await make_node(worker=False)
+    worker = Worker(node.stores.workers, name="direct", pool="default", capacity=1, grace_seconds=0.5)
+    submitting = asyncio.Event()
+
+    async def submit_later(to: WorkerInfo | None) -> Submitted:
+        await submitting.wait()
+        return await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap_wrapper, port), 120,
+                                       claim_for=to)
+
+    try:
+        caller = asyncio.create_task(worker.hand_over(submit_later))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        submitting.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert await wait_for(lambda: worker.running == 1)
+        [record] = await node.tasks.recent("alice", None, 10)
+        final = await node.tasks.wait(record.id, "alice", timeout=30)
+        assert final.status is TaskStatus.COMPLETED and final.worker_name == "direct"
+    finally:
+        await worker.stop()
+
+
+async def test_expired_leases_are_resolved_by_any_process(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
+) -> None:
+    """A task claimed by a worker that died before nmap started is queued again (it never
+    touched the network); one whose nmap had started is interrupted; a live lease is kept."""
+    [port] = listeners.open_free_top_ports(1)
+    engine = create_db_engine(database_url)
+    upgrade_schema(engine)
+    now = time.time()
+    base = {"owner": "alice", "kind": "custom", "target": "127.0.0.1", "time_limit": 60, "created_at": now,
+            "argv": json.dumps(argv_for(nmap_wrapper, port)), "status": "running", "worker_id": "gone"}
+    rows = [
+        base | {"id": "claimed-never-started", "claimed_at": now - 60, "started_at": None, "lease_expires_at": now - 30},
+        base | {"id": "started-then-died", "claimed_at": now - 50, "started_at": now - 50, "lease_expires_at": now - 1},
+        base | {"id": "alive-elsewhere", "claimed_at": now, "started_at": now, "lease_expires_at": now + 3600},
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(tasks), rows)
+    engine.dispose()
+    node = await make_node(capacity=1, lease=2)
+    requeued = await node.tasks.wait("claimed-never-started", "alice", timeout=30)
+    assert requeued.status is TaskStatus.COMPLETED and requeued.worker_name == "w0"
+    assert requeued.result is not None and requeued.result.hosts[0].ports[0].port == port
+    died = await node.tasks.get("started-then-died", "alice")
+    assert died.status is TaskStatus.INTERRUPTED and "submit it again" in (died.error or "")
+    assert (await node.tasks.get("alive-elsewhere", "alice")).status is TaskStatus.RUNNING
+    assert len(nmap_wrapper.pids()) == 1
+
+
+async def test_shutdown_interrupts_scans_past_the_grace_period_and_keeps_the_queue(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    nmap_wrapper.set_delay(30)
+    node = await make_node(capacity=1, grace=0.2)
+    record = await submit(node.tasks, nmap_wrapper, 1)
+    waiting = await submit(node.tasks, nmap_wrapper, 1)
+    await node.tasks.wait(record.id, "alice", timeout=0.5)
+    assert await wait_for(lambda: len(nmap_wrapper.pids()) == 1)
+    [pid] = nmap_wrapper.pids()
+    assert node.worker is not None
+    await node.worker.stop()
+    assert not process_alive(pid)
+    final = await node.tasks.get(record.id, "alice")
+    assert final.status is TaskStatus.INTERRUPTED and "shut down" in (final.error or "")
+    assert (await node.tasks.get(waiting.id, "alice")).status is TaskStatus.QUEUED
+
+
+async def test_time_limit_stops_the_scan_and_fails_the_task(make_node: MakeNode,
+                                                            nmap_wrapper: NmapWrapper) -> None:
+    nmap_wrapper.set_delay(30)
+    node = await make_node()
+    record = await submit(node.tasks, nmap_wrapper, 1, limit=1)
+    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    assert final.status is TaskStatus.FAILED and "time limit of 1 s" in (final.error or "")
+    assert not nmap_wrapper.alive()
+
+
+async def test_finishing_is_a_guarded_transition(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
+    nmap_wrapper.set_delay(30)
+    node = await make_node()
+    assert node.worker is not None
+    record = await submit(node.tasks, nmap_wrapper, 1)
+    claimed = await node.tasks.wait(record.id, "alice", timeout=0.5)
+    await node.tasks.cancel(record.id, "alice")
+    late = ScanOutcome(TaskStatus.COMPLETED, None, None, b"")
+    assert await node.stores.workers.finish(claimed, node.worker.info.id, late) is False
+    assert (await node.tasks.get(record.id, "alice")).status is TaskStatus.CANCELLED
+
+
+async def test_time_limit_keeps_the_hosts_finished_so_far(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
+    node = await make_node()
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-100", "--scan-delay", "10ms", "--max-hostgroup", "1"],
+                      ["127.0.0.1-8"], ipv6=False, privileged=False)
+    record = (await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)).record
+    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    assert final.status is TaskStatus.FAILED and "time limit of 3 s" in (final.error or "")
+    assert final.result is not None and final.result.partial
+    assert 1 <= len(final.result.hosts) < 8 and final.result.hosts[0].address == "127.0.0.1"
+    assert (await node.tasks.raw_xml(record.id, "alice") or b"").startswith(b"<?xml")
+
+
+async def test_progress_and_finished_hosts_are_readable_from_another_process(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    """What a scan has found so far lives in the database, not in the worker's memory."""
+    runner = await make_node()
+    reader = await make_node(worker=False)
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-200", "--scan-delay", "10ms", "--max-hostgroup", "1"],
+                      ["127.0.0.1-8"], ipv6=False, privileged=False)
+    record = (await reader.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 120)).record
+    deadline = time.monotonic() + 30
+    partial = None
+    while time.monotonic() < deadline:
+        seen = await reader.tasks.get(record.id, "alice")
+        partial = await reader.tasks.result_so_far(seen)
+        if partial is not None and partial.hosts and seen.progress is not None:
+            break
+        await asyncio.sleep(0.2)
+    assert partial is not None and partial.partial and seen.status is TaskStatus.RUNNING
+    assert seen.progress is not None and seen.progress.percent >= 0
+    await reader.tasks.cancel(record.id, "alice")
+    assert runner.worker is not None
+    await runner.worker.wait_stopped(record.id, 5)
+    stopped = await reader.tasks.get(record.id, "alice", with_result=True)
+    kept = await reader.tasks.result_so_far(stopped)
+    assert stopped.status is TaskStatus.CANCELLED and kept is not None and kept.partial
+    assert [h.address for h in kept.hosts][: len(partial.hosts)] == [h.address for h in partial.hosts]
+
+
+async def test_a_completed_task_clears_its_live_rows(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    node = await make_node()
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-50", "--scan-delay", "10ms", "--max-hostgroup", "1"],
+                      ["127.0.0.1-3"], ipv6=False, privileged=False)
+    record = (await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-3", argv, 120)).record
+    engine = create_db_engine(database_url)
+    live = select(task_hosts).where(task_hosts.c.task_id == record.id)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            written = conn.execute(live).all()
+        if written:
+            break
+        await asyncio.sleep(0.1)
+    assert written, "no finished host was written while the scan ran"
+    final = await node.tasks.wait(record.id, "alice", timeout=60)
+    assert final.status is TaskStatus.COMPLETED and final.result is not None and len(final.result.hosts) == 3
+    with engine.connect() as conn:
+        left = conn.execute(live).all()
+        dedupe = conn.execute(select(tasks.c.dedupe_key).where(tasks.c.id == record.id)).scalar_one()
+    engine.dispose()
+    assert left == [] and dedupe is None
+
+
+REFUSE_INVENTORY = {
+    "sqlite": [("CREATE TRIGGER refuse_inventory BEFORE INSERT ON inventory_hosts "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")],
+    "postgresql": [("CREATE FUNCTION refuse_inventory() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"),
+                   ("CREATE TRIGGER refuse_inventory BEFORE INSERT ON inventory_hosts "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_inventory()")],
+}
+
+
+async def test_a_completed_scan_keeps_its_verdict_when_the_database_refuses_its_inventory_rows(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    [port] = listeners.open_free_top_ports(1)
+    node = await make_node()
+    engine = create_db_engine(database_url)
+    with engine.begin() as conn:
+        for statement in REFUSE_INVENTORY[engine.dialect.name]:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+    record = await submit(node.tasks, nmap_wrapper, port)
+    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    assert final.status is TaskStatus.COMPLETED and final.result is not None
+    assert final.result.hosts[0].ports[0].port == port
+    assert await node.stores.inventory.find_hosts("alice", HostQuery(), 10, 0) == ([], 0)
+    assert any("could not be added to the inventory" in r.getMessage() and "refused by the test" in r.exc_text
+               for r in caplog.records if r.exc_text), caplog.text
+
+
+async def test_a_running_task_resolved_by_another_process_has_its_nmap_stopped(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    """Another process resolved the task (as a reaper does once its lease expired): the worker
+    hears of it and stops its nmap."""
+    nmap_wrapper.set_delay(30)
+    node = await make_node(lease=3)
+    record = await submit(node.tasks, nmap_wrapper, 1)
+    assert (await node.tasks.wait(record.id, "alice", timeout=1)).status is TaskStatus.RUNNING
+    assert await wait_for(lambda: len(nmap_wrapper.alive()) == 1)
+    engine = create_db_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == record.id).values(
+            status=TaskStatus.INTERRUPTED.value, finished_at=time.time(), lease_expires_at=None))
+    engine.dispose()
+    final = await node.tasks.wait(record.id, "alice", timeout=10)
+    assert final.status is TaskStatus.INTERRUPTED
+    assert await wait_for(lambda: nmap_wrapper.alive() == [], 5)

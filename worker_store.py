@@ -1,0 +1,355 @@
+"""What workers do to tasks: claim, start, progress, finish; the leases that prove a worker
+still runs what it claimed, and the workers table list_workers reads.
+
+A task is claimed by one guarded statement that gives a worker a lease, marked started just
+before nmap starts, and finished by a guarded update (the verdict, with the inventory folded
+in). A task whose lease expired is resolved by any process: queued again if nmap never
+started, interrupted if it had.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+
+from change_feed import ChangeFeed, queue_key
+from db import Database
+from inventory_store import InventoryRefused, fold
+from models import (
+    TASK_SUMMARY,
+    TASK_WITH_RESULT,
+    HostDetail,
+    Progress,
+    ScanOutcome,
+    ScanResult,
+    TaskRecord,
+    TaskStatus,
+    WorkerInfo,
+    task_hosts,
+    tasks,
+    workers,
+)
+from sharding import ShardEnd, parent_verdict
+
+logger = logging.getLogger(__name__)
+
+INTERRUPTED_ERROR = "the worker running this scan stopped before it finished; submit it again"
+_UNCLAIMED = {"status": TaskStatus.QUEUED.value, "worker_id": None, "worker_name": None,
+              "claimed_at": None, "lease_expires_at": None}
+
+# ---- the statements every scan runs, built once ------------------------------------------
+# Building a SQLAlchemy statement and its cache key costs several times more than running it
+# (measured: a task read built per call 185 us, the same read built once 22 us, SQLite), and a
+# scan runs a dozen of them; so these are built here, with bound parameters named `p_*`
+# (never a column's name: those are the SET clause's).
+_P = {name: bindparam(f"p_{name}") for name in ("id", "worker", "pool", "parent")}
+_OURS = (tasks.c.id == _P["id"]) & (tasks.c.worker_id == _P["worker"])
+_RUNNING_OURS = _OURS & (tasks.c.status == TaskStatus.RUNNING.value)
+_STILL_OURS = select(tasks.c.id).where(_RUNNING_OURS)
+# The oldest queued tasks, chosen once: PostgreSQL may run an `IN (SELECT ... LIMIT n FOR
+# UPDATE SKIP LOCKED)` subquery again per row it updates, each time skipping the rows it just
+# locked, and so claim more than n (seen: 4 scans on 2 slots). A MATERIALIZED CTE runs once.
+_OLDEST_QUEUED = (
+    select(tasks.c.id)
+    .where(tasks.c.status == TaskStatus.QUEUED.value, tasks.c.pool == _P["pool"], tasks.c.shard_count == 0)
+    .order_by(tasks.c.created_at).limit(bindparam("p_limit")).with_for_update(skip_locked=True)
+    .cte("oldest_queued").prefix_with("MATERIALIZED")
+)
+_CLAIM = (
+    update(tasks)
+    .where(tasks.c.id == _OLDEST_QUEUED.c.id, tasks.c.status == TaskStatus.QUEUED.value)
+    .values(status=TaskStatus.RUNNING.value)
+    .returning(*TASK_SUMMARY)
+)
+_CLAIM_PARENT = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.status == TaskStatus.QUEUED.value) \
+    .values(status=TaskStatus.RUNNING.value)
+# Start, progress and verdict of a scan this worker runs; what they set is in their parameters.
+_UPDATE_RUNNING_OURS = update(tasks).where(_RUNNING_OURS)
+# The verdict returns the row it wrote: a waiting call in this process needs no read of it.
+_RECORD_VERDICT = _UPDATE_RUNNING_OURS.returning(*TASK_WITH_RESULT)
+_MARK_PARENT_STARTED = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.started_at.is_(None))
+_INSERT_LIVE_HOSTS = insert(task_hosts)
+_KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
+_DELETE_LIVE_HOSTS = delete(task_hosts).where(task_hosts.c.task_id == _P["id"])
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """A pool as list_workers shows it."""
+
+    pool: str
+    queued: int
+    workers: list[dict[str, Any]]
+    running: int = 0
+
+
+def claim_in(conn: Connection, worker: WorkerInfo, pool: str, limit: int, now: float,
+             lease_seconds: float) -> list[TaskRecord]:
+    """In `conn`'s transaction: up to `limit` of the pool's oldest queued tasks, oldest first,
+    now leased to `worker` (a shard's parent is marked running with its first shard)."""
+    rows = conn.execute(_CLAIM, {"p_pool": pool, "p_limit": limit, "worker_id": worker.id,
+                                 "worker_name": worker.name, "claimed_at": now,
+                                 "lease_expires_at": now + lease_seconds}).all()
+    records = sorted((TaskRecord.from_row(row._mapping) for row in rows), key=lambda record: record.created_at)
+    for parent_id in sorted({record.parent_id for record in records if record.parent_id}):
+        conn.execute(_CLAIM_PARENT, {"p_parent": parent_id, "claimed_at": now})
+    return records
+
+
+def settle_parent(conn: Connection, feed: ChangeFeed, parent_id: str) -> None:
+    """Once every shard has finished, give the parent its merged result and verdict."""
+    # Locking the parent row serialises shards finishing at the same moment.
+    parent = TaskRecord.from_row(conn.execute(select(*TASK_SUMMARY).where(tasks.c.id == parent_id)
+                                              .with_for_update()).one()._mapping)
+    if parent.status.finished:
+        return
+    shards = conn.execute(select(tasks.c.status, tasks.c.result, tasks.c.error)
+                          .where(tasks.c.parent_id == parent_id)).all()
+    now = time.time()
+    verdict = parent_verdict(parent.target, now - (parent.started_at or parent.created_at), [
+        ShardEnd(TaskStatus(s.status), ScanResult.model_validate_json(s.result) if s.result else None, s.error)
+        for s in shards])
+    if verdict is None:
+        return
+    conn.execute(update(tasks).where(tasks.c.id == parent_id).values(
+        status=verdict.status.value, finished_at=now, error=verdict.error, dedupe_key=None,
+        result=verdict.result.model_dump_json() if verdict.result else None,
+    ))
+    feed.notify(conn, parent_id)
+
+
+class WorkerStore:
+    """The tasks as workers see them: claimed, leased, run, finished."""
+
+    def __init__(self, db: Database, feed: ChangeFeed, *, lease_seconds: float = 30.0) -> None:
+        self._db = db
+        self.feed = feed
+        self.lease_seconds = lease_seconds
+        # Tasks this process may have written finished hosts of (see `save_live`): only
+        # their verdict needs to delete those rows, a statement saved for every other scan.
+        self._live_hosts_of: set[str] = set()
+
+    async def register(self, worker: WorkerInfo) -> None:
+        await self._db.run(self._beat_worker, worker, 0)
+
+    async def unregister(self, worker_id: str) -> None:
+        await self._db.run(self._delete_worker, worker_id)
+
+    async def claim(self, worker: WorkerInfo, pool: str, limit: int) -> list[TaskRecord]:
+        """Up to `limit` of the pool's oldest queued tasks, oldest first, now leased to
+        `worker`; fewer (or none) when the queue holds fewer."""
+        return await self._db.run(self._claim, worker, pool, limit)
+
+    async def mark_started(self, record: TaskRecord, worker_id: str) -> bool:
+        """Record that nmap is about to start; False when the task is no longer ours."""
+        return await self._db.run(self._mark_started, record, worker_id)
+
+    async def release(self, record: TaskRecord, worker_id: str) -> None:
+        """Give back a task we claimed but never started: it is queued again."""
+        await self._db.run(self._release, record.id, worker_id)
+        self.feed.publish(*record.keys, queue_key(record.pool))
+
+    async def save_live(
+        self, record: TaskRecord, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail]
+    ) -> None:
+        """Write a running scan's progress and the hosts it finished since the last call.
+        Only the worker holding a task writes its hosts, from its start: the task is noted
+        before the write, which may commit even when its answer is lost."""
+        if hosts:
+            self._live_hosts_of.add(record.id)
+        await self._db.run(self._save_live, record.id, worker_id, progress, first_seq, hosts)
+        self.feed.publish(*record.keys)
+
+    async def finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
+        """Record how the scan ended. False when the task was no longer ours to finish (it
+        was cancelled, then only what it found is kept; or resolved by another process)."""
+        verdict = await self._db.run(self._finish, record, worker_id, outcome, record.id in self._live_hosts_of)
+        self._live_hosts_of.discard(record.id)
+        if verdict is None or record.parent_id:
+            self.feed.publish(*record.keys)
+        else:
+            self.feed.publish_verdict(verdict)
+        return verdict is not None
+
+    async def renew(self, worker: WorkerInfo, task_ids: Sequence[str]) -> set[str]:
+        """Extend this worker's leases and heartbeat; return the ids no longer ours."""
+        return await self._db.run(self._renew, worker, list(task_ids))
+
+    async def still_ours(self, task_id: str, worker_id: str) -> bool:
+        return await self._db.run(self._still_ours, task_id, worker_id)
+
+    async def resolve_expired(self) -> tuple[int, int]:
+        """Resolve tasks whose lease expired: (queued again, interrupted)."""
+        requeued, interrupted = await self._db.run(self._resolve_expired)
+        if requeued or interrupted:
+            self.feed.wake_all()
+        return len(requeued), len(interrupted)
+
+    async def pools(self, stale_after: float) -> list[PoolStatus]:
+        """Per pool: its workers (alive when they beat within `stale_after` s) and its queue."""
+        return await self._db.run(self._select_pools, stale_after)
+
+    def _claim(self, worker: WorkerInfo, pool: str, limit: int) -> list[TaskRecord]:
+        """No notification: nobody waits for a claim (a waiting call wakes for progress and
+        the verdict, a worker for losing its task), and one per scan costs every waiter a read."""
+        with self._db.writing() as conn:
+            self._db.relaxed_commit(conn)
+            return claim_in(conn, worker, pool, limit, time.time(), self.lease_seconds)
+
+    def _mark_started(self, record: TaskRecord, worker_id: str) -> bool:
+        """Not notified either, for the reason `_claim` gives."""
+        now = time.time()
+        with self._db.writing() as conn:
+            started = conn.execute(_UPDATE_RUNNING_OURS,
+                                   {"p_id": record.id, "p_worker": worker_id, "started_at": now}).rowcount == 1
+            if started and record.parent_id:
+                conn.execute(_MARK_PARENT_STARTED, {"p_parent": record.parent_id, "started_at": now})
+        return started
+
+    def _release(self, task_id: str, worker_id: str) -> None:
+        with self._db.writing() as conn:
+            conn.execute(
+                update(tasks).where(tasks.c.id == task_id, tasks.c.worker_id == worker_id,
+                                    tasks.c.status == TaskStatus.RUNNING.value, tasks.c.started_at.is_(None))
+                .values(**_UNCLAIMED)
+            )
+
+    def _save_live(
+        self, task_id: str, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail]
+    ) -> None:
+        with self._db.writing() as conn:
+            ours = conn.execute(_UPDATE_RUNNING_OURS, {
+                "p_id": task_id, "p_worker": worker_id, "progress": progress.model_dump_json() if progress else None,
+            }).rowcount == 1
+            if ours and hosts:
+                conn.execute(_INSERT_LIVE_HOSTS, [
+                    {"task_id": task_id, "seq": first_seq + i, "data": host.model_dump_json()}
+                    for i, host in enumerate(hosts)
+                ])
+            self.feed.notify(conn, task_id)
+
+    def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, live_hosts: bool) -> TaskRecord | None:
+        """The task as the verdict wrote it; None when it was no longer ours. `live_hosts`:
+        this process may have written finished hosts of the task, which a result replaces.
+
+        The inventory is folded in the same transaction; should the database refuse what
+        the fold writes, the verdict is written again without it (a savepoint around the fold
+        cost every scan two statements more, for a failure that is a bug)."""
+        found = {
+            "result": None if outcome.result is None else outcome.result.model_dump_json(),
+            "raw_xml": zlib.compress(outcome.raw_xml) if outcome.raw_xml else None,
+        }
+        try:
+            return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=True)
+        except InventoryRefused:
+            logger.exception("task %s: its result could not be added to the inventory", record.id)
+            return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=False)
+
+    def _write_verdict(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, found: dict[str, Any],
+                       live_hosts: bool, *, inventory: bool) -> TaskRecord | None:
+        ours = {"p_id": record.id, "p_worker": worker_id}
+        with self._db.writing() as conn:
+            row = conn.execute(_RECORD_VERDICT, ours | found | {
+                "status": outcome.status.value, "finished_at": time.time(), "error": outcome.error,
+                "progress": None, "dedupe_key": None, "lease_expires_at": None,
+            }).first()
+            finished = row is not None
+            if not finished:
+                # Cancelled while it ran: keep what it found, not the verdict.
+                conn.execute(_KEEP_FOUND, ours | found)
+            if live_hosts and outcome.result is not None:
+                conn.execute(_DELETE_LIVE_HOSTS, {"p_id": record.id})
+            if inventory and finished and outcome.status is TaskStatus.COMPLETED and outcome.result is not None:
+                fold(conn, self._db.dialect, record, outcome.result)
+            if record.parent_id:
+                settle_parent(conn, self.feed, record.parent_id)
+            self.feed.notify(conn, *record.keys)
+        return TaskRecord.from_row(row._mapping) if row is not None else None
+
+    def _renew(self, worker: WorkerInfo, task_ids: list[str]) -> set[str]:
+        now = time.time()
+        with self._db.writing() as conn:
+            self._db.relaxed_commit(conn)
+            _beat_worker_in(conn, worker, len(task_ids))
+            if not task_ids:
+                return set()
+            ours = (tasks.c.worker_id == worker.id) & (tasks.c.status == TaskStatus.RUNNING.value)
+            conn.execute(update(tasks).where(ours, tasks.c.id.in_(task_ids))
+                         .values(lease_expires_at=now + self.lease_seconds))
+            still = set(conn.execute(select(tasks.c.id).where(ours, tasks.c.id.in_(task_ids))).scalars())
+        return set(task_ids) - still
+
+    def _still_ours(self, task_id: str, worker_id: str) -> bool:
+        with self._db.reading() as conn:
+            return conn.execute(_STILL_OURS, {"p_id": task_id, "p_worker": worker_id}).first() is not None
+
+    def _resolve_expired(self) -> tuple[list[str], list[str]]:
+        now = time.time()
+        expired = (tasks.c.status == TaskStatus.RUNNING.value) & (
+            tasks.c.lease_expires_at.is_(None) | (tasks.c.lease_expires_at < now)
+        ) & (tasks.c.shard_count == 0)
+        with self._db.writing() as conn:
+            requeued = conn.execute(
+                update(tasks).where(expired, tasks.c.started_at.is_(None)).values(**_UNCLAIMED)
+                .returning(tasks.c.id, tasks.c.pool)
+            ).all()
+            interrupted = conn.execute(
+                update(tasks).where(expired, tasks.c.started_at.is_not(None))
+                .values(status=TaskStatus.INTERRUPTED.value, finished_at=now, error=INTERRUPTED_ERROR,
+                        dedupe_key=None, lease_expires_at=None)
+                .returning(tasks.c.id, tasks.c.parent_id)
+            ).all()
+            for parent_id in sorted({row.parent_id for row in interrupted if row.parent_id}):
+                settle_parent(conn, self.feed, parent_id)
+            self.feed.notify(conn, *(row.id for row in interrupted), *(queue_key(row.pool) for row in requeued))
+            conn.execute(delete(workers).where(workers.c.heartbeat_at < now - 10 * self.lease_seconds))
+        if interrupted:
+            logger.warning("%d task(s) whose worker stopped mid-scan marked interrupted", len(interrupted))
+        return [row.id for row in requeued], [row.id for row in interrupted]
+
+    def _beat_worker(self, worker: WorkerInfo, running: int) -> None:
+        with self._db.writing() as conn:
+            _beat_worker_in(conn, worker, running)
+
+    def _delete_worker(self, worker_id: str) -> None:
+        with self._db.writing() as conn:
+            conn.execute(delete(workers).where(workers.c.id == worker_id))
+
+    def _select_pools(self, stale_after: float) -> list[PoolStatus]:
+        now = time.time()
+        with self._db.reading() as conn:
+            counts: dict[str, dict[str, int]] = defaultdict(dict)
+            for pool, status, count in conn.execute(
+                select(tasks.c.pool, tasks.c.status, func.count())
+                .where(tasks.c.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]),
+                       tasks.c.shard_count == 0).group_by(tasks.c.pool, tasks.c.status)
+            ):
+                counts[status][pool] = count
+            queued, running = counts[TaskStatus.QUEUED.value], counts[TaskStatus.RUNNING.value]
+            rows = conn.execute(select(workers).order_by(workers.c.pool, workers.c.name)).all()
+        by_pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            by_pool[row.pool].append({
+                "name": row.name, "capacity": row.capacity, "running": row.running,
+                "heartbeat_at": row.heartbeat_at, "alive": now - row.heartbeat_at <= stale_after,
+            })
+        return [PoolStatus(pool, queued.get(pool, 0), by_pool.get(pool, []), running.get(pool, 0))
+                for pool in sorted({*queued, *running, *by_pool})]
+
+
+def _beat_worker_in(conn: Connection, worker: WorkerInfo, running: int) -> None:
+    """Refresh the worker's row, or (first beat, or pruned while unreachable) insert it."""
+    now = time.time()
+    beat = conn.execute(update(workers).where(workers.c.id == worker.id)
+                        .values(heartbeat_at=now, running=running)).rowcount
+    if not beat:
+        conn.execute(insert(workers).values(id=worker.id, name=worker.name, pool=worker.pool,
+                                            capacity=worker.capacity, running=running, started_at=now,
+                                            heartbeat_at=now))
