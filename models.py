@@ -310,7 +310,7 @@ class TaskRecord:
 @dataclass(frozen=True)
 class ScanOutcome:
     """How a scan ended, as the store records it: its status, its result (possibly partial),
-    an error for the caller, and nmap's XML. worker.judge alone makes one."""
+    an error for the caller, and nmap's XML. Made in worker.py alone, by judging the facts of its runs."""
 
     status: TaskStatus
     result: ScanResult | None

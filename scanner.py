@@ -1,9 +1,10 @@
-"""nmap itself: pure argv building and verdicts, and the one function that runs nmap.
+"""nmap itself: pure argv building, the one function that runs nmap, and the facts of a run.
 
-`build_argv` and `interpret_run` are pure. `run_nmap` owns the process from start to
-end: a clean environment, an empty working directory, no stdin, a file-size limit of
-zero, its own process group (killed on every exit path), stdout streamed to a sink as it
-arrives and stderr read concurrently with a size cap.
+`build_argv` and `run_problem` are pure; what a run's facts mean for its task is decided by
+worker.judge, not here. `run_nmap` owns the process from start to end: a clean environment,
+an empty working directory, no stdin, a file-size limit of zero, its own process group
+(killed on every exit path), stdout streamed to a sink as it arrives and stderr read
+concurrently with a size cap.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from models import ScanKind, ScanOutcome, ScanResult, TaskStatus
+from models import ScanKind, ScanResult
 from nmap_report import RAW_CAP, ReportParser
 
 QUICK_OPTIONS: tuple[str, ...] = ("-T4", "--top-ports", "100")
@@ -53,18 +54,10 @@ class NmapRun:
     duration: float
 
 
-def interpret_run(run: NmapRun, report: ReportParser, target: str, time_limit: float) -> ScanOutcome:
-    """Judge a finished run from the process and from the XML (nmap exits 0 for many
-    failures). Errors name what happened, never nmap's raw stderr; hosts finished before a
-    failure are kept as a partial result."""
-    result = report.result(target)
-    error = _failure(run, report, result, time_limit)
-    status = TaskStatus.FAILED if error else TaskStatus.COMPLETED
-    keep = result if (status is TaskStatus.COMPLETED or result.hosts) else None
-    return ScanOutcome(status, keep, error, bytes(report.raw))
-
-
-def _failure(run: NmapRun, report: ReportParser, result: ScanResult, time_limit: float) -> str | None:
+def run_problem(run: NmapRun, report: ReportParser, result: ScanResult, time_limit: float) -> str | None:
+    """What went wrong with a finished run, in words for the caller (never nmap's raw stderr);
+    None when nothing did. nmap exits 0 for many failures, so the XML is read too: `result` is
+    the report's result for the scan's target."""
     if run.timed_out:
         return f"the scan ran past its time limit of {time_limit:g} s and was stopped; hosts finished so far are kept"
     if report.truncated:

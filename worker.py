@@ -31,9 +31,9 @@ import logs
 from change_feed import queue_key, wait_set
 from db import Database, DatabaseUnavailable
 from metrics import Metrics
-from models import Progress, ScanKind, ScanOutcome, TaskRecord, TaskStatus, WorkerInfo
+from models import Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
 from nmap_report import ReportParser, clean_text, with_versions
-from scanner import NmapRun, interpret_run, run_nmap, version_argv
+from scanner import run_nmap, run_problem, version_argv
 from task_manager import Submitted
 from worker_store import WorkerStore
 
@@ -192,41 +192,33 @@ class Worker:
 
     async def _scan(self, record: TaskRecord) -> ScanOutcome:
         if not os.access(record.argv[0], os.X_OK):
-            return ScanOutcome(TaskStatus.FAILED, None, f"nmap not found at {record.argv[0]}", b"")
+            return judge(PhaseEnd(None, f"nmap not found at {record.argv[0]}", None, b""))
         if record.kind is ScanKind.FULL:
             return await self._two_phase_scan(record)
         live = LiveScan(self._store, record, self.info.id)
-        return self._verdict(record, await self._run_phase(record, record.argv, record.time_limit, live), live)
+        return judge(await self._run_phase(record, record.argv, record.time_limit, live))
 
     async def _two_phase_scan(self, record: TaskRecord) -> ScanOutcome:
         """A full scan: port discovery, written as a partial result the moment it ends, then
         version detection on the open ports only, within its own time bound."""
         started = time.monotonic()
         discovery = LiveScan(self._store, record, self.info.id, phase="port discovery (1 of 2): ")
-        first = self._verdict(record, await self._run_phase(record, record.argv, record.time_limit, discovery,
-                                                            write_all=True), discovery)
+        found = await self._run_phase(record, record.argv, record.time_limit, discovery, write_all=True)
+        first = judge(found)
         second_argv = version_argv(record.argv, first.result) if first.result is not None else None
-        if first.status is not TaskStatus.COMPLETED or first.result is None or second_argv is None:
+        if first.status is not TaskStatus.COMPLETED or second_argv is None:
             return first
         left = record.time_limit - (time.monotonic() - started)
         bound = max(min(self._version_seconds, left), 1.0)
         versions = LiveScan(self._store, record, self.info.id, phase="version detection (2 of 2): ", hosts=False)
         await versions.announce("version detection (2 of 2)")
-        end = await self._run_phase(record, second_argv, bound, versions)
-        second = self._verdict(record, end, versions)
-        raw = first.raw_xml + second.raw_xml
-        found = versions.report.result(record.target)
-        if end.stopped_by is not None:
-            merged = with_versions(first.result, found, "stopped during version detection")
-            return ScanOutcome(end.stopped_by, merged, second.error, raw)
-        warning = None if second.status is TaskStatus.COMPLETED else (
-            f"version detection did not finish ({second.error}); ports without a version come from port discovery")
-        return ScanOutcome(TaskStatus.COMPLETED, with_versions(first.result, found, warning), None, raw)
+        return judge(found, await self._run_phase(record, second_argv, bound, versions))
 
     async def _run_phase(
         self, record: TaskRecord, argv: list[str], time_limit: float, live: LiveScan, *, write_all: bool = False
     ) -> PhaseEnd:
-        """Run one nmap until it ends, the task is no longer ours, or the worker shuts down."""
+        """Run one nmap until it ends, the task is no longer ours, or the worker shuts down;
+        what happened, as facts for `judge`."""
         scan = asyncio.create_task(self._metrics.nmap_process(
             run_nmap(argv, time_limit=float(time_limit), stdout_sink=live.feed)))
         lost = asyncio.create_task(self._until_lost(record))
@@ -240,25 +232,19 @@ class Worker:
                 scan.cancel()
             await asyncio.gather(scan, return_exceptions=True)
             await live.close(write_all=write_all)
+        result, raw = live.report.result(record.target), bytes(live.report.raw)
         if scan.cancelled():
             cancelled = lost.done() and not lost.cancelled()
-            return PhaseEnd(None, TaskStatus.CANCELLED if cancelled else TaskStatus.INTERRUPTED, time_limit)
+            return PhaseEnd(TaskStatus.CANCELLED if cancelled else TaskStatus.INTERRUPTED, None, result, raw)
         if scan.exception() is not None:
             logger.error("task %s: nmap could not be run", record.id, exc_info=scan.exception())
-            return PhaseEnd(None, None, time_limit)
-        return PhaseEnd(scan.result(), None, time_limit)
-
-    def _verdict(self, record: TaskRecord, end: PhaseEnd, live: LiveScan) -> ScanOutcome:
-        if end.stopped_by is not None:
-            return live.stopped(end.stopped_by, "cancelled" if end.stopped_by is TaskStatus.CANCELLED
-                                else SHUTDOWN_ERROR)
-        if end.run is None:
-            return ScanOutcome(TaskStatus.FAILED, None, "internal error while running the scan", b"")
-        outcome = interpret_run(end.run, live.report, record.target, end.time_limit)
-        if outcome.status is TaskStatus.FAILED:
-            logger.warning("task %s: an nmap run failed: %s; nmap stderr: %s", record.id, outcome.error,
-                           clean_text(end.run.stderr.decode("utf-8", "replace"), 2000))
-        return outcome
+            return PhaseEnd(None, "internal error while running the scan", result, raw)
+        run = scan.result()
+        problem = run_problem(run, live.report, result, time_limit)
+        if problem is not None:
+            logger.warning("task %s: an nmap run failed: %s; nmap stderr: %s", record.id, problem,
+                           clean_text(run.stderr.decode("utf-8", "replace"), 2000))
+        return PhaseEnd(None, problem, result, raw)
 
     async def _until_lost(self, record: TaskRecord) -> None:
         """Return once the task is no longer this worker's (cancelled, or resolved elsewhere)."""
@@ -295,7 +281,7 @@ class Worker:
                     raise
                 # A result the store cannot take (a bug): the task still gets a verdict, not a lease to expire.
                 logger.exception("task %s: its %s result could not be recorded", record.id, outcome.status.value)
-                outcome = ScanOutcome(TaskStatus.FAILED, None, "internal error while recording the result", b"")
+                outcome = record_failure("internal error while recording the result")
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -309,13 +295,55 @@ class Worker:
             self._store.feed.publish(*lost)
 
 
+# ---- how a scan ends: the one place its verdict is made -----------------------------------
+
+# What a caller is told of a scan the worker stopped, by the status it was stopped with.
+STOPPED_ERRORS = {TaskStatus.CANCELLED: "cancelled", TaskStatus.INTERRUPTED: SHUTDOWN_ERROR}
+
+
 @dataclass(frozen=True)
 class PhaseEnd:
-    """How one nmap run of a task ended: its run, or what stopped it (None and None: a crash)."""
+    """The facts of one nmap run of a task: what stopped it (the worker, for a cancel or a
+    shutdown), what went wrong with it (scanner.run_problem, or why nmap could not run), and
+    what its report holds (None when nmap never ran)."""
 
-    run: NmapRun | None
     stopped_by: TaskStatus | None
-    time_limit: float
+    problem: str | None
+    result: ScanResult | None
+    raw_xml: bytes
+
+
+def judge(first: PhaseEnd, versions: PhaseEnd | None = None) -> ScanOutcome:
+    """How a scan ended, as the store records it, from the facts of its runs: `first` (its
+    only run, or a full scan's port discovery, which completed when `versions` is given) and
+    a full scan's `versions` (version detection). A run that did not complete keeps the hosts
+    it finished; version detection that did not complete leaves the discovered ports as they
+    were, with a warning."""
+    outcome = _outcome_of(first)
+    if versions is None:
+        return outcome
+    assert outcome.result is not None and versions.result is not None
+    raw = outcome.raw_xml + versions.raw_xml
+    if versions.stopped_by is not None:
+        merged = with_versions(outcome.result, versions.result, "stopped during version detection")
+        return ScanOutcome(versions.stopped_by, merged, STOPPED_ERRORS[versions.stopped_by], raw)
+    warning = None if versions.problem is None else (
+        f"version detection did not finish ({versions.problem}); ports without a version come from port discovery")
+    return ScanOutcome(TaskStatus.COMPLETED, with_versions(outcome.result, versions.result, warning), None, raw)
+
+
+def _outcome_of(end: PhaseEnd) -> ScanOutcome:
+    found = end.result if end.result is not None and end.result.hosts else None
+    if end.stopped_by is not None:
+        return ScanOutcome(end.stopped_by, found, STOPPED_ERRORS[end.stopped_by], end.raw_xml)
+    if end.problem is not None:
+        return ScanOutcome(TaskStatus.FAILED, found, end.problem, end.raw_xml)
+    return ScanOutcome(TaskStatus.COMPLETED, end.result, None, end.raw_xml)
+
+
+def record_failure(error: str) -> ScanOutcome:
+    """The verdict of a scan whose outcome the store could not take (a bug): failed, with nothing kept."""
+    return ScanOutcome(TaskStatus.FAILED, None, error, b"")
 
 
 class LiveScan:
@@ -350,11 +378,6 @@ class LiveScan:
         await asyncio.gather(self._writer, return_exceptions=True)
         if write_all:
             await self._write()
-
-    def stopped(self, status: TaskStatus, error: str) -> ScanOutcome:
-        """A scan cancelled or cut by shutdown keeps the hosts it had finished."""
-        partial_result = self.report.result(self._record.target)
-        return ScanOutcome(status, partial_result if partial_result.hosts else None, error, bytes(self.report.raw))
 
     async def _write_every(self, interval: float) -> None:
         while not self._closed.is_set():

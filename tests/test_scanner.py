@@ -1,4 +1,4 @@
-"""scanner.py: argv building and run verdicts, and the real nmap runner."""
+"""scanner.py: argv building, the facts of a run, and the real nmap runner."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from models import ScanKind, TaskStatus
+from models import ScanKind
 from nmap_report import ReportParser, with_versions
-from scanner import NmapRun, build_argv, interpret_run, run_nmap, scan_options, version_argv
+from scanner import NmapRun, build_argv, run_nmap, run_problem, scan_options, version_argv
 from tests.support import Listeners, NmapWrapper, process_alive, wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -73,31 +73,32 @@ def run_of(*, returncode: int = 0, timed_out: bool = False) -> NmapRun:
     return NmapRun(returncode, b"secret stderr", timed_out, 0.1)
 
 
-def test_a_clean_run_completes() -> None:
-    outcome = interpret_run(run_of(), report_of("quick_loopback.xml"), "127.0.0.1", 60)
-    assert outcome.status is TaskStatus.COMPLETED and outcome.error is None
-    assert outcome.result is not None and not outcome.result.partial
-    assert set(PORTS["quick_open"]) <= {p.port for p in outcome.result.hosts[0].ports if p.state == "open"}
-    assert outcome.raw_xml == (FIXTURES / "quick_loopback.xml").read_bytes()
+def problem_of(run: NmapRun, fixture: str, target: str = "t") -> str | None:
+    report = report_of(fixture)
+    return run_problem(run, report, report.result(target), 60)
 
 
-def test_failures_never_include_stderr_and_keep_finished_hosts() -> None:
-    verdicts = {
-        "exit": interpret_run(run_of(returncode=1), report_of("quick_loopback.xml"), "t", 60),
-        "limit": interpret_run(run_of(timed_out=True), report_of("killed_midway.xml"), "t", 60),
-        "cut": interpret_run(run_of(), report_of("killed_midway.xml"), "t", 60),
-        "empty": interpret_run(run_of(), report_of("no_targets.xml"), "t", 60),
+def test_a_clean_run_has_no_problem() -> None:
+    assert problem_of(run_of(), "quick_loopback.xml") is None
+    assert problem_of(run_of(), "host_timeout.xml") is None, "a host that timed out is a warning, not a failure"
+
+
+def test_a_run_s_problem_is_told_in_words_never_with_stderr() -> None:
+    problems = {
+        "exit": problem_of(run_of(returncode=1), "quick_loopback.xml"),
+        "limit": problem_of(run_of(timed_out=True), "killed_midway.xml"),
+        "cut": problem_of(run_of(), "killed_midway.xml"),
+        "empty": problem_of(run_of(), "no_targets.xml"),
     }
-    assert all(v.status is TaskStatus.FAILED for v in verdicts.values())
-    assert "time limit of 60 s" in (verdicts["limit"].error or "")
-    assert verdicts["cut"].error == "nmap's report ended before it was complete"
-    assert "scanned no hosts" in (verdicts["empty"].error or "") and verdicts["empty"].result is None
-    partial = verdicts["limit"].result
-    assert partial is not None and partial.partial and len(partial.hosts) == 2
-    assert not any("secret stderr" in (v.error or "") for v in verdicts.values())
+    assert problems == {
+        "exit": "nmap exited with status 1; details are in the server log",
+        "limit": "the scan ran past its time limit of 60 s and was stopped; hosts finished so far are kept",
+        "cut": "nmap's report ended before it was complete",
+        "empty": "nmap scanned no hosts: every target was excluded or resolved to nothing",
+    }
 
 
-def test_an_error_recorded_in_the_xml_fails_the_scan() -> None:
+def test_an_error_recorded_in_the_xml_is_a_problem() -> None:
     # nmap writes exit="error" with an errormsg when it aborts after starting the report;
     # no loopback run can provoke that, so this one attribute is edited into a real report,
     # with the illegal character reference nmap 7.94 is known to emit.
@@ -105,17 +106,9 @@ def test_an_error_recorded_in_the_xml_fails_the_scan() -> None:
         b'exit="success"', b'exit="error" errormsg="Out of memory&#x1b;[31m"')
     report = ReportParser()
     report.feed(xml)
-    outcome = interpret_run(run_of(), report, "127.0.0.1", 60)
-    assert outcome.status is TaskStatus.FAILED
-    assert (outcome.error or "").startswith("nmap stopped with an error: Out of memory")
-    assert "\x1b" not in (outcome.error or "") and "&#x1b;" not in (outcome.error or "")
-
-
-def test_hosts_that_timed_out_complete_with_warnings() -> None:
-    outcome = interpret_run(run_of(), report_of("host_timeout.xml"), "127.0.0.1", 60)
-    assert outcome.status is TaskStatus.COMPLETED and outcome.result is not None
-    assert outcome.result.hosts_timed_out == ["127.0.0.1"]
-    assert outcome.result.warnings == ["host 127.0.0.1 timed out before its scan finished"]
+    problem = run_problem(run_of(), report, report.result("127.0.0.1"), 60) or ""
+    assert problem.startswith("nmap stopped with an error: Out of memory")
+    assert "\x1b" not in problem and "&#x1b;" not in problem
 
 
 async def collect(argv: list[str], time_limit: float) -> tuple[NmapRun, ReportParser]:

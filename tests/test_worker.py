@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select, update
@@ -13,13 +14,61 @@ from sqlalchemy import insert, select, update
 from db import create_db_engine, upgrade_schema
 from inventory import HostQuery
 from models import ScanKind, ScanOutcome, TaskStatus, WorkerInfo, task_hosts, tasks
+from nmap_report import ReportParser, with_versions
 from scanner import build_argv
 from task_manager import Submitted, TaskAlreadyFinished
 from tests.nodes import MakeNode, argv_for, submit, wait_for
 from tests.support import Listeners, NmapWrapper, process_alive
-from worker import Worker
+from worker import PhaseEnd, Worker, judge
 
 pytestmark = pytest.mark.anyio
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def facts(fixture: str, *, stopped_by: TaskStatus | None = None, problem: str | None = None) -> PhaseEnd:
+    """A run's facts, its report recorded from a real nmap run."""
+    report = ReportParser()
+    report.feed((FIXTURES / fixture).read_bytes())
+    return PhaseEnd(stopped_by, problem, report.result("127.0.0.1"), bytes(report.raw))
+
+
+def test_a_run_without_a_problem_completes_with_its_whole_report() -> None:
+    outcome = judge(facts("quick_loopback.xml"))
+    assert outcome.status is TaskStatus.COMPLETED and outcome.error is None
+    assert outcome.result is not None and not outcome.result.partial
+    assert outcome.raw_xml == (FIXTURES / "quick_loopback.xml").read_bytes()
+
+
+def test_a_run_that_failed_or_was_stopped_keeps_the_hosts_it_finished() -> None:
+    failed = judge(facts("killed_midway.xml", problem="the scan ran past its time limit"))
+    assert failed.status is TaskStatus.FAILED and failed.error == "the scan ran past its time limit"
+    assert failed.result is not None and failed.result.partial and len(failed.result.hosts) == 2
+    cancelled = judge(facts("killed_midway.xml", stopped_by=TaskStatus.CANCELLED))
+    assert (cancelled.status, cancelled.error) == (TaskStatus.CANCELLED, "cancelled") and cancelled.result is not None
+    shut_down = judge(facts("killed_midway.xml", stopped_by=TaskStatus.INTERRUPTED))
+    assert shut_down.status is TaskStatus.INTERRUPTED and "shut down" in (shut_down.error or "")
+    empty = judge(facts("no_targets.xml", problem="nmap scanned no hosts"))
+    assert empty.status is TaskStatus.FAILED and empty.result is None
+    never_ran = judge(PhaseEnd(None, "nmap not found at /nowhere/nmap", None, b""))
+    assert never_ran == ScanOutcome(TaskStatus.FAILED, None, "nmap not found at /nowhere/nmap", b"")
+
+
+def test_version_detection_adds_versions_or_leaves_the_discovered_ports_with_a_warning() -> None:
+    discovery = facts("quick_loopback.xml")
+    assert discovery.result is not None
+    versions = facts("rich_loopback.xml")
+    assert versions.result is not None
+    found = judge(discovery, versions)
+    assert found.status is TaskStatus.COMPLETED and found.error is None
+    assert found.result == with_versions(discovery.result, versions.result, None)
+    assert found.raw_xml == discovery.raw_xml + (FIXTURES / "rich_loopback.xml").read_bytes()
+    failed = judge(discovery, facts("killed_midway.xml", problem="nmap exited with status 1"))
+    assert failed.status is TaskStatus.COMPLETED and failed.result is not None
+    assert failed.result.warnings[-1].startswith("version detection did not finish (nmap exited with status 1)")
+    cancelled = judge(discovery, facts("killed_midway.xml", stopped_by=TaskStatus.CANCELLED))
+    assert cancelled.status is TaskStatus.CANCELLED and cancelled.result is not None
+    assert cancelled.result.warnings[-1] == "stopped during version detection"
+    assert [h.address for h in cancelled.result.hosts] == [h.address for h in discovery.result.hosts]
 
 
 async def test_concurrency_is_bounded_and_every_task_runs_once(
