@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from db import Database
 from models import TaskRecord
+from supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +100,35 @@ class ChangeFeed:
             for key in filter(None, keys):
                 conn.execute(_NOTIFY, {"p_key": f"{self.origin} {key}"})
 
-    async def start(self) -> None:
+    async def start(self, supervisor: Supervisor) -> None:
+        """Start hearing of other processes' changes, in a thread `supervisor` watches as the
+        loop `change-feed`: a process that stopped hearing would wait out every timeout."""
         self._loop = asyncio.get_running_loop()
         target = {"postgresql": self._listen, "sqlite": self._poll_sqlite}.get(self._db.dialect)
         if target is not None:
-            self._listener = threading.Thread(target=target, name="change-feed", daemon=True)
-            self._listener.start()
+            supervisor.start("change-feed", self._follow(target))
 
     async def stop(self) -> None:
         self._stop.set()
         if self._listener is not None:
             await asyncio.to_thread(self._listener.join, 5)
+
+    async def _follow(self, target: Callable[[], None]) -> None:
+        """Run `target` in the listener thread; end as it ends, raising what it raised."""
+        assert self._loop is not None
+        ended: asyncio.Future[None] = self._loop.create_future()
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                target()
+            except BaseException as e:  # noqa: BLE001 - handed to the supervised task, which raises it
+                error = e
+            self._call(_settle, ended, error)
+
+        self._listener = threading.Thread(target=run, name="change-feed", daemon=True)
+        self._listener.start()
+        await ended
 
     def _listen(self) -> None:
         """PostgreSQL: a dedicated connection LISTENs. While it cannot, everyone is woken every
@@ -137,7 +156,7 @@ class ChangeFeed:
                 self._call(self.wake_all)
                 self._stop.wait(POLL_SECONDS)
 
-    def _call(self, fn: Callable[..., None], *args: str) -> None:
+    def _call(self, fn: Callable[..., object], *args: object) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop closed under us at shutdown
             self._loop.call_soon_threadsafe(fn, *args)
@@ -156,6 +175,15 @@ class ChangeFeed:
                     last = version
                     self._call(self.wake_all)
                 self._stop.wait(POLL_SECONDS)
+
+
+def _settle(ended: asyncio.Future[None], error: BaseException | None) -> None:
+    if ended.done():  # cancelled with the task awaiting it
+        return
+    if error is None:
+        ended.set_result(None)
+    else:
+        ended.set_exception(error)
 
 
 def heard_key(payload: str, origin: str) -> str | None:

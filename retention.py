@@ -17,6 +17,8 @@ DAY_SECONDS = 86_400.0
 # How often the job runs; every process runs it (deleting twice is harmless), at a jittered
 # time so that the processes of a fleet do not start together.
 EVERY_SECONDS = 3600.0
+# The first run comes at a random moment within this long after the process starts.
+FIRST_RUN_WITHIN_SECONDS = 60.0
 
 
 async def purge_once(stores: Stores, retention_days: int, now: float | None = None) -> dict[str, int]:
@@ -34,11 +36,12 @@ async def purge_once(stores: Stores, retention_days: int, now: float | None = No
     return deleted
 
 
-async def purge_forever(stores: Stores, retention_days: int) -> None:
+async def purge_forever(stores: Stores, retention_days: int,
+                        first_run_within_s: float = FIRST_RUN_WITHIN_SECONDS) -> None:
     """The periodic job; nothing at all when retention_days is 0."""
     if retention_days <= 0:
         return
-    await asyncio.sleep(random.uniform(0, 60))
+    await asyncio.sleep(random.uniform(0, first_run_within_s))
     while True:
         try:
             await purge_once(stores, retention_days)

@@ -63,6 +63,7 @@ from policy import NoPool
 from scans import ScanRequest, ScanService, ShuttingDown, without_waiting
 from schedule_store import SCHEDULES_KEY, RunAlreadyQueued, RunRecord, ScheduleRecord, ScheduleState, ScheduleStore
 from stores import Stores
+from supervisor import Supervisor
 from targets import TargetError
 from views import capped_diff, diff_results
 
@@ -254,8 +255,8 @@ class Scheduler:
         self._sending: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._loop = asyncio.create_task(self._run_forever(), name="scheduler")
+    async def start(self, supervisor: Supervisor) -> None:
+        self._loop = supervisor.start("scheduler", self._run_forever())
 
     async def stop(self) -> None:
         """Stop firing and sending (a webhook attempt cut short is retried by the next holder); give the lease back."""

@@ -49,6 +49,7 @@ from scanner import SandboxUnavailable, sandbox_prefix
 from scans import ScanService
 from schedules import Scheduler, Schedules
 from stores import Stores
+from supervisor import Supervisor
 from tools import register_tools
 from worker import Worker, resolve_expired_forever
 
@@ -101,19 +102,19 @@ class Runtime:
         self.schedules = Schedules(self.stores.schedules, self.service, settings)
         self.scheduler = Scheduler(self.stores, self.schedules, self.service, settings, self.auditor,
                                    name=settings.worker_name or socket.gethostname())
-        self._reaper: asyncio.Task[None] | None = None
-        self._purger: asyncio.Task[None] | None = None
+        # Watches every background loop of the process; one that dies stops the process.
+        self.supervisor = Supervisor()
         self._retention_days = settings.retention_days
         self._drained = False
 
     async def start(self) -> None:
-        await self.stores.start()
-        self._reaper = asyncio.create_task(resolve_expired_forever(
-            self.stores.workers, self.stores.db, max(self.stores.lease_seconds / 4, 0.5)), name="lease-reaper")
-        self._purger = asyncio.create_task(purge_forever(self.stores, self._retention_days), name="retention")
+        await self.stores.start(self.supervisor)
+        self.supervisor.start("lease-reaper", resolve_expired_forever(
+            self.stores.workers, self.stores.db, max(self.stores.lease_seconds / 4, 0.5)))
+        self.supervisor.start("retention", purge_forever(self.stores, self._retention_days))
         if self.worker is not None:
-            await self.worker.start()
-        await self.scheduler.start()
+            await self.worker.start(self.supervisor)
+        await self.scheduler.start(self.supervisor)
         settle_heap()
 
     async def drain(self) -> None:
@@ -129,10 +130,7 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.drain()
-        for loop in (self._reaper, self._purger):
-            if loop is not None:
-                loop.cancel()
-                await asyncio.gather(loop, return_exceptions=True)
+        await self.supervisor.stop()
         await self.stores.stop()
         self.audit_log.close()
 
@@ -233,19 +231,28 @@ def create_app(mcp: FastMCP, settings: Settings, runtime: Runtime) -> ASGIApp:
 
 class GracefulServer(uvicorn.Server):
     """uvicorn, with the runtime drained before it waits for open requests (so that calls
-    still waiting on a scan answer), and the banner printed once the port is bound."""
+    still waiting on a scan answer), the banner printed once the port is bound, and an exit
+    when a background loop of the runtime dies."""
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime, banner_text: str) -> None:
         super().__init__(config)
         self._runtime = runtime
         self._banner = banner_text
+        self._watch: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
+            self._watch = asyncio.create_task(self._exit_when_a_loop_dies(), name="loop-watch")
             print(self._banner, flush=True)
 
+    async def _exit_when_a_loop_dies(self) -> None:
+        await self._runtime.supervisor.failed.wait()
+        self.should_exit = True
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         await self._runtime.drain()
         # The waiting calls have their answers now; SSE streams may close.
         AppStatus.should_exit = True
@@ -369,7 +376,7 @@ def serve(settings: Settings, nmap_path: str, args: argparse.Namespace, config_p
     config = uvicorn.Config(create_app(mcp, settings, runtime), log_config=None, lifespan="on")
     text = banner(settings, show_token=args.show_token, config_path=config_path.resolve())
     GracefulServer(config, runtime, text).run(sockets=[listener])
-    return 0
+    return exit_code(runtime)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -392,14 +399,17 @@ def bind(host: str, port: int) -> socket.socket:
 async def serve_stdio(settings: Settings, nmap_path: str) -> int:
     """`--stdio`: MCP over stdin/stdout until the client closes it, or SIGTERM or SIGINT.
     Scans run in this process; the database keeps them for the client's next start."""
-    mcp, _runtime = create_server(settings, nmap_path, stdio=True)
+    mcp, runtime = create_server(settings, nmap_path, stdio=True)
     session = asyncio.ensure_future(mcp.run_stdio_async(show_banner=False))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, session.cancel)
+    failed = asyncio.ensure_future(runtime.supervisor.failed.wait())
+    failed.add_done_callback(lambda _: session.cancel())
     with contextlib.suppress(asyncio.CancelledError):
         await session
-    return 0
+    failed.cancel()
+    return exit_code(runtime)
 
 
 async def run_worker(settings: Settings, nmap_path: str) -> int:
@@ -421,8 +431,19 @@ async def run_worker(settings: Settings, nmap_path: str) -> int:
         assert runtime.worker is not None
         logger.info("worker %s serving pool %r with %d slots", runtime.worker.info.name, settings.pool,
                     settings.max_concurrent_tasks)
-        await stop.wait()
-    return 0
+        waits = [asyncio.ensure_future(event.wait()) for event in (stop, runtime.supervisor.failed)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
+    return exit_code(runtime)
+
+
+def exit_code(runtime: Runtime) -> int:
+    """0 after a requested stop; 1 when the process stopped because a background loop died."""
+    if runtime.supervisor.failure is None:
+        return 0
+    print(f"error: {runtime.supervisor.failure}; see the log for its traceback", file=sys.stderr)
+    return 1
 
 
 def settle_heap() -> None:

@@ -20,6 +20,7 @@ from db import Database, create_db_engine
 from inventory_store import InventoryStore
 from limits import UsageStore
 from schedule_store import ScheduleStore
+from supervisor import Supervisor
 from task_manager import TaskManager
 from worker_store import WorkerStore
 
@@ -56,10 +57,11 @@ class Stores:
     def lease_seconds(self) -> float:
         return self.workers.lease_seconds
 
-    async def start(self) -> None:
-        """Bring the schema up to date and start hearing of other processes' changes."""
+    async def start(self, supervisor: Supervisor) -> None:
+        """Bring the schema up to date and start hearing of other processes' changes, the
+        listener a loop `supervisor` watches."""
         await self.db.start()
-        await self.feed.start()
+        await self.feed.start(supervisor)
 
     async def stop(self) -> None:
         await self.feed.stop()

@@ -34,6 +34,7 @@ from metrics import Metrics
 from models import Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
 from nmap_report import ReportParser, clean_text, with_versions
 from scanner import run_nmap, run_problem, version_argv
+from supervisor import Supervisor
 from task_manager import Submitted
 from worker_store import WorkerStore
 
@@ -72,12 +73,11 @@ class Worker:
         # the call's (whose token would ride on every log line of the scan).
         self._context = contextvars.copy_context()
 
-    async def start(self) -> None:
+    async def start(self, supervisor: Supervisor) -> None:
+        """Join the workers table and start claiming, `supervisor` watching the loops."""
         await self._store.register(self.info)
-        self._loops = [
-            asyncio.create_task(self._claim_loop(), name="claim"),
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-        ]
+        self._loops = [supervisor.start("claim", self._claim_loop()),
+                       supervisor.start("heartbeat", self._heartbeat_loop())]
 
     async def stop(self) -> None:
         """Shut down in the order the module docstring gives."""

@@ -107,3 +107,4 @@ async def make_node(database_url: str) -> AsyncIterator[MakeNode]:
     yield make
     for node in nodes:
         await node.stop()
+    assert [node.supervisor.failure for node in nodes if node.supervisor.failure] == []

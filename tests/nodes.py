@@ -1,8 +1,8 @@
 """Nodes for the store and worker tests: what one process of the service holds.
 
-A node is the stores of one process (their own engine) and, unless it serves the API only, a
-worker and its lease reaper. Two nodes on one database behave like two processes for
-everything that goes through the database.
+A node is the stores of one process (their own engine), its lease reaper and, unless it
+serves the API only, a worker, their loops watched by a supervisor. Two nodes on one database
+behave like two processes for everything that goes through the database.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from sqlalchemy import event
 from models import ScanKind, TaskRecord
 from scanner import build_argv
 from stores import Stores
+from supervisor import Supervisor
 from task_manager import TaskManager
 from tests.support import NmapWrapper
 from worker import Worker, resolve_expired_forever
@@ -28,7 +29,7 @@ from worker import Worker, resolve_expired_forever
 class Node:
     stores: Stores
     worker: Worker | None
-    reaper: asyncio.Task[None]
+    supervisor: Supervisor
 
     @property
     def tasks(self) -> TaskManager:
@@ -37,8 +38,7 @@ class Node:
     async def stop(self) -> None:
         if self.worker is not None:
             await self.worker.stop()
-        self.reaper.cancel()
-        await asyncio.gather(self.reaper, return_exceptions=True)
+        await self.supervisor.stop()
         await self.stores.stop()
 
 
@@ -49,12 +49,28 @@ async def start_node(database_url: str, name: str, *, capacity: int = 4, max_que
                      lease: float = 30.0, pool: str = "default", worker: bool = True) -> Node:
     """A node on `database_url` whose worker (started unless `worker` is false) is called `name`."""
     stores = Stores.open(database_url, max_queued=max_queued, lease_seconds=lease)
-    await stores.start()
+    supervisor = Supervisor()
+    await stores.start(supervisor)
     scan_worker = Worker(stores.workers, name=name, pool=pool, capacity=capacity, grace_seconds=grace)
     if worker:
-        await scan_worker.start()
-    reaper = asyncio.create_task(resolve_expired_forever(stores.workers, stores.db, max(lease / 4, 0.2)))
-    return Node(stores, scan_worker if worker else None, reaper)
+        await scan_worker.start(supervisor)
+    supervisor.start("lease-reaper", resolve_expired_forever(stores.workers, stores.db, max(lease / 4, 0.2)))
+    return Node(stores, scan_worker if worker else None, supervisor)
+
+
+@contextlib.asynccontextmanager
+async def opened_stores(database_url: str, **options: Any) -> AsyncIterator[Stores]:
+    """The stores of one process on `database_url`, started for the block, their loops watched:
+    none of them may have died by its end."""
+    stores = Stores.open(database_url, **options)
+    supervisor = Supervisor()
+    await stores.start(supervisor)
+    try:
+        yield stores
+    finally:
+        await supervisor.stop()
+        await stores.stop()
+    assert supervisor.failure is None
 
 
 def argv_for(nmap: NmapWrapper, port: int, target: str = "127.0.0.1") -> list[str]:

@@ -14,8 +14,7 @@ import db
 from change_feed import heard_key, wait_set
 from db import DatabaseUnavailable
 from models import TaskStatus
-from stores import Stores
-from tests.nodes import submit
+from tests.nodes import opened_stores, submit
 from tests.support import POSTGRES_ADMIN_URL, NmapWrapper
 
 pytestmark = pytest.mark.anyio
@@ -52,9 +51,7 @@ async def test_a_pooled_postgresql_connection_that_died_while_idle_is_replaced_u
     postgres_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.2)
-    stores = Stores.open(postgres_url, max_queued=10)
-    await stores.start()
-    try:
+    async with opened_stores(postgres_url, max_queued=10) as stores:
         await stores.db.ping()
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
             ended = admin.execute(
@@ -63,23 +60,19 @@ async def test_a_pooled_postgresql_connection_that_died_while_idle_is_replaced_u
         assert ended is not None and ended[0] >= 1
         await asyncio.sleep(0.3)  # idle past PING_IDLE_SECONDS: pinged, found dead, replaced
         await stores.db.ping()
-    finally:
-        await stores.stop()
 
 
 async def test_a_sqlite_database_locked_past_its_busy_timeout_is_unavailable(
     tmp_path: Path, nmap_wrapper: NmapWrapper
 ) -> None:
     """The writing BEGIN goes to the driver directly, so its errors arrive as sqlite3's own."""
-    stores = Stores.open(f"sqlite:///{tmp_path / 'tasks.db'}", max_queued=10)
-    await stores.start()
-    holder = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
-        with pytest.raises(DatabaseUnavailable, match="not reachable"):
-            await submit(stores.tasks, nmap_wrapper, 1)
-        holder.execute("ROLLBACK")
-        assert (await submit(stores.tasks, nmap_wrapper, 1)).status is TaskStatus.QUEUED
-    finally:
-        holder.close()
-        await stores.stop()
+    async with opened_stores(f"sqlite:///{tmp_path / 'tasks.db'}", max_queued=10) as stores:
+        holder = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+            with pytest.raises(DatabaseUnavailable, match="not reachable"):
+                await submit(stores.tasks, nmap_wrapper, 1)
+            holder.execute("ROLLBACK")
+            assert (await submit(stores.tasks, nmap_wrapper, 1)).status is TaskStatus.QUEUED
+        finally:
+            holder.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -18,6 +19,7 @@ from db import create_db_engine, upgrade_schema
 from limits import USAGE, USAGE_AND_WAITING, RateLimited, usage_params
 from models import ScanKind, TaskStatus, tasks
 from stores import Stores
+from tests.nodes import opened_stores
 from tests.support import ALICE, BOB, SECRETS, StartServer, call_tool, error_text
 
 pytestmark = pytest.mark.anyio
@@ -29,17 +31,12 @@ WIDE = Limits(scans_per_minute=100, concurrent_scans=100, addresses_per_day=100_
 @pytest.fixture
 async def make_store(database_url: str) -> AsyncIterator[MakeStore]:
     """Stores without workers: what they queue stays queued, which the limits count too."""
-    opened: list[Stores] = []
+    async with contextlib.AsyncExitStack() as opened:
 
-    async def make() -> Stores:
-        stores = Stores.open(database_url, max_queued=1000)
-        await stores.start()
-        opened.append(stores)
-        return stores
+        async def make() -> Stores:
+            return await opened.enter_async_context(opened_stores(database_url, max_queued=1000))
 
-    yield make
-    for stores in opened:
-        await stores.stop()
+        yield make
 
 
 async def submit(stores: Stores, limits: Limits, owner: str = "alice", addresses: int = 1,

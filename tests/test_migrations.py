@@ -21,7 +21,7 @@ from sqlalchemy import insert, select, text
 
 from db import MIGRATIONS, create_db_engine, upgrade_schema
 from models import TaskStatus, metadata, tasks, usage_minutes
-from stores import Stores
+from tests.nodes import opened_stores
 
 pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -42,10 +42,8 @@ def load_v010(database_url: str, tmp_path: Path) -> str:
 
 async def test_a_database_of_0_1_0_upgrades_in_place(database_url: str, tmp_path: Path) -> None:
     url = load_v010(database_url, tmp_path)
-    stores = Stores.open(url, max_queued=10)
-    await stores.start()
-    store = stores.tasks
-    try:
+    async with opened_stores(url, max_queued=10) as stores:
+        store = stores.tasks
         default = await store.recent("default", None, 10)
         assert sorted(r.status for r in default) == [TaskStatus.CANCELLED, TaskStatus.COMPLETED]
         [completed] = [r for r in default if r.status is TaskStatus.COMPLETED]
@@ -56,8 +54,6 @@ async def test_a_database_of_0_1_0_upgrades_in_place(database_url: str, tmp_path
         [ci] = await store.recent("ci", None, 10)
         ci_result = (await store.get(ci.id, "ci", with_result=True)).result
         assert ci_result is not None and [h.address for h in ci_result.hosts] == ["127.0.0.2", "127.0.0.3"]
-    finally:
-        await stores.stop()
 
 
 def test_migrations_build_the_schema_models_declare(database_url: str) -> None:
@@ -96,10 +92,6 @@ async def test_an_upgrade_counts_the_last_days_tasks_into_the_usage_of_the_limit
                                              usage_minutes.c.rescans)).all())
     engine.dispose()
     assert counted == [(int((now - 7200) // 60), 1, 4, 0), (int((now - 120) // 60), 1, 256, 1)]
-    stores = Stores.open(database_url, max_queued=10)
-    await stores.start()
-    try:
+    async with opened_stores(database_url, max_queued=10) as stores:
         used = await stores.usage.usage("alice")
-    finally:
-        await stores.stop()
     assert used["addresses_per_day"] == 260 and used["rescans_per_hour"] == 1

@@ -13,7 +13,7 @@ from sqlalchemy import func, insert, select
 from db import create_db_engine, upgrade_schema
 from models import inventory_hosts, inventory_ports, task_hosts, tasks, usage_minutes
 from retention import DAY_SECONDS, purge_forever, purge_once
-from stores import Stores
+from tests.nodes import opened_stores
 
 pytestmark = pytest.mark.anyio
 NOW = time.time()
@@ -63,12 +63,8 @@ def remaining(url: str) -> tuple[list[str], int, list[str], list[int]]:
 
 async def test_old_finished_tasks_and_inventory_go_recent_and_active_stay(database_url: str) -> None:
     seed(database_url, old=1200)
-    stores = Stores.open(database_url, max_queued=10)
-    await stores.start()
-    try:
+    async with opened_stores(database_url, max_queued=10) as stores:
         deleted = await purge_once(stores, 30, now=NOW)
-    finally:
-        await stores.stop()
     assert deleted == {"tasks": 1201, "inventory_hosts": 1, "inventory_ports": 1, "usage_minutes": 1}
     assert remaining(database_url) == (["queued-long-ago", "recent", "running-long-ago"], 0, ["127.0.0.3"],
                                        [int((NOW - DAY_SECONDS) // 60)])
@@ -78,23 +74,15 @@ async def test_a_sqlite_file_is_compacted_after_much_was_deleted(tmp_path: Path)
     url = f"sqlite:///{tmp_path / 'big.db'}"
     seed(url, old=3000)
     before = (tmp_path / "big.db").stat().st_size
-    stores = Stores.open(url, max_queued=10)
-    await stores.start()
-    try:
+    async with opened_stores(url, max_queued=10) as stores:
         await purge_once(stores, 30, now=NOW)
         assert await stores.db.compact() is False, "nothing left to compact"
-    finally:
-        await stores.stop()
     assert (tmp_path / "big.db").stat().st_size < before / 4
 
 
 async def test_retention_days_0_keeps_everything(database_url: str) -> None:
     seed(database_url, old=3)
-    stores = Stores.open(database_url, max_queued=10)
-    await stores.start()
-    try:
+    async with opened_stores(database_url, max_queued=10) as stores:
         await asyncio.wait_for(purge_forever(stores, 0), 1)
-    finally:
-        await stores.stop()
     ids, _, _, minutes = remaining(database_url)
     assert len(ids) == 3 + 6 and len(minutes) == 2

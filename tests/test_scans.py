@@ -16,6 +16,7 @@ from models import TaskStatus
 from policy import NoPool, Policy
 from scans import ScanService
 from stores import Stores
+from supervisor import Supervisor
 from tests.support import SECRETS, Listeners, NmapWrapper
 from worker import Worker
 
@@ -32,14 +33,15 @@ def settings_for(database_url: str, nmap: NmapWrapper, **overrides: object) -> S
 async def make_service(database_url: str, nmap_wrapper: NmapWrapper) -> AsyncIterator[MakeService]:
     """A scan service with its own store and worker, like one process of the service."""
     running: list[tuple[Stores, Worker | None]] = []
+    supervisor = Supervisor()
 
     async def make(*, worker: bool = True, pool: str = "default", **overrides: object) -> ScanService:
         settings = settings_for(database_url, nmap_wrapper, pool=pool, **overrides)
         stores = Stores.open(database_url, max_queued=100)
-        await stores.start()
+        await stores.start(supervisor)
         scan_worker = Worker(stores.workers, name=f"worker-{len(running)}", pool=pool, capacity=4, grace_seconds=0.5)
         if worker:
-            await scan_worker.start()
+            await scan_worker.start(supervisor)
         running.append((stores, scan_worker if worker else None))
         return ScanService(stores, Policy(settings, str(nmap_wrapper.path)), settings, str(nmap_wrapper.path),
                            scan_worker if worker else None)
@@ -48,7 +50,10 @@ async def make_service(database_url: str, nmap_wrapper: NmapWrapper) -> AsyncIte
     for stores, scan_worker in running:
         if scan_worker is not None:
             await scan_worker.stop()
+    await supervisor.stop()
+    for stores, _ in running:
         await stores.stop()
+    assert supervisor.failure is None
 
 
 async def test_a_big_scan_is_sharded_over_two_workers_and_merged(

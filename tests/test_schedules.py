@@ -35,7 +35,7 @@ from models import ScanKind, leases, schedule_runs, tasks
 from schedule_store import ScheduleNotFound
 from schedules import ScheduleError, parse_every
 from server import Role, Runtime, create_server
-from stores import Stores
+from tests.nodes import opened_stores
 from tests.support import (
     ALICE,
     SECRETS,
@@ -353,11 +353,9 @@ async def test_a_run_missed_while_no_process_ran_is_run_once_then_the_grid_goes_
 
 
 async def test_the_scheduler_lease_is_held_by_one_process_and_fences_its_runs(database_url: str) -> None:
-    opened = [Stores.open(database_url, max_queued=10) for _ in range(2)]
-    for stores in opened:
-        await stores.start()
-    try:
-        one, two = (stores.schedules for stores in opened)
+    async with (opened_stores(database_url, max_queued=10) as first,
+                opened_stores(database_url, max_queued=10) as second):
+        one, two = first.schedules, second.schedules
         assert await one.hold_lease("scheduler", "one", "one", 1.0)
         assert not await two.hold_lease("scheduler", "two", "two", 1.0)
         assert await one.hold_lease("scheduler", "one", "one", 1.0), "the holder renews"
@@ -371,9 +369,6 @@ async def test_the_scheduler_lease_is_held_by_one_process_and_fences_its_runs(da
         assert await two.claim_run(due, now + 3600, "scheduler", "two") is not None
         assert await two.claim_run(due, now + 3600, "scheduler", "two") is None, "a due time fires once"
         assert (await one.work(time.time())).due == []
-    finally:
-        for stores in opened:
-            await stores.stop()
 
 
 # ---- what the tools refuse at creation (in memory, over the MCP protocol) -------------------
