@@ -7,14 +7,17 @@ when the call ends (verdict with its reason, duration). A crash or `kill -9` mid
 never loses the record of a scan that started.
 
 Each line is appended with one write(2) on a file opened O_APPEND (mode 0600), so it is in
-the kernel's hands before the tool goes on. When a line cannot be written (full disk,
-permissions), scan tools refuse with `unavailable: audit log not writable` unless
-`audit_fail_open`; that refusal is logged at most once a minute, not once per call.
+the kernel's hands before the tool goes on. A line is whole or absent, so that every line a
+reader finds is JSON: one the disk cut short (a short write) is cut off at once, and a torn
+last line a crash left is cut off before the next line is appended. When a line cannot be
+written (full disk, permissions), scan tools refuse with `unavailable: audit log not writable`
+unless `audit_fail_open`; that refusal is logged at most once a minute, not once per call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 SCAN_TOOLS = frozenset({"quick_scan", "full_scan", "custom_scan", "scan", "schedule_scan"})
 ARGUMENTS_LIMIT = 4096
 WARN_EVERY_SECONDS = 60.0
+# A torn last line is looked for backwards from the file's end, this many bytes at a time.
+TAIL_CHUNK = 4096
 _current: ContextVar[AuditedCall | None] = ContextVar("audited_call", default=None)
 
 
@@ -50,7 +55,13 @@ def queued(**facts: Any) -> None:
 
 
 class AuditLog:
-    """Appends JSON lines to a file; `write` says whether the line reached the file."""
+    """Appends JSON lines to a file; `write` says whether the line reached the file whole.
+
+    Every line in the file stays whole JSON, also across a full disk and a crash. An append
+    holds an flock on the file (processes sharing it, an API and its workers, take turns), first
+    cuts a torn last line off (one a crash left, in any process), and cuts its own line off again
+    when the disk filled up midway (a short write).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -63,27 +74,68 @@ class AuditLog:
         """Open (create, mode 0600) the file if it is not open yet; False if it cannot be."""
         if self._fd is None:
             try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                # Read as well as append: a torn last line is found by reading the file's end.
+                self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             except OSError as e:
                 logger.error("cannot open the audit log %s: %s", self.path, e.strerror)
                 return False
         return True
 
     def write(self, record: dict[str, Any]) -> bool:
-        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        line = _line(record)
         with self._lock:
-            if not self._open():
-                return False
-            try:
-                return os.write(self._fd, line) == len(line)  # type: ignore[arg-type]
-            except OSError:
-                return False
+            return self._open() and self._written(line)
+
+    def _written(self, line: bytes) -> bool:
+        """One write(2) of `line` under the file's flock, after cutting a torn last line off; a
+        short write (the disk filled up midway) is cut off again at once."""
+        assert self._fd is not None
+        try:
+            with _locked(self._fd):
+                end = self._whole_end()
+                written = os.write(self._fd, line)
+                if written < len(line):
+                    os.ftruncate(self._fd, end)
+        except OSError:
+            return False
+        return written == len(line)
+
+    def _whole_end(self) -> int:
+        """The file's size once a torn last line (no newline at its end) is cut off."""
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        end = size
+        while end > 0:
+            start = max(end - TAIL_CHUNK, 0)
+            newline = os.pread(self._fd, end - start, start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            os.ftruncate(self._fd, end)
+            logger.warning("the audit log %s ended in a torn line: its %d bytes were cut off", self.path, size - end)
+        return end
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+@contextlib.contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    """An exclusive flock on the file while the block runs: other processes appending take turns."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
 
 
 class AuditedCall:

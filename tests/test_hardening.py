@@ -31,9 +31,11 @@ from tests.support import (
     call_tool,
     error_text,
     failure_of,
+    fill,
     free_port,
     post,
     raw_tool_call,
+    tmpfs,
     wait_until,
     write_config,
 )
@@ -213,15 +215,10 @@ async def test_the_audit_record_of_a_scan_survives_kill_9(live_server: StartServ
 @pytest.fixture
 def tiny_disk() -> Iterator[Path]:
     """A 1 MiB tmpfs, filled up: nothing more can be written there."""
-    mount = Path(tempfile.mkdtemp(prefix="nmap-mcp-full-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs("1m") as mount:
         (mount / "audit.jsonl").touch()
-        subprocess.run(["dd", "if=/dev/zero", f"of={mount}/filler", "bs=64k"], capture_output=True)
+        fill(mount)
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        mount.rmdir()
 
 
 async def test_scans_refuse_when_the_audit_log_cannot_be_written(
