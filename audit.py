@@ -7,14 +7,19 @@ when the call ends (verdict with its reason, duration). A crash or `kill -9` mid
 never loses the record of a scan that started.
 
 Each line is appended with one write(2) on a file opened O_APPEND (mode 0600), so it is in
-the kernel's hands before the tool goes on. When a line cannot be written (full disk,
-permissions), scan tools refuse with `unavailable: audit log not writable` unless
-`audit_fail_open`; that refusal is logged at most once a minute, not once per call.
+the kernel's hands before the tool goes on. A line is whole or absent, so that every line a
+reader finds is JSON: one the disk cut short (a short write) is cut off at once, and a torn
+last line a crash left is cut off before the next line is appended. When a line cannot be
+written (full disk, permissions), scan tools refuse with `unavailable: audit log not writable`
+unless `audit_fail_open`; that refusal is logged at most once a minute, not once per call, and
+/healthz says so (Auditor.health). The first line written again is preceded by a `resumed`
+line: since when lines were lost, and how many.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -33,12 +38,17 @@ from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools.base import ToolResult
 
 from auth import Identify
+from disk_space import disk_problem
 
 logger = logging.getLogger(__name__)
 # Tools that start scans: they do not run unaudited unless the operator chose fail-open.
 SCAN_TOOLS = frozenset({"quick_scan", "full_scan", "custom_scan", "scan", "schedule_scan"})
 ARGUMENTS_LIMIT = 4096
 WARN_EVERY_SECONDS = 60.0
+# While lines cannot be written, /healthz tries again at most this often.
+RETRY_SECONDS = 5.0
+# A torn last line is looked for backwards from the file's end, this many bytes at a time.
+TAIL_CHUNK = 4096
 _current: ContextVar[AuditedCall | None] = ContextVar("audited_call", default=None)
 
 
@@ -50,40 +60,132 @@ def queued(**facts: Any) -> None:
 
 
 class AuditLog:
-    """Appends JSON lines to a file; `write` says whether the line reached the file."""
+    """Appends JSON lines to a file; `write` says whether the line reached the file whole.
+
+    Every line in the file stays whole JSON, also across a full disk and a crash. An append
+    holds an flock on the file (processes sharing it, an API and its workers, take turns), first
+    cuts a torn last line off (one a crash left, in any process), and cuts its own line off again
+    when the disk filled up midway (a short write). After lines were lost, the first line that
+    can be written again is preceded by a `resumed` line: since when, and how many were not.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
         self._lock = threading.Lock()
+        # While lines cannot be written: since when, how many were not, and when it was last tried.
+        self._failing_since: datetime | None = None
+        self._unwritten = 0
+        self._tried_at = float("-inf")
         with self._lock:
-            self._open()
+            if not self._open():
+                self._failing_since = datetime.now(UTC)
 
     def _open(self) -> bool:
         """Open (create, mode 0600) the file if it is not open yet; False if it cannot be."""
         if self._fd is None:
             try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                # Read as well as append: a torn last line is found by reading the file's end.
+                self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             except OSError as e:
                 logger.error("cannot open the audit log %s: %s", self.path, e.strerror)
                 return False
         return True
 
     def write(self, record: dict[str, Any]) -> bool:
-        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         with self._lock:
-            if not self._open():
-                return False
-            try:
-                return os.write(self._fd, line) == len(line)  # type: ignore[arg-type]
-            except OSError:
-                return False
+            if self._append(_line(record)):
+                return True
+            self._unwritten += 1
+            return False
+
+    def problem(self) -> str | None:
+        """Why lines cannot be written now, in words that name no path; None when they can.
+
+        Cheap enough for every /healthz poll: a statvfs of the log's directory; and while lines
+        could not be written, one more try (the `resumed` line alone) at most every
+        RETRY_SECONDS, so that the log is seen writable again without a tool call."""
+        if disk := disk_problem(self.path.parent):
+            return f"the audit log's disk is {disk}"
+        with self._lock:
+            if self._failing_since is not None and time.monotonic() - self._tried_at >= RETRY_SECONDS:
+                self._append(b"")
+            return None if self._failing_since is None else "the audit log cannot be written"
+
+    def _append(self, line: bytes) -> bool:
+        """Append `line`, after the `resumed` line when lines were lost; False, and the file as
+        it was, when that cannot be done."""
+        if self._failing_since is not None:
+            self._tried_at = time.monotonic()
+            line = _line({"time": _now(), "event": "resumed", "call": None, "token": None, "tool": None,
+                          "since": _iso(self._failing_since), "unwritten": self._unwritten}) + line
+        if not (self._open() and self._written(line)):
+            self._failing_since = self._failing_since or datetime.now(UTC)
+            return False
+        if self._failing_since is not None:
+            logger.warning("the audit log is written again; %d lines since %s were not",
+                           self._unwritten, _iso(self._failing_since))
+            self._failing_since, self._unwritten = None, 0
+        return True
+
+    def _written(self, line: bytes) -> bool:
+        """One write(2) of `line` under the file's flock, after cutting a torn last line off; a
+        short write (the disk filled up midway) is cut off again at once."""
+        assert self._fd is not None
+        try:
+            with _locked(self._fd):
+                end = self._whole_end()
+                written = os.write(self._fd, line)
+                if written < len(line):
+                    os.ftruncate(self._fd, end)
+        except OSError:
+            return False
+        return written == len(line)
+
+    def _whole_end(self) -> int:
+        """The file's size once a torn last line (no newline at its end) is cut off."""
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        end = size
+        while end > 0:
+            start = max(end - TAIL_CHUNK, 0)
+            newline = os.pread(self._fd, end - start, start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            os.ftruncate(self._fd, end)
+            logger.warning("the audit log %s ended in a torn line: its %d bytes were cut off", self.path, size - end)
+        return end
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+@contextlib.contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    """An exclusive flock on the file while the block runs: other processes appending take turns."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+
+
+def _now() -> str:
+    return _iso(datetime.now(UTC))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
 
 
 class AuditedCall:
@@ -95,8 +197,7 @@ class AuditedCall:
         self.facts: dict[str, Any] = {}
 
     def write(self, event: str, **fields: Any) -> bool:
-        now = datetime.now(UTC).isoformat(timespec="milliseconds")
-        return self._log.write({"time": now, "event": event, **self._base, **fields})
+        return self._log.write({"time": _now(), "event": event, **self._base, **fields})
 
     def queued(self, facts: dict[str, Any]) -> None:
         self.facts.update(facts)
@@ -139,6 +240,14 @@ class Auditor:
             self._on_verdict(tool, verdict)
             call.write("done", verdict=verdict, reason=reason, task_id=call.facts.get("task_id"),
                        duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    def health(self) -> tuple[str | None, str | None]:
+        """What /healthz says of the audit log: why scans are refused, or (with fail-open) what is
+        wrong while they run unaudited."""
+        problem = self._log.problem()
+        if problem is None or not self._fail_open:
+            return problem, None
+        return None, f"{problem}; scans run unaudited (audit_fail_open)"
 
     def _warn_unwritable(self) -> None:
         now = time.monotonic()

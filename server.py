@@ -37,6 +37,7 @@ from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import CLIENTS, render_client_config, render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
 from dashboard import register_dashboard
+from disk_space import database_disk_problem
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from logs import LogContext, configure_logging
@@ -105,6 +106,7 @@ class Runtime:
         # Watches every background loop of the process; one that dies stops the process.
         self.supervisor = Supervisor()
         self._retention_days = settings.retention_days
+        self.database_url = settings.effective_database_url()
         self._drained = False
 
     async def start(self) -> None:
@@ -185,13 +187,19 @@ def create_server(
 
 
 def health_endpoint(runtime: Runtime) -> Callable[[Request], Awaitable[JSONResponse]]:
-    """GET /healthz: 200 when scans can be queued and run, else 503 with the reason."""
+    """GET /healthz: 200 when scans can be queued, run and audited, else 503 with the reason.
+
+    Cheap enough to be polled: the disks are asked with statvfs (disk_space), and a byte is
+    written only to retry an audit log that could not be written, at most every few seconds
+    (AuditLog.problem). With audit_fail_open an audit log that cannot be written leaves it 200,
+    with a warning: scans still run."""
 
     async def healthz(_request: Request) -> JSONResponse:
-        problem = await runtime.service.health()
-        if problem is None:
-            return JSONResponse({"status": "ok", "version": VERSION})
-        return JSONResponse({"status": "unavailable", "reason": problem, "version": VERSION}, status_code=503)
+        audit_problem, warning = runtime.auditor.health()
+        problem = await runtime.service.health() or database_disk_problem(runtime.database_url) or audit_problem
+        if problem is not None:
+            return JSONResponse({"status": "unavailable", "reason": problem, "version": VERSION}, status_code=503)
+        return JSONResponse({"status": "ok", "version": VERSION} | ({"warning": warning} if warning else {}))
 
     return healthz
 

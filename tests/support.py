@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -132,6 +134,35 @@ class PrivatePostgres:
     def running(self) -> bool:
         status = [self._pg_ctl, "-D", str(self._data), "status"]
         return as_postgres(status, self.directory, check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def tmpfs(size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's size=, e.g. 2m) on a new directory; needs root. It is unmounted
+    at the end even on failure: lazily, so that a server still holding files there cannot keep
+    it mounted."""
+    mount = Path(tempfile.mkdtemp(prefix="nmap-mcp-disk-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+        mount.rmdir()
+
+
+def fill(directory: Path) -> Path:
+    """Fill the filesystem holding `directory` with a file until not one more block fits; the
+    file is returned (unlink it to free the space)."""
+    filler = directory / "filler"
+    chunk = bytes(64 * 1024)
+    with filler.open("ab", buffering=0) as out:
+        try:
+            while True:
+                out.write(chunk)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+    return filler
 
 
 def top_ports(count: int = 100) -> list[int]:

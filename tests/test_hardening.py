@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from nse_policy import find_script_db
-from server import bind
+from server import VERSION, bind
 from tests.support import (
     ALICE,
     BOB,
@@ -31,9 +31,11 @@ from tests.support import (
     call_tool,
     error_text,
     failure_of,
+    fill,
     free_port,
     post,
     raw_tool_call,
+    tmpfs,
     wait_until,
     write_config,
 )
@@ -212,22 +214,18 @@ async def test_the_audit_record_of_a_scan_survives_kill_9(live_server: StartServ
 
 @pytest.fixture
 def tiny_disk() -> Iterator[Path]:
-    """A 1 MiB tmpfs, filled up: nothing more can be written there."""
-    mount = Path(tempfile.mkdtemp(prefix="nmap-mcp-full-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    """A 2 MiB tmpfs holding an empty audit log, filled up (fill) by the test once its server
+    has started: with under 1 MiB free /healthz is 503, and a server's start waits for 200."""
+    with tmpfs("2m") as mount:
         (mount / "audit.jsonl").touch()
-        subprocess.run(["dd", "if=/dev/zero", f"of={mount}/filler", "bs=64k"], capture_output=True)
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        mount.rmdir()
 
 
 async def test_scans_refuse_when_the_audit_log_cannot_be_written(
     live_server: StartServer, nmap_wrapper: NmapWrapper, tiny_disk: Path
 ) -> None:
     server = live_server(audit_log=str(tiny_disk / "audit.jsonl"))
+    fill(tiny_disk)
     for target in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
         refused = await call_tool(server.url, ALICE, "quick_scan", {"target": target})
         assert error_text(refused) == "unavailable: audit log not writable; the scan was not started"
@@ -237,6 +235,9 @@ async def test_scans_refuse_when_the_audit_log_cannot_be_written(
     assert server.log_text().count("the audit log cannot be written") == 1, "logged once a minute, not per call"
     server.stop()
     open_server = live_server(audit_log=str(tiny_disk / "audit.jsonl"), audit_fail_open=True)
+    assert (await asyncio.to_thread(httpx.get, f"{base_url(open_server)}/healthz")).json() == {
+        "status": "ok", "warning": "the audit log's disk is full; scans run unaudited (audit_fail_open)",
+        "version": VERSION}
     ran = (await call_tool(open_server.url, ALICE, "quick_scan", {"target": "127.0.0.1"})).structured_content
     assert ran["status"] == "completed" and "scans run unaudited" in open_server.log_text()
     open_server.stop()  # before the disk is unmounted
