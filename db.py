@@ -172,6 +172,14 @@ class Database:
         self._on_unavailable = on_unavailable
         self._threads = ThreadPoolExecutor(max_workers=DB_THREADS[self.dialect], thread_name_prefix="db")
 
+    @property
+    def directory(self) -> Path | None:
+        """Where a SQLite database's file is; None for PostgreSQL, whose data is elsewhere."""
+        database = self.engine.url.database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            return None
+        return Path(database).parent
+
     async def start(self) -> None:
         """Bring the schema up to date."""
         await self.run(upgrade_schema, self.engine)

@@ -26,12 +26,3 @@ def disk_problem(directory: Path) -> str | None:
     blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
     return "full" if blocks * fs.f_frsize < MIN_FREE_BYTES else None
 
-
-def database_disk_problem(database_url: str) -> str | None:
-    """Why the disk of a SQLite database (`sqlite:///PATH`) cannot take more data; None when it
-    can, and for PostgreSQL, whose data is not on this machine's disks."""
-    if not database_url.startswith("sqlite:///"):
-        return None
-    directory = Path(database_url.removeprefix("sqlite:///").split("?", 1)[0]).parent
-    problem = disk_problem(directory)
-    return None if problem is None else f"the task database's disk is {problem}"

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import audit
 from config import Settings
 from db import DatabaseUnavailable
+from disk_space import disk_problem
 from inventory import HostQuery, parse_network, parse_since
 from models import (
     InventoryPage,
@@ -351,6 +352,9 @@ class ScanService:
             await self._stores.db.ping()
         except DatabaseUnavailable:
             return "the task database is not reachable"
+        directory = self._stores.db.directory
+        if directory is not None and (disk := disk_problem(directory)):
+            return f"the task database's disk is {disk}"
         if not os.access(self._nmap, os.X_OK):
             return "nmap cannot be run"
         return None

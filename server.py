@@ -37,7 +37,6 @@ from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import CLIENTS, render_client_config, render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
 from dashboard import register_dashboard
-from disk_space import database_disk_problem
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from logs import LogContext, configure_logging
@@ -106,7 +105,6 @@ class Runtime:
         # Watches every background loop of the process; one that dies stops the process.
         self.supervisor = Supervisor()
         self._retention_days = settings.retention_days
-        self.database_url = settings.effective_database_url()
         self._drained = False
 
     async def start(self) -> None:
@@ -196,7 +194,7 @@ def health_endpoint(runtime: Runtime) -> Callable[[Request], Awaitable[JSONRespo
 
     async def healthz(_request: Request) -> JSONResponse:
         audit_problem, warning = runtime.auditor.health()
-        problem = await runtime.service.health() or database_disk_problem(runtime.database_url) or audit_problem
+        problem = await runtime.service.health() or audit_problem
         if problem is not None:
             return JSONResponse({"status": "unavailable", "reason": problem, "version": VERSION}, status_code=503)
         return JSONResponse({"status": "ok", "version": VERSION} | ({"warning": warning} if warning else {}))
