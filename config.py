@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     # A worker renews the lease of each scan it runs; a task whose lease expired (its worker
     # died or lost the database) is resolved by any process.
     lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # A database call that has not answered after this long answers `unavailable` (and
+    # PostgreSQL cancels a statement that ran this long): a frozen database is not a hang.
+    database_timeout_seconds: float = Field(default=5.0, ge=0.5, le=300)
     worker_name: str | None = Field(default=None, min_length=1, max_length=128)
     pool: str = Field(default="default", pattern=POOL_NAME)
     # Scanner pools and the networks each reaches: a scan goes to the pool whose networks

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,21 +47,52 @@ INVENTORY_LOCK = 7_301_002
 DB_THREADS = {"sqlite": 4, "postgresql": 12}
 # A pooled PostgreSQL connection unused this long is pinged before it is used again.
 PING_IDLE_SECONDS = 1.0
+# A call that takes longer than this counts as the database being slow (see `calm_seconds`).
+SLOW_CALL_SECONDS = 1.0
 # Each dialect's INSERT, for upserts (ON CONFLICT is spelled the same, built by each).
 DIALECT_INSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
 
 
 class DatabaseUnavailable(RuntimeError):
-    """The task database cannot be reached (or is locked past its busy timeout)."""
+    """The task database cannot be reached, or did not answer in time."""
 
 
-def create_db_engine(url: str) -> Engine:
+class _Abandoned(Exception):
+    """The caller gave up on this call: its transaction is rolled back rather than committed."""
+
+
+class _Call:
+    """One call of `Database.run`, as the database thread running it sees it."""
+
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
+# The call the current database thread runs (see `Database.writing`).
+_running = threading.local()
+
+
+def _run_call(call: _Call, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    _running.call = call
+    try:
+        return fn(*args)
+    finally:
+        _running.call = None
+
+
+def create_db_engine(url: str, timeout_s: float = 5.0) -> Engine:
     """An engine for `url`. SQLite files are created mode 0600 and get WAL mode, a busy
-    timeout, and `BEGIN IMMEDIATE` for writing transactions (see `_sqlite_begin`)."""
+    timeout, and `BEGIN IMMEDIATE` for writing transactions (see `_sqlite_begin`).
+    PostgreSQL connections give up connecting, and the server cancels a statement (one that
+    waits for a lock, say), after `timeout_s`."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if not url.startswith("sqlite"):
-        engine = create_engine(url, pool_size=DB_THREADS["postgresql"], max_overflow=8)
+        limits = {"connect_timeout": max(1, math.ceil(timeout_s)),
+                  "options": f"-c statement_timeout={math.ceil(timeout_s * 1000)}"}
+        engine = create_engine(url, pool_size=DB_THREADS["postgresql"], max_overflow=8, connect_args=limits)
         event.listen(engine, "checkin", _note_checkin)
         event.listen(engine, "checkout", partial(_ping_if_idle, engine.dialect))
         return engine
@@ -126,6 +159,8 @@ def upgrade_schema(engine: Engine) -> None:
         conn.execution_options(writing=True)
         with conn.begin():
             if engine.dialect.name == "postgresql":
+                # A migration may rewrite a big table: no statement timeout for it.
+                conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
                 conn.execute(select(func.pg_advisory_xact_lock(SUBMIT_LOCK)))
             config.attributes["connection"] = conn
             tables = set(inspect(conn).get_table_names())
@@ -159,10 +194,24 @@ def upsert(dialect: str, table: Table) -> Any:
 
 
 class Database:
-    """One engine and the threads its calls run in, shared by every store of a process."""
+    """One engine and the threads its calls run in, shared by every store of a process.
 
-    def __init__(self, engine: Engine, *, on_unavailable: Callable[[str], None] = lambda _operation: None) -> None:
+    A call that does not answer within `timeout_s` (a database that froze: a failover, a
+    partition, a paused VM, a long lock) is DatabaseUnavailable to its caller at once; the
+    thread running it is left to finish when the database answers, and a writing transaction
+    given up on this way is rolled back rather than committed (unless the freeze came during
+    its very COMMIT). Slow and failed calls are remembered: `calm_seconds` says for how long
+    the database has answered this process promptly, which is what lease expiry may trust."""
+
+    def __init__(self, engine: Engine, *, timeout_s: float = 5.0,
+                 on_unavailable: Callable[[str], None] = lambda _operation: None) -> None:
         self.engine = engine
+        self.timeout_s = timeout_s
+        # When this process last saw the database fail or answer slowly (monotonic seconds).
+        # Its start counts as such: what happened before it is unknown.
+        self._troubled_at = time.monotonic()
+        # The calls under way, with when each began: one waiting long is trouble already.
+        self._in_flight: dict[_Call, float] = {}
         self.dialect = engine.dialect.name
         self.postgres = self.dialect == "postgresql"
         # Its connections begin writing transactions (see `_sqlite_begin`); made once, as
@@ -181,21 +230,45 @@ class Database:
         return Path(database).parent
 
     async def start(self) -> None:
-        """Bring the schema up to date."""
-        await self.run(upgrade_schema, self.engine)
+        """Bring the schema up to date (a migration may take long: no deadline)."""
+        await self.run(upgrade_schema, self.engine, deadline=False)
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)
         self.engine.dispose()
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, deadline: bool = True) -> T:
         """`fn(*args)` in a database thread; DatabaseUnavailable when the database cannot be
-        reached, counted under `fn`'s name."""
+        reached or (with `deadline`) has not answered within `timeout_s`, counted under
+        `fn`'s name."""
+        call = _Call()
+        started = self._in_flight[call] = time.monotonic()
+        answer = asyncio.get_running_loop().run_in_executor(self._threads, _run_call, call, fn, args)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._threads, partial(fn, *args))
+            async with asyncio.timeout(self.timeout_s if deadline else None):
+                return await answer
+        except TimeoutError as e:
+            call.abandoned = True
+            raise self._unavailable(fn) from e
         except (OperationalError, InterfaceError, sqlite3.OperationalError) as e:
-            self._on_unavailable(fn.__name__.lstrip("_"))
-            raise DatabaseUnavailable("the task database is not reachable; retry later") from e
+            raise self._unavailable(fn) from e
+        finally:
+            del self._in_flight[call]
+            if time.monotonic() - started > SLOW_CALL_SECONDS:
+                self._troubled_at = time.monotonic()
+
+    def _unavailable(self, fn: Callable[..., object]) -> DatabaseUnavailable:
+        self._troubled_at = time.monotonic()
+        self._on_unavailable(fn.__name__.lstrip("_"))
+        return DatabaseUnavailable("the task database is not reachable; retry later")
+
+    def calm_seconds(self) -> float:
+        """For how long every call of this process has had a prompt answer (since its start at
+        most); 0 while a call has been waiting for longer than SLOW_CALL_SECONDS."""
+        now = time.monotonic()
+        if now - min(self._in_flight.values(), default=now) > SLOW_CALL_SECONDS:
+            return 0.0
+        return now - self._troubled_at
 
     async def ping(self) -> None:
         """Raise DatabaseUnavailable unless the database answers."""
@@ -207,9 +280,13 @@ class Database:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Connection]:
-        """A writing transaction, committed at the end of the block."""
+        """A writing transaction, committed at the end of the block unless its caller gave up
+        waiting for it meanwhile (see the class docstring)."""
         with self._writer.connect() as conn, conn.begin():
             yield conn
+            call = getattr(_running, "call", None)
+            if call is not None and call.abandoned:
+                raise _Abandoned("the caller gave up waiting; rolled back")
 
     def relaxed_commit(self, conn: Connection) -> None:
         """PostgreSQL: this commit need not wait for its WAL flush; a lost claim or
@@ -222,8 +299,9 @@ class Database:
             conn.exec_driver_sql("SELECT 1").scalar_one()
 
     async def compact(self, free_share: float = 0.25) -> bool:
-        """SQLite: VACUUM when at least `free_share` of the file is free pages; True if it did."""
-        return await self.run(self._compact, free_share)
+        """SQLite: VACUUM when at least `free_share` of the file is free pages; True if it did.
+        A VACUUM of a big file takes long: no deadline."""
+        return await self.run(self._compact, free_share, deadline=False)
 
     def _compact(self, free_share: float) -> bool:
         if self.dialect != "sqlite":

@@ -87,6 +87,7 @@ class Runtime:
             settings.effective_database_url(),
             max_queued=settings.max_queued_tasks,
             lease_seconds=settings.lease_seconds,
+            timeout_s=settings.database_timeout_seconds,
             on_unavailable=self.metrics.database_error,
         )
         self.worker = None if role is Role.API else Worker(

@@ -38,10 +38,11 @@ class Stores:
     usage: UsageStore
 
     @classmethod
-    def open(cls, url: str, *, max_queued: int, lease_seconds: float = 30.0,
+    def open(cls, url: str, *, max_queued: int, lease_seconds: float = 30.0, timeout_s: float = 5.0,
              on_unavailable: Callable[[str], None] = lambda _operation: None) -> Stores:
-        """The stores on the database at `url` (nothing is read or written before `start`)."""
-        db = Database(create_db_engine(url), on_unavailable=on_unavailable)
+        """The stores on the database at `url`, whose calls answer within `timeout_s` (nothing
+        is read or written before `start`)."""
+        db = Database(create_db_engine(url, timeout_s), timeout_s=timeout_s, on_unavailable=on_unavailable)
         feed = ChangeFeed(db)
         return cls(
             db=db,

@@ -29,7 +29,7 @@ from functools import partial
 
 import logs
 from change_feed import queue_key, wait_set
-from db import Database, DatabaseUnavailable
+from db import SLOW_CALL_SECONDS, Database, DatabaseUnavailable
 from metrics import Metrics
 from models import Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
 from nmap_report import ReportParser, clean_text, with_versions
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 IDLE_RECHECK_SECONDS = 5.0
 # Progress and finished hosts of a running scan are written at most this often.
 LIVE_WRITE_SECONDS = 1.0
+# A heartbeat that failed or was slow is tried again this soon (see Worker._heartbeat_loop).
+RENEW_AGAIN_SECONDS = 1.0
 # Retrying to record a verdict while the database is unreachable: first and longest pause.
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 5.0
 SHUTDOWN_ERROR = "the worker shut down during the scan; submit it again"
@@ -284,15 +286,23 @@ class Worker:
                 outcome = record_failure("internal error while recording the result")
 
     async def _heartbeat_loop(self) -> None:
+        """Renew this worker's leases every third of a lease. A renewal that failed wrote no
+        lease, and one the database was slow to answer may have committed a lease already
+        old: either is followed by another within RENEW_AGAIN_SECONDS."""
+        pause_s = self._store.lease_seconds / 3
         while True:
-            await asyncio.sleep(self._store.lease_seconds / 3)
+            await asyncio.sleep(pause_s)
+            started = time.monotonic()
             try:
                 lost = await self._store.renew(self.info, sorted(self._holding))
             except DatabaseUnavailable:
-                logger.warning("heartbeat failed: the task database is not reachable")
+                logger.warning("heartbeat failed: the task database is not reachable; retrying")
+                pause_s = min(RENEW_AGAIN_SECONDS, self._store.lease_seconds / 3)
                 continue
             # Their watchers re-read the task and stop its nmap.
             self._store.feed.publish(*lost)
+            slow = time.monotonic() - started > SLOW_CALL_SECONDS
+            pause_s = min(RENEW_AGAIN_SECONDS, self._store.lease_seconds / 3) if slow else self._store.lease_seconds / 3
 
 
 # ---- how a scan ends: the one place its verdict is made -----------------------------------
@@ -399,19 +409,23 @@ class LiveScan:
         self._progress_written = progress
 
 
-async def resolve_expired_forever(store: WorkerStore, db: Database, interval: float) -> None:
-    """Any process: resolve tasks whose worker's lease expired, every `interval` s.
+async def resolve_expired_forever(store: WorkerStore, db: Database, interval_s: float) -> None:
+    """Any process: resolve tasks whose worker's lease expired, every `interval_s`.
 
-    After this process could not reach the database, no lease is judged until the database
-    has answered for a whole lease period: the workers could not renew theirs either, and a
-    worker holding a finished result must get the chance to record it."""
-    trusted_from = float("-inf")
+    A lease is judged only once the database has answered this process promptly for a whole
+    lease period (Database.calm_seconds, from the process's start): while it was unreachable
+    or slow (a freeze, a failover), the workers' renewals failed or committed late too, and a
+    worker holding a finished result must get the chance to record it. Meanwhile the reaper
+    only pings, to see the database answer again. A task is resolved once its lease was seen
+    expired, unchanged, by two passes (WorkerStore.resolve_expired)."""
+    suspects: dict[str, float] = {}
     while True:
         try:
-            if time.monotonic() >= trusted_from:
-                await store.resolve_expired()
+            if db.calm_seconds() >= store.lease_seconds:
+                suspects = await store.resolve_expired(suspects)
             else:
+                suspects = {}
                 await db.ping()
         except DatabaseUnavailable:
-            trusted_from = time.monotonic() + store.lease_seconds
-        await asyncio.sleep(interval)
+            suspects = {}
+        await asyncio.sleep(interval_s)

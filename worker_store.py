@@ -13,7 +13,7 @@ import logging
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,10 @@ _MARK_PARENT_STARTED = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.s
 _INSERT_LIVE_HOSTS = insert(task_hosts)
 _KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
 _DELETE_LIVE_HOSTS = delete(task_hosts).where(task_hosts.c.task_id == _P["id"])
+# Running tasks (not a sharded parent, which has no lease of its own) whose lease has expired.
+_EXPIRED_LEASES = select(tasks.c.id, func.coalesce(tasks.c.lease_expires_at, 0.0).label("lease")).where(
+    tasks.c.status == TaskStatus.RUNNING.value, tasks.c.shard_count == 0,
+    func.coalesce(tasks.c.lease_expires_at, 0.0) < bindparam("p_now")).with_for_update()
 
 
 @dataclass(frozen=True)
@@ -185,12 +189,16 @@ class WorkerStore:
     async def still_ours(self, task_id: str, worker_id: str) -> bool:
         return await self._db.run(self._still_ours, task_id, worker_id)
 
-    async def resolve_expired(self) -> tuple[int, int]:
-        """Resolve tasks whose lease expired: (queued again, interrupted)."""
-        requeued, interrupted = await self._db.run(self._resolve_expired)
+    async def resolve_expired(self, suspects: Mapping[str, float]) -> dict[str, float]:
+        """Resolve the tasks whose lease has expired and had already expired, unchanged, at the
+        previous call (`suspects`: task id -> its lease then): queued again if nmap never started,
+        interrupted if it had. Seen twice, a reaper's pause apart, so that a renewal the
+        database held back (a lock, a freeze) lands before its lease is judged. The tasks whose
+        lease has expired now, for the next call."""
+        expired, requeued, interrupted = await self._db.run(self._resolve_expired, dict(suspects))
         if requeued or interrupted:
             self.feed.wake_all()
-        return len(requeued), len(interrupted)
+        return expired
 
     async def pools(self, stale_after: float) -> list[PoolStatus]:
         """Per pool: its workers (alive when they beat within `stale_after` s) and its queue."""
@@ -274,15 +282,16 @@ class WorkerStore:
         return TaskRecord.from_row(row._mapping) if row is not None else None
 
     def _renew(self, worker: WorkerInfo, task_ids: list[str]) -> set[str]:
-        now = time.time()
         with self._db.writing() as conn:
             self._db.relaxed_commit(conn)
             _beat_worker_in(conn, worker, len(task_ids))
             if not task_ids:
                 return set()
             ours = (tasks.c.worker_id == worker.id) & (tasks.c.status == TaskStatus.RUNNING.value)
+            # The lease runs from now, as late as it can be taken: not from before a wait for
+            # the database (the heartbeat renews again at once after a slow renewal).
             conn.execute(update(tasks).where(ours, tasks.c.id.in_(task_ids))
-                         .values(lease_expires_at=now + self.lease_seconds))
+                         .values(lease_expires_at=time.time() + self.lease_seconds))
             still = set(conn.execute(select(tasks.c.id).where(ours, tasks.c.id.in_(task_ids))).scalars())
         return set(task_ids) - still
 
@@ -290,18 +299,19 @@ class WorkerStore:
         with self._db.reading() as conn:
             return conn.execute(_STILL_OURS, {"p_id": task_id, "p_worker": worker_id}).first() is not None
 
-    def _resolve_expired(self) -> tuple[list[str], list[str]]:
+    def _resolve_expired(self, suspects: dict[str, float]) -> tuple[dict[str, float], list[str], list[str]]:
         now = time.time()
-        expired = (tasks.c.status == TaskStatus.RUNNING.value) & (
-            tasks.c.lease_expires_at.is_(None) | (tasks.c.lease_expires_at < now)
-        ) & (tasks.c.shard_count == 0)
         with self._db.writing() as conn:
+            # Locked: a renewal under way commits first, and none changes them until the end.
+            expired = {row.id: row.lease for row in conn.execute(_EXPIRED_LEASES, {"p_now": now})}
+            confirmed = [task_id for task_id, lease in expired.items() if suspects.get(task_id) == lease]
+            judged = tasks.c.id.in_(confirmed) & (tasks.c.status == TaskStatus.RUNNING.value)
             requeued = conn.execute(
-                update(tasks).where(expired, tasks.c.started_at.is_(None)).values(**_UNCLAIMED)
+                update(tasks).where(judged, tasks.c.started_at.is_(None)).values(**_UNCLAIMED)
                 .returning(tasks.c.id, tasks.c.pool)
             ).all()
             interrupted = conn.execute(
-                update(tasks).where(expired, tasks.c.started_at.is_not(None))
+                update(tasks).where(judged, tasks.c.started_at.is_not(None))
                 .values(status=TaskStatus.INTERRUPTED.value, finished_at=now, error=INTERRUPTED_ERROR,
                         dedupe_key=None, lease_expires_at=None)
                 .returning(tasks.c.id, tasks.c.parent_id)
@@ -312,7 +322,8 @@ class WorkerStore:
             conn.execute(delete(workers).where(workers.c.heartbeat_at < now - 10 * self.lease_seconds))
         if interrupted:
             logger.warning("%d task(s) whose worker stopped mid-scan marked interrupted", len(interrupted))
-        return [row.id for row in requeued], [row.id for row in interrupted]
+        return ({task_id: lease for task_id, lease in expired.items() if task_id not in confirmed},
+                [row.id for row in requeued], [row.id for row in interrupted])
 
     def _beat_worker(self, worker: WorkerInfo, running: int) -> None:
         with self._db.writing() as conn:

@@ -135,6 +135,31 @@ class PrivatePostgres:
         status = [self._pg_ctl, "-D", str(self._data), "status"]
         return as_postgres(status, self.directory, check=False).returncode == 0
 
+    def freeze(self) -> list[int]:
+        """SIGSTOP the server and every process it started, as a paused VM or storage would
+        stop it: connections stay open, nothing answers. The pids, for `thaw`."""
+        postmaster = int((self._data / "postmaster.pid").read_text().split()[0])
+        pids = [postmaster, *children_of(postmaster)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    @staticmethod
+    def thaw(pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
 
 @contextlib.contextmanager
 def tmpfs(size: str) -> Iterator[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import psycopg
@@ -76,3 +77,28 @@ async def test_a_sqlite_database_locked_past_its_busy_timeout_is_unavailable(
             assert (await submit(stores.tasks, nmap_wrapper, 1)).status is TaskStatus.QUEUED
         finally:
             holder.close()
+
+
+async def test_a_call_not_answered_in_time_is_unavailable_and_its_transaction_rolled_back(
+    tmp_path: Path, nmap_wrapper: NmapWrapper
+) -> None:
+    """A database that does not answer (here: its write lock held elsewhere, within SQLite's own
+    5 s busy timeout) is `unavailable` after timeout_s; the submit given up on does not commit
+    when the database answers later."""
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    async with opened_stores(url, max_queued=10, timeout_s=0.5) as stores:
+        holder = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            asked = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match="not reachable"):
+                await submit(stores.tasks, nmap_wrapper, 1)
+            assert time.monotonic() - asked < 4, "answered by the deadline, not by SQLite's busy timeout"
+            assert stores.db.calm_seconds() < 4
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        kept = await submit(stores.tasks, nmap_wrapper, 2)
+    # Closed: every database thread has finished, the abandoned submit included.
+    async with opened_stores(url, max_queued=10) as stores:
+        assert [record.id for record in await stores.tasks.recent("alice", None, 10)] == [kept.id]

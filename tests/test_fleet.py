@@ -290,21 +290,29 @@ async def test_a_worker_killed_mid_scan_has_its_task_interrupted_and_the_other_g
     assert survivor in await fleet.alive_workers()
 
 
+async def scans_under_way(fleet: Fleet, ports: list[int], delays: tuple[float, ...],
+                          **config: object) -> list[asyncio.Future[dict[str, Any]]]:
+    """An API and worker-1 with `config`, and a custom_scan call of each port under way, its
+    nmap started after its delay (nmap_wrapper's): the calls, still waiting."""
+    fleet.worker("worker-1", **config)
+    fleet.serve("--api", **config)
+    await fleet.wait_for_workers("worker-1")
+    calls = []
+    for count, (port, delay) in enumerate(zip(ports, delays, strict=True), start=1):
+        fleet.nmap.set_delay(delay)
+        calls.append(asyncio.ensure_future(fleet.call("custom_scan", connect_scan(port))))
+        await until_started(fleet.nmap, count)
+    return calls
+
+
 async def test_a_database_outage_leaves_nothing_stuck(
     tmp_path: Path, nmap_wrapper: NmapWrapper, listeners: Listeners, own_postgres: PrivatePostgres
 ) -> None:
     ports = listeners.open_free_top_ports(3)
     # The default lease (30 s) outlasts the outage: the running scans stay the worker's.
     with Fleet(tmp_path, nmap_wrapper, own_postgres.url()) as fleet:
-        fleet.worker("worker-1", lease_seconds=30)
-        fleet.serve("--api", lease_seconds=30)
-        await fleet.wait_for_workers("worker-1")
         # Two scans end during the outage (their verdicts wait for the database), one after it.
-        calls = []
-        for count, (port, delay) in enumerate(zip(ports, (4, 4, 14), strict=True), start=1):
-            nmap_wrapper.set_delay(delay)
-            calls.append(asyncio.ensure_future(fleet.call("custom_scan", connect_scan(port))))
-            await until_started(nmap_wrapper, count)
+        calls = await scans_under_way(fleet, ports, (4, 4, 14), lease_seconds=30)
         own_postgres.stop("fast")
         stopped = time.time()
         await asyncio.sleep(1)
@@ -334,6 +342,48 @@ async def test_a_database_outage_leaves_nothing_stuck(
         assert open_ports(await fleet.call("custom_scan", connect_scan(ports[0]))) == 1
         statuses = [t["status"] for t in (await fleet.call("list_tasks", {}))["tasks"]]
         assert statuses == ["completed"] * 4, "the scan refused in the outage must not have been queued"
+
+
+async def test_a_database_frozen_longer_than_a_lease_loses_no_running_scan(
+    tmp_path: Path, nmap_wrapper: NmapWrapper, listeners: Listeners, own_postgres: PrivatePostgres
+) -> None:
+    """PostgreSQL stops answering without refusing connections (SIGSTOP: a paused VM, a storage
+    pause, a failover's first seconds) for longer than a lease, while scans run. Calls and
+    /healthz answer `unavailable` within seconds; when it answers again no scan is interrupted,
+    and those that finished meanwhile are saved."""
+    ports = listeners.open_free_top_ports(3)
+    lease, timeout = 6, 2
+    with Fleet(tmp_path, nmap_wrapper, own_postgres.url()) as fleet:
+        # Two scans end during the freeze (their verdicts wait for the database), one after it.
+        calls = await scans_under_way(fleet, ports, (3, 3, 14), lease_seconds=lease, database_timeout_seconds=timeout)
+        frozen = own_postgres.freeze()
+        froze_at = time.time()
+        try:
+            for tool, args in (("list_tasks", {}), ("custom_scan", connect_scan(ports[0]))):
+                asked = time.monotonic()
+                async with asyncio.timeout(timeout + 3):
+                    result = await call_tool(fleet.api_url, ALICE, tool, args)
+                took = time.monotonic() - asked
+                assert error_text(result).startswith("unavailable: "), (tool, result)
+                print(f"{tool} answered unavailable in {took:.3f} s")
+            async with httpx.AsyncClient(timeout=timeout + 3) as http:
+                health = await http.get(fleet.api_url.removesuffix("/mcp") + "/healthz")
+            assert (health.status_code, health.json()["reason"]) == (503, "the task database is not reachable")
+            await asyncio.sleep(froze_at + 1.5 * lease - time.time())
+        finally:
+            own_postgres.thaw(frozen)
+        thawed = time.time()
+        print(f"frozen for {thawed - froze_at:.1f} s, lease {lease} s")
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 60)
+        finished = [await poll_until_finished(fleet.api_url, ALICE, a["task_id"], 60) for a in answers]
+        assert [a["status"] for a in finished] == ["completed"] * 3, (finished, fleet.log_tails())
+        assert [open_ports(a) for a in finished] == [1, 1, 1]
+        assert all(a["finished_at"] > thawed for a in finished[:2]), "the first two finished in the freeze"
+        assert "worker-1" in await fleet.alive_workers()
+        nmap_wrapper.set_delay(0)
+        assert open_ports(await fleet.call("custom_scan", connect_scan(ports[0]))) == 1
+        statuses = [t["status"] for t in (await fleet.call("list_tasks", {}))["tasks"]]
+        assert statuses == ["completed"] * 4, "the scan refused in the freeze must not have been queued"
 
 
 async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_disturbs_nothing(

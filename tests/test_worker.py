@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -349,3 +350,26 @@ async def test_a_running_task_resolved_by_another_process_has_its_nmap_stopped(
     final = await node.tasks.wait(record.id, "alice", timeout=10)
     assert final.status is TaskStatus.INTERRUPTED
     assert await wait_for(lambda: nmap_wrapper.alive() == [], 5)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_database_slower_than_a_lease_interrupts_no_scan(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners, tmp_path: Path,
+) -> None:
+    """Every write waits 3 s for a lock held elsewhere, longer than the 2 s lease: renewals
+    commit late and the reaper's statements wait too. Slow is not dead: the scan completes."""
+    [port] = listeners.open_free_top_ports(1)
+    nmap_wrapper.set_delay(6)
+    node = await make_node(lease=2.0)
+    record = await submit(node.tasks, nmap_wrapper, port)
+    assert await wait_for(lambda: len(nmap_wrapper.pids()) == 1, 10)
+    holder = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        await asyncio.sleep(3)
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    assert final.status is TaskStatus.COMPLETED, final.error
+    assert final.result is not None and final.result.hosts[0].ports[0].port == port
