@@ -335,13 +335,18 @@ def default_config_document() -> dict[str, Any]:
 def write_new_config(path: Path, *, force: bool = False) -> None:
     """Write a config with a fresh token; refuse to overwrite unless `force`.
 
-    The file is created with mode 0600 because it holds secrets.
+    Missing directories are created (`--init -c ~/.config/nmap-mcp.json` on a machine without
+    ~/.config). The file is created with mode 0600 because it holds secrets.
     """
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to overwrite it")
     text = json.dumps(default_config_document(), indent=2) + "\n"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot create {e.filename}: {e.strerror}") from e
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.chmod(path, 0o600)
