@@ -35,6 +35,11 @@ ALICE, BOB = SECRETS["alice"], SECRETS["bob"]
 # The admin URL of the test PostgreSQL server: TCP or, as ./test.sh sets it, its unix socket
 # (postgresql://postgres@/postgres?host=/socket/dir&port=NNNN).
 POSTGRES_ADMIN_URL = os.environ.get("NMAP_MCP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+# How long a process of the service may take to start. Importing its packages takes about 2 s
+# on an idle 2-core machine, but servers did not start within 20 s at a load average of 9 there
+# (other work, and both test workers starting servers at once). A bound on waits for a
+# condition: only a process that never starts costs this long.
+START_UP_SECONDS = 120
 
 
 INITIALIZE = {
@@ -297,7 +302,7 @@ class LiveServer:
             stderr=log,
             cwd=self.config_path.parent,
         )
-        if not wait_until(self._healthy, 20, 0.05):
+        if not wait_until(self._healthy, START_UP_SECONDS, 0.05):
             self.stop()
             raise RuntimeError("server did not start:\n" + self.log_path.read_text())
 

@@ -25,6 +25,7 @@ import pytest
 
 from tests.support import (
     ALICE,
+    START_UP_SECONDS,
     Listeners,
     NmapWrapper,
     PrivatePostgres,
@@ -88,7 +89,7 @@ class Fleet:
         process = self.start(name, *options, prefix=prefix, **overrides)
         port = json.loads((self.directory / f"{name}.json").read_text())["port"]
         url = f"http://127.0.0.1:{port}"
-        assert wait_until(lambda: healthy(process, url), 30, 0.1), process.log_text()
+        assert wait_until(lambda: healthy(process, url), START_UP_SECONDS, 0.1), process.log_text()
         self.api_url = self.api_url or f"{url}/mcp"
         return process
 
@@ -100,7 +101,7 @@ class Fleet:
         """Start a `--worker` named `name`; `wait_for_workers` says when it is up."""
         return self.start(name, "--worker", prefix=prefix, worker_name=name, **overrides)
 
-    async def wait_for_workers(self, *names: str, timeout: float = 30) -> None:
+    async def wait_for_workers(self, *names: str, timeout: float = START_UP_SECONDS) -> None:
         """Workers have no HTTP listener: they are up once list_workers shows them alive."""
         deadline = time.monotonic() + timeout
         while set(names) - set(await self.alive_workers()):
@@ -125,7 +126,7 @@ class Fleet:
         argv = ["ip", "netns", "exec", namespace, sys.executable, "-c", NAMESPACE_LISTENER, address, str(port)]
         process = ServiceProcess(argv, self.directory / f"listener-{namespace}.log").start()
         self.processes.append(process)
-        assert wait_until(lambda: "ready" in process.log_text(), 10), process.log_text()
+        assert wait_until(lambda: "ready" in process.log_text(), START_UP_SECONDS), process.log_text()
 
     def __enter__(self) -> Self:
         return self

@@ -25,6 +25,7 @@ from tests.support import (
     BOB,
     ROOT,
     SECRETS,
+    START_UP_SECONDS,
     LiveServer,
     NmapWrapper,
     StartServer,
@@ -293,7 +294,7 @@ async def test_cors_preflight_and_origin_protection_agree(live_server: StartServ
 def run_server(config: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if user == "nobody" else []
     return subprocess.run([*prefix, sys.executable, str(ROOT / "server.py"), "-c", str(config), *args],
-                          capture_output=True, text=True, timeout=60, cwd=config.parent)
+                          capture_output=True, text=True, timeout=START_UP_SECONDS, cwd=config.parent)
 
 
 async def test_connections_to_the_listener_have_nagle_off() -> None:
@@ -366,7 +367,7 @@ def test_nmaps_data_is_found_as_nmap_finds_it(tmp_path: Path) -> None:
 def test_files_holding_secrets_or_results_are_private(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     assert subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)],
-                          capture_output=True, timeout=60).returncode == 0
+                          capture_output=True, timeout=START_UP_SECONDS).returncode == 0
     document = json.loads(config.read_text()) | {"port": free_port()}
     config.write_text(json.dumps(document))
     server = LiveServer(config, tmp_path / "server.log", document["port"])

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from config import load_settings
-from tests.support import ROOT, LiveServer, write_config
+from tests.support import ROOT, START_UP_SECONDS, LiveServer, write_config
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 VERSION = (ROOT / "VERSION").read_text(encoding="utf-8").strip()
@@ -93,7 +93,7 @@ def test_the_wheel_holds_the_modules_and_the_command(installed: Installed) -> No
 def test_the_installed_command_prints_help_and_writes_a_config(installed: Installed, tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([installed.command, *args], check=False, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60)
+                              timeout=START_UP_SECONDS)
 
     shown = run("--help")
     assert shown.returncode == 0, shown.stderr

@@ -37,6 +37,7 @@ from task_manager import ScheduleNotFound, TaskManager, create_db_engine
 from tests.support import (
     ALICE,
     SECRETS,
+    START_UP_SECONDS,
     Listeners,
     NmapWrapper,
     ServiceProcess,
@@ -435,7 +436,8 @@ async def test_two_processes_on_one_postgresql_database_run_each_due_time_once_e
                 process = ServiceProcess(server_argv(config), tmp_path / f"p{index}.log").start()
                 port = json.loads(config.read_text())["port"]
                 processes.append((process, f"http://127.0.0.1:{port}/mcp"))
-                assert wait_until(lambda p=process: "listening on" in p.log_text(), 30), process.log_text()
+                assert wait_until(lambda p=process: "listening on" in p.log_text(), START_UP_SECONDS), \
+                    process.log_text()
             result = await call_tool(processes[0][1], ALICE, "schedule_scan",
                                      {"kind": "quick", "target": loopback_address(), "every": f"{INTERVAL}s"})
             assert not result.is_error, error_text(result)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support import ROOT, as_postgres, free_port, postgres_bindir, postgres_socket_url
+from tests.support import ROOT, START_UP_SECONDS, as_postgres, free_port, postgres_bindir, postgres_socket_url
 
 # The PostgreSQL variables a developer's shell may carry; the scripts must not depend on them.
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "NMAP_MCP_TEST_POSTGRES")
@@ -145,7 +145,8 @@ def test_run_sh_rebuilds_a_venv_that_is_broken_or_half_installed(tmp_path: Path)
     assert "rebuilding .venv" in rebuilt.stderr and "usage: server.py" in rebuilt.stdout
     assert not (checkout / ".venv/.incomplete").exists()
 
-    again = subprocess.run([checkout / "run.sh", "--help"], capture_output=True, text=True, timeout=60, check=False)
+    again = subprocess.run([checkout / "run.sh", "--help"], capture_output=True, text=True, timeout=START_UP_SECONDS,
+                           check=False)
     assert again.returncode == 0 and again.stderr == "", "an unchanged, working .venv is used as it is"
 
 
