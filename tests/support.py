@@ -347,11 +347,13 @@ class ServiceProcess:
     argv: list[str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    # The environment it starts with; None: ours.
+    env: dict[str, str] | None = None
 
     def start(self) -> ServiceProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                            start_new_session=True)
+                                            start_new_session=True, env=self.env)
         return self
 
     @property
@@ -385,6 +387,17 @@ class ServiceProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def stdio_initialize(argv: Sequence[str], cwd: Path) -> dict[str, Any]:
+    """Start argv as a desktop app starts a local MCP server (from its own directory, with the
+    system's PATH and not ours), send initialize, and return the answer's result; the end of
+    stdin then ends the server."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")}
+    ran = subprocess.run(argv, input=json.dumps(INITIALIZE) + "\n", env=env, cwd=cwd, capture_output=True,
+                         text=True, timeout=START_UP_SECONDS, check=False)
+    assert ran.returncode == 0, (argv, ran.stderr)
+    return json.loads(ran.stdout.splitlines()[0])["result"]
 
 
 def write_config(path: Path, **overrides: object) -> Path:

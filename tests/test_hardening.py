@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shlex
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from config import load_settings
 from nse_policy import find_script_db
 from server import bind
 from tests.support import (
@@ -28,6 +29,7 @@ from tests.support import (
     START_UP_SECONDS,
     LiveServer,
     NmapWrapper,
+    ServiceProcess,
     StartServer,
     call_tool,
     error_text,
@@ -35,6 +37,8 @@ from tests.support import (
     free_port,
     post,
     raw_tool_call,
+    server_argv,
+    stdio_initialize,
     wait_until,
     write_config,
 )
@@ -340,16 +344,64 @@ def test_privileged_without_raw_sockets_is_a_start_up_error_saying_how_to_grant_
         subprocess.run(["rm", "-rf", str(home)], check=True)
 
 
-def test_hints_print_a_command_that_works(tmp_path: Path) -> None:
-    config = tmp_path / "fresh.json"
-    wrote = subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)],
-                           capture_output=True, text=True, timeout=60)
-    assert wrote.returncode == 0 and wrote.stdout == ""
+@pytest.fixture
+def packageless_python_first(tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH finds first a `python3` (and `python`) that is this
+    interpreter without its packages: on Debian, the system's python3 is what the .venv of
+    ./run.sh links to, and it has no uvicorn. A printed command naming `python3` fails there."""
+    bare = tmp_path / "packageless"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=START_UP_SECONDS)
+    return os.environ | {"PATH": f"{bare / 'bin'}:{os.environ['PATH']}"}
+
+
+def pasted(command: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`command` run as a person pasting it into a shell would run it."""
+    return subprocess.run(["sh", "-c", command], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=START_UP_SECONDS, check=False)
+
+
+def test_the_init_hint_works_pasted_in_another_directory(
+    tmp_path: Path, packageless_python_first: dict[str, str]
+) -> None:
+    """A relative config path in a directory that does not exist yet, with a space in its name."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = Path("new dir") / "fresh.json"
+    wrote = subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)], cwd=tmp_path,
+                           env=packageless_python_first, capture_output=True, text=True, timeout=START_UP_SECONDS,
+                           check=False)
+    assert wrote.returncode == 0 and wrote.stdout == "", wrote.stderr
     hint = wrote.stderr.split("then run: ", 1)[1].strip()
-    assert hint.endswith(f"server.py -c {config}")
-    again = subprocess.run([*shlex.split(hint), "--print-config", "cursor"], capture_output=True, text=True,
-                           timeout=60)
-    assert again.returncode == 0 and json.loads(again.stdout)["mcpServers"]["nmap"]["headers"]
+    again = pasted(f"{hint} --print-config cursor", packageless_python_first, elsewhere)
+    assert again.returncode == 0, (hint, again.stderr)
+    assert json.loads(again.stdout)["mcpServers"]["nmap"]["headers"]
+    missing = run_server(tmp_path / "missing.json")
+    assert missing.returncode == 2
+    create = missing.stderr.strip().split("create one with: ", 1)[1]
+    assert pasted(create, packageless_python_first, elsewhere).returncode == 0
+    assert load_settings(tmp_path / "missing.json").named_secrets()
+
+
+def test_the_banner_s_commands_work_pasted_in_another_directory(
+    tmp_path: Path, packageless_python_first: dict[str, str]
+) -> None:
+    """The command for one client's config, and the stdio command a desktop app starts with
+    neither our working directory nor our PATH."""
+    config = write_config(tmp_path / "config.json")
+    process = ServiceProcess(server_argv(config), tmp_path / "server.log", env=packageless_python_first).start()
+    try:
+        assert wait_until(lambda: "--- Cherry Studio" in process.log_text(), START_UP_SECONDS), process.log_text()
+    finally:
+        process.stop()
+    banner = process.log_text()
+    one = banner.split("one client's config alone: ", 1)[1].split(" --print-config CLIENT", 1)[0]
+    printed = pasted(f"{one} --print-config claude-desktop", packageless_python_first, Path("/"))
+    assert printed.returncode == 0, (one, printed.stderr)
+    desktop = json.loads(printed.stdout)["mcpServers"]["nmap-local"]
+    listed = json.loads(banner.split("--print-config claude-desktop) ---\n", 1)[1].splitlines()[0])
+    assert listed["mcpServers"]["nmap-local"] == desktop
+    answer = stdio_initialize([desktop["command"], *desktop["args"]], cwd=Path("/"))
+    assert answer["serverInfo"]["name"] == "nmap-mcp"
 
 
 def test_nmaps_data_is_found_as_nmap_finds_it(tmp_path: Path) -> None:
