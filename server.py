@@ -318,6 +318,7 @@ def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description="nmap-mcp: nmap as an MCP server")
+    parser.add_argument("--version", action="version", version=f"nmap-mcp {VERSION}")
     parser.add_argument("-c", "--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
     parser.add_argument("--init", action="store_true", help="write a config with a fresh token and exit")
     parser.add_argument("--force", action="store_true", help="with --init: overwrite an existing config")

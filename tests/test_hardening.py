@@ -404,6 +404,13 @@ def test_the_banner_s_commands_work_pasted_in_another_directory(
     assert answer["serverInfo"]["name"] == "nmap-mcp"
 
 
+def test_version_prints_the_version_file(tmp_path: Path) -> None:
+    shown = subprocess.run([sys.executable, str(ROOT / "server.py"), "--version"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=START_UP_SECONDS, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == f"nmap-mcp {(ROOT / 'VERSION').read_text().strip()}\n"
+
+
 def test_nmaps_data_is_found_as_nmap_finds_it(tmp_path: Path) -> None:
     wrapper = tmp_path / "bin" / "nmap"
     wrapper.parent.mkdir()

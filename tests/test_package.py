@@ -99,6 +99,8 @@ def test_the_installed_command_prints_help_and_writes_a_config(installed: Instal
     shown = run("--help")
     assert shown.returncode == 0, shown.stderr
     assert "--init" in shown.stdout
+    version = run("--version")
+    assert (version.returncode, version.stdout) == (0, f"nmap-mcp {VERSION}\n")
     config = tmp_path / "config.json"
     init = run("--init", "-c", str(config))
     assert init.returncode == 0, init.stderr
