@@ -6,6 +6,7 @@ Every scan in this suite targets 127.0.0.0/8 and asserts only on ports the test 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +18,14 @@ from sqlalchemy.engine import make_url
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
 
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked requires_root("what for") is skipped, saying what for, unless run as root."""
+    needs = item.get_closest_marker("requires_root")
+    if needs is not None and os.geteuid() != 0:
+        pytest.skip(f"needs root: {needs.args[0]}")
 
 
 @pytest.fixture

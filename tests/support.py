@@ -99,21 +99,36 @@ def postgres_bindir() -> Path:
 
 
 def as_postgres(argv: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL program as user postgres (the server refuses root)."""
-    runuser = ["runuser", "-u", "postgres", "--"]
+    """Run a PostgreSQL program as user postgres when we are root (the server refuses root),
+    else as ourselves, as scripts/with-postgres.sh does."""
+    runuser = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     return subprocess.run([*runuser, *argv], cwd=cwd, capture_output=True, text=True, check=check)
 
 
+def postgres_owns(directory: Path) -> None:
+    """Hand directory to user postgres when we are root, so that as_postgres may write there."""
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres", "postgres")
+
+
+def unprivileged(argv: Sequence[str]) -> list[str]:
+    """argv run by a user who is not root: user nobody when we are root, else ourselves."""
+    if os.geteuid() != 0:
+        return list(argv)
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+
+
 class PrivatePostgres:
-    """A PostgreSQL server of the test's own, never the machine's: owned by user postgres, its
-    data and its unix socket (its only way in) in `directory`, stopped and started at will."""
+    """A PostgreSQL server of the test's own, never the machine's: run by user postgres (or by
+    us when we are not root), its data and its unix socket (its only way in) in `directory`,
+    stopped and started at will."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.port = free_port()
         self._data = directory / "data"
         self._pg_ctl = str(postgres_bindir() / "pg_ctl")
-        shutil.chown(directory, "postgres", "postgres")
+        postgres_owns(directory)
         initdb = [str(postgres_bindir() / "initdb"), "-D", str(self._data), "-U", "postgres", "--auth=trust",
                   "--no-sync", "--no-locale", "-E", "UTF8"]
         as_postgres(initdb, directory)

@@ -103,6 +103,7 @@ async def test_legitimate_commands_run_real_nmap_and_return_parsed_results(
     assert port["service"] == "ssh" and port["version"].startswith("OpenSSH 9.2p1")
 
 
+@pytest.mark.requires_root("raw-packet scans (-sS, -O), which need root or nmap with capabilities")
 async def test_privileged_scans_when_the_server_allows_them(live_server: StartServer, listeners: Listeners) -> None:
     [p1] = listeners.open_free_top_ports(1)
     server = live_server(privileged=True)

@@ -337,6 +337,7 @@ async def test_a_database_outage_leaves_nothing_stuck(
         assert statuses == ["completed"] * 4, "the scan refused in the outage must not have been queued"
 
 
+@pytest.mark.requires_root("a pid namespace (unshare --pid)")
 async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_disturbs_nothing(
     fleet: Fleet, listeners: Listeners
 ) -> None:
@@ -360,6 +361,7 @@ async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_d
     assert all(a["finished_at"] - a["started_at"] >= 8 for a in answers)
 
 
+@pytest.mark.requires_root("network namespaces (ip netns)")
 async def test_two_network_zones_each_scan_runs_in_the_zone_its_address_routes_to(
     zones: dict[str, str], fleet: Fleet
 ) -> None:

@@ -39,6 +39,7 @@ from tests.support import (
     raw_tool_call,
     server_argv,
     stdio_initialize,
+    unprivileged,
     wait_until,
     write_config,
 )
@@ -229,6 +230,7 @@ def tiny_disk() -> Iterator[Path]:
         mount.rmdir()
 
 
+@pytest.mark.requires_root("mounting a tmpfs")
 async def test_scans_refuse_when_the_audit_log_cannot_be_written(
     live_server: StartServer, nmap_wrapper: NmapWrapper, tiny_disk: Path
 ) -> None:
@@ -295,10 +297,11 @@ async def test_cors_preflight_and_origin_protection_agree(live_server: StartServ
     assert "access-control-allow-origin" not in plain.headers
 
 
-def run_server(config: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if user == "nobody" else []
-    return subprocess.run([*prefix, sys.executable, str(ROOT / "server.py"), "-c", str(config), *args],
-                          capture_output=True, text=True, timeout=START_UP_SECONDS, cwd=config.parent)
+def run_server(config: Path, *args: str, not_root: bool = False) -> subprocess.CompletedProcess[str]:
+    """The server run to its end; `not_root`: by a user who is not root (see unprivileged)."""
+    argv = server_argv(config, *args)
+    return subprocess.run(unprivileged(argv) if not_root else argv, capture_output=True, text=True,
+                          timeout=START_UP_SECONDS, cwd=config.parent, check=False)
 
 
 async def test_connections_to_the_listener_have_nagle_off() -> None:
@@ -336,7 +339,7 @@ def test_privileged_without_raw_sockets_is_a_start_up_error_saying_how_to_grant_
         home.chmod(0o777)
         config = write_config(home / "config.json", privileged=True)
         config.chmod(0o644)
-        finished = run_server(config, user="nobody")
+        finished = run_server(config, not_root=True)
         assert finished.returncode == 2, finished.stderr
         assert "privileged is true but this process is not root" in finished.stderr
         assert "setcap cap_net_raw,cap_net_admin+eip" in finished.stderr

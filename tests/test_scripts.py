@@ -20,7 +20,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support import ROOT, START_UP_SECONDS, as_postgres, free_port, postgres_bindir, postgres_socket_url
+from tests.support import (
+    ROOT,
+    START_UP_SECONDS,
+    as_postgres,
+    free_port,
+    postgres_bindir,
+    postgres_owns,
+    postgres_socket_url,
+    unprivileged,
+)
 
 # The PostgreSQL variables a developer's shell may carry; the scripts must not depend on them.
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "NMAP_MCP_TEST_POSTGRES")
@@ -55,8 +64,8 @@ def trusting_postgres(shared_dir: Path) -> Iterator[tuple[Path, int]]:
 
 
 def run_postgres(directory: Path, auth: str) -> Iterator[tuple[Path, int]]:
-    """Run a server owned by user postgres with its data and socket in directory, until closed."""
-    shutil.chown(directory, "postgres", "postgres")
+    """Run a server (as user postgres when we are root) with its data and socket in directory, until closed."""
+    postgres_owns(directory)
     pg_ctl, data, port = str(postgres_bindir() / "pg_ctl"), directory / "data", free_port()
     initdb = [str(postgres_bindir() / "initdb"), "-D", str(data), "-U", "postgres", f"--auth={auth}"]
     initdb += ["--no-sync", "--no-locale", "-E", "UTF8"]
@@ -169,9 +178,9 @@ def path_without(shared_dir: Path, hidden: set[str]) -> str:
 def test_without_root_a_missing_nmap_stops_at_once_naming_what_to_install(shared_dir: Path, script: str) -> None:
     checkout = copy_checkout(shared_dir)
     env = {"PATH": path_without(shared_dir, {"nmap", "apt-get"}), "HOME": "/nonexistent"}
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     started = time.monotonic()
-    ran = subprocess.run([*nobody, checkout / script], env=env, capture_output=True, text=True, timeout=30, check=False)
+    ran = subprocess.run(unprivileged([str(checkout / script)]), env=env, capture_output=True, text=True, timeout=30,
+                         check=False)
     assert time.monotonic() - started < 10
     assert ran.returncode == 1
     advice = re.search(r"missing .*\. Install with: sudo apt-get install -y ([\w.+ -]+?) \(or rerun", ran.stderr)
