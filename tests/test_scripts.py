@@ -190,6 +190,18 @@ def test_without_root_a_missing_nmap_stops_at_once_naming_what_to_install(shared
     assert not (checkout / ".venv").exists()
 
 
+@pytest.mark.requires_root("test.sh installs packages only as root")
+def test_as_root_test_sh_installs_iproute2_for_the_tests_that_need_root(shared_dir: Path) -> None:
+    """A fresh Debian root has no `ip`, which the network-namespace tests run."""
+    checkout = copy_checkout(shared_dir)
+    # No index: should test.sh go on to build .venv, pip fails at once instead of installing.
+    env = {"PATH": path_without(shared_dir, {"ip", "apt-get"}), "HOME": "/nonexistent", "PIP_NO_INDEX": "1"}
+    ran = subprocess.run([checkout / "test.sh"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert ran.returncode != 0
+    assert re.search(r"^installing (.* )?iproute2( .*)? with apt-get$", ran.stderr, flags=re.MULTILINE), ran.stderr
+    assert "apt-get was started" in ran.stderr
+
+
 @pytest.mark.parametrize("script", ["run.sh", "test.sh"])
 def test_a_python_older_than_3_11_is_refused_by_name(tmp_path: Path, script: str) -> None:
     checkout = copy_checkout(tmp_path)
