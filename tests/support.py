@@ -112,10 +112,13 @@ def postgres_owns(directory: Path) -> None:
 
 
 def unprivileged(argv: Sequence[str]) -> list[str]:
-    """argv run by a user who is not root: user nobody when we are root, else ourselves."""
+    """argv run by a user who is not root. As root: user nobody, with no capability but reading
+    any file (CAP_DAC_READ_SEARCH), so that it can run this checkout's .venv even where nobody
+    may not go (a checkout under /root, mode 0700); as anyone else: ourselves."""
     if os.geteuid() != 0:
         return list(argv)
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    return [*nobody, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *argv]
 
 
 class PrivatePostgres:
