@@ -438,9 +438,11 @@ async def call_tool(
     """One tools/call through the official MCP Python SDK, authenticated either way."""
     headers = {"Authorization": f"Bearer {token}"} if via == "header" else {}
     target_url = url if via == "header" else f"{url}?token={token}"
-    async with httpx2.AsyncClient(headers=headers, timeout=120) as http:
-        async with Client(streamable_http_client(target_url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-            return await client.call_tool(name, args)
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=120) as http,
+        Client(streamable_http_client(target_url, http_client=http), mode=mode) as client,  # type: ignore[arg-type]
+    ):
+        return await client.call_tool(name, args)
 
 
 async def raw_tool_call(url: str, token: str, name: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:

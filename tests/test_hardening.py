@@ -66,14 +66,15 @@ async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(
     spellings = [f"?token={ALICE}", f"?TOKEN={BOB}", f"?access_token={ALICE}", f"?x=1;token={BOB}",
                  f"?Access_Token={ALICE}", f"?token={ALICE}&token={WRONG}"]
     mcp = server.url
-    for query in spellings:
-        assert post(server, url=mcp + query, Host="evil.example").status_code == 421
-        assert post(server, url=mcp + query, Origin="http://evil.example").status_code == 403
-        assert httpx.get(f"{base_url(server)}/nope{query}").status_code == 404
-        assert httpx.get(mcp + query, headers={"Accept": "text/event-stream"}).status_code == 405
-        big = httpx.post(mcp + query, content=b"x" * (4 * 1024 * 1024 + 10),
-                         headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
-        assert big.status_code == 413
+    async with httpx.AsyncClient() as http:
+        for query in spellings:
+            assert post(server, url=mcp + query, Host="evil.example").status_code == 421
+            assert post(server, url=mcp + query, Origin="http://evil.example").status_code == 403
+            assert (await http.get(f"{base_url(server)}/nope{query}")).status_code == 404
+            assert (await http.get(mcp + query, headers={"Accept": "text/event-stream"})).status_code == 405
+            big = await http.post(mcp + query, content=b"x" * (4 * 1024 * 1024 + 10), headers={
+                "Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
+            assert big.status_code == 413
     assert post(server, url=f"{mcp};token={WRONG}").status_code == 401
     assert post(server, url=f"{mcp}?Access_Token={WRONG}").status_code == 401
     assert post(server, url=f"{mcp}?token={WRONG}").status_code == 401
@@ -81,9 +82,10 @@ async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(
     assert post(server, url=f"{mcp}/?token={ALICE}").status_code == 200, "a trailing slash must not redirect"
     await call_tool(server.url, ALICE, "list_tasks", {}, via="query")
     metrics = f"{base_url(server)}/metrics"
-    assert httpx.get(f"{metrics}?token={METRICS_SECRET}").status_code == 401
-    assert httpx.get(metrics, headers={"Authorization": f"Bearer {WRONG}"}).status_code == 401
-    assert httpx.get(metrics, headers={"Authorization": f"Bearer {METRICS_SECRET}"}).status_code == 200
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{metrics}?token={METRICS_SECRET}")).status_code == 401
+        assert (await http.get(metrics, headers={"Authorization": f"Bearer {WRONG}"})).status_code == 401
+        assert (await http.get(metrics, headers={"Authorization": f"Bearer {METRICS_SECRET}"})).status_code == 200
     server.stop()
     if log_format == "json":
         records = [json.loads(line) for line in server.log_text().splitlines()]
@@ -163,7 +165,7 @@ async def test_every_tool_error_starts_with_a_code_and_never_quotes_a_library(
         assert "http" not in text and "pydantic" not in text and "x" * 201 not in text
 
 
-async def test_batches_and_bodies_that_are_not_one_message_get_short_json_rpc_errors(live_server: StartServer) -> None:
+def test_batches_and_bodies_that_are_not_one_message_get_short_json_rpc_errors(live_server: StartServer) -> None:
     server = live_server()
     auth = {"Authorization": f"Bearer {ALICE}"}
     batch = post(server, body=[{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}], **auth)
@@ -183,10 +185,11 @@ async def test_healthz_is_503_with_the_reason_when_nmap_cannot_run(
     live_server: StartServer, nmap_wrapper: NmapWrapper
 ) -> None:
     server = live_server()
-    healthy = httpx.get(f"{base_url(server)}/healthz")
-    assert healthy.status_code == 200 and set(healthy.json()) == {"status", "version"}
-    nmap_wrapper.path.unlink()
-    sick = httpx.get(f"{base_url(server)}/healthz")
+    async with httpx.AsyncClient(base_url=base_url(server)) as http:
+        healthy = await http.get("/healthz")
+        assert healthy.status_code == 200 and set(healthy.json()) == {"status", "version"}
+        nmap_wrapper.path.unlink()
+        sick = await http.get("/healthz")
     assert sick.status_code == 503 and sick.json()["reason"] == "nmap cannot be run"
     assert str(nmap_wrapper.path) not in sick.text
     failed = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1"})).structured_content
@@ -223,7 +226,7 @@ def tiny_disk() -> Iterator[Path]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
     try:
         (mount / "audit.jsonl").touch()
-        subprocess.run(["dd", "if=/dev/zero", f"of={mount}/filler", "bs=64k"], capture_output=True)
+        subprocess.run(["dd", "if=/dev/zero", f"of={mount}/filler", "bs=64k"], capture_output=True, check=False)
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
@@ -278,7 +281,7 @@ async def test_sigterm_answers_every_waiting_call_with_its_task(
     assert final["status"] == "completed", "a queued task waits for the next start"
 
 
-async def test_cors_preflight_and_origin_protection_agree(live_server: StartServer) -> None:
+def test_cors_preflight_and_origin_protection_agree(live_server: StartServer) -> None:
     server = live_server(cors_origins=["http://app.example"])
     preflight = httpx.options(server.url, headers={
         "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
@@ -429,7 +432,7 @@ def test_nmaps_data_is_found_as_nmap_finds_it(tmp_path: Path) -> None:
 def test_files_holding_secrets_or_results_are_private(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     assert subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)],
-                          capture_output=True, timeout=START_UP_SECONDS).returncode == 0
+                          capture_output=True, timeout=START_UP_SECONDS, check=False).returncode == 0
     document = json.loads(config.read_text()) | {"port": free_port()}
     config.write_text(json.dumps(document))
     server = LiveServer(config, tmp_path / "server.log", document["port"])
@@ -440,5 +443,5 @@ def test_files_holding_secrets_or_results_are_private(tmp_path: Path) -> None:
     finally:
         server.stop()
     ignored = subprocess.run(["git", "check-ignore", "config.json", "nmap_tasks.db", "nmap_tasks.db-wal",
-                              "audit.jsonl"], cwd=ROOT, capture_output=True, text=True)
+                              "audit.jsonl"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert ignored.stdout.split() == ["config.json", "nmap_tasks.db", "nmap_tasks.db-wal", "audit.jsonl"]

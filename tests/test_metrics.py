@@ -185,10 +185,11 @@ async def test_a_worker_serves_metrics_and_its_health_alone_on_its_metrics_port(
         up = START_UP_SECONDS
         assert wait_until(lambda: responds(f"http://127.0.0.1:{api_port}/healthz"), up, 0.1), api.log_text()
         assert wait_until(lambda: responds(f"http://127.0.0.1:{metrics_port}/metrics"), up, 0.1), worker.log_text()
-        assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").status_code == 401
-        health = httpx.get(f"http://127.0.0.1:{metrics_port}/healthz")
-        assert (health.status_code, health.json()["status"]) == (200, "ok"), "no token: a HEALTHCHECK has none"
-        other = httpx.get(f"http://127.0.0.1:{metrics_port}/mcp")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as http:
+            assert (await http.get("/metrics")).status_code == 401
+            health = await http.get("/healthz")
+            assert (health.status_code, health.json()["status"]) == (200, "ok"), "no token: a HEALTHCHECK has none"
+            other = await http.get("/mcp")
         assert other.status_code == 404 and "only /metrics and /healthz" in other.json()["error_description"]
         url = f"http://127.0.0.1:{api_port}/mcp"
         started = (await call_tool(url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 30})).structured_content
