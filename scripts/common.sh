@@ -62,7 +62,7 @@ missing_packages() {
       chromium) { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || echo chromium chromium-driver ;;
       root-tests)
         package_for iproute2 ip
-        package_for util-linux runuser unshare
+        package_for util-linux runuser unshare nsenter
         package_for mount mount umount ;;
       git) package_for git git ;;
     esac

@@ -353,14 +353,14 @@ StartServer = Callable[..., "LiveServer"]
 
 
 def server_argv(config: Path, *options: str, prefix: Sequence[str] = ()) -> list[str]:
-    """`python server.py -c CONFIG OPTIONS`, run under `prefix` (`ip netns exec NS`, `unshare ...`)."""
+    """`python server.py -c CONFIG OPTIONS`, run under `prefix` (`nsenter --net=...`, `unshare ...`)."""
     return [*prefix, sys.executable, str(ROOT / "server.py"), "-c", str(config), *options]
 
 
 @dataclass
 class ServiceProcess:
     """A process in a session of its own, stopped by its process group: a signal reaches it
-    and whatever wraps it (`ip netns exec` execs it, `unshare --fork` waits for it)."""
+    and whatever wraps it (`nsenter` execs it, `unshare --fork` waits for it)."""
 
     argv: list[str]
     log_path: Path

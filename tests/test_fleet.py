@@ -57,6 +57,15 @@ NAMESPACE_LISTENER = (
 )
 
 
+def inside(namespace: str) -> tuple[str, ...]:
+    """The prefix that runs a command in network namespace `namespace` (made by `ip netns add`).
+
+    nsenter joins the namespace and nothing else; `ip netns exec` also makes a mount namespace
+    (to show the namespace's /sys), which needs / to be a mount point: in a chroot, a root made
+    by debootstrap, it failed with '"mount --make-rslave /" failed: Invalid argument'."""
+    return ("nsenter", f"--net=/run/netns/{namespace}")
+
+
 class Fleet:
     """The processes of one test: an API and workers, each with a config of its own."""
 
@@ -123,7 +132,7 @@ class Fleet:
 
     def listen_in(self, namespace: str, address: str, port: int) -> None:
         """A TCP listener inside the network namespace only; returns once it listens."""
-        argv = ["ip", "netns", "exec", namespace, sys.executable, "-c", NAMESPACE_LISTENER, address, str(port)]
+        argv = [*inside(namespace), sys.executable, "-c", NAMESPACE_LISTENER, address, str(port)]
         process = ServiceProcess(argv, self.directory / f"listener-{namespace}.log").start()
         self.processes.append(process)
         assert wait_until(lambda: "ready" in process.log_text(), START_UP_SECONDS), process.log_text()
@@ -196,7 +205,7 @@ def zones() -> Iterator[dict[str, str]]:
     try:
         for namespace in names.values():
             subprocess.run(["ip", "netns", "add", namespace], check=True)
-            subprocess.run(["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"], check=True)
+            subprocess.run([*inside(namespace), "ip", "link", "set", "lo", "up"], check=True)
         yield names
     finally:
         for namespace in names.values():
@@ -372,7 +381,7 @@ async def test_two_network_zones_each_scan_runs_in_the_zone_its_address_routes_t
     for zone, address in homes.items():
         fleet.listen_in(zones[zone], address, port)
     for zone, namespace in zones.items():
-        fleet.worker(f"{zone}-worker", prefix=("ip", "netns", "exec", namespace), pool=zone)
+        fleet.worker(f"{zone}-worker", prefix=inside(namespace), pool=zone)
     # zone-b also reaches zone-a's /24 through a wider network: the narrowest pool wins, and a
     # scan of zone-a's address can be sent to zone-b on purpose.
     fleet.serve("--api", pools={"zone-a": ["127.1.0.0/24"], "zone-b": ["127.2.0.0/24", "127.1.0.0/16"]})
