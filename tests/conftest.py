@@ -20,12 +20,13 @@ from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test marked requires_root("what for") is skipped, saying what for, unless run as root."""
-    needs = item.get_closest_marker("requires_root")
-    if needs is not None and os.geteuid() != 0:
-        pytest.skip(f"needs root: {needs.args[0]}")
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        if (needs := item.get_closest_marker("requires_root")) is not None:
+            item.add_marker(pytest.mark.skip(reason=f"needs root: {needs.args[0]}"))
 
 
 @pytest.fixture
