@@ -271,6 +271,9 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
     assert sent["previous_task_id"] == change.previous_task_id and sent["previous_task_id"] is not None
     assert [(p["address"], p["port"], p["before"]) for p in sent["diff"]["ports_opened"]] == [(address, port, "")]
     assert sent["diff"]["ports_closed"] == [] == sent["diff"]["hosts_came_up"]
+    # The receiver has the POST before the sender has its answer, and records it sent.
+    await until(lambda: [run.webhook_status for run in runs(database_url, schedule_id) if run.id == change.id],
+                lambda statuses: statuses == ["sent"])
 
     [info] = (await runtime.schedules.list("alice")).schedules
     assert info.target == address and info.every == "2s" and info.webhook == receiver.url("/hooks/nmap") + "?…"
