@@ -47,10 +47,16 @@ PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 POOL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # The name a seed-style single `token` is known by in task ownership and audit records.
 DEFAULT_TOKEN_NAME = "default"
+# Prints a fresh secret wherever it is pasted: the standard library of any python3 will do.
+FRESH_SECRET_COMMAND = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 class ConfigError(Exception):
     """The configuration file or environment is unusable; the message says what to fix."""
+
+
+class ConfigMissing(ConfigError):
+    """The configuration file does not exist (the command line says how to create one)."""
 
 
 class Limits(BaseModel):
@@ -250,7 +256,7 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such file; create one with `python server.py --init`") from e
+        raise ConfigMissing(f"{path}: no such file") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno})") from e
     if not isinstance(data, dict):
@@ -281,7 +287,7 @@ def anchored(settings: Settings, directory: Path) -> Settings:
 def secret_problems(named: dict[str, str]) -> list[str]:
     """Why secrets are unfit, naming their tokens (never the secrets): too short, a
     placeholder from config.example.json, or one secret shared by several tokens."""
-    fresh = "`python server.py --init -c NEW.json` writes a file with a fresh one"
+    fresh = f"`{FRESH_SECRET_COMMAND}` prints a fresh one, and --init writes a new config with one"
     problems = []
     for name, secret in named.items():
         if secret in PLACEHOLDER_SECRETS:
@@ -305,7 +311,7 @@ def metrics_token_problems(settings: Settings) -> list[str]:
     secret = settings.metrics_token.get_secret_value()
     if len(secret) < MIN_SECRET_LENGTH:
         return [(f"metrics_token has {len(secret)} characters, fewer than {MIN_SECRET_LENGTH}; "
-                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` prints a fresh one")]
+                 f"`{FRESH_SECRET_COMMAND}` prints a fresh one")]
     return [f"metrics_token is the secret of token '{name}'; give /metrics a secret of its own"
             for name, token in settings.named_secrets().items() if token == secret]
 
@@ -338,13 +344,18 @@ def default_config_document() -> dict[str, Any]:
 def write_new_config(path: Path, *, force: bool = False) -> None:
     """Write a config with a fresh token; refuse to overwrite unless `force`.
 
-    The file is created with mode 0600 because it holds secrets.
+    Missing directories are created (`--init -c ~/.config/nmap-mcp.json` on a machine without
+    ~/.config). The file is created with mode 0600 because it holds secrets.
     """
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to overwrite it")
     text = json.dumps(default_config_document(), indent=2) + "\n"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot create {e.filename}: {e.strerror}") from e
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.chmod(path, 0o600)

@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh
 require_python_311
-require_packages python nmap
+require_packages python nmap sandbox
 ensure_venv requirements.txt
 exec .venv/bin/python server.py "$@"

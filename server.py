@@ -16,6 +16,7 @@ import gc
 import importlib.metadata
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -35,7 +36,7 @@ from starlette.types import ASGIApp
 from audit import AuditLog, AuditMiddleware, Auditor
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import CLIENTS, render_client_config, render_client_configs
-from config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings, write_new_config
+from config import DEFAULT_CONFIG_PATH, ConfigError, ConfigMissing, Settings, load_settings, write_new_config
 from dashboard import register_dashboard
 from errors import ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
@@ -289,11 +290,24 @@ def shown_secret(settings: Settings, *, show_token: bool) -> str:
     return named[min(named)] if show_token else "<TOKEN>"
 
 
+def program_argv(*, short: bool = False) -> list[str]:
+    """The argv that starts this program again from any directory: the interpreter running now
+    with server.py, or the installed command, by absolute path, for a GUI app has neither our
+    working directory nor our PATH. `sys.executable` and never `python3`: a venv's python is a
+    symlink to the system's, which does not have the packages. `short`: the installed command
+    by its bare name when PATH finds this very one, for a person at a terminal."""
+    program = Path(sys.argv[0])
+    if program.suffix == ".py":
+        return [sys.executable, str(program.absolute())]
+    found = shutil.which(program.name)
+    if short and found is not None and Path(found).resolve() == program.resolve():
+        return [program.name]
+    return [str(program.absolute())]
+
+
 def stdio_command(config_path: Path) -> list[str]:
     """The argv with which a local client starts this server over stdio."""
-    program = Path(sys.argv[0])
-    start = [sys.executable, str(program.resolve())] if program.name == "server.py" else [program.name]
-    return [*start, "--stdio", "-c", str(config_path.resolve())]
+    return [*program_argv(), "--stdio", "-c", str(config_path.resolve())]
 
 
 def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
@@ -317,6 +331,7 @@ def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description="nmap-mcp: nmap as an MCP server")
+    parser.add_argument("--version", action="version", version=f"nmap-mcp {VERSION}")
     parser.add_argument("-c", "--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
     parser.add_argument("--init", action="store_true", help="write a config with a fresh token and exit")
     parser.add_argument("--force", action="store_true", help="with --init: overwrite an existing config")
@@ -343,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.init:
             write_new_config(config_path, force=args.force)
-            print(f"wrote {config_path.resolve()} with a new token; edit it, then run: {rerun_command(args.config)}",
+            print(f"wrote {config_path.resolve()} with a new token; edit it, then run: {rerun_command(config_path)}",
                   file=sys.stderr)
             return 0
         if args.config is None and not config_path.exists():
@@ -357,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         nmap_path = find_nmap(settings.nmap_path)
         check_privileges(settings, nmap_path)
+    except ConfigMissing as e:
+        print(f"error: {e}; create one with: {rerun_command(config_path)} --init", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -480,21 +498,9 @@ def check_privileges(settings: Settings, nmap_path: str) -> None:
         ) from e
 
 
-def rerun_command(config: Path | None) -> str:
-    """The command that starts the server again the way it was started now."""
-    program = Path(sys.argv[0]).name
-    if program == "server.py":
-        program = f"{python_command()} {sys.argv[0]}"
-    return f"{program} -c {config}" if config else program
-
-
-def python_command() -> str:
-    """`python` or `python3`, whichever is this interpreter on PATH; else its full path."""
-    for name in ("python", "python3"):
-        found = shutil.which(name)
-        if found and Path(found).resolve() == Path(sys.executable).resolve():
-            return name
-    return sys.executable
+def rerun_command(config: Path) -> str:
+    """The shell command that starts the server with `config` again, from any directory."""
+    return shlex.join([*program_argv(short=True), "-c", str(config.absolute())])
 
 
 if __name__ == "__main__":

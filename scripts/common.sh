@@ -30,8 +30,22 @@ postgres_bindir() {
   return 1
 }
 
-# The apt packages missing for what the caller needs: any of python, nmap, postgresql, chromium
-# (the browser and its driver, for the operator page's browser test).
+# PACKAGE, unless every PROGRAM is on PATH.
+package_for() {
+  local package=$1 program
+  shift
+  for program in "$@"; do
+    if ! command -v "$program" >/dev/null 2>&1; then
+      echo "$package"
+      return
+    fi
+  done
+}
+
+# The apt packages missing for what the caller needs: any of python, nmap, sandbox (the
+# util-linux programs the server runs nmap under), postgresql, chromium (the browser and its
+# driver, for the operator page's browser test), root-tests (what the tests that need root run:
+# network namespaces, other users, mounts) and git (tests list the checkout's files).
 missing_packages() {
   local need
   for need in "$@"; do
@@ -42,9 +56,15 @@ missing_packages() {
         elif ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
           echo python3-venv  # Debian ships ensurepip, which `python3 -m venv` needs, in python3-venv
         fi ;;
-      nmap) command -v nmap >/dev/null 2>&1 || echo nmap ;;
+      nmap) package_for nmap nmap ;;
+      sandbox) package_for util-linux setpriv prlimit ;;
       postgresql) { command -v psql >/dev/null 2>&1 && postgres_bindir >/dev/null; } || echo postgresql ;;
       chromium) { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || echo chromium chromium-driver ;;
+      root-tests)
+        package_for iproute2 ip
+        package_for util-linux runuser unshare nsenter
+        package_for mount mount umount ;;
+      git) package_for git git ;;
     esac
   done
 }

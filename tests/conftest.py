@@ -6,6 +6,7 @@ Every scan in this suite targets 127.0.0.0/8 and asserts only on ports the test 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,6 +20,15 @@ from tests.nodes import MakeNode, Node, start_node
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
 
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked requires_root("what for") is skipped, saying what for, unless run as root."""
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        if (needs := item.get_closest_marker("requires_root")) is not None:
+            item.add_marker(pytest.mark.skip(reason=f"needs root: {needs.args[0]}"))
 
 
 @pytest.fixture

@@ -37,6 +37,11 @@ ALICE, BOB = SECRETS["alice"], SECRETS["bob"]
 # The admin URL of the test PostgreSQL server: TCP or, as ./test.sh sets it, its unix socket
 # (postgresql://postgres@/postgres?host=/socket/dir&port=NNNN).
 POSTGRES_ADMIN_URL = os.environ.get("NMAP_MCP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+# How long a process of the service may take to start. Importing its packages takes about 2 s
+# on an idle 2-core machine, but servers did not start within 20 s at a load average of 9 there
+# (other work, and both test workers starting servers at once). A bound on waits for a
+# condition: only a process that never starts costs this long.
+START_UP_SECONDS = 120
 
 
 INITIALIZE = {
@@ -96,21 +101,39 @@ def postgres_bindir() -> Path:
 
 
 def as_postgres(argv: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL program as user postgres (the server refuses root)."""
-    runuser = ["runuser", "-u", "postgres", "--"]
+    """Run a PostgreSQL program as user postgres when we are root (the server refuses root),
+    else as ourselves, as scripts/with-postgres.sh does."""
+    runuser = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     return subprocess.run([*runuser, *argv], cwd=cwd, capture_output=True, text=True, check=check)
 
 
+def postgres_owns(directory: Path) -> None:
+    """Hand directory to user postgres when we are root, so that as_postgres may write there."""
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres", "postgres")
+
+
+def unprivileged(argv: Sequence[str]) -> list[str]:
+    """argv run by a user who is not root. As root: user nobody, with no capability but reading
+    any file (CAP_DAC_READ_SEARCH), so that it can run this checkout's .venv even where nobody
+    may not go (a checkout under /root, mode 0700); as anyone else: ourselves."""
+    if os.geteuid() != 0:
+        return list(argv)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    return [*nobody, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *argv]
+
+
 class PrivatePostgres:
-    """A PostgreSQL server of the test's own, never the machine's: owned by user postgres, its
-    data and its unix socket (its only way in) in `directory`, stopped and started at will."""
+    """A PostgreSQL server of the test's own, never the machine's: run by user postgres (or by
+    us when we are not root), its data and its unix socket (its only way in) in `directory`,
+    stopped and started at will."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.port = free_port()
         self._data = directory / "data"
         self._pg_ctl = str(postgres_bindir() / "pg_ctl")
-        shutil.chown(directory, "postgres", "postgres")
+        postgres_owns(directory)
         initdb = [str(postgres_bindir() / "initdb"), "-D", str(self._data), "-U", "postgres", "--auth=trust",
                   "--no-sync", "--no-locale", "-E", "UTF8"]
         as_postgres(initdb, directory)
@@ -353,7 +376,7 @@ class LiveServer:
             stderr=log,
             cwd=self.config_path.parent,
         )
-        if not wait_until(self._healthy, 20, 0.05):
+        if not wait_until(self._healthy, START_UP_SECONDS, 0.05):
             self.stop()
             raise RuntimeError("server did not start:\n" + self.log_path.read_text())
 
@@ -386,23 +409,25 @@ StartServer = Callable[..., "LiveServer"]
 
 
 def server_argv(config: Path, *options: str, prefix: Sequence[str] = ()) -> list[str]:
-    """`python server.py -c CONFIG OPTIONS`, run under `prefix` (`ip netns exec NS`, `unshare ...`)."""
+    """`python server.py -c CONFIG OPTIONS`, run under `prefix` (`nsenter --net=...`, `unshare ...`)."""
     return [*prefix, sys.executable, str(ROOT / "server.py"), "-c", str(config), *options]
 
 
 @dataclass
 class ServiceProcess:
     """A process in a session of its own, stopped by its process group: a signal reaches it
-    and whatever wraps it (`ip netns exec` execs it, `unshare --fork` waits for it)."""
+    and whatever wraps it (`nsenter` execs it, `unshare --fork` waits for it)."""
 
     argv: list[str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    # The environment it starts with; None: ours.
+    env: dict[str, str] | None = None
 
     def start(self) -> ServiceProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                            start_new_session=True)
+                                            start_new_session=True, env=self.env)
         return self
 
     @property
@@ -438,6 +463,17 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def stdio_initialize(argv: Sequence[str], cwd: Path) -> dict[str, Any]:
+    """Start argv as a desktop app starts a local MCP server (from its own directory, with the
+    system's PATH and not ours), send initialize, and return the answer's result; the end of
+    stdin then ends the server."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")}
+    ran = subprocess.run(argv, input=json.dumps(INITIALIZE) + "\n", env=env, cwd=cwd, capture_output=True,
+                         text=True, timeout=START_UP_SECONDS, check=False)
+    assert ran.returncode == 0, (argv, ran.stderr)
+    return json.loads(ran.stdout.splitlines()[0])["result"]
+
+
 def write_config(path: Path, **overrides: object) -> Path:
     document: dict[str, object] = {
         "host": "127.0.0.1",
@@ -458,9 +494,11 @@ async def call_tool(
     """One tools/call through the official MCP Python SDK, authenticated either way."""
     headers = {"Authorization": f"Bearer {token}"} if via == "header" else {}
     target_url = url if via == "header" else f"{url}?token={token}"
-    async with httpx2.AsyncClient(headers=headers, timeout=120) as http:
-        async with Client(streamable_http_client(target_url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-            return await client.call_tool(name, args)
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=120) as http,
+        Client(streamable_http_client(target_url, http_client=http), mode=mode) as client,  # type: ignore[arg-type]
+    ):
+        return await client.call_tool(name, args)
 
 
 async def raw_tool_call(url: str, token: str, name: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:

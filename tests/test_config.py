@@ -123,6 +123,19 @@ def test_init_writes_a_private_config_with_a_fresh_token_and_refuses_to_overwrit
     assert load_settings(path).named_secrets()["default"] != first
 
 
+def test_init_creates_the_config_s_directory_and_says_plainly_when_it_cannot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--init -c ~/.config/nmap-mcp.json` on a machine without ~/.config."""
+    path = tmp_path / "home" / ".config" / "nmap-mcp.json"
+    assert server.main(["--init", "-c", str(path)]) == 0
+    assert load_settings(path).named_secrets()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert server.main(["--init", "-c", str(blocker / "nmap-mcp.json")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot create {blocker}: File exists"
+
+
 def test_missing_explicit_config_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert server.main(["-c", str(tmp_path / "nope.json")]) == 2
     assert "--init" in capsys.readouterr().err

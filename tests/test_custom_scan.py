@@ -103,6 +103,7 @@ async def test_legitimate_commands_run_real_nmap_and_return_parsed_results(
     assert port["service"] == "ssh" and port["version"].startswith("OpenSSH 9.2p1")
 
 
+@pytest.mark.requires_root("raw-packet scans (-sS, -O), which need root or nmap with capabilities")
 async def test_privileged_scans_when_the_server_allows_them(live_server: StartServer, listeners: Listeners) -> None:
     [p1] = listeners.open_free_top_ports(1)
     server = live_server(privileged=True)
@@ -158,9 +159,11 @@ async def test_wrong_argument_types_are_refused(live_server: StartServer, nmap_w
 
 
 async def list_tool_names(server: LiveServer, token: str) -> set[str]:
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
-        async with Client(streamable_http_client(server.url, http_client=http)) as client:
-            return {tool.name for tool in (await client.list_tools()).tools}
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+        Client(streamable_http_client(server.url, http_client=http)) as client,
+    ):
+        return {tool.name for tool in (await client.list_tools()).tools}
 
 
 async def test_tokens_can_be_limited_to_tools_and_to_targets(live_server: StartServer, nmap_wrapper: NmapWrapper) -> None:
@@ -186,10 +189,12 @@ async def test_tokens_can_be_limited_to_tools_and_to_targets(live_server: StartS
 
 async def test_the_allowlist_is_published_as_a_resource_the_description_links(live_server: StartServer) -> None:
     server = live_server()
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {ALICE}"}) as http:
-        async with Client(streamable_http_client(server.url, http_client=http)) as client:
-            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-            published = (await client.read_resource("nmap://help/custom_scan")).contents[0].text  # type: ignore[union-attr]
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {ALICE}"}) as http,
+        Client(streamable_http_client(server.url, http_client=http)) as client,
+    ):
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        published = (await client.read_resource("nmap://help/custom_scan")).contents[0].text  # type: ignore[union-attr]
     description = tools["custom_scan"].description or ""
     assert "nmap://help/custom_scan" in description and len(description) < 1000
     for option in ("-sT", "-p VALUE", "--top-ports VALUE", "--script VALUE", "-T4", "--exclude VALUE"):

@@ -37,10 +37,12 @@ ARTIFACTS = Path(__file__).with_name("artifacts")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # The flags under which Chromium runs on a machine without network: no sandbox (root), no
-# GPU, and none of the background connections it would otherwise try.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1280,1100")
+# GPU, and none of the background connections it would otherwise try. Its shared memory goes to
+# /tmp: /dev/shm may be small (containers) or only root's (a chroot whose /dev was bound without
+# the /dev/shm mount: "incorrect permissions on /dev/shm" for any other user).
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--window-size=1280,1100")
 # About 10 s; the long one (about 30 s) is cancelled once the browser has seen it progress.
 SLOW_SCAN = "-p 1-500 --scan-delay 20ms 127.0.0.2"
 LONG_SCAN = "-p 1-1500 --scan-delay 20ms 127.0.0.2"

@@ -19,7 +19,7 @@ import yaml
 
 from config import ENV_PREFIX, Settings
 from targets import parse_networks
-from tests.support import ROOT, ServiceProcess, free_port, server_argv, wait_until, write_config
+from tests.support import ROOT, START_UP_SECONDS, ServiceProcess, free_port, server_argv, wait_until, write_config
 
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -120,8 +120,9 @@ def test_the_healthcheck_asks_the_api_on_its_port_and_a_worker_on_its_metrics_po
     api = ServiceProcess(server_argv(api_config, "--api"), tmp_path / "api.log").start()
     worker = ServiceProcess(server_argv(worker_config, "--worker"), tmp_path / "worker.log").start()
     try:
-        assert wait_until(lambda: healthcheck(monkeypatch, api_config, as_api).main() == 0, 30, 0.2), api.log_text()
-        assert wait_until(lambda: healthcheck(monkeypatch, worker_config, as_worker).main() == 0, 30, 0.2), \
+        up = START_UP_SECONDS
+        assert wait_until(lambda: healthcheck(monkeypatch, api_config, as_api).main() == 0, up, 0.2), api.log_text()
+        assert wait_until(lambda: healthcheck(monkeypatch, worker_config, as_worker).main() == 0, up, 0.2), \
             worker.log_text()
         capsys.readouterr()
         bare = healthcheck(monkeypatch, bare_worker_config, as_worker)

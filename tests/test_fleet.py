@@ -25,6 +25,7 @@ import pytest
 
 from tests.support import (
     ALICE,
+    START_UP_SECONDS,
     Listeners,
     NmapWrapper,
     PrivatePostgres,
@@ -54,6 +55,15 @@ NAMESPACE_LISTENER = (
     "while True:\n"
     "    s.accept()[0].close()\n"
 )
+
+
+def inside(namespace: str) -> tuple[str, ...]:
+    """The prefix that runs a command in network namespace `namespace` (made by `ip netns add`).
+
+    nsenter joins the namespace and nothing else; `ip netns exec` also makes a mount namespace
+    (to show the namespace's /sys), which needs / to be a mount point: in a chroot, a root made
+    by debootstrap, it failed with '"mount --make-rslave /" failed: Invalid argument'."""
+    return ("nsenter", f"--net=/run/netns/{namespace}")
 
 
 class Fleet:
@@ -88,7 +98,7 @@ class Fleet:
         process = self.start(name, *options, prefix=prefix, **overrides)
         port = json.loads((self.directory / f"{name}.json").read_text())["port"]
         url = f"http://127.0.0.1:{port}"
-        assert wait_until(lambda: healthy(process, url), 30, 0.1), process.log_text()
+        assert wait_until(lambda: healthy(process, url), START_UP_SECONDS, 0.1), process.log_text()
         self.api_url = self.api_url or f"{url}/mcp"
         return process
 
@@ -100,7 +110,7 @@ class Fleet:
         """Start a `--worker` named `name`; `wait_for_workers` says when it is up."""
         return self.start(name, "--worker", prefix=prefix, worker_name=name, **overrides)
 
-    async def wait_for_workers(self, *names: str, timeout: float = 30) -> None:
+    async def wait_for_workers(self, *names: str, timeout: float = START_UP_SECONDS) -> None:
         """Workers have no HTTP listener: they are up once list_workers shows them alive."""
         deadline = time.monotonic() + timeout
         while set(names) - set(await self.alive_workers()):
@@ -122,10 +132,10 @@ class Fleet:
 
     def listen_in(self, namespace: str, address: str, port: int) -> None:
         """A TCP listener inside the network namespace only; returns once it listens."""
-        argv = ["ip", "netns", "exec", namespace, sys.executable, "-c", NAMESPACE_LISTENER, address, str(port)]
+        argv = [*inside(namespace), sys.executable, "-c", NAMESPACE_LISTENER, address, str(port)]
         process = ServiceProcess(argv, self.directory / f"listener-{namespace}.log").start()
         self.processes.append(process)
-        assert wait_until(lambda: "ready" in process.log_text(), 10), process.log_text()
+        assert wait_until(lambda: "ready" in process.log_text(), START_UP_SECONDS), process.log_text()
 
     def __enter__(self) -> Self:
         return self
@@ -195,7 +205,7 @@ def zones() -> Iterator[dict[str, str]]:
     try:
         for namespace in names.values():
             subprocess.run(["ip", "netns", "add", namespace], check=True)
-            subprocess.run(["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"], check=True)
+            subprocess.run([*inside(namespace), "ip", "link", "set", "lo", "up"], check=True)
         yield names
     finally:
         for namespace in names.values():
@@ -386,6 +396,7 @@ async def test_a_database_frozen_longer_than_a_lease_loses_no_running_scan(
         assert statuses == ["completed"] * 4, "the scan refused in the freeze must not have been queued"
 
 
+@pytest.mark.requires_root("a pid namespace (unshare --pid)")
 async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_disturbs_nothing(
     fleet: Fleet, listeners: Listeners
 ) -> None:
@@ -397,7 +408,9 @@ async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_d
     pids = await until_started(fleet.nmap, 2)
     assert {parent_pid(pid) for pid in pids} == {first.pid}, "the scans must run in the first server"
     # Same hostname (the default worker name), same database, pids that collide with the host's.
-    fleet.serve(prefix=("unshare", "--pid", "--fork", "--mount-proc"), lease_seconds=15)
+    # No --mount-proc: the server reads nothing of /proc, and unshare can only give it a /proc of
+    # its own where / is a mount point, which in a chroot (a root made by debootstrap) it is not.
+    fleet.serve(prefix=("unshare", "--pid", "--fork"), lease_seconds=15)
     assert sorted(fleet.nmap.alive()) == pids, "the second server's start stopped a scan of the first"
     hostname = socket.gethostname()
     listing = await fleet.call("list_workers", {})
@@ -409,6 +422,7 @@ async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_d
     assert all(a["finished_at"] - a["started_at"] >= 8 for a in answers)
 
 
+@pytest.mark.requires_root("network namespaces (ip netns)")
 async def test_two_network_zones_each_scan_runs_in_the_zone_its_address_routes_to(
     zones: dict[str, str], fleet: Fleet
 ) -> None:
@@ -417,7 +431,7 @@ async def test_two_network_zones_each_scan_runs_in_the_zone_its_address_routes_t
     for zone, address in homes.items():
         fleet.listen_in(zones[zone], address, port)
     for zone, namespace in zones.items():
-        fleet.worker(f"{zone}-worker", prefix=("ip", "netns", "exec", namespace), pool=zone)
+        fleet.worker(f"{zone}-worker", prefix=inside(namespace), pool=zone)
     # zone-b also reaches zone-a's /24 through a wider network: the narrowest pool wins, and a
     # scan of zone-a's address can be sent to zone-b on purpose.
     fleet.serve("--api", pools={"zone-a": ["127.1.0.0/24"], "zone-b": ["127.2.0.0/24", "127.1.0.0/16"]})

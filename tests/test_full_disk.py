@@ -16,7 +16,6 @@ import pytest
 from tests.support import ALICE, LiveServer, StartServer, call_tool, error_text, fill, tmpfs, wait_until
 
 pytestmark = pytest.mark.anyio
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
 REFUSED = "unavailable: audit log not writable; the scan was not started"
 
 
@@ -54,7 +53,7 @@ async def test_a_torn_last_line_a_crash_left_is_cut_before_the_next_line(
     assert f"ended in a torn line: its {len(torn)} bytes were cut off" in server.log_text()
 
 
-@needs_root
+@pytest.mark.requires_root("mounting a tmpfs")
 async def test_a_line_the_full_disk_cut_short_is_not_left_for_the_next_to_be_glued_to(
     live_server: StartServer,
 ) -> None:
@@ -80,7 +79,7 @@ async def test_a_line_the_full_disk_cut_short_is_not_left_for_the_next_to_be_glu
     assert resumed["unwritten"] in (1, 2), "the long `accepted` line, and `done` unless it fitted"
 
 
-@needs_root
+@pytest.mark.requires_root("mounting a tmpfs")
 async def test_healthz_finds_the_audit_log_writable_again_without_a_tool_call(live_server: StartServer) -> None:
     """Nothing calls a tool once the disk is freed (a load balancer sends no calls to a 503):
     /healthz itself tries the log again, and the line it writes says what was lost."""
@@ -98,7 +97,7 @@ async def test_healthz_finds_the_audit_log_writable_again_without_a_tool_call(li
     assert [(r["event"], r["unwritten"]) for r in after] == [("resumed", 2)], "its `accepted` and `done` lines"
 
 
-@needs_root
+@pytest.mark.requires_root("mounting a tmpfs")
 async def test_healthz_is_503_while_the_task_databases_disk_is_full(live_server: StartServer) -> None:
     with tmpfs("16m") as disk:
         server = live_server(db_path=str(disk / "tasks.db"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shlex
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from config import load_settings
 from nse_policy import find_script_db
 from server import VERSION, bind
 from tests.support import (
@@ -25,8 +26,10 @@ from tests.support import (
     BOB,
     ROOT,
     SECRETS,
+    START_UP_SECONDS,
     LiveServer,
     NmapWrapper,
+    ServiceProcess,
     StartServer,
     call_tool,
     error_text,
@@ -35,7 +38,10 @@ from tests.support import (
     free_port,
     post,
     raw_tool_call,
+    server_argv,
+    stdio_initialize,
     tmpfs,
+    unprivileged,
     wait_until,
     write_config,
 )
@@ -62,14 +68,15 @@ async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(
     spellings = [f"?token={ALICE}", f"?TOKEN={BOB}", f"?access_token={ALICE}", f"?x=1;token={BOB}",
                  f"?Access_Token={ALICE}", f"?token={ALICE}&token={WRONG}"]
     mcp = server.url
-    for query in spellings:
-        assert post(server, url=mcp + query, Host="evil.example").status_code == 421
-        assert post(server, url=mcp + query, Origin="http://evil.example").status_code == 403
-        assert httpx.get(f"{base_url(server)}/nope{query}").status_code == 404
-        assert httpx.get(mcp + query, headers={"Accept": "text/event-stream"}).status_code == 405
-        big = httpx.post(mcp + query, content=b"x" * (4 * 1024 * 1024 + 10),
-                         headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
-        assert big.status_code == 413
+    async with httpx.AsyncClient() as http:
+        for query in spellings:
+            assert post(server, url=mcp + query, Host="evil.example").status_code == 421
+            assert post(server, url=mcp + query, Origin="http://evil.example").status_code == 403
+            assert (await http.get(f"{base_url(server)}/nope{query}")).status_code == 404
+            assert (await http.get(mcp + query, headers={"Accept": "text/event-stream"})).status_code == 405
+            big = await http.post(mcp + query, content=b"x" * (4 * 1024 * 1024 + 10), headers={
+                "Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
+            assert big.status_code == 413
     assert post(server, url=f"{mcp};token={WRONG}").status_code == 401
     assert post(server, url=f"{mcp}?Access_Token={WRONG}").status_code == 401
     assert post(server, url=f"{mcp}?token={WRONG}").status_code == 401
@@ -77,9 +84,10 @@ async def test_no_secret_reaches_a_log_after_requests_each_check_rejects(
     assert post(server, url=f"{mcp}/?token={ALICE}").status_code == 200, "a trailing slash must not redirect"
     await call_tool(server.url, ALICE, "list_tasks", {}, via="query")
     metrics = f"{base_url(server)}/metrics"
-    assert httpx.get(f"{metrics}?token={METRICS_SECRET}").status_code == 401
-    assert httpx.get(metrics, headers={"Authorization": f"Bearer {WRONG}"}).status_code == 401
-    assert httpx.get(metrics, headers={"Authorization": f"Bearer {METRICS_SECRET}"}).status_code == 200
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{metrics}?token={METRICS_SECRET}")).status_code == 401
+        assert (await http.get(metrics, headers={"Authorization": f"Bearer {WRONG}"})).status_code == 401
+        assert (await http.get(metrics, headers={"Authorization": f"Bearer {METRICS_SECRET}"})).status_code == 200
     server.stop()
     if log_format == "json":
         records = [json.loads(line) for line in server.log_text().splitlines()]
@@ -159,7 +167,7 @@ async def test_every_tool_error_starts_with_a_code_and_never_quotes_a_library(
         assert "http" not in text and "pydantic" not in text and "x" * 201 not in text
 
 
-async def test_batches_and_bodies_that_are_not_one_message_get_short_json_rpc_errors(live_server: StartServer) -> None:
+def test_batches_and_bodies_that_are_not_one_message_get_short_json_rpc_errors(live_server: StartServer) -> None:
     server = live_server()
     auth = {"Authorization": f"Bearer {ALICE}"}
     batch = post(server, body=[{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}], **auth)
@@ -179,10 +187,11 @@ async def test_healthz_is_503_with_the_reason_when_nmap_cannot_run(
     live_server: StartServer, nmap_wrapper: NmapWrapper
 ) -> None:
     server = live_server()
-    healthy = httpx.get(f"{base_url(server)}/healthz")
-    assert healthy.status_code == 200 and set(healthy.json()) == {"status", "version"}
-    nmap_wrapper.path.unlink()
-    sick = httpx.get(f"{base_url(server)}/healthz")
+    async with httpx.AsyncClient(base_url=base_url(server)) as http:
+        healthy = await http.get("/healthz")
+        assert healthy.status_code == 200 and set(healthy.json()) == {"status", "version"}
+        nmap_wrapper.path.unlink()
+        sick = await http.get("/healthz")
     assert sick.status_code == 503 and sick.json()["reason"] == "nmap cannot be run"
     assert str(nmap_wrapper.path) not in sick.text
     failed = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1"})).structured_content
@@ -221,6 +230,7 @@ def tiny_disk() -> Iterator[Path]:
         yield mount
 
 
+@pytest.mark.requires_root("mounting a tmpfs")
 async def test_scans_refuse_when_the_audit_log_cannot_be_written(
     live_server: StartServer, nmap_wrapper: NmapWrapper, tiny_disk: Path
 ) -> None:
@@ -272,7 +282,7 @@ async def test_sigterm_answers_every_waiting_call_with_its_task(
     assert final["status"] == "completed", "a queued task waits for the next start"
 
 
-async def test_cors_preflight_and_origin_protection_agree(live_server: StartServer) -> None:
+def test_cors_preflight_and_origin_protection_agree(live_server: StartServer) -> None:
     server = live_server(cors_origins=["http://app.example"])
     preflight = httpx.options(server.url, headers={
         "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
@@ -291,10 +301,11 @@ async def test_cors_preflight_and_origin_protection_agree(live_server: StartServ
     assert "access-control-allow-origin" not in plain.headers
 
 
-def run_server(config: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if user == "nobody" else []
-    return subprocess.run([*prefix, sys.executable, str(ROOT / "server.py"), "-c", str(config), *args],
-                          capture_output=True, text=True, timeout=60, cwd=config.parent)
+def run_server(config: Path, *args: str, not_root: bool = False) -> subprocess.CompletedProcess[str]:
+    """The server run to its end; `not_root`: by a user who is not root (see unprivileged)."""
+    argv = server_argv(config, *args)
+    return subprocess.run(unprivileged(argv) if not_root else argv, capture_output=True, text=True,
+                          timeout=START_UP_SECONDS, cwd=config.parent, check=False)
 
 
 async def test_connections_to_the_listener_have_nagle_off() -> None:
@@ -332,7 +343,7 @@ def test_privileged_without_raw_sockets_is_a_start_up_error_saying_how_to_grant_
         home.chmod(0o777)
         config = write_config(home / "config.json", privileged=True)
         config.chmod(0o644)
-        finished = run_server(config, user="nobody")
+        finished = run_server(config, not_root=True)
         assert finished.returncode == 2, finished.stderr
         assert "privileged is true but this process is not root" in finished.stderr
         assert "setcap cap_net_raw,cap_net_admin+eip" in finished.stderr
@@ -340,16 +351,71 @@ def test_privileged_without_raw_sockets_is_a_start_up_error_saying_how_to_grant_
         subprocess.run(["rm", "-rf", str(home)], check=True)
 
 
-def test_hints_print_a_command_that_works(tmp_path: Path) -> None:
-    config = tmp_path / "fresh.json"
-    wrote = subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)],
-                           capture_output=True, text=True, timeout=60)
-    assert wrote.returncode == 0 and wrote.stdout == ""
+@pytest.fixture
+def packageless_python_first(tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH finds first a `python3` (and `python`) that is this
+    interpreter without its packages: on Debian, the system's python3 is what the .venv of
+    ./run.sh links to, and it has no uvicorn. A printed command naming `python3` fails there."""
+    bare = tmp_path / "packageless"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=START_UP_SECONDS)
+    return os.environ | {"PATH": f"{bare / 'bin'}:{os.environ['PATH']}"}
+
+
+def pasted(command: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`command` run as a person pasting it into a shell would run it."""
+    return subprocess.run(["sh", "-c", command], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=START_UP_SECONDS, check=False)
+
+
+def test_the_init_hint_works_pasted_in_another_directory(
+    tmp_path: Path, packageless_python_first: dict[str, str]
+) -> None:
+    """A relative config path in a directory that does not exist yet, with a space in its name."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = Path("new dir") / "fresh.json"
+    wrote = subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)], cwd=tmp_path,
+                           env=packageless_python_first, capture_output=True, text=True, timeout=START_UP_SECONDS,
+                           check=False)
+    assert wrote.returncode == 0 and wrote.stdout == "", wrote.stderr
     hint = wrote.stderr.split("then run: ", 1)[1].strip()
-    assert hint.endswith(f"server.py -c {config}")
-    again = subprocess.run([*shlex.split(hint), "--print-config", "cursor"], capture_output=True, text=True,
-                           timeout=60)
-    assert again.returncode == 0 and json.loads(again.stdout)["mcpServers"]["nmap"]["headers"]
+    again = pasted(f"{hint} --print-config cursor", packageless_python_first, elsewhere)
+    assert again.returncode == 0, (hint, again.stderr)
+    assert json.loads(again.stdout)["mcpServers"]["nmap"]["headers"]
+    missing = run_server(tmp_path / "missing.json")
+    assert missing.returncode == 2
+    create = missing.stderr.strip().split("create one with: ", 1)[1]
+    assert pasted(create, packageless_python_first, elsewhere).returncode == 0
+    assert load_settings(tmp_path / "missing.json").named_secrets()
+
+
+def test_the_banner_s_commands_work_pasted_in_another_directory(
+    tmp_path: Path, packageless_python_first: dict[str, str]
+) -> None:
+    """The command for one client's config, and the stdio command a desktop app starts with
+    neither our working directory nor our PATH."""
+    config = write_config(tmp_path / "config.json")
+    process = ServiceProcess(server_argv(config), tmp_path / "server.log", env=packageless_python_first).start()
+    try:
+        assert wait_until(lambda: "--- Cherry Studio" in process.log_text(), START_UP_SECONDS), process.log_text()
+    finally:
+        process.stop()
+    banner = process.log_text()
+    one = banner.split("one client's config alone: ", 1)[1].split(" --print-config CLIENT", 1)[0]
+    printed = pasted(f"{one} --print-config claude-desktop", packageless_python_first, Path("/"))
+    assert printed.returncode == 0, (one, printed.stderr)
+    desktop = json.loads(printed.stdout)["mcpServers"]["nmap-local"]
+    listed = json.loads(banner.split("--print-config claude-desktop) ---\n", 1)[1].splitlines()[0])
+    assert listed["mcpServers"]["nmap-local"] == desktop
+    answer = stdio_initialize([desktop["command"], *desktop["args"]], cwd=Path("/"))
+    assert answer["serverInfo"]["name"] == "nmap-mcp"
+
+
+def test_version_prints_the_version_file(tmp_path: Path) -> None:
+    shown = subprocess.run([sys.executable, str(ROOT / "server.py"), "--version"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=START_UP_SECONDS, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == f"nmap-mcp {(ROOT / 'VERSION').read_text().strip()}\n"
 
 
 def test_nmaps_data_is_found_as_nmap_finds_it(tmp_path: Path) -> None:
@@ -367,7 +433,7 @@ def test_nmaps_data_is_found_as_nmap_finds_it(tmp_path: Path) -> None:
 def test_files_holding_secrets_or_results_are_private(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     assert subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)],
-                          capture_output=True, timeout=60).returncode == 0
+                          capture_output=True, timeout=START_UP_SECONDS, check=False).returncode == 0
     document = json.loads(config.read_text()) | {"port": free_port()}
     config.write_text(json.dumps(document))
     server = LiveServer(config, tmp_path / "server.log", document["port"])
@@ -378,5 +444,5 @@ def test_files_holding_secrets_or_results_are_private(tmp_path: Path) -> None:
     finally:
         server.stop()
     ignored = subprocess.run(["git", "check-ignore", "config.json", "nmap_tasks.db", "nmap_tasks.db-wal",
-                              "audit.jsonl"], cwd=ROOT, capture_output=True, text=True)
+                              "audit.jsonl"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert ignored.stdout.split() == ["config.json", "nmap_tasks.db", "nmap_tasks.db-wal", "audit.jsonl"]

@@ -29,6 +29,7 @@ from tests.support import (
     BOB,
     MCP_HEADERS,
     POSTGRES_ADMIN_URL,
+    START_UP_SECONDS,
     Listeners,
     NmapWrapper,
     ServiceProcess,
@@ -171,7 +172,7 @@ def serve_api(config: Path, log: Path) -> ServiceProcess:
             return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
         return False
 
-    assert wait_until(healthy, 30, 0.1), api.log_text()
+    assert wait_until(healthy, START_UP_SECONDS, 0.1), api.log_text()
     return api
 
 

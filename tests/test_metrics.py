@@ -20,6 +20,7 @@ from config import ConfigError, load_settings
 from tests.support import (
     ALICE,
     SECRETS,
+    START_UP_SECONDS,
     Listeners,
     NmapWrapper,
     ServiceProcess,
@@ -181,12 +182,14 @@ async def test_a_worker_serves_metrics_and_its_health_alone_on_its_metrics_port(
     worker = ServiceProcess(server_argv(worker_config, "--worker"), tmp_path / "worker.log").start()
     api_port = json.loads(api_config.read_text())["port"]
     try:
-        assert wait_until(lambda: responds(f"http://127.0.0.1:{api_port}/healthz"), 30, 0.1), api.log_text()
-        assert wait_until(lambda: responds(f"http://127.0.0.1:{metrics_port}/metrics"), 30, 0.1), worker.log_text()
-        assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").status_code == 401
-        health = httpx.get(f"http://127.0.0.1:{metrics_port}/healthz")
-        assert (health.status_code, health.json()["status"]) == (200, "ok"), "no token: a HEALTHCHECK has none"
-        other = httpx.get(f"http://127.0.0.1:{metrics_port}/mcp")
+        up = START_UP_SECONDS
+        assert wait_until(lambda: responds(f"http://127.0.0.1:{api_port}/healthz"), up, 0.1), api.log_text()
+        assert wait_until(lambda: responds(f"http://127.0.0.1:{metrics_port}/metrics"), up, 0.1), worker.log_text()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as http:
+            assert (await http.get("/metrics")).status_code == 401
+            health = await http.get("/healthz")
+            assert (health.status_code, health.json()["status"]) == (200, "ok"), "no token: a HEALTHCHECK has none"
+            other = await http.get("/mcp")
         assert other.status_code == 404 and "only /metrics and /healthz" in other.json()["error_description"]
         url = f"http://127.0.0.1:{api_port}/mcp"
         started = (await call_tool(url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 30})).structured_content
@@ -225,8 +228,8 @@ def test_a_busy_metrics_port_stops_the_worker_with_one_clear_line(tmp_path: Path
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", metrics_port))
         taken.listen()
-        finished = subprocess.run(server_argv(config, "--worker"), capture_output=True, text=True, timeout=60,
-                                  check=False)
+        finished = subprocess.run(server_argv(config, "--worker"), capture_output=True, text=True,
+                                  timeout=START_UP_SECONDS, check=False)
     assert finished.returncode == 2
     assert finished.stderr.strip().splitlines()[-1] == (
         f"error: cannot listen on 127.0.0.1:{metrics_port}: Address already in use; stop what uses it "

@@ -4,6 +4,7 @@ requirements.txt, and a wheel built from the checkout installs into a fresh venv
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import sysconfig
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from config import load_settings
-from tests.support import ROOT, LiveServer, write_config
+from tests.support import ROOT, START_UP_SECONDS, LiveServer, stdio_initialize, write_config
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 VERSION = (ROOT / "VERSION").read_text(encoding="utf-8").strip()
@@ -93,16 +94,30 @@ def test_the_wheel_holds_the_modules_and_the_command(installed: Installed) -> No
 def test_the_installed_command_prints_help_and_writes_a_config(installed: Installed, tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([installed.command, *args], check=False, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60)
+                              timeout=START_UP_SECONDS)
 
     shown = run("--help")
     assert shown.returncode == 0, shown.stderr
     assert "--init" in shown.stdout
+    version = run("--version")
+    assert (version.returncode, version.stdout) == (0, f"nmap-mcp {VERSION}\n")
     config = tmp_path / "config.json"
     init = run("--init", "-c", str(config))
     assert init.returncode == 0, init.stderr
     assert config.stat().st_mode & 0o777 == 0o600
     assert load_settings(config).named_secrets()
+
+
+def test_a_desktop_app_starts_the_installed_command_it_was_given(installed: Installed, tmp_path: Path) -> None:
+    """Desktop apps start local servers from their own directory, and with the system's PATH,
+    on which a command installed by pipx or into a venv is not."""
+    config = write_config(tmp_path / "config.json")
+    printed = subprocess.run([installed.command, "-c", str(config), "--print-config", "claude-desktop"], check=True,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=START_UP_SECONDS)
+    local = json.loads(printed.stdout)["mcpServers"]["nmap-local"]
+    assert local["command"] == installed.command
+    info = stdio_initialize([local["command"], *local["args"]], cwd=Path("/"))["serverInfo"]
+    assert (info["name"], info["version"]) == ("nmap-mcp", VERSION)
 
 
 def test_the_installed_server_serves_and_knows_its_version(installed: Installed, tmp_path: Path) -> None:

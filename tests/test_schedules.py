@@ -39,6 +39,7 @@ from tests.nodes import opened_stores
 from tests.support import (
     ALICE,
     SECRETS,
+    START_UP_SECONDS,
     Listeners,
     NmapWrapper,
     ServiceProcess,
@@ -272,6 +273,9 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
     assert sent["previous_task_id"] == change.previous_task_id and sent["previous_task_id"] is not None
     assert [(p["address"], p["port"], p["before"]) for p in sent["diff"]["ports_opened"]] == [(address, port, "")]
     assert sent["diff"]["ports_closed"] == [] == sent["diff"]["hosts_came_up"]
+    # The receiver has the POST before the sender has its answer, and records it sent.
+    await until(lambda: [run.webhook_status for run in runs(database_url, schedule_id) if run.id == change.id],
+                lambda statuses: statuses == ["sent"])
 
     [info] = (await runtime.schedules.list_schedules("alice")).schedules
     assert info.target == address and info.every == "2s" and info.webhook == receiver.url("/hooks/nmap") + "?…"
@@ -432,7 +436,8 @@ async def test_two_processes_on_one_postgresql_database_run_each_due_time_once_e
                 process = ServiceProcess(server_argv(config), tmp_path / f"p{index}.log").start()
                 port = json.loads(config.read_text())["port"]
                 processes.append((process, f"http://127.0.0.1:{port}/mcp"))
-                assert wait_until(lambda p=process: "listening on" in p.log_text(), 30), process.log_text()
+                assert wait_until(lambda p=process: "listening on" in p.log_text(), START_UP_SECONDS), \
+                    process.log_text()
             result = await call_tool(processes[0][1], ALICE, "schedule_scan",
                                      {"kind": "quick", "target": loopback_address(), "every": f"{INTERVAL}s"})
             assert not result.is_error, error_text(result)

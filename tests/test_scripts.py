@@ -20,7 +20,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support import ROOT, as_postgres, free_port, postgres_bindir, postgres_socket_url
+from tests.support import (
+    ROOT,
+    START_UP_SECONDS,
+    as_postgres,
+    free_port,
+    postgres_bindir,
+    postgres_owns,
+    postgres_socket_url,
+    unprivileged,
+)
 
 # The PostgreSQL variables a developer's shell may carry; the scripts must not depend on them.
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "NMAP_MCP_TEST_POSTGRES")
@@ -55,8 +64,8 @@ def trusting_postgres(shared_dir: Path) -> Iterator[tuple[Path, int]]:
 
 
 def run_postgres(directory: Path, auth: str) -> Iterator[tuple[Path, int]]:
-    """Run a server owned by user postgres with its data and socket in directory, until closed."""
-    shutil.chown(directory, "postgres", "postgres")
+    """Run a server (as user postgres when we are root) with its data and socket in directory, until closed."""
+    postgres_owns(directory)
     pg_ctl, data, port = str(postgres_bindir() / "pg_ctl"), directory / "data", free_port()
     initdb = [str(postgres_bindir() / "initdb"), "-D", str(data), "-U", "postgres", f"--auth={auth}"]
     initdb += ["--no-sync", "--no-locale", "-E", "UTF8"]
@@ -145,7 +154,8 @@ def test_run_sh_rebuilds_a_venv_that_is_broken_or_half_installed(tmp_path: Path)
     assert "rebuilding .venv" in rebuilt.stderr and "usage: server.py" in rebuilt.stdout
     assert not (checkout / ".venv/.incomplete").exists()
 
-    again = subprocess.run([checkout / "run.sh", "--help"], capture_output=True, text=True, timeout=60, check=False)
+    again = subprocess.run([checkout / "run.sh", "--help"], capture_output=True, text=True, timeout=START_UP_SECONDS,
+                           check=False)
     assert again.returncode == 0 and again.stderr == "", "an unchanged, working .venv is used as it is"
 
 
@@ -168,9 +178,9 @@ def path_without(shared_dir: Path, hidden: set[str]) -> str:
 def test_without_root_a_missing_nmap_stops_at_once_naming_what_to_install(shared_dir: Path, script: str) -> None:
     checkout = copy_checkout(shared_dir)
     env = {"PATH": path_without(shared_dir, {"nmap", "apt-get"}), "HOME": "/nonexistent"}
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     started = time.monotonic()
-    ran = subprocess.run([*nobody, checkout / script], env=env, capture_output=True, text=True, timeout=30, check=False)
+    ran = subprocess.run(unprivileged([str(checkout / script)]), env=env, capture_output=True, text=True, timeout=30,
+                         check=False)
     assert time.monotonic() - started < 10
     assert ran.returncode == 1
     advice = re.search(r"missing .*\. Install with: sudo apt-get install -y ([\w.+ -]+?) \(or rerun", ran.stderr)
@@ -178,6 +188,18 @@ def test_without_root_a_missing_nmap_stops_at_once_naming_what_to_install(shared
     assert "nmap" in advice.group(1).split()
     assert "apt-get was started" not in ran.stderr
     assert not (checkout / ".venv").exists()
+
+
+@pytest.mark.requires_root("test.sh installs packages only as root")
+def test_as_root_test_sh_installs_iproute2_for_the_tests_that_need_root(shared_dir: Path) -> None:
+    """A fresh Debian root has no `ip`, which the network-namespace tests run."""
+    checkout = copy_checkout(shared_dir)
+    # No index: should test.sh go on to build .venv, pip fails at once instead of installing.
+    env = {"PATH": path_without(shared_dir, {"ip", "apt-get"}), "HOME": "/nonexistent", "PIP_NO_INDEX": "1"}
+    ran = subprocess.run([checkout / "test.sh"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert ran.returncode != 0
+    assert re.search(r"^installing (.* )?iproute2( .*)? with apt-get$", ran.stderr, flags=re.MULTILINE), ran.stderr
+    assert "apt-get was started" in ran.stderr
 
 
 @pytest.mark.parametrize("script", ["run.sh", "test.sh"])
