@@ -195,22 +195,22 @@ def heard_key(payload: str, origin: str) -> str | None:
     return None if sender == origin else key
 
 
-async def wait_set(event: asyncio.Event, timeout: float) -> None:
-    """Return when `event` is set, or after `timeout` s. Not `asyncio.wait_for(event.wait())`:
+async def wait_set(event: asyncio.Event, timeout_s: float) -> None:
+    """Return when `event` is set, or after `timeout_s`. Not `asyncio.wait_for(event.wait())`:
     on Python 3.11 that swallows a cancel arriving as the event is set, and a loop written with
     it then never stops (seen: a scheduler that outlived its process's shutdown)."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             await event.wait()
 
 
-async def first_of(changed: asyncio.Event, stop: asyncio.Event | None, timeout: float) -> None:
-    """Return when `changed` or `stop` is set, or after `timeout` s."""
+async def first_of(changed: asyncio.Event, stop: asyncio.Event | None, timeout_s: float) -> None:
+    """Return when `changed` or `stop` is set, or after `timeout_s`."""
     waits = [asyncio.ensure_future(changed.wait())]
     if stop is not None:
         waits.append(asyncio.ensure_future(stop.wait()))
     try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waits:
             waiter.cancel()

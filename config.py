@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     sync_timeout: int = Field(default=30, ge=5, le=600)
     max_concurrent_tasks: int = Field(default=10, ge=1, le=256)
     max_queued_tasks: int = Field(default=100, ge=1, le=100_000)
-    limits: Limits = Field(default_factory=lambda: DEFAULT_LIMITS.model_copy())
+    limits: Limits = Field(default_factory=DEFAULT_LIMITS.model_copy)
     max_scan_seconds: int = Field(default=3600, ge=10, le=86_400)
     # full_scan's second phase (version detection on the open ports) stops after this long;
     # the ports from its first phase are kept either way.
@@ -182,11 +182,11 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(
         cls,
-        settings_cls: type[BaseSettings],
+        settings_cls: type[BaseSettings],  # noqa: ARG003 - pydantic-settings calls it with these names
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The JSON file arrives as init kwargs; listing env first lets it override the file.
         return (env_settings, init_settings)

@@ -189,7 +189,8 @@ class Dashboard:
         if viewer.admin:
             pairs = await self._schedules.list_all_schedules(SCHEDULES_SHOWN)
         else:
-            pairs = [(viewer.name, s) for s in (await self._schedules.list_schedules(viewer.name, SCHEDULES_SHOWN)).schedules]
+            own = await self._schedules.list_schedules(viewer.name, SCHEDULES_SHOWN)
+            pairs = [(viewer.name, s) for s in own.schedules]
         return ScheduleRows(schedules=[OwnedSchedule(owner=owner, schedule=schedule) for owner, schedule in pairs])
 
     async def inventory_owners(self, viewer: Viewer) -> InventoryOwners:

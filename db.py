@@ -27,8 +27,7 @@ import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, Engine, Table, create_engine, event, func, inspect, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
@@ -50,7 +49,8 @@ PING_IDLE_SECONDS = 1.0
 # A call that takes longer than this counts as the database being slow (see `calm_seconds`).
 SLOW_CALL_SECONDS = 1.0
 # Each dialect's INSERT, for upserts (ON CONFLICT is spelled the same, built by each).
-DIALECT_INSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
+DIALECT_INSERTS: dict[str, Callable[[Table], postgresql.Insert | sqlite.Insert]] = {
+    "sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 class DatabaseUnavailable(RuntimeError):

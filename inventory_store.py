@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, bindparam, func, literal_column, select, tuple_
+from sqlalchemy import BindParameter, Connection, Table, bindparam, func, literal_column, select, tuple_
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
@@ -21,7 +21,7 @@ from targets import parse_literal
 T = TypeVar("T")
 # Rows written (and addresses looked up) per statement: far below SQLite's limit of bound parameters.
 _CHUNK = 500
-_OWNER = bindparam("p_owner")
+_OWNER: BindParameter[str] = bindparam("p_owner")
 _TAKE_INVENTORY_LOCK = select(func.pg_advisory_xact_lock(INVENTORY_LOCK, func.hashtext(_OWNER)))
 _KNOWN_HOSTS = select(inventory_hosts).where(
     inventory_hosts.c.owner == _OWNER,
@@ -79,7 +79,8 @@ class InventoryStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def find_hosts(self, owner: str, query: HostQuery, limit: int, offset: int) -> tuple[list[InventoryHost], int]:
+    async def find_hosts(self, owner: str, query: HostQuery, limit: int,
+                         offset: int) -> tuple[list[InventoryHost], int]:
         """A page of the owner's inventory hosts matching `query`, and how many match in all."""
         return await self._db.run(self._find_hosts, owner, query, limit, offset)
 
@@ -106,12 +107,14 @@ class InventoryStore:
                     inventory_hosts.c.owner == owner, inventory_hosts.c.address.in_(addresses))).all()
             else:
                 hosts_filter = _host_conditions(owner, query)
-                total = conn.execute(select(func.count()).select_from(inventory_hosts).where(*hosts_filter)).scalar_one()
+                counted = select(func.count()).select_from(inventory_hosts).where(*hosts_filter)
+                total = conn.execute(counted).scalar_one()
                 host_rows = conn.execute(select(inventory_hosts).where(*hosts_filter)
                                          .order_by(inventory_hosts.c.address_key).limit(limit).offset(offset)).all()
                 addresses = [row.address for row in host_rows]
-            port_rows = conn.execute(select(inventory_ports).where(*port_filter, ports.address.in_(addresses))
-                                     .order_by(ports.address_key, ports.protocol, ports.port)).all() if addresses else []
+            port_rows = conn.execute(
+                select(inventory_ports).where(*port_filter, ports.address.in_(addresses))
+                .order_by(ports.address_key, ports.protocol, ports.port)).all() if addresses else []
         by_host: dict[str, list[InventoryPort]] = defaultdict(list)
         for row in port_rows:
             by_host[row.address].append(_inventory_port(row))

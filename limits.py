@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, tuple_
+from sqlalchemy import BindParameter, Connection, bindparam, func, select, tuple_
 
 from config import Limits
 from db import DIALECT_INSERTS, Database
@@ -33,7 +33,7 @@ class RateLimited(RuntimeError):
 
 
 # ---- the statements, built once (bound parameters are named p_*) --------------------------
-_OWNER = bindparam("p_owner")
+_OWNER: BindParameter[str] = bindparam("p_owner")
 # The queue's length: queued tasks a worker may claim (a sharded parent is never claimed).
 _COUNT_WAITING = select(func.count().label("waiting")).select_from(tasks).where(
     tasks.c.status == TaskStatus.QUEUED.value, tasks.c.shard_count == 0)
@@ -114,18 +114,15 @@ def add_usage(conn: Connection, dialect: str, values: dict[str, Any]) -> None:
 
 def _check_limits(conn: Connection, values: dict[str, Any], limits: Limits, usage: dict[str, int]) -> None:
     owner = values["owner"]
-    problems = {
-        "concurrent_scans": usage["concurrent_scans"] + 1 > limits.concurrent_scans,  # type: ignore[operator]
-        "scans_per_minute": usage["scans_per_minute"] + 1 > limits.scans_per_minute,  # type: ignore[operator]
-        "addresses_per_day": usage["addresses_per_day"] + values["address_count"]
-                              > limits.addresses_per_day,  # type: ignore[operator]
-        "rescans_per_hour": values["forced"] and usage["rescans_per_hour"] + 1
-                             > limits.rescans_per_hour,  # type: ignore[operator]
-    }
-    name = next((name for name, passed in problems.items() if passed), None)
-    if name is None:
+    # What the new task adds to each limit's count (a rescan counts only when forced).
+    adds = {"concurrent_scans": 1, "scans_per_minute": 1, "addresses_per_day": values["address_count"]}
+    if values["forced"]:
+        adds["rescans_per_hour"] = 1
+    passed = [(name, limit) for name, more in adds.items()
+              if (limit := getattr(limits, name)) is not None and usage[name] + more > limit]
+    if not passed:
         return
-    limit = getattr(limits, name)
+    name, limit = passed[0]
     label = name.replace("_per_", " per ").replace("_", " ")
     if name == "addresses_per_day" and values["address_count"] > limit:
         raise RateLimited(f"this scan covers {values['address_count']} addresses, more than the {limit} "

@@ -132,7 +132,10 @@ class ScanTasks(ServerExtension):
         ]
 
     async def intercept_tool_call(
-        self, params: mcp_types.CallToolRequestParams, context: Context, call_next: ToolCallContinuation
+        self,
+        params: mcp_types.CallToolRequestParams,  # noqa: ARG002 - the extension's signature; the tool reads them
+        context: Context,
+        call_next: ToolCallContinuation,
     ) -> ToolCallOutcome:
         """A scan tool called by a client that opted in answers with the task it queued."""
         if not opted_in(context):

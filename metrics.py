@@ -75,7 +75,7 @@ class Metrics:
     def __init__(self) -> None:
         # A `_created` series beside every counter and histogram doubles the page for a value
         # Prometheus does not use; the switch is the library's, for the whole process.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         registry = self.registry
         self._tool_calls = Counter("nmap_mcp_tool_calls", "MCP tools/call requests by tool and verdict",

@@ -283,7 +283,7 @@ class TaskRecord:
         return (self.id, self.parent_id) if self.parent_id else (self.id,)
 
     @classmethod
-    def from_row(cls, data: Mapping[str, Any]) -> TaskRecord:
+    def from_row(cls, data: Mapping[Any, Any]) -> TaskRecord:
         """The record of a row of `tasks` (TASK_SUMMARY or TASK_WITH_RESULT columns)."""
         result, progress = data.get("result"), data.get("progress")
         return cls(

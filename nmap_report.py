@@ -72,7 +72,7 @@ class ReportParser:
     raw: bytearray = field(default_factory=bytearray)
     truncated: bool = False
     _pending: bytes = b""
-    _parser: ET.XMLPullParser = field(default_factory=lambda: ET.XMLPullParser(events=("end",)))
+    _parser: ET.XMLPullParser[ET.Element] = field(default_factory=lambda: ET.XMLPullParser(events=("end",)))
 
     def feed(self, chunk: bytes) -> None:
         """Take the next piece of stdout; parse every complete line in it."""
@@ -88,8 +88,10 @@ class ReportParser:
         text = _INVALID_CHAR_REF.sub(_legal_char_ref, data.decode("utf-8", "replace"))
         try:
             self._parser.feed(text)
-            for _, element in self._parser.read_events():
-                self._handle(element)
+            # Asked for "end" events only, each is ("end", element); typeshed's type also
+            # allows the shapes of namespace events, which never come here.
+            for _, element in self._parser.read_events():  # type: ignore[misc]
+                self._handle(element)  # type: ignore[arg-type]
         except ET.ParseError:
             self.broken = True
 
@@ -98,7 +100,8 @@ class ReportParser:
             self.hosts.append(_host(element))
             element.clear()  # done with it: what stays in the tree is an empty stub
         elif element.tag == "scaninfo":
-            self.scanned.append(ScannedPorts(protocol=element.get("protocol", ""), services=element.get("services", "")))
+            self.scanned.append(ScannedPorts(protocol=element.get("protocol", ""),
+                                             services=element.get("services", "")))
         elif element.tag == "taskprogress":
             self.progress = self._honest(_progress(element, self.phase_prefix))
         elif element.tag == "taskbegin":
@@ -158,16 +161,17 @@ def with_versions(discovery: ScanResult, versions: ScanResult, warning: str | No
     })
 
 
-def merge_results(target: str, parts: list[ScanResult], elapsed: float) -> ScanResult:
+def merge_results(target: str, parts: list[ScanResult], elapsed_s: float) -> ScanResult:
     """One result from the results of a scan's shards (each host appears in one shard)."""
     stats = RunStats(
-        elapsed=round(elapsed, 2),
+        elapsed=round(elapsed_s, 2),
         exit_status="success" if parts and all(p.exit_status == "success" for p in parts) else "",
         hosts_up=sum(p.hosts_up for p in parts),
         hosts_down=sum(p.hosts_down for p in parts),
         hosts_total=sum(p.hosts_total for p in parts),
     )
-    merged = build_result(target, [h for p in parts for h in p.hosts], stats, complete=not any(p.partial for p in parts))
+    hosts = [h for p in parts for h in p.hosts]
+    merged = build_result(target, hosts, stats, complete=not any(p.partial for p in parts))
     scanned = next((p.scanned for p in parts if p.scanned), [])
     return merged.model_copy(update={"errors": [e for p in parts for e in p.errors], "scanned": scanned})
 

@@ -30,7 +30,7 @@ class Policy:
             allow_loopback=settings.allow_loopback,
             max_addresses=settings.max_addresses_per_scan,
             max_targets=settings.max_targets_per_scan,
-            resolve_timeout=settings.resolve_timeout,
+            resolve_timeout_s=settings.resolve_timeout,
         )
         self._targets = {
             name: replace(self._base, token_allowed=parse_networks(spec.allowed_targets))

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from models import ScanKind, ScanResult
 from nmap_report import RAW_CAP, ReportParser
@@ -51,15 +52,15 @@ class NmapRun:
     returncode: int | None
     stderr: bytes
     timed_out: bool
-    duration: float
+    duration_s: float
 
 
-def run_problem(run: NmapRun, report: ReportParser, result: ScanResult, time_limit: float) -> str | None:
+def run_problem(run: NmapRun, report: ReportParser, result: ScanResult, time_limit_s: float) -> str | None:
     """What went wrong with a finished run, in words for the caller (never nmap's raw stderr);
     None when nothing did. nmap exits 0 for many failures, so the XML is read too: `result` is
     the report's result for the scan's target."""
     if run.timed_out:
-        return f"the scan ran past its time limit of {time_limit:g} s and was stopped; hosts finished so far are kept"
+        return f"the scan ran past its time limit of {time_limit_s:g} s and was stopped; hosts finished so far are kept"
     if report.truncated:
         return f"nmap wrote more than {RAW_CAP // 2**20} MiB; scan fewer targets or ports"
     if run.returncode != 0:
@@ -112,7 +113,17 @@ def version_argv(discovery_argv: Sequence[str], discovery: ScanResult) -> list[s
                       ipv6="-6" in discovery_argv, privileged=privileged)
 
 
-async def nmap_build(nmap_path: str) -> dict[str, object]:
+class NmapBuild(TypedDict):
+    """What `nmap --version` says of the nmap that runs scans."""
+
+    nmap_version: str
+    platform: str
+    compiled_with: list[str]
+    compiled_without: list[str]
+    nsock_engines: list[str]
+
+
+async def nmap_build(nmap_path: str) -> NmapBuild:
     """What `nmap --version` says of itself: version, platform, libraries, nsock engines."""
     proc = await asyncio.create_subprocess_exec(
         nmap_path, "--version", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -122,7 +133,7 @@ async def nmap_build(nmap_path: str) -> dict[str, object]:
     return parse_version_output(out.decode("utf-8", "replace"))
 
 
-def parse_version_output(text: str) -> dict[str, object]:
+def parse_version_output(text: str) -> NmapBuild:
     """The fields of `nmap --version` output (no URL, nothing else of it)."""
     fields = dict(line.split(":", 1) for line in text.splitlines()[1:] if ":" in line)
     first = text.splitlines()[0] if text else ""
@@ -158,7 +169,7 @@ def nmap_environment() -> dict[str, str]:
     return _CLEAN_ENV | {"NMAPDIR": nmapdir} if nmapdir else dict(_CLEAN_ENV)
 
 
-async def run_nmap(argv: Sequence[str], *, time_limit: float, stdout_sink: Callable[[bytes], None]) -> NmapRun:
+async def run_nmap(argv: Sequence[str], *, time_limit_s: float, stdout_sink: Callable[[bytes], None]) -> NmapRun:
     """Run nmap once; kill its whole process group on timeout, cancellation or error."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nmap-mcp-") as workdir:
@@ -183,7 +194,7 @@ async def run_nmap(argv: Sequence[str], *, time_limit: float, stdout_sink: Calla
             _close_pipes(proc)
             raise
         try:
-            timed_out = await child.finished(time_limit)
+            timed_out = await child.finished(time_limit_s)
         finally:
             await child.close()
     return NmapRun(proc.returncode, bytes(child.stderr), timed_out, time.monotonic() - started)
@@ -217,10 +228,10 @@ class _Child:
         else:  # a kernel before 5.3: a thread waits, without reaping, for the exit
             self._loop.run_in_executor(None, _wait_exit, proc.pid).add_done_callback(lambda _: self._on_exit())
 
-    async def finished(self, time_limit: float) -> bool:
-        """Wait for the exit and the end of both pipes; after `time_limit` s kill the group
+    async def finished(self, time_limit_s: float) -> bool:
+        """Wait for the exit and the end of both pipes; after `time_limit_s` kill the group
         and wait for that. True when the time limit cut the run."""
-        timer = self._loop.call_later(time_limit, self._time_out)
+        timer = self._loop.call_later(time_limit_s, self._time_out)
         try:
             await asyncio.shield(self._done)
         finally:

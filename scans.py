@@ -13,7 +13,7 @@ import contextlib
 import os
 import shlex
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -44,7 +44,7 @@ from models import (
 )
 from nmap_options import parse_command
 from policy import Policy
-from scanner import build_argv, nmap_build, scan_options
+from scanner import NmapBuild, build_argv, nmap_build, scan_options
 from sharding import shard
 from stores import Stores
 from targets import ResolvedTargets, resolve_targets, split_targets
@@ -159,7 +159,7 @@ class ScanService:
         self.accepting = True
         self.closing = asyncio.Event()
         self._version = version
-        self._nmap_build: dict[str, object] | None = None
+        self._nmap_build: NmapBuild | None = None
 
     # ---- building requests ---------------------------------------------------------------
 
@@ -203,10 +203,10 @@ class ScanService:
         return CheckedScan(resolved, argv, pool)
 
     async def scan(
-        self, owner: str, request: ScanRequest, *, timeout: float, rescan: bool = False,
+        self, owner: str, request: ScanRequest, *, timeout_s: float, rescan: bool = False,
         on_progress: ProgressCallback | None = None, schedule_run: str | None = None,
     ) -> TaskAnswer:
-        """Check the targets, submit (or reuse) the scan, wait up to `timeout` s, present it.
+        """Check the targets, submit (or reuse) the scan, wait up to `timeout_s`, present it.
 
         Once the scan is queued the answer always carries its task id, even when the wait
         after it fails or the server shuts down. Under `without_waiting()` it does not wait.
@@ -219,7 +219,8 @@ class ScanService:
             if resolved.address_count > self._settings.shard_addresses else []
         submit = partial(
             self._tasks.submit, owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds,
-            pool=pool, share=share, fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
+            pool=pool, share=share,
+            fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
             shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
             forced=request.shareable and rescan, schedule_run=schedule_run,
         )
@@ -234,7 +235,7 @@ class ScanService:
             return answer(record)
         try:
             # A reused task was read without its result: the wait reads it whole.
-            finished = await self._tasks.wait(record.id, owner, timeout, on_progress=on_progress, stop=self.closing,
+            finished = await self._tasks.wait(record.id, owner, timeout_s, on_progress=on_progress, stop=self.closing,
                                               known=None if reused else record)
             return await self.present(finished, note=reuse_note(record) if reused else None)
         except DatabaseUnavailable:
@@ -310,7 +311,7 @@ class ScanService:
         return TopValues(field=field, values=[ValueCount(value=value, hosts=n) for value, n in counted])
 
     @staticmethod
-    def _query(filters: dict[str, str | int | None]) -> HostQuery:
+    def _query(filters: Mapping[str, str | int | None]) -> HostQuery:
         """The inventory query for tool arguments: networks and times parsed, Nones dropped."""
         given = {key: value for key, value in filters.items() if value is not None}
         now = time.time()

@@ -116,9 +116,9 @@ class ScheduleStore:
         """Delete the caller's schedule and its runs; ScheduleNotFound for a missing or another owner's id."""
         await self._db.run(self._delete_schedule, schedule_id, owner)
 
-    async def hold_lease(self, name: str, holder: str, holder_name: str, seconds: float) -> bool:
-        """Take or renew the lease `name` for `seconds`; False while another holder's is unexpired."""
-        return await self._db.run(self._hold_lease, name, holder, holder_name, seconds)
+    async def hold_lease(self, name: str, holder: str, holder_name: str, duration_s: float) -> bool:
+        """Take or renew the lease `name` for `duration_s`; False while another holder's is unexpired."""
+        return await self._db.run(self._hold_lease, name, holder, holder_name, duration_s)
 
     async def release_lease(self, name: str, holder: str) -> None:
         await self._db.run(self._release_lease, name, holder)
@@ -179,9 +179,9 @@ class ScheduleStore:
                 raise ScheduleNotFound(f"no schedule {schedule_id!r}")
             conn.execute(delete(schedule_runs).where(schedule_runs.c.schedule_id == schedule_id))
 
-    def _hold_lease(self, name: str, holder: str, holder_name: str, seconds: float) -> bool:
+    def _hold_lease(self, name: str, holder: str, holder_name: str, duration_s: float) -> bool:
         now = time.time()
-        held = {"holder": holder, "holder_name": holder_name, "expires_at": now + seconds}
+        held = {"holder": holder, "holder_name": holder_name, "expires_at": now + duration_s}
         try:
             with self._db.writing() as conn:
                 free = (leases.c.name == name) & ((leases.c.holder == holder) | (leases.c.expires_at < now))
@@ -206,14 +206,15 @@ class ScheduleStore:
         with self._db.reading() as conn:
             due = conn.execute(select(schedules).where(found.next_run_at <= now, found.id.not_in(going))
                                .order_by(found.next_run_at)).all()
-            work = [[_run(row) for row in conn.execute(query.order_by(runs.due_at)).all()] for query in (
-                select(schedule_runs).where(runs.status == "pending"), finished,
-                select(schedule_runs).where(runs.webhook_status == "pending", runs.webhook_next_at <= now))]
-            ids = {run.schedule_id for group in work for run in group}
+            unsubmitted, ended, webhooks = [
+                [_run(row) for row in conn.execute(query.order_by(runs.due_at)).all()] for query in (
+                    select(schedule_runs).where(runs.status == "pending"), finished,
+                    select(schedule_runs).where(runs.webhook_status == "pending", runs.webhook_next_at <= now))]
+            ids = {run.schedule_id for group in (unsubmitted, ended, webhooks) for run in group}
             owners = conn.execute(select(schedules).where(found.id.in_(ids))).all() if ids else []
             next_due = conn.execute(select(func.min(found.next_run_at)).where(found.id.not_in(going))).scalar()
-        return SchedulerWork([_schedule(row) for row in due], *work, {row.id: _schedule(row) for row in owners},
-                             next_due)
+        return SchedulerWork([_schedule(row) for row in due], unsubmitted, ended, webhooks,
+                             {row.id: _schedule(row) for row in owners}, next_due)
 
     def _claim_run(self, schedule: ScheduleRecord, following: float, lease: str, holder: str) -> str | None:
         now = time.time()

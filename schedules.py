@@ -273,16 +273,16 @@ class Scheduler:
         with self._feed.subscribe(SCHEDULES_KEY) as created:
             while True:
                 created.clear()
-                pause = self._settings.lease_seconds / 3
+                pause_s = self._settings.lease_seconds / 3
                 try:
                     if await self._hold():
-                        pause = await self.tick()
+                        pause_s = await self.tick()
                 except DatabaseUnavailable:
-                    logger.warning("the scheduler cannot reach the task database; retrying in %.1f s", pause)
+                    logger.warning("the scheduler cannot reach the task database; retrying in %.1f s", pause_s)
                 except Exception:
                     # The loop outlives any one failure: a bug is logged with its traceback, and retried.
-                    logger.exception("the scheduler's tick failed; retrying in %.1f s", pause)
-                await wait_set(created, pause)
+                    logger.exception("the scheduler's tick failed; retrying in %.1f s", pause_s)
+                await wait_set(created, pause_s)
 
     async def _hold(self) -> bool:
         """Whether this process holds the scheduler lease, renewed every third of its length."""
@@ -309,8 +309,8 @@ class Scheduler:
         for run in work.webhooks:
             if run.schedule_id in work.schedules and run.id not in self._sending:
                 self._send(run, work.schedules[run.schedule_id])
-        until_due = work.next_due - time.time() if work.next_due is not None else TICK_SECONDS
-        return min(TICK_SECONDS, max(until_due, MIN_PAUSE_SECONDS))
+        until_due_s = work.next_due - time.time() if work.next_due is not None else TICK_SECONDS
+        return min(TICK_SECONDS, max(until_due_s, MIN_PAUSE_SECONDS))
 
     async def _fire(self, schedule: ScheduleRecord) -> None:
         following = parse_every(schedule.every).next_after(schedule.created_at, time.time())
@@ -324,7 +324,7 @@ class Scheduler:
         try:
             with self._auditor.call(schedule.owner, "schedule_run", facts, scans=True), without_waiting():
                 await self._service.scan(schedule.owner, self._schedules.request(schedule.kind, schedule.spec),
-                                         timeout=0, rescan=True, schedule_run=run_id)
+                                         timeout_s=0, rescan=True, schedule_run=run_id)
         except (RunAlreadyQueued, ShuttingDown):
             return  # queued by another process already, or left for the next holder
         except (*REFUSED, ToolError) as e:
@@ -363,8 +363,8 @@ class Scheduler:
     async def _deliver(self, run: RunRecord, schedule: ScheduleRecord) -> None:
         """One attempt at sending a run's change; the last failed attempt records the failure."""
         attempt = run.webhook_attempts + 1
-        pause = self.backoff_seconds * 2 ** (attempt - 1)
-        if not await self._store.claim_webhook_attempt(run, time.time() + webhooks.TIMEOUT_SECONDS + pause):
+        pause_s = self.backoff_seconds * 2 ** (attempt - 1)
+        if not await self._store.claim_webhook_attempt(run, time.time() + webhooks.TIMEOUT_SECONDS + pause_s):
             return
         assert schedule.webhook_url is not None and schedule.webhook_secret is not None
         try:
@@ -379,4 +379,4 @@ class Scheduler:
             logger.warning("schedule %s: gave up its webhook after %d attempts: %s", schedule.id, attempt, problem)
             await self._store.record_webhook(run.id, "failed", f"{problem} (after {attempt} attempts)", None)
         else:
-            await self._store.record_webhook(run.id, "pending", problem, time.time() + pause)
+            await self._store.record_webhook(run.id, "pending", problem, time.time() + pause_s)

@@ -397,7 +397,7 @@ def serve(settings: Settings, nmap_path: str, args: argparse.Namespace, config_p
     mcp, runtime = create_server(settings, nmap_path, role=args.role)
     # sse-starlette cuts every SSE response the moment SIGTERM arrives; calls still waiting on
     # a scan must answer first (GracefulServer.shutdown lets the streams close afterwards).
-    AppStatus.disable_automatic_graceful_drain()
+    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
     config = uvicorn.Config(create_app(mcp, settings, runtime), log_config=None, lifespan="on")
     text = banner(settings, show_token=args.show_token, config_path=config_path.resolve())
     GracefulServer(config, runtime, text).run(sockets=[listener])

@@ -29,7 +29,7 @@ _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 # Addresses no configuration can allow: cloud metadata services, unspecified, link-local,
 # multicast and reserved space, and IPv6 forms that smuggle an IPv4 address through.
 _IPV4_COMPATIBLE_EXCEPT_LOOPBACK = tuple(
-    ipaddress.ip_network("::/96").address_exclude(ipaddress.ip_network("::1/128"))  # type: ignore[arg-type]
+    ipaddress.IPv6Network("::/96").address_exclude(ipaddress.IPv6Network("::1/128"))
 )
 BUILTIN_DENIED_NETWORKS: tuple[IPNetwork, ...] = _IPV4_COMPATIBLE_EXCEPT_LOOPBACK + tuple(
     ipaddress.ip_network(net)
@@ -83,7 +83,7 @@ class TargetPolicy:
     allow_loopback: bool = False
     max_addresses: int = 256
     max_targets: int = 16
-    resolve_timeout: float = 5.0
+    resolve_timeout_s: float = 5.0
     # A token's own narrower allowlist; None means the global one alone decides.
     token_allowed: tuple[IPNetwork, ...] | None = None
 
@@ -185,10 +185,8 @@ def _network_target(token: str, address: str, prefix: int, width: int) -> tuple[
 def _range_target(token: str, prefix: str, first: int, last: int) -> tuple[str, list[IPNetwork]]:
     if first > last:
         raise TargetError(f"'{token}': the range runs backwards ({first} > {last})")
-    networks = [
-        ipaddress.ip_network(f"{prefix}{octet}") for octet in range(first, last + 1)
-    ]
-    return token, list(ipaddress.collapse_addresses(net.network_address for net in networks))
+    hosts = [ipaddress.IPv4Network(f"{prefix}{octet}/32") for octet in range(first, last + 1)]
+    return token, list(ipaddress.collapse_addresses(hosts))
 
 
 def _ipv6_target(token: str) -> tuple[str, list[IPNetwork]]:
@@ -237,12 +235,12 @@ async def _resolve_hostname(hostname: str, policy: TargetPolicy) -> IPAddress:
     """Resolve with a timeout; prefer IPv4, as nmap does without -6."""
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(policy.resolve_timeout):
+        async with asyncio.timeout(policy.resolve_timeout_s):
             infos = await loop.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         raise TargetError(f"'{hostname}' does not resolve") from e
     except TimeoutError as e:
-        raise TargetError(f"resolving '{hostname}' took more than {policy.resolve_timeout:g} s") from e
+        raise TargetError(f"resolving '{hostname}' took more than {policy.resolve_timeout_s:g} s") from e
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     for address in addresses:
         # Every answer must pass: a name that mixes a permitted and a denied address is a trap.
@@ -267,7 +265,7 @@ def _check_allowed(token: str, network: IPNetwork, policy: TargetPolicy) -> None
 
 
 def _overlaps(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version and a.overlaps(b)  # type: ignore[arg-type]
+    return a.version == b.version and a.overlaps(b)
 
 
 def _within(network: IPNetwork, allowed: Iterable[IPNetwork]) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import BindParameter, Connection, bindparam, func, insert, select, update
 from sqlalchemy.engine import Row
 
 from change_feed import POLL_SECONDS, ChangeFeed, first_of, queue_key
@@ -48,7 +48,7 @@ from worker_store import claim_in
 READ_BATCH = 500
 
 # ---- the statements every call runs, built once (see worker_store.py for why) -------------
-_P = {name: bindparam(f"p_{name}") for name in ("id", "owner")}
+_P: dict[str, BindParameter[str]] = {name: bindparam(f"p_{name}") for name in ("id", "owner")}
 _TAKE_SUBMIT_LOCK = select(func.pg_advisory_xact_lock(SUBMIT_LOCK))
 # A shareable scan's twin: the same call queued or running, or completed recently enough.
 _ACTIVE_TWIN = select(*TASK_SUMMARY).where(tasks.c.dedupe_key == bindparam("p_dedupe_key"))
@@ -185,13 +185,13 @@ class TaskManager:
         self,
         task_id: str,
         owner: str,
-        timeout: float,
+        timeout_s: float,
         on_progress: Callable[[Progress], Awaitable[None]] | None = None,
         stop: asyncio.Event | None = None,
         *,
         known: TaskRecord | None = None,
     ) -> TaskRecord:
-        """Wait up to `timeout` s (or until `stop` is set) for the task to finish, reporting
+        """Wait up to `timeout_s` (or until `stop` is set) for the task to finish, reporting
         progress as it changes; the scan goes on either way. Woken by the change feed; each
         wake-up reads the task once (with its result once it has finished).
 
@@ -200,20 +200,22 @@ class TaskManager:
         that read and this subscription was not heard, so that first sleep is at most
         POLL_SECONDS."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + timeout_s
         reported: Progress | None = None
         with self.feed.subscribe(task_id) as changed:
             while True:
                 changed.clear()  # before reading, so a change after the read still wakes us
                 verdict = changed.verdict if changed.verdict is not None and changed.verdict.owner == owner else None
-                record = known or verdict or await self._db.run(self._read, task_id, owner)
-                remaining = deadline - loop.time()
-                if record.status.finished or remaining <= 0 or (stop is not None and stop.is_set()):
+                record = known or verdict
+                if record is None:
+                    record = await self._db.run(self._read, task_id, owner)
+                remaining_s = deadline - loop.time()
+                if record.status.finished or remaining_s <= 0 or (stop is not None and stop.is_set()):
                     return record
                 if on_progress is not None and record.progress is not None and record.progress != reported:
                     reported = record.progress
                     await on_progress(reported)
-                await first_of(changed, stop, remaining if known is None else min(remaining, POLL_SECONDS))
+                await first_of(changed, stop, remaining_s if known is None else min(remaining_s, POLL_SECONDS))
                 known = None
 
     async def result_so_far(self, record: TaskRecord) -> ScanResult | None:
@@ -248,7 +250,7 @@ class TaskManager:
     def _submit(
         self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard],
         limits: Limits | None, schedule_run: str | None, claim_for: WorkerInfo | None,
-    ) -> tuple[Mapping[str, Any], bool, TaskRecord | None, bool]:
+    ) -> tuple[Mapping[Any, Any], bool, TaskRecord | None, bool]:
         """(the task's row, reused, the task claimed for `claim_for`, whether a task this
         submission queued is still queued)."""
         with self._db.writing() as conn:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Run the whole test suite on a fresh machine: installs nmap, PostgreSQL, Chromium with its
-# chromedriver, git and, for the tests that need root, iproute2 when missing (as root; otherwise
-# says what to install), keeps .venv in step with requirements-dev.txt, then runs pytest against
-# the machine's PostgreSQL when it can be used as it is, else against a private cluster started
-# for this run (scripts/with-postgres.sh). As any other user than root, the tests that need root
-# are skipped, each naming what for. Extra arguments go to pytest (./test.sh -k auth).
+# Run the lint and type gate and the whole test suite on a fresh machine: installs nmap,
+# PostgreSQL, Chromium with its chromedriver, git and, for the tests that need root, iproute2
+# when missing (as root; otherwise says what to install), keeps .venv in step with
+# requirements-dev.txt, runs ruff and mypy, then runs pytest against the machine's PostgreSQL
+# when it can be used as it is, else against a private cluster started for this run
+# (scripts/with-postgres.sh). As any other user than root, the tests that need root are
+# skipped, each naming what for. Extra arguments go to pytest (./test.sh -k auth).
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh
@@ -16,4 +17,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 require_packages "${needs[@]}"
 ensure_venv requirements-dev.txt
+# The gate first: lint and types, with the rules and files pyproject.toml names.
+.venv/bin/ruff check --quiet .
+.venv/bin/mypy
 exec scripts/with-postgres.sh .venv/bin/python -m pytest "$@"

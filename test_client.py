@@ -40,9 +40,9 @@ class CheckFailed(Exception):
 
 async def call_tool(url: str, headers: dict[str, str], mode: str, name: str, args: dict[str, Any]) -> Any:
     """Call one tool with the official MCP client; return its structured content."""
-    async with refusals_explained(url, headers), httpx2.AsyncClient(headers=headers, timeout=120) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-            result = await client.call_tool(name, args)
+    async with (refusals_explained(url, headers), httpx2.AsyncClient(headers=headers, timeout=120) as http,
+                Client(streamable_http_client(url, http_client=http), mode=mode) as client):
+        result = await client.call_tool(name, args)
     if result.is_error:
         text = result.content[0].text if result.content else "no message"  # type: ignore[union-attr]
         raise CheckFailed(f"{name} returned an error: {text}")
@@ -50,9 +50,9 @@ async def call_tool(url: str, headers: dict[str, str], mode: str, name: str, arg
 
 
 async def list_tool_names(url: str, headers: dict[str, str], mode: str) -> list[str]:
-    async with refusals_explained(url, headers), httpx2.AsyncClient(headers=headers, timeout=30) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-            return [tool.name for tool in (await client.list_tools()).tools]
+    async with (refusals_explained(url, headers), httpx2.AsyncClient(headers=headers, timeout=30) as http,
+                Client(streamable_http_client(url, http_client=http), mode=mode) as client):
+        return [tool.name for tool in (await client.list_tools()).tools]
 
 
 @contextlib.asynccontextmanager
@@ -127,7 +127,7 @@ async def run_checks(checks: list[tuple[str, Check]]) -> int:
     for name, check in checks:
         try:
             detail = await check()
-        except Exception as e:  # any failure of a check is reported, never raised
+        except Exception as e:  # noqa: BLE001 - any failure of a check is reported, never raised
             failures += 1
             print(f"FAIL {name}: {describe(e)}", flush=True)
         else:

@@ -78,13 +78,13 @@ ScheduleId = Annotated[
     ),
 ]
 _SCAN_ANNOTATIONS = ToolAnnotations(
-    readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True
+    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
 )
 _CANCEL_ANNOTATIONS = ToolAnnotations(
-    readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False
+    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
 )
 _READ_ANNOTATIONS = ToolAnnotations(
-    readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False
+    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
 )
 
 QUICK_SCAN_DESCRIPTION = """Quick TCP port scan: nmap's 100 most common ports.
@@ -166,7 +166,7 @@ def register_tools(
         pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await scans.scan(caller(), scans.quick(target, pool), timeout=timeout, rescan=rescan,
+            return await scans.scan(caller(), scans.quick(target, pool), timeout_s=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh,
@@ -179,7 +179,7 @@ def register_tools(
         pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await scans.scan(caller(), scans.full(target, pool), timeout=timeout, rescan=rescan,
+            return await scans.scan(caller(), scans.full(target, pool), timeout_s=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, description=CUSTOM_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
@@ -192,7 +192,7 @@ def register_tools(
         pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await scans.scan(caller(), scans.custom(command, pool), timeout=timeout,
+            return await scans.scan(caller(), scans.custom(command, pool), timeout_s=timeout,
                                       on_progress=progress_reporter(ctx))
 
     async def scan(
@@ -216,7 +216,7 @@ def register_tools(
         spec = TypedScan(targets, scan_type, ports, top_ports, service_versions, os_detection, tuple(scripts or ()),
                          skip_host_discovery, timing)
         with tool_errors():
-            return await scans.scan(caller(), scans.typed(spec, pool), timeout=timeout,
+            return await scans.scan(caller(), scans.typed(spec, pool), timeout_s=timeout,
                                     on_progress=progress_reporter(ctx))
 
     # The categories this server allows, as an enum a model can pick from: known only now,
@@ -286,9 +286,11 @@ def register_tools(
         protocol: Annotated[Literal["tcp", "udp"] | None, Field(description="Port protocol")] = None,
         state: Annotated[Literal["open", "closed", "filtered", "open|filtered", "any"] | None, Field(
             description="Port state; default open when a port filter is given")] = None,
-        service: Annotated[str | None, Field(max_length=64, description="nmap service name: ssh, http, ms-wbt-server")] = None,
+        service: Annotated[str | None, Field(max_length=64,
+                                             description="nmap service name: ssh, http, ms-wbt-server")] = None,
         product: Annotated[str | None, Field(max_length=200, description="Product, any case: OpenSSH, nginx")] = None,
-        version_prefix: Annotated[str | None, Field(max_length=200, description="Version starts with: 7. or 1.18")] = None,
+        version_prefix: Annotated[str | None, Field(max_length=200,
+                                                    description="Version starts with: 7. or 1.18")] = None,
         cpe: Annotated[str | None, Field(max_length=200, description="CPE contains: cpe:/a:openbsd:openssh")] = None,
         script: Annotated[str | None, Field(max_length=64, description="An NSE script reported on the port")] = None,
         seen_since: Since = None,

@@ -10,7 +10,7 @@ import csv
 import io
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel
 
@@ -27,10 +27,8 @@ from models import (
     ScanResult,
     ScanSummary,
     TaskAnswer,
+    TaskRecord,
 )
-
-if TYPE_CHECKING:
-    from task_manager import TaskRecord
 
 Answer = TypeVar("Answer", bound=BaseModel)
 # The JSON-RPC envelope, the content block's keys, the server's _meta and SSE's "event:

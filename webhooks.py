@@ -93,15 +93,15 @@ def body(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
 
 
-async def post(url: str, raw: bytes, secret: str, delivery: str, timeout: float = TIMEOUT_SECONDS) -> str | None:
+async def post(url: str, raw: bytes, secret: str, delivery: str, timeout_s: float = TIMEOUT_SECONDS) -> str | None:
     """One attempt: None when the receiver answered 2xx, else why not (in words of our own)."""
     headers = {"Content-Type": "application/json", "User-Agent": "nmap-mcp", SIGNATURE_HEADER: signature(secret, raw),
                DELIVERY_HEADER: delivery}
     try:
-        async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=timeout) as http:
+        async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=timeout_s) as http:
             response = await http.post(url, content=raw, headers=headers)
     except httpx.TimeoutException:
-        return f"no answer within {timeout:g} s"
+        return f"no answer within {timeout_s:g} s"
     except httpx.HTTPError as e:
         return f"the request failed ({type(e).__name__})"
     if response.is_redirect:

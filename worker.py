@@ -61,7 +61,7 @@ class Worker:
         self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity)
         self._store = store
         self._metrics = metrics or Metrics()
-        self._grace = grace_seconds
+        self._grace_s = grace_seconds
         # The time bound of a full scan's second phase, version detection.
         self._version_seconds = version_seconds
         self._slots = asyncio.Semaphore(capacity)
@@ -90,7 +90,7 @@ class Worker:
             await asyncio.gather(claim, return_exceptions=True)
         runs = list(self._runs.values())
         if runs:
-            await asyncio.wait(runs, timeout=self._grace)
+            await asyncio.wait(runs, timeout=self._grace_s)
         self._shutdown.set()
         await asyncio.gather(*self._runs.values(), return_exceptions=True)
         for loop in self._loops[1:]:
@@ -99,11 +99,11 @@ class Worker:
         with contextlib.suppress(DatabaseUnavailable):
             await self._store.unregister(self.info.id)
 
-    async def wait_stopped(self, task_id: str, timeout: float) -> None:
-        """Wait (up to `timeout` s) until this worker no longer runs the task."""
+    async def wait_stopped(self, task_id: str, timeout_s: float) -> None:
+        """Wait (up to `timeout_s`) until this worker no longer runs the task."""
         run = self._runs.get(task_id)
         if run is not None:
-            await asyncio.wait([run], timeout=timeout)
+            await asyncio.wait([run], timeout=timeout_s)
 
     @property
     def running(self) -> int:
@@ -210,19 +210,19 @@ class Worker:
         second_argv = version_argv(record.argv, first.result) if first.result is not None else None
         if first.status is not TaskStatus.COMPLETED or second_argv is None:
             return first
-        left = record.time_limit - (time.monotonic() - started)
-        bound = max(min(self._version_seconds, left), 1.0)
+        left_s = record.time_limit - (time.monotonic() - started)
+        bound_s = max(min(self._version_seconds, left_s), 1.0)
         versions = LiveScan(self._store, record, self.info.id, phase="version detection (2 of 2): ", hosts=False)
         await versions.announce("version detection (2 of 2)")
-        return judge(found, await self._run_phase(record, second_argv, bound, versions))
+        return judge(found, await self._run_phase(record, second_argv, bound_s, versions))
 
     async def _run_phase(
-        self, record: TaskRecord, argv: list[str], time_limit: float, live: LiveScan, *, write_all: bool = False
+        self, record: TaskRecord, argv: list[str], time_limit_s: float, live: LiveScan, *, write_all: bool = False
     ) -> PhaseEnd:
         """Run one nmap until it ends, the task is no longer ours, or the worker shuts down;
         what happened, as facts for `judge`."""
         scan = asyncio.create_task(self._metrics.nmap_process(
-            run_nmap(argv, time_limit=float(time_limit), stdout_sink=live.feed)))
+            run_nmap(argv, time_limit_s=float(time_limit_s), stdout_sink=live.feed)))
         lost = asyncio.create_task(self._until_lost(record))
         shutdown = asyncio.create_task(self._shutdown.wait())
         try:
@@ -242,7 +242,7 @@ class Worker:
             logger.error("task %s: nmap could not be run", record.id, exc_info=scan.exception())
             return PhaseEnd(None, "internal error while running the scan", result, raw)
         run = scan.result()
-        problem = run_problem(run, live.report, result, time_limit)
+        problem = run_problem(run, live.report, result, time_limit_s)
         if problem is not None:
             logger.warning("task %s: an nmap run failed: %s; nmap stderr: %s", record.id, problem,
                            clean_text(run.stderr.decode("utf-8", "replace"), 2000))
@@ -261,7 +261,7 @@ class Worker:
     async def _record(self, record: TaskRecord, outcome: ScanOutcome) -> None:
         """Write the verdict, retrying with backoff while the database is unreachable (during
         shutdown for at most the grace period): a finished result is never dropped silently."""
-        delay, deadline = RETRY_FIRST_SECONDS, None
+        delay_s, deadline = RETRY_FIRST_SECONDS, None
         while True:
             try:
                 if not await self._store.finish(record, self.info.id, outcome):
@@ -269,15 +269,15 @@ class Worker:
                 return
             except DatabaseUnavailable:
                 if self._shutdown.is_set():
-                    deadline = deadline or time.monotonic() + self._grace
+                    deadline = deadline or time.monotonic() + self._grace_s
                     if time.monotonic() > deadline:
                         logger.error("task %s: gave up recording its %s result at shutdown", record.id,
                                      outcome.status.value)
                         return
                 logger.warning("task %s finished %s but the task database is not reachable; retrying in %.1f s",
-                               record.id, outcome.status.value, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                               record.id, outcome.status.value, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RETRY_MAX_SECONDS)
             except Exception:
                 if outcome.status is TaskStatus.FAILED and outcome.result is None:
                     raise
@@ -369,7 +369,7 @@ class LiveScan:
         self._worker_id = worker_id
         self._write_hosts = hosts
         self._hosts_written = 0
-        self._progress_written = None
+        self._progress_written: Progress | None = None
         self._closed = asyncio.Event()
         self._writer = asyncio.create_task(self._write_every(LIVE_WRITE_SECONDS), name=f"live-{record.id}")
 
@@ -389,9 +389,9 @@ class LiveScan:
         if write_all:
             await self._write()
 
-    async def _write_every(self, interval: float) -> None:
+    async def _write_every(self, interval_s: float) -> None:
         while not self._closed.is_set():
-            await wait_set(self._closed, interval)
+            await wait_set(self._closed, interval_s)
             if not self._closed.is_set():
                 await self._write()
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import BindParameter, Connection, bindparam, delete, func, insert, select, update
 
 from change_feed import ChangeFeed, queue_key
 from db import Database
@@ -49,7 +49,7 @@ _UNCLAIMED = {"status": TaskStatus.QUEUED.value, "worker_id": None, "worker_name
 # (measured: a task read built per call 185 us, the same read built once 22 us, SQLite), and a
 # scan runs a dozen of them; so these are built here, with bound parameters named `p_*`
 # (never a column's name: those are the SET clause's).
-_P = {name: bindparam(f"p_{name}") for name in ("id", "worker", "pool", "parent")}
+_P: dict[str, BindParameter[str]] = {name: bindparam(f"p_{name}") for name in ("id", "worker", "pool", "parent")}
 _OURS = (tasks.c.id == _P["id"]) & (tasks.c.worker_id == _P["worker"])
 _RUNNING_OURS = _OURS & (tasks.c.status == TaskStatus.RUNNING.value)
 _STILL_OURS = select(tasks.c.id).where(_RUNNING_OURS)
@@ -200,9 +200,9 @@ class WorkerStore:
             self.feed.wake_all()
         return expired
 
-    async def pools(self, stale_after: float) -> list[PoolStatus]:
-        """Per pool: its workers (alive when they beat within `stale_after` s) and its queue."""
-        return await self._db.run(self._select_pools, stale_after)
+    async def pools(self, stale_after_s: float) -> list[PoolStatus]:
+        """Per pool: its workers (alive when they beat within `stale_after_s`) and its queue."""
+        return await self._db.run(self._select_pools, stale_after_s)
 
     def _claim(self, worker: WorkerInfo, pool: str, limit: int) -> list[TaskRecord]:
         """No notification: nobody waits for a claim (a waiting call wakes for progress and
@@ -333,7 +333,7 @@ class WorkerStore:
         with self._db.writing() as conn:
             conn.execute(delete(workers).where(workers.c.id == worker_id))
 
-    def _select_pools(self, stale_after: float) -> list[PoolStatus]:
+    def _select_pools(self, stale_after_s: float) -> list[PoolStatus]:
         now = time.time()
         with self._db.reading() as conn:
             counts: dict[str, dict[str, int]] = defaultdict(dict)
@@ -349,7 +349,7 @@ class WorkerStore:
         for row in rows:
             by_pool[row.pool].append({
                 "name": row.name, "capacity": row.capacity, "running": row.running,
-                "heartbeat_at": row.heartbeat_at, "alive": now - row.heartbeat_at <= stale_after,
+                "heartbeat_at": row.heartbeat_at, "alive": now - row.heartbeat_at <= stale_after_s,
             })
         return [PoolStatus(pool, queued.get(pool, 0), by_pool.get(pool, []), running.get(pool, 0))
                 for pool in sorted({*queued, *running, *by_pool})]

@@ -24,10 +24,9 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from sqlalchemy.engine import make_url
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import POSTGRES_ADMIN_URL, LiveServer, write_config
+from tests.support import POSTGRES_ADMIN_URL, ROOT, LiveServer, write_config
 
 SECRET = "bench-secret-" + "0" * 32
 # The highest value of each per-token limit: a benchmark measures throughput, and the default

@@ -190,7 +190,8 @@ def main() -> None:
     finally:
         listener.stop()
     one, two = (statistics.median(r["drain"] for r in results[n]) for n in (1, 2))
-    print(f"\n{args.scans} scans, {args.slots} slots per worker, PostgreSQL, medians of {args.rounds} alternated rounds")
+    print(f"\n{args.scans} scans, {args.slots} slots per worker, PostgreSQL, "
+          f"medians of {args.rounds} alternated rounds")
     for workers, median in ((1, one), (2, two)):
         ideal = math.ceil(args.scans / (args.slots * workers)) * per_scan
         print(f"{workers} worker(s): drain {median:7.2f} s   (ideal {ideal:6.2f} s: "

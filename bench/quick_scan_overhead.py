@@ -62,8 +62,8 @@ async def measure(url: str, argv: list[str], runs: int) -> tuple[list[float], ..
     status_polls: list[float] = []
     cached: list[float] = []
     headers = {"Authorization": f"Bearer {SECRET}"}
-    async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
-        async with Client(streamable_http_client(url, http_client=http)) as client:
+    async with httpx2.AsyncClient(headers=headers, timeout=60) as http, \
+            Client(streamable_http_client(url, http_client=http)) as client:
             warm = await client.call_tool("quick_scan", {"target": "127.0.0.1"})
             task_id = warm.structured_content["task_id"]
             for _ in range(runs):

@@ -124,7 +124,8 @@ async def mcp_run(server: LiveServer, scans: int, clients: int) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scans", type=int, default=200)
-    parser.add_argument("--clients", type=int, default=10, help="N: concurrent clients, xargs -P and max_concurrent_tasks")
+    parser.add_argument("--clients", type=int, default=10,
+                        help="N: concurrent clients, xargs -P and max_concurrent_tasks")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--databases", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
     args = parser.parse_args()
@@ -141,7 +142,8 @@ def main() -> None:
             stack.callback(servers[database].stop)
         argvs, requests = {}, {}
         for database, server in servers.items():
-            requests[database] = asyncio.run(capture_tool_call(server.url, "quick_scan", QUICK))  # the audit log records its argv
+            # The audit log records the argv of this call.
+            requests[database] = asyncio.run(capture_tool_call(server.url, "quick_scan", QUICK))
             argvs[database] = queued_argv(server.config_path.parent / "audit.jsonl")
             body = Path(tmp) / f"{database}-request.json"
             body.write_bytes(requests[database].content)

@@ -257,7 +257,8 @@ def main() -> None:
           f"max_answer_bytes {MAX_ANSWER_BYTES}")
     print(f"HTTP response body {page['body']} bytes = {page['body'] / MAX_ANSWER_BYTES:.2f}x max_answer_bytes "
           f"(goal <= 1.00x): {'met' if page['body'] <= MAX_ANSWER_BYTES else 'NOT met'}")
-    print(f"  structuredContent {page['structured']} bytes ({page['structured'] - MAX_ANSWER_BYTES:+d} against the cap); "
+    print(f"  structuredContent {page['structured']} bytes "
+          f"({page['structured'] - MAX_ANSWER_BYTES:+d} against the cap); "
           f"the same JSON again as text content: {page['text']} bytes before JSON-escaping into the body")
     print(f"  truncated={page['truncated']}, page {page['page']}")
 

@@ -65,7 +65,9 @@ async def test_nmap_version_tells_what_the_scanner_can_do(live_server: StartServ
     assert version["server_version"] == (ROOT / "VERSION").read_text().strip()
 
 
-async def test_a_tasks_result_is_a_resource_only_its_token_reads(live_server: StartServer, listeners: Listeners) -> None:
+async def test_a_tasks_result_is_a_resource_only_its_token_reads(
+    live_server: StartServer, listeners: Listeners
+) -> None:
     [port] = listeners.open_free_top_ports(1)
     server = live_server()
     done = (await call_tool(server.url, ALICE, "custom_scan", {"command": f"-p {port} 127.0.0.1"})).structured_content

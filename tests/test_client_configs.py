@@ -106,7 +106,9 @@ def test_claude_desktop_reaches_the_server_through_mcp_remote(url: str, allow_ht
         ("lm-studio", "mcpServers", "url", {}),
     ],
 )
-def test_json_clients_name_the_url_their_own_way(client: str, container: str, url_key: str, kind: dict[str, str]) -> None:
+def test_json_clients_name_the_url_their_own_way(
+    client: str, container: str, url_key: str, kind: dict[str, str]
+) -> None:
     document = json.loads(render(client))
     assert list(document) == [container]
     servers = document[container]

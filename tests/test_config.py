@@ -93,7 +93,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_bad_network_in_policy_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="'10.0.0.1/8' is not a network"):
+    with pytest.raises(ConfigError, match=r"'10\.0\.0\.1/8' is not a network"):
         load_settings(write(tmp_path / "c.json", {"token": SECRETS["alice"], "allowed_targets": ["10.0.0.1/8"]}))
 
 

@@ -166,7 +166,9 @@ async def list_tool_names(server: LiveServer, token: str) -> set[str]:
         return {tool.name for tool in (await client.list_tools()).tools}
 
 
-async def test_tokens_can_be_limited_to_tools_and_to_targets(live_server: StartServer, nmap_wrapper: NmapWrapper) -> None:
+async def test_tokens_can_be_limited_to_tools_and_to_targets(
+    live_server: StartServer, nmap_wrapper: NmapWrapper
+) -> None:
     tokens = {
         "alice": {"secret": ALICE},
         "bob": {"secret": BOB, "tools": ["quick_scan", "get_task_result"], "allowed_targets": ["127.0.0.2/32"]},
@@ -181,7 +183,8 @@ async def test_tokens_can_be_limited_to_tools_and_to_targets(live_server: StartS
     assert nmap_wrapper.pids() == []
     inside = await call_tool(server.url, BOB, "quick_scan", {"target": "127.0.0.2"})
     assert inside.structured_content["status"] == "completed"
-    assert (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1"})).structured_content["status"] == "completed"
+    quick = await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1"})
+    assert quick.structured_content["status"] == "completed"
     server.stop()
     verdicts = [(r["token"], r["tool"], r["verdict"]) for r in audit_records(server)]
     assert ("bob", "custom_scan", "refused") in verdicts and ("bob", "quick_scan", "allowed") in verdicts

@@ -115,7 +115,7 @@ def test_the_healthcheck_asks_the_api_on_its_port_and_a_worker_on_its_metrics_po
     worker_config = write_config(tmp_path / "worker.json", metrics_port=free_port(), **shared)
     bare_worker_config = write_config(tmp_path / "bare.json", **shared)
     as_worker = ["/opt/nmap-mcp/bin/python", "/opt/nmap-mcp/bin/nmap-mcp", "-c", "/data/config.json", "--worker"]
-    as_api = as_worker[:-1] + ["--api"]
+    as_api = [*as_worker[:-1], "--api"]
     assert healthcheck(monkeypatch, api_config, as_api).main() == 1, "nothing listens yet"
     api = ServiceProcess(server_argv(api_config, "--api"), tmp_path / "api.log").start()
     worker = ServiceProcess(server_argv(worker_config, "--worker"), tmp_path / "worker.log").start()

@@ -68,7 +68,8 @@ async def test_concurrent_scans_count_what_is_queued_or_running(make_store: Make
     limits = Limits(scans_per_minute=100, concurrent_scans=2, addresses_per_day=10_000, rescans_per_hour=100)
     await submit(store, limits)
     await submit(store, limits)
-    with pytest.raises(RateLimited, match="^2 concurrent scans for token 'alice'; retry when one of them has finished"):
+    refused = r"^2 concurrent scans for token 'alice'; retry when one of them has finished"
+    with pytest.raises(RateLimited, match=refused):
         await submit(store, limits)
     [oldest, *_] = await store.tasks.recent("alice", None, 10)
     await store.tasks.cancel(oldest.id, "alice")

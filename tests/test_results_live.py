@@ -52,8 +52,8 @@ async def test_a_waiting_call_sends_mcp_progress_notifications(live_server: Star
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         notes.append((progress, total, message))
 
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {ALICE}"}) as http:
-        async with Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client:
+    async with (httpx2.AsyncClient(headers={"Authorization": f"Bearer {ALICE}"}) as http,
+                Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client):
             result = await client.call_tool(
                 "custom_scan", {"command": "-p 1-300 --scan-delay 20ms 127.0.0.1", "timeout": 60},
                 progress_callback=on_progress,

@@ -111,9 +111,9 @@ def test_an_error_recorded_in_the_xml_is_a_problem() -> None:
     assert "\x1b" not in problem and "&#x1b;" not in problem
 
 
-async def collect(argv: list[str], time_limit: float) -> tuple[NmapRun, ReportParser]:
+async def collect(argv: list[str], time_limit_s: float) -> tuple[NmapRun, ReportParser]:
     report = ReportParser()
-    return await run_nmap(argv, time_limit=time_limit, stdout_sink=report.feed), report
+    return await run_nmap(argv, time_limit_s=time_limit_s, stdout_sink=report.feed), report
 
 
 @pytest.mark.anyio
@@ -130,7 +130,7 @@ async def test_run_nmap_timeout_kills_the_process_group(nmap_wrapper: NmapWrappe
     nmap_wrapper.set_delay(30)
     run, _ = await collect([str(nmap_wrapper.path), "-sT", "-p", "1", "--", "127.0.0.1"], 0.5)
     assert run.timed_out
-    assert run.duration < 5
+    assert run.duration_s < 5
     assert nmap_wrapper.pids() and not nmap_wrapper.alive()
 
 
@@ -181,7 +181,7 @@ async def test_without_pidfds_a_run_still_ends_and_a_time_limit_still_kills(
     assert run.returncode == 0 and [p.port for p in report.result("127.0.0.1").hosts[0].ports] == [port]
     nmap_wrapper.set_delay(30)
     run, _ = await collect([str(nmap_wrapper.path), "--", "127.0.0.1"], 0.5)
-    assert run.timed_out and run.duration < 5 and not nmap_wrapper.alive()
+    assert run.timed_out and run.duration_s < 5 and not nmap_wrapper.alive()
 
 
 def running_commands() -> dict[int, str]:
@@ -190,7 +190,8 @@ def running_commands() -> dict[int, str]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cmdline = (entry / "cmdline").read_bytes()
+                commands[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
     return commands
@@ -225,7 +226,7 @@ async def test_a_sink_that_fails_fails_the_run_and_nmap_is_killed(nmap_wrapper: 
         # nmap writes its XML's head at once, then would take 100 s.
         await run_nmap([str(nmap_wrapper.path), "-sT", "-n", "-p", "1-100", "--scan-delay", "1s", "-oX", "-", "--",
                         "127.0.0.1"],
-                       time_limit=60, stdout_sink=sink)
+                       time_limit_s=60, stdout_sink=sink)
     assert time.monotonic() - started < 5
     [pid] = nmap_wrapper.pids()
     assert not process_alive(pid)
@@ -242,14 +243,16 @@ async def test_what_nmap_leaves_behind_in_its_group_is_killed_when_it_exits(tmp_
                         "print(p.pid)\n")
     stand_in.chmod(0o755)
     out = bytearray()
-    run = await run_nmap([str(stand_in)], time_limit=30, stdout_sink=out.extend)
+    run = await run_nmap([str(stand_in)], time_limit_s=30, stdout_sink=out.extend)
     assert run.returncode == 0 and not run.timed_out
     sleeper = int(out)
     assert wait_until(lambda: not process_alive(sleeper), 5, 0.02)
 
 
 @pytest.mark.anyio
-async def test_nmap_cannot_write_files_and_gets_a_clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_nmap_cannot_write_files_and_gets_a_clean_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NMAP_ARGS", "-oN /tmp/should-not-exist")
     target_file = tmp_path / "written.txt"
     # Even an output option that reached nmap could not write: the file-size limit is zero.

@@ -7,7 +7,6 @@ import asyncio
 import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
@@ -47,7 +46,7 @@ async def make_service(database_url: str, nmap_wrapper: NmapWrapper) -> AsyncIte
                            scan_worker if worker else None)
 
     yield make
-    for stores, scan_worker in running:
+    for _, scan_worker in running:
         if scan_worker is not None:
             await scan_worker.stop()
     await supervisor.stop()
@@ -62,7 +61,7 @@ async def test_a_big_scan_is_sharded_over_two_workers_and_merged(
     [port] = listeners.open_free_top_ports(1)
     first = await make_service(shard_addresses=32)
     second = await make_service(shard_addresses=32, max_answer_bytes=1_000_000)
-    answer = await first.scan("alice", first.custom(f"-Pn -p {port} 127.0.0.0/25"), timeout=60)
+    answer = await first.scan("alice", first.custom(f"-Pn -p {port} 127.0.0.0/25"), timeout_s=60)
     assert answer.status is TaskStatus.COMPLETED and answer.result is not None
     assert len(nmap_wrapper.pids()) == 4, "four shards of 32 addresses"
     page = await second.result("alice", answer.task_id, view="full", limit=1000)
@@ -83,7 +82,7 @@ async def test_cancelling_a_sharded_scan_stops_every_shard(
 ) -> None:
     nmap_wrapper.set_delay(30)
     service = await make_service(shard_addresses=16)
-    started = await service.scan("alice", service.custom("-Pn -p 1 127.0.0.0/26"), timeout=5)
+    started = await service.scan("alice", service.custom("-Pn -p 1 127.0.0.0/26"), timeout_s=5)
     assert started.status is TaskStatus.RUNNING
     assert started.progress is not None and started.progress.phase.endswith("of 4 shards finished")
     cancelled = await service.cancel("alice", started.task_id)
@@ -100,13 +99,13 @@ async def test_scans_go_to_the_pool_that_reaches_them(make_service: MakeService,
     pools = {"near": ["127.0.0.0/24"], "far": ["127.1.0.0/16"]}
     api = await make_service(worker=False, pools=pools)
     await make_service(pool="near", pools=pools)
-    answer = await api.scan("alice", api.custom(f"-p {port} 127.0.0.1"), timeout=30)
+    answer = await api.scan("alice", api.custom(f"-p {port} 127.0.0.1"), timeout_s=30)
     assert answer.status is TaskStatus.COMPLETED and answer.pool == "near" and answer.worker == "worker-1"
-    with pytest.raises(NoPool, match="no scanner pool reaches 127.2.0.1"):
-        await api.scan("alice", api.custom(f"-p {port} 127.2.0.1"), timeout=5)
-    with pytest.raises(NoPool, match="scan them in separate calls: 127.0.0.1 \\(near\\); 127.1.0.1 \\(far\\)"):
-        await api.scan("alice", api.custom(f"-p {port} 127.0.0.1 127.1.0.1"), timeout=5)
-    queued = await api.scan("alice", api.custom(f"-p {port} 127.1.0.1"), timeout=5)
+    with pytest.raises(NoPool, match=r"no scanner pool reaches 127\.2\.0\.1"):
+        await api.scan("alice", api.custom(f"-p {port} 127.2.0.1"), timeout_s=5)
+    with pytest.raises(NoPool, match=r"scan them in separate calls: 127\.0\.0\.1 \(near\); 127\.1\.0\.1 \(far\)"):
+        await api.scan("alice", api.custom(f"-p {port} 127.0.0.1 127.1.0.1"), timeout_s=5)
+    queued = await api.scan("alice", api.custom(f"-p {port} 127.1.0.1"), timeout_s=5)
     assert queued.status is TaskStatus.QUEUED and queued.pool == "far", "no worker serves far yet"
     overview = {p.pool: p for p in (await api.workers()).pools}
     assert overview["far"].queued == 1 and overview["far"].workers_alive == 0
@@ -114,14 +113,14 @@ async def test_scans_go_to_the_pool_that_reaches_them(make_service: MakeService,
     assert overview["near"].workers[0].capacity == 4
 
 
-def test_routing_prefers_the_narrowest_pool_and_honours_a_requested_one(tmp_path: Path) -> None:
+def test_routing_prefers_the_narrowest_pool_and_honours_a_requested_one() -> None:
     settings = Settings(tokens={"a": {"secret": SECRETS["alice"]}},  # type: ignore[arg-type]
                         pools={"all": ["10.0.0.0/8"], "dmz": ["10.50.0.0/16"]})
     policy = Policy(settings, "/usr/bin/nmap")
     dmz = [("10.50.1.0/24", (ipaddress.ip_network("10.50.1.0/24"),))]
     assert policy.route(dmz, None) == "dmz"
     assert policy.route(dmz, "all") == "all"
-    with pytest.raises(NoPool, match="pool 'dmz' does not reach 10.1.0.1"):
+    with pytest.raises(NoPool, match=r"pool 'dmz' does not reach 10\.1\.0\.1"):
         policy.route([("10.1.0.1", (ipaddress.ip_network("10.1.0.1/32"),))], "dmz")
     with pytest.raises(NoPool, match="there is no pool 'lab'"):
         policy.route(dmz, "lab")

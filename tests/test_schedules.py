@@ -119,7 +119,7 @@ def test_webhook_urls_elsewhere_are_refused(url: str) -> None:
 
 def test_a_configured_prefix_that_is_no_http_url_stops_the_server(tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.json", webhook_allowed_urls=["https://hooks.example.com/nmap", "ftp://files"])
-    with pytest.raises(ConfigError, match="'webhook_allowed_urls': .*must be an http:// or https:// URL"):
+    with pytest.raises(ConfigError, match=r"'webhook_allowed_urls': .*must be an http:// or https:// URL"):
         load_settings(config)
 
 
@@ -318,7 +318,8 @@ async def test_webhooks_are_retried_with_backoff_never_follow_a_redirect_and_rec
     open_top_port(listeners, address)
 
     async def webhook_states() -> list[str | None]:
-        listing = [info for owner in ("alice", "bob") for info in (await runtime.schedules.list_schedules(owner)).schedules]
+        listing = [info for owner in ("alice", "bob")
+                   for info in (await runtime.schedules.list_schedules(owner)).schedules]
         return [info.last_change.webhook if info.last_change else None for info in listing]
 
     assert await until(webhook_states, lambda states: states == ["sent", "failed"], 40) == ["sent", "failed"]

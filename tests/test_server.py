@@ -126,7 +126,8 @@ async def test_simultaneous_calls_respect_concurrency_and_queue_bounds(
 async def test_cancel_task_stops_nmap(live_server: StartServer, nmap_wrapper: NmapWrapper) -> None:
     nmap_wrapper.set_delay(60)
     server = live_server()
-    started = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 5})).structured_content
+    started = (await call_tool(server.url, ALICE, "quick_scan",
+                               {"target": "127.0.0.1", "timeout": 5})).structured_content
     [pid] = nmap_wrapper.alive()
     cancelled = (await call_tool(server.url, ALICE, "cancel_task", {"task_id": started["task_id"]})).structured_content
     assert cancelled["status"] == "cancelled"
@@ -140,7 +141,8 @@ async def test_kill_9_then_restart_resolves_the_task_and_frees_capacity(
 ) -> None:
     nmap_wrapper.set_delay(60)
     server = live_server(max_concurrent_tasks=1, lease_seconds=2)
-    started = (await call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 5})).structured_content
+    started = (await call_tool(server.url, ALICE, "quick_scan",
+                               {"target": "127.0.0.1", "timeout": 5})).structured_content
     assert started["status"] == "running"
     [pid] = nmap_wrapper.alive()
     server.kill()
@@ -202,9 +204,9 @@ async def test_tools_describe_themselves(live_server: StartServer) -> None:
     from mcp.client.streamable_http import streamable_http_client
 
     server = live_server()
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {ALICE}"}) as http:
-        async with Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client:
-            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    async with (httpx2.AsyncClient(headers={"Authorization": f"Bearer {ALICE}"}) as http,
+                Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client):
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {"quick_scan", "full_scan", "custom_scan", "get_task_status", "get_task_result",
                           "list_tasks", "cancel_task", "diff_scans", "list_workers", "find_hosts", "top_values",
                           "scan", "nmap_version", "get_limits",
@@ -231,7 +233,7 @@ async def test_healthz_needs_no_token_and_host_origin_protection_is_on(live_serv
 def run_test_client(server: LiveServer, token: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "test_client.py"), token, "--url", server.url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
 
 
@@ -248,7 +250,9 @@ async def test_test_client_passes_on_a_live_server_and_fails_with_a_wrong_token(
     assert "PASS no_token" in bad.stdout
 
 
-async def test_identical_scans_share_one_task_unless_rescan(live_server: StartServer, nmap_wrapper: NmapWrapper) -> None:
+async def test_identical_scans_share_one_task_unless_rescan(
+    live_server: StartServer, nmap_wrapper: NmapWrapper
+) -> None:
     nmap_wrapper.set_delay(1)
     server = live_server()
     first, second = await asyncio.gather(*(

@@ -57,7 +57,8 @@ async def died(supervisor: Supervisor, loop: str, caplog: pytest.LogCaptureFixtu
     # SQLite's RAISE is an IntegrityError, PL/pgSQL's a ProgrammingError.
     assert supervisor.failure in {f"the background loop {loop!r} died ({error})"
                                   for error in ("IntegrityError", "ProgrammingError")}, supervisor.failure
-    [record] = [r for r in caplog.records if r.getMessage() == f"the background loop {loop!r} died; stopping this process"]
+    said = f"the background loop {loop!r} died; stopping this process"
+    [record] = [r for r in caplog.records if r.getMessage() == said]
     assert record.exc_text is not None and "refused by the test" in record.exc_text
 
 

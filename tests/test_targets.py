@@ -125,7 +125,7 @@ def test_split_targets_uses_no_shell_rules() -> None:
 
 
 def test_bad_configured_network_is_named() -> None:
-    with pytest.raises(ValueError, match="'10.0.0.1/8'"):
+    with pytest.raises(ValueError, match=r"'10\.0\.0\.1/8'"):
         parse_networks(["10.0.0.1/8"])
 
 

@@ -40,7 +40,7 @@ async def test_scan_completes_within_the_wait(make_node: MakeNode, nmap_wrapper:
     node = await make_node()
     record = await submit(node.tasks, nmap_wrapper, port)
     assert record.status is TaskStatus.QUEUED
-    done = await node.tasks.wait(record.id, "alice", timeout=30)
+    done = await node.tasks.wait(record.id, "alice", timeout_s=30)
     assert done.status is TaskStatus.COMPLETED and done.result is not None
     assert [(p.port, p.state) for p in done.result.hosts[0].ports] == [(port, "open")]
     assert done.started_at is not None and done.finished_at is not None
@@ -55,13 +55,14 @@ async def test_a_wait_in_the_process_that_finished_the_scan_gets_the_verdict_wit
     node = await make_node()
     record = await submit(node.tasks, nmap_wrapper, port)
     with statements_run(node.stores) as statements:
-        done = await node.tasks.wait(record.id, "alice", timeout=30, known=record)
+        done = await node.tasks.wait(record.id, "alice", timeout_s=30, known=record)
     verdict = next(i for i, (sql, _) in enumerate(statements) if _is_verdict(sql))
     reads = [i for i, (sql, _) in enumerate(statements) if _is_task_read(sql)]
     # Reads while it ran (the wait re-reads at least every half second), none of the verdict.
     assert reads and max(reads) < verdict, statements
     assert done.status is TaskStatus.COMPLETED and done.result is not None
-    assert done == await node.tasks.get(record.id, "alice", with_result=True)  # the row as a read returns it, result and all
+    # The row as a read returns it, result and all.
+    assert done == await node.tasks.get(record.id, "alice", with_result=True)
 
 
 async def test_a_wait_from_a_record_read_before_the_verdict_sees_it_within_half_a_second(
@@ -70,10 +71,10 @@ async def test_a_wait_from_a_record_read_before_the_verdict_sees_it_within_half_
     [port] = listeners.open_free_top_ports(1)
     node = await make_node()
     stale = await submit(node.tasks, nmap_wrapper, port)
-    assert (await node.tasks.wait(stale.id, "alice", timeout=30)).status is TaskStatus.COMPLETED
+    assert (await node.tasks.wait(stale.id, "alice", timeout_s=30)).status is TaskStatus.COMPLETED
     # The verdict was published before this wait subscribed: only its capped first sleep finds it.
     started = time.monotonic()
-    done = await node.tasks.wait(stale.id, "alice", timeout=30, known=stale)
+    done = await node.tasks.wait(stale.id, "alice", timeout_s=30, known=stale)
     assert done.status is TaskStatus.COMPLETED and done.result is not None
     assert time.monotonic() - started < 2
 
@@ -85,9 +86,9 @@ async def test_a_scan_longer_than_the_wait_runs_once_in_the_background(
     nmap_wrapper.set_delay(2)
     node = await make_node()
     record = await submit(node.tasks, nmap_wrapper, port)
-    early = await node.tasks.wait(record.id, "alice", timeout=0.5)
+    early = await node.tasks.wait(record.id, "alice", timeout_s=0.5)
     assert early.status is TaskStatus.RUNNING and early.result is None
-    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
     assert final.status is TaskStatus.COMPLETED
     assert final.result is not None and final.result.hosts[0].ports[0].port == port
     assert len(nmap_wrapper.pids()) == 1
@@ -97,7 +98,7 @@ async def test_a_full_queue_refuses_with_a_clear_error(make_node: MakeNode, nmap
     nmap_wrapper.set_delay(30)
     node = await make_node(capacity=1, max_queued=2)
     first = await submit(node.tasks, nmap_wrapper, 1)
-    assert (await node.tasks.wait(first.id, "alice", timeout=0.5)).status is TaskStatus.RUNNING
+    assert (await node.tasks.wait(first.id, "alice", timeout_s=0.5)).status is TaskStatus.RUNNING
     queued = [await submit(node.tasks, nmap_wrapper, 1) for _ in range(2)]
     with pytest.raises(QueueFull, match="queue is full"):
         await submit(node.tasks, nmap_wrapper, 1)
@@ -173,7 +174,7 @@ async def test_a_wait_is_woken_by_a_change_made_in_another_process(
     waiter = await make_node(worker=False)
     record = await submit(waiter.tasks, nmap_wrapper, port)
     started = time.monotonic()
-    final = await waiter.tasks.wait(record.id, "alice", timeout=30)
+    final = await waiter.tasks.wait(record.id, "alice", timeout_s=30)
     assert final.status is TaskStatus.COMPLETED
     # The scan itself takes well under a second; the wake-up comes from the feed, not a timeout.
     assert time.monotonic() - started < 5

@@ -80,7 +80,7 @@ async def test_concurrency_is_bounded_and_every_task_runs_once(
     node = await make_node(capacity=2)
     records = [await submit(node.tasks, nmap_wrapper, port) for _ in range(6)]
     peak = 0
-    waits = asyncio.gather(*(node.tasks.wait(r.id, "alice", timeout=60) for r in records))
+    waits = asyncio.gather(*(node.tasks.wait(r.id, "alice", timeout_s=60) for r in records))
     while not waits.done():
         peak = max(peak, len(nmap_wrapper.alive()))
         await asyncio.sleep(0.01)
@@ -96,7 +96,7 @@ async def test_cancel_kills_nmap_and_records_cancelled(make_node: MakeNode, nmap
     assert node.worker is not None
     running = await submit(node.tasks, nmap_wrapper, 1)
     queued = await submit(node.tasks, nmap_wrapper, 1)
-    assert (await node.tasks.wait(running.id, "alice", timeout=0.5)).status is TaskStatus.RUNNING
+    assert (await node.tasks.wait(running.id, "alice", timeout_s=0.5)).status is TaskStatus.RUNNING
     assert await wait_for(lambda: len(nmap_wrapper.pids()) == 1)
     [pid] = nmap_wrapper.pids()
     assert (await node.tasks.cancel(running.id, "alice")).status is TaskStatus.CANCELLED
@@ -126,7 +126,7 @@ async def test_a_submission_hands_the_pools_oldest_task_to_a_free_local_worker(
         full = await worker.hand_over(lambda to: node.tasks.submit(
             "alice", ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap_wrapper, port), 120, claim_for=to))
         assert full.claimed is None
-        final = await node.tasks.wait(older.id, "alice", timeout=30)
+        final = await node.tasks.wait(older.id, "alice", timeout_s=30)
         assert final.status is TaskStatus.COMPLETED and final.worker_name == "direct"
         for waiting in (newer.record, full.record):
             assert (await node.tasks.get(waiting.id, "alice")).status is TaskStatus.QUEUED
@@ -161,7 +161,7 @@ async def test_a_caller_cancelled_during_a_hand_over_does_not_strand_its_task(
             await caller
         assert await wait_for(lambda: worker.running == 1)
         [record] = await node.tasks.recent("alice", None, 10)
-        final = await node.tasks.wait(record.id, "alice", timeout=30)
+        final = await node.tasks.wait(record.id, "alice", timeout_s=30)
         assert final.status is TaskStatus.COMPLETED and final.worker_name == "direct"
     finally:
         await worker.stop()
@@ -179,7 +179,8 @@ async def test_expired_leases_are_resolved_by_any_process(
     base = {"owner": "alice", "kind": "custom", "target": "127.0.0.1", "time_limit": 60, "created_at": now,
             "argv": json.dumps(argv_for(nmap_wrapper, port)), "status": "running", "worker_id": "gone"}
     rows = [
-        base | {"id": "claimed-never-started", "claimed_at": now - 60, "started_at": None, "lease_expires_at": now - 30},
+        base | {"id": "claimed-never-started", "claimed_at": now - 60, "started_at": None,
+                "lease_expires_at": now - 30},
         base | {"id": "started-then-died", "claimed_at": now - 50, "started_at": now - 50, "lease_expires_at": now - 1},
         base | {"id": "alive-elsewhere", "claimed_at": now, "started_at": now, "lease_expires_at": now + 3600},
     ]
@@ -187,7 +188,7 @@ async def test_expired_leases_are_resolved_by_any_process(
         conn.execute(insert(tasks), rows)
     engine.dispose()
     node = await make_node(capacity=1, lease=2)
-    requeued = await node.tasks.wait("claimed-never-started", "alice", timeout=30)
+    requeued = await node.tasks.wait("claimed-never-started", "alice", timeout_s=30)
     assert requeued.status is TaskStatus.COMPLETED and requeued.worker_name == "w0"
     assert requeued.result is not None and requeued.result.hosts[0].ports[0].port == port
     died = await node.tasks.get("started-then-died", "alice")
@@ -203,7 +204,7 @@ async def test_shutdown_interrupts_scans_past_the_grace_period_and_keeps_the_que
     node = await make_node(capacity=1, grace=0.2)
     record = await submit(node.tasks, nmap_wrapper, 1)
     waiting = await submit(node.tasks, nmap_wrapper, 1)
-    await node.tasks.wait(record.id, "alice", timeout=0.5)
+    await node.tasks.wait(record.id, "alice", timeout_s=0.5)
     assert await wait_for(lambda: len(nmap_wrapper.pids()) == 1)
     [pid] = nmap_wrapper.pids()
     assert node.worker is not None
@@ -219,7 +220,7 @@ async def test_time_limit_stops_the_scan_and_fails_the_task(make_node: MakeNode,
     nmap_wrapper.set_delay(30)
     node = await make_node()
     record = await submit(node.tasks, nmap_wrapper, 1, limit=1)
-    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
     assert final.status is TaskStatus.FAILED and "time limit of 1 s" in (final.error or "")
     assert not nmap_wrapper.alive()
 
@@ -229,7 +230,7 @@ async def test_finishing_is_a_guarded_transition(make_node: MakeNode, nmap_wrapp
     node = await make_node()
     assert node.worker is not None
     record = await submit(node.tasks, nmap_wrapper, 1)
-    claimed = await node.tasks.wait(record.id, "alice", timeout=0.5)
+    claimed = await node.tasks.wait(record.id, "alice", timeout_s=0.5)
     await node.tasks.cancel(record.id, "alice")
     late = ScanOutcome(TaskStatus.COMPLETED, None, None, b"")
     assert await node.stores.workers.finish(claimed, node.worker.info.id, late) is False
@@ -241,7 +242,7 @@ async def test_time_limit_keeps_the_hosts_finished_so_far(make_node: MakeNode, n
     argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-100", "--scan-delay", "10ms", "--max-hostgroup", "1"],
                       ["127.0.0.1-8"], ipv6=False, privileged=False)
     record = (await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)).record
-    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
     assert final.status is TaskStatus.FAILED and "time limit of 3 s" in (final.error or "")
     assert final.result is not None and final.result.partial
     assert 1 <= len(final.result.hosts) < 8 and final.result.hosts[0].address == "127.0.0.1"
@@ -293,7 +294,7 @@ async def test_a_completed_task_clears_its_live_rows(
             break
         await asyncio.sleep(0.1)
     assert written, "no finished host was written while the scan ran"
-    final = await node.tasks.wait(record.id, "alice", timeout=60)
+    final = await node.tasks.wait(record.id, "alice", timeout_s=60)
     assert final.status is TaskStatus.COMPLETED and final.result is not None and len(final.result.hosts) == 3
     with engine.connect() as conn:
         left = conn.execute(live).all()
@@ -324,7 +325,7 @@ async def test_a_completed_scan_keeps_its_verdict_when_the_database_refuses_its_
             conn.exec_driver_sql(statement)
     engine.dispose()
     record = await submit(node.tasks, nmap_wrapper, port)
-    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
     assert final.status is TaskStatus.COMPLETED and final.result is not None
     assert final.result.hosts[0].ports[0].port == port
     assert await node.stores.inventory.find_hosts("alice", HostQuery(), 10, 0) == ([], 0)
@@ -340,21 +341,21 @@ async def test_a_running_task_resolved_by_another_process_has_its_nmap_stopped(
     nmap_wrapper.set_delay(30)
     node = await make_node(lease=3)
     record = await submit(node.tasks, nmap_wrapper, 1)
-    assert (await node.tasks.wait(record.id, "alice", timeout=1)).status is TaskStatus.RUNNING
+    assert (await node.tasks.wait(record.id, "alice", timeout_s=1)).status is TaskStatus.RUNNING
     assert await wait_for(lambda: len(nmap_wrapper.alive()) == 1)
     engine = create_db_engine(database_url)
     with engine.begin() as conn:
         conn.execute(update(tasks).where(tasks.c.id == record.id).values(
             status=TaskStatus.INTERRUPTED.value, finished_at=time.time(), lease_expires_at=None))
     engine.dispose()
-    final = await node.tasks.wait(record.id, "alice", timeout=10)
+    final = await node.tasks.wait(record.id, "alice", timeout_s=10)
     assert final.status is TaskStatus.INTERRUPTED
     assert await wait_for(lambda: nmap_wrapper.alive() == [], 5)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_database_slower_than_a_lease_interrupts_no_scan(
-    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners, tmp_path: Path,
+    make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners, tmp_path: Path,
 ) -> None:
     """Every write waits 3 s for a lock held elsewhere, longer than the 2 s lease: renewals
     commit late and the reaper's statements wait too. Slow is not dead: the scan completes."""
@@ -370,6 +371,6 @@ async def test_a_database_slower_than_a_lease_interrupts_no_scan(
         holder.execute("ROLLBACK")
     finally:
         holder.close()
-    final = await node.tasks.wait(record.id, "alice", timeout=30)
+    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
     assert final.status is TaskStatus.COMPLETED, final.error
     assert final.result is not None and final.result.hosts[0].ports[0].port == port
