@@ -240,9 +240,12 @@ class Database:
     async def run(self, fn: Callable[..., T], *args: Any, deadline: bool = True) -> T:
         """`fn(*args)` in a database thread; DatabaseUnavailable when the database cannot be
         reached or (with `deadline`) has not answered within `timeout_s`, counted under
-        `fn`'s name."""
+        `fn`'s name. Without a deadline (long by nature: a migration, a VACUUM, a big verdict,
+        parsing a big result) a call says nothing of how promptly the database answers."""
         call = _Call()
-        started = self._in_flight[call] = time.monotonic()
+        started = time.monotonic()
+        if deadline:
+            self._in_flight[call] = started
         answer = asyncio.get_running_loop().run_in_executor(self._threads, _run_call, call, fn, args)
         try:
             async with asyncio.timeout(self.timeout_s if deadline else None):
@@ -253,9 +256,10 @@ class Database:
         except (OperationalError, InterfaceError, sqlite3.OperationalError) as e:
             raise self._unavailable(fn) from e
         finally:
-            del self._in_flight[call]
-            if time.monotonic() - started > SLOW_CALL_SECONDS:
-                self._troubled_at = time.monotonic()
+            if deadline:
+                del self._in_flight[call]
+                if time.monotonic() - started > SLOW_CALL_SECONDS:
+                    self._troubled_at = time.monotonic()
 
     def _unavailable(self, fn: Callable[..., object]) -> DatabaseUnavailable:
         self._troubled_at = time.monotonic()

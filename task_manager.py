@@ -155,7 +155,7 @@ class TaskManager:
         at a time, and a hand-off per poll cost more than the query (bench/status_polling.py:
         a third of the server's CPU per poll on SQLite)."""
         if with_result:
-            return await self._db.run(self._read, task_id, owner)
+            return await self._read_whole(task_id, owner)
         read: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
         self._reads.append((task_id, owner, read))
         if self._reader is None or self._reader.done():
@@ -208,7 +208,7 @@ class TaskManager:
                 verdict = changed.verdict if changed.verdict is not None and changed.verdict.owner == owner else None
                 record = known or verdict
                 if record is None:
-                    record = await self._db.run(self._read, task_id, owner)
+                    record = await self._read_whole(task_id, owner)
                 remaining_s = deadline - loop.time()
                 if record.status.finished or remaining_s <= 0 or (stop is not None and stop.is_set()):
                     return record
@@ -223,7 +223,11 @@ class TaskManager:
         was stopped without one; None when there are none."""
         if record.result is not None:
             return record.result
-        return await self._db.run(self._partial_result, record)
+        shard_results, hosts = await self._db.run(self._select_found, record)
+        if not shard_results and not hosts:
+            return None
+        # Parsing takes long for many hosts: no deadline for that part.
+        return await self._db.run(_partial_result, record, shard_results, hosts, deadline=False)
 
     async def raw_xml(self, task_id: str, owner: str) -> bytes | None:
         """nmap's XML report (for a sharded scan, each shard's report in turn); None while
@@ -277,13 +281,23 @@ class TaskManager:
         return (values | {"started_at": None, "finished_at": None, "error": None}, False,
                 claimed[0] if claimed else None, left_queued)
 
-    def _read(self, task_id: str, owner: str) -> TaskRecord:
-        """One task with its result (which only a finished task has)."""
+    async def _read_whole(self, task_id: str, owner: str) -> TaskRecord:
+        """One task with its result (which only a finished task has). The database answers
+        within its deadline; parsing the result does not count: the largest result nmap's
+        output cap allows (about 15,000 hosts) takes seconds to parse."""
+        record, result = await self._db.run(self._read, task_id, owner)
+        if result is None:
+            return record
+        return replace(record, result=await self._db.run(ScanResult.model_validate_json, result, deadline=False))
+
+    def _read(self, task_id: str, owner: str) -> tuple[TaskRecord, str | None]:
+        """One task, and its result as stored (JSON) for the caller to parse."""
         with self._db.reading() as conn:
             row = conn.execute(_READ_TASK, {"p_id": task_id, "p_owner": owner}).first()
             if row is None:
                 raise TaskNotFound(f"no task {task_id!r}")
-            return _with_shard_progress(conn, TaskRecord.from_row(row._mapping))
+            stored = dict(row._mapping)
+            return _with_shard_progress(conn, TaskRecord.from_row(stored | {"result": None})), stored["result"]
 
     def _read_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
         """Top-level tasks by id, without their results (callers check the owner)."""
@@ -291,29 +305,23 @@ class TaskManager:
             rows = conn.execute(_READ_TASKS, {"p_ids": task_ids}).all()
             return {row.id: _with_shard_progress(conn, TaskRecord.from_row(row._mapping)) for row in rows}
 
-    def _partial_result(self, record: TaskRecord) -> ScanResult | None:
+    def _select_found(self, record: TaskRecord) -> tuple[list[str], list[str]]:
+        """What a task without a result has found so far, as stored (JSON): the results of its
+        shards that finished, and the hosts finished by it or by its running shards."""
         with self._db.reading() as conn:
             if record.shard_count:
                 shards = conn.execute(
                     select(tasks.c.id, tasks.c.result).where(tasks.c.parent_id == record.id)
                 ).all()
-                parts = [ScanResult.model_validate_json(r) for _, r in shards if r]
-                ids = [task_id for task_id, r in shards if not r]
+                results = [result for _, result in shards if result]
+                ids = [task_id for task_id, result in shards if not result]
             else:
-                parts, ids = [], [record.id]
-            rows = conn.execute(
+                results, ids = [], [record.id]
+            hosts = conn.execute(
                 select(task_hosts.c.data).where(task_hosts.c.task_id.in_(ids))
                 .order_by(task_hosts.c.task_id, task_hosts.c.seq)
-            ).scalars()
-            hosts = [HostDetail.model_validate_json(data) for data in rows]
-        if not record.shard_count:
-            return build_result(record.target, hosts, None, complete=False) if hosts else None
-        if hosts:
-            parts.append(build_result(record.target, hosts, None, complete=False))
-        if not parts:
-            return None
-        merged = merge_results(record.target, parts, (record.finished_at or time.time()) - record.created_at)
-        return merged.model_copy(update={"partial": True})
+            ).scalars().all()
+        return results, list(hosts)
 
     def _select_raw(self, task_id: str, owner: str) -> bytes | None:
         mine = (tasks.c.id == task_id) & (tasks.c.owner == owner)
@@ -372,6 +380,20 @@ def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[st
                   "created_at": parent["created_at"] + index * 1e-6}
         for index, shard in enumerate(shards)
     ]
+
+
+def _partial_result(record: TaskRecord, shard_results: list[str], host_rows: list[str]) -> ScanResult | None:
+    """A partial result from what `_select_found` read; None when it holds nothing."""
+    hosts = [HostDetail.model_validate_json(data) for data in host_rows]
+    if not record.shard_count:
+        return build_result(record.target, hosts, None, complete=False) if hosts else None
+    parts = [ScanResult.model_validate_json(result) for result in shard_results]
+    if hosts:
+        parts.append(build_result(record.target, hosts, None, complete=False))
+    if not parts:
+        return None
+    merged = merge_results(record.target, parts, (record.finished_at or time.time()) - record.created_at)
+    return merged.model_copy(update={"partial": True})
 
 
 def _with_shard_progress(conn: Connection, record: TaskRecord) -> TaskRecord:

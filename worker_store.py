@@ -174,7 +174,10 @@ class WorkerStore:
     async def finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
         """Record how the scan ended. False when the task was no longer ours to finish (it
         was cancelled, then only what it found is kept; or resolved by another process)."""
-        verdict = await self._db.run(self._finish, record, worker_id, outcome, record.id in self._live_hosts_of)
+        # No deadline: a big scan's verdict (its inventory fold is many statements) takes as long
+        # as it takes, nobody but this worker waits on it, and a stalled database only delays it.
+        verdict = await self._db.run(self._finish, record, worker_id, outcome, record.id in self._live_hosts_of,
+                                     deadline=False)
         self._live_hosts_of.discard(record.id)
         if verdict is None or record.parent_id:
             self.feed.publish(*record.keys)

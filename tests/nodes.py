@@ -16,12 +16,13 @@ from typing import Any
 
 from sqlalchemy import event
 
-from models import ScanKind, TaskRecord
+from models import ScanKind, ScanResult, TaskRecord
+from nmap_report import ReportParser
 from scanner import build_argv
 from stores import Stores
 from supervisor import Supervisor
 from task_manager import TaskManager
-from tests.support import NmapWrapper
+from tests.support import FIXTURES, NmapWrapper
 from worker import Worker, resolve_expired_forever
 
 
@@ -46,9 +47,10 @@ MakeNode = Callable[..., Awaitable[Node]]
 
 
 async def start_node(database_url: str, name: str, *, capacity: int = 4, max_queued: int = 50, grace: float = 0.5,
-                     lease: float = 30.0, pool: str = "default", worker: bool = True) -> Node:
-    """A node on `database_url` whose worker (started unless `worker` is false) is called `name`."""
-    stores = Stores.open(database_url, max_queued=max_queued, lease_seconds=lease)
+                     lease: float = 30.0, pool: str = "default", worker: bool = True, timeout_s: float = 5.0) -> Node:
+    """A node on `database_url` whose worker (started unless `worker` is false) is called `name`,
+    its database calls answering within `timeout_s`."""
+    stores = Stores.open(database_url, max_queued=max_queued, lease_seconds=lease, timeout_s=timeout_s)
     supervisor = Supervisor()
     await stores.start(supervisor)
     scan_worker = Worker(stores.workers, name=name, pool=pool, capacity=capacity, grace_seconds=grace)
@@ -71,6 +73,18 @@ async def opened_stores(database_url: str, **options: Any) -> AsyncIterator[Stor
         await supervisor.stop()
         await stores.stop()
     assert supervisor.failure is None
+
+
+def big_result(hosts: int) -> ScanResult:
+    """A real report's host (tests/fixtures/rich_loopback.xml: -sV, -O and a script) repeated
+    under `hosts` loopback addresses: the result of a big scan."""
+    text = (FIXTURES / "rich_loopback.xml").read_text()
+    start, end = text.index("<host "), text.index("</host>") + len("</host>")
+    copies = [text[start:end].replace('addr="127.0.0.1"', f'addr="127.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"')
+              for i in range(1, hosts + 1)]
+    report = ReportParser()
+    report.feed((text[:start] + "\n".join(copies) + text[end:]).encode())
+    return report.result("127.0.0.0/8")
 
 
 def argv_for(nmap: NmapWrapper, port: int, target: str = "127.0.0.1") -> list[str]:

@@ -32,6 +32,7 @@ from mcp.types import CallToolResult
 from sqlalchemy.engine import URL, make_url
 
 ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
 SECRETS = {"alice": "alice-secret-" + "a" * 24, "bob": "bob-secret-" + "b" * 26}
 ALICE, BOB = SECRETS["alice"], SECRETS["bob"]
 # The admin URL of the test PostgreSQL server: TCP or, as ./test.sh sets it, its unix socket

@@ -7,12 +7,13 @@ import asyncio
 import time
 
 import pytest
+from sqlalchemy import update
 
 from limits import QueueFull
-from models import ScanKind, TaskRecord, TaskStatus
+from models import ScanKind, TaskRecord, TaskStatus, tasks
 from sharding import Shard
 from task_manager import TaskNotFound
-from tests.nodes import MakeNode, argv_for, statements_run, submit
+from tests.nodes import MakeNode, argv_for, big_result, statements_run, submit
 from tests.support import Listeners, NmapWrapper
 
 pytestmark = pytest.mark.anyio
@@ -196,3 +197,19 @@ async def test_identical_shared_submissions_get_one_task_across_processes(
     assert sorted(submitted.reused for submitted in results) == [False, True, True, True]
     other, reused, _ = await first.tasks.submit("bob", ScanKind.QUICK, "127.0.0.1", argv, 60, share=True)
     assert not reused and other.id != results[0].record.id
+
+
+async def test_reading_the_biggest_result_is_not_cut_by_the_database_deadline(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    """The deadline is the database's: parsing a result of 10,000 hosts (over a second, far
+    more than this node's 0.2 s deadline) is not counted against it."""
+    node = await make_node(worker=False, timeout_s=0.2)
+    record = await submit(node.tasks, nmap_wrapper, 1)
+    result = big_result(10_000)
+    with node.stores.db.engine.begin() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == record.id).values(
+            status=TaskStatus.COMPLETED.value, finished_at=time.time(), result=result.model_dump_json()))
+    read = await node.tasks.get(record.id, "alice", with_result=True)
+    assert read.result is not None and len(read.result.hosts) == 10_000
+    assert (await node.tasks.wait(record.id, "alice", timeout_s=1)).result == read.result

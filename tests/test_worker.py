@@ -18,7 +18,7 @@ from models import ScanKind, ScanOutcome, TaskStatus, WorkerInfo, task_hosts, ta
 from nmap_report import ReportParser, with_versions
 from scanner import build_argv
 from task_manager import Submitted, TaskAlreadyFinished
-from tests.nodes import MakeNode, argv_for, submit, wait_for
+from tests.nodes import MakeNode, argv_for, big_result, submit, wait_for
 from tests.support import Listeners, NmapWrapper, process_alive
 from worker import PhaseEnd, Worker, judge
 
@@ -374,3 +374,22 @@ async def test_a_database_slower_than_a_lease_interrupts_no_scan(
     final = await node.tasks.wait(record.id, "alice", timeout_s=30)
     assert final.status is TaskStatus.COMPLETED, final.error
     assert final.result is not None and final.result.hosts[0].ports[0].port == port
+
+
+async def test_a_big_verdict_is_written_however_long_its_inventory_fold_takes(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    """No deadline on a verdict: folding 5,000 hosts into the inventory takes longer than this
+    node's 0.2 s deadline, and the verdict is written all the same (once, as the claim's)."""
+    node = await make_node(worker=False, timeout_s=0.2)
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1"], ["127.0.0.0/16"], ipv6=False, privileged=False)
+    await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.0/16", argv, 60)
+    worker = WorkerInfo(id="big", name="big", pool="default", capacity=1)
+    [claimed] = await node.stores.workers.claim(worker, "default", 1)
+    assert await node.stores.workers.mark_started(claimed, worker.id)
+    started = time.monotonic()
+    outcome = ScanOutcome(TaskStatus.COMPLETED, big_result(5000), None, b"")
+    assert await node.stores.workers.finish(claimed, worker.id, outcome)
+    assert time.monotonic() - started > 0.2, "the verdict must take longer than the deadline to prove anything"
+    assert (await node.stores.inventory.find_hosts("alice", HostQuery(), 1, 0))[1] == 5000
+    assert (await node.tasks.get(claimed.id, "alice")).status is TaskStatus.COMPLETED
