@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -22,13 +23,49 @@ from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
 
 
+# The tier a fixture puts each test that uses it in (pytest.ini says what each marker means).
+# Tests that start processes, or use PostgreSQL, without these fixtures are marked in their module.
+TIER_OF_FIXTURE = {"live_server": "server", "postgres_url": "postgres", "browser": "browser"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by these markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test marked requires_root("what for") is skipped, saying what for, unless run as root."""
-    if os.geteuid() == 0:
-        return
+    """Mark each test with the tiers its fixtures put it in; then skip, saying why, a test
+    marked requires_root("what for") unless run as root, and a test marked postgres when no
+    PostgreSQL answers and NMAP_MCP_TEST_POSTGRES does not name one (see postgres_missing)."""
     for item in items:
-        if (needs := item.get_closest_marker("requires_root")) is not None:
-            item.add_marker(pytest.mark.skip(reason=f"needs root: {needs.args[0]}"))
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, tier in TIER_OF_FIXTURE.items():
+            if fixture in fixtures:
+                item.add_marker(tier)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("database_url") == "postgresql":
+            item.add_marker("postgres")
+    if os.geteuid() != 0:
+        for item in items:
+            if (needs := item.get_closest_marker("requires_root")) is not None:
+                item.add_marker(pytest.mark.skip(reason=f"needs root: {needs.args[0]}"))
+    postgres = [item for item in items if item.get_closest_marker("postgres") is not None]
+    if postgres and (missing := postgres_missing()) is not None:
+        for item in postgres:
+            item.add_marker(pytest.mark.skip(reason=missing))
+
+
+def postgres_missing() -> str | None:
+    """Why the PostgreSQL tests cannot run here, or None when they can. Set by ./test.sh (and
+    so in CI), NMAP_MCP_TEST_POSTGRES must work: a server it names that does not answer fails
+    those tests rather than skipping them. Unset, the tests use a server at the default URL
+    when one lets them in, and are skipped when none does."""
+    if "NMAP_MCP_TEST_POSTGRES" in os.environ:
+        return None
+    try:
+        psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3).close()
+    except psycopg.Error as e:
+        # psycopg says 'connection failed: connection to server at ... failed: WHY' and then hints.
+        why = (str(e).splitlines() or [type(e).__name__])[0].rsplit("failed: ", 1)[-1].strip()
+        return (f"no PostgreSQL lets user postgres in at {POSTGRES_ADMIN_URL} ({why}): ./test.sh starts one, "
+                "or set NMAP_MCP_TEST_POSTGRES")
+    return None
 
 
 @pytest.fixture

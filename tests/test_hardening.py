@@ -329,6 +329,7 @@ async def test_connections_to_the_listener_have_nagle_off() -> None:
         writer.close()
 
 
+@pytest.mark.server
 def test_a_busy_port_is_one_clear_line_and_no_banner(tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.json")
     port = json.loads(config.read_text())["port"]
@@ -341,6 +342,7 @@ def test_a_busy_port_is_one_clear_line_and_no_banner(tmp_path: Path) -> None:
     assert "listening on" not in finished.stdout and "--print-config" not in finished.stdout
 
 
+@pytest.mark.server
 def test_privileged_without_raw_sockets_is_a_start_up_error_saying_how_to_grant_them() -> None:
     home = Path(tempfile.mkdtemp(prefix="nmap-mcp-nobody-"))
     try:
@@ -371,6 +373,7 @@ def pasted(command: str, env: dict[str, str], cwd: Path) -> subprocess.Completed
                           timeout=START_UP_SECONDS, check=False)
 
 
+@pytest.mark.server
 def test_the_init_hint_works_pasted_in_another_directory(
     tmp_path: Path, packageless_python_first: dict[str, str]
 ) -> None:
@@ -393,6 +396,7 @@ def test_the_init_hint_works_pasted_in_another_directory(
     assert load_settings(tmp_path / "missing.json").named_secrets()
 
 
+@pytest.mark.server
 def test_the_banner_s_commands_work_pasted_in_another_directory(
     tmp_path: Path, packageless_python_first: dict[str, str]
 ) -> None:
@@ -415,6 +419,7 @@ def test_the_banner_s_commands_work_pasted_in_another_directory(
     assert answer["serverInfo"]["name"] == "nmap-mcp"
 
 
+@pytest.mark.server
 def test_version_prints_the_version_file(tmp_path: Path) -> None:
     shown = subprocess.run([sys.executable, str(ROOT / "server.py"), "--version"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=START_UP_SECONDS, check=False)
@@ -434,6 +439,7 @@ def test_nmaps_data_is_found_as_nmap_finds_it(tmp_path: Path) -> None:
     assert find_script_db(str(wrapper), str(tmp_path / "nothing")) == Path("/usr/share/nmap/scripts/script.db")
 
 
+@pytest.mark.server
 def test_files_holding_secrets_or_results_are_private(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     assert subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)],

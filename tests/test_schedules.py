@@ -422,6 +422,8 @@ async def test_a_schedule_is_refused_at_creation_as_its_scan_tool_would_refuse_i
 # ---- exactly once across two processes on one PostgreSQL database ---------------------------
 
 
+@pytest.mark.server
+@pytest.mark.postgres
 async def test_two_processes_on_one_postgresql_database_run_each_due_time_once_even_when_the_holder_dies(
     tmp_path: Path, nmap_wrapper: NmapWrapper,
 ) -> None:

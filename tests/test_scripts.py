@@ -31,6 +31,8 @@ from tests.support import (
     unprivileged,
 )
 
+# Every test runs a script, or a server of its own.
+pytestmark = pytest.mark.server
 # The PostgreSQL variables a developer's shell may carry; the scripts must not depend on them.
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "NMAP_MCP_TEST_POSTGRES")
 PROBE = """
@@ -119,6 +121,7 @@ def test_a_server_that_wants_a_password_gives_way_to_a_private_cluster(password_
     assert still_running(socket_dir), "the machine's server must be left running"
 
 
+@pytest.mark.postgres
 def test_the_socket_url_reaches_the_test_server() -> None:
     with psycopg.connect(postgres_socket_url("postgres")) as conn:
         assert conn.execute("SELECT inet_server_addr() IS NULL").fetchone() == (True,)
