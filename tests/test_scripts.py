@@ -193,6 +193,26 @@ def test_without_root_a_missing_nmap_stops_at_once_naming_what_to_install(shared
     assert not (checkout / ".venv").exists()
 
 
+def test_the_fast_tier_asks_for_nmap_but_for_no_postgresql_or_chromium(shared_dir: Path) -> None:
+    """./test.sh --fast runs on a laptop with python3 and nmap: without root, what it asks to
+    install is nmap alone, where the whole suite asks for PostgreSQL and Chromium too."""
+    checkout = copy_checkout(shared_dir)
+    env = {"PATH": path_without(shared_dir, {"nmap", "psql", "chromium", "chromedriver", "apt-get"}),
+           "HOME": "/nonexistent"}
+
+    def advice(*args: str) -> list[str]:
+        ran = subprocess.run(unprivileged([str(checkout / "test.sh"), *args]), env=env, capture_output=True,
+                             text=True, timeout=30, check=False)
+        assert ran.returncode == 1
+        found = re.search(r"missing .*\. Install with: sudo apt-get install -y ([\w.+ -]+?) \(or rerun", ran.stderr)
+        assert found is not None, ran.stderr
+        return found.group(1).split()
+
+    assert {"nmap", "postgresql", "chromium", "chromium-driver"} <= set(advice())
+    assert advice("--fast") == ["nmap"]
+    assert not (checkout / ".venv").exists()
+
+
 @pytest.mark.requires_root("test.sh installs packages only as root")
 def test_as_root_test_sh_installs_iproute2_for_the_tests_that_need_root(shared_dir: Path) -> None:
     """A fresh Debian root has no `ip`, which the network-namespace tests run."""
