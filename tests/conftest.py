@@ -5,6 +5,8 @@ Every scan in this suite targets 127.0.0.0/8 and asserts only on ports the test 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -15,8 +17,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from fastmcp import Client
 from sqlalchemy.engine import make_url
 
+from config import load_settings
+from server import create_server
 from tests.nodes import MakeNode, Node, start_node
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
 
@@ -139,6 +144,32 @@ def live_server(tmp_path: Path, nmap_wrapper: NmapWrapper) -> Iterator[Callable[
     yield start
     for server in started:
         server.stop()
+
+
+OpenClient = Callable[..., contextlib.AbstractAsyncContextManager[Client]]
+
+
+@pytest.fixture
+def in_memory(tmp_path: Path, nmap_wrapper: NmapWrapper) -> OpenClient:
+    """In-memory MCP clients of create_server(...), for what the tools do: `async with
+    in_memory("bob", **config) as bob:` calls the tools as token bob (its tool scopes, targets
+    and limits apply: the server's stdio_caller), without HTTP or a secret. Its server runs its
+    worker and scans with real nmap (the wrapper); the servers of one test share a SQLite
+    database and an audit log (tmp_path/audit.jsonl), as processes of one service do."""
+    opened = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def open_client(caller: str = "alice", *, mode: str = "auto", **overrides: object) -> AsyncIterator[Client]:
+        index = next(opened)
+        values = {"nmap_path": str(nmap_wrapper.path), "audit_log": str(tmp_path / "audit.jsonl"),
+                  "worker_name": f"{caller}-{index}"} | overrides
+        config = write_config(tmp_path / f"in-memory-{index}.json", stdio_caller=caller, **values)
+        mcp, runtime = create_server(load_settings(config), str(values["nmap_path"]), stdio=True)
+        async with Client(mcp, mode=mode) as client:  # type: ignore[arg-type]
+            yield client
+        assert runtime.supervisor.failure is None
+
+    return open_client
 
 
 @pytest.fixture
