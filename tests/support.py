@@ -545,6 +545,14 @@ async def finished(client: fastmcp.Client, task_id: str, timeout: float = 30) ->
     return found
 
 
+async def running_task(client: fastmcp.Client, nmap: NmapWrapper) -> str:
+    """The id of the one task running, once its nmap has started (the call that submitted it
+    may still be waiting): a task under way without waiting out a call's timeout."""
+    assert await eventually(lambda: len(nmap.alive()) == 1, 20), "nmap did not start"
+    [task] = (await answer_of(client, "list_tasks", status="running"))["tasks"]
+    return str(task["task_id"])
+
+
 def error_text(result: CallToolResult) -> str:
     assert result.is_error, f"expected an error, got {result.structured_content}"
     return result.content[0].text  # type: ignore[union-attr]

@@ -24,8 +24,8 @@ from tests.support import (
     answer_of,
     call,
     error_text,
-    eventually,
     finished,
+    running_task,
     write_config,
 )
 
@@ -35,13 +35,6 @@ READ_ONLY_TOOLS = {"get_task_status", "get_task_result", "list_tasks", "diff_sca
                    "top_values", "nmap_version", "get_limits", "list_schedules"}
 SCAN_TOOLS = {"quick_scan", "full_scan", "custom_scan", "scan", "schedule_scan"}
 DESTRUCTIVE_TOOLS = {"cancel_task", "delete_schedule"}
-
-
-async def running_task(client: Client, nmap: NmapWrapper) -> str:
-    """The id of the task whose nmap has started, once it has (the call that started it still waits)."""
-    assert await eventually(lambda: len(nmap.alive()) == 1, 20), "nmap did not start"
-    [task] = (await answer_of(client, "list_tasks", status="running"))["tasks"]
-    return str(task["task_id"])
 
 
 async def test_quick_scan_reports_exactly_the_test_listeners(in_memory: OpenClient, listeners: Listeners) -> None:
