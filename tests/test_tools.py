@@ -13,11 +13,10 @@ import io
 from pathlib import Path
 
 import pytest
-from fastmcp import Client
 
 from config import load_settings
 from server import create_server
-from tests.conftest import OpenClient
+from tests.conftest import OpenClient, ToolClient
 from tests.support import (
     Listeners,
     NmapWrapper,
@@ -131,19 +130,20 @@ async def test_identical_scans_share_one_task_unless_rescan(in_memory: OpenClien
         assert others["task_id"] not in ids and len(nmap_wrapper.pids()) == 3
 
 
-@pytest.mark.parametrize("target_template", [
-    "--script={tmp}/x.nse", "-oN{tmp}/x", "-iL/etc/passwd", "127.0.0.1;id", "127.0.0.1 -oN{tmp}/y",
-    "$(touch {tmp}/z)", "0177.0.0.1", "169.254.169.254", "::ffff:127.0.0.1", "10.0.0.0/8",
-])
+HOSTILE_TARGETS = ["--script={tmp}/x.nse", "-oN{tmp}/x", "-iL/etc/passwd", "127.0.0.1;id", "127.0.0.1 -oN{tmp}/y",
+                   "$(touch {tmp}/z)", "0177.0.0.1", "169.254.169.254", "::ffff:127.0.0.1", "10.0.0.0/8"]
+
+
 async def test_hostile_targets_are_refused_before_nmap_starts(
-    in_memory: OpenClient, nmap_wrapper: NmapWrapper, tmp_path: Path, target_template: str
+    in_memory: OpenClient, nmap_wrapper: NmapWrapper, tmp_path: Path
 ) -> None:
     (tmp_path / "x.nse").write_text('os.execute("touch ' + str(tmp_path / "ran") + '")')
     async with in_memory(allowed_targets=["0.0.0.0/0"]) as alice:
         before = set(tmp_path.iterdir())
-        for tool in ("quick_scan", "full_scan"):
-            result = await call(alice, tool, {"target": target_template.format(tmp=tmp_path)})
-            assert error_text(result).startswith("invalid_target: ")
+        for template in HOSTILE_TARGETS:
+            for tool in ("quick_scan", "full_scan"):
+                result = await call(alice, tool, {"target": template.format(tmp=tmp_path)})
+                assert error_text(result).startswith("invalid_target: "), (template, tool)
         assert nmap_wrapper.pids() == []
         assert set(tmp_path.iterdir()) == before
 
@@ -157,7 +157,7 @@ async def test_input_validation_is_strict(in_memory: OpenClient, nmap_wrapper: N
     assert nmap_wrapper.pids() == []
 
 
-@pytest.mark.parametrize(("tool", "arguments", "message"), [
+ARGUMENT_ERRORS = [
     ("quick_scan", {"target": "127.0.0.1", "timeout": 4},
      "invalid_argument: timeout must be a whole number from 5 to 300"),
     ("quick_scan", {"target": "127.0.0.1", "timeout": "30"}, "invalid_argument: timeout must be a whole number"),
@@ -169,15 +169,16 @@ async def test_input_validation_is_strict(in_memory: OpenClient, nmap_wrapper: N
     ("get_task_result", {"task_id": UNKNOWN_TASK, "format": "pdf"},
      "invalid_argument: format must be one of json, xml, csv"),
     ("no_such_tool", {}, "not_found: there is no tool 'no_such_tool'"),
-])
-async def test_every_tool_error_starts_with_a_code_and_never_quotes_a_library(
-    in_memory: OpenClient, tool: str, arguments: dict[str, object], message: str
-) -> None:
-    for mode in ("legacy", "auto"):
-        async with in_memory(mode=mode) as alice:
+]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_every_tool_error_starts_with_a_code_and_never_quotes_a_library(in_memory: OpenClient, mode: str) -> None:
+    async with in_memory(mode=mode) as alice:
+        for tool, arguments, message in ARGUMENT_ERRORS:
             text = error_text(await call(alice, tool, arguments))
-        assert text.startswith(message), (mode, text)
-        assert "http" not in text and "pydantic" not in text and "x" * 201 not in text
+            assert text.startswith(message), (tool, arguments, text)
+            assert "http" not in text and "pydantic" not in text and "x" * 201 not in text
 
 
 async def test_tools_describe_themselves(in_memory: OpenClient) -> None:
@@ -269,7 +270,7 @@ async def test_a_call_without_an_identity_is_refused_by_every_tool(tmp_path: Pat
     config = write_config(tmp_path / "config.json", nmap_path=str(nmap_wrapper.path),
                           audit_log=str(tmp_path / "audit.jsonl"))
     mcp, _runtime = create_server(load_settings(config), str(nmap_wrapper.path))
-    async with Client(mcp) as anonymous:
+    async with ToolClient(mcp) as anonymous:
         for tool, arguments in (("quick_scan", {"target": "127.0.0.1"}), ("list_tasks", {}), ("get_limits", {}),
                                 ("get_task_status", {"task_id": UNKNOWN_TASK}), ("list_schedules", {})):
             refused = await call(anonymous, tool, arguments)
