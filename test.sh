@@ -8,8 +8,9 @@
 # skipped, each naming what for. Extra arguments go to pytest (./test.sh -k auth).
 #
 # ./test.sh --fast runs the gate and the fast tier only (pytest.ini's markers): no server
-# process, browser or root, and PostgreSQL only when one answers (its tests are skipped,
-# saying why, otherwise). It needs python3 (3.11 or newer), nmap and git, nothing else.
+# process, browser, root or test that waits 5 s by design, and PostgreSQL only when one answers
+# (its tests are skipped, saying why, otherwise). It needs python3 (3.11 or newer), nmap and
+# git, nothing else.
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh
@@ -33,6 +34,8 @@ ensure_venv requirements-dev.txt
 .venv/bin/ruff check --quiet .
 .venv/bin/mypy
 if $fast; then
-  exec .venv/bin/python -m pytest -m "not server and not browser and not requires_root" "$@"
+  # Two pytest processes per CPU: these tests mostly wait (on nmap, a call's timeout, leases).
+  exec .venv/bin/python -m pytest -n "$((2 * $(nproc)))" \
+    -m "not server and not browser and not requires_root and not slow" "$@"
 fi
 exec scripts/with-postgres.sh .venv/bin/python -m pytest "$@"
