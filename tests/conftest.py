@@ -5,6 +5,8 @@ Every scan in this suite targets 127.0.0.0/8 and asserts only on ports the test 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -13,22 +15,62 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from fastmcp import Client
 from sqlalchemy.engine import make_url
 
+from config import load_settings
+from server import create_server
 from tests.nodes import MakeNode, Node, start_node
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
 
 REAL_NMAP = shutil.which("nmap") or "/usr/bin/nmap"
 
 
+# The tier a fixture puts each test that uses it in (pytest.ini says what each marker means).
+# Tests that start processes, or use PostgreSQL, without these fixtures are marked in their module.
+TIER_OF_FIXTURE = {"live_server": "server", "postgres_url": "postgres", "browser": "browser"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by these markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test marked requires_root("what for") is skipped, saying what for, unless run as root."""
-    if os.geteuid() == 0:
-        return
+    """Mark each test with the tiers its fixtures put it in; then skip, saying why, a test
+    marked requires_root("what for") unless run as root, and a test marked postgres when no
+    PostgreSQL answers and NMAP_MCP_TEST_POSTGRES does not name one (see postgres_missing)."""
     for item in items:
-        if (needs := item.get_closest_marker("requires_root")) is not None:
-            item.add_marker(pytest.mark.skip(reason=f"needs root: {needs.args[0]}"))
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, tier in TIER_OF_FIXTURE.items():
+            if fixture in fixtures:
+                item.add_marker(tier)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("database_url") == "postgresql":
+            item.add_marker("postgres")
+    if os.geteuid() != 0:
+        for item in items:
+            if (needs := item.get_closest_marker("requires_root")) is not None:
+                item.add_marker(pytest.mark.skip(reason=f"needs root: {needs.args[0]}"))
+    postgres = [item for item in items if item.get_closest_marker("postgres") is not None]
+    if postgres and (missing := postgres_missing()) is not None:
+        for item in postgres:
+            item.add_marker(pytest.mark.skip(reason=missing))
+
+
+def postgres_missing() -> str | None:
+    """Why the PostgreSQL tests cannot run here, or None when they can. Set by ./test.sh (and
+    so in CI), NMAP_MCP_TEST_POSTGRES must work: a server it names that does not answer fails
+    those tests rather than skipping them. Unset, the tests use a server at the default URL
+    when one lets them in, and are skipped when none does."""
+    if "NMAP_MCP_TEST_POSTGRES" in os.environ:
+        return None
+    try:
+        psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3).close()
+    except psycopg.Error as e:
+        # psycopg says 'connection failed: connection to server at ... failed: WHY' and then hints.
+        why = (str(e).splitlines() or [type(e).__name__])[0].rsplit("failed: ", 1)[-1].strip()
+        return (f"no PostgreSQL lets user postgres in at {POSTGRES_ADMIN_URL} ({why}): ./test.sh starts one, "
+                "or set NMAP_MCP_TEST_POSTGRES")
+    return None
 
 
 @pytest.fixture
@@ -102,6 +144,42 @@ def live_server(tmp_path: Path, nmap_wrapper: NmapWrapper) -> Iterator[Callable[
     yield start
     for server in started:
         server.stop()
+
+
+class ToolClient(Client):  # type: ignore[type-arg]
+    """A FastMCP client that calls tools as a client without MCP Tasks does. Once a process
+    has imported fastmcp_tasks (collecting test_mcp_tasks.py does) every Client of the
+    2026-07-28 era opts in, and a scan tool's call becomes a task the client waits out: its
+    own answer (running at its timeout, the note on a reused result) would depend on the test
+    modules collected. FastMCP's ProxyClient opts out the same way."""
+
+    _auto_internal_extensions = False
+
+
+OpenClient = Callable[..., contextlib.AbstractAsyncContextManager[Client]]
+
+
+@pytest.fixture
+def in_memory(tmp_path: Path, nmap_wrapper: NmapWrapper) -> OpenClient:
+    """In-memory MCP clients of create_server(...), for what the tools do: `async with
+    in_memory("bob", **config) as bob:` calls the tools as token bob (its tool scopes, targets
+    and limits apply: the server's stdio_caller), without HTTP or a secret. Its server runs its
+    worker and scans with real nmap (the wrapper); the servers of one test share a SQLite
+    database and an audit log (tmp_path/audit.jsonl), as processes of one service do."""
+    opened = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def open_client(caller: str = "alice", *, mode: str = "auto", **overrides: object) -> AsyncIterator[Client]:
+        index = next(opened)
+        values = {"nmap_path": str(nmap_wrapper.path), "audit_log": str(tmp_path / "audit.jsonl"),
+                  "worker_name": f"{caller}-{index}"} | overrides
+        config = write_config(tmp_path / f"in-memory-{index}.json", stdio_caller=caller, **values)
+        mcp, runtime = create_server(load_settings(config), str(values["nmap_path"]), stdio=True)
+        async with ToolClient(mcp, mode=mode) as client:  # type: ignore[arg-type]
+            yield client
+        assert runtime.supervisor.failure is None
+
+    return open_client
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fastmcp
 import httpx
 import httpx2
 import psycopg
@@ -520,6 +521,37 @@ async def tool_call_on_the_wire(
     data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
     message = json.loads(data[-1] if data else response.text)
     return message["result"], len(response.content)
+
+
+async def call(client: fastmcp.Client, name: str, arguments: dict[str, Any]) -> CallToolResult:
+    """One tools/call through an in-memory client (the in_memory fixture); a tool error comes
+    back as a result with is_error, as call_tool returns it over HTTP."""
+    return await client.call_tool(name, arguments, raise_on_error=False)  # type: ignore[return-value]
+
+
+async def answer_of(client: fastmcp.Client, name: str, **arguments: Any) -> dict[str, Any]:
+    """The structured answer of a tool call that must succeed, through an in-memory client."""
+    result = await call(client, name, arguments)
+    assert not result.is_error, error_text(result)
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def finished(client: fastmcp.Client, task_id: str, timeout: float = 30) -> dict[str, Any]:
+    """get_task_result of a task once it has left queued and running, through an in-memory client."""
+    deadline = time.monotonic() + timeout
+    while (found := await answer_of(client, "get_task_result", task_id=task_id))["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, f"still {found['status']} after {timeout} s"
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def running_task(client: fastmcp.Client, nmap: NmapWrapper) -> str:
+    """The id of the one task running, once its nmap has started (the call that submitted it
+    may still be waiting): a task under way without waiting out a call's timeout."""
+    assert await eventually(lambda: len(nmap.alive()) == 1, 20), "nmap did not start"
+    [task] = (await answer_of(client, "list_tasks", status="running"))["tasks"]
+    return str(task["task_id"])
 
 
 def error_text(result: CallToolResult) -> str:

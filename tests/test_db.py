@@ -63,6 +63,7 @@ async def test_a_pooled_postgresql_connection_that_died_while_idle_is_replaced_u
         await stores.db.ping()
 
 
+@pytest.mark.slow("SQLite's 5 s busy timeout")
 async def test_a_sqlite_database_locked_past_its_busy_timeout_is_unavailable(
     tmp_path: Path, nmap_wrapper: NmapWrapper
 ) -> None:

@@ -107,6 +107,7 @@ def healthcheck(monkeypatch: pytest.MonkeyPatch, config: Path, pid1: list[str]) 
     return module
 
 
+@pytest.mark.server
 def test_the_healthcheck_asks_the_api_on_its_port_and_a_worker_on_its_metrics_port(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -42,7 +42,7 @@ from tests.support import (
     write_config,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.server]
 # Short leases, so that a dead worker's task is resolved within seconds.
 LEASE_SECONDS = 3
 # A listener for network namespaces: accept and close every connection, like a quiet service.
@@ -212,6 +212,7 @@ def zones() -> Iterator[dict[str, str]]:
             subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
 
 
+@pytest.mark.postgres  # the fleet's database is on the test server
 async def test_scans_submitted_to_the_api_run_on_the_workers(fleet: Fleet, listeners: Listeners) -> None:
     [port] = listeners.open_free_top_ports(1)
     # Workers first: they start while the API does, and need nothing of it.
@@ -232,6 +233,7 @@ async def test_scans_submitted_to_the_api_run_on_the_workers(fleet: Fleet, liste
     assert len(fleet.nmap.pids()) == 2
 
 
+@pytest.mark.postgres  # the fleet's database is on the test server
 async def test_a_wait_on_the_api_is_woken_by_the_worker_within_half_a_second(
     fleet: Fleet, listeners: Listeners
 ) -> None:
@@ -250,6 +252,7 @@ async def test_a_wait_on_the_api_is_woken_by_the_worker_within_half_a_second(
         print(f"the call returned {returned - answer['finished_at']:.3f} s after the verdict")
 
 
+@pytest.mark.postgres  # the fleet's database is on the test server
 async def test_cancel_through_the_api_stops_nmap_in_the_worker_within_a_second(fleet: Fleet) -> None:
     fleet.worker("worker-1")
     fleet.serve("--api")
@@ -268,6 +271,7 @@ async def test_cancel_through_the_api_stops_nmap_in_the_worker_within_a_second(f
     assert answer["status"] == "cancelled" and answer["task_id"] == task["task_id"]
 
 
+@pytest.mark.postgres  # the fleet's database is on the test server
 async def test_a_worker_killed_mid_scan_has_its_task_interrupted_and_the_other_goes_on(
     fleet: Fleet, listeners: Listeners
 ) -> None:
@@ -397,6 +401,7 @@ async def test_a_database_frozen_longer_than_a_lease_loses_no_running_scan(
 
 
 @pytest.mark.requires_root("a pid namespace (unshare --pid)")
+@pytest.mark.postgres  # the fleet's database is on the test server
 async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_disturbs_nothing(
     fleet: Fleet, listeners: Listeners
 ) -> None:
@@ -423,6 +428,7 @@ async def test_a_second_server_with_the_same_hostname_in_another_pid_namespace_d
 
 
 @pytest.mark.requires_root("network namespaces (ip netns)")
+@pytest.mark.postgres  # the fleet's database is on the test server
 async def test_two_network_zones_each_scan_runs_in_the_zone_its_address_routes_to(
     zones: dict[str, str], fleet: Fleet
 ) -> None:

@@ -1,6 +1,6 @@
 """The inventory across scans: pure planning on recorded results, then find_hosts and
-top_values over several real scans through the official client, ports opened and closed
-between them."""
+top_values over several real scans through in-memory clients of create_server(...) (the
+in_memory fixture), ports opened and closed between them."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from fastmcp import Client
 
 from inventory import InventoryQueryError, address_key, parse_since, plan_update, port_set
 from nmap_report import parse_report
-from tests.support import ALICE, BOB, Listeners, StartServer, call_tool, error_text, free_port
+from tests.conftest import OpenClient
+from tests.support import Listeners, answer_of, call, error_text, free_port
 
 pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -69,63 +71,55 @@ def test_a_later_scan_of_the_same_scope_records_what_closed_and_went_down() -> N
     assert gone not in rows_by_key(outside.hosts, "address"), "only a scan of its network can mark it down"
 
 
-async def scan(server_url: str, command: str, token: str = ALICE) -> dict:
-    answer = (await call_tool(server_url, token, "custom_scan", {"command": command, "timeout": 60})).structured_content
+async def scan(client: Client, command: str) -> dict:
+    answer = await answer_of(client, "custom_scan", command=command, timeout=60)
     assert answer["status"] == "completed", answer
     return answer
 
 
-async def inventory(server_url: str, tool: str, token: str = ALICE, **arguments: object) -> dict:
-    result = await call_tool(server_url, token, tool, arguments)
-    assert not result.is_error, result.content
-    return result.structured_content
-
-
-async def test_find_hosts_and_top_values_over_several_real_scans(
-    live_server: StartServer, listeners: Listeners
-) -> None:
+async def test_find_hosts_and_top_values_over_several_real_scans(in_memory: OpenClient, listeners: Listeners) -> None:
     a, b = free_port("127.0.0.2"), free_port("127.0.0.2")
     assert a != b and listeners.open(a, "127.0.0.2") and listeners.open(b, "127.0.0.2")
     c = free_port("127.0.0.5")
-    server = live_server()
-    before = time.time()
-    first = await scan(server.url, f"-p {a},{b},{c} 127.0.0.2 127.0.0.5")
-    with_a = await inventory(server.url, "find_hosts", port=a)
-    assert [h["address"] for h in with_a["hosts"]] == ["127.0.0.2"]
-    [port] = with_a["hosts"][0]["ports"]
-    assert (port["port"], port["state"], port["last_task_id"]) == (a, "open", first["task_id"])
-    listeners.close(b)
-    assert listeners.open(c, "127.0.0.5")
-    second = await scan(server.url, f"-p {a},{b},{c} 127.0.0.2 127.0.0.5")
-    closed = await inventory(server.url, "find_hosts", port=b, state="any", network="127.0.0.2")
-    [host] = closed["hosts"]
-    [port_b] = host["ports"]
-    assert port_b["state"] == "closed" and port_b["last_task_id"] == second["task_id"]
-    assert port_b["changed_at"] > port_b["first_seen"] >= before
-    assert (await inventory(server.url, "find_hosts", port=b))["hosts"] == [], "open is the default state"
-    on_five = await inventory(server.url, "find_hosts", network="127.0.0.5/32")
-    assert [p["port"] for h in on_five["hosts"] for p in h["ports"]] == [c]
-    changed = await inventory(server.url, "find_hosts", network="127.0.0.0/24", changed_since="1h", state="any")
-    assert {(h["address"], p["port"], p["state"]) for h in changed["hosts"] for p in h["ports"]} >= {
-        ("127.0.0.2", a, "open"), ("127.0.0.2", b, "closed"), ("127.0.0.5", c, "open")}
-    tops = await inventory(server.url, "top_values", field="port", network="127.0.0.0/24")
-    counts = {v["value"]: v["hosts"] for v in tops["values"]}
-    assert counts[f"{a}/tcp"] == 1 and counts[f"{c}/tcp"] == 1 and f"{b}/tcp" not in counts
-    status = await inventory(server.url, "top_values", field="status")
-    assert status["values"] == [{"value": "up", "hosts": 2}]
-    assert (await inventory(server.url, "find_hosts", BOB))["hosts"] == [], "a token sees only its own inventory"
-    refused = await call_tool(server.url, ALICE, "find_hosts", {"network": "not-a-net"})
-    assert error_text(refused).startswith("invalid_argument: network 'not-a-net' is not an address")
+    async with in_memory() as alice, in_memory("bob") as bob:
+        before = time.time()
+        first = await scan(alice, f"-p {a},{b},{c} 127.0.0.2 127.0.0.5")
+        with_a = await answer_of(alice, "find_hosts", port=a)
+        assert [h["address"] for h in with_a["hosts"]] == ["127.0.0.2"]
+        [port] = with_a["hosts"][0]["ports"]
+        assert (port["port"], port["state"], port["last_task_id"]) == (a, "open", first["task_id"])
+        listeners.close(b)
+        assert listeners.open(c, "127.0.0.5")
+        second = await scan(alice, f"-p {a},{b},{c} 127.0.0.2 127.0.0.5")
+        closed = await answer_of(alice, "find_hosts", port=b, state="any", network="127.0.0.2")
+        [host] = closed["hosts"]
+        [port_b] = host["ports"]
+        assert port_b["state"] == "closed" and port_b["last_task_id"] == second["task_id"]
+        assert port_b["changed_at"] > port_b["first_seen"] >= before
+        assert (await answer_of(alice, "find_hosts", port=b))["hosts"] == [], "open is the default state"
+        on_five = await answer_of(alice, "find_hosts", network="127.0.0.5/32")
+        assert [p["port"] for h in on_five["hosts"] for p in h["ports"]] == [c]
+        changed = await answer_of(alice, "find_hosts", network="127.0.0.0/24", changed_since="1h", state="any")
+        assert {(h["address"], p["port"], p["state"]) for h in changed["hosts"] for p in h["ports"]} >= {
+            ("127.0.0.2", a, "open"), ("127.0.0.2", b, "closed"), ("127.0.0.5", c, "open")}
+        tops = await answer_of(alice, "top_values", field="port", network="127.0.0.0/24")
+        counts = {v["value"]: v["hosts"] for v in tops["values"]}
+        assert counts[f"{a}/tcp"] == 1 and counts[f"{c}/tcp"] == 1 and f"{b}/tcp" not in counts
+        status = await answer_of(alice, "top_values", field="status")
+        assert status["values"] == [{"value": "up", "hosts": 2}]
+        assert (await answer_of(bob, "find_hosts"))["hosts"] == [], "a token sees only its own inventory"
+        refused = await call(alice, "find_hosts", {"network": "not-a-net"})
+        assert error_text(refused).startswith("invalid_argument: network 'not-a-net' is not an address")
     assert json.dumps(with_a).count("alice") == 0
 
 
-async def test_find_hosts_pages_under_the_size_cap(live_server: StartServer, listeners: Listeners) -> None:
+async def test_find_hosts_pages_under_the_size_cap(in_memory: OpenClient, listeners: Listeners) -> None:
     [port] = listeners.open_free_top_ports(1)
-    server = live_server(max_answer_bytes=8000)
-    await scan(server.url, f"-Pn -p {port} 127.0.1.0/26")
-    page = await inventory(server.url, "find_hosts", network="127.0.1.0/26", state="any", limit=1000)
-    assert 0 < page["page"]["returned"] < 64 and page["truncated"] and page["page"]["total"] == 64
-    assert f"pass offset {page['page']['next_offset']}" in page["message"]
-    rest = await inventory(server.url, "find_hosts", network="127.0.1.0/26", state="any", limit=1000,
-                           offset=page["page"]["next_offset"])
+    async with in_memory(max_answer_bytes=8000) as alice:
+        await scan(alice, f"-Pn -p {port} 127.0.1.0/26")
+        page = await answer_of(alice, "find_hosts", network="127.0.1.0/26", state="any", limit=1000)
+        assert 0 < page["page"]["returned"] < 64 and page["truncated"] and page["page"]["total"] == 64
+        assert f"pass offset {page['page']['next_offset']}" in page["message"]
+        rest = await answer_of(alice, "find_hosts", network="127.0.1.0/26", state="any", limit=1000,
+                               offset=page["page"]["next_offset"])
     assert rest["hosts"][0]["address"] != page["hosts"][-1]["address"]

@@ -1,5 +1,5 @@
 """Per-token limits, enforced in the database: on real SQLite and PostgreSQL, across two
-"processes" (stores) on one database, and through a live server's tools."""
+"processes" (stores) on one database, and through the tools of in-memory clients."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from db import create_db_engine, upgrade_schema
 from limits import USAGE, USAGE_AND_WAITING, RateLimited, usage_params
 from models import ScanKind, TaskStatus, tasks
 from stores import Stores
+from tests.conftest import OpenClient
 from tests.nodes import opened_stores
-from tests.support import ALICE, BOB, SECRETS, StartServer, call_tool, error_text
+from tests.support import SECRETS, answer_of, call, error_text
 
 pytestmark = pytest.mark.anyio
 MakeStore = Callable[[], Awaitable[Stores]]
@@ -110,16 +111,16 @@ async def test_a_window_counts_exactly_the_tasks_since_its_start(
     assert used["addresses_per_day"] == 111 and used["rescans_per_hour"] == 3 and used["scans_per_minute"] == 1
 
 
-async def test_a_token_s_own_limits_over_live_http(live_server: StartServer) -> None:
+async def test_a_token_s_own_limits_through_its_tools(in_memory: OpenClient) -> None:
     tokens = {"alice": {"secret": SECRETS["alice"]},
               "bob": {"secret": SECRETS["bob"], "limits": {"scans_per_minute": 1}}}
-    server = live_server(tokens=tokens, limits={"concurrent_scans": 5})
-    first = await call_tool(server.url, BOB, "custom_scan", {"command": "-p 1 127.0.0.1"})
-    assert not first.is_error
-    second = await call_tool(server.url, BOB, "custom_scan", {"command": "-p 2 127.0.0.1"})
-    assert re.fullmatch(r"rate_limited: 1 scans per minute for token 'bob'; retry in \d+ s", error_text(second))
-    assert not (await call_tool(server.url, ALICE, "custom_scan", {"command": "-p 2 127.0.0.1"})).is_error
-    shown = (await call_tool(server.url, BOB, "get_limits", {})).structured_content
+    config = {"tokens": tokens, "limits": {"concurrent_scans": 5}}
+    async with in_memory(**config) as alice, in_memory("bob", **config) as bob:
+        assert not (await call(bob, "custom_scan", {"command": "-p 1 127.0.0.1"})).is_error
+        second = await call(bob, "custom_scan", {"command": "-p 2 127.0.0.1"})
+        assert re.fullmatch(r"rate_limited: 1 scans per minute for token 'bob'; retry in \d+ s", error_text(second))
+        assert not (await call(alice, "custom_scan", {"command": "-p 2 127.0.0.1"})).is_error
+        shown = await answer_of(bob, "get_limits")
     by_name = {entry["name"]: entry for entry in shown["limits"]}
     assert shown["token"] == "bob" and by_name["scans_per_minute"] == {
         "name": "scans_per_minute", "limit": 1, "used": 1, "window": "the last minute"}

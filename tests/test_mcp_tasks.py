@@ -43,7 +43,8 @@ from tests.support import (
     write_config,
 )
 
-pytestmark = pytest.mark.anyio
+# Every test runs the service as processes and speaks HTTP to them.
+pytestmark = [pytest.mark.anyio, pytest.mark.server]
 TASKS = "io.modelcontextprotocol/tasks"
 MISSING_TASK = "00000000-0000-4000-8000-000000000000"
 SLOW_SCAN = {"command": "-p 1-500 --scan-delay 20ms 127.0.0.1"}
@@ -176,7 +177,7 @@ def serve_api(config: Path, log: Path) -> ServiceProcess:
     return api
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def test_a_task_outlives_a_restart_of_the_api_process_while_a_worker_scans(
     tmp_path: Path, nmap_wrapper: NmapWrapper, listeners: Listeners, kind: str
 ) -> None:

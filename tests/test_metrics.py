@@ -169,6 +169,7 @@ def test_metrics_token_must_be_long_and_its_own(tmp_path: Path) -> None:
     assert load_settings(write_config(tmp_path / "fine.json", metrics_token=METRICS_SECRET)).metrics_token
 
 
+@pytest.mark.server
 async def test_a_worker_serves_metrics_and_its_health_alone_on_its_metrics_port(
     tmp_path: Path, nmap_wrapper: NmapWrapper, listeners: Listeners
 ) -> None:
@@ -222,6 +223,7 @@ def responds(url: str) -> bool:
     return True
 
 
+@pytest.mark.server
 def test_a_busy_metrics_port_stops_the_worker_with_one_clear_line(tmp_path: Path) -> None:
     metrics_port = free_port()
     config = write_config(tmp_path / "worker.json", metrics_port=metrics_port)

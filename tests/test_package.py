@@ -80,6 +80,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     return Installed(wheel, venv)
 
 
+@pytest.mark.server
 def test_the_wheel_holds_the_modules_and_the_command(installed: Installed) -> None:
     assert installed.wheel.name == f"nmap_mcp-{VERSION}-py3-none-any.whl"
     with zipfile.ZipFile(installed.wheel) as wheel:
@@ -91,6 +92,7 @@ def test_the_wheel_holds_the_modules_and_the_command(installed: Installed) -> No
     assert "nmap-mcp = server:main" in entry_points
 
 
+@pytest.mark.server
 def test_the_installed_command_prints_help_and_writes_a_config(installed: Installed, tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([installed.command, *args], check=False, cwd=tmp_path, capture_output=True, text=True,
@@ -108,6 +110,7 @@ def test_the_installed_command_prints_help_and_writes_a_config(installed: Instal
     assert load_settings(config).named_secrets()
 
 
+@pytest.mark.server
 def test_a_desktop_app_starts_the_installed_command_it_was_given(installed: Installed, tmp_path: Path) -> None:
     """Desktop apps start local servers from their own directory, and with the system's PATH,
     on which a command installed by pipx or into a venv is not."""
@@ -120,6 +123,7 @@ def test_a_desktop_app_starts_the_installed_command_it_was_given(installed: Inst
     assert (info["name"], info["version"]) == ("nmap-mcp", VERSION)
 
 
+@pytest.mark.server
 def test_the_installed_server_serves_and_knows_its_version(installed: Installed, tmp_path: Path) -> None:
     located = subprocess.run(
         [installed.venv / "bin" / "python", "-c", "import server; print(server.__file__)"],

@@ -13,10 +13,10 @@ import pytest
 from config import Settings
 from models import TaskStatus
 from policy import NoPool, Policy
-from scans import ScanService
+from scans import ScanService, without_waiting
 from stores import Stores
 from supervisor import Supervisor
-from tests.support import SECRETS, Listeners, NmapWrapper
+from tests.support import SECRETS, Listeners, NmapWrapper, eventually
 from worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -82,7 +82,11 @@ async def test_cancelling_a_sharded_scan_stops_every_shard(
 ) -> None:
     nmap_wrapper.set_delay(30)
     service = await make_service(shard_addresses=16)
-    started = await service.scan("alice", service.custom("-Pn -p 1 127.0.0.0/26"), timeout_s=5)
+    with without_waiting() as submitted:
+        await service.scan("alice", service.custom("-Pn -p 1 127.0.0.0/26"), timeout_s=60)
+    [parent] = submitted
+    assert await eventually(lambda: len(nmap_wrapper.alive()) == 4, 20), "every shard's nmap started"
+    started = await service.status("alice", parent.id)
     assert started.status is TaskStatus.RUNNING
     assert started.progress is not None and started.progress.phase.endswith("of 4 shards finished")
     cancelled = await service.cancel("alice", started.task_id)
@@ -105,8 +109,9 @@ async def test_scans_go_to_the_pool_that_reaches_them(make_service: MakeService,
         await api.scan("alice", api.custom(f"-p {port} 127.2.0.1"), timeout_s=5)
     with pytest.raises(NoPool, match=r"scan them in separate calls: 127\.0\.0\.1 \(near\); 127\.1\.0\.1 \(far\)"):
         await api.scan("alice", api.custom(f"-p {port} 127.0.0.1 127.1.0.1"), timeout_s=5)
-    queued = await api.scan("alice", api.custom(f"-p {port} 127.1.0.1"), timeout_s=5)
-    assert queued.status is TaskStatus.QUEUED and queued.pool == "far", "no worker serves far yet"
+    # No worker serves far yet: the task stays queued however long the call waits.
+    queued = await api.scan("alice", api.custom(f"-p {port} 127.1.0.1"), timeout_s=0.5)
+    assert queued.status is TaskStatus.QUEUED and queued.pool == "far"
     overview = {p.pool: p for p in (await api.workers()).pools}
     assert overview["far"].queued == 1 and overview["far"].workers_alive == 0
     assert overview["near"].workers_alive == 1 and overview["near"].networks == ["127.0.0.0/24"]

@@ -246,6 +246,7 @@ def signed(secret: str, headers: dict[str, str], body: bytes) -> bool:
 # ---- behaviour on SQLite and PostgreSQL ----------------------------------------------------
 
 
+@pytest.mark.slow("a schedule's runs, 2 s apart, until a change and after it")
 async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_and_nothing_else(
     start_runtime: StartRuntime, receiver: Receiver, listeners: Listeners, database_url: str,
     nmap_wrapper: NmapWrapper,
@@ -303,6 +304,7 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
     assert all(entry["token"] == "alice" for entry in audited if entry["tool"] == "schedule_run")
 
 
+@pytest.mark.slow("a webhook's retries, backing off")
 async def test_webhooks_are_retried_with_backoff_never_follow_a_redirect_and_record_a_failure(
     start_runtime: StartRuntime, receiver: Receiver, listeners: Listeners, database_url: str,
 ) -> None:
@@ -333,6 +335,7 @@ async def test_webhooks_are_retried_with_backoff_never_follow_a_redirect_and_rec
     assert len(receiver.posts("/hooks/moved")) == 4 and receiver.posts("/elsewhere") == []
 
 
+@pytest.mark.slow("runs on a 2 s grid, before and after a gap")
 async def test_a_run_missed_while_no_process_ran_is_run_once_then_the_grid_goes_on(
     start_runtime: StartRuntime, database_url: str, nmap_wrapper: NmapWrapper,
 ) -> None:
@@ -422,6 +425,8 @@ async def test_a_schedule_is_refused_at_creation_as_its_scan_tool_would_refuse_i
 # ---- exactly once across two processes on one PostgreSQL database ---------------------------
 
 
+@pytest.mark.server
+@pytest.mark.postgres
 async def test_two_processes_on_one_postgresql_database_run_each_due_time_once_even_when_the_holder_dies(
     tmp_path: Path, nmap_wrapper: NmapWrapper,
 ) -> None:

@@ -31,6 +31,8 @@ from tests.support import (
     unprivileged,
 )
 
+# Every test runs a script, or a server of its own.
+pytestmark = pytest.mark.server
 # The PostgreSQL variables a developer's shell may carry; the scripts must not depend on them.
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "NMAP_MCP_TEST_POSTGRES")
 PROBE = """
@@ -119,6 +121,7 @@ def test_a_server_that_wants_a_password_gives_way_to_a_private_cluster(password_
     assert still_running(socket_dir), "the machine's server must be left running"
 
 
+@pytest.mark.postgres
 def test_the_socket_url_reaches_the_test_server() -> None:
     with psycopg.connect(postgres_socket_url("postgres")) as conn:
         assert conn.execute("SELECT inet_server_addr() IS NULL").fetchone() == (True,)
@@ -187,6 +190,26 @@ def test_without_root_a_missing_nmap_stops_at_once_naming_what_to_install(shared
     assert advice is not None, ran.stderr
     assert "nmap" in advice.group(1).split()
     assert "apt-get was started" not in ran.stderr
+    assert not (checkout / ".venv").exists()
+
+
+def test_the_fast_tier_asks_for_nmap_but_for_no_postgresql_or_chromium(shared_dir: Path) -> None:
+    """./test.sh --fast runs on a laptop with python3 and nmap: without root, what it asks to
+    install is nmap alone, where the whole suite asks for PostgreSQL and Chromium too."""
+    checkout = copy_checkout(shared_dir)
+    env = {"PATH": path_without(shared_dir, {"nmap", "psql", "chromium", "chromedriver", "apt-get"}),
+           "HOME": "/nonexistent"}
+
+    def advice(*args: str) -> list[str]:
+        ran = subprocess.run(unprivileged([str(checkout / "test.sh"), *args]), env=env, capture_output=True,
+                             text=True, timeout=30, check=False)
+        assert ran.returncode == 1
+        found = re.search(r"missing .*\. Install with: sudo apt-get install -y ([\w.+ -]+?) \(or rerun", ran.stderr)
+        assert found is not None, ran.stderr
+        return found.group(1).split()
+
+    assert {"nmap", "postgresql", "chromium", "chromium-driver"} <= set(advice())
+    assert advice("--fast") == ["nmap"]
     assert not (checkout / ".venv").exists()
 
 

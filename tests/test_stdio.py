@@ -33,7 +33,7 @@ from tests.support import (
     write_config,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
 
 @asynccontextmanager

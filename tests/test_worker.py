@@ -354,6 +354,7 @@ async def test_a_running_task_resolved_by_another_process_has_its_nmap_stopped(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.slow("writes held up 3 s, past a 2 s lease")
 async def test_a_database_slower_than_a_lease_interrupts_no_scan(
     make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners, tmp_path: Path,
 ) -> None:
