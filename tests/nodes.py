@@ -47,10 +47,9 @@ MakeNode = Callable[..., Awaitable[Node]]
 
 
 async def start_node(database_url: str, name: str, *, capacity: int = 4, max_queued: int = 50, grace: float = 0.5,
-                     lease: float = 30.0, pool: str = "default", worker: bool = True, timeout_s: float = 5.0) -> Node:
-    """A node on `database_url` whose worker (started unless `worker` is false) is called `name`,
-    its database calls answering within `timeout_s`."""
-    stores = Stores.open(database_url, max_queued=max_queued, lease_seconds=lease, timeout_s=timeout_s)
+                     lease: float = 30.0, pool: str = "default", worker: bool = True) -> Node:
+    """A node on `database_url` whose worker (started unless `worker` is false) is called `name`."""
+    stores = Stores.open(database_url, max_queued=max_queued, lease_seconds=lease)
     supervisor = Supervisor()
     await stores.start(supervisor)
     scan_worker = Worker(stores.workers, name=name, pool=pool, capacity=capacity, grace_seconds=grace)
@@ -76,15 +75,17 @@ async def opened_stores(database_url: str, **options: Any) -> AsyncIterator[Stor
 
 
 def big_result(hosts: int) -> ScanResult:
-    """A real report's host (tests/fixtures/rich_loopback.xml: -sV, -O and a script) repeated
-    under `hosts` loopback addresses: the result of a big scan."""
-    text = (FIXTURES / "rich_loopback.xml").read_text()
-    start, end = text.index("<host "), text.index("</host>") + len("</host>")
-    copies = [text[start:end].replace('addr="127.0.0.1"', f'addr="127.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"')
-              for i in range(1, hosts + 1)]
+    """The result of a big scan: the host of a real run (tests/fixtures/rich_loopback.xml: -sV,
+    -O and a script) under `hosts` loopback addresses."""
     report = ReportParser()
-    report.feed((text[:start] + "\n".join(copies) + text[end:]).encode())
-    return report.result("127.0.0.0/8")
+    report.feed((FIXTURES / "rich_loopback.xml").read_bytes())
+    result = report.result("127.0.0.0/8")
+    [host] = result.hosts
+    copies = [host.model_copy(update={"address": f"127.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"})
+              for i in range(1, hosts + 1)]
+    open_ports = sum(port.state == "open" for port in host.ports) * hosts
+    return result.model_copy(update={"hosts": copies, "hosts_up": hosts, "hosts_total": hosts,
+                                     "open_ports": open_ports})
 
 
 def argv_for(nmap: NmapWrapper, port: int, target: str = "127.0.0.1") -> list[str]:
