@@ -202,8 +202,9 @@ async def test_identical_shared_submissions_get_one_task_across_processes(
 async def test_reading_a_big_result_is_not_cut_by_the_database_deadline(
     make_node: MakeNode, nmap_wrapper: NmapWrapper
 ) -> None:
-    """The deadline is the database's: parsing a result of 5,000 hosts (about 0.7 s on a quiet
-    machine) is not counted against a 0.4 s deadline."""
+    """The deadline is the database's: parsing a result of 5,000 hosts is not counted against it.
+    The deadline is set to half the parse time measured here, so the test holds on any machine:
+    reading the stored text takes a small fraction of parsing it."""
     node = await make_node(worker=False)
     record = await submit(node.tasks, nmap_wrapper, 1)
     stored = big_result(5_000).model_dump_json()
@@ -212,8 +213,7 @@ async def test_reading_a_big_result_is_not_cut_by_the_database_deadline(
             status=TaskStatus.COMPLETED.value, finished_at=time.time(), result=stored))
     started = time.monotonic()
     ScanResult.model_validate_json(stored)
-    assert time.monotonic() - started > 0.4, "parsing must take longer than the deadline to prove anything"
-    node.stores.db.timeout_s = 0.4
+    node.stores.db.timeout_s = (time.monotonic() - started) / 2
     read = await node.tasks.get(record.id, "alice", with_result=True)
     assert read.result is not None and len(read.result.hosts) == 5_000
     assert (await node.tasks.wait(record.id, "alice", timeout_s=1)).result == read.result
