@@ -37,15 +37,16 @@ _OWNER: BindParameter[str] = bindparam("p_owner")
 # The queue's length: queued tasks a worker may claim (a sharded parent is never claimed).
 _COUNT_WAITING = select(func.count().label("waiting")).select_from(tasks).where(
     tasks.c.status == TaskStatus.QUEUED.value, tasks.c.shard_count == 0)
-# What a token's top-level tasks use of its limits: the windows' usage from usage_minutes (see
-# `_windowed`), and the queued and running tasks (index range scans that read no row on SQLite,
-# see models.tasks; one status at a time: given `status IN (...)`, PostgreSQL read every task
-# of the token).
+# What a token's tasks use of its limits: the windows' usage of its top-level tasks from
+# usage_minutes (see `_windowed`), and its nmap processes queued and running: a task, or each
+# shard of a sharded one (its parent runs nothing). Counted one status at a time: given
+# `status IN (...)`, PostgreSQL read every task of the token.
 _TOP_LEVEL_OF_OWNER = (tasks.c.owner == _OWNER) & tasks.c.parent_id.is_(None)
 
 
-def _top_level_in(status: TaskStatus) -> Any:
-    return select(func.count()).where(_TOP_LEVEL_OF_OWNER, tasks.c.status == status.value).scalar_subquery()
+def _nmap_runs_in(status: TaskStatus) -> Any:
+    return select(func.count()).where(tasks.c.owner == _OWNER, tasks.c.status == status.value,
+                                      tasks.c.shard_count == 0).scalar_subquery()
 
 
 def _windowed(bucketed: Any, from_tasks: Any, window: str, *counted: Any) -> Any:
@@ -61,7 +62,7 @@ def _windowed(bucketed: Any, from_tasks: Any, window: str, *counted: Any) -> Any
 
 USAGE = select(
     _windowed(usage_minutes.c.scans, func.count(), "minute").label("scans_per_minute"),
-    (_top_level_in(TaskStatus.QUEUED) + _top_level_in(TaskStatus.RUNNING)).label("concurrent_scans"),
+    (_nmap_runs_in(TaskStatus.QUEUED) + _nmap_runs_in(TaskStatus.RUNNING)).label("concurrent_scans"),
     _windowed(usage_minutes.c.addresses, func.coalesce(func.sum(tasks.c.address_count), 0), "day")
     .label("addresses_per_day"),
     _windowed(usage_minutes.c.rescans, func.count(), "hour", tasks.c.forced.is_(True)).label("rescans_per_hour"),
@@ -99,7 +100,7 @@ def check_submission(conn: Connection, values: dict[str, Any], limits: Limits | 
         waiting = conn.execute(_COUNT_WAITING).scalar_one()
     else:
         usage = _usage_in(conn, values["owner"], values["created_at"], USAGE_AND_WAITING)
-        _check_limits(conn, values, limits, usage)
+        _check_limits(conn, values, limits, usage, new_tasks)
         waiting = usage["waiting"]
     if waiting + new_tasks > max_queued:
         raise QueueFull(f"the scan queue is full ({max_queued} tasks waiting); try again later or cancel queued tasks")
@@ -112,10 +113,12 @@ def add_usage(conn: Connection, dialect: str, values: dict[str, Any]) -> None:
         "addresses": values["address_count"], "rescans": int(values["forced"])})
 
 
-def _check_limits(conn: Connection, values: dict[str, Any], limits: Limits, usage: dict[str, int]) -> None:
+def _check_limits(conn: Connection, values: dict[str, Any], limits: Limits, usage: dict[str, int],
+                  nmap_runs: int) -> None:
     owner = values["owner"]
-    # What the new task adds to each limit's count (a rescan counts only when forced).
-    adds = {"concurrent_scans": 1, "scans_per_minute": 1, "addresses_per_day": values["address_count"]}
+    # What the new task adds to each limit's count: its nmap runs (its shards), one scan, its
+    # addresses, and one rescan when forced.
+    adds = {"concurrent_scans": nmap_runs, "scans_per_minute": 1, "addresses_per_day": values["address_count"]}
     if values["forced"]:
         adds["rescans_per_hour"] = 1
     passed = [(name, limit) for name, more in adds.items()
@@ -127,6 +130,9 @@ def _check_limits(conn: Connection, values: dict[str, Any], limits: Limits, usag
     if name == "addresses_per_day" and values["address_count"] > limit:
         raise RateLimited(f"this scan covers {values['address_count']} addresses, more than the {limit} "
                           f"addresses per day of token '{owner}'; scan a smaller range")
+    if name == "concurrent_scans" and nmap_runs > limit:
+        raise RateLimited(f"this scan runs as {nmap_runs} nmap processes (one per shard), more than the {limit} "
+                          f"concurrent scans of token '{owner}'; scan a smaller range")
     if name == "concurrent_scans":
         raise RateLimited(f"{limit} concurrent scans for token '{owner}'; retry when one of them has finished "
                           "(list_tasks shows them)")

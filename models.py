@@ -112,8 +112,9 @@ tasks = Table(
     # reads this index alone (rows hold results and XML; reading them made a submit cost 4.7 ms
     # once the token had 1,200 tasks of the day, and it grew with every scan).
     Index("ix_tasks_owner_created", "owner", "created_at", "parent_id", "address_count", "forced"),
-    # A token's queued and running tasks; parent_id lets the concurrency count read it alone.
-    Index("ix_tasks_owner_status_created", "owner", "status", "created_at", "parent_id"),
+    # A token's queued and running tasks; with parent_id and shard_count the concurrency count
+    # (its nmap runs) reads it alone.
+    Index("ix_tasks_owner_status_created", "owner", "status", "created_at", "parent_id", "shard_count"),
     Index("ix_tasks_parent", "parent_id"),
     Index("ux_tasks_dedupe_key", "dedupe_key", unique=True),
 )

@@ -43,6 +43,13 @@ class ParsedCommand:
     targets: list[str] = field(default_factory=list)
     scripts: list[str] = field(default_factory=list)
 
+    def add_default(self, name: str, value: str) -> None:
+        """Add an allowlisted option the caller did not give, spelled and placed as
+        parse_command would have had the caller written it last: before the `--script`
+        expression, which the parse writes last (argv_check compares word for word)."""
+        at = next((i for i, word in enumerate(self.options) if word.startswith("--script=")), len(self.options))
+        self.options[at:at] = [name, _value(ALLOWED_OPTIONS[name], value)]
+
 
 def _integer(low: int, high: int) -> Callable[[str], str]:
     def check(value: str) -> str:

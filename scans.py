@@ -175,7 +175,7 @@ class ScanService:
         """custom_scan's command, checked against the allowlist (CommandError if refused)."""
         parsed = parse_command(command, self.policy.scripts, privileged=self._settings.privileged)
         if "--host-timeout" not in parsed.options:
-            parsed.options += ["--host-timeout", f"{self._settings.custom_host_timeout}s"]
+            parsed.add_default("--host-timeout", f"{self._settings.custom_host_timeout}s")
         return ScanRequest(ScanKind.CUSTOM, parsed.options, parsed.targets, shareable=False, pool=pool)
 
     def typed(self, spec: TypedScan, pool: str | None = None) -> ScanRequest:
@@ -325,7 +325,8 @@ class ScanService:
     async def limits(self, owner: str) -> LimitsAnswer:
         """The caller's limits, and how much of each its scans use now."""
         limits, used = self.policy.limits(owner), await self._stores.usage.usage(owner)
-        windows = {"scans_per_minute": "the last minute", "concurrent_scans": "queued or running now",
+        windows = {"scans_per_minute": "the last minute",
+                   "concurrent_scans": "nmap runs queued or running now (a shard is one)",
                    "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour"}
         return LimitsAnswer(token=owner, limits=[
             LimitUsage(name=name, limit=getattr(limits, name), used=used[name], window=window)

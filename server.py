@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
+from argv_check import ArgvCheck
 from audit import AuditLog, AuditMiddleware, Auditor
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import CLIENTS, render_client_config, render_client_configs
@@ -91,8 +92,10 @@ class Runtime:
             timeout_s=settings.database_timeout_seconds,
             on_unavailable=self.metrics.database_error,
         )
+        policy = Policy(settings, nmap_path)
         self.worker = None if role is Role.API else Worker(
             self.stores.workers,
+            ArgvCheck.of_worker(nmap_path, policy, privileged=settings.privileged, pool=settings.pool),
             name=settings.worker_name or socket.gethostname(),
             pool=settings.pool,
             capacity=settings.max_concurrent_tasks,
@@ -100,7 +103,7 @@ class Runtime:
             version_seconds=settings.version_detection_seconds,
             metrics=self.metrics,
         )
-        self.service = ScanService(self.stores, Policy(settings, nmap_path), settings, nmap_path, self.worker, VERSION)
+        self.service = ScanService(self.stores, policy, settings, nmap_path, self.worker, VERSION)
         self.schedules = Schedules(self.stores.schedules, self.service, settings)
         self.scheduler = Scheduler(self.stores, self.schedules, self.service, settings, self.auditor,
                                    name=settings.worker_name or socket.gethostname())

@@ -1,13 +1,15 @@
 """Scan workers: claim -> scan -> finish, leases renewed by a heartbeat, and shutdown.
 
 A worker serves one pool and runs at most `capacity` nmap processes at once. It claims the
-oldest queued tasks of its pool, as many as it has free slots (the claim gives it a lease);
-a call submitting in its process while a slot is free makes that claim in the submitting
-transaction (`hand_over`). It marks each task started just before its nmap starts, writes
-progress and finished hosts as they come (at most about once a second), and records the
-verdict. Its heartbeat renews the leases
-of the scans it runs; a task it no longer holds (cancelled by a caller in any process, or
-resolved elsewhere) has its nmap stopped within about a second, through the store's change feed.
+next queued tasks of its pool, in fair turns across their owners (worker_store), as many as
+it has free slots (the claim gives it a lease); a call submitting in its process while a
+slot is free makes that claim in the submitting transaction (`hand_over`). It checks each
+task's argv against its own configuration and refuses one it would not have built
+(argv_check); it marks each task started just before its nmap starts, writes progress and
+finished hosts as they come (at most about once a second), and records the verdict. Its
+heartbeat renews the leases of the scans it runs; a task it no longer holds (cancelled by a
+caller in any process, or resolved elsewhere) has its nmap stopped within about a second,
+through the store's change feed.
 
 Shutdown, in order: stop claiming; give running scans `grace_seconds`; stop the rest, which
 are recorded `interrupted` with the hosts they had finished; give back tasks claimed but not
@@ -24,10 +26,11 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import logs
+from argv_check import ArgvCheck, TaskRefused
 from change_feed import queue_key, wait_set
 from db import SLOW_CALL_SECONDS, Database, DatabaseUnavailable
 from metrics import Metrics
@@ -55,11 +58,13 @@ class Worker:
     """One process's scan worker; see the module docstring."""
 
     def __init__(
-        self, store: WorkerStore, *, name: str, pool: str, capacity: int, grace_seconds: float,
+        self, store: WorkerStore, check: ArgvCheck, *, name: str, pool: str, capacity: int, grace_seconds: float,
         version_seconds: float = 300.0, metrics: Metrics | None = None,
     ) -> None:
         self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity)
         self._store = store
+        # What a task may run is decided here again, not trusted from the database (argv_check).
+        self._check = check
         self._metrics = metrics or Metrics()
         self._grace_s = grace_seconds
         # The time bound of a full scan's second phase, version detection.
@@ -182,6 +187,12 @@ class Worker:
             await self._store.release(record, self.info.id)
             return
         try:
+            record = replace(record, argv=await self._check.argv_to_run(record))
+        except TaskRefused as e:
+            logger.error("task %s refused, nmap not started: %s", record.id, e)
+            await self._record(record, failure(f"refused by the worker: {e}"))
+            return
+        try:
             if not await self._store.mark_started(record, self.info.id):
                 return  # cancelled between claim and start: nmap never ran
         except DatabaseUnavailable:
@@ -283,7 +294,7 @@ class Worker:
                     raise
                 # A result the store cannot take (a bug): the task still gets a verdict, not a lease to expire.
                 logger.exception("task %s: its %s result could not be recorded", record.id, outcome.status.value)
-                outcome = record_failure("internal error while recording the result")
+                outcome = failure("internal error while recording the result")
 
     async def _heartbeat_loop(self) -> None:
         """Renew this worker's leases every third of a lease. A renewal that failed wrote no
@@ -351,8 +362,9 @@ def _outcome_of(end: PhaseEnd) -> ScanOutcome:
     return ScanOutcome(TaskStatus.COMPLETED, end.result, None, end.raw_xml)
 
 
-def record_failure(error: str) -> ScanOutcome:
-    """The verdict of a scan whose outcome the store could not take (a bug): failed, with nothing kept."""
+def failure(error: str) -> ScanOutcome:
+    """The verdict of a scan that failed with nothing kept: one refused before nmap ran, or
+    one whose outcome the store could not take (a bug)."""
     return ScanOutcome(TaskStatus.FAILED, None, error, b"")
 
 

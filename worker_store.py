@@ -53,18 +53,39 @@ _P: dict[str, BindParameter[str]] = {name: bindparam(f"p_{name}") for name in ("
 _OURS = (tasks.c.id == _P["id"]) & (tasks.c.worker_id == _P["worker"])
 _RUNNING_OURS = _OURS & (tasks.c.status == TaskStatus.RUNNING.value)
 _STILL_OURS = select(tasks.c.id).where(_RUNNING_OURS)
-# The oldest queued tasks, chosen once: PostgreSQL may run an `IN (SELECT ... LIMIT n FOR
-# UPDATE SKIP LOCKED)` subquery again per row it updates, each time skipping the rows it just
-# locked, and so claim more than n (seen: 4 scans on 2 slots). A MATERIALIZED CTE runs once.
-_OLDEST_QUEUED = (
-    select(tasks.c.id)
+# The next queued tasks, in fair turns: each owner's turn is its nmap processes already running
+# in the pool (shards count, each is one) plus its place in its own queue, so an owner with
+# nothing running goes before one with a backlog, and within one owner the oldest goes first.
+# One owner's queue thus delays another's task by at most the scan in a slot when it arrives.
+_RUNNING_PER_OWNER = (
+    select(tasks.c.owner, func.count().label("running"))
+    .where(tasks.c.status == TaskStatus.RUNNING.value, tasks.c.pool == _P["pool"], tasks.c.shard_count == 0)
+    .group_by(tasks.c.owner).subquery("running_per_owner")
+)
+_QUEUED_TURNS = (
+    select(tasks.c.id, tasks.c.created_at, (
+        func.coalesce(_RUNNING_PER_OWNER.c.running, 0)
+        + func.row_number().over(partition_by=tasks.c.owner, order_by=(tasks.c.created_at, tasks.c.id))
+    ).label("turn"))
+    .select_from(tasks.outerjoin(_RUNNING_PER_OWNER, _RUNNING_PER_OWNER.c.owner == tasks.c.owner))
     .where(tasks.c.status == TaskStatus.QUEUED.value, tasks.c.pool == _P["pool"], tasks.c.shard_count == 0)
-    .order_by(tasks.c.created_at).limit(bindparam("p_limit")).with_for_update(skip_locked=True)
-    .cte("oldest_queued").prefix_with("MATERIALIZED")
+    .subquery("queued_turns")
+)
+# Chosen once: PostgreSQL may run an `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` subquery
+# again per row it updates, each time skipping the rows it just locked, and so claim more than
+# n (seen: 4 scans on 2 slots). A MATERIALIZED CTE runs once. The turns are counted in a
+# subquery because FOR UPDATE cannot lock rows of a query with a window function.
+_NEXT_QUEUED = (
+    select(tasks.c.id)
+    .join(_QUEUED_TURNS, _QUEUED_TURNS.c.id == tasks.c.id)
+    .where(tasks.c.status == TaskStatus.QUEUED.value)
+    .order_by(_QUEUED_TURNS.c.turn, _QUEUED_TURNS.c.created_at, tasks.c.id).limit(bindparam("p_limit"))
+    .with_for_update(of=tasks, skip_locked=True)
+    .cte("next_queued").prefix_with("MATERIALIZED")
 )
 _CLAIM = (
     update(tasks)
-    .where(tasks.c.id == _OLDEST_QUEUED.c.id, tasks.c.status == TaskStatus.QUEUED.value)
+    .where(tasks.c.id == _NEXT_QUEUED.c.id, tasks.c.status == TaskStatus.QUEUED.value)
     .values(status=TaskStatus.RUNNING.value)
     .returning(*TASK_SUMMARY)
 )
@@ -96,8 +117,9 @@ class PoolStatus:
 
 def claim_in(conn: Connection, worker: WorkerInfo, pool: str, limit: int, now: float,
              lease_seconds: float) -> list[TaskRecord]:
-    """In `conn`'s transaction: up to `limit` of the pool's oldest queued tasks, oldest first,
-    now leased to `worker` (a shard's parent is marked running with its first shard)."""
+    """In `conn`'s transaction: up to `limit` of the pool's queued tasks, in fair turns across
+    owners (see _NEXT_QUEUED), now leased to `worker`, oldest first (a shard's parent is
+    marked running with its first shard)."""
     rows = conn.execute(_CLAIM, {"p_pool": pool, "p_limit": limit, "worker_id": worker.id,
                                  "worker_name": worker.name, "claimed_at": now,
                                  "lease_expires_at": now + lease_seconds}).all()
@@ -147,7 +169,7 @@ class WorkerStore:
         await self._db.run(self._delete_worker, worker_id)
 
     async def claim(self, worker: WorkerInfo, pool: str, limit: int) -> list[TaskRecord]:
-        """Up to `limit` of the pool's oldest queued tasks, oldest first, now leased to
+        """Up to `limit` of the pool's queued tasks in fair turns across owners, now leased to
         `worker`; fewer (or none) when the queue holds fewer."""
         return await self._db.run(self._claim, worker, pool, limit)
 

@@ -86,10 +86,12 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def mcp_session(url: str, event_hooks: dict[str, list[Any]] | None = None) -> AsyncIterator[Client]:
-    """One official MCP SDK client (mode auto: the 2026-07-28 era here) with the bench token;
-    `event_hooks` go to its httpx2 client (to see the requests and responses on the wire)."""
-    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {SECRET}"}, timeout=600,
+async def mcp_session(url: str, event_hooks: dict[str, list[Any]] | None = None,
+                      secret: str = SECRET) -> AsyncIterator[Client]:
+    """One official MCP SDK client (mode auto: the 2026-07-28 era here) with `secret` (the bench
+    token's unless given); `event_hooks` go to its httpx2 client (to see the requests and
+    responses on the wire)."""
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {secret}"}, timeout=600,
                               event_hooks=event_hooks or {})
     async with http, Client(streamable_http_client(url, http_client=http)) as client:
         yield client

@@ -183,12 +183,13 @@ def in_memory(tmp_path: Path, nmap_wrapper: NmapWrapper) -> OpenClient:
 
 
 @pytest.fixture
-async def make_node(database_url: str) -> AsyncIterator[MakeNode]:
-    """Nodes (a process's stores and worker, see tests/nodes.py) on one database, stopped at teardown."""
+async def make_node(database_url: str, nmap_wrapper: NmapWrapper) -> AsyncIterator[MakeNode]:
+    """Nodes (a process's stores and worker, see tests/nodes.py) on one database, running the
+    test's nmap wrapper, stopped at teardown."""
     nodes: list[Node] = []
 
     async def make(**options: Any) -> Node:
-        node = await start_node(database_url, f"w{len(nodes)}", **options)
+        node = await start_node(database_url, f"w{len(nodes)}", nmap_wrapper, **options)
         nodes.append(node)
         return node
 

@@ -16,8 +16,11 @@ from typing import Any
 
 from sqlalchemy import event
 
+from argv_check import ArgvCheck
+from config import Settings
 from models import ScanKind, ScanResult, TaskRecord
 from nmap_report import ReportParser
+from policy import Policy
 from scanner import build_argv
 from stores import Stores
 from supervisor import Supervisor
@@ -31,6 +34,8 @@ class Node:
     stores: Stores
     worker: Worker | None
     supervisor: Supervisor
+    # What the node's workers may run: the test's nmap, on loopback.
+    check: ArgvCheck
 
     @property
     def tasks(self) -> TaskManager:
@@ -46,17 +51,25 @@ class Node:
 MakeNode = Callable[..., Awaitable[Node]]
 
 
-async def start_node(database_url: str, name: str, *, capacity: int = 4, max_queued: int = 50, grace: float = 0.5,
-                     lease: float = 30.0, pool: str = "default", worker: bool = True) -> Node:
-    """A node on `database_url` whose worker (started unless `worker` is false) is called `name`."""
+def loopback_check(nmap: NmapWrapper, pool: str = "default") -> ArgvCheck:
+    """A worker's check for the tests' scans: `nmap`, loopback allowed, /16 networks at most."""
+    settings = Settings(allow_loopback=True, max_addresses_per_scan=65_536, nmap_path=str(nmap.path))
+    return ArgvCheck.of_worker(str(nmap.path), Policy(settings, str(nmap.path)), privileged=False, pool=pool)
+
+
+async def start_node(database_url: str, name: str, nmap: NmapWrapper, *, capacity: int = 4, max_queued: int = 50,
+                     grace: float = 0.5, lease: float = 30.0, pool: str = "default", worker: bool = True) -> Node:
+    """A node on `database_url` whose worker (started unless `worker` is false) is called `name`
+    and runs `nmap`."""
     stores = Stores.open(database_url, max_queued=max_queued, lease_seconds=lease)
     supervisor = Supervisor()
     await stores.start(supervisor)
-    scan_worker = Worker(stores.workers, name=name, pool=pool, capacity=capacity, grace_seconds=grace)
+    check = loopback_check(nmap, pool)
+    scan_worker = Worker(stores.workers, check, name=name, pool=pool, capacity=capacity, grace_seconds=grace)
     if worker:
         await scan_worker.start(supervisor)
     supervisor.start("lease-reaper", resolve_expired_forever(stores.workers, stores.db, max(lease / 4, 0.2)))
-    return Node(stores, scan_worker if worker else None, supervisor)
+    return Node(stores, scan_worker if worker else None, supervisor, check)
 
 
 @contextlib.asynccontextmanager

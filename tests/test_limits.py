@@ -18,6 +18,7 @@ from config import Limits
 from db import create_db_engine, upgrade_schema
 from limits import USAGE, USAGE_AND_WAITING, RateLimited, usage_params
 from models import ScanKind, TaskStatus, tasks
+from sharding import Shard
 from stores import Stores
 from tests.conftest import OpenClient
 from tests.nodes import opened_stores
@@ -182,3 +183,19 @@ async def test_postgresql_counts_a_tokens_running_scans_without_reading_its_fini
     by_status = [n for n in nodes if "status" in str(n.get("Index Cond", ""))]
     assert len(by_status) == 2, nodes
     assert not [n for n in nodes if "status" in str(n.get("Filter", ""))], nodes
+
+
+async def test_each_shard_of_a_sharded_scan_counts_toward_concurrent_scans(make_store: MakeStore) -> None:
+    """A /24 in 4 shards starts 4 nmaps: it counts 4, not 1 (it counted 1 and started 4)."""
+    store = await make_store()
+    limits = WIDE.model_copy(update={"concurrent_scans": 5})
+    shards = [Shard(f"127.0.0.{i}", [*ARGV[:-1], f"127.0.0.{i}"]) for i in range(1, 5)]
+    await store.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-4", ARGV, 60, limits=limits, shards=shards,
+                             address_count=4)
+    assert (await store.usage.usage("alice"))["concurrent_scans"] == 4
+    await submit(store, limits)
+    with pytest.raises(RateLimited, match=r"^5 concurrent scans for token 'alice'"):
+        await submit(store, limits)
+    with pytest.raises(RateLimited, match=r"^this scan runs as 6 nmap processes \(one per shard\), more than the 5"):
+        await store.tasks.submit("bob", ScanKind.CUSTOM, "127.0.0.1-6", ARGV, 60, limits=limits, address_count=6,
+                                 shards=[*shards, *shards[:2]])

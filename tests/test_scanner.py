@@ -38,7 +38,7 @@ def test_argv_puts_targets_after_double_dash_and_owns_output() -> None:
 
 def test_full_scan_argv_and_ipv6() -> None:
     argv = build_argv("nmap", scan_options(ScanKind.FULL, privileged=True), ["::1"], ipv6=True, privileged=True)
-    assert argv == ["nmap", "-sS", "-T4", "-p-", "--min-rate", "1000", "--max-retries", "2", "-n", "-oX", "-",
+    assert argv == ["nmap", "-sS", "-T4", "-p", "1-65535", "--min-rate", "1000", "--max-retries", "2", "-n", "-oX", "-",
                     "--stats-every", "2s", "--privileged", "-6", "--", "::1"]
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from argv_check import ArgvCheck
 from config import Settings
 from models import TaskStatus
 from policy import NoPool, Policy
@@ -38,12 +39,14 @@ async def make_service(database_url: str, nmap_wrapper: NmapWrapper) -> AsyncIte
         settings = settings_for(database_url, nmap_wrapper, pool=pool, **overrides)
         stores = Stores.open(database_url, max_queued=100)
         await stores.start(supervisor)
-        scan_worker = Worker(stores.workers, name=f"worker-{len(running)}", pool=pool, capacity=4, grace_seconds=0.5)
+        policy = Policy(settings, str(nmap_wrapper.path))
+        check = ArgvCheck.of_worker(str(nmap_wrapper.path), policy, privileged=settings.privileged, pool=pool)
+        scan_worker = Worker(stores.workers, check, name=f"worker-{len(running)}", pool=pool, capacity=4,
+                             grace_seconds=0.5)
         if worker:
             await scan_worker.start(supervisor)
         running.append((stores, scan_worker if worker else None))
-        return ScanService(stores, Policy(settings, str(nmap_wrapper.path)), settings, str(nmap_wrapper.path),
-                           scan_worker if worker else None)
+        return ScanService(stores, policy, settings, str(nmap_wrapper.path), scan_worker if worker else None)
 
     yield make
     for _, scan_worker in running:

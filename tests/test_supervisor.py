@@ -63,12 +63,12 @@ async def died(supervisor: Supervisor, loop: str, caplog: pytest.LogCaptureFixtu
 
 
 @pytest.fixture
-async def node(database_url: str) -> AsyncIterator[Callable[..., object]]:
+async def node(database_url: str, nmap_wrapper: NmapWrapper) -> AsyncIterator[Callable[..., object]]:
     """One node, whose supervisor the test reads (a dead loop is what these tests expect)."""
     started: list[Node] = []
 
     async def start(**options: object) -> Node:
-        started.append(await start_node(database_url, "w0", **options))  # type: ignore[arg-type]
+        started.append(await start_node(database_url, "w0", nmap_wrapper, **options))  # type: ignore[arg-type]
         return started[-1]
 
     yield start

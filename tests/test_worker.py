@@ -17,6 +17,7 @@ from inventory import HostQuery
 from models import ScanKind, ScanOutcome, TaskStatus, WorkerInfo, task_hosts, tasks
 from nmap_report import ReportParser, with_versions
 from scanner import build_argv
+from sharding import Shard
 from task_manager import Submitted, TaskAlreadyFinished
 from tests.nodes import MakeNode, argv_for, big_result, submit, wait_for
 from tests.support import Listeners, NmapWrapper, process_alive
@@ -115,7 +116,7 @@ async def test_a_submission_hands_the_pools_oldest_task_to_a_free_local_worker(
     loop would: an older queued task goes first. A worker with no slot free claims nothing."""
     [port] = listeners.open_free_top_ports(1)
     node = await make_node(worker=False)  # no claim loop: only hand-overs start scans here
-    worker = Worker(node.stores.workers, name="direct", pool="default", capacity=1, grace_seconds=0.5)
+    worker = Worker(node.stores.workers, node.check, name="direct", pool="default", capacity=1, grace_seconds=0.5)
     try:
         nmap_wrapper.set_delay(1.5)
         older = await submit(node.tasks, nmap_wrapper, port)
@@ -144,7 +145,7 @@ async def test_a_caller_cancelled_during_a_hand_over_does_not_strand_its_task(
 ) -> None:
     [port] = listeners.open_free_top_ports(1)
     node = await make_node(worker=False)
-    worker = Worker(node.stores.workers, name="direct", pool="default", capacity=1, grace_seconds=0.5)
+    worker = Worker(node.stores.workers, node.check, name="direct", pool="default", capacity=1, grace_seconds=0.5)
     submitting = asyncio.Event()
 
     async def submit_later(to: WorkerInfo | None) -> Submitted:
@@ -396,3 +397,31 @@ async def test_a_big_verdict_is_written_however_long_its_inventory_fold_takes(
     node.stores.db.timeout_s = 5.0
     assert (await node.stores.inventory.find_hosts("alice", HostQuery(), 1, 0))[1] == 5000
     assert (await node.tasks.get(claimed.id, "alice")).status is TaskStatus.COMPLETED
+
+
+async def test_workers_take_owners_in_fair_turns_oldest_first_within_one(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    """One token's backlog (and its shards, each an nmap run) does not hold another token's
+    task back: the next slot goes to the owner with the fewest runs in the pool plus place in
+    its own queue, so `small` waits for one slot's turn, not for `hog`'s whole queue."""
+    node = await make_node(worker=False)
+    worker = WorkerInfo(id="turns", name="turns", pool="default", capacity=8)
+    shards = [Shard(target, argv_for(nmap_wrapper, 1, target)) for target in ("127.0.0.1", "127.0.0.2", "127.0.0.3")]
+    hog = [(await submit(node.tasks, nmap_wrapper, 1, owner="hog")).id for _ in range(3)]
+    sharded = await submit(node.tasks, nmap_wrapper, 1, owner="hog", shards=shards)
+    small = [(await submit(node.tasks, nmap_wrapper, 1, owner="small")).id for _ in range(2)]
+    claimed = [record for _ in range(8) for record in await node.stores.workers.claim(worker, "default", 1)]
+    assert [record.id for record in claimed[:5]] == [hog[0], small[0], hog[1], small[1], hog[2]]
+    assert [record.parent_id for record in claimed[5:]] == [sharded.id] * 3
+
+
+async def test_a_claim_of_several_slots_gives_each_owner_its_turn(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    node = await make_node(worker=False)
+    worker = WorkerInfo(id="turns", name="turns", pool="default", capacity=8)
+    hog = [(await submit(node.tasks, nmap_wrapper, 1, owner="hog")).id for _ in range(4)]
+    others = [(await submit(node.tasks, nmap_wrapper, 1, owner=owner)).id for owner in ("small", "carol")]
+    claimed = {record.id for record in await node.stores.workers.claim(worker, "default", 3)}
+    assert claimed == {hog[0], *others}

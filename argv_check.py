@@ -1,0 +1,129 @@
+"""What a worker runs: a task's argv, checked against the worker's own configuration.
+
+The task database is not a trust boundary of its own: in a fleet it is shared by the API
+and by workers in other network zones, so whoever can write one row of `tasks` would
+otherwise choose the command every scanner host runs. A worker therefore re-derives the
+argv the API would have built for the task's options and targets, with its own nmap, option
+allowlist, NSE policy, target policy and pool, through the same functions the API uses
+(nmap_options.parse_command, targets.resolve_targets, scanner.build_argv), and runs the
+task only when the stored argv is that argv word for word. It runs its own nmap_path, never
+the program the row names: that word is the one part allowed to differ (an API and a worker
+may have nmap installed at different paths).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from models import TaskRecord
+from nmap_options import CommandError, parse_command
+from policy import Policy
+from scanner import build_argv
+from targets import IPNetwork, TargetError, parse_literal, resolve_targets
+
+# The one `--script` value the server writes (nse_policy.ScriptPolicy.expression): the caller's
+# picks come first; the rest is rebuilt from this worker's own policy and compared.
+_SCRIPT_EXPRESSION = re.compile(r"--script=\((?P<picks>[a-z0-9_-]+(?: or [a-z0-9_-]+)*)\) and .*")
+# What refusals quote of a stored word: enough to recognise it, never a whole hostile row.
+QUOTE_LIMIT = 80
+
+
+class TaskRefused(ValueError):
+    """A task's argv is not one this worker would have built; the message says why."""
+
+
+@dataclass(frozen=True)
+class ArgvCheck:
+    """This worker's configuration, as far as it decides what may run."""
+
+    nmap_path: str
+    policy: Policy
+    privileged: bool
+    # The networks of this worker's pool; None when the server has no pools (one pool reaches all).
+    pool_networks: tuple[IPNetwork, ...] | None
+
+    @classmethod
+    def of_worker(cls, nmap_path: str, policy: Policy, *, privileged: bool, pool: str) -> ArgvCheck:
+        """The check of a worker in `pool` (one missing from configured pools reaches nothing)."""
+        return cls(nmap_path, policy, privileged, policy.pools.get(pool, ()) if policy.pools else None)
+
+    async def argv_to_run(self, record: TaskRecord) -> list[str]:
+        """The argv to run for `record`: its stored argv, with this worker's nmap, once every
+        word has been checked; TaskRefused otherwise."""
+        options, targets = _split(record.argv)
+        command = shlex.join([*_as_command(options), "--", *targets])
+        try:
+            parsed = parse_command(command, self.policy.scripts, privileged=self.privileged)
+        except CommandError as e:
+            raise TaskRefused(f"its options are not allowed here: {e}") from e
+        for target in targets:
+            self._check_literal(target)
+        try:
+            resolved = await resolve_targets(targets, self.policy.targets(record.owner))
+        except TargetError as e:
+            raise TaskRefused(f"its targets are not allowed here: {e}") from e
+        self._check_pool(resolved.networks)
+        expected = build_argv(self.nmap_path, parsed.options, resolved.nmap_targets, ipv6=resolved.ipv6,
+                              privileged=self.privileged)
+        if expected[1:] != record.argv[1:]:
+            raise TaskRefused(_first_difference(record.argv, expected))
+        return expected
+
+    @staticmethod
+    def _check_literal(target: str) -> None:
+        """Targets are stored resolved: a name here would make the worker resolve it."""
+        try:
+            literal = parse_literal(target)
+        except TargetError as e:
+            raise TaskRefused(f"its targets are not allowed here: {e}") from e
+        if literal is None:
+            raise TaskRefused(f"its target {_quoted(target)} is not an address or network")
+
+    def _check_pool(self, networks: Sequence[Sequence[IPNetwork]]) -> None:
+        if self.pool_networks is None:
+            return
+        for network in (n for covered in networks for n in covered):
+            if not any(network.version == home.version and network.subnet_of(home)  # type: ignore[arg-type]
+                       for home in self.pool_networks):
+                raise TaskRefused(f"its target {network} is outside this worker's pool")
+
+
+def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The caller's options (before the server's own output flags, which start at `-n`) and
+    the targets (after `--`)."""
+    if "--" not in argv:
+        raise TaskRefused("its argv has no '--' before its targets")
+    end = list(argv).index("--")
+    head = list(argv[1:end])
+    if "-n" not in head:
+        raise TaskRefused("its argv lacks the server's own flags")
+    return head[: head.index("-n")], list(argv[end + 1:])
+
+
+def _as_command(options: Sequence[str]) -> list[str]:
+    """The options as custom_scan would take them: a stored `--script=EXPRESSION` becomes the
+    picks it was built from."""
+    return [_script_picks(word) if word.startswith("--script=") else word for word in options]
+
+
+def _script_picks(word: str) -> str:
+    match = _SCRIPT_EXPRESSION.fullmatch(word)
+    if match is None:
+        raise TaskRefused(f"its script selection {_quoted(word)} is not one the server writes")
+    return "--script=" + ",".join(match.group("picks").split(" or "))
+
+
+def _first_difference(stored: Sequence[str], expected: Sequence[str]) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(stored, expected, strict=False)) if i and a != b),
+              min(len(stored), len(expected)))
+    found = _quoted(stored[at]) if at < len(stored) else "its end"
+    wanted = _quoted(expected[at]) if at < len(expected) else "the end"
+    return f"its argv is not the one this server builds for its options and targets: word {at} is {found}, " \
+           f"not {wanted}"
+
+
+def _quoted(word: str) -> str:
+    return repr(word if len(word) <= QUOTE_LIMIT else word[:QUOTE_LIMIT] + "...")
