@@ -38,7 +38,7 @@ from schedule_store import ScheduleNotFound
 from schedules import ScheduleError, parse_every
 from server import Role, Runtime, create_server
 from tests.nodes import opened_stores
-from tests.receivers import STREAM, NameTable, WebhookReceiver
+from tests.receivers import STREAM, NameTable, WebhookReceiver, receiver_address
 from tests.support import (
     ALICE,
     SECRETS,
@@ -48,7 +48,9 @@ from tests.support import (
     ServiceProcess,
     call_tool,
     error_text,
+    free_port,
     postgres_socket_url,
+    raw_tool_call,
     scratch_database,
     server_argv,
     top_ports,
@@ -344,6 +346,31 @@ async def test_a_receiver_streaming_without_end_is_recorded_failed_not_sent(
     failed = await delivery_of(database_url, schedule_id, change_due(database_url, schedule_id))
     assert failed.webhook_status == "failed" and failed.webhook_attempts == 4
     assert failed.webhook_error == f"the receiver's answer was longer than {RESPONSE_BYTES} bytes (after 4 attempts)"
+
+
+@pytest.mark.server
+async def test_the_one_time_webhook_secret_never_reaches_a_debug_log(
+    tmp_path: Path, nmap_wrapper: NmapWrapper, receiver: WebhookReceiver,
+) -> None:
+    """Before: at DEBUG, sse_starlette logged every event it streamed, and so schedule_scan's
+    answer with the webhook_secret in it (a client of the 2025-11-25 protocol gets it as SSE)."""
+    host = receiver_address()
+    config = write_config(tmp_path / "c.json", host=host, port=free_port(host), nmap_path=str(nmap_wrapper.path),
+                          audit_log=str(tmp_path / "audit.jsonl"), **allowing(receiver, "/hooks"))
+    process = ServiceProcess(server_argv(config), tmp_path / "server.log").start()
+    try:
+        assert wait_until(lambda: "listening on" in process.log_text(), START_UP_SECONDS), process.log_text()
+        url = f"http://{host}:{json.loads(config.read_text())['port']}/mcp"
+        arguments = {"kind": "quick", "target": loopback_address(), "every": "1h",
+                     "webhook_url": receiver.url("/hooks/n?key=k9")}
+        created = await raw_tool_call(url, ALICE, "schedule_scan", arguments)
+        secret = created["structuredContent"]["webhook_secret"]
+        assert len(secret) >= 43
+    finally:
+        process.stop()
+    log = process.log_text()
+    assert "DEBUG" in log and "POST /mcp" in log, "the log is the real, verbose one"
+    assert secret not in log and "k9" not in log
 
 
 @pytest.mark.slow("runs on a 2 s grid, before and after a gap")

@@ -5,12 +5,14 @@ The URL and address rules are pure. The sender is tested against real HTTP(S) re
 this machine has no DNS to repoint; the sender takes its resolver as a parameter, so what is
 tested is the code that runs, with one resolver swapped for another. Each hostile receiver
 reproduces a finding of the penetration test of issue 19: a body streamed without end, an
-answer trickled, a redirect, an allowed name pointed at a loopback address, path tricks.
+answer trickled, a redirect, an allowed name pointed at a loopback address, path tricks, and
+secrets in DEBUG logs.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import ssl
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError, Settings, load_settings
+from logs import configure_logging
 from tests.receivers import STREAM, TRICKLE, TRICKLE_HEADERS, NameTable, WebhookReceiver, tls_contexts
 from tests.support import write_config
 from webhooks import (
@@ -266,3 +269,21 @@ async def test_https_to_a_pinned_address_keeps_sni_and_verifies_the_certificate_
         assert len(receiver.requests) == 1
     finally:
         receiver.stop()
+
+
+async def test_no_log_level_shows_the_secret_the_signature_or_the_receivers_key(
+    receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: httpx logged each request's URL at INFO, the receiver's key in its query with it;
+    httpcore traces every request and answer at DEBUG. The server configures its logging so
+    (configure_logging), then everything at DEBUG is captured."""
+    configure_logging("DEBUG", "text")
+    caplog.set_level(logging.DEBUG)
+    secret, raw = "webhook-secret-" + "q" * 28, b'{"event":"scan_changed"}'
+    names = NameTable()
+    names.point(NAME, receiver.host)
+    for path in ("/hooks/x?key=receiver-key-7", "/hooks/moved?key=receiver-key-7", STREAM):
+        await sender_to(receiver, names=names).post(receiver.url(path, NAME), raw, secret, "run-1")
+    assert len(receiver.requests) == 3 and logging.getLogger().isEnabledFor(logging.DEBUG)
+    for kept in (secret, signature(secret, raw).removeprefix("sha256="), "receiver-key-7"):
+        assert kept not in caplog.text
