@@ -7,6 +7,7 @@ import time; `load_settings` is the only entry point.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from pydantic_settings import (
 
 from nse_policy import DEFAULT_CATEGORIES, EXCLUDED_CATEGORIES
 from targets import parse_networks
-from webhooks import endpoint
+from webhooks import NEVER_REACHED, Rules, WebhookRefused, check_prefixes, endpoint, in_deny_list
 
 DEFAULT_CONFIG_PATH = Path("config.json")
 ENV_PREFIX = "NMAP_MCP_"
@@ -167,6 +168,10 @@ class Settings(BaseSettings):
     # URL prefixes a schedule's webhook may point at (scheme, host, port and path prefix, e.g.
     # https://hooks.example.com/nmap). Empty: no webhooks, so none can reach internal services.
     webhook_allowed_urls: list[str] = Field(default_factory=list)
+    # Exact addresses a webhook may reach although they are not public (loopback, private,
+    # shared): an internal receiver's, e.g. 10.0.5.20. Every other non-public address is refused,
+    # also when an allowed host name resolves to it (webhooks.py).
+    webhook_allowed_addresses: list[str] = Field(default_factory=list)
     db_path: str = "nmap_tasks.db"
     database_url: str | None = None
     nmap_path: str = "nmap"
@@ -222,6 +227,18 @@ class Settings(BaseSettings):
             endpoint(value)
         return values
 
+    @field_validator("webhook_allowed_addresses")
+    @classmethod
+    def _webhook_addresses(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                address = ipaddress.ip_address(value)
+            except ValueError as e:
+                raise ValueError(f"{value[:64]!r} is not one IP address; list each receiver's exact address") from e
+            if in_deny_list(address):
+                raise ValueError(f"{address} is an address {NEVER_REACHED}")
+        return values
+
     @field_validator("script_categories")
     @classmethod
     def _safe_categories(cls, values: list[str]) -> list[str]:
@@ -246,6 +263,11 @@ class Settings(BaseSettings):
             named.setdefault(DEFAULT_TOKEN_NAME, self.token.get_secret_value())
         return named
 
+    def webhook_rules(self) -> Rules:
+        """Where schedules' webhooks may go (webhooks.py)."""
+        return Rules(tuple(self.webhook_allowed_urls),
+                     frozenset(ipaddress.ip_address(value) for value in self.webhook_allowed_addresses))
+
     def effective_database_url(self) -> str:
         """`database_url` when set, else a SQLite file at `db_path`."""
         return self.database_url or f"sqlite:///{Path(self.db_path).expanduser()}"
@@ -267,7 +289,8 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
         raise ConfigError(f"{path}: {describe_validation_error(e)}") from e
     if not settings.named_secrets():
         raise ConfigError(f"{path}: no token configured; set `token` or `tokens`")
-    if problems := secret_problems(settings.named_secrets()) + metrics_token_problems(settings):
+    problems = secret_problems(settings.named_secrets()) + metrics_token_problems(settings) + webhook_problems(settings)
+    if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if unknown := sorted(set(settings.ui_admin_tokens) - set(settings.named_secrets())):
         raise ConfigError(f"{path}: 'ui_admin_tokens': no token is named {', '.join(repr(n) for n in unknown)}; "
@@ -314,6 +337,16 @@ def metrics_token_problems(settings: Settings) -> list[str]:
                  f"`{FRESH_SECRET_COMMAND}` prints a fresh one")]
     return [f"metrics_token is the secret of token '{name}'; give /metrics a secret of its own"
             for name, token in settings.named_secrets().items() if token == secret]
+
+
+def webhook_problems(settings: Settings) -> list[str]:
+    """Why a webhook_allowed_urls prefix could never be sent to: its host is written as an
+    address a webhook may not reach (not listed in webhook_allowed_addresses, or never)."""
+    try:
+        check_prefixes(settings.webhook_rules())
+    except WebhookRefused as e:
+        return [f"'webhook_allowed_urls': {e}"]
+    return []
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -6,7 +6,8 @@ under way. Both come from context variables: set at the start of a worker's run 
 task of its own, so the value stays within it) and by `LogContext` around every MCP request.
 uvicorn's loggers are not configured by the server (log_config=None), so its access lines
 reach the same handler and are JSON too. Messages never hold a secret: URL tokens are removed
-before the access log sees a request, and no code logs a token.
+before the access log sees a request, no code logs a token, and the libraries that would echo
+what passes through them (QUIET_LOGGERS) log warnings and errors only, whatever the level.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JSON_FIELDS = ("time", "level", "logger", "message", "task_id", "token", "exc_info", "stack_info")
 task_id: ContextVar[str | None] = ContextVar("log_task_id", default=None)
 token_name: ContextVar[str | None] = ContextVar("log_token_name", default=None)
+# Libraries whose detail carries secrets: sse_starlette logs every event it streams at DEBUG,
+# so every answer, schedule_scan's one-time webhook_secret among them; httpx logs each request's
+# URL at INFO, and a webhook URL's query often holds the receiver's key; httpcore traces each
+# request and answer at DEBUG.
+QUIET_LOGGERS = ("sse_starlette", "httpx", "httpcore")
 
 
 def configure_logging(level: str, log_format: str) -> None:
@@ -44,6 +50,8 @@ def configure_logging(level: str, log_format: str) -> None:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level]))
 
 
 def with_context(record: logging.LogRecord) -> bool:

@@ -4,7 +4,8 @@
 schedule is checked exactly as its scan tool would check the same call (the token's right to
 that tool, the command's allowlist, the targets against the policy, the pool), so a refusal
 comes at creation, not at the first run; then `every`, at most as often as
-`min_schedule_seconds`, and the webhook URL against `webhook_allowed_urls`.
+`min_schedule_seconds`, and the webhook URL against `webhook_allowed_urls` and
+`webhook_allowed_addresses` (webhooks.py).
 
 `Scheduler` runs in every process; whichever holds the database lease `scheduler` does the
 work, each tick (at most TICK_SECONDS apart, sooner when a schedule falls due):
@@ -20,7 +21,8 @@ work, each tick (at most TICK_SECONDS apart, sooner when a schedule falls due):
    a webhook, becomes due to be sent.
 4. Send due webhooks (webhooks.py), each attempt claimed in the database first so that two
    processes never send the same attempt; WEBHOOK_ATTEMPTS attempts with doubling pauses, then
-   the failure is recorded.
+   the failure is recorded. A webhook refused where it would go (its URL, or an address its
+   host resolves to) is recorded failed at once, with the reason, and not retried.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ class Schedules:
             raise ScheduleError(f"'every' {cadence.text!r} runs {gap:g} s apart; this server runs a schedule at most "
                                 f"every {self._settings.min_schedule_seconds} s")
         if webhook_url is not None:
-            webhooks.check_url(webhook_url, self._settings.webhook_allowed_urls)
+            webhooks.check_url(webhook_url, self._settings.webhook_rules())
         secret = secrets.token_urlsafe(32) if webhook_url is not None else None
         first = now if cadence.seconds is not None else cadence.next_after(now, now)
         schedule_id = str(uuid.uuid4())
@@ -250,6 +252,8 @@ class Scheduler:
         self._auditor = auditor
         # The pause after a webhook's first failed attempt (it doubles after each further one).
         self.backoff_seconds = WEBHOOK_BACKOFF_SECONDS
+        # What sends each attempt; tests give it a resolver and TLS trust of their own.
+        self.sender = webhooks.Sender(settings.webhook_rules())
         self._holding = False
         self._renewed = -math.inf
         self._sending: dict[str, asyncio.Task[None]] = {}
@@ -364,15 +368,16 @@ class Scheduler:
         """One attempt at sending a run's change; the last failed attempt records the failure."""
         attempt = run.webhook_attempts + 1
         pause_s = self.backoff_seconds * 2 ** (attempt - 1)
-        if not await self._store.claim_webhook_attempt(run, time.time() + webhooks.TIMEOUT_SECONDS + pause_s):
+        if not await self._store.claim_webhook_attempt(run, time.time() + self.sender.deadline_s + pause_s):
             return
         assert schedule.webhook_url is not None and schedule.webhook_secret is not None
         try:
-            url = webhooks.check_url(schedule.webhook_url, self._settings.webhook_allowed_urls)
+            problem = await self.sender.post(schedule.webhook_url, webhook_payload(schedule, run),
+                                             schedule.webhook_secret, run.id)
         except webhooks.WebhookRefused as e:
+            logger.warning("schedule %s: its webhook was not sent: %s", schedule.id, e)
             await self._store.record_webhook(run.id, "failed", f"not sent: {e}", None)
             return
-        problem = await webhooks.post(url, webhook_payload(schedule, run), schedule.webhook_secret, run.id)
         if problem is None:
             await self._store.record_webhook(run.id, "sent", None, None)
         elif attempt >= WEBHOOK_ATTEMPTS:

@@ -136,7 +136,9 @@ previous completed run of the schedule (hosts up or down, ports opened or closed
 versions changed), list_schedules shows it and `webhook_url`, if given, receives it as a JSON
 POST signed with HMAC-SHA256 (header X-Nmap-MCP-Signature: sha256=<hex of the raw body>) under
 the webhook_secret in this answer, which is shown only once. The server allows webhooks only to
-the URLs its operator listed. Runs missed while the server was down are run once when it is back."""
+the URLs its operator listed, with a plain path (no '..', ';', '%' escapes or backslashes), and
+to internal addresses only when listed too. Runs missed while the server was down are run once
+when it is back."""
 
 
 def register_tools(

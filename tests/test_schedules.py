@@ -1,9 +1,10 @@
 """Schedules: scans run again and again, their changes diffed and sent to a signed webhook.
 
-The parsing of `every` and the webhook URL rules are pure. The rest runs real processes'
-parts (server.Runtime: stores, worker, scan service, scheduler) on real SQLite and PostgreSQL,
-with real nmap scanning loopback and a webhook receiver the test runs on 127.0.0.1; the
-exactly-once test runs two `server.py` processes on one PostgreSQL database.
+The parsing of `every` is pure. The rest runs real processes' parts (server.Runtime: stores,
+worker, scan service, scheduler) on real SQLite and PostgreSQL, with real nmap scanning
+loopback and webhook receivers the tests run on 127.41.0.0/16 (tests/receivers.py; the webhook
+rules and the sender have tests of their own in test_webhooks.py); the exactly-once test runs
+two `server.py` processes on one PostgreSQL database.
 
 Scans target a random address of 127.0.0.0/8 rather than 127.0.0.1: on this shared machine
 other tests open ports on 127.0.0.1 at any moment, which a quick scan would report as changes.
@@ -17,25 +18,27 @@ import hmac
 import itertools
 import json
 import random
-import threading
+import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastmcp import Client
-from sqlalchemy import Row, select
+from sqlalchemy import Row, insert, select
 
-from config import ConfigError, Settings, load_settings
+from config import Settings
 from db import create_db_engine
-from models import ScanKind, leases, schedule_runs, tasks
+from models import ScanDiff, ScanKind, leases, schedule_runs, tasks
 from schedule_store import ScheduleNotFound
 from schedules import ScheduleError, parse_every
 from server import Role, Runtime, create_server
 from tests.nodes import opened_stores
+from tests.receivers import STREAM, NameTable, WebhookReceiver, receiver_address
 from tests.support import (
     ALICE,
     SECRETS,
@@ -47,16 +50,19 @@ from tests.support import (
     error_text,
     free_port,
     postgres_socket_url,
+    raw_tool_call,
     scratch_database,
     server_argv,
     top_ports,
     wait_until,
     write_config,
 )
-from webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, WebhookRefused, check_url, shown
+from webhooks import DELIVERY_HEADER, RESPONSE_BYTES, SIGNATURE_HEADER
 
 pytestmark = pytest.mark.anyio
 INTERVAL = 2
+# A webhook receiver's name, resolved by the test's own NameTable (tests/receivers.py).
+NAME = "hooks.test"
 StartRuntime = Callable[..., Awaitable[Runtime]]
 
 
@@ -69,7 +75,7 @@ def open_top_port(listeners: Listeners, address: str) -> int:
     return next(p for p in top_ports(100) if 1024 <= p < 32768 and listeners.open(p, address))
 
 
-# ---- pure: every, and the webhook URL rules ------------------------------------------------
+# ---- pure: every ---------------------------------------------------------------------------
 
 
 def test_every_takes_intervals_and_five_field_cron_expressions() -> None:
@@ -94,90 +100,19 @@ def test_next_runs_keep_the_grid_and_missed_ones_collapse_into_one() -> None:
     assert parse_every("0,1 */6 * * *").shortest_gap(noon) == 60
 
 
-ALLOWED = ["https://hooks.example.com/nmap", "http://127.0.0.1:8080/"]
-
-
-@pytest.mark.parametrize("url", [
-    "https://hooks.example.com/nmap", "https://hooks.example.com/nmap/alerts?key=1", "https://HOOKS.example.com:443/nmap",
-    "http://127.0.0.1:8080/", "http://127.0.0.1:8080/any/path",
-])
-def test_webhook_urls_under_an_allowed_prefix_pass(url: str) -> None:
-    assert check_url(url, ALLOWED) == url
-
-
-@pytest.mark.parametrize("url", [
-    "https://hooks.example.com.evil.com/nmap", "https://evil.com/hooks.example.com/nmap", "https://hooks.example.com/nmapx",
-    "https://hooks.example.com/", "http://hooks.example.com/nmap", "https://hooks.example.com:8443/nmap",
-    "https://hooks.example.com@evil.com/nmap", "https://x:y@hooks.example.com/nmap", "https://hooks.example.com/nmap/../admin",
-    "https://hooks.example.com/nmap/%2e%2e/admin", "http://127.0.0.1:8081/", "http://localhost:8080/", "ftp://127.0.0.1:8080/",
-    "http://[::1]:8080/", "not a url", "file:///etc/passwd",
-])
-def test_webhook_urls_elsewhere_are_refused(url: str) -> None:
-    with pytest.raises(WebhookRefused):
-        check_url(url, ALLOWED)
-
-
-def test_a_configured_prefix_that_is_no_http_url_stops_the_server(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.json", webhook_allowed_urls=["https://hooks.example.com/nmap", "ftp://files"])
-    with pytest.raises(ConfigError, match=r"'webhook_allowed_urls': .*must be an http:// or https:// URL"):
-        load_settings(config)
-
-
-def test_no_webhook_is_allowed_by_default_and_listings_hide_a_query() -> None:
-    with pytest.raises(WebhookRefused, match="allows no webhooks"):
-        check_url("https://hooks.example.com/nmap", Settings.model_construct().webhook_allowed_urls)
-    assert shown("https://hooks.example.com/nmap?key=secret") == "https://hooks.example.com/nmap?…"
-
-
 # ---- a webhook receiver and the runtime parts of one process --------------------------------
 
 
-class Receiver:
-    """An HTTP server on 127.0.0.1 recording every POST; each path answers from its script of
-    statuses (the last repeats), 200 by default; a 3xx points at /elsewhere."""
-
-    def __init__(self, script: dict[str, list[int]] | None = None) -> None:
-        self.port = free_port()
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        self._script = script or {}
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append((self.path, dict(self.headers), body))
-                statuses = receiver._script.get(self.path, [200])
-                status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
-                self.send_response(status)
-                if 300 <= status < 400:
-                    self.send_header("Location", receiver.url("/elsewhere"))
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def posts(self, path: str) -> list[tuple[dict[str, str], bytes]]:
-        return [(headers, body) for at, headers, body in self.requests if at == path]
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver({"/hooks/flaky": [500, 500, 200], "/hooks/moved": [302]})
+def receiver() -> Iterator[WebhookReceiver]:
+    started = WebhookReceiver(statuses={"/hooks/flaky": [500, 500, 200], "/hooks/moved": [302]})
     yield started
     started.stop()
+
+
+def allowing(receiver: WebhookReceiver, prefix: str) -> dict[str, list[str]]:
+    """The settings that let webhooks reach `receiver` under `prefix`: its loopback address must be listed."""
+    return {"webhook_allowed_urls": [receiver.url(prefix)], "webhook_allowed_addresses": [receiver.host]}
 
 
 def settings_for(database_url: str, nmap: NmapWrapper, tmp_path: Path, **overrides: object) -> Settings:
@@ -248,10 +183,10 @@ def signed(secret: str, headers: dict[str, str], body: bytes) -> bool:
 
 @pytest.mark.slow("a schedule's runs, 2 s apart, until a change and after it")
 async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_and_nothing_else(
-    start_runtime: StartRuntime, receiver: Receiver, listeners: Listeners, database_url: str,
+    start_runtime: StartRuntime, receiver: WebhookReceiver, listeners: Listeners, database_url: str,
     nmap_wrapper: NmapWrapper,
 ) -> None:
-    runtime = await start_runtime(webhook_allowed_urls=[receiver.url("/hooks")])
+    runtime = await start_runtime(**allowing(receiver, "/hooks"))
     address = loopback_address()
     created = await runtime.schedules.create("alice", ScanKind.QUICK, address, None, f"{INTERVAL}s",
                                              receiver.url("/hooks/nmap?key=k1"))
@@ -306,9 +241,9 @@ async def test_a_quick_schedule_sends_a_port_opened_between_runs_to_its_webhook_
 
 @pytest.mark.slow("a webhook's retries, backing off")
 async def test_webhooks_are_retried_with_backoff_never_follow_a_redirect_and_record_a_failure(
-    start_runtime: StartRuntime, receiver: Receiver, listeners: Listeners, database_url: str,
+    start_runtime: StartRuntime, receiver: WebhookReceiver, listeners: Listeners, database_url: str,
 ) -> None:
-    runtime = await start_runtime(webhook_allowed_urls=[receiver.url("/hooks/")])
+    runtime = await start_runtime(**allowing(receiver, "/hooks/"))
     runtime.scheduler.backoff_seconds = 0.2
     address = loopback_address()
     # Two owners, so that the two schedules' scans of one host never update one inventory row at once.
@@ -333,6 +268,109 @@ async def test_webhooks_are_retried_with_backoff_never_follow_a_redirect_and_rec
     assert len({headers[DELIVERY_HEADER] for headers, _ in attempts}) == 1
     assert flaky.webhook_secret is not None and all(signed(flaky.webhook_secret, h, b) for h, b in attempts)
     assert len(receiver.posts("/hooks/moved")) == 4 and receiver.posts("/elsewhere") == []
+
+
+# ---- where each attempt goes: decided again when it is sent -----------------------------------
+
+
+async def schedule_with_webhook(runtime: Runtime, url: str) -> tuple[str, str]:
+    """A schedule of alice's with a webhook to `url`, stored as schedule_scan stores one (its
+    first run an hour away): its id and its webhook secret."""
+    now, schedule_id, secret = time.time(), str(uuid.uuid4()), secrets.token_urlsafe(32)
+    await runtime.stores.schedules.create({
+        "id": schedule_id, "owner": "alice", "kind": "quick", "spec": loopback_address(), "every": "1h",
+        "created_at": now, "next_run_at": now + 3600, "webhook_url": url, "webhook_secret": secret})
+    return schedule_id, secret
+
+
+def change_due(database_url: str, schedule_id: str) -> str:
+    """A run of the schedule that found a change, due to be sent: the row settling a run leaves."""
+    now, run_id = time.time(), str(uuid.uuid4())
+    diff = ScanDiff(task_a="a", task_b="b", hosts_came_up=["127.41.0.1"], hosts_went_down=[], ports_opened=[],
+                    ports_closed=[], services_changed=[], unchanged_open_ports=0)
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(schedule_runs).values(
+                id=run_id, schedule_id=schedule_id, due_at=now, status="done", finished_at=now,
+                diff=diff.model_dump_json(), webhook_status="pending", webhook_attempts=0, webhook_next_at=now))
+    finally:
+        engine.dispose()
+    return run_id
+
+
+async def delivery_of(database_url: str, schedule_id: str, run_id: str) -> Row[Any]:
+    """The run once its webhook is no longer pending."""
+    found = await until(lambda: [run for run in runs(database_url, schedule_id) if run.id == run_id],
+                        lambda rows: rows[0].webhook_status != "pending", 20)
+    return found[0]
+
+
+async def test_an_allowed_name_pointed_at_another_address_after_the_schedule_was_saved_gets_nothing(
+    start_runtime: StartRuntime, receiver: WebhookReceiver, database_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: the allowlist checked the name only, so the signed POST followed the name to
+    wherever it pointed at send time. Now each attempt resolves the name once, checks every
+    address, and connects to the checked one."""
+    internal = WebhookReceiver()
+    try:
+        names = NameTable()
+        names.point(NAME, receiver.host)
+        runtime = await start_runtime(webhook_allowed_urls=[receiver.url("/hooks", NAME)],
+                                      webhook_allowed_addresses=[receiver.host])
+        runtime.scheduler.sender = replace(runtime.scheduler.sender, resolve=names.resolve)
+        schedule_id, secret = await schedule_with_webhook(runtime, receiver.url("/hooks/nmap", NAME))
+        sent = await delivery_of(database_url, schedule_id, change_due(database_url, schedule_id))
+        assert (sent.webhook_status, sent.webhook_error) == ("sent", None) and len(receiver.posts("/hooks/nmap")) == 1
+
+        names.point(NAME, internal.host)
+        refused = await delivery_of(database_url, schedule_id, change_due(database_url, schedule_id))
+        assert refused.webhook_status == "failed" and refused.webhook_attempts == 1, "refused, not retried"
+        assert refused.webhook_error == (f"not sent: {NAME} resolves to {internal.host}, which is a loopback address "
+                                         "not listed in webhook_allowed_addresses")
+        assert internal.requests == [] and len(receiver.requests) == 1
+        [info] = (await runtime.schedules.list_schedules("alice")).schedules
+        assert info.last_change is not None and info.last_change.webhook == "failed"
+        assert refused.webhook_error in caplog.text and secret not in caplog.text
+    finally:
+        internal.stop()
+
+
+async def test_a_receiver_streaming_without_end_is_recorded_failed_not_sent(
+    start_runtime: StartRuntime, receiver: WebhookReceiver, database_url: str,
+) -> None:
+    """Before: a 2xx answer was read whole, for as long as it streamed, and recorded sent."""
+    runtime = await start_runtime(**allowing(receiver, "/hostile/"))
+    runtime.scheduler.backoff_seconds = 0.05
+    schedule_id, _ = await schedule_with_webhook(runtime, receiver.url(STREAM))
+    failed = await delivery_of(database_url, schedule_id, change_due(database_url, schedule_id))
+    assert failed.webhook_status == "failed" and failed.webhook_attempts == 4
+    assert failed.webhook_error == f"the receiver's answer was longer than {RESPONSE_BYTES} bytes (after 4 attempts)"
+
+
+@pytest.mark.server
+async def test_the_one_time_webhook_secret_never_reaches_a_debug_log(
+    tmp_path: Path, nmap_wrapper: NmapWrapper, receiver: WebhookReceiver,
+) -> None:
+    """Before: at DEBUG, sse_starlette logged every event it streamed, and so schedule_scan's
+    answer with the webhook_secret in it (a client of the 2025-11-25 protocol gets it as SSE)."""
+    host = receiver_address()
+    config = write_config(tmp_path / "c.json", host=host, port=free_port(host), nmap_path=str(nmap_wrapper.path),
+                          audit_log=str(tmp_path / "audit.jsonl"), **allowing(receiver, "/hooks"))
+    process = ServiceProcess(server_argv(config), tmp_path / "server.log").start()
+    try:
+        assert wait_until(lambda: "listening on" in process.log_text(), START_UP_SECONDS), process.log_text()
+        url = f"http://{host}:{json.loads(config.read_text())['port']}/mcp"
+        arguments = {"kind": "quick", "target": loopback_address(), "every": "1h",
+                     "webhook_url": receiver.url("/hooks/n?key=k9")}
+        created = await raw_tool_call(url, ALICE, "schedule_scan", arguments)
+        secret = created["structuredContent"]["webhook_secret"]
+        assert len(secret) >= 43
+    finally:
+        process.stop()
+    log = process.log_text()
+    assert "DEBUG" in log and "POST /mcp" in log, "the log is the real, verbose one"
+    assert secret not in log and "k9" not in log
 
 
 @pytest.mark.slow("runs on a 2 s grid, before and after a gap")
@@ -387,11 +425,11 @@ async def test_the_scheduler_lease_is_held_by_one_process_and_fences_its_runs(da
 async def test_a_schedule_is_refused_at_creation_as_its_scan_tool_would_refuse_it(
     nmap_wrapper: NmapWrapper, tmp_path: Path,
 ) -> None:
-    allowed = "http://127.0.0.1:9/hooks"
+    allowed, unlisted = "http://127.41.0.9:9/hooks", "http://127.41.0.10:9/hooks"
     tokens = {"alice": {"secret": SECRETS["alice"], "tools": ["quick_scan", "schedule_scan", "list_schedules"]}}
     settings = settings_for(f"sqlite:///{tmp_path / 'tasks.db'}", nmap_wrapper, tmp_path, tokens=tokens,
                             stdio_caller="alice", min_schedule_seconds=120, denied_targets=["127.0.0.9/32"],
-                            webhook_allowed_urls=[allowed])
+                            webhook_allowed_urls=[allowed, unlisted], webhook_allowed_addresses=["127.41.0.9"])
     mcp, _runtime = create_server(settings, str(nmap_wrapper.path), stdio=True)
     refusals = [
         ({"kind": "quick", "target": "127.0.0.1/33"}, "invalid_target: "),
@@ -406,8 +444,14 @@ async def test_a_schedule_is_refused_at_creation_as_its_scan_tool_would_refuse_i
          "invalid_schedule: 'every' '0,1 */6 * * *' runs 60 s apart"),
         ({"kind": "quick", "target": "127.0.0.1", "every": "every hour"}, "invalid_schedule: 'every' must be"),
         *(({"kind": "quick", "target": "127.0.0.1", "webhook_url": url}, "invalid_webhook: ") for url in (
-            "http://127.0.0.1:9/hooksevil", "http://127.0.0.1:10/hooks", "http://127.0.0.1:9.evil.com/hooks",
-            "https://127.0.0.1:9/hooks", "http://127.0.0.1:9/hooks/../admin")),
+            allowed + "evil", "http://127.41.0.9:10/hooks", "http://127.41.0.9:9.evil.com/hooks",
+            "https://127.41.0.9:9/hooks")),
+        *(({"kind": "quick", "target": "127.0.0.1", "webhook_url": allowed + path},
+           f"invalid_webhook: a webhook URL's path may not hold {why}") for path, why in (
+            ("/../admin", "'.' or '..' segments"), ("/..;/admin", "';' parameters (such as '..;')"),
+            ("/%252e%252e/admin", "percent-encoded characters (such as %2e or %252e)"))),
+        ({"kind": "quick", "target": "127.0.0.1", "webhook_url": unlisted + "/nmap"},
+         "invalid_webhook: 127.41.0.10 is a loopback address not listed in webhook_allowed_addresses"),
     ]
     async with Client(mcp) as client:
         for arguments, refusal in refusals:
