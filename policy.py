@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from config import DEFAULT_LIMITS, ConfigError, Limits, Settings
-from nse_policy import BUILTIN_DENIED_SCRIPTS, ScriptPolicy, find_script_db, load_catalog
+from nse_policy import ScriptPolicy, find_script_db, load_catalog
 from targets import IPNetwork, TargetPolicy, parse_networks
 
 DEFAULT_POOL = "default"
@@ -114,6 +114,6 @@ def script_policy(settings: Settings, nmap_path: str) -> ScriptPolicy:
     return ScriptPolicy(
         catalog=catalog,
         allowed_categories=tuple(settings.script_categories),
-        denied=(*BUILTIN_DENIED_SCRIPTS, *settings.denied_scripts),
+        operator_denied=tuple(settings.denied_scripts),
         args_allowed={key: re.compile(pattern) for key, pattern in settings.script_args_allowed.items()},
     )

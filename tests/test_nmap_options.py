@@ -162,7 +162,7 @@ def test_every_denied_pattern_names_installed_scripts() -> None:
 
 
 def test_configured_categories_and_denials_apply() -> None:
-    narrow = ScriptPolicy(catalog=CATALOG, allowed_categories=("version",), denied=(*BUILTIN_DENIED_SCRIPTS, "banner"))
+    narrow = ScriptPolicy(catalog=CATALOG, allowed_categories=("version",), operator_denied=("banner",))
     with pytest.raises(ScriptPolicyError, match="not allowed; allowed: version"):
         narrow.expression(["default"])
     with pytest.raises(ScriptPolicyError, match="denied"):
