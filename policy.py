@@ -30,12 +30,11 @@ class Policy:
             allow_loopback=settings.allow_loopback,
             max_addresses=settings.max_addresses_per_scan,
             max_targets=settings.max_targets_per_scan,
-            resolve_timeout_s=settings.resolve_timeout,
         )
         self._targets = {
-            name: replace(self._base, token_allowed=parse_networks(spec.allowed_targets))
+            name: replace(self._base, resolve_names=spec.resolves_names(), token_allowed=(
+                None if spec.allowed_targets is None else parse_networks(spec.allowed_targets)))
             for name, spec in settings.tokens.items()
-            if spec.allowed_targets is not None
         }
         self.pools = {name: parse_networks(networks) for name, networks in settings.pools.items()}
         self._limits = settings.limits
