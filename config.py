@@ -89,6 +89,10 @@ class TokenConfig(BaseModel):
     tools: list[str] | None = None
     # None: the server's target policy alone; else also within these networks.
     allowed_targets: list[str] | None = None
+    # Whether hostnames given by this token are looked up (DNS). None: yes, unless the token
+    # has its own allowed_targets: a token held to some networks gives addresses, and the
+    # names it could pick would otherwise reach the resolver, a channel past its networks.
+    resolve_names: bool | None = None
     # This token's own limits, key by key; the server's `limits` fill the rest.
     limits: Limits = Field(default_factory=Limits)
 
@@ -98,6 +102,10 @@ class TokenConfig(BaseModel):
         if values is not None:
             parse_networks(values)
         return values
+
+    def resolves_names(self) -> bool:
+        """`resolve_names`, or its default: only tokens without allowed_targets of their own."""
+        return self.allowed_targets is None if self.resolve_names is None else self.resolve_names
 
 
 class Settings(BaseSettings):

@@ -17,15 +17,50 @@ from pathlib import Path
 
 EXCLUDED_CATEGORIES = ("intrusive", "exploit", "dos", "brute", "malware", "fuzzer", "external", "broadcast")
 DEFAULT_CATEGORIES = ("default", "safe", "discovery", "version")
-# Scripts denied whatever their categories say: code injection, file writes and reads,
-# target injection, and third-party contact hidden in default or safe.
-BUILTIN_DENIED_SCRIPTS = (
-    "jdwp-*", "http-fetch", "url-snarf", "mysql-audit", "targets-*", "http-open-proxy",
-    "socks-open-proxy", "http-useragent-tester", "dns-zone-transfer", "ip-geolocation-*",
-    "whois-*", "asn-query", "hostmap-*", "http-robtex-*", "http-virustotal", "http-xssed",
-    "mtrace", "traceroute-geolocation", "tor-consensus-checker", "omp2-enum-targets",
-    "http-google-malware", "http-icloud-*", "shodan-api", "vulners", "http-comments-displayer",
-)
+_CODE = "it injects and runs Java code on the target"
+_WRITES = "it writes files on the server"
+_ADDS_TARGETS = "it adds targets that nmap then scans, past the target policy"
+_THIRD_PARTY_SERVICE = "it asks a third-party service on the internet about the target"
+_RESOLVER = ("it asks the server's DNS resolver itself, which nmap's -n does not stop: the names it looks up "
+             "leave the server past the target policy")
+_ANY_REDIRECT = "it follows the target's HTTP redirects to any host, so the target chooses whom the server contacts"
+# Scripts denied whatever their categories say, each with the reason its refusal gives:
+# code injection, file writes and reads, target injection, and contact with anything but
+# the target (DNS lookups of their own, third-party services) hidden in default, safe,
+# discovery or version. Found by reading the scripts of those categories for dns.query,
+# nmap.resolve, get_dns_servers, fixed host names and redirect rules that allow any host.
+BUILTIN_DENIED_SCRIPTS: Mapping[str, str] = {
+    "jdwp-*": _CODE,
+    "http-fetch": _WRITES,
+    "url-snarf": _WRITES,
+    "mysql-audit": "it reads a local file named by a script argument",
+    "targets-*": _ADDS_TARGETS,
+    "omp2-enum-targets": _ADDS_TARGETS,
+    "http-open-proxy": "it makes the target fetch pages from third-party web sites",
+    "socks-open-proxy": "it makes the target connect to third-party web sites",
+    "http-useragent-tester": _ANY_REDIRECT,
+    "http-mobileversion-checker": _ANY_REDIRECT,
+    "http-security-headers": _ANY_REDIRECT,
+    "http-affiliate-id": "it resolves and fetches the amzn.to links it finds on the target's pages",
+    "http-comments-displayer": "it crawls the target's whole web site and returns every comment found",
+    "dns-zone-transfer": "it asks a name server named by its arguments for a whole zone",
+    "dns-client-subnet-scan":
+        "it sends queries for a domain of the caller's choice to a name server named by its arguments",
+    "fcrdns": _RESOLVER + " (a PTR query for the target, then forward queries for each name found)",
+    "dns-srv-enum": _RESOLVER + " (SRV queries for a domain it is given)",
+    "resolveall": _RESOLVER + " (it resolves the names it is given and adds their addresses as targets)",
+    "ip-forwarding": _RESOLVER + " (for a host it is given, to which it then sends packets through the target)",
+    "ftp-bounce": "it resolves scanme.nmap.org (or a host it is given) through the server's DNS resolver, "
+                  "then asks the target's FTP server to connect to that third party",
+    "bittorrent-discovery": "it contacts BitTorrent trackers and DHT peers on the internet",
+    "mtrace": "it sends multicast traceroute queries to routers other than the target",
+    **dict.fromkeys(
+        ("ip-geolocation-*", "whois-*", "asn-query", "hostmap-*", "http-robtex-*", "http-virustotal", "http-xssed",
+         "traceroute-geolocation", "tor-consensus-checker", "http-google-malware", "http-icloud-*", "shodan-api",
+         "vulners"),
+        _THIRD_PARTY_SERVICE,
+    ),
+}
 _ENTRY = re.compile(r'filename = "([^"]+)\.nse", categories = \{([^}]*)\}')
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ARG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -42,7 +77,8 @@ class ScriptPolicy:
 
     catalog: Mapping[str, frozenset[str]]
     allowed_categories: tuple[str, ...] = DEFAULT_CATEGORIES
-    denied: tuple[str, ...] = BUILTIN_DENIED_SCRIPTS
+    # The operator's own denials (`denied_scripts`), on top of BUILTIN_DENIED_SCRIPTS.
+    operator_denied: tuple[str, ...] = ()
     args_allowed: Mapping[str, re.Pattern[str]] | None = None
 
     def expression(self, requested: Iterable[str]) -> str:
@@ -51,7 +87,7 @@ class ScriptPolicy:
         picks = sorted({pick.lower() for pick in requested})
         for pick in picks:
             self._check_pick(pick)
-        excluded = [*EXCLUDED_CATEGORIES, *self.denied]
+        excluded = [*EXCLUDED_CATEGORIES, *BUILTIN_DENIED_SCRIPTS, *self.operator_denied]
         return (
             f"({' or '.join(picks)}) and ({' or '.join(self.allowed_categories)}) "
             f"and not ({' or '.join(excluded)})"
@@ -72,8 +108,11 @@ class ScriptPolicy:
         categories = self.catalog.get(pick)
         if categories is None:
             raise ScriptPolicyError(f"script '{pick}' does not exist in the installed script database")
-        if any(fnmatch.fnmatchcase(pick, pattern) for pattern in self.denied):
-            raise ScriptPolicyError(f"script '{pick}' is denied by the server's script policy")
+        if why := next((why for pattern, why in BUILTIN_DENIED_SCRIPTS.items() if fnmatch.fnmatchcase(pick, pattern)),
+                       None):
+            raise ScriptPolicyError(f"script '{pick}' is denied: {why}")
+        if any(fnmatch.fnmatchcase(pick, pattern) for pattern in self.operator_denied):
+            raise ScriptPolicyError(f"script '{pick}' is denied by this server's denied_scripts")
         if bad := sorted(categories & set(EXCLUDED_CATEGORIES)):
             raise ScriptPolicyError(f"script '{pick}' is in excluded categories: {', '.join(bad)}")
         if not categories & set(self.allowed_categories):

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from config import DEFAULT_LIMITS, ConfigError, Limits, Settings
-from nse_policy import BUILTIN_DENIED_SCRIPTS, ScriptPolicy, find_script_db, load_catalog
+from nse_policy import ScriptPolicy, find_script_db, load_catalog
 from targets import IPNetwork, TargetPolicy, parse_networks
 
 DEFAULT_POOL = "default"
@@ -30,12 +30,11 @@ class Policy:
             allow_loopback=settings.allow_loopback,
             max_addresses=settings.max_addresses_per_scan,
             max_targets=settings.max_targets_per_scan,
-            resolve_timeout_s=settings.resolve_timeout,
         )
         self._targets = {
-            name: replace(self._base, token_allowed=parse_networks(spec.allowed_targets))
+            name: replace(self._base, resolve_names=spec.resolves_names(), token_allowed=(
+                None if spec.allowed_targets is None else parse_networks(spec.allowed_targets)))
             for name, spec in settings.tokens.items()
-            if spec.allowed_targets is not None
         }
         self.pools = {name: parse_networks(networks) for name, networks in settings.pools.items()}
         self._limits = settings.limits
@@ -114,6 +113,6 @@ def script_policy(settings: Settings, nmap_path: str) -> ScriptPolicy:
     return ScriptPolicy(
         catalog=catalog,
         allowed_categories=tuple(settings.script_categories),
-        denied=(*BUILTIN_DENIED_SCRIPTS, *settings.denied_scripts),
+        operator_denied=tuple(settings.denied_scripts),
         args_allowed={key: re.compile(pattern) for key, pattern in settings.script_args_allowed.items()},
     )

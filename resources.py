@@ -29,7 +29,9 @@ else is refused with the reason. The server adds `-n`, its own XML output, a hos
 (unless given) and a scan type (unless given), then `--` and the checked targets.
 
 `--script` takes the allowed categories ({categories}) or names of installed scripts in them;
-scripts in {excluded} never run, nor the scripts this server denies by name.
+scripts in {excluded} never run, nor the scripts this server denies by name: those that contact
+anything but the target (DNS lookups of their own such as fcrdns, third-party services, redirects
+to any host), read or write files, or add targets. Naming one is refused with the reason.
 
 ## Options
 """

@@ -44,6 +44,7 @@ from models import (
 )
 from nmap_options import parse_command
 from policy import Policy
+from resolver import HostResolver
 from scanner import NmapBuild, build_argv, nmap_build, scan_options
 from sharding import shard
 from stores import Stores
@@ -160,6 +161,8 @@ class ScanService:
         self.closing = asyncio.Event()
         self._version = version
         self._nmap_build: NmapBuild | None = None
+        # Every token, and the caller over stdio, gets its share of the lookup threads.
+        self.resolver = HostResolver(len(settings.named_secrets()) + 1, settings.resolve_timeout)
 
     # ---- building requests ---------------------------------------------------------------
 
@@ -196,7 +199,8 @@ class ScanService:
     async def check(self, owner: str, request: ScanRequest) -> CheckedScan:
         """Every check `scan` makes before it queues anything (targets against the caller's
         policy, the argv, the pool), raising what it would raise; nothing is queued."""
-        resolved = await resolve_targets(request.targets, self.policy.targets(owner))
+        resolved = await resolve_targets(request.targets, self.policy.targets(owner),
+                                         partial(self.resolver.addresses, owner))
         argv = build_argv(self._nmap, request.options, resolved.nmap_targets, ipv6=resolved.ipv6,
                           privileged=self._settings.privileged)
         pool = self.policy.route(list(zip(resolved.nmap_targets, resolved.networks, strict=True)), request.pool)

@@ -136,6 +136,7 @@ class Runtime:
     async def stop(self) -> None:
         await self.drain()
         await self.supervisor.stop()
+        self.service.resolver.close()
         await self.stores.stop()
         self.audit_log.close()
 

@@ -4,24 +4,34 @@ Every target string is parsed by a strict grammar, hostnames are resolved here (
 nmap, which would resolve them again and open a DNS-rebinding gap), every address is
 checked against a built-in deny list that always wins, then against the configured
 allow and deny lists. nmap receives only canonical addresses and networks, with `-n`.
+
+Every target of a call passes the grammar and the checks that need no DNS (deny lists,
+literal addresses against the policy, the size of the scan, whether the caller may have
+names resolved) before any name is looked up: a refused call costs no DNS query.
+How names are looked up (which threads, how many at once, what is cached) is
+resolver.py's; this module only asks, through a `Lookup`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Resolves one hostname for the caller: its addresses, or TargetError saying why not.
+Lookup = Callable[[str], Awaitable[tuple[IPAddress, ...]]]
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _IPV4 = re.compile(rf"^{_OCTET}(?:\.{_OCTET}){{3}}$")
 _IPV4_CIDR = re.compile(rf"^({_OCTET}(?:\.{_OCTET}){{3}})/([0-9]{{1,2}})$")
 _IPV4_RANGE = re.compile(rf"^((?:{_OCTET}\.){{3}})({_OCTET})-({_OCTET})$")
+_OCTET_ONLY = re.compile(rf"^{_OCTET}$")
+# Digits, dots and dashes only: an IPv4 address or range, well written or not; never a hostname.
+_IPV4_SHAPED = re.compile(r"^[0-9.-]+$")
 _IPV6_CHARS = re.compile(r"^[0-9A-Fa-f:.]+(?:/[0-9]{1,3})?$")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
@@ -83,9 +93,11 @@ class TargetPolicy:
     allow_loopback: bool = False
     max_addresses: int = 256
     max_targets: int = 16
-    resolve_timeout_s: float = 5.0
     # A token's own narrower allowlist; None means the global one alone decides.
     token_allowed: tuple[IPNetwork, ...] | None = None
+    # Whether hostnames are looked up for this caller; when not, a hostname is refused
+    # without a DNS query (the names a caller picks would otherwise reach the resolver).
+    resolve_names: bool = True
 
 
 @dataclass(frozen=True)
@@ -116,46 +128,69 @@ def split_targets(text: str) -> list[str]:
     return [part for part in re.split(r"[\s,]+", text.strip()) if part]
 
 
-async def resolve_targets(tokens: Sequence[str], policy: TargetPolicy) -> ResolvedTargets:
-    """Validate each target token, resolve hostnames, and apply the policy."""
+@dataclass(frozen=True)
+class _Target:
+    """One target after the checks that need no DNS: a literal with its networks, or a
+    hostname still to look up."""
+
+    nmap_target: str = ""
+    networks: tuple[IPNetwork, ...] = ()
+    hostname: str = ""
+
+
+async def resolve_targets(tokens: Sequence[str], policy: TargetPolicy, lookup: Lookup) -> ResolvedTargets:
+    """Validate each target token, then resolve hostnames with `lookup`, and apply the policy."""
     if not tokens:
         raise TargetError("no target given")
     if len(tokens) > policy.max_targets:
         raise TargetError(f"{len(tokens)} targets given; at most {policy.max_targets} per call")
-    nmap_targets: list[str] = []
-    covered: list[tuple[IPNetwork, ...]] = []
-    hostnames: dict[str, str] = {}
-    families: set[int] = set()
-    total = 0
-    for token in tokens:
-        nmap_target, network_list, hostname = await _resolve_one(token, policy)
-        for network in network_list:
-            _check_allowed(token, network, policy)
-            families.add(network.version)
-        total += sum(network.num_addresses for network in network_list)
-        if total > policy.max_addresses:
-            raise TargetError(
-                f"the targets cover more than {policy.max_addresses} addresses; "
-                "scan a smaller range (for example a /24 or less)"
-            )
-        nmap_targets.append(nmap_target)
-        covered.append(tuple(network_list))
-        if hostname:
-            hostnames[nmap_target] = hostname
-    if len(families) > 1:
+    checked = [_check_without_dns(token, policy) for token in tokens]
+    # A hostname becomes one address, so the size is known before any lookup.
+    total = sum(network.num_addresses for target in checked for network in target.networks)
+    if total + sum(1 for target in checked if target.hostname) > policy.max_addresses:
+        raise TargetError(
+            f"the targets cover more than {policy.max_addresses} addresses; "
+            "scan a smaller range (for example a /24 or less)"
+        )
+    targets = [await _resolved(target, policy, lookup) if target.hostname else target for target in checked]
+    if len({network.version for target in targets for network in target.networks}) > 1:
         raise TargetError("IPv4 and IPv6 targets cannot be mixed in one scan; split the call")
-    return ResolvedTargets(tuple(nmap_targets), 6 in families, total, hostnames, tuple(covered))
+    return ResolvedTargets(
+        nmap_targets=tuple(target.nmap_target for target in targets),
+        ipv6=any(network.version == 6 for target in targets for network in target.networks),
+        address_count=sum(network.num_addresses for target in targets for network in target.networks),
+        hostnames={target.nmap_target: target.hostname for target in targets if target.hostname},
+        networks=tuple(target.networks for target in targets),
+    )
 
 
-async def _resolve_one(token: str, policy: TargetPolicy) -> tuple[str, list[IPNetwork], str]:
-    """Return (what nmap scans, the networks it covers, the hostname if one was given)."""
+def _check_without_dns(token: str, policy: TargetPolicy) -> _Target:
+    """The grammar, the deny lists and the policy for a literal; for a name, whether it may
+    be looked up at all."""
     literal = parse_literal(token)
     if literal is not None:
         nmap_target, networks = literal
-        return nmap_target, networks, ""
+        for network in networks:
+            _check_allowed(token, network, policy)
+        return _Target(nmap_target, tuple(networks))
     hostname = _parse_hostname(token)
-    address = await _resolve_hostname(hostname, policy)
-    return str(address), [ipaddress.ip_network(address)], hostname
+    if not policy.resolve_names:
+        raise TargetError(
+            f"'{token}' is a hostname, and this token may not have names resolved (resolve_names is off); "
+            "give its IP address or network"
+        )
+    return _Target(hostname=hostname)
+
+
+async def _resolved(target: _Target, policy: TargetPolicy, lookup: Lookup) -> _Target:
+    """Look the name up; every address it has must pass, and nmap gets one of them,
+    IPv4 first, as nmap itself prefers without -6."""
+    addresses = await lookup(target.hostname)
+    for address in addresses:
+        # Every answer must pass: a name that mixes a permitted and a denied address is a trap.
+        _check_allowed(target.hostname, ipaddress.ip_network(address), policy)
+    chosen = next((a for a in addresses if a.version == 4), addresses[0])
+    return _Target(str(chosen), (ipaddress.ip_network(chosen),), target.hostname)
 
 
 def parse_literal(token: str) -> tuple[str, list[IPNetwork]] | None:
@@ -166,9 +201,27 @@ def parse_literal(token: str) -> tuple[str, list[IPNetwork]] | None:
         return _network_target(token, match.group(1), int(match.group(2)), 32)
     if match := _IPV4_RANGE.match(token):
         return _range_target(token, match.group(1), int(match.group(2)), int(match.group(3)))
+    if _IPV4_SHAPED.match(token):
+        raise TargetError(f"'{token}' is not a valid IPv4 address or range: {_ipv4_problem(token)}")
     if ":" in token:
         return _ipv6_target(token)
     return None
+
+
+def _ipv4_problem(token: str) -> str:
+    """What is wrong with a token of digits, dots and dashes that none of the IPv4 forms matched."""
+    address, dash, last = token.partition("-")
+    octets = address.split(".")
+    if dash and not last.isdigit():
+        return ("only the last octet may be a range, with one '-', such as 192.168.1.1-20; "
+                "for a wider span give a CIDR network")
+    if len(octets) != 4:
+        return ("an address is four numbers from 0 to 255 separated by dots, such as 192.168.1.10; "
+                f"this has {len(octets)}")
+    # There is one: had every part been an octet, the token would have matched _IPV4 or _IPV4_RANGE.
+    bad = next(part for part in ([*octets, last] if dash else octets) if not _OCTET_ONLY.match(part))
+    shown = f"'{bad}'" if bad else "an empty part"
+    return f"{shown} is not a number from 0 to 255 without leading zeros"
 
 
 def _network_target(token: str, address: str, prefix: int, width: int) -> tuple[str, list[IPNetwork]]:
@@ -229,23 +282,6 @@ def _looks_numeric(name: str) -> bool:
     except OSError:
         return name.rsplit(".", 1)[-1].isdigit()
     return True
-
-
-async def _resolve_hostname(hostname: str, policy: TargetPolicy) -> IPAddress:
-    """Resolve with a timeout; prefer IPv4, as nmap does without -6."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(policy.resolve_timeout_s):
-            infos = await loop.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise TargetError(f"'{hostname}' does not resolve") from e
-    except TimeoutError as e:
-        raise TargetError(f"resolving '{hostname}' took more than {policy.resolve_timeout_s:g} s") from e
-    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    for address in addresses:
-        # Every answer must pass: a name that mixes a permitted and a denied address is a trap.
-        _check_allowed(hostname, ipaddress.ip_network(address), policy)
-    return next((a for a in addresses if a.version == 4), addresses[0])
 
 
 def _check_allowed(token: str, network: IPNetwork, policy: TargetPolicy) -> None:

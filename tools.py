@@ -50,7 +50,8 @@ Target = Annotated[
     Field(
         description=(
             "One target: an IPv4 or IPv6 address (192.168.1.10, fd00::5), a CIDR network on its "
-            "boundary (192.168.1.0/24), a last-octet range (192.168.1.1-20) or a hostname"
+            "boundary (192.168.1.0/24), a last-octet range (192.168.1.1-20) or a hostname (the "
+            "server resolves it, unless this token is held to addresses)"
         ),
         min_length=1,
         max_length=253,

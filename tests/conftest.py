@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from config import load_settings
 from server import create_server
+from tests.dns_jail import DnsListener
 from tests.nodes import MakeNode, Node, start_node
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
 
@@ -83,6 +84,14 @@ def listeners() -> Iterator[Listeners]:
     opened = Listeners()
     yield opened
     opened.stop()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsListener]:
+    """A DNS server the test owns, answering NXDOMAIN and recording every name asked (needs root)."""
+    server = DnsListener()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

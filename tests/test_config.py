@@ -44,6 +44,12 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
         load_settings(path)
 
 
+def test_a_bad_resolve_names_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", {"tokens": {"x": {"secret": SECRETS["alice"], "resolve_names": "maybe"}}})
+    with pytest.raises(ConfigError, match=r"'tokens\.x\.resolve_names': Input should be a valid boolean"):
+        load_settings(path)
+
+
 def test_ui_admin_tokens_must_name_configured_tokens(tmp_path: Path) -> None:
     path = write(tmp_path / "c.json", {"tokens": {"alice": {"secret": SECRETS["alice"]}},
                                        "ui_admin_tokens": ["alice", "mallory"]})

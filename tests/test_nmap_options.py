@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from functools import partial
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -27,6 +28,7 @@ from nse_policy import (
     find_script_db,
     load_catalog,
 )
+from resolver import HostResolver
 from scanner import build_argv
 from targets import (
     TargetError,
@@ -41,13 +43,14 @@ NMAP = shutil.which("nmap") or "/usr/bin/nmap"
 CATALOG = load_catalog(find_script_db(NMAP, None))  # type: ignore[arg-type]
 SCRIPTS = ScriptPolicy(catalog=CATALOG)
 POLICY = TargetPolicy(allowed=parse_networks(["0.0.0.0/0", "::/0"]), allow_loopback=True)
+LOOKUP = partial(HostResolver(1, 5.0).addresses, "tests")
 PORTS = {"tmp": "/tmp/nmap-mcp-test", "p1": "10001", "p2": "10002", "banner": "10003"}
 
 
 def accept(command: str, *, privileged: bool = False) -> list[str]:
     """The full pipeline a custom_scan call goes through before nmap, returning the argv."""
     parsed = parse_command(command, SCRIPTS, privileged=privileged)
-    resolved = asyncio.run(resolve_targets(parsed.targets, POLICY))
+    resolved = asyncio.run(resolve_targets(parsed.targets, POLICY, LOOKUP))
     return build_argv(NMAP, parsed.options, resolved.nmap_targets, ipv6=resolved.ipv6, privileged=privileged)
 
 
@@ -162,7 +165,7 @@ def test_every_denied_pattern_names_installed_scripts() -> None:
 
 
 def test_configured_categories_and_denials_apply() -> None:
-    narrow = ScriptPolicy(catalog=CATALOG, allowed_categories=("version",), denied=(*BUILTIN_DENIED_SCRIPTS, "banner"))
+    narrow = ScriptPolicy(catalog=CATALOG, allowed_categories=("version",), operator_denied=("banner",))
     with pytest.raises(ScriptPolicyError, match="not allowed; allowed: version"):
         narrow.expression(["default"])
     with pytest.raises(ScriptPolicyError, match="denied"):
@@ -217,7 +220,7 @@ def test_accepted_commands_emit_only_allowlisted_options_and_validated_targets(c
         parsed = parse_command(command, SCRIPTS, privileged=privileged)
         # No DNS from tests: only literal targets and localhost (/etc/hosts) get resolved.
         assume(all(target == "localhost" or parse_literal(target) is not None for target in parsed.targets))
-        resolved = asyncio.run(resolve_targets(parsed.targets, POLICY))
+        resolved = asyncio.run(resolve_targets(parsed.targets, POLICY, LOOKUP))
     except (CommandError, TargetError):
         return
     argv = build_argv(NMAP, parsed.options, resolved.nmap_targets, ipv6=resolved.ipv6, privileged=privileged)

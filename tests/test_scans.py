@@ -121,6 +121,19 @@ async def test_scans_go_to_the_pool_that_reaches_them(make_service: MakeService,
     assert overview["near"].workers[0].capacity == 4
 
 
+def test_a_token_held_to_networks_of_its_own_has_no_names_resolved_unless_its_config_says_so() -> None:
+    tokens = {
+        "open": {"secret": "o" * 32},
+        "held": {"secret": "h" * 32, "allowed_targets": ["10.1.0.0/16"]},
+        "held-resolving": {"secret": "r" * 32, "allowed_targets": ["10.1.0.0/16"], "resolve_names": True},
+        "open-literal": {"secret": "l" * 32, "resolve_names": False},
+    }
+    policy = Policy(Settings(tokens=tokens), "/usr/bin/nmap")  # type: ignore[arg-type]
+    assert {name: policy.targets(name).resolve_names for name in tokens} == {
+        "open": True, "held": False, "held-resolving": True, "open-literal": False}
+    assert policy.targets("local").resolve_names  # the caller over stdio: the server's policy
+
+
 def test_routing_prefers_the_narrowest_pool_and_honours_a_requested_one() -> None:
     settings = Settings(tokens={"a": {"secret": SECRETS["alice"]}},  # type: ignore[arg-type]
                         pools={"all": ["10.0.0.0/8"], "dmz": ["10.50.0.0/16"]})
