@@ -22,7 +22,7 @@ from models import TaskRecord
 from nmap_options import CommandError, parse_command
 from policy import Policy
 from scanner import build_argv
-from targets import IPNetwork, TargetError, parse_literal, resolve_targets
+from targets import IPAddress, IPNetwork, TargetError, resolve_targets
 
 # The one `--script` value the server writes (nse_policy.ScriptPolicy.expression): the caller's
 # picks come first; the rest is rebuilt from this worker's own policy and compared.
@@ -59,10 +59,8 @@ class ArgvCheck:
             parsed = parse_command(command, self.policy.scripts, privileged=self.privileged)
         except CommandError as e:
             raise TaskRefused(f"its options are not allowed here: {e}") from e
-        for target in targets:
-            self._check_literal(target)
         try:
-            resolved = await resolve_targets(targets, self.policy.targets(record.owner))
+            resolved = await resolve_targets(targets, self.policy.targets(record.owner), _never_looked_up)
         except TargetError as e:
             raise TaskRefused(f"its targets are not allowed here: {e}") from e
         self._check_pool(resolved.networks)
@@ -72,16 +70,6 @@ class ArgvCheck:
             raise TaskRefused(_first_difference(record.argv, expected))
         return expected
 
-    @staticmethod
-    def _check_literal(target: str) -> None:
-        """Targets are stored resolved: a name here would make the worker resolve it."""
-        try:
-            literal = parse_literal(target)
-        except TargetError as e:
-            raise TaskRefused(f"its targets are not allowed here: {e}") from e
-        if literal is None:
-            raise TaskRefused(f"its target {_quoted(target)} is not an address or network")
-
     def _check_pool(self, networks: Sequence[Sequence[IPNetwork]]) -> None:
         if self.pool_networks is None:
             return
@@ -89,6 +77,12 @@ class ArgvCheck:
             if not any(network.version == home.version and network.subnet_of(home)  # type: ignore[arg-type]
                        for home in self.pool_networks):
                 raise TaskRefused(f"its target {network} is outside this worker's pool")
+
+
+async def _never_looked_up(name: str) -> tuple[IPAddress, ...]:
+    """Targets are stored resolved: a worker looks up no name (the lookup resolve_targets makes
+    for a target that passed every other check as a hostname)."""
+    raise TaskRefused(f"its target {_quoted(name)} is not an address or network")
 
 
 def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -122,7 +122,7 @@ def test_every_hostile_command_written_straight_into_an_argv_is_refused(command:
     (lambda argv: [a for a in argv if a != "-n"], "server's own flags"),
     (lambda argv: [a for a in argv if a != "--unprivileged"], "word"),
     (lambda argv: [*argv[:-2], "-oN", "/tmp/x", "--", "127.0.0.1"], "word"),
-    (lambda argv: [*argv, "-oN", "/tmp/x"], "not an address or network"),
+    (lambda argv: [*argv, "-oN", "/tmp/x"], "'-oN' is not a valid target"),
 ])
 def test_a_tampered_argv_is_refused_saying_why(stores: Stores, tamper: Callable[[list[str]], list[str]],
                                                 why: str) -> None:
