@@ -10,10 +10,8 @@ process restricts itself, it and everything it executes keep the restriction.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import sys
-from collections.abc import Sequence
 
 # Landlock's system calls have the same numbers on every architecture.
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
@@ -37,13 +35,8 @@ class _PathBeneath(ctypes.Structure):
     _fields_ = (("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32))
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _syscall(number: int, *args: object) -> int:
-    result: int = _libc().syscall(number, *args)
+    result: int = ctypes.CDLL(None, use_errno=True).syscall(number, *args)
     if result < 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
@@ -65,7 +58,7 @@ def handled_rights(abi: int) -> int:
     return (1 << count) - 1
 
 
-def restrict(readable: Sequence[str]) -> None:
+def restrict(readable: list[str]) -> None:
     """From now on this process may read and execute beneath `readable` only, and write
     nowhere (files open already stay usable: the pipes to the server). Needs no_new_privs
     (setpriv --no-new-privs) or CAP_SYS_ADMIN."""
@@ -90,10 +83,10 @@ def _allow(ruleset: int, path: str, rights: int, abi: int) -> None:
         os.close(fd)
 
 
-def main(args: Sequence[str]) -> None:
+def main(args: list[str]) -> None:
     """`PATH... -- COMMAND...`: restrict to reading the paths, then become the command."""
-    split = list(args).index("--")
-    readable, command = args[:split], list(args[split + 1:])
+    split = args.index("--")
+    readable, command = args[:split], args[split + 1:]
     restrict(readable)
     os.execv(command[0], command)
 
