@@ -42,6 +42,8 @@ COPY deploy/docker-entrypoint.sh deploy/healthcheck.py /usr/local/lib/nmap-mcp/
 ENV PATH=/opt/nmap-mcp/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NMAP_MCP_HOST=0.0.0.0
+# The server, and so nmap, run as nmap-mcp. Run as root instead (--user root), the server would
+# start each nmap as nobody (nmap_user), never as root: docs/deploy.md, "When the server runs as root".
 USER nmap-mcp
 WORKDIR /data
 VOLUME /data

@@ -183,6 +183,10 @@ class Settings(BaseSettings):
     db_path: str = "nmap_tasks.db"
     database_url: str | None = None
     nmap_path: str = "nmap"
+    # Who nmap runs as when the server runs as root (sandbox.py): None is `nobody`; `root`
+    # keeps nmap as root. A server that is not root runs nmap as itself. A user that does not
+    # exist stops the server at start-up.
+    nmap_user: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     # text: one human-readable line per record; json: one JSON object per line (docs/metrics.md).
     log_format: Literal["text", "json"] = "text"

@@ -1,8 +1,9 @@
 """nmap itself: pure argv building, the one function that runs nmap, and the facts of a run.
 
 `build_argv` and `run_problem` are pure; what a run's facts mean for its task is decided by
-worker.judge, not here. `run_nmap` owns the process from start to end: a clean environment,
-an empty working directory, no stdin, a file-size limit of zero, its own process group
+worker.judge, not here. `run_nmap` owns the process from start to end: under the commands of
+its sandbox (sandbox.py: no file writes, death with the server, another user when the server
+is root), a clean environment, an empty working directory, no stdin, its own process group
 (killed on every exit path), stdout streamed to a sink as it arrives and stderr read
 concurrently with a size cap.
 """
@@ -12,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -40,10 +39,6 @@ VERSION_OPTIONS: tuple[str, ...] = ("-T4", "-sV")
 STATS_EVERY = "2s"
 STDERR_CAP = 64 * 1024
 _CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-
-
-class SandboxUnavailable(RuntimeError):
-    """The commands that confine nmap are missing, so no scan may start."""
 
 
 @dataclass(frozen=True)
@@ -124,10 +119,10 @@ class NmapBuild(TypedDict):
     nsock_engines: list[str]
 
 
-async def nmap_build(nmap_path: str) -> NmapBuild:
+async def nmap_build(nmap_path: str, sandbox: Sequence[str]) -> NmapBuild:
     """What `nmap --version` says of itself: version, platform, libraries, nsock engines."""
     proc = await asyncio.create_subprocess_exec(
-        nmap_path, "--version", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        *sandbox, nmap_path, "--version", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL, env=nmap_environment())
     async with asyncio.timeout(10):
         out, _ = await proc.communicate()
@@ -147,22 +142,6 @@ def parse_version_output(text: str) -> NmapBuild:
     }
 
 
-@functools.cache
-def sandbox_prefix() -> tuple[str, ...]:
-    """util-linux commands that exec nmap with no file writes, dying with the server.
-
-    `prlimit --fsize=0` makes any file write fail (SIGXFSZ) while pipes keep working;
-    `setpriv --pdeathsig KILL` kills nmap if the server dies, even by SIGKILL. Doing this
-    in a `preexec_fn` instead forces a full fork() of the server: measured here at 7.7 ms
-    of blocked event loop per scan, against 2.8 ms for this vfork-friendly chain.
-    """
-    tools = {name: shutil.which(name) for name in ("setpriv", "prlimit")}
-    missing = [name for name, path in tools.items() if path is None]
-    if missing:
-        raise SandboxUnavailable(f"{' and '.join(missing)} not found: install util-linux")
-    return (tools["setpriv"], "--pdeathsig", "KILL", "--", tools["prlimit"], "--fsize=0", "--")  # type: ignore[return-value]
-
-
 def nmap_environment() -> dict[str, str]:
     """Nothing of ours (NMAP_ARGS and friends never reach nmap), except the operator's own
     NMAPDIR, where an nmap installed elsewhere keeps its data."""
@@ -170,13 +149,17 @@ def nmap_environment() -> dict[str, str]:
     return _CLEAN_ENV | {"NMAPDIR": nmapdir} if nmapdir else dict(_CLEAN_ENV)
 
 
-async def run_nmap(argv: Sequence[str], *, time_limit_s: float, stdout_sink: Callable[[bytes], None]) -> NmapRun:
-    """Run nmap once; kill its whole process group on timeout, cancellation or error."""
+async def run_nmap(
+    argv: Sequence[str], *, sandbox: Sequence[str], time_limit_s: float, stdout_sink: Callable[[bytes], None]
+) -> NmapRun:
+    """Run nmap once, its argv after `sandbox` (the prefix of sandbox.Sandbox); kill its whole
+    process group on timeout, cancellation or error."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nmap-mcp-") as workdir:
         # Returns once setpriv runs (vfork and exec), as asyncio's own subprocess start does.
+        # The sandbox's commands are exec'd in turn, so the process started is nmap's in the end.
         proc = subprocess.Popen(  # noqa: ASYNC220
-            [*sandbox_prefix(), *argv],
+            [*sandbox, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

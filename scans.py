@@ -13,7 +13,7 @@ import contextlib
 import os
 import shlex
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -147,13 +147,14 @@ class ScanService:
 
     def __init__(
         self, stores: Stores, policy: Policy, settings: Settings, nmap_path: str, worker: Worker | None,
-        version: str = "",
+        version: str = "", *, sandbox: Sequence[str],
     ) -> None:
         self._stores = stores
         self._tasks = stores.tasks
         self.policy = policy
         self._settings = settings
         self._nmap = nmap_path
+        self._sandbox = tuple(sandbox)
         self._worker = worker
         # At shutdown new scans are refused first; then, once the worker has stopped, the
         # calls still waiting are released to answer with the state their task ended in.
@@ -188,7 +189,7 @@ class ScanService:
     async def nmap_version(self) -> NmapVersion:
         """The nmap that runs scans, what it was built with, and what this server lets it do."""
         if self._nmap_build is None:
-            self._nmap_build = await nmap_build(self._nmap)
+            self._nmap_build = await nmap_build(self._nmap, self._sandbox)
         return NmapVersion(
             **self._nmap_build, server_version=self._version, raw_packet_scans=self._settings.privileged,
             script_categories=list(self._settings.script_categories),

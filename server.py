@@ -47,7 +47,7 @@ from metrics import Metrics, MetricsEndpoint, metrics_listener
 from policy import Policy
 from resources import INSTRUCTIONS, register_resources
 from retention import purge_forever
-from scanner import SandboxUnavailable, sandbox_prefix
+from sandbox import Sandbox, SandboxUnavailable, check_runs, confinement
 from scans import ScanService
 from schedules import Scheduler, Schedules
 from stores import Stores
@@ -93,6 +93,8 @@ class Runtime:
             on_unavailable=self.metrics.database_error,
         )
         policy = Policy(settings, nmap_path)
+        # Who nmap runs as and what it may touch (main() has checked that nmap starts so).
+        self.sandbox = confinement(settings.nmap_user, privileged=settings.privileged, nmap_path=nmap_path)
         self.worker = None if role is Role.API else Worker(
             self.stores.workers,
             ArgvCheck.of_worker(nmap_path, policy, privileged=settings.privileged, pool=settings.pool),
@@ -100,10 +102,12 @@ class Runtime:
             pool=settings.pool,
             capacity=settings.max_concurrent_tasks,
             grace_seconds=settings.shutdown_grace_seconds,
+            sandbox=self.sandbox.prefix,
             version_seconds=settings.version_detection_seconds,
             metrics=self.metrics,
         )
-        self.service = ScanService(self.stores, policy, settings, nmap_path, self.worker, VERSION)
+        self.service = ScanService(self.stores, policy, settings, nmap_path, self.worker, VERSION,
+                                   sandbox=self.sandbox.prefix)
         self.schedules = Schedules(self.stores.schedules, self.service, settings)
         self.scheduler = Scheduler(self.stores, self.schedules, self.service, settings, self.auditor,
                                    name=settings.worker_name or socket.gethostname())
@@ -272,15 +276,22 @@ class GracefulServer(uvicorn.Server):
 
 
 def find_nmap(configured: str) -> str:
-    """Absolute path of the nmap binary; ConfigError when it or its sandbox is missing."""
+    """Absolute path of the nmap binary; ConfigError when it is missing."""
     found = shutil.which(configured)
     if found is None:
         raise ConfigError(f"nmap not found at '{configured}': install it (apt-get install nmap) or set nmap_path")
+    return found
+
+
+def check_sandbox(settings: Settings, nmap_path: str) -> Sandbox:
+    """nmap's sandbox, once nmap has started in it; ConfigError when its commands or its user
+    are missing, or nmap does not start as that user."""
     try:
-        sandbox_prefix()
+        sandbox = confinement(settings.nmap_user, privileged=settings.privileged, nmap_path=nmap_path)
+        check_runs(sandbox, nmap_path)
     except SandboxUnavailable as e:
         raise ConfigError(str(e)) from e
-    return found
+    return sandbox
 
 
 def endpoint_url(settings: Settings) -> str:
@@ -376,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         nmap_path = find_nmap(settings.nmap_path)
         check_privileges(settings, nmap_path)
+        sandbox = check_sandbox(settings, nmap_path)
     except ConfigMissing as e:
         print(f"error: {e}; create one with: {rerun_command(config_path)} --init", file=sys.stderr)
         return 2
@@ -383,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    logger.info("%s", sandbox.describe())
     if args.role is Role.WORKER:
         return asyncio.run(run_worker(settings, nmap_path))
     if args.stdio:

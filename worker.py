@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -59,12 +59,14 @@ class Worker:
 
     def __init__(
         self, store: WorkerStore, check: ArgvCheck, *, name: str, pool: str, capacity: int, grace_seconds: float,
-        version_seconds: float = 300.0, metrics: Metrics | None = None,
+        sandbox: Sequence[str], version_seconds: float = 300.0, metrics: Metrics | None = None,
     ) -> None:
         self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity)
         self._store = store
         # What a task may run is decided here again, not trusted from the database (argv_check).
         self._check = check
+        # The commands every nmap runs under (sandbox.Sandbox.prefix).
+        self._sandbox = tuple(sandbox)
         self._metrics = metrics or Metrics()
         self._grace_s = grace_seconds
         # The time bound of a full scan's second phase, version detection.
@@ -233,7 +235,7 @@ class Worker:
         """Run one nmap until it ends, the task is no longer ours, or the worker shuts down;
         what happened, as facts for `judge`."""
         scan = asyncio.create_task(self._metrics.nmap_process(
-            run_nmap(argv, time_limit_s=float(time_limit_s), stdout_sink=live.feed)))
+            run_nmap(argv, sandbox=self._sandbox, time_limit_s=float(time_limit_s), stdout_sink=live.feed)))
         lost = asyncio.create_task(self._until_lost(record))
         shutdown = asyncio.create_task(self._shutdown.wait())
         try:

@@ -43,9 +43,8 @@ from bench.common import (
     start_worker,
     stop_process,
 )
-from scanner import sandbox_prefix
 from server import find_nmap
-from tests.support import free_port
+from tests.support import free_port, own_user_sandbox
 
 GOAL = 1.8
 SUBMIT_TIMEOUT = 5  # custom_scan's smallest wait: each call returns the task id after it
@@ -93,7 +92,7 @@ class SilentListener:
 
 def direct_scan_seconds(port: int) -> float:
     """One run of the scan's nmap command outside the service, sandbox prefix included."""
-    argv = [*sandbox_prefix(), find_nmap("nmap"), "-sT", "-sV", "-p", str(port), "-n", "-oX", "-", "--", "127.0.0.1"]
+    argv = [*own_user_sandbox(), find_nmap("nmap"), "-sT", "-sV", "-p", str(port), "-n", "-oX", "-", "--", "127.0.0.1"]
     started = time.perf_counter()
     subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=True)
     return time.perf_counter() - started

@@ -51,8 +51,7 @@ from bench.common import (
     service_config,
     start_api,
 )
-from scanner import sandbox_prefix
-from tests.support import LiveServer
+from tests.support import LiveServer, own_user_sandbox
 
 GOAL = 1.2
 TARGET = "127.0.0.1"
@@ -151,7 +150,7 @@ def main() -> None:
         assert all(a == argv for a in argvs.values()), f"the servers built different argvs: {argvs}"
         assert argv[-2:] == ["--", TARGET], argv
         runs: dict[str, Callable[[], dict[str, float]]] = {
-            "xargs (sandbox prefix)": lambda: xargs_run([*sandbox_prefix(), *argv], args.scans, args.clients),
+            "xargs (sandbox prefix)": lambda: xargs_run([*own_user_sandbox(), *argv], args.scans, args.clients),
             "xargs (bare nmap)": lambda: xargs_run(argv, args.scans, args.clients),
             **{f"MCP curl, {db}": (lambda s=server, db=db: curl_run(s, requests[db], Path(tmp) / f"{db}-request.json",
                                                                      args.scans, args.clients))
@@ -170,7 +169,7 @@ def main() -> None:
         return statistics.median(f[key] for f in figures[name])
 
     print(f"\nnmap argv (from the audit log): {' '.join(argv)}")
-    print(f"sandbox prefix (server and reference): {' '.join(sandbox_prefix())}")
+    print(f"sandbox prefix (server and reference): {' '.join(own_user_sandbox())}")
     print(f"{args.scans} quick scans of {TARGET}, {args.clients} at a time; medians of {args.rounds} alternated rounds")
     reference = median("xargs (sandbox prefix)", "total")
     for name in runs:

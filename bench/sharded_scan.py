@@ -46,8 +46,7 @@ from bench.common import (
 )
 from bench.fleet_drain import wait_for_workers
 from nmap_report import parse_report
-from scanner import sandbox_prefix
-from tests.support import Listeners, top_ports
+from tests.support import Listeners, own_user_sandbox, top_ports
 
 NETWORK = ipaddress.ip_network("127.77.0.0/22")
 # Hosts of the /22 with a listener on one of nmap's top 100 ports, in different shards.
@@ -102,7 +101,7 @@ def run_service(workdir: Path, workers: int, shard: int, slots: int) -> tuple[fl
 
 def run_direct(argv: list[str]) -> tuple[float, int, set[tuple[str, int]]]:
     started = time.perf_counter()
-    xml = subprocess.run([*sandbox_prefix(), *argv], stdin=subprocess.DEVNULL, capture_output=True, check=True).stdout
+    xml = subprocess.run([*own_user_sandbox(), *argv], stdin=subprocess.DEVNULL, capture_output=True, check=True).stdout
     seconds = time.perf_counter() - started
     result = parse_report(xml, str(NETWORK))
     return seconds, result.hosts_up, open_ports(result)

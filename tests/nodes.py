@@ -25,7 +25,7 @@ from scanner import build_argv
 from stores import Stores
 from supervisor import Supervisor
 from task_manager import TaskManager
-from tests.support import FIXTURES, NmapWrapper
+from tests.support import FIXTURES, NmapWrapper, own_user_sandbox
 from worker import Worker, resolve_expired_forever
 
 
@@ -65,7 +65,8 @@ async def start_node(database_url: str, name: str, nmap: NmapWrapper, *, capacit
     supervisor = Supervisor()
     await stores.start(supervisor)
     check = loopback_check(nmap, pool)
-    scan_worker = Worker(stores.workers, check, name=name, pool=pool, capacity=capacity, grace_seconds=grace)
+    scan_worker = Worker(stores.workers, check, name=name, pool=pool, capacity=capacity, grace_seconds=grace,
+                         sandbox=own_user_sandbox())
     if worker:
         await scan_worker.start(supervisor)
     supervisor.start("lease-reaper", resolve_expired_forever(stores.workers, stores.db, max(lease / 4, 0.2)))

@@ -32,6 +32,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
 from sqlalchemy.engine import URL, make_url
 
+from sandbox import confinement
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 SECRETS = {"alice": "alice-secret-" + "a" * 24, "bob": "bob-secret-" + "b" * 26}
@@ -113,6 +115,16 @@ def postgres_owns(directory: Path) -> None:
     """Hand directory to user postgres when we are root, so that as_postgres may write there."""
     if os.geteuid() == 0:
         shutil.chown(directory, "postgres", "postgres")
+
+
+# nmap runs as the tests' own user, also as root: the recording wrapper (NmapWrapper) writes a
+# file per start, which nmap confined as another user may not (tests/test_sandbox.py tests that).
+OWN_USER = {"nmap_user": "root"}
+
+
+def own_user_sandbox() -> tuple[str, ...]:
+    """The sandbox a server with OWN_USER runs nmap in, for tests that build a worker or run nmap."""
+    return confinement("root", privileged=False, nmap_path="nmap").prefix
 
 
 def unprivileged(argv: Sequence[str]) -> list[str]:
@@ -484,6 +496,7 @@ def write_config(path: Path, **overrides: object) -> Path:
         "allow_loopback": True,
         "db_path": str(path.parent / "tasks.db"),
         "log_level": "DEBUG",
+        **OWN_USER,
     }
     document.update(overrides)
     path.write_text(json.dumps(document))

@@ -24,7 +24,7 @@ from sharding import shard
 from stores import Stores
 from tests.commands import HOSTILE_COMMANDS, LEGITIMATE_COMMANDS, PRIVILEGED_COMMANDS
 from tests.nodes import MakeNode, argv_for
-from tests.support import Listeners, NmapWrapper
+from tests.support import Listeners, NmapWrapper, own_user_sandbox
 
 pytestmark = pytest.mark.anyio
 NMAP = "/usr/bin/nmap"
@@ -53,13 +53,13 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
 def api_argv(stores: Stores, command: str, *, privileged: bool = False) -> list[str]:
     """The argv the API stores for a custom_scan `command`: ScanService.custom, then .check."""
     settings = Settings(allow_loopback=True, privileged=privileged, nmap_path=NMAP)
-    service = ScanService(stores, Policy(settings, NMAP), settings, NMAP, None)
+    service = ScanService(stores, Policy(settings, NMAP), settings, NMAP, None, sandbox=own_user_sandbox())
     return asyncio.run(service.check("alice", service.custom(command))).argv
 
 
 def built_in_argv(stores: Stores, kind: ScanKind, target: str, *, privileged: bool) -> list[str]:
     settings = Settings(allow_loopback=True, privileged=privileged, nmap_path=NMAP)
-    service = ScanService(stores, Policy(settings, NMAP), settings, NMAP, None)
+    service = ScanService(stores, Policy(settings, NMAP), settings, NMAP, None, sandbox=own_user_sandbox())
     request = service.quick(target) if kind is ScanKind.QUICK else service.full(target)
     return asyncio.run(service.check("alice", request)).argv
 

@@ -16,7 +16,7 @@ import pytest
 from models import ScanKind
 from nmap_report import ReportParser, with_versions
 from scanner import NmapRun, build_argv, run_nmap, run_problem, scan_options, version_argv
-from tests.support import Listeners, NmapWrapper, process_alive, wait_until
+from tests.support import Listeners, NmapWrapper, own_user_sandbox, process_alive, wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NMAP = shutil.which("nmap") or "nmap"
@@ -113,7 +113,7 @@ def test_an_error_recorded_in_the_xml_is_a_problem() -> None:
 
 async def collect(argv: list[str], time_limit_s: float) -> tuple[NmapRun, ReportParser]:
     report = ReportParser()
-    return await run_nmap(argv, time_limit_s=time_limit_s, stdout_sink=report.feed), report
+    return await run_nmap(argv, sandbox=own_user_sandbox(), time_limit_s=time_limit_s, stdout_sink=report.feed), report
 
 
 @pytest.mark.anyio
@@ -226,7 +226,7 @@ async def test_a_sink_that_fails_fails_the_run_and_nmap_is_killed(nmap_wrapper: 
         # nmap writes its XML's head at once, then would take 100 s.
         await run_nmap([str(nmap_wrapper.path), "-sT", "-n", "-p", "1-100", "--scan-delay", "1s", "-oX", "-", "--",
                         "127.0.0.1"],
-                       time_limit_s=60, stdout_sink=sink)
+                       sandbox=own_user_sandbox(), time_limit_s=60, stdout_sink=sink)
     assert time.monotonic() - started < 5
     [pid] = nmap_wrapper.pids()
     assert not process_alive(pid)
@@ -243,7 +243,7 @@ async def test_what_nmap_leaves_behind_in_its_group_is_killed_when_it_exits(tmp_
                         "print(p.pid)\n")
     stand_in.chmod(0o755)
     out = bytearray()
-    run = await run_nmap([str(stand_in)], time_limit_s=30, stdout_sink=out.extend)
+    run = await run_nmap([str(stand_in)], sandbox=own_user_sandbox(), time_limit_s=30, stdout_sink=out.extend)
     assert run.returncode == 0 and not run.timed_out
     sleeper = int(out)
     assert wait_until(lambda: not process_alive(sleeper), 5, 0.02)

@@ -17,7 +17,7 @@ from policy import NoPool, Policy
 from scans import ScanService, without_waiting
 from stores import Stores
 from supervisor import Supervisor
-from tests.support import SECRETS, Listeners, NmapWrapper, eventually
+from tests.support import OWN_USER, SECRETS, Listeners, NmapWrapper, eventually, own_user_sandbox
 from worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -26,7 +26,7 @@ MakeService = Callable[..., Awaitable[ScanService]]
 
 def settings_for(database_url: str, nmap: NmapWrapper, **overrides: object) -> Settings:
     return Settings(tokens={name: {"secret": secret} for name, secret in SECRETS.items()}, allow_loopback=True,
-                    database_url=database_url, nmap_path=str(nmap.path), **overrides)  # type: ignore[arg-type]
+                    database_url=database_url, nmap_path=str(nmap.path), **OWN_USER | overrides)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -42,11 +42,12 @@ async def make_service(database_url: str, nmap_wrapper: NmapWrapper) -> AsyncIte
         policy = Policy(settings, str(nmap_wrapper.path))
         check = ArgvCheck.of_worker(str(nmap_wrapper.path), policy, privileged=settings.privileged, pool=pool)
         scan_worker = Worker(stores.workers, check, name=f"worker-{len(running)}", pool=pool, capacity=4,
-                             grace_seconds=0.5)
+                             grace_seconds=0.5, sandbox=own_user_sandbox())
         if worker:
             await scan_worker.start(supervisor)
         running.append((stores, scan_worker if worker else None))
-        return ScanService(stores, policy, settings, str(nmap_wrapper.path), scan_worker if worker else None)
+        return ScanService(stores, policy, settings, str(nmap_wrapper.path), scan_worker if worker else None,
+                           sandbox=own_user_sandbox())
 
     yield make
     for _, scan_worker in running:

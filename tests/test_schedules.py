@@ -41,6 +41,7 @@ from tests.nodes import opened_stores
 from tests.receivers import STREAM, NameTable, WebhookReceiver, receiver_address
 from tests.support import (
     ALICE,
+    OWN_USER,
     SECRETS,
     START_UP_SECONDS,
     Listeners,
@@ -120,7 +121,7 @@ def settings_for(database_url: str, nmap: NmapWrapper, tmp_path: Path, **overrid
     values: dict[str, Any] = {
         "tokens": {name: {"secret": secret} for name, secret in SECRETS.items()}, "allow_loopback": True,
         "allowed_targets": [], "database_url": database_url, "nmap_path": str(nmap.path), "lease_seconds": 2,
-        "min_schedule_seconds": 1, "audit_log": str(tmp_path / "audit.jsonl"),
+        "min_schedule_seconds": 1, "audit_log": str(tmp_path / "audit.jsonl"), **OWN_USER,
     }
     return Settings(**values | overrides)
 

@@ -20,7 +20,7 @@ from scanner import build_argv
 from sharding import Shard
 from task_manager import Submitted, TaskAlreadyFinished
 from tests.nodes import MakeNode, argv_for, big_result, submit, wait_for
-from tests.support import Listeners, NmapWrapper, process_alive
+from tests.support import Listeners, NmapWrapper, own_user_sandbox, process_alive
 from worker import PhaseEnd, Worker, judge
 
 pytestmark = pytest.mark.anyio
@@ -116,7 +116,8 @@ async def test_a_submission_hands_the_pools_oldest_task_to_a_free_local_worker(
     loop would: an older queued task goes first. A worker with no slot free claims nothing."""
     [port] = listeners.open_free_top_ports(1)
     node = await make_node(worker=False)  # no claim loop: only hand-overs start scans here
-    worker = Worker(node.stores.workers, node.check, name="direct", pool="default", capacity=1, grace_seconds=0.5)
+    worker = Worker(node.stores.workers, node.check, name="direct", pool="default", capacity=1, grace_seconds=0.5,
+                    sandbox=own_user_sandbox())
     try:
         nmap_wrapper.set_delay(1.5)
         older = await submit(node.tasks, nmap_wrapper, port)
@@ -145,7 +146,8 @@ async def test_a_caller_cancelled_during_a_hand_over_does_not_strand_its_task(
 ) -> None:
     [port] = listeners.open_free_top_ports(1)
     node = await make_node(worker=False)
-    worker = Worker(node.stores.workers, node.check, name="direct", pool="default", capacity=1, grace_seconds=0.5)
+    worker = Worker(node.stores.workers, node.check, name="direct", pool="default", capacity=1, grace_seconds=0.5,
+                    sandbox=own_user_sandbox())
     submitting = asyncio.Event()
 
     async def submit_later(to: WorkerInfo | None) -> Submitted:
