@@ -23,7 +23,7 @@ from inventory import InventoryQueryError
 from limits import QueueFull, RateLimited
 from nmap_options import CommandError
 from nmap_report import clean_text
-from policy import NoPool
+from policy import Forbidden, NoPool
 from scans import NotComparable, ShuttingDown
 from schedule_store import ScheduleNotFound
 from schedules import ScheduleError, ScheduleForbidden
@@ -43,6 +43,7 @@ CODES: dict[type[Exception], str] = {
     DatabaseUnavailable: "unavailable",
     ShuttingDown: "unavailable",
     NoPool: "no_pool",
+    Forbidden: "forbidden",
     InventoryQueryError: "invalid_argument",
     ScheduleError: "invalid_schedule",
     ScheduleForbidden: "forbidden",

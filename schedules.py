@@ -148,8 +148,7 @@ class Schedules:
                      webhook_url: str | None) -> ScheduleCreated:
         """Check the schedule as its scan tool would check the same call, then store it."""
         spec = self._spec(kind, target, command)
-        scope = self._service.policy.tool_scopes.get(owner)
-        if scope is not None and SCAN_TOOLS[kind] not in scope:
+        if not self._service.policy.may(owner, SCAN_TOOLS[kind]):
             raise ScheduleForbidden(f"this token may not use {SCAN_TOOLS[kind]}, so it may not schedule it")
         await self._service.check(owner, self.request(kind, spec))
         cadence, now = parse_every(every), time.time()
