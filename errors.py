@@ -25,7 +25,7 @@ from nmap_options import CommandError
 from nmap_report import clean_text
 from policy import Forbidden, NoPool
 from scans import NotComparable, ShuttingDown
-from schedule_store import ScheduleNotFound
+from schedule_store import ScheduleNotFound, TooManySchedules
 from schedules import ScheduleError, ScheduleForbidden
 from targets import TargetError
 from task_manager import TaskAlreadyFinished, TaskNotFound
@@ -48,6 +48,7 @@ CODES: dict[type[Exception], str] = {
     ScheduleError: "invalid_schedule",
     ScheduleForbidden: "forbidden",
     ScheduleNotFound: "not_found",
+    TooManySchedules: "rate_limited",
     WebhookRefused: "invalid_webhook",
 }
 CODED = re.compile(r"^[a-z][a-z_]*: ")

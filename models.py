@@ -402,7 +402,7 @@ class HostDetail(HostSummary):
 class Page(BaseModel):
     """Which part of the result this answer holds, and where the rest starts."""
 
-    unit: str = Field(description="hosts (json, csv) or characters (xml)")
+    unit: str = Field(description="hosts (json, csv), characters (xml) or schedules")
     offset: int
     returned: int
     total: int
@@ -648,9 +648,11 @@ class ScheduleInfo(BaseModel):
 
 
 class ScheduleList(BaseModel):
-    """The caller's schedules, oldest first."""
+    """A page of the caller's schedules, oldest first."""
 
     schedules: list[ScheduleInfo]
+    page: Page
+    message: str | None = None
 
 
 class ScheduleDeleted(BaseModel):

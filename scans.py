@@ -323,10 +323,12 @@ class ScanService:
         return HostQuery(**given)  # type: ignore[arg-type]
 
     async def limits(self, owner: str) -> LimitsAnswer:
-        """The caller's limits, and how much of each its scans use now."""
+        """The caller's limits, and how much of each its scans and schedules use now."""
         limits, used = self.policy.limits(owner), await self._stores.usage.usage(owner)
+        used["schedules"] = await self._stores.schedules.count(owner)
         windows = {"scans_per_minute": "the last minute", "concurrent_scans": "queued or running now",
-                   "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour"}
+                   "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour",
+                   "schedules": "schedules existing now"}
         return LimitsAnswer(token=owner, limits=[
             LimitUsage(name=name, limit=getattr(limits, name), used=used[name], window=window)
             for name, window in windows.items()])

@@ -325,8 +325,8 @@ def register_tools(
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def get_limits() -> LimitsAnswer:
         """Your token's limits (scans per minute, concurrent scans, addresses per day, forced
-        rescans per hour) and how much of each you use now. A scan past one is refused with
-        rate_limited and when to retry. Instant."""
+        rescans per hour, schedules) and how much of each you use now. A scan or schedule past
+        one is refused with rate_limited, saying when to retry or what to delete. Instant."""
         with tool_errors():
             return await scans.limits(caller())
 
@@ -356,11 +356,13 @@ def register_tools(
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def list_schedules(
         limit: Annotated[int, Field(ge=1, le=100, description="At most this many schedules")] = 100,
+        offset: Annotated[int, Field(ge=0, description="First schedule of the page")] = 0,
     ) -> ScheduleList:
         """Your schedules, oldest first: what each scans and how often, its next run, its last run's
-        task and status, and the last change its runs found (with the webhook's delivery). Instant."""
+        task and status, and the last change its runs found (with the webhook's delivery). Paged
+        and capped: `page.next_offset` says where the rest starts. Instant."""
         with tool_errors():
-            return await schedules.list_schedules(caller(), limit)
+            return await schedules.list_schedules(caller(), limit, offset)
 
     @inlined_tool(mcp, schemas, annotations=_CANCEL_ANNOTATIONS)
     async def delete_schedule(schedule_id: ScheduleId) -> ScheduleDeleted:

@@ -26,6 +26,8 @@ from models import (
     ScanDiff,
     ScanResult,
     ScanSummary,
+    ScheduleInfo,
+    ScheduleList,
     TaskAnswer,
     TaskRecord,
 )
@@ -235,6 +237,21 @@ def inventory_page(hosts: list[InventoryHost], total: int, offset: int, cap: int
         return shown
     note = f"{total} hosts match; pass offset {shown.page.next_offset} for the next ones."
     return shown.model_copy(update={"message": note})
+
+
+def schedule_page(schedules: list[ScheduleInfo], total: int, offset: int, cap: int) -> ScheduleList:
+    """A list_schedules answer: the schedules of this page that fit `cap` bytes, and where the
+    rest starts. One schedule comes even when it alone is larger (a command and a webhook URL of
+    2,000 characters each under the smallest cap), so that a page always moves on."""
+
+    def build(count: int) -> ScheduleList:
+        following = offset + count
+        page = Page(unit="schedules", offset=offset, returned=count, total=total,
+                    next_offset=following if following < total else None)
+        note = f"{total} schedules; pass offset {page.next_offset} for the next ones." if page.next_offset else None
+        return ScheduleList(schedules=schedules[:count], page=page, message=note)
+
+    return _largest_fitting(build, len(schedules), cap) or build(min(len(schedules), 1))
 
 
 def capped_diff(diff: ScanDiff, cap: int) -> ScanDiff:
