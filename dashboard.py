@@ -196,7 +196,7 @@ class Dashboard:
     async def hosts(self, viewer: Viewer, owner: str | None, offset: int, **filters: str | int | None) -> OwnedHosts:
         """A page of hosts of one owner's inventory matching find_hosts' filters."""
         owner = self._owner(viewer, owner)
-        page = await self._service.find_hosts(owner, limit=HOSTS_SHOWN, offset=offset, **filters)
+        page = await self._service.find_hosts(owner, filters, limit=HOSTS_SHOWN, offset=offset)
         return OwnedHosts(owner=owner, hosts=page)
 
     async def task(self, viewer: Viewer, task_id: str, owner: str | None) -> OwnedTask:
