@@ -4,7 +4,9 @@ For every tools/call three moments are recorded, each as one line with the same 
 `accepted` before the tool runs (who, which tool, its arguments), `queued` the moment a scan
 tool's task exists (task id, the canonical argv nmap gets, resolved targets, pool), and `done`
 when the call ends (verdict with its reason, duration). A crash or `kill -9` mid-scan thus
-never loses the record of a scan that started.
+never loses the record of a scan that started. A cancel by another route than the tool (MCP
+Tasks' `tasks/cancel`) is recorded the same way as the tool it stands for, `cancel_task`, with
+`via` naming the route, so that every cancel is found under one name.
 
 Each line is appended with one write(2) on a file opened O_APPEND (mode 0600), so it is in
 the kernel's hands before the tool goes on. A line is whole or absent, so that every line a
@@ -36,6 +38,7 @@ import mcp.types as mt
 from fastmcp.exceptions import ToolError
 from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools.base import ToolResult
+from mcp.shared.exceptions import MCPError
 
 from auth import Identify
 from disk_space import disk_problem
@@ -191,9 +194,9 @@ def _iso(moment: datetime) -> str:
 class AuditedCall:
     """One tools/call's lines."""
 
-    def __init__(self, log: AuditLog, token: str | None, tool: str) -> None:
+    def __init__(self, log: AuditLog, token: str | None, tool: str, via: str | None = None) -> None:
         self._log = log
-        self._base = {"call": uuid.uuid4().hex[:16], "token": token, "tool": tool}
+        self._base = {"call": uuid.uuid4().hex[:16], "token": token, "tool": tool} | ({"via": via} if via else {})
         self.facts: dict[str, Any] = {}
 
     def write(self, event: str, **fields: Any) -> bool:
@@ -216,9 +219,11 @@ class Auditor:
         self._warned_at = float("-inf")
 
     @contextlib.contextmanager
-    def call(self, token: str | None, tool: str, arguments: dict[str, Any] | None, *, scans: bool) -> Iterator[None]:
-        """Audit what runs in the block; `scans`: it may start a scan."""
-        call = AuditedCall(self._log, token, tool)
+    def call(self, token: str | None, tool: str, arguments: dict[str, Any] | None, *, scans: bool,
+             via: str | None = None) -> Iterator[None]:
+        """Audit what runs in the block; `scans`: it may start a scan; `via`: the route that
+        stands for `tool` (policy.ROUTE_TOOLS), when it is not the tool's own call."""
+        call = AuditedCall(self._log, token, tool, via)
         started = time.perf_counter()
         verdict, reason = "allowed", None
         reset = _current.set(call)
@@ -228,8 +233,9 @@ class Auditor:
                 if scans and not self._fail_open:
                     raise ToolError("unavailable: audit log not writable; the scan was not started")
             yield
-        except ToolError as e:
-            # ToolErrorMiddleware (inside the middleware) has turned internal failures into coded errors too.
+        except (ToolError, MCPError) as e:
+            # ToolErrorMiddleware (inside the middleware) has turned internal failures into coded
+            # errors too; a route's JSON-RPC error (MCPError) is what it refused, in its own words.
             verdict, reason = "error" if str(e).startswith("internal_error:") else "refused", str(e)
             raise
         except Exception as e:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import mcp.types as mt
 from fastmcp.exceptions import ToolError
+from fastmcp.resources import Resource, ResourceTemplate
 from fastmcp.server.auth import AccessToken, TokenVerifier
 from fastmcp.server.dependencies import get_access_token
 from fastmcp.server.middleware import CallNext, MiddlewareContext
@@ -48,16 +49,17 @@ class NamedTokenVerifier(TokenVerifier):
 
 
 class ToolScopeMiddleware(MCPMiddleware):
-    """Per-token tool allowlists: a token sees and calls only the tools it was given."""
+    """Per-token tool allowlists: a token sees and calls only the tools it was given, and sees
+    only the resources whose tools it was given. `may(token, tool or route)` decides
+    (Policy.may: the routes and the tools they stand for are in policy.ROUTE_TOOLS)."""
 
-    def __init__(self, scopes: Mapping[str, frozenset[str] | None], identify: Identify) -> None:
-        self._scopes = dict(scopes)
+    def __init__(self, may: Callable[[str, str], bool], identify: Identify) -> None:
+        self._may = may
         self._identify = identify
 
-    def _allows(self, tool: str) -> bool:
+    def _allows(self, route: str) -> bool:
         name = self._identify()
-        scope = self._scopes.get(name) if name else None
-        return scope is None or tool in scope
+        return name is None or self._may(name, route)
 
     async def on_list_tools(
         self,
@@ -65,6 +67,20 @@ class ToolScopeMiddleware(MCPMiddleware):
         call_next: CallNext[mt.ListToolsRequest, Sequence[Tool]],
     ) -> Sequence[Tool]:
         return [tool for tool in await call_next(context) if self._allows(tool.name)]
+
+    async def on_list_resources(
+        self,
+        context: MiddlewareContext[mt.ListResourcesRequest],
+        call_next: CallNext[mt.ListResourcesRequest, Sequence[Resource]],
+    ) -> Sequence[Resource]:
+        return [resource for resource in await call_next(context) if self._allows(str(resource.uri))]
+
+    async def on_list_resource_templates(
+        self,
+        context: MiddlewareContext[mt.ListResourceTemplatesRequest],
+        call_next: CallNext[mt.ListResourceTemplatesRequest, Sequence[ResourceTemplate]],
+    ) -> Sequence[ResourceTemplate]:
+        return [template for template in await call_next(context) if self._allows(template.uri_template)]
 
     async def on_call_tool(
         self,

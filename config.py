@@ -73,10 +73,13 @@ class Limits(BaseModel):
     addresses_per_day: int | None = Field(default=None, ge=1, le=100_000_000)
     # Scans forced past a recent result (rescan=true) in one hour.
     rescans_per_hour: int | None = Field(default=None, ge=1, le=100_000)
+    # Schedules (schedule_scan) the token has at once: each runs scans for ever.
+    schedules: int | None = Field(default=None, ge=1, le=100_000)
 
 
 # Generous: they stop a runaway agent, not a busy team.
-DEFAULT_LIMITS = Limits(scans_per_minute=60, concurrent_scans=20, addresses_per_day=65_536, rescans_per_hour=120)
+DEFAULT_LIMITS = Limits(scans_per_minute=60, concurrent_scans=20, addresses_per_day=65_536, rescans_per_hour=120,
+                        schedules=50)
 
 
 class TokenConfig(BaseModel):

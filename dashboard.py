@@ -4,9 +4,9 @@ The page's own files (dashboard_assets/: HTML, JS, CSS) hold no data and are ser
 anyone. Every answer under /ui/api/ needs one of the MCP tokens as a Bearer header; the page
 asks for it once, keeps it in sessionStorage and sends it only as that header (never in a
 URL or a cookie). Holders of a token named in `ui_admin_tokens` see every token's tasks,
-everyone else only their own; each part of the page needs the right of the MCP tool that
-reads the same data (list_workers, list_tasks, get_task_result, diff_scans, list_schedules,
-find_hosts).
+everyone else only their own; each part of the page, and each answer under /ui/api/, needs the
+rights of the MCP tools that show the same data (policy.ROUTE_TOOLS names them: list_workers,
+list_tasks, get_task_result, diff_scans, list_schedules, find_hosts). The page changes nothing.
 
 The overview is a list of sections: each is built by one `Section` here and drawn by the
 renderer of the same name in dashboard_assets/dashboard.js, so a new section is one entry in
@@ -53,11 +53,7 @@ HOSTS_SHOWN = 50
 SCHEDULES_SHOWN = 100
 # The inventory search's filters (find_hosts' arguments of the same names) and their longest values.
 HOST_FILTERS = {"network": 50, "service": 64, "product": 200}
-HTTP_STATUS = {"not_found": 404, "not_comparable": 409, "unavailable": 503}
-
-
-class Forbidden(PermissionError):
-    """The token may not use the MCP tool that reads this data."""
+HTTP_STATUS = {"forbidden": 403, "not_found": 404, "not_comparable": 409, "unavailable": 503}
 
 
 class BadRequest(ValueError):
@@ -126,12 +122,16 @@ class Overview(BaseModel):
 @dataclass(frozen=True)
 class Section:
     """How one overview section is built: the name of its renderer in dashboard.js, its
-    heading, the MCP tool whose right it needs, and what builds its data for a viewer."""
+    heading, and what builds its data for a viewer. It is shown to tokens that may use its
+    route, `/ui#<name>` in policy.ROUTE_TOOLS."""
 
     name: str
     title: str
-    tool: str
     build: Callable[[Viewer], Awaitable[BaseModel]]
+
+    @property
+    def route(self) -> str:
+        return f"/ui#{self.name}"
 
 
 class Dashboard:
@@ -139,31 +139,27 @@ class Dashboard:
 
     def __init__(self, service: ScanService, admins: Iterable[str], schedules: Schedules) -> None:
         self._service = service
+        self.policy = service.policy
         self._admins = frozenset(admins)
         self._schedules = schedules
         # In page order.
         self.sections = [
-            Section("pools", "Pools and workers", "list_workers", self.pools),
-            Section("running", "Running and queued scans", "list_tasks", self.running),
-            Section("recent", "Recent tasks", "list_tasks", self.recent),
-            Section("diff", "Compare two tasks", "diff_scans", self.comparable),
-            Section("schedules", "Schedules", "list_schedules", self.schedule_rows),
-            Section("inventory", "Inventory search", "find_hosts", self.inventory_owners),
+            Section("pools", "Pools and workers", self.pools),
+            Section("running", "Running and queued scans", self.running),
+            Section("recent", "Recent tasks", self.recent),
+            Section("diff", "Compare two tasks", self.comparable),
+            Section("schedules", "Schedules", self.schedule_rows),
+            Section("inventory", "Inventory search", self.inventory_owners),
         ]
 
     def viewer(self, name: str) -> Viewer:
         """The viewer holding the token named `name`."""
         return Viewer(name=name, admin=name in self._admins)
 
-    def may(self, viewer: Viewer, tool: str) -> bool:
-        """Whether the viewer's token may use `tool` (its `tools` in the config)."""
-        scope = self._service.policy.tool_scopes.get(viewer.name)
-        return scope is None or tool in scope
-
     async def overview(self, viewer: Viewer) -> Overview:
         """Every section the viewer's token may see, built now."""
         built = [SectionData(name=s.name, title=s.title, data=await s.build(viewer))
-                 for s in self.sections if self.may(viewer, s.tool)]
+                 for s in self.sections if self.policy.may(viewer.name, s.route)]
         return Overview(viewer=viewer, sections=built)
 
     async def pools(self, _viewer: Viewer) -> WorkerList:
@@ -195,29 +191,22 @@ class Dashboard:
 
     async def inventory_owners(self, viewer: Viewer) -> InventoryOwners:
         """The tokens whose inventory the search section offers."""
-        return InventoryOwners(owners=sorted(self._service.policy.tool_scopes) if viewer.admin else [viewer.name])
+        return InventoryOwners(owners=sorted(self.policy.tool_scopes) if viewer.admin else [viewer.name])
 
     async def hosts(self, viewer: Viewer, owner: str | None, offset: int, **filters: str | int | None) -> OwnedHosts:
         """A page of hosts of one owner's inventory matching find_hosts' filters."""
-        self._require(viewer, "find_hosts")
         owner = self._owner(viewer, owner)
-        page = await self._service.find_hosts(owner, limit=HOSTS_SHOWN, offset=offset, **filters)
+        page = await self._service.find_hosts(owner, filters, limit=HOSTS_SHOWN, offset=offset)
         return OwnedHosts(owner=owner, hosts=page)
 
     async def task(self, viewer: Viewer, task_id: str, owner: str | None) -> OwnedTask:
         """One task with its result (open ports per host), or the hosts so far while it runs."""
-        self._require(viewer, "get_task_result")
         owner = self._owner(viewer, owner)
         return OwnedTask(owner=owner, task=await self._service.result(owner, task_id, limit=HOSTS_SHOWN))
 
     async def diff(self, viewer: Viewer, task_a: str, task_b: str, owner: str | None) -> ScanDiff:
         """What changed from task a to task b, two tasks of one owner."""
-        self._require(viewer, "diff_scans")
         return await self._service.diff(self._owner(viewer, owner), task_a, task_b)
-
-    def _require(self, viewer: Viewer, tool: str) -> None:
-        if not self.may(viewer, tool):
-            raise Forbidden(f"this token may not use {tool}")
 
     def _owner(self, viewer: Viewer, requested: str | None) -> str:
         """Whose task is asked for: any token's for an admin, else always the viewer's own."""
@@ -277,8 +266,9 @@ def static_file(name: str, media_type: str) -> Endpoint:
 
 
 def api_route(mcp: FastMCP, dashboard: Dashboard, identify: Identify) -> Callable[[str], Callable[[Handler], Handler]]:
-    """A decorator registering a GET handler under a path, for authenticated viewers only;
-    the errors a caller can act on become JSON errors with the stable codes of the tools."""
+    """A decorator registering a GET handler under a path, for authenticated viewers whose token
+    may use the path (policy.ROUTE_TOOLS) only; the errors a caller can act on become JSON
+    errors with the stable codes of the tools."""
 
     def register(path: str) -> Callable[[Handler], Handler]:
         def wrap(handler: Handler) -> Handler:
@@ -288,9 +278,8 @@ def api_route(mcp: FastMCP, dashboard: Dashboard, identify: Identify) -> Callabl
                     # http_edge gives every 401 the plain words and challenge the MCP endpoint's have.
                     return Response(status_code=401, headers=API_HEADERS)
                 try:
+                    dashboard.policy.require(name, path)
                     answer = await handler(request, dashboard.viewer(name))
-                except Forbidden as e:
-                    return error_response(403, "forbidden", str(e))
                 except BadRequest as e:
                     return error_response(400, "invalid_argument", str(e))
                 except tuple(CODES) as e:

@@ -36,9 +36,10 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Constant keys for pg_advisory_xact_lock: submissions (and migrations) take the first, so that
 # the queue bound and the limits are exact; inventory updates the second (with the owner), one
-# owner at a time.
+# owner at a time; new schedules the third (with the owner), so that the cap on them is exact.
 SUBMIT_LOCK = 7_301_001
 INVENTORY_LOCK = 7_301_002
+SCHEDULE_LOCK = 7_301_003
 # Threads for database calls, per database (the engines' pools hold at least as many
 # connections). SQLite writes one at a time, and more threads only contend for its lock and the
 # GIL: with 4 instead of 12, bench/quick_scans_200.py ran 10% faster (server CPU 12.8 -> 11.0 ms

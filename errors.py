@@ -23,9 +23,9 @@ from inventory import InventoryQueryError
 from limits import QueueFull, RateLimited
 from nmap_options import CommandError
 from nmap_report import clean_text
-from policy import NoPool
+from policy import Forbidden, NoPool
 from scans import NotComparable, ShuttingDown
-from schedule_store import ScheduleNotFound
+from schedule_store import ScheduleNotFound, TooManySchedules
 from schedules import ScheduleError, ScheduleForbidden
 from targets import TargetError
 from task_manager import TaskAlreadyFinished, TaskNotFound
@@ -43,10 +43,12 @@ CODES: dict[type[Exception], str] = {
     DatabaseUnavailable: "unavailable",
     ShuttingDown: "unavailable",
     NoPool: "no_pool",
+    Forbidden: "forbidden",
     InventoryQueryError: "invalid_argument",
     ScheduleError: "invalid_schedule",
     ScheduleForbidden: "forbidden",
     ScheduleNotFound: "not_found",
+    TooManySchedules: "rate_limited",
     WebhookRefused: "invalid_webhook",
 }
 CODED = re.compile(r"^[a-z][a-z_]*: ")

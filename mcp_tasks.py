@@ -7,6 +7,11 @@ them, before and after a restart; nothing is kept in memory. Everyone else sees 
 
 A scan tool is any tool whose body submits a scan through `ScanService.scan`: the call runs
 under `scans.without_waiting()`, and when a task was queued the call answers with it.
+
+Each method stands for the tools whose data it shows or whose act it does (policy.ROUTE_TOOLS):
+a token restricted by `tools` is refused a method unless it may use them, and gets no task
+handle unless it may read the task through one (it gets the tool's own answer instead). A
+`tasks/cancel` is audited as a `cancel_task` call.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from mcp_types.jsonrpc import HEADER_MISMATCH, MISSING_REQUIRED_CLIENT_CAPABILIT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
+from audit import Auditor
 from auth import Identify
 from db import DatabaseUnavailable
 from models import TaskAnswer, TaskStatus
+from policy import Forbidden
 from scans import ScanService, without_waiting
 from task_manager import TaskAlreadyFinished, TaskNotFound
 from views import answer
@@ -120,9 +127,10 @@ class ScanTasks(ServerExtension):
 
     identifier = TASKS_EXTENSION_ID
 
-    def __init__(self, service: ScanService, identify: Identify) -> None:
+    def __init__(self, service: ScanService, identify: Identify, auditor: Auditor) -> None:
         self._service = service
         self._identify = identify
+        self._auditor = auditor
 
     def methods(self) -> Sequence[MethodBinding]:
         return [
@@ -137,8 +145,10 @@ class ScanTasks(ServerExtension):
         context: Context,
         call_next: ToolCallContinuation,
     ) -> ToolCallOutcome:
-        """A scan tool called by a client that opted in answers with the task it queued."""
-        if not opted_in(context):
+        """A scan tool called by a client that opted in answers with the task it queued, when
+        the caller's token may read that task through the extension's methods."""
+        owner = self._identify()
+        if not opted_in(context) or owner is None or not self._service.policy.may(owner, "tasks/handle"):
             return await call_next()
         with without_waiting() as submitted:
             outcome = await call_next()
@@ -149,9 +159,11 @@ class ScanTasks(ServerExtension):
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskParams) -> GetTaskResult:
         owner = self._caller(ctx, params.task_id)
         with protocol_errors():
+            self._service.policy.require(owner, "tasks/get")
             shown = await self._service.status(owner, params.task_id)
             if MCP_STATUS[shown.status] == "completed":
                 # The answer get_task_result gives, as the CallToolResult it arrives in.
+                self._service.policy.require(owner, "tasks/get (completed)")
                 shown = await self._service.result(owner, params.task_id)
                 return GetTaskResult(**task_fields(shown), result=tool_result(shown))
         return GetTaskResult(**task_fields(shown))
@@ -160,13 +172,17 @@ class ScanTasks(ServerExtension):
         # Scans never ask for input, so no response matches an outstanding request: each is ignored.
         owner = self._caller(ctx, params.task_id)
         with protocol_errors():
+            self._service.policy.require(owner, "tasks/update")
             await self._service.status(owner, params.task_id)
         return ACKNOWLEDGED
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskParams) -> dict[str, Any]:
-        owner = self._caller(ctx, params.task_id)
-        with protocol_errors(), contextlib.suppress(TaskAlreadyFinished):
-            await self._service.cancel(owner, params.task_id)
+        with self._auditor.call(self._identify(), "cancel_task", {"task_id": params.task_id}, scans=False,
+                                via="tasks/cancel"):
+            owner = self._caller(ctx, params.task_id)
+            with protocol_errors(), contextlib.suppress(TaskAlreadyFinished):
+                self._service.policy.require(owner, "tasks/cancel")
+                await self._service.cancel(owner, params.task_id)
         return ACKNOWLEDGED
 
     def _caller(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> str:
@@ -206,6 +222,8 @@ def protocol_errors() -> Iterator[None]:
         yield
     except TaskNotFound as e:
         raise MCPError(mcp_types.INVALID_PARAMS, NOT_FOUND) from e
+    except Forbidden as e:
+        raise MCPError(mcp_types.INVALID_REQUEST, f"forbidden: {e}") from e
     except DatabaseUnavailable as e:
         raise MCPError(mcp_types.INTERNAL_ERROR, "the task database is not reachable; retry shortly") from e
 

@@ -400,14 +400,30 @@ class HostDetail(HostSummary):
     timed_out: bool = False
 
 
+class PortsCut(BaseModel):
+    """A host with more ports than one answer holds: which of them this answer has, and where
+    the others start."""
+
+    address: str
+    offset: int = Field(description="The host's offset: pass it, with limit 1 and port_offset, for its other ports")
+    ports: int = Field(description="The host's ports in this answer's view")
+    first_port: int = Field(description="The port_offset of the first port shown: how many come before it")
+    shown: int = Field(description="How many of the host's ports this answer holds")
+    omitted: int = Field(description="How many of the host's ports come after those shown")
+    next_port_offset: int | None = Field(description="Pass as port_offset (with offset and limit 1) for the host's "
+                                                      "next ports; null when none is left")
+
+
 class Page(BaseModel):
     """Which part of the result this answer holds, and where the rest starts."""
 
-    unit: str = Field(description="hosts (json, csv) or characters (xml)")
+    unit: str = Field(description="hosts (json, csv), characters (xml) or schedules")
     offset: int
     returned: int
     total: int
     next_offset: int | None = Field(description="Pass as offset for the next page; null when none is left")
+    cut: PortsCut | None = Field(default=None, description=(
+        "Set when the page's one host has more ports than fit: which are here, and how to fetch the rest"))
 
 
 class ScanSummary(BaseModel):
@@ -649,9 +665,11 @@ class ScheduleInfo(BaseModel):
 
 
 class ScheduleList(BaseModel):
-    """The caller's schedules, oldest first."""
+    """A page of the caller's schedules, oldest first."""
 
     schedules: list[ScheduleInfo]
+    page: Page
+    message: str | None = None
 
 
 class ScheduleDeleted(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,10 +14,42 @@ from nse_policy import ScriptPolicy, find_script_db, load_catalog
 from targets import IPNetwork, TargetPolicy, parse_networks
 
 DEFAULT_POOL = "default"
+# Every route besides the tools themselves to what the tools show (tasks, results, the
+# inventory, schedules, pools), with the tools whose data it shows or whose act it does: a token
+# restricted by `tools` may use a route only when it may use every one of them, so that no route
+# reaches more than its tools would. Each front door checks its routes here, by these names
+# (tests/test_scopes.py checks that every route the server offers is listed).
+ROUTE_TOOLS: Mapping[str, frozenset[str]] = {
+    # MCP Tasks (mcp_tasks.py). A scan answers with a task handle only to a token that may read the
+    # task through it; any other gets the tool's own answer, as a client without the extension does.
+    "tasks/handle": frozenset({"get_task_status", "get_task_result"}),
+    "tasks/get": frozenset({"get_task_status"}),
+    "tasks/get (completed)": frozenset({"get_task_status", "get_task_result"}),
+    "tasks/update": frozenset({"get_task_status"}),
+    "tasks/cancel": frozenset({"cancel_task"}),
+    # Resources (resources.py), by URI template.
+    "nmap://tasks/{task_id}": frozenset({"get_task_result"}),
+    "nmap://help/custom_scan": frozenset(),  # the allowlist's documentation: nobody's data
+    # The operator page (dashboard.py): each section of the overview, and each answer under /ui/api/.
+    "/ui#pools": frozenset({"list_workers"}),
+    "/ui#running": frozenset({"list_tasks"}),
+    "/ui#recent": frozenset({"list_tasks"}),
+    "/ui#diff": frozenset({"list_tasks", "diff_scans"}),
+    "/ui#schedules": frozenset({"list_schedules"}),
+    "/ui#inventory": frozenset({"find_hosts"}),
+    "/ui/api/overview": frozenset(),  # only the sections the token may see, each checked above
+    "/ui/api/tasks/{task_id}": frozenset({"get_task_result"}),
+    "/ui/api/diff": frozenset({"diff_scans"}),
+    "/ui/api/hosts": frozenset({"find_hosts"}),
+}
 
 
 class NoPool(ValueError):
     """No scanner pool reaches all of a scan's addresses; the message says how to split it."""
+
+
+class Forbidden(PermissionError):
+    """The caller's token may not use a tool, or a route that stands for tools it may not use."""
 
 
 class Policy:
@@ -43,6 +76,21 @@ class Policy:
         for name, spec in settings.tokens.items():
             if spec.tools is not None:
                 self.tool_scopes[name] = frozenset(spec.tools)
+
+    def may(self, owner: str, route: str) -> bool:
+        """Whether token `owner` may use `route`: a tool, or a route of ROUTE_TOOLS (all its tools)."""
+        scope = self.tool_scopes.get(owner)
+        return scope is None or ROUTE_TOOLS.get(route, frozenset({route})) <= scope
+
+    def require(self, owner: str, route: str) -> None:
+        """Forbidden, naming the tools it lacks, unless token `owner` may use `route`."""
+        if self.may(owner, route):
+            return
+        if route not in ROUTE_TOOLS:
+            raise Forbidden(f"this token may not use {route}")
+        lacking = sorted(ROUTE_TOOLS[route] - (self.tool_scopes.get(owner) or frozenset()))
+        raise Forbidden(f"{route} needs the tool{'s' * (len(lacking) > 1)} {', '.join(lacking)}, "
+                        "which this token may not use")
 
     def limits(self, owner: str) -> Limits:
         """The caller's limits: its token's own, else the server's, else the defaults."""

@@ -22,6 +22,10 @@ INSTRUCTIONS = """Network scans with nmap, for the networks this server is allow
   scans; list_tasks lists yours. list_workers shows the scanner pools; nmap_version what the
   scanner can do."""
 
+# The resources' URIs, as policy.ROUTE_TOOLS names them.
+TASK_RESULT = "nmap://tasks/{task_id}"
+CUSTOM_SCAN_HELP = "nmap://help/custom_scan"
+
 HELP_HEADER = """# custom_scan: the options it accepts
 
 Each option is accepted in exactly this spelling (`--opt=value` and `-p80` work too); anything
@@ -43,19 +47,21 @@ def register_resources(mcp: FastMCP, scans: ScanService, identify: Identify, *, 
     help_text = HELP_HEADER.format(categories=", ".join(categories), excluded=", ".join(EXCLUDED_CATEGORIES)) + (
         describe_allowlist(privileged=privileged) + "\n")
 
-    @mcp.resource("nmap://help/custom_scan", name="custom_scan_options", mime_type="text/markdown",
+    @mcp.resource(CUSTOM_SCAN_HELP, name="custom_scan_options", mime_type="text/markdown",
                   description="Every option custom_scan accepts, with its allowed values")
     def custom_scan_help() -> str:
         return help_text
 
-    @mcp.resource("nmap://tasks/{task_id}", name="task_result", mime_type="application/json",
-                  description="One of your scan tasks with its result (json, summary view, first page)")
+    @mcp.resource(TASK_RESULT, name="task_result", mime_type="application/json",
+                  description="One of your scan tasks with its result (json, summary view, first page); "
+                              "it needs the right to get_task_result")
     async def task_result(task_id: str) -> str:
         owner = identify()
         if owner is None:
             raise ResourceError("unauthenticated: this resource needs a valid token")
         try:
             with tool_errors():
+                scans.policy.require(owner, TASK_RESULT)
                 return (await scans.result(owner, task_id)).model_dump_json()
         except ToolError as e:
             raise ResourceError(str(e)) from e

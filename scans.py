@@ -249,10 +249,11 @@ class ScanService:
 
     async def present(
         self, record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0,
-        limit: int = DEFAULT_PAGE, note: str | None = None,
+        limit: int = DEFAULT_PAGE, note: str | None = None, port_offset: int = 0,
     ) -> TaskAnswer:
         """Shape a task for the caller: a page of its result (partial while it runs), `note`
-        first in its message; the whole answer fits max_answer_bytes on the wire."""
+        first in its message; the whole answer fits max_answer_bytes on the wire. `port_offset`
+        ports of the page's first host are left out (the rest of a host a page cut)."""
         shown = answer(record)
         base = (with_message(shown, note) if note else shown).model_copy(update={"format": fmt})
         cap = self._settings.max_answer_bytes
@@ -266,8 +267,8 @@ class ScanService:
             return base
         result = with_requested_names(result, record.argv, record.target)
         if fmt == "csv":
-            return csv_page(base, result, offset=offset, limit=limit, cap=cap)
-        return json_page(base, result, view=view, offset=offset, limit=limit, cap=cap)
+            return csv_page(base, result, offset=offset, limit=limit, cap=cap, port_offset=port_offset)
+        return json_page(base, result, view=view, offset=offset, limit=limit, cap=cap, port_offset=port_offset)
 
     # ---- tasks ---------------------------------------------------------------------------
 
@@ -276,10 +277,10 @@ class ScanService:
 
     async def result(
         self, owner: str, task_id: str, fmt: str = "json", view: str = "summary", offset: int = 0,
-        limit: int = DEFAULT_PAGE,
+        limit: int = DEFAULT_PAGE, port_offset: int = 0,
     ) -> TaskAnswer:
         record = await self._tasks.get(task_id, owner, with_result=True)
-        return await self.present(record, fmt, view, offset, limit)
+        return await self.present(record, fmt, view, offset, limit, port_offset=port_offset)
 
     async def diff(self, owner: str, task_a: str, task_b: str) -> ScanDiff:
         first = await self._tasks.get(task_a, owner, with_result=True)
@@ -304,11 +305,12 @@ class ScanService:
             await self._worker.wait_stopped(task_id, CANCEL_WAIT_SECONDS)
         return answer(await self._tasks.get(task_id, owner))
 
-    async def find_hosts(self, owner: str, *, limit: int = DEFAULT_PAGE, offset: int = 0,
-                         **filters: str | int | None) -> InventoryPage:
-        """A page of the caller's inventory: hosts (and their ports) matching the filters."""
+    async def find_hosts(self, owner: str, filters: Mapping[str, str | int | None], *, limit: int = DEFAULT_PAGE,
+                         offset: int = 0, port_offset: int = 0) -> InventoryPage:
+        """A page of the caller's inventory: hosts (and their ports) matching the filters (find_hosts'
+        arguments of the same names), the first without its first `port_offset` ports."""
         hosts, total = await self._stores.inventory.find_hosts(owner, self._query(filters), limit, offset)
-        return inventory_page(hosts, total, offset, self._settings.max_answer_bytes)
+        return inventory_page(hosts, total, offset, self._settings.max_answer_bytes, port_offset=port_offset)
 
     async def top_values(self, owner: str, field: str, *, limit: int = 20, **filters: str | None) -> TopValues:
         """The caller's most common values of `field`, counted in hosts."""
@@ -328,11 +330,13 @@ class ScanService:
         return HostQuery(**given)  # type: ignore[arg-type]
 
     async def limits(self, owner: str) -> LimitsAnswer:
-        """The caller's limits, and how much of each its scans use now."""
+        """The caller's limits, and how much of each its scans and schedules use now."""
         limits, used = self.policy.limits(owner), await self._stores.usage.usage(owner)
+        used["schedules"] = await self._stores.schedules.count(owner)
         windows = {"scans_per_minute": "the last minute",
                    "concurrent_scans": "nmap runs queued or running now (a shard is one)",
-                   "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour"}
+                   "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour",
+                   "schedules": "schedules existing now"}
         return LimitsAnswer(token=owner, limits=[
             LimitUsage(name=name, limit=getattr(limits, name), used=used[name], window=window)
             for name, window in windows.items()])

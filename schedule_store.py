@@ -9,22 +9,28 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import BindParameter, Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from change_feed import ChangeFeed
-from db import Database
+from db import SCHEDULE_LOCK, Database
 from models import ACTIVE_STATUSES, ScanKind, leases, schedule_runs, schedules, tasks
 
 # The change-feed key of the schedules: a new one wakes the process holding the scheduler lease.
 SCHEDULES_KEY = "schedules"
 # Run states in which a schedule's run is still going: fired, and its scan not yet finished.
 RUNS_GOING = ("pending", "submitted")
+_OWNER: BindParameter[str] = bindparam("p_owner")
+_TAKE_SCHEDULE_LOCK = select(func.pg_advisory_xact_lock(SCHEDULE_LOCK, func.hashtext(_OWNER)))
 
 
 class ScheduleNotFound(LookupError):
     """No schedule with that id belongs to the caller."""
+
+
+class TooManySchedules(RuntimeError):
+    """The owner already has as many schedules as its limit allows."""
 
 
 class RunAlreadyQueued(RuntimeError):
@@ -103,14 +109,21 @@ class ScheduleStore:
         self._db = db
         self._feed = feed
 
-    async def create(self, values: dict[str, Any]) -> None:
-        """Store a new schedule (a row of `schedules`) and wake the scheduler."""
-        await self._db.run(self._insert_schedule, values)
+    async def create(self, values: dict[str, Any], most: int | None) -> None:
+        """Store a new schedule (a row of `schedules`) and wake the scheduler; TooManySchedules
+        when its owner has `most` already (None: no limit) (counted in the inserting transaction, one owner's
+        creations at a time, so that the cap holds across processes)."""
+        await self._db.run(self._insert_schedule, values, most)
         self._feed.publish(SCHEDULES_KEY)
 
-    async def states(self, owner: str | None, limit: int) -> list[ScheduleState]:
-        """The owner's schedules (everyone's with owner None), oldest first, with their latest run and change."""
-        return await self._db.run(self._select_schedule_states, owner, limit)
+    async def states(self, owner: str | None, limit: int, offset: int = 0) -> tuple[list[ScheduleState], int]:
+        """The owner's schedules (everyone's with owner None), oldest first, from the `offset`th, with
+        their latest run and change; and how many there are in all."""
+        return await self._db.run(self._select_schedule_states, owner, limit, offset)
+
+    async def count(self, owner: str) -> int:
+        """How many schedules the owner has."""
+        return await self._db.run(self._count_schedules, owner)
 
     async def delete(self, schedule_id: str, owner: str) -> None:
         """Delete the caller's schedule and its runs; ScheduleNotFound for a missing or another owner's id."""
@@ -150,15 +163,28 @@ class ScheduleStore:
         """How the last attempt went: still pending (retried at `next_at`), sent, or failed."""
         await self._db.run(self._record_webhook, run_id, status, error, next_at)
 
-    def _insert_schedule(self, values: dict[str, Any]) -> None:
+    def _insert_schedule(self, values: dict[str, Any], most: int | None) -> None:
+        owner = values["owner"]
         with self._db.writing() as conn:
+            if self._db.postgres:
+                conn.execute(_TAKE_SCHEDULE_LOCK, {"p_owner": owner})
+            if most is not None and (existing := _count_of(conn, owner)) >= most:
+                raise TooManySchedules(f"token '{owner}' may have {most} schedules and has {existing} (the server's "
+                                       "limits.schedules); delete one with delete_schedule (list_schedules shows "
+                                       "them) before adding another")
             conn.execute(insert(schedules).values(**values))
             self._feed.notify(conn, SCHEDULES_KEY)
 
-    def _select_schedule_states(self, owner: str | None, limit: int) -> list[ScheduleState]:
-        query = select(schedules).order_by(schedules.c.created_at).limit(limit)
+    def _count_schedules(self, owner: str) -> int:
+        with self._db.reading() as conn:
+            return _count_of(conn, owner)
+
+    def _select_schedule_states(self, owner: str | None, limit: int, offset: int) -> tuple[list[ScheduleState], int]:
+        # Oldest first, ties (one clock tick) by id, so that pages neither repeat nor skip one.
+        query = select(schedules).order_by(schedules.c.created_at, schedules.c.id).limit(limit).offset(offset)
+        total = select(func.count()).select_from(schedules)
         if owner is not None:
-            query = query.where(schedules.c.owner == owner)
+            query, total = query.where(schedules.c.owner == owner), total.where(schedules.c.owner == owner)
         runs = schedule_runs.c
         with self._db.reading() as conn:
             states = []
@@ -170,7 +196,7 @@ class ScheduleStore:
                     if last is not None and last.task_id else None
                 states.append(ScheduleState(_schedule(row), _run(last) if last else None, status,
                                             _run(change) if change else None))
-        return states
+            return states, conn.execute(total).scalar_one()
 
     def _delete_schedule(self, schedule_id: str, owner: str) -> None:
         with self._db.writing() as conn:
@@ -260,6 +286,10 @@ class ScheduleStore:
         with self._db.writing() as conn:
             conn.execute(update(schedule_runs).where(pending).values(webhook_status=status, webhook_error=error,
                                                                      webhook_next_at=next_at))
+
+
+def _count_of(conn: Connection, owner: str) -> int:
+    return conn.execute(select(func.count()).select_from(schedules).where(schedules.c.owner == owner)).scalar_one()
 
 
 def _schedule(row: Row[Any]) -> ScheduleRecord:

@@ -67,7 +67,7 @@ from schedule_store import SCHEDULES_KEY, RunAlreadyQueued, RunRecord, ScheduleR
 from stores import Stores
 from supervisor import Supervisor
 from targets import TargetError
-from views import capped_diff, diff_results
+from views import capped_diff, diff_results, schedule_page
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,7 @@ class Schedules:
                      webhook_url: str | None) -> ScheduleCreated:
         """Check the schedule as its scan tool would check the same call, then store it."""
         spec = self._spec(kind, target, command)
-        scope = self._service.policy.tool_scopes.get(owner)
-        if scope is not None and SCAN_TOOLS[kind] not in scope:
+        if not self._service.policy.may(owner, SCAN_TOOLS[kind]):
             raise ScheduleForbidden(f"this token may not use {SCAN_TOOLS[kind]}, so it may not schedule it")
         await self._service.check(owner, self.request(kind, spec))
         cadence, now = parse_every(every), time.time()
@@ -166,24 +165,27 @@ class Schedules:
         await self._store.create({
             "id": schedule_id, "owner": owner, "kind": kind.value, "spec": spec, "every": cadence.text,
             "created_at": now, "next_run_at": first, "webhook_url": webhook_url, "webhook_secret": secret,
-        })
+        }, self._service.policy.limits(owner).schedules)
         note = " Keep webhook_secret: it verifies the webhook's signature and is not shown again." if secret else ""
         return ScheduleCreated(schedule_id=schedule_id, next_run_at=first, webhook_secret=secret,
                                message=f"Scheduled every {cadence.text}; list_schedules shows its runs.{note}")
 
-    async def list_schedules(self, owner: str, limit: int = 100) -> ScheduleList:
-        """The caller's schedules; their changes share the answer's size cap."""
-        states = await self._store.states(owner, limit)
-        return ScheduleList(schedules=[describe(state, self._share(states)) for state in states])
+    async def list_schedules(self, owner: str, limit: int = 100, offset: int = 0) -> ScheduleList:
+        """A page of the caller's schedules from the `offset`th: as many of `limit` as fit the
+        answer's size cap, their changes sharing it."""
+        states, total = await self._store.states(owner, limit, offset)
+        shown = [describe(state, self._share(states)) for state in states]
+        return schedule_page(shown, total, offset, self._settings.max_answer_bytes)
 
     async def list_all_schedules(self, limit: int) -> list[tuple[str, ScheduleInfo]]:
         """Every token's schedules, each with its owner (for operators)."""
-        states = await self._store.states(None, limit)
+        states, _ = await self._store.states(None, limit)
         return [(state.schedule.owner, describe(state, self._share(states))) for state in states]
 
     def _share(self, states: list[ScheduleState]) -> int:
-        """The bytes each schedule's last change may take of one answer."""
-        return self._settings.max_answer_bytes // (len(states) + 1)
+        """The bytes each schedule's last change may take of one answer: so little that one
+        schedule with its change always fits (a page moves on), and often all of them."""
+        return self._settings.max_answer_bytes // (len(states) + 2)
 
     async def delete(self, owner: str, schedule_id: str) -> ScheduleDeleted:
         """Delete the caller's schedule: it runs no more (a scan under way finishes as a normal task)."""

@@ -176,7 +176,7 @@ def create_server(
         lifespan=lifespan,
         middleware=[LogContext(identify),
                     AuditMiddleware(runtime.auditor, identify),
-                    ToolScopeMiddleware(runtime.service.policy.tool_scopes, identify)],
+                    ToolScopeMiddleware(runtime.service.policy.may, identify)],
         mask_error_details=True,
         strict_input_validation=True,
     )
@@ -188,7 +188,7 @@ def create_server(
     tune_low_level_server(mcp, schemas)
     if not stdio:
         register_dashboard(mcp, runtime.service, settings, identify, runtime.schedules)
-    mcp.add_extension(ScanTasks(runtime.service, identify))
+    mcp.add_extension(ScanTasks(runtime.service, identify, runtime.auditor))
 
     mcp.custom_route("/healthz", methods=["GET"])(health_endpoint(runtime))
     return mcp, runtime

@@ -71,6 +71,9 @@ PoolName = Annotated[
     Field(description="Scanner pool to run in (list_workers shows them); default: the pool that reaches the target",
           pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
 ]
+PortOffset = Annotated[int, Field(ge=0, le=200_000, description=(
+    "Skip this many ports of the page's first host: the port_offset a page's `cut` names to fetch "
+    "the rest of a host that did not fit in one answer"))]
 ScheduleId = Annotated[
     str,
     Field(
@@ -253,12 +256,15 @@ def register_tools(
             description="summary: open ports with service and version; full: every detail")] = "summary",
         offset: Annotated[int, Field(ge=0, description="First host (json, csv) or character (xml)")] = 0,
         limit: Annotated[int, Field(ge=1, le=1000, description="Hosts per page (json, csv)")] = DEFAULT_PAGE,
+        port_offset: PortOffset = 0,
     ) -> TaskAnswer:
         """The result of one of your scan tasks: once finished, or the hosts done so far
         (partial: true) while it runs or after it was stopped. Answers are paged and capped
-        in size; `page.next_offset` says where the rest starts. Instant: it never waits."""
+        in size; `page.next_offset` says where the rest starts. A host with more ports than one
+        answer holds comes alone with the ports that fit, and `page.cut` says how to fetch the
+        rest of them. Instant: it never waits."""
         with tool_errors():
-            return await scans.result(caller(), task_id, format, view, offset, limit)
+            return await scans.result(caller(), task_id, format, view, offset, limit, port_offset)
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def diff_scans(task_a: TaskId, task_b: TaskId) -> ScanDiff:
@@ -300,17 +306,19 @@ def register_tools(
         changed_since: Since = None,
         limit: Annotated[int, Field(ge=1, le=1000, description="Hosts per page")] = DEFAULT_PAGE,
         offset: Annotated[int, Field(ge=0, description="First host of the page")] = 0,
+        port_offset: PortOffset = 0,
     ) -> InventoryPage:
         """Search what your scans have found, across all of them: the latest known state of every
         host and port. 'Which hosts expose RDP?' is port=3389; 'where does OpenSSH 7 still run?' is
         product='OpenSSH', version_prefix='7.'; 'what changed on 10.0.0.0/24 this week?' is
         network='10.0.0.0/24', changed_since='7d', state='any'. Hosts a later scan found down,
-        and ports it found closed, say so with when it changed. Instant; paged and capped."""
+        and ports it found closed, say so with when it changed. Instant; paged and capped (a host
+        with more ports than one answer holds comes alone, and `page.cut` says how to fetch the rest)."""
         with tool_errors():
-            return await scans.find_hosts(
-                caller(), limit=limit, offset=offset, network=network, port=port, protocol=protocol, state=state,
-                service=service, product=product, version_prefix=version_prefix, cpe=cpe, script=script,
-                seen_since=seen_since, changed_since=changed_since)
+            filters = {"network": network, "port": port, "protocol": protocol, "state": state, "service": service,
+                       "product": product, "version_prefix": version_prefix, "cpe": cpe, "script": script,
+                       "seen_since": seen_since, "changed_since": changed_since}
+            return await scans.find_hosts(caller(), filters, limit=limit, offset=offset, port_offset=port_offset)
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def top_values(
@@ -328,8 +336,8 @@ def register_tools(
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def get_limits() -> LimitsAnswer:
         """Your token's limits (scans per minute, concurrent scans, addresses per day, forced
-        rescans per hour) and how much of each you use now. A scan past one is refused with
-        rate_limited and when to retry. Instant."""
+        rescans per hour, schedules) and how much of each you use now. A scan or schedule past
+        one is refused with rate_limited, saying when to retry or what to delete. Instant."""
         with tool_errors():
             return await scans.limits(caller())
 
@@ -359,11 +367,13 @@ def register_tools(
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def list_schedules(
         limit: Annotated[int, Field(ge=1, le=100, description="At most this many schedules")] = 100,
+        offset: Annotated[int, Field(ge=0, description="First schedule of the page")] = 0,
     ) -> ScheduleList:
         """Your schedules, oldest first: what each scans and how often, its next run, its last run's
-        task and status, and the last change its runs found (with the webhook's delivery). Instant."""
+        task and status, and the last change its runs found (with the webhook's delivery). Paged
+        and capped: `page.next_offset` says where the rest starts. Instant."""
         with tool_errors():
-            return await schedules.list_schedules(caller(), limit)
+            return await schedules.list_schedules(caller(), limit, offset)
 
     @inlined_tool(mcp, schemas, annotations=_CANCEL_ANNOTATIONS)
     async def delete_schedule(schedule_id: ScheduleId) -> ScheduleDeleted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from pydantic import BaseModel
@@ -22,15 +22,20 @@ from models import (
     Page,
     PortChange,
     PortDetail,
+    PortsCut,
     PortSummary,
     ScanDiff,
     ScanResult,
     ScanSummary,
+    ScheduleInfo,
+    ScheduleList,
     TaskAnswer,
     TaskRecord,
 )
 
 Answer = TypeVar("Answer", bound=BaseModel)
+# A host of a page: of a result, in either view, or of the inventory.
+Host = TypeVar("Host", HostSummary, HostDetail, InventoryHost)
 # The JSON-RPC envelope, the content block's keys, the server's _meta and SSE's "event:
 # message", measured on real answers at about 170 bytes; with room to spare.
 WIRE_FRAMING_BYTES = 400
@@ -76,14 +81,36 @@ def reuse_note(reused: TaskRecord) -> str:
     return "The same scan was already under way; this is its task. Pass rescan=true to start another."
 
 
-def more_hint(shown: TaskAnswer) -> TaskAnswer:
-    """Say in words how to fetch the rest of a paged result."""
-    if shown.page is None or shown.page.next_offset is None:
+def more_hint(shown: TaskAnswer, view: str = "summary") -> TaskAnswer:
+    """Say in words how to fetch the rest of a paged result, and what a cut host left out."""
+    page = shown.page
+    if page is None or (page.next_offset is None and page.cut is None):
         return shown
-    rest = (f"This answer holds {shown.page.unit} {shown.page.offset}-{shown.page.offset + shown.page.returned - 1}"
-            f" of {shown.page.total}; call get_task_result with task_id '{shown.task_id}', format "
-            f"'{shown.format}' and offset {shown.page.next_offset} for more.")
+    again = f"get_task_result with task_id '{shown.task_id}', format '{shown.format}'" + (
+        f", view '{view}'" if shown.format == "json" else "")
+    notes = []
+    if page.next_offset is not None:
+        notes.append(f"This answer holds {page.unit} {page.offset}-{page.offset + page.returned - 1} of {page.total}; "
+                     f"call {again} and offset {page.next_offset} for more.")
+    if page.cut is not None:
+        notes.append(cut_note(page.cut, again, "format 'xml' holds the whole report"))
+    rest = " ".join(notes)
     return shown.model_copy(update={"message": f"{shown.message} {rest}" if shown.message else rest})
+
+
+def cut_note(cut: PortsCut, again: str, whole: str | None = None) -> str:
+    """What a page's cut left out of its host, and the call (`again`, then offset, limit and
+    port_offset) that fetches it; `whole`: where else all of it is."""
+    note = (f"Host {cut.address} has {cut.ports} ports here, more than one answer holds: this one holds {cut.shown} "
+            f"of them, from port_offset {cut.first_port}")
+    rest = cut.omitted
+    if cut.shown == 0 and cut.omitted:
+        note += f", because the port at port_offset {cut.first_port} alone is larger than an answer may be"
+        rest -= 1
+    if cut.next_port_offset is not None:
+        note += (f"; for the {rest} after those call {again}, offset {cut.offset}, limit 1 and port_offset "
+                 f"{cut.next_port_offset}")
+    return note + (f" ({whole})." if whole else ".")
 
 
 def with_requested_names(result: ScanResult, argv: list[str], target: str) -> ScanResult:
@@ -102,48 +129,65 @@ def with_requested_names(result: ScanResult, argv: list[str], target: str) -> Sc
     return result.model_copy(update={"hosts": hosts})
 
 
-def summarize(result: ScanResult, hosts: list[HostDetail]) -> ScanSummary:
-    """The compact view: per host only its open ports, with service and version."""
-    return ScanSummary(
-        **result.model_dump(include=set(ScanSummary.model_fields) - {"hosts"}),
-        hosts=[
-            HostSummary(
-                address=h.address,
-                status=h.status,
-                hostnames=h.hostnames,
-                ports=[PortSummary(**p.model_dump(include=set(PortSummary.model_fields)))
-                       for p in h.ports if p.state == "open"],
-            )
-            for h in hosts
-        ],
-    )
+def summary_host(host: HostDetail) -> HostSummary:
+    """The compact view of a host: only its open ports, with service and version."""
+    return HostSummary(address=host.address, status=host.status, hostnames=host.hostnames,
+                       ports=[PortSummary(**p.model_dump(include=set(PortSummary.model_fields)))
+                              for p in host.ports if p.state == "open"])
 
 
-def json_page(base: TaskAnswer, result: ScanResult, *, view: str, offset: int, limit: int, cap: int) -> TaskAnswer:
-    """The answer holding hosts [offset, offset+limit) in `view`, shrunk to fit `cap` bytes."""
+def json_page(base: TaskAnswer, result: ScanResult, *, view: str, offset: int, limit: int, cap: int,
+              port_offset: int = 0) -> TaskAnswer:
+    """The answer holding hosts [offset, offset+limit) in `view`, as many as fit `cap` bytes
+    (see fit_hosts), the first without its first `port_offset` ports."""
     window = result.hosts[offset: offset + limit]
+    hosts: Sequence[HostSummary] = window if view == "full" else [summary_host(h) for h in window]
+    counts = result.model_dump(include=set(ScanSummary.model_fields) - {"hosts"})
 
-    def build(count: int) -> TaskAnswer:
-        hosts = window[:count]
-        shaped = result.model_copy(update={"hosts": hosts}) if view == "full" else summarize(result, hosts)
-        return _paged(base.model_copy(update={"result": shaped}), offset, count, len(result.hosts))
+    def build(shown: list[HostSummary], page: Page) -> TaskAnswer:
+        shaped = result.model_copy(update={"hosts": shown}) if view == "full" else ScanSummary(**counts, hosts=shown)
+        return more_hint(base.model_copy(update={"result": shaped, "page": page}), view)
 
-    answer = _largest_fitting(build, len(window), cap)
-    if answer is None and window:
-        # Even one host is too big: keep the first host with as many ports as fit, or at
-        # least its address and state, so that every page moves on by one host.
-        first = window[0]
-        answer = _largest_fitting(lambda n: _one_host(base, result, first, n, view, offset), len(first.ports), cap) or (
-            _one_host(base, result, HostDetail(address=first.address, status=first.status, hostnames=[], ports=[]),
-                      0, view, offset))
-    return _mark_truncated(answer or build(0), requested=len(window))
+    answer = fit_hosts(hosts, offset=offset, total=len(result.hosts), port_offset=port_offset, cap=cap, build=build)
+    return _mark_truncated(answer, requested=len(window))
 
 
-def _one_host(base: TaskAnswer, result: ScanResult, host: HostDetail, ports: int, view: str, offset: int) -> TaskAnswer:
-    trimmed = host.model_copy(update={"ports": host.ports[:ports]})
-    shaped = result.model_copy(update={"hosts": [trimmed]}) if view == "full" else summarize(result, [trimmed])
-    answer = _paged(base.model_copy(update={"result": shaped}), offset, 1, len(result.hosts))
-    return answer.model_copy(update={"truncated": True})
+def fit_hosts(window: Sequence[Host], *, offset: int, total: int, port_offset: int, cap: int,
+              build: Callable[[list[Host], Page], Answer]) -> Answer:
+    """The answer `build` makes of the most whole hosts of `window` (the hosts from `offset` of
+    `total`) that fit `cap` bytes, the first without its first `port_offset` ports.
+
+    When not even that one host fits, it comes alone with as many of its ports as fit, and the
+    page's `cut` says which and how to fetch the others: each page moves on by a host at
+    least, and no port is left out without the answer saying so."""
+    hosts = list(window)
+    if hosts and port_offset:
+        hosts[0] = hosts[0].model_copy(update={"ports": hosts[0].ports[port_offset:]})
+    fitted = _largest_fitting(lambda count: build(hosts[:count], _host_page(offset, count, total)), len(hosts), cap)
+    if fitted is not None or not hosts:
+        return fitted or build([], _host_page(offset, 0, total))
+    first, every = hosts[0], len(window[0].ports)
+
+    def part(shown: int) -> Answer:
+        cut = _ports_cut(first.address, offset, every, port_offset, shown)
+        return build([first.model_copy(update={"ports": first.ports[:shown]})], _host_page(offset, 1, total, cut))
+
+    return _largest_fitting(part, len(first.ports), cap) or part(0)
+
+
+def _ports_cut(address: str, offset: int, every: int, first_port: int, shown: int) -> PortsCut:
+    """A host of `every` ports shown from `first_port`, `shown` of them. Where none fits, the one
+    that does not is skipped, so that following next_port_offset always moves on."""
+    following = first_port + max(shown, 1)
+    return PortsCut(address=address, offset=offset, ports=every, first_port=first_port, shown=shown,
+                    omitted=max(every - first_port - shown, 0),
+                    next_port_offset=following if following < every else None)
+
+
+def _host_page(offset: int, count: int, total: int, cut: PortsCut | None = None) -> Page:
+    following = offset + count
+    return Page(unit="hosts", offset=offset, returned=count, total=total,
+                next_offset=following if following < total else None, cut=cut)
 
 
 def text_page(base: TaskAnswer, text: str, *, offset: int, cap: int) -> TaskAnswer:
@@ -158,15 +202,16 @@ def text_page(base: TaskAnswer, text: str, *, offset: int, cap: int) -> TaskAnsw
     return answer.model_copy(update={"truncated": answer.page is not None and answer.page.next_offset is not None})
 
 
-def csv_page(base: TaskAnswer, result: ScanResult, *, offset: int, limit: int, cap: int) -> TaskAnswer:
-    """A csv answer: one row per reported port (or per host without ports) of a page of hosts."""
+def csv_page(base: TaskAnswer, result: ScanResult, *, offset: int, limit: int, cap: int,
+             port_offset: int = 0) -> TaskAnswer:
+    """A csv answer: one row per reported port (or per host without ports) of a page of hosts,
+    as many as fit `cap` bytes (see fit_hosts)."""
     window = result.hosts[offset: offset + limit]
 
-    def build(count: int) -> TaskAnswer:
-        answer = base.model_copy(update={"content": to_csv(window[:count])})
-        return _paged(answer, offset, count, len(result.hosts))
+    def build(shown: list[HostDetail], page: Page) -> TaskAnswer:
+        return more_hint(base.model_copy(update={"content": to_csv(shown), "page": page}))
 
-    answer = _largest_fitting(build, len(window), cap) or build(0)
+    answer = fit_hosts(window, offset=offset, total=len(result.hosts), port_offset=port_offset, cap=cap, build=build)
     return _mark_truncated(answer, requested=len(window))
 
 
@@ -184,15 +229,9 @@ def to_csv(hosts: list[HostDetail]) -> str:
     return out.getvalue()
 
 
-def _paged(answer: TaskAnswer, offset: int, count: int, total: int) -> TaskAnswer:
-    following = offset + count
-    page = Page(unit="hosts", offset=offset, returned=count, total=total,
-                next_offset=following if following < total else None)
-    return more_hint(answer.model_copy(update={"page": page}))
-
-
 def _mark_truncated(answer: TaskAnswer, *, requested: int) -> TaskAnswer:
-    cut = answer.truncated or (answer.page is not None and answer.page.returned < requested)
+    page = answer.page
+    cut = answer.truncated or (page is not None and (page.returned < requested or page.cut is not None))
     return answer.model_copy(update={"truncated": cut})
 
 
@@ -221,20 +260,34 @@ def wire_size(answer: BaseModel) -> int:
     return 2 * len(body) + body.count(b'"') + body.count(b"\\") + WIRE_FRAMING_BYTES
 
 
-def inventory_page(hosts: list[InventoryHost], total: int, offset: int, cap: int) -> InventoryPage:
-    """A find_hosts answer: the hosts of this page that fit `cap` bytes, and where the rest starts."""
+def inventory_page(hosts: list[InventoryHost], total: int, offset: int, cap: int,
+                   port_offset: int = 0) -> InventoryPage:
+    """A find_hosts answer: the hosts of this page that fit `cap` bytes (see fit_hosts), and where the rest starts."""
 
-    def build(count: int) -> InventoryPage:
+    def build(shown: list[InventoryHost], page: Page) -> InventoryPage:
+        notes = [f"{total} hosts match; pass offset {page.next_offset} for the next ones."] \
+            if page.next_offset is not None else []
+        if page.cut is not None:
+            notes.append(cut_note(page.cut, "find_hosts with the same filters"))
+        return InventoryPage(hosts=shown, page=page, truncated=page.cut is not None or len(shown) < len(hosts),
+                             message=" ".join(notes) or None)
+
+    return fit_hosts(hosts, offset=offset, total=total, port_offset=port_offset, cap=cap, build=build)
+
+
+def schedule_page(schedules: list[ScheduleInfo], total: int, offset: int, cap: int) -> ScheduleList:
+    """A list_schedules answer: the schedules of this page that fit `cap` bytes, and where the
+    rest starts. One schedule comes even when it alone is larger (a command and a webhook URL of
+    2,000 characters each under the smallest cap), so that a page always moves on."""
+
+    def build(count: int) -> ScheduleList:
         following = offset + count
-        page = Page(unit="hosts", offset=offset, returned=count, total=total,
+        page = Page(unit="schedules", offset=offset, returned=count, total=total,
                     next_offset=following if following < total else None)
-        return InventoryPage(hosts=hosts[:count], page=page, truncated=count < len(hosts))
+        note = f"{total} schedules; pass offset {page.next_offset} for the next ones." if page.next_offset else None
+        return ScheduleList(schedules=schedules[:count], page=page, message=note)
 
-    shown = _largest_fitting(build, len(hosts), cap) or build(0)
-    if shown.page.next_offset is None:
-        return shown
-    note = f"{total} hosts match; pass offset {shown.page.next_offset} for the next ones."
-    return shown.model_copy(update={"message": note})
+    return _largest_fitting(build, len(schedules), cap) or build(min(len(schedules), 1))
 
 
 def capped_diff(diff: ScanDiff, cap: int) -> ScanDiff:

@@ -248,12 +248,18 @@ function openPorts(task) {
   const hosts = result.hosts.filter((host) => host.ports.length);
   const more = task.page && task.page.next_offset !== null ? " (the first " + task.page.returned + " hosts shown)" : "";
   const counts = result.hosts_up + " of " + count(result.hosts_total, "host") + " up, "
-    + count(result.open_ports, "open port") + more;
+    + count(result.open_ports, "open port") + more + cutNote(task.page);
   return el("div", {}, el("span", { class: "muted" }, counts), el("ul", {}, hosts.map((host) => el("li", {},
     el("span", { class: "address" }, host.address),
     host.hostnames.length ? " (" + host.hostnames.join(", ") + ")" : "", ": ",
     host.ports.map((port) => [port.port + "/" + port.protocol, port.service, port.version].filter(Boolean).join(" "))
       .join(", ")))));
+}
+
+// A host with more ports than one answer holds comes with some of them: say how many.
+function cutNote(page) {
+  const cut = page && page.cut;
+  return cut ? "; " + cut.address + ": " + cut.shown + " of " + count(cut.ports, "port") + " shown" : "";
 }
 
 function renderDiff(data, body, viewer) {
@@ -404,7 +410,7 @@ function drawHosts(answer) {
   }
   const first = page.page.total > page.page.returned ? "the first " + page.page.returned + " of " : "";
   return el("div", {}, el("p", { class: "muted" }, first + count(page.page.total, "host") + " of " + answer.owner
-    + "'s inventory"), table(["address", "status", "ports", "last seen"], page.hosts.map((host) => [
+    + "'s inventory" + cutNote(page.page)), table(["address", "status", "ports", "last seen"], page.hosts.map((host) => [
     el("span", {}, el("span", { class: "address" }, host.address),
       host.hostnames.length ? " (" + host.hostnames.join(", ") + ")" : ""),
     host.status, el("ul", {}, host.ports.map((port) => el("li", {}, [port.port + "/" + port.protocol, port.state,

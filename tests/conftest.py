@@ -174,17 +174,19 @@ def in_memory(tmp_path: Path, nmap_wrapper: NmapWrapper) -> OpenClient:
     in_memory("bob", **config) as bob:` calls the tools as token bob (its tool scopes, targets
     and limits apply: the server's stdio_caller), without HTTP or a secret. Its server runs its
     worker and scans with real nmap (the wrapper); the servers of one test share a SQLite
-    database and an audit log (tmp_path/audit.jsonl), as processes of one service do."""
+    database and an audit log (tmp_path/audit.jsonl), as processes of one service do. With
+    `tasks=True` the client declares the MCP Tasks extension (fastmcp_tasks imported)."""
     opened = itertools.count()
 
     @contextlib.asynccontextmanager
-    async def open_client(caller: str = "alice", *, mode: str = "auto", **overrides: object) -> AsyncIterator[Client]:
+    async def open_client(caller: str = "alice", *, mode: str = "auto", tasks: bool = False,
+                          **overrides: object) -> AsyncIterator[Client]:
         index = next(opened)
         values = {"nmap_path": str(nmap_wrapper.path), "audit_log": str(tmp_path / "audit.jsonl"),
                   "worker_name": f"{caller}-{index}"} | overrides
         config = write_config(tmp_path / f"in-memory-{index}.json", stdio_caller=caller, **values)
         mcp, runtime = create_server(load_settings(config), str(values["nmap_path"]), stdio=True)
-        async with ToolClient(mcp, mode=mode) as client:  # type: ignore[arg-type]
+        async with (Client if tasks else ToolClient)(mcp, mode=mode) as client:  # type: ignore[arg-type]
             yield client
         assert runtime.supervisor.failure is None
 

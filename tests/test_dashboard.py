@@ -262,14 +262,17 @@ async def test_the_diff_of_two_tasks_shows_the_ports_that_opened_and_closed(
 @pytest.mark.anyio
 async def test_a_token_sees_only_the_parts_its_tools_allow(live_server: StartServer) -> None:
     readers = {"secret": BOB, "tools": ["custom_scan", "list_tasks", "get_task_result"]}
-    watcher = {"secret": "carol-secret-" + "c" * 24, "tools": ["list_workers"]}
+    # diff_scans without list_tasks: the diff section would list its tasks, so it is not shown.
+    watcher = {"secret": "carol-secret-" + "c" * 24, "tools": ["list_workers", "diff_scans"]}
     server = start(live_server, tokens={"alice": {"secret": ALICE}, "bob": readers, "carol": watcher})
     done = await scan(server, BOB, "-p 1 127.0.0.1")
     assert list(await overview(server, BOB)) == ["viewer", "running", "recent"]
     assert (await get(server, f"/ui/api/tasks/{done['task_id']}", BOB)).status_code == 200
     refused = await get(server, "/ui/api/diff", BOB, a=done["task_id"], b=done["task_id"])
     assert refused.status_code == 403
-    assert refused.json() == {"error": "forbidden", "error_description": "this token may not use diff_scans"}
+    assert refused.json() == {"error": "forbidden",
+                              "error_description": "/ui/api/diff needs the tool diff_scans, which this token may "
+                                                   "not use"}
     assert list(await overview(server, watcher["secret"])) == ["viewer", "pools"]
     assert (await get(server, f"/ui/api/tasks/{done['task_id']}", watcher["secret"])).status_code == 403
 

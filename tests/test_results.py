@@ -5,10 +5,13 @@ partial results, formats and diffs of real nmap runs on loopback. Results over r
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 from typing import Any
 
 import pytest
+from fastmcp import Client
 
 from nmap_report import parse_report
 from tests.conftest import OpenClient
@@ -107,3 +110,72 @@ async def test_xml_and_csv_formats_of_a_finished_scan(in_memory: OpenClient, lis
     lines = table["content"].splitlines()
     assert lines[0] == "address,hostname,port,protocol,state,service,product,version,extrainfo"
     assert f"127.0.0.1,,{port},tcp,open," in table["content"] and len(lines) == 1 + 3 * 2
+
+
+PAGE_ROUNDS = 400
+
+
+def open_many(listeners: Listeners, network: str, count: int) -> dict[str, set[int]]:
+    """Three hosts of `network` (a /24 of this test's own 127.44.0.0/16): listen on `count` ports
+    of .6 and two of .5 and .7, from port 20000 up (a port something else holds is skipped).
+    The ports opened, by address: what the test may assert on."""
+    crowded, *quiet = (f"{network}.{n}" for n in (6, 5, 7))
+    opened: dict[str, set[int]] = {address: set() for address in (crowded, *quiet)}
+    for port in range(20_000, 32_768):
+        for address in opened:
+            if len(opened[address]) < (count if address == crowded else 2) and listeners.open(port, address):
+                opened[address].add(port)
+        if len(opened[crowded]) == count:
+            return opened
+    raise RuntimeError(f"fewer than {count} free ports from 20000 on {crowded}")
+
+
+async def every_page(client: Client, tool: str, **arguments: Any) -> list[dict[str, Any]]:
+    """Every page of a paged answer, as a caller reads it: by page.next_offset, and through
+    each host a page cut by the cut's next_port_offset. Each page must move on."""
+    pages: list[dict[str, Any]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = await answer_of(client, tool, **arguments, offset=offset)
+        pages.append(page)
+        cut = page["page"]["cut"]
+        while cut is not None and cut["next_port_offset"] is not None:
+            assert pages[-1]["truncated"] and f"port_offset {cut['next_port_offset']}" in pages[-1]["message"]
+            pages.append(await answer_of(client, tool, **arguments, offset=cut["offset"], limit=1,
+                                         port_offset=cut["next_port_offset"]))
+            assert pages[-1]["page"]["cut"] is None or pages[-1]["page"]["cut"]["first_port"] == cut["next_port_offset"]
+            cut = pages[-1]["page"]["cut"]
+        following = page["page"]["next_offset"]
+        assert following is None or following > offset, f"stuck at offset {offset}"
+        assert len(pages) < PAGE_ROUNDS
+        offset = following
+    return pages
+
+
+def found_ports(pages: list[dict[str, Any]], fmt: str) -> list[tuple[str, int]]:
+    """(address, port) of every port the pages hold, in their order."""
+    if fmt == "csv":
+        return [(row["address"], int(row["port"])) for page in pages
+                for row in csv.DictReader(io.StringIO(page["content"])) if row["port"]]
+    hosts = [host for page in pages for host in (page["result"]["hosts"] if fmt == "json" else page["hosts"])]
+    return [(host["address"], port["port"]) for host in hosts for port in host["ports"]]
+
+
+@pytest.mark.parametrize(("network", "fmt", "view"), [
+    ("127.44.1", "json", "summary"), ("127.44.2", "json", "full"), ("127.44.3", "csv", "summary")])
+async def test_a_host_with_more_ports_than_an_answer_holds_is_paged_through_not_cut_silently(
+    in_memory: OpenClient, listeners: Listeners, network: str, fmt: str, view: str,
+) -> None:
+    opened = open_many(listeners, network, 600)
+    last = max(max(ports) for ports in opened.values())
+    async with in_memory(max_answer_bytes=8_000) as alice:
+        scan = await answer_of(alice, "custom_scan", command=f"-Pn -p 20000-{last} {network}.5-7", timeout=120)
+        pages = await every_page(alice, "get_task_result", task_id=scan["task_id"], format=fmt, view=view)
+        hosts = await every_page(alice, "find_hosts", network=f"{network}.0/24") if fmt == "csv" else []
+    for found in (found_ports(pages, fmt), *([found_ports(hosts, "inventory")] if hosts else [])):
+        assert len(found) == len(set(found)), "a port shown twice"
+        assert all(ports <= {port for address_, port in found if address_ == address}
+                   for address, ports in opened.items()), "a port the test opened is missing"
+    cuts = [page["page"]["cut"] for page in pages if page["page"]["cut"]]
+    assert cuts and {cut["address"] for cut in cuts} == {f"{network}.6"} and cuts[0]["ports"] >= 600
+    assert cuts[0]["omitted"] == cuts[0]["ports"] - cuts[0]["shown"]

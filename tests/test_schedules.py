@@ -34,9 +34,10 @@ from sqlalchemy import Row, insert, select
 from config import Settings
 from db import create_db_engine
 from models import ScanDiff, ScanKind, leases, schedule_runs, tasks
-from schedule_store import ScheduleNotFound
+from schedule_store import ScheduleNotFound, TooManySchedules
 from schedules import ScheduleError, parse_every
 from server import Role, Runtime, create_server
+from tests.conftest import OpenClient
 from tests.nodes import opened_stores
 from tests.receivers import STREAM, NameTable, WebhookReceiver, receiver_address
 from tests.support import (
@@ -47,6 +48,8 @@ from tests.support import (
     Listeners,
     NmapWrapper,
     ServiceProcess,
+    answer_of,
+    call,
     call_tool,
     error_text,
     free_port,
@@ -412,7 +415,8 @@ async def test_the_scheduler_lease_is_held_by_one_process_and_fences_its_runs(da
         assert await two.hold_lease("scheduler", "two", "two", 5.0), "an expired lease is taken over"
         now = time.time()
         await one.create({"id": "s1", "owner": "alice", "kind": "quick", "spec": "127.0.0.1", "every": "1h",
-                                   "created_at": now, "next_run_at": now, "webhook_url": None, "webhook_secret": None})
+                                   "created_at": now, "next_run_at": now, "webhook_url": None, "webhook_secret": None},
+                         None)
         [due] = (await two.work(time.time())).due
         assert await one.claim_run(due, now + 3600, "scheduler", "one") is None, "a lost lease fires nothing"
         assert await two.claim_run(due, now + 3600, "scheduler", "two") is not None
@@ -467,6 +471,49 @@ async def test_a_schedule_is_refused_at_creation_as_its_scan_tool_would_refuse_i
     assert only["schedule_id"] == created["schedule_id"] and only["every"] == "*/5 * * * *" and only["last_run"] is None
     assert "webhook_secret" not in json.dumps(listing.structured_content)
     assert nmap_wrapper.pids() == [], "nothing was scanned: the cron schedule's first run is minutes away"
+
+
+async def test_a_token_has_at_most_its_limit_of_schedules_and_list_schedules_pages_them(
+    in_memory: OpenClient,
+) -> None:
+    tokens = {"alice": {"secret": SECRETS["alice"]}, "bob": {"secret": SECRETS["bob"], "limits": {"schedules": 3}}}
+    nightly = {"kind": "quick", "every": "0 3 * * *"}  # no run during the test
+    async with in_memory("bob", tokens=tokens) as bob, in_memory("alice", tokens=tokens) as alice:
+        created = [(await answer_of(bob, "schedule_scan", target=f"127.0.0.{n}", **nightly))["schedule_id"]
+                   for n in range(1, 4)]
+        refused = await call(bob, "schedule_scan", {"target": "127.0.0.4", **nightly})
+        limits = {entry["name"]: entry for entry in (await answer_of(bob, "get_limits"))["limits"]}
+        pages = [await answer_of(bob, "list_schedules", limit=2, offset=offset) for offset in (0, 2)]
+        await answer_of(bob, "delete_schedule", schedule_id=created[0])
+        assert not (await call(bob, "schedule_scan", {"target": "127.0.0.4", **nightly})).is_error
+        alices = {entry["name"]: entry for entry in (await answer_of(alice, "get_limits"))["limits"]}
+    assert error_text(refused) == (
+        "rate_limited: token 'bob' may have 3 schedules and has 3 (the server's limits.schedules); delete one with "
+        "delete_schedule (list_schedules shows them) before adding another")
+    assert limits["schedules"] == {"name": "schedules", "limit": 3, "used": 3, "window": "schedules existing now"}
+    assert (alices["schedules"]["limit"], alices["schedules"]["used"]) == (50, 0)
+    assert [[s["schedule_id"] for s in page["schedules"]] for page in pages] == [created[:2], created[2:]]
+    assert [page["page"]["next_offset"] for page in pages] == [2, None] and pages[0]["page"]["total"] == 3
+    assert pages[0]["message"] == "3 schedules; pass offset 2 for the next ones."
+
+
+async def test_the_schedule_limit_holds_for_creations_at_once_from_two_processes(database_url: str) -> None:
+    async with (opened_stores(database_url, max_queued=10) as first,
+                opened_stores(database_url, max_queued=10) as second):
+        now = time.time()
+
+        async def create(n: int) -> bool:
+            store = (first, second)[n % 2].schedules
+            try:
+                await store.create({"id": f"s{n}", "owner": "alice", "kind": "quick", "spec": "127.0.0.1",
+                                    "every": "1h", "created_at": now, "next_run_at": now + 3600, "webhook_url": None,
+                                    "webhook_secret": None}, 3)
+            except TooManySchedules:
+                return False
+            return True
+
+        made = await asyncio.gather(*(create(n) for n in range(10)))
+        assert sum(made) == 3 and await first.schedules.count("alice") == 3
 
 
 # ---- exactly once across two processes on one PostgreSQL database ---------------------------

@@ -228,9 +228,9 @@ async def test_get_task_result_pages_hosts_and_says_where_the_rest_starts(
         rows = await answer_of(alice, "get_task_result", task_id=task, format="csv", limit=2, offset=2)
         whole = await answer_of(alice, "get_task_result", task_id=task, view="full", limit=1000)
     assert [h["address"] for h in scan["result"]["hosts"]] == [f"127.0.0.{n}" for n in range(1, 6)]
-    assert first["page"] == {"unit": "hosts", "offset": 0, "returned": 2, "total": 5, "next_offset": 2}
+    assert first["page"] == {"unit": "hosts", "offset": 0, "returned": 2, "total": 5, "next_offset": 2, "cut": None}
     assert [h["address"] for h in first["result"]["hosts"]] == ["127.0.0.1", "127.0.0.2"]
-    assert f"task_id '{task}', format 'json' and offset 2 for more" in first["message"]
+    assert f"task_id '{task}', format 'json', view 'summary' and offset 2 for more" in first["message"]
     assert not first["truncated"], "a page the caller asked for is not a cut"
     assert last["page"]["next_offset"] is None and last["message"] is None
     assert [h["address"] for h in last["result"]["hosts"]] == ["127.0.0.5"]

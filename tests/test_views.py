@@ -5,13 +5,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from models import ScanKind, ScanResult, TaskAnswer, TaskStatus
+from models import (
+    InventoryHost,
+    InventoryPage,
+    InventoryPort,
+    ScanKind,
+    ScanResult,
+    ScriptOutput,
+    TaskAnswer,
+    TaskStatus,
+)
 from nmap_report import parse_report
-from views import csv_page, diff_results, json_page, text_page, wire_size
+from views import csv_page, diff_results, inventory_page, json_page, text_page, wire_size
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PORTS = json.loads((FIXTURES / "ports.json").read_text())
@@ -67,13 +78,86 @@ def test_pages_never_exceed_the_cap_and_cover_every_host_once(view: str, cap: in
     assert seen == [h.address for h in result.hosts]
 
 
-def test_a_single_host_larger_than_the_cap_is_trimmed_not_dropped() -> None:
+def crowded(ports: int, *, script_output: str | None = None) -> ScanResult:
+    """A small host, a host with `ports` open ports (each with this script output), a small host."""
     result = recorded("rich_loopback.xml")
     host = result.hosts[0]
-    huge = host.model_copy(update={"ports": [host.ports[0].model_copy(update={"port": p}) for p in range(1, 3000)]})
-    answer = json_page(BASE, result.model_copy(update={"hosts": [huge]}), view="full", offset=0, limit=50, cap=8_000)
-    assert size(answer) <= 8_000 and answer.truncated
-    assert 0 < len(answer.result.hosts[0].ports) < 2999  # type: ignore[union-attr]
+    scripts = [] if script_output is None else [ScriptOutput(id="banner", output=script_output)]
+    port = host.ports[0].model_copy(update={"scripts": scripts})
+    big = host.model_copy(update={"address": "10.0.0.2", "ports": [port.model_copy(update={"port": p})
+                                                                    for p in range(1, ports + 1)]})
+    small = [host.model_copy(update={"address": f"10.0.0.{n}"}) for n in (1, 3)]
+    return result.model_copy(update={"hosts": [small[0], big, small[1]]})
+
+
+def page_through(read: Callable[[int, int, int], Any]) -> list[Any]:
+    """Every page `read(offset, limit, port_offset)` answers, following next_offset and each
+    cut's next_port_offset. Each must move on."""
+    pages: list[Any] = []
+    offset: int | None = 0
+    while offset is not None:
+        first = read(offset, 50, 0)
+        pages.append(first)
+        cut = first.page.cut
+        while cut is not None and cut.next_port_offset is not None:
+            pages.append(read(cut.offset, 1, cut.next_port_offset))
+            cut = pages[-1].page.cut
+        assert first.page.next_offset is None or first.page.next_offset > offset
+        assert len(pages) < 500
+        offset = first.page.next_offset
+    return pages
+
+
+def ports_in(pages: list[Any]) -> list[tuple[str, int]]:
+    """(address, port) of every port json or find_hosts pages hold, in their order."""
+    hosts = [h for page in pages for h in (page.hosts if isinstance(page, InventoryPage) else page.result.hosts)]
+    return [(h.address, p.port) for h in hosts for p in h.ports]
+
+
+@pytest.mark.parametrize("view", ["summary", "full"])
+def test_a_host_larger_than_the_cap_comes_alone_with_a_cut_that_pages_through_its_ports(view: str) -> None:
+    result = crowded(600)
+    pages = page_through(lambda offset, limit, port_offset: json_page(
+        BASE, result, view=view, offset=offset, limit=limit, cap=8_000, port_offset=port_offset))
+    shown = [(h.address, p.port) for h in result.hosts for p in h.ports if view == "full" or p.state == "open"]
+    assert ports_in(pages) == shown and len(shown) > 600
+    assert all(size(page) <= 8_000 for page in pages)
+    cut = pages[1].page.cut
+    assert cut is not None and pages[1].truncated and [h.address for h in pages[1].result.hosts] == ["10.0.0.2"]
+    assert (cut.address, cut.offset, cut.ports, cut.first_port) == ("10.0.0.2", 1, 600, 0)
+    assert cut.omitted == 600 - cut.shown and cut.next_port_offset == cut.shown
+    assert (f"for the {cut.omitted} after those call get_task_result with task_id 't', format 'json', view '{view}', "
+            f"offset 1, limit 1 and port_offset {cut.shown}") in (pages[1].message or "")
+    assert pages[1].page.next_offset == 2, "a caller that follows next_offset alone moves on"
+
+
+def test_csv_and_inventory_pages_move_on_past_a_host_larger_than_the_cap() -> None:
+    result = crowded(600)
+    pages = page_through(lambda offset, limit, port_offset: csv_page(
+        BASE.model_copy(update={"format": "csv"}), result, offset=offset, limit=limit, cap=8_000,
+        port_offset=port_offset))
+    assert len(pages) > 3 and all(size(page) <= 8_000 for page in pages)
+    in_rows = [(row["address"], int(row["port"])) for page in pages
+               for row in csv.DictReader(io.StringIO(page.content or ""))]
+    assert in_rows == [(h.address, p.port) for h in result.hosts for p in h.ports]
+    inventory = [InventoryHost(address=h.address, status="up", hostnames=[], os="", first_seen=0, last_seen=0,
+                               changed_at=0, last_task_id="t", ports=[InventoryPort(
+                                   port=p.port, protocol="tcp", state="open", service="", product="", version="",
+                                   cpe=[], scripts=[], first_seen=0, last_seen=0, changed_at=0, last_task_id="t")
+                                   for p in h.ports]) for h in result.hosts]
+    pages = page_through(lambda offset, limit, port_offset: inventory_page(
+        inventory[offset: offset + limit], len(inventory), offset, 8_000, port_offset=port_offset))
+    assert ports_in(pages) == [(h.address, p.port) for h in inventory for p in h.ports]
+    assert pages[1].truncated and "call find_hosts with the same filters, offset 1, limit 1" in (pages[1].message or "")
+
+
+def test_a_port_larger_than_the_cap_alone_is_skipped_and_said_so() -> None:
+    result = crowded(3, script_output="x" * 2000)
+    answer = json_page(BASE, result, view="full", offset=1, limit=1, cap=8_000)
+    cut = answer.page.cut if answer.page else None
+    assert cut is not None and (cut.shown, cut.omitted, cut.next_port_offset) == (0, 3, 1)
+    assert "the port at port_offset 0 alone is larger than an answer may be" in (answer.message or "")
+    assert "for the 2 after those" in (answer.message or "") and size(answer) <= 8_000
 
 
 def test_limit_and_offset_page_through_hosts() -> None:
