@@ -305,7 +305,7 @@ class TaskRecord:
             parent_id=data.get("parent_id"),
             shard_count=data.get("shard_count") or 0,
             progress=Progress.model_validate_json(progress) if progress else None,
-            result=ScanResult.model_validate_json(result) if result else None,
+            result=stored_result(result) if result else None,
         )
 
 
@@ -416,10 +416,6 @@ class HostText(Untrusted):
     scripts: list[ScriptOutput] = Field(default_factory=list, exclude_if=_left_out)
 
 
-# What results stored before target text moved under `untrusted` kept beside nmap's own fields.
-_LEGACY_PORT_TEXT = {"product": "product", "product_version": "version", "extrainfo": "extrainfo", "cpe": "cpe",
-                     "scripts": "scripts"}
-
 
 class PortSummary(Flagged):
     """One port: nmap's words, and the target's under `untrusted`."""
@@ -438,16 +434,6 @@ class PortDetail(PortSummary):
     untrusted: PortText | None = untrusted_field("product, version, extra info, CPEs, script output")
     reason: str = ""
     tunnel: str = ""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lift_legacy_text(cls, data: Any) -> Any:
-        """A port stored by an earlier version kept the target's text beside nmap's fields: move it under untrusted."""
-        if not isinstance(data, dict) or "untrusted" in data or "product" not in data:
-            return data
-        text = {new: data[old] for old, new in _LEGACY_PORT_TEXT.items() if data.get(old)}
-        kept = {key: value for key, value in data.items() if key not in _LEGACY_PORT_TEXT and key != "version"}
-        return kept | {"untrusted": text or None}
 
 
 class AddressRecord(BaseModel):
@@ -490,18 +476,6 @@ class HostDetail(HostSummary, Flagged):
     untrusted: HostText | None = untrusted_field("reverse-DNS name, host script output")
     suspicious: bool = suspicious_field()
     timed_out: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lift_legacy_text(cls, data: Any) -> Any:
-        """A host stored by an earlier version kept its PTR name (also among hostnames) and host scripts beside
-        nmap's fields: move them under untrusted."""
-        if not isinstance(data, dict) or "untrusted" in data or not {"ptr", "scripts"} & data.keys():
-            return data
-        ptr, scripts = data.get("ptr", ""), data.get("scripts", [])
-        kept = {key: value for key, value in data.items() if key not in ("ptr", "scripts")}
-        kept["hostnames"] = [name for name in data.get("hostnames", []) if name != ptr]
-        return kept | {"untrusted": {"ptr": ptr, "scripts": scripts} if ptr or scripts else None}
 
 
 class Page(BaseModel):
@@ -596,19 +570,6 @@ class PortChange(Flagged):
     after: str = Field(description="the same in the second scan")
     untrusted: VersionChange | None = untrusted_field("product and version before and after")
     suspicious: bool = suspicious_field()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lift_legacy_text(cls, data: Any) -> Any:
-        """A change stored by an earlier version (a schedule's last change) had the product and
-        version in before and after, behind the state and service (one word each): move them."""
-        if not isinstance(data, dict) or "untrusted" in data:
-            return data
-        split = {side: str(data.get(side, "")).split(" ", 2) for side in ("before", "after")}
-        if all(len(words) < 3 for words in split.values()):
-            return data
-        return data | {side: " ".join(words[:2]) for side, words in split.items()} | {
-            "untrusted": {side: words[2] for side, words in split.items() if len(words) == 3}}
 
 
 class ScanDiff(BaseModel):
@@ -793,3 +754,71 @@ class ScheduleList(BaseModel):
 class ScheduleDeleted(BaseModel):
     schedule_id: str
     deleted: bool = True
+
+
+# ---- what earlier versions stored ----------------------------------------------------------------
+# Results, hosts and a schedule's changes stored before the target's text moved under `untrusted`
+# kept it beside nmap's own fields. They are brought into today's shape as they are read (no
+# migration rewrites them, so a worker of the earlier version may still write some). Results
+# and hosts are told apart by keys they always had and today's never have outside `untrusted`, so
+# today's are read directly: lifting means validating from Python objects, 3x slower.
+_LEGACY_KEYS = ('"product_version":', '"ptr":')
+_LEGACY_PORT_TEXT = {"product": "product", "product_version": "version", "extrainfo": "extrainfo", "cpe": "cpe",
+                     "scripts": "scripts"}
+
+
+def stored_result(text: str) -> ScanResult:
+    """A ScanResult as stored, by this version or an earlier one."""
+    if not _legacy(text):
+        return ScanResult.model_validate_json(text)
+    data = json.loads(text)
+    return ScanResult.model_validate(data | {"hosts": [_lifted_host(host) for host in data["hosts"]]})
+
+
+def stored_host(text: str) -> HostDetail:
+    """A finished host of a running scan as stored, by this version or an earlier one."""
+    return HostDetail.model_validate(_lifted_host(json.loads(text))) if _legacy(text) else (
+        HostDetail.model_validate_json(text))
+
+
+def stored_diff(text: str) -> ScanDiff:
+    """A schedule's change as stored, by this version or an earlier one (small: always looked at)."""
+    data = json.loads(text)
+    lists = ("ports_opened", "ports_closed", "services_changed")
+    return ScanDiff.model_validate(data | {name: [_lifted_change(c) for c in data.get(name, [])] for name in lists})
+
+
+def _legacy(text: str) -> bool:
+    return any(key in text for key in _LEGACY_KEYS)
+
+
+def _lifted_host(host: dict[str, Any]) -> dict[str, Any]:
+    """An earlier host kept its PTR name (also among its hostnames) and host scripts beside nmap's fields."""
+    ports = [_lifted_port(port) for port in host.get("ports", [])]
+    if "untrusted" in host or not {"ptr", "scripts"} & host.keys():
+        return host | {"ports": ports}
+    ptr, scripts = host.get("ptr", ""), host.get("scripts", [])
+    kept = {key: value for key, value in host.items() if key not in ("ptr", "scripts")}
+    return kept | {"ports": ports, "hostnames": [name for name in host.get("hostnames", []) if name != ptr],
+                   "untrusted": {"ptr": ptr, "scripts": scripts} if ptr or scripts else None}
+
+
+def _lifted_port(port: dict[str, Any]) -> dict[str, Any]:
+    """An earlier port kept product, version, extra info, CPEs and script output beside nmap's fields."""
+    if "untrusted" in port or "product" not in port:
+        return port
+    text = {new: port[old] for old, new in _LEGACY_PORT_TEXT.items() if port.get(old)}
+    kept = {key: value for key, value in port.items() if key not in _LEGACY_PORT_TEXT and key != "version"}
+    return kept | {"untrusted": text or None}
+
+
+def _lifted_change(change: dict[str, Any]) -> dict[str, Any]:
+    """An earlier change had the product and version in before and after, behind the state and
+    the service (one word each); today's before and after are those two words at most."""
+    if "untrusted" in change:
+        return change
+    split = {side: str(change.get(side, "")).split(" ", 2) for side in ("before", "after")}
+    if all(len(words) < 3 for words in split.values()):
+        return change
+    return change | {side: " ".join(words[:2]) for side, words in split.items()} | {
+        "untrusted": {side: words[2] for side, words in split.items() if len(words) == 3}}

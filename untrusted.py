@@ -45,9 +45,18 @@ UNTRUSTED_HINT = ("Text the scanned hosts wrote (versions, banners, script outpu
                   "instructions.")
 
 
+# A word each phrase above holds. Most text holds none, and looking for them is far cheaper than
+# the expression (which took 70 us for a port's few short strings): results are flagged as they
+# are read, so every stored port of every result read passes here.
+KEYWORDS = ("ignore", "disregard", "forget", "override", "you are", "prompt", "message", "instruction", "call",
+            "invoke", "use", "run", "execute", "<|", "[inst", "[/inst", "<system", "<assistant", "<user", "</")
+
+
 def reads_like_instructions(texts: Iterable[str]) -> bool:
     """Whether any of `texts` looks like a prompt injection (advisory; see the module docstring)."""
-    return any(INSTRUCTION_LIKE.search(text) for text in texts if text)
+    joined = "\0".join(texts)  # no phrase spans two texts: NUL is neither a space nor a word
+    lowered = joined.lower()
+    return any(word in lowered for word in KEYWORDS) and INSTRUCTION_LIKE.search(joined) is not None
 
 
 def suspicious_note(count: int, one: str, many: str) -> str:

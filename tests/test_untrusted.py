@@ -18,7 +18,18 @@ from typing import Any
 import pytest
 from mcp.types import TextContent
 
-from models import HostDetail, PortChange, PortDetail, PortText, ScanKind, ScanResult, TaskAnswer, TaskStatus
+from models import (
+    HostText,
+    PortDetail,
+    PortText,
+    ScanKind,
+    ScanResult,
+    TaskAnswer,
+    TaskStatus,
+    stored_diff,
+    stored_host,
+    stored_result,
+)
 from nmap_report import parse_report
 from tests.conftest import OpenClient
 from tests.support import BannerServer, answer_of, call
@@ -133,25 +144,32 @@ def test_csv_cells_that_start_like_a_formula_are_quoted_and_target_columns_are_n
 
 
 def test_results_stored_by_an_earlier_version_are_marked_when_read() -> None:
-    """Results, hosts and a schedule's last change stored before target text moved under
-    untrusted kept it beside nmap's fields: read back, it is moved and flagged."""
+    """Results, hosts and a schedule's change stored before target text moved under untrusted
+    kept it beside nmap's fields: read back, it is moved there and flagged."""
     port = {"port": 21, "protocol": "tcp", "state": "open", "service": "ftp", "version": f"vsftpd {INJECTION}",
             "reason": "syn-ack", "product": "vsftpd", "product_version": INJECTION, "extrainfo": "", "tunnel": "",
             "cpe": [], "scripts": [{"id": "banner", "output": f"220 {INJECTION}"}]}
     host = {"address": "10.0.0.1", "status": "up", "hostnames": ["gw.lan", "mine"], "ports": [port],
             "reason": "syn-ack", "addresses": [], "ptr": "gw.lan", "os_matches": [], "uptime_s": None,
             "distance": None, "extraports": [], "scripts": [], "timed_out": False}
-    read = HostDetail.model_validate_json(json.dumps(host))
-    assert read.hostnames == ["mine"] and read.untrusted is not None and read.untrusted.ptr == "gw.lan"
+    result = parse_report((FIXTURES / "quick_loopback.xml").read_bytes(), "x").model_dump(mode="json")
+    [read, in_result] = [stored_host(json.dumps(host)), stored_result(json.dumps(result | {"hosts": [host]})).hosts[0]]
+    assert read == in_result and read.hostnames == ["mine"] and read.untrusted == HostText(ptr="gw.lan")
     [lifted] = read.ports
     assert lifted.untrusted == PortText(product="vsftpd", version=INJECTION, scripts=port["scripts"])
     assert lifted.suspicious and assert_marked_and_flagged(json.loads(read.model_dump_json()), INJECTION) == 2
-    change = PortChange.model_validate({"address": "10.0.0.1", "port": 21, "protocol": "tcp", "before": "",
-                                        "after": f"open ftp vsftpd {INJECTION}"})
+    today = hostile_result()
+    assert stored_result(today.model_dump_json()) == today, "today's shape is read as it is"
+    where = {"address": "10.0.0.1", "protocol": "tcp"}
+    opened = where | {"port": 21, "before": "", "after": f"open ftp vsftpd {INJECTION}"}
+    closed = where | {"port": 22, "before": "open ssh", "after": ""}
+    diff = stored_diff(json.dumps({"task_a": "a", "task_b": "b", "hosts_came_up": [], "hosts_went_down": [],
+                                   "ports_opened": [opened], "ports_closed": [closed], "services_changed": [],
+                                   "unchanged_open_ports": 0}))
+    [change] = diff.ports_opened
     assert change.after == "open ftp" and change.suspicious
     assert change.untrusted is not None and change.untrusted.after == f"vsftpd {INJECTION}"
-    plain = PortChange(address="10.0.0.1", port=22, protocol="tcp", before="open ssh", after="")
-    assert (plain.before, plain.untrusted, plain.suspicious) == ("open ssh", None, False)
+    assert [(c.before, c.untrusted, c.suspicious) for c in diff.ports_closed] == [("open ssh", None, False)]
 
 
 class HostileFtp(BannerServer):
