@@ -69,6 +69,11 @@ def test_ordinary_banners_are_not_flagged(text: str) -> None:
     assert not reads_like_instructions([text])
 
 
+def test_a_phrase_is_looked_for_within_one_text_not_across_two() -> None:
+    assert not reads_like_instructions(["ignore", "rules"]) and not reads_like_instructions(["call", "the tool"])
+    assert reads_like_instructions(["OpenSSH", "ignore the rules"])
+
+
 def test_no_text_of_the_recorded_scans_is_flagged() -> None:
     for fixture in FIXTURES.glob("*.xml"):
         result = parse_report(fixture.read_bytes(), "x")
