@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from models import HostDetail, PortDetail, ScanResult
+from models import HostDetail, PortDetail, PortText, ScanResult
 from targets import IPNetwork
 
 Row = dict[str, Any]
@@ -152,11 +152,12 @@ def _host_row(owner: str, task_id: str, host: HostDetail, known: Row | None, now
 
 
 def _port_row(owner: str, task_id: str, address: str, port: PortDetail, known: Row | None, now: float) -> Row:
+    text = port.untrusted or PortText()
     row = {
         "owner": owner, "address": address, "protocol": port.protocol, "port": port.port,
         "address_key": address_key(address), "state": port.state, "service": port.service,
-        "product": port.product, "version": port.product_version, "cpe": json.dumps(port.cpe),
-        "scripts": json.dumps([s.id for s in port.scripts]), "last_seen": now, "last_task_id": task_id,
+        "product": text.product, "version": text.version, "cpe": json.dumps(text.cpe),
+        "scripts": json.dumps([s.id for s in text.scripts]), "last_seen": now, "last_task_id": task_id,
     }
     same = known is not None and all(known[k] == row[k] for k in ("state", "service", "product", "version"))
     return row | {"first_seen": known["first_seen"] if known else now,

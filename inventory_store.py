@@ -15,7 +15,17 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from db import INVENTORY_LOCK, Database, upsert
 from inventory import HostQuery, network_bounds, plan_update
-from models import InventoryHost, InventoryPort, ScanResult, TaskRecord, inventory_hosts, inventory_ports
+from models import (
+    InventoryHost,
+    InventoryPort,
+    InventoryText,
+    ScanResult,
+    ServiceText,
+    TaskRecord,
+    ValueCount,
+    inventory_hosts,
+    inventory_ports,
+)
 from targets import parse_literal
 
 T = TypeVar("T")
@@ -84,7 +94,7 @@ class InventoryStore:
         """A page of the owner's inventory hosts matching `query`, and how many match in all."""
         return await self._db.run(self._find_hosts, owner, query, limit, offset)
 
-    async def top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[tuple[str, int]]:
+    async def top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[ValueCount]:
         """The owner's most common values of `field` (port, service, product, version, os, status)."""
         return await self._db.run(self._top_values, owner, field, query, limit)
 
@@ -121,7 +131,7 @@ class InventoryStore:
         hosts = {row.address: _inventory_host(row, by_host[row.address]) for row in host_rows}
         return [hosts[a] for a in addresses if a in hosts], total
 
-    def _top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[tuple[str, int]]:
+    def _top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[ValueCount]:
         """The most common values of `field` among the owner's hosts (open ports for port fields)."""
         if field in ("os", "status"):
             column = inventory_hosts.c[field]
@@ -135,7 +145,7 @@ class InventoryStore:
                        .where(*_port_conditions(owner, query), columns[-1] != "").group_by(*columns))
         with self._db.reading() as conn:
             rows = conn.execute(counted.order_by(literal_column("n").desc()).limit(limit)).all()
-        return [(_value_name(field, row), row.n) for row in rows]
+        return [_value_count(field, row) for row in rows]
 
 
 def _port_conditions(owner: str, query: HostQuery) -> list[Any]:
@@ -185,18 +195,21 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start: start + size]
 
 
-def _value_name(field: str, row: Row[Any]) -> str:
+def _value_count(field: str, row: Row[Any]) -> ValueCount:
+    """A counted value: the product and version are the target's text, the rest nmap's words."""
     if field == "port":
-        return f"{row.port}/{row.protocol}"
-    if field == "version":
-        return f"{row.product} {row.version}".strip()
-    return str(row[0])
+        return ValueCount(value=f"{row.port}/{row.protocol}", hosts=row.n)
+    if field in ("product", "version"):
+        return ValueCount(untrusted=ServiceText(**{key: row._mapping[key] for key in ("product", "version")
+                                                  if key in row._mapping}), hosts=row.n)
+    return ValueCount(value=str(row[0]), hosts=row.n)
 
 
 def _inventory_port(row: Row[Any]) -> InventoryPort:
     data = dict(row._mapping)
-    return InventoryPort(**{k: v for k, v in data.items() if k in InventoryPort.model_fields and k not in
-                            ("cpe", "scripts")}, cpe=json.loads(data["cpe"]), scripts=json.loads(data["scripts"]))
+    text = InventoryText(product=data["product"], version=data["version"], cpe=json.loads(data["cpe"]))
+    return InventoryPort(**{k: v for k, v in data.items() if k in InventoryPort.model_fields and k != "scripts"},
+                         untrusted=text if any(text.texts()) else None, scripts=json.loads(data["scripts"]))
 
 
 def _inventory_host(row: Row[Any], ports: list[InventoryPort]) -> InventoryHost:

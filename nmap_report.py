@@ -3,8 +3,8 @@
 One incremental parser (stdlib ElementTree's XMLPullParser) serves every case: a finished
 report, the hosts a running scan has finished so far, and the report of a scan that was
 killed midway. Each `<host>` becomes a model and its elements are freed as it closes.
-Text that comes from targets (banners, script output, hostnames) is stripped of control
-characters and bounded in length.
+Text that comes from targets (banners, product and version strings, script output, PTR
+names) is stripped of control characters, bounded in length, and kept under `untrusted`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from models import (
     AddressRecord,
     ExtraPorts,
     HostDetail,
+    HostText,
     OsMatch,
     PortDetail,
+    PortText,
     Progress,
     ScannedPorts,
     ScanResult,
@@ -193,7 +195,11 @@ def _host(element: ET.Element) -> HostDetail:
         for a in element.iter("address")
     ]
     ip = next((a.address for a in addresses if a.type in ("ipv4", "ipv6")), addresses[0].address if addresses else "")
+    # With -n nmap names a host only by the names on its command line (type "user"); a PTR
+    # name is whatever the reverse zone of the address says, so it goes with the target's text.
     names = [(clean_text(h.get("name", ""), 253), h.get("type", "")) for h in element.iter("hostname")]
+    ptr = next((name for name, kind in names if kind == "PTR"), "")
+    scripts = _scripts(element.find("hostscript"))
     uptime = element.find("uptime")
     distance = element.find("distance")
     ports_element = element.find("ports")
@@ -201,8 +207,7 @@ def _host(element: ET.Element) -> HostDetail:
         address=ip,
         status=status.get("state", "") if status is not None else "",
         reason=status.get("reason", "") if status is not None else "",
-        hostnames=[name for name, _ in names],
-        ptr=next((name for name, kind in names if kind == "PTR"), ""),
+        hostnames=[name for name, kind in names if kind != "PTR"],
         addresses=addresses,
         ports=sorted((_port(p) for p in element.iter("port")), key=lambda p: (p.protocol, p.port)),
         extraports=[
@@ -215,7 +220,7 @@ def _host(element: ET.Element) -> HostDetail:
         ],
         uptime_s=int(uptime.get("seconds", "0")) if uptime is not None else None,
         distance=int(distance.get("value", "0")) if distance is not None else None,
-        scripts=_scripts(element.find("hostscript")),
+        untrusted=HostText(ptr=ptr, scripts=scripts) if ptr or scripts else None,
         timed_out=element.get("timedout") == "true",
     )
 
@@ -224,20 +229,23 @@ def _port(element: ET.Element) -> PortDetail:
     state = element.find("state")
     service = element.find("service")
     get = service.get if service is not None else (lambda _key, default="": default)
-    product, version = clean_text(get("product", ""), FIELD_LIMIT), clean_text(get("version", ""), FIELD_LIMIT)
+    # nmap's service name comes from its own databases; product, version, extra info and CPEs
+    # are filled from the service's answers (the $1 of its match lines), scripts from theirs.
+    text = PortText(
+        product=clean_text(get("product", ""), FIELD_LIMIT),
+        version=clean_text(get("version", ""), FIELD_LIMIT),
+        extrainfo=clean_text(get("extrainfo", ""), FIELD_LIMIT),
+        cpe=[clean_text(c.text or "", FIELD_LIMIT) for c in (service.iter("cpe") if service is not None else ())],
+        scripts=_scripts(element),
+    )
     return PortDetail(
         port=int(element.get("portid", "0")),
         protocol=element.get("protocol", ""),
         state=state.get("state", "") if state is not None else "",
         reason=state.get("reason", "") if state is not None else "",
         service=clean_text(get("name", ""), 64),
-        version=" ".join(part for part in (product, version) if part),
-        product=product,
-        product_version=version,
-        extrainfo=clean_text(get("extrainfo", ""), FIELD_LIMIT),
         tunnel=get("tunnel", ""),
-        cpe=[clean_text(c.text or "", FIELD_LIMIT) for c in (service.iter("cpe") if service is not None else ())],
-        scripts=_scripts(element),
+        untrusted=text if any(text.texts()) else None,
     )
 
 

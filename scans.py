@@ -38,7 +38,6 @@ from models import (
     TaskRecord,
     TaskStatus,
     TopValues,
-    ValueCount,
     WorkerList,
     WorkerStatus,
 )
@@ -314,8 +313,8 @@ class ScanService:
 
     async def top_values(self, owner: str, field: str, *, limit: int = 20, **filters: str | None) -> TopValues:
         """The caller's most common values of `field`, counted in hosts."""
-        counted = await self._stores.inventory.top_values(owner, field, self._query(filters), limit)
-        return TopValues(field=field, values=[ValueCount(value=value, hosts=n) for value, n in counted])
+        values = await self._stores.inventory.top_values(owner, field, self._query(filters), limit)
+        return TopValues(field=field, values=values)
 
     @staticmethod
     def _query(filters: Mapping[str, str | int | None]) -> HostQuery:

@@ -59,6 +59,7 @@ from models import (
     ScheduleList,
     ScheduleRun,
     TaskStatus,
+    stored_diff,
 )
 from nmap_options import CommandError
 from policy import NoPool
@@ -216,7 +217,7 @@ def describe(state: ScheduleState, cap: int) -> ScheduleInfo:
                                                       status=state.last_task_status or run.status),
         last_change=None if change is None or change.diff is None else ScheduleChange(
             found_at=change.finished_at or change.due_at,
-            diff=capped_diff(ScanDiff.model_validate_json(change.diff), cap),
+            diff=capped_diff(stored_diff(change.diff), cap),
             webhook=change.webhook_status, webhook_error=change.webhook_error),
     )
 
@@ -233,7 +234,7 @@ def webhook_payload(schedule: ScheduleRecord, run: RunRecord) -> bytes:
         "event": "scan_changed", "schedule_id": schedule.id, "run_id": run.id, "kind": schedule.kind.value,
         "target": None if custom else schedule.spec, "command": schedule.spec if custom else None,
         "task_id": run.task_id, "previous_task_id": run.previous_task_id, "time": run.finished_at,
-        "diff": ScanDiff.model_validate_json(run.diff or "{}").model_dump(mode="json"),
+        "diff": stored_diff(run.diff or "{}").model_dump(mode="json"),
     })
 
 

@@ -29,13 +29,14 @@ from models import (
     ACTIVE_STATUSES,
     TASK_SUMMARY,
     TASK_WITH_RESULT,
-    HostDetail,
     Progress,
     ScanKind,
     ScanResult,
     TaskRecord,
     TaskStatus,
     WorkerInfo,
+    stored_host,
+    stored_result,
     task_hosts,
     tasks,
 )
@@ -288,7 +289,7 @@ class TaskManager:
         record, result = await self._db.run(self._read, task_id, owner)
         if result is None:
             return record
-        return replace(record, result=await self._db.run(ScanResult.model_validate_json, result, deadline=False))
+        return replace(record, result=await self._db.run(stored_result, result, deadline=False))
 
     def _read(self, task_id: str, owner: str) -> tuple[TaskRecord, str | None]:
         """One task, and its result as stored (JSON) for the caller to parse."""
@@ -384,10 +385,10 @@ def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[st
 
 def _partial_result(record: TaskRecord, shard_results: list[str], host_rows: list[str]) -> ScanResult | None:
     """A partial result from what `_select_found` read; None when it holds nothing."""
-    hosts = [HostDetail.model_validate_json(data) for data in host_rows]
+    hosts = [stored_host(data) for data in host_rows]
     if not record.shard_count:
         return build_result(record.target, hosts, None, complete=False) if hosts else None
-    parts = [ScanResult.model_validate_json(result) for result in shard_results]
+    parts = [stored_result(result) for result in shard_results]
     if hosts:
         parts.append(build_result(record.target, hosts, None, complete=False))
     if not parts:

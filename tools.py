@@ -35,6 +35,7 @@ from models import (
 from nmap_options import MAX_COMMAND_LENGTH
 from scans import DEFAULT_PAGE, ScanService, TypedScan
 from schedules import Schedules
+from untrusted import UNTRUSTED_HINT
 
 ToolFunction = Callable[..., Awaitable[Any]]
 
@@ -161,7 +162,8 @@ def register_tools(
     default_wait = settings.sync_timeout
     fresh = settings.result_freshness_seconds
 
-    @inlined_tool(mcp, schemas, description=QUICK_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, description=QUICK_SCAN_DESCRIPTION.format(fresh=fresh), annotations=_SCAN_ANNOTATIONS,
+                  target_text=True)
     async def quick_scan(
         target: Target,
         ctx: Context,
@@ -176,7 +178,7 @@ def register_tools(
                                       on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh,
-                  version=settings.version_detection_seconds), annotations=_SCAN_ANNOTATIONS)
+                  version=settings.version_detection_seconds), annotations=_SCAN_ANNOTATIONS, target_text=True)
     async def full_scan(
         target: Target,
         ctx: Context,
@@ -188,7 +190,7 @@ def register_tools(
             return await scans.scan(caller(), scans.full(target, pool), timeout_s=timeout, rescan=rescan,
                                       on_progress=progress_reporter(ctx))
 
-    @inlined_tool(mcp, schemas, description=CUSTOM_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, description=CUSTOM_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS, target_text=True)
     async def custom_scan(
         command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_LENGTH, description=(
             "nmap options and targets, without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'"
@@ -230,7 +232,7 @@ def register_tools(
     categories = Literal[tuple(settings.script_categories)]  # type: ignore[valid-type]
     scan.__annotations__["scripts"] = Annotated[list[categories] | None, Field(  # type: ignore[valid-type]
         max_length=8, description="NSE script categories to run")]
-    inlined_tool(mcp, schemas, description=SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS)(scan)
+    inlined_tool(mcp, schemas, description=SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS, target_text=True)(scan)
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def nmap_version() -> NmapVersion:
@@ -247,11 +249,12 @@ def register_tools(
         with tool_errors():
             return await scans.status(caller(), task_id)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
     async def get_task_result(
         task_id: TaskId,
         format: Annotated[Literal["json", "xml", "csv"], Field(
-            description="json: parsed result; xml: nmap's own report; csv: one row per port")] = "json",
+            description="json: parsed result; xml: nmap's own report (the targets' text unmarked); csv: one row "
+                        "per port")] = "json",
         view: Annotated[Literal["summary", "full"], Field(
             description="summary: open ports with service and version; full: every detail")] = "summary",
         offset: Annotated[int, Field(ge=0, description="First host (json, csv) or character (xml)")] = 0,
@@ -266,7 +269,7 @@ def register_tools(
         with tool_errors():
             return await scans.result(caller(), task_id, format, view, offset, limit, port_offset)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
     async def diff_scans(task_a: TaskId, task_b: TaskId) -> ScanDiff:
         """What changed between two of your finished scans (a: before, b: after): hosts
         that came up or went down, ports opened or closed, services or versions changed."""
@@ -288,7 +291,7 @@ def register_tools(
         with tool_errors():
             return await scans.cancel(caller(), task_id)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
     async def find_hosts(
         network: Network = None,
         port: Annotated[int | None, Field(ge=1, le=65535, description="Only hosts with this port")] = None,
@@ -320,7 +323,7 @@ def register_tools(
                        "seen_since": seen_since, "changed_since": changed_since}
             return await scans.find_hosts(caller(), filters, limit=limit, offset=offset, port_offset=port_offset)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
     async def top_values(
         field: Annotated[Literal["port", "service", "product", "version", "os", "status"], Field(
             description="What to count: open ports, services, products, product versions, OS guesses, host status")],
@@ -364,7 +367,7 @@ def register_tools(
         with tool_errors():
             return await schedules.create(caller(), ScanKind(kind), target, command, every, webhook_url)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
     async def list_schedules(
         limit: Annotated[int, Field(ge=1, le=100, description="At most this many schedules")] = 100,
         offset: Annotated[int, Field(ge=0, description="First schedule of the page")] = 0,
@@ -385,9 +388,10 @@ def register_tools(
 
 
 def inlined_tool(
-    mcp: FastMCP, schemas: dict[str, dict[str, Any]], **options: Any
+    mcp: FastMCP, schemas: dict[str, dict[str, Any]], *, target_text: bool = False, **options: Any
 ) -> Callable[[ToolFunction], ToolFunction]:
-    """Register a tool with its JSON schemas inlined once, at start-up.
+    """Register a tool with its JSON schemas inlined once, at start-up; a tool whose answers
+    carry `target_text` (what scanned hosts wrote) says where it is and what it is.
 
     For 2026-07-28 clients FastMCP lists the tools on every tools/call, and its
     DereferenceRefsMiddleware then re-inlines every $ref of our nested result models each
@@ -398,6 +402,8 @@ def inlined_tool(
     def register(fn: ToolFunction) -> ToolFunction:
         tool = FunctionTool.from_function(fn, **options)
         inlined: dict[str, Any] = {"parameters": dereference_refs(tool.parameters)}
+        if target_text:
+            inlined["description"] = f"{tool.description} {UNTRUSTED_HINT}"
         if tool.output_schema is not None:
             inlined["output_schema"] = dereference_refs(tool.output_schema)
         mcp.add_tool(tool.model_copy(update=inlined))

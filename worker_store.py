@@ -28,10 +28,10 @@ from models import (
     HostDetail,
     Progress,
     ScanOutcome,
-    ScanResult,
     TaskRecord,
     TaskStatus,
     WorkerInfo,
+    stored_result,
     task_hosts,
     tasks,
     workers,
@@ -140,7 +140,7 @@ def settle_parent(conn: Connection, feed: ChangeFeed, parent_id: str) -> None:
                           .where(tasks.c.parent_id == parent_id)).all()
     now = time.time()
     verdict = parent_verdict(parent.target, now - (parent.started_at or parent.created_at), [
-        ShardEnd(TaskStatus(s.status), ScanResult.model_validate_json(s.result) if s.result else None, s.error)
+        ShardEnd(TaskStatus(s.status), stored_result(s.result) if s.result else None, s.error)
         for s in shards])
     if verdict is None:
         return

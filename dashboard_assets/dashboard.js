@@ -1,7 +1,8 @@
 // The operator page (dashboard.py serves it and its API). It asks for a token once, keeps
 // it in sessionStorage and sends it only as a Bearer header, then draws the overview's
 // sections every REFRESH_MS. Every value goes into the page as text (text nodes, never
-// HTML): hostnames, banners and versions are whatever the scanned hosts said.
+// HTML): hostnames, banners and versions are whatever the scanned hosts said. What the API
+// keeps under `untrusted` (the targets' own text) is drawn apart, by targetText().
 "use strict";
 
 const TOKEN_KEY = "nmap-mcp-token";
@@ -162,6 +163,23 @@ function describe(row, viewer) {
     + " (" + row.task.task_id.slice(0, 8) + ")";
 }
 
+// Text a scanned host wrote (an answer's `untrusted` parts), marked as such; with a warning
+// when the server found that it reads like instructions (`suspicious`).
+function targetText(text, suspicious) {
+  if (!text) {
+    return null;
+  }
+  return el("span", {
+    class: suspicious ? "untrusted suspicious" : "untrusted",
+    title: suspicious ? "written by the scanned host; reads like instructions to an AI" : "written by the scanned host",
+  }, text);
+}
+
+// "product version" of an `untrusted` object, or "".
+function productVersion(untrusted) {
+  return untrusted ? [untrusted.product, untrusted.version].filter(Boolean).join(" ") : "";
+}
+
 function progressOf(task) {
   const progress = task.progress;
   if (!progress) {
@@ -252,8 +270,9 @@ function openPorts(task) {
   return el("div", {}, el("span", { class: "muted" }, counts), el("ul", {}, hosts.map((host) => el("li", {},
     el("span", { class: "address" }, host.address),
     host.hostnames.length ? " (" + host.hostnames.join(", ") + ")" : "", ": ",
-    host.ports.map((port) => [port.port + "/" + port.protocol, port.service, port.version].filter(Boolean).join(" "))
-      .join(", ")))));
+    host.ports.flatMap((port, index) => [index ? ", " : "",
+      [port.port + "/" + port.protocol, port.service].filter(Boolean).join(" "),
+      port.untrusted ? " " : "", targetText(productVersion(port.untrusted), port.suspicious)])))));
 }
 
 // A host with more ports than one answer holds comes with some of them: say how many.
@@ -320,8 +339,8 @@ async function compare(keyA, keyB, output) {
 function drawDiff(diff) {
   const hosts = (title, list) => (list.length ? el("p", {}, title + ": " + list.join(", ")) : null);
   const ports = (title, list) => (list.length ? el("div", {}, el("h3", {}, title), el("ul", {}, list.map((change) =>
-    el("li", {}, el("span", { class: "address" }, change.address), " " + change.port + "/" + change.protocol + ": "
-      + (change.before || "absent") + " \u2192 " + (change.after || "absent"))))) : null);
+    el("li", {}, el("span", { class: "address" }, change.address), " " + change.port + "/" + change.protocol + ": ",
+      side(change, "before"), " \u2192 ", side(change, "after"))))) : null);
   return el("div", { class: "diff" },
     hosts("hosts that came up", diff.hosts_came_up),
     hosts("hosts that went down", diff.hosts_went_down),
@@ -330,6 +349,15 @@ function drawDiff(diff) {
     ports("services changed", diff.services_changed),
     el("p", { class: "muted" }, count(diff.unchanged_open_ports, "open port") + " unchanged"
       + (diff.truncated ? "; the lists were cut to fit" : "")));
+}
+
+// One side of a port's change: nmap's state and service, then the target's product and version.
+function side(change, which) {
+  const text = change.untrusted ? change.untrusted[which] : "";
+  if (!change[which] && !text) {
+    return "absent";
+  }
+  return el("span", {}, change[which], text ? " " : "", targetText(text, change.suspicious));
 }
 
 function renderSchedules(data, body, viewer) {
@@ -413,8 +441,10 @@ function drawHosts(answer) {
     + "'s inventory" + cutNote(page.page)), table(["address", "status", "ports", "last seen"], page.hosts.map((host) => [
     el("span", {}, el("span", { class: "address" }, host.address),
       host.hostnames.length ? " (" + host.hostnames.join(", ") + ")" : ""),
-    host.status, el("ul", {}, host.ports.map((port) => el("li", {}, [port.port + "/" + port.protocol, port.state,
-      port.service, port.product, port.version].filter(Boolean).join(" ")))), when(host.last_seen)])));
+    host.status, el("ul", {}, host.ports.map((port) => el("li", {},
+      [port.port + "/" + port.protocol, port.state, port.service].filter(Boolean).join(" "),
+      port.untrusted ? " " : "", targetText(productVersion(port.untrusted), port.suspicious)))),
+    when(host.last_seen)])));
 }
 
 start();

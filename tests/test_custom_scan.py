@@ -95,7 +95,7 @@ async def test_legitimate_commands_run_real_nmap_and_return_parsed_results(
         await run_commands(alice, LEGITIMATE_COMMANDS, {"p1": p1, "p2": p2, "banner": banner.port})
         versions = await answer_of(alice, "custom_scan", command=f"-sV -p {banner.port} 127.0.0.1")
     [port] = versions["result"]["hosts"][0]["ports"]
-    assert port["service"] == "ssh" and port["version"].startswith("OpenSSH 9.2p1")
+    assert port["service"] == "ssh" and port["untrusted"] == {"product": "OpenSSH", "version": "9.2p1 Debian 2+deb12u3"}
 
 
 @pytest.mark.requires_root("raw-packet scans (-sS, -O), which need root or nmap with capabilities")

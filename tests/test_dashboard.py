@@ -46,15 +46,15 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-
 # About 10 s; the long one (about 30 s) is cancelled once the browser has seen it progress.
 SLOW_SCAN = "-p 1-500 --scan-delay 20ms 127.0.0.2"
 LONG_SCAN = "-p 1-1500 --scan-delay 20ms 127.0.0.2"
-# What a hostile service can make nmap report as its version (nmap's OpenSSH-on-Debian match
-# keeps whatever follows "Debian-" in the banner).
-HOSTILE_VERSION = "OpenSSH 9.2p1 Debian 2<img src=x onerror=alert(1)>"
+# What a hostile service can make nmap report as its product and version (nmap's
+# OpenSSH-on-Debian match keeps whatever follows "Debian-" in the banner, up to 80 characters).
+HOSTILE_VERSION = "OpenSSH 9.2p1 Debian 2<img src=x onerror=alert(1)><script>alert(2)</script>"
 
 
 class HostileBanner(BannerServer):
-    """An SSH banner carrying markup, as an attacker's host would send it."""
+    """An SSH banner carrying markup and a script, as an attacker's host would send it."""
 
-    BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2<img src=x onerror=alert(1)>\r\n"
+    BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2<img src=x onerror=alert(1)><script>alert(2)</script>\r\n"
 
 
 def start(live_server: StartServer, **overrides: object) -> LiveServer:
@@ -246,7 +246,7 @@ async def test_the_diff_of_two_tasks_shows_the_ports_that_opened_and_closed(
     after = await scan(server, ALICE, f"-p {closing},{opening} 127.0.0.1")
     diff = await get(server, "/ui/api/diff", ALICE, a=before["task_id"], b=after["task_id"])
     assert diff.status_code == 200
-    # before and after are "state service version"; nmap names the service of some ports.
+    # before and after are "state service"; nmap names the service of some ports.
     assert [(c["port"], c["before"], c["after"].split()[0]) for c in diff.json()["ports_opened"]] == [
         (opening, "", "open")]
     assert [(c["port"], c["before"].split()[0], c["after"]) for c in diff.json()["ports_closed"]] == [
@@ -337,7 +337,9 @@ async def test_the_page_in_a_browser_shows_tasks_ports_pools_progress_and_a_diff
     assert f"127.0.0.1: {opening}/tcp" in recent and "127.0.0.2" in recent
     pools = text_of(browser, "section[data-section=pools]")
     assert "pool default" in pools and "dash-worker alive" in pools
-    assert browser.find_elements(By.CSS_SELECTOR, "main img") == [], "a banner's markup must stay text"
+    assert browser.find_elements(By.CSS_SELECTOR, "main img, main script") == [], "a banner's markup must stay text"
+    marked = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "section[data-section=recent] .untrusted")]
+    assert HOSTILE_VERSION in marked, "the target's text is drawn apart, as the target's"
     assert "127.0.0.2" in text_of(browser, "section[data-section=running]")
     first = wait.until(progress_values)
     wait.until(lambda d: progress_values(d) not in ([], first), message="the running scan's progress is refreshed")
@@ -354,7 +356,8 @@ async def test_the_page_in_a_browser_shows_tasks_ports_pools_progress_and_a_diff
         wait.until(lambda d, e=expected: e in text_of(d, "#hosts-output"),
                    message=f"the inventory search for port {port} never showed {expected!r}")
         assert "127.0.0.1" in text_of(browser, "#hosts-output")
-    assert browser.find_elements(By.CSS_SELECTOR, "main img") == [], "a banner's markup stays text in the inventory too"
+    assert browser.find_elements(By.CSS_SELECTOR, "main img, main script") == [], (
+        "a banner's markup stays text in the inventory too")
 
     Select(browser.find_element(By.ID, "diff-a")).select_by_value(f"alice/{before['task_id']}")
     Select(browser.find_element(By.ID, "diff-b")).select_by_value(f"alice/{after['task_id']}")

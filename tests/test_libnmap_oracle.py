@@ -20,7 +20,7 @@ import pytest
 from libnmap.objects import NmapHost, NmapReport, NmapService
 from libnmap.parser import NmapParser
 
-from models import HostDetail, PortDetail
+from models import HostDetail, HostText, PortDetail, PortText
 from nmap_report import FIELD_LIMIT, SCRIPT_OUTPUT_LIMIT, clean_text, parse_report
 from tests.support import free_port, with_lan_elements
 
@@ -34,7 +34,7 @@ NMAP = shutil.which("nmap") or "/usr/bin/nmap"
 
 HOST_FIELDS = {"address", "status", "ip", "mac", "mac vendor", "hostnames", "host scripts", "os matches", "uptime",
                "distance", "ports"}
-PORT_FIELDS = {"state", "reason", "service", "product", "product version", "version", "extrainfo", "cpe", "scripts"}
+PORT_FIELDS = {"state", "reason", "service", "product", "version", "extrainfo", "cpe", "scripts"}
 # Fields no recorded fixture can exercise: loopback has no link layer (no MAC, so no vendor),
 # the recorder runs nmap with -n (no names), and its scripts are port scripts. The LAN and LIVE
 # cases exercise them; if a fixture is ever recorded with one, move it out of this set.
@@ -98,12 +98,6 @@ class Deliberate:
         context; libnmap passes it on verbatim."""
         return self._note("cleaned", text, clean_text(text, limit))
 
-    def joined_version(self, product: str, version: str) -> str:
-        """`version` is product and version in one string ("OpenSSH 9.2p1 ..."), the shape the
-        seed's PortSummary documents; libnmap's version is the bare version attribute (nmap_report
-        keeps that as product_version)."""
-        return self._note("joined_version", version, " ".join(part for part in (product, version) if part))
-
     def unmeasured_as_zero(self, ours: object) -> object:
         """libnmap says 0 for an uptime or distance nmap did not report; nmap_report says None,
         because distance 0 is a real answer (the target is this machine) that absence must not
@@ -143,14 +137,17 @@ def our_fields(data: bytes) -> Fields:
 
 
 def _our_host(host: HostDetail) -> Fields:
+    text = host.untrusted or HostText()
     fields = {
         "address": host.address,
         "status": host.status,
         "ip": [a.address for a in host.addresses if a.type in ("ipv4", "ipv6")],
         "mac": [a.address for a in host.addresses if a.type == "mac"],
         "mac vendor": next((a.vendor for a in host.addresses if a.type == "mac"), ""),
-        "hostnames": host.hostnames,
-        "host scripts": [(s.id, s.output) for s in host.scripts],
+        # nmap_report keeps a PTR name apart, with the target's text; libnmap cannot tell a name's
+        # type, so every name nmap reported is compared.
+        "hostnames": [*host.hostnames, *([text.ptr] if text.ptr else [])],
+        "host scripts": [(s.id, s.output) for s in text.scripts],
         "os matches": [(m.name, m.accuracy) for m in host.os_matches],
         "uptime": host.uptime_s,
         "distance": host.distance,
@@ -160,16 +157,16 @@ def _our_host(host: HostDetail) -> Fields:
 
 
 def _our_port(where: str, port: PortDetail) -> Fields:
+    text = port.untrusted or PortText()
     fields = {
         "state": port.state,
         "reason": port.reason,
         "service": port.service,
-        "product": port.product,
-        "product version": port.product_version,
-        "version": port.version,
-        "extrainfo": port.extrainfo,
-        "cpe": port.cpe,
-        "scripts": [(s.id, s.output) for s in port.scripts],
+        "product": text.product,
+        "version": text.version,
+        "extrainfo": text.extrainfo,
+        "cpe": text.cpe,
+        "scripts": [(s.id, s.output) for s in text.scripts],
     }
     return {(where, name): value for name, value in fields.items()}
 
@@ -218,8 +215,7 @@ def _libnmap_port(where: str, service: NmapService, deliberate: Deliberate) -> F
         "reason": service.reason,
         "service": deliberate.cleaned(service.service, SERVICE_LIMIT),
         "product": product,
-        "product version": version,
-        "version": deliberate.joined_version(product, version),
+        "version": version,
         "extrainfo": extrainfo,
         "cpe": [deliberate.cleaned(cpe.cpestring, FIELD_LIMIT) for cpe in service.cpelist],
         "scripts": [(s["id"], deliberate.cleaned(s["output"], SCRIPT_OUTPUT_LIMIT)) for s in service.scripts_results],

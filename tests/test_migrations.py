@@ -50,6 +50,7 @@ async def test_a_database_of_0_1_0_upgrades_in_place(database_url: str, tmp_path
         kept = await store.get(completed.id, "default", with_result=True)
         assert kept.pool == "default" and kept.result is not None
         assert [(p.port, p.state) for p in kept.result.hosts[0].ports] == [(22022, "open"), (22023, "closed")]
+        assert [p.untrusted for p in kept.result.hosts[0].ports] == [None, None], "0.1.0's empty text fields"
         assert (await store.raw_xml(completed.id, "default") or b"").startswith(b"<?xml")
         [ci] = await store.recent("ci", None, 10)
         ci_result = (await store.get(ci.id, "ci", with_result=True)).result

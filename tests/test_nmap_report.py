@@ -23,11 +23,13 @@ def test_version_detection_scripts_and_os_details() -> None:
     assert [(a.address, a.type) for a in host.addresses] == [("127.0.0.1", "ipv4")]
     ssh, closed = host.ports
     assert (ssh.port, ssh.protocol, ssh.state, ssh.reason) == (PORTS["banner"], "tcp", "open", "syn-ack")
-    assert (ssh.service, ssh.product, ssh.product_version) == ("ssh", "OpenSSH", "9.2p1 Debian 2+deb12u3")
-    assert ssh.version == "OpenSSH 9.2p1 Debian 2+deb12u3" and ssh.extrainfo == "protocol 2.0"
-    assert ssh.cpe == ["cpe:/a:openbsd:openssh:9.2p1", "cpe:/o:linux:linux_kernel"]
-    assert [(s.id, s.output) for s in ssh.scripts] == [("banner", "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3")]
-    assert (closed.port, closed.state, closed.reason) == (PORTS["closed"], "closed", "reset")
+    text = ssh.untrusted
+    assert ssh.service == "ssh" and text is not None and not ssh.suspicious
+    assert (text.product, text.version) == ("OpenSSH", "9.2p1 Debian 2+deb12u3") and text.extrainfo == "protocol 2.0"
+    assert text.described() == "OpenSSH 9.2p1 Debian 2+deb12u3"
+    assert text.cpe == ["cpe:/a:openbsd:openssh:9.2p1", "cpe:/o:linux:linux_kernel"]
+    assert [(s.id, s.output) for s in text.scripts] == [("banner", "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3")]
+    assert (closed.port, closed.state, closed.reason, closed.untrusted) == (PORTS["closed"], "closed", "reset", None)
     assert host.os_matches and host.os_matches[0].name.startswith("Linux") and host.os_matches[0].accuracy > 80
     assert host.uptime_s is not None and host.distance == 0
     assert host.timed_out is False
@@ -94,7 +96,8 @@ def test_target_text_is_cleaned_and_bounded() -> None:
         b'output="SSH-2.0', b'output="&#x1b;[2J&#x7;' + b"A" * 5000 + b" SSH-2.0"
     )
     [ssh, _] = parse_report(hostile, "t").hosts[0].ports
-    output = ssh.scripts[0].output
+    assert ssh.untrusted is not None
+    output = ssh.untrusted.scripts[0].output
     assert len(output) == 2000 and "\x1b" not in output and "\x07" not in output
     assert clean_text("ok\x00\x1b[2Jbanner\r\n", 100) == "ok  [2Jbanner  "
 
@@ -112,4 +115,5 @@ def test_mac_addresses_with_vendor_and_ptr_names() -> None:
     host = parse_report(with_lan_elements(fixture("rich_loopback.xml")), "t").hosts[0]
     assert [(a.address, a.type, a.vendor) for a in host.addresses] == [
         ("127.0.0.1", "ipv4", ""), ("52:54:00:12:34:56", "mac", "QEMU virtual NIC")]
-    assert host.address == "127.0.0.1" and host.ptr == "gw.example.lan" and host.hostnames == ["gw.example.lan"]
+    assert host.address == "127.0.0.1" and host.untrusted is not None and host.untrusted.ptr == "gw.example.lan"
+    assert host.hostnames == [], "a PTR name is the reverse zone's word: kept with the target's text"

@@ -108,7 +108,8 @@ async def test_xml_and_csv_formats_of_a_finished_scan(in_memory: OpenClient, lis
     assert json.loads(parse_report(xml["content"], full["target"]).model_dump_json()) == full["result"] | {
         "warnings": full["result"]["warnings"]}
     lines = table["content"].splitlines()
-    assert lines[0] == "address,hostname,port,protocol,state,service,product,version,extrainfo"
+    assert lines[0] == ("address,hostname,port,protocol,state,service,untrusted_product,untrusted_version,"
+                        "untrusted_extrainfo,suspicious")
     assert f"127.0.0.1,,{port},tcp,open," in table["content"] and len(lines) == 1 + 3 * 2
 
 

@@ -15,11 +15,13 @@ from models import (
     InventoryHost,
     InventoryPage,
     InventoryPort,
+    PortText,
     ScanKind,
     ScanResult,
     ScriptOutput,
     TaskAnswer,
     TaskStatus,
+    VersionChange,
 )
 from nmap_report import parse_report
 from views import csv_page, diff_results, inventory_page, json_page, text_page, wire_size
@@ -51,7 +53,7 @@ def test_summary_keeps_the_seed_shape_with_open_ports_only() -> None:
     [host] = document["hosts"]
     assert set(host) == {"address", "status", "hostnames", "ports"}
     assert host["ports"] == [{"port": PORTS["banner"], "protocol": "tcp", "state": "open", "service": "ssh",
-                              "version": "OpenSSH 9.2p1 Debian 2+deb12u3"}]
+                              "untrusted": {"product": "OpenSSH", "version": "9.2p1 Debian 2+deb12u3"}}]
     assert document["open_ports"] == 1 and "exit_status" not in document
 
 
@@ -59,7 +61,8 @@ def test_full_view_has_every_detail() -> None:
     answer = json_page(BASE, recorded("rich_loopback.xml"), view="full", offset=0, limit=50, cap=60_000)
     host = json.loads(answer.model_dump_json())["result"]["hosts"][0]
     assert {"os_matches", "uptime_s", "distance", "extraports", "addresses", "reason"} <= set(host)
-    assert len(host["ports"]) == 2 and host["ports"][0]["scripts"][0]["id"] == "banner"
+    assert len(host["ports"]) == 2 and host["ports"][0]["untrusted"]["scripts"][0]["id"] == "banner"
+    assert "untrusted" not in host["ports"][1] and "suspicious" not in host["ports"][0], "empty fields are left out"
 
 
 @pytest.mark.parametrize("view", ["summary", "full"])
@@ -83,7 +86,7 @@ def crowded(ports: int, *, script_output: str | None = None) -> ScanResult:
     result = recorded("rich_loopback.xml")
     host = result.hosts[0]
     scripts = [] if script_output is None else [ScriptOutput(id="banner", output=script_output)]
-    port = host.ports[0].model_copy(update={"scripts": scripts})
+    port = host.ports[0].model_copy(update={"untrusted": PortText(scripts=scripts)})
     big = host.model_copy(update={"address": "10.0.0.2", "ports": [port.model_copy(update={"port": p})
                                                                     for p in range(1, ports + 1)]})
     small = [host.model_copy(update={"address": f"10.0.0.{n}"}) for n in (1, 3)]
@@ -174,7 +177,7 @@ def test_csv_has_one_row_per_port() -> None:
     answer = csv_page(BASE.model_copy(update={"format": "csv"}), recorded("rich_loopback.xml"), offset=0, limit=50,
                       cap=60_000)
     rows = list(csv.DictReader(io.StringIO(answer.content or "")))
-    assert [(r["port"], r["state"], r["service"], r["product"]) for r in rows] == [
+    assert [(r["port"], r["state"], r["service"], r["untrusted_product"]) for r in rows] == [
         (str(PORTS["banner"]), "open", "ssh", "OpenSSH"), (str(PORTS["closed"]), "closed", "ndmps", ""),
     ]
     big = csv_page(BASE, many_hosts(2000), offset=0, limit=1000, cap=10_000)
@@ -205,8 +208,8 @@ def test_diff_reports_hosts_and_ports_that_changed() -> None:
     after = before.model_copy(update={"hosts": [opened, *[closed if h is third else h for h in after_hosts[1:]]]})
     diff = diff_results("a", before, "b", after)
     assert diff.hosts_went_down == ["127.0.0.8"] and diff.hosts_came_up == []
-    assert [(c.address, c.port, c.after) for c in diff.ports_opened] == [
-        ("127.0.0.1", PORTS["banner"], "open ssh OpenSSH 9.2p1 Debian 2+deb12u3")]
+    assert [(c.address, c.port, c.after, c.untrusted) for c in diff.ports_opened] == [
+        ("127.0.0.1", PORTS["banner"], "open ssh", VersionChange(after="OpenSSH 9.2p1 Debian 2+deb12u3"))]
     assert [(c.address, c.port, c.after) for c in diff.ports_closed] == [("127.0.0.3", PORTS["multi"], "")]
     assert diff.services_changed == [] and diff.unchanged_open_ports == 0
 
