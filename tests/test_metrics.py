@@ -148,6 +148,11 @@ def test_metrics_token_guards_metrics_and_opens_nothing_else(live_server: StartS
     in_url = httpx.get(f"{url}?token={METRICS_SECRET}")
     assert in_url.status_code == 401 and in_url.json()["error"] == "unauthorized"
     assert httpx.post(url, headers={"Authorization": f"Bearer {METRICS_SECRET}"}).status_code == 405
+    # The MCP endpoint's Host and Origin check, before the token is looked at.
+    auth = {"Authorization": f"Bearer {METRICS_SECRET}"}
+    assert httpx.get(url, headers=auth | {"Host": "evil.example"}).status_code == 421
+    assert httpx.get(url, headers=auth | {"Origin": "http://evil.example"}).status_code == 403
+    assert httpx.get(url, headers=auth | {"Host": f"localhost:{server.port}"}).status_code == 200
     samples = scrape(server.port)
     assert value(samples, "nmap_mcp_database_up") == 1
     assert post(server, Authorization=f"Bearer {METRICS_SECRET}").status_code == 401
@@ -155,6 +160,17 @@ def test_metrics_token_guards_metrics_and_opens_nothing_else(live_server: StartS
                  reason="wrong_token") == 1
     server.stop()
     assert METRICS_SECRET not in server.log_text()
+
+
+def test_metrics_are_off_without_metrics_token_and_have_the_host_check(live_server: StartServer) -> None:
+    server = live_server(allowed_hosts=["scanner.example"])
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    for headers in ({}, {"Authorization": f"Bearer {ALICE}"}):
+        off = httpx.get(url, headers=headers)
+        assert off.status_code == 404
+        assert off.json()["error_description"].startswith("/metrics is off: set `metrics_token`")
+    assert httpx.get(url, headers={"Host": "evil.example"}).status_code == 421
+    assert httpx.get(url, headers={"Host": "scanner.example"}).status_code == 404, "allowed_hosts apply to /metrics"
 
 
 def test_metrics_token_must_be_long_and_its_own(tmp_path: Path) -> None:
@@ -188,6 +204,9 @@ async def test_a_worker_serves_metrics_and_its_health_alone_on_its_metrics_port(
         assert wait_until(lambda: responds(f"http://127.0.0.1:{metrics_port}/metrics"), up, 0.1), worker.log_text()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as http:
             assert (await http.get("/metrics")).status_code == 401
+            rebound = await http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_SECRET}",
+                                                          "Host": "evil.example"})
+            assert rebound.status_code == 421, "a worker's /metrics has the Host check too"
             health = await http.get("/healthz")
             assert (health.status_code, health.json()["status"]) == (200, "ok"), "no token: a HEALTHCHECK has none"
             other = await http.get("/mcp")
