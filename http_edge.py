@@ -38,9 +38,9 @@ TOKEN_PARAMETERS = frozenset({"token", "accesstoken"})
 # before anything logs it. No endpoint of this server reads a query parameter by such a name.
 SECRET_PARAMETERS = TOKEN_PARAMETERS | {"key", "auth", "authorization", "sig", "pwd", "pass"}
 SECRET_WORDS = ("token", "secret", "password", "passwd", "apikey", "signature", "credential")
-# A `name=value` parameter in free text (a log message): after `?`, `&` or `;`, up to the next
-# separator, space or quote.
-URL_PARAMETER = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;?#\s\"'<>]+)=(?P<value>[^&;#\s\"'<>]*)")
+# A `name=value` parameter in free text (a log message, JSON): after `?`, `&` or `;`, up to the
+# next separator, space, quote or backslash (so that an escaped quote in JSON stays escaped).
+URL_PARAMETER = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;?#\s\"'<>\\]+)=(?P<value>[^&;#\s\"'<>\\]*)")
 # FastMCP refuses bodies over 4 MiB with 413; the body check buffers at most that much.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # JSON-RPC messages of MCP nest 4 to 8 levels (a tool's arguments inside params); deeper bodies

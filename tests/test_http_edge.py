@@ -224,6 +224,12 @@ def test_redaction_of_urls_in_free_text() -> None:
         '{"url": "https://h.example/?Client_Secret=***&page=2", "n": 1}')
 
 
+def test_redacted_json_stays_json() -> None:
+    arguments = {"webhook_url": 'https://h.example/x?sig=abc\\"def&n=1', "note": "a?key=1 b"}
+    redacted = json.loads(redact_url_secrets(json.dumps(arguments)))
+    assert redacted == {"webhook_url": 'https://h.example/x?sig=***\\"def&n=1', "note": "a?key=*** b"}
+
+
 @pytest.fixture
 def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     """A logger writing JSON lines, through the redaction filter, into a buffer."""
