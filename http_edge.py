@@ -107,10 +107,7 @@ class EdgeMiddleware:
         sent_header = _has_authorization(scope)
         if url_token and self.allow_query_token and not sent_header:
             scope["headers"] = [*scope["headers"], (b"authorization", b"Bearer " + url_token.encode("latin-1"))]
-        if url_token and not self.allow_query_token and not sent_header:
-            reason = QUERY_TOKEN_OFF
-        else:
-            reason = WRONG_TOKEN if (sent_header or url_token) else MISSING_TOKEN
+        reason = refusal_reason(bool(url_token), sent_header, self.allow_query_token)
         endpoint = "mcp" if scope["path"] == self.mcp_path else "other"
 
         def refusal() -> Response:
@@ -120,6 +117,13 @@ class EdgeMiddleware:
             return too_many_refused(wait) if wait is not None else unauthorized(reason)
 
         await self.app(scope, receive, _replacing_401(send, refusal))
+
+
+def refusal_reason(url_token: bool, sent_header: bool, allow_query_token: bool) -> str:
+    """What a 401 of a request would say, from the credentials it carried."""
+    if url_token and not allow_query_token and not sent_header:
+        return QUERY_TOKEN_OFF
+    return WRONG_TOKEN if (sent_header or url_token) else MISSING_TOKEN
 
 
 def unauthorized(reason: str) -> JSONResponse:

@@ -26,7 +26,8 @@ from ipaddress import IPv6Address, IPv6Network, ip_address
 
 from starlette.types import Scope
 
-# 10,000 addresses at about 150 bytes each: a bound of a few MiB, whatever a prober sends.
+# 10,000 addresses at about 190 bytes each (IPv6 /64 keys, measured with tracemalloc): under
+# 2 MiB, whatever a prober sends.
 MAX_ADDRESSES = 10_000
 IPV6_PREFIX = 64
 
