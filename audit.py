@@ -42,6 +42,7 @@ from mcp.shared.exceptions import MCPError
 
 from auth import Identify
 from disk_space import disk_problem
+from http_edge import redact_url_secrets
 
 logger = logging.getLogger(__name__)
 # Tools that start scans: they do not run unaudited unless the operator chose fail-open.
@@ -281,6 +282,8 @@ class AuditMiddleware(Middleware):
 
 
 def _bounded(arguments: dict[str, Any] | None) -> Any:
-    """The call's arguments, or a note that they were too long to record whole."""
-    text = json.dumps(arguments or {}, default=str)
-    return (arguments or {}) if len(text) <= ARGUMENTS_LIMIT else {"truncated": text[:ARGUMENTS_LIMIT]}
+    """The call's arguments, or a note that they were too long to record whole; either way
+    without the values of secret-looking URL parameters (a webhook URL's `?sig=`). The
+    redaction stops at a quote, so the JSON text stays JSON."""
+    text = redact_url_secrets(json.dumps(arguments or {}, default=str))
+    return json.loads(text) if len(text) <= ARGUMENTS_LIMIT else {"truncated": text[:ARGUMENTS_LIMIT]}

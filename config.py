@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     token: SecretStr | None = None
     tokens: dict[str, TokenConfig] = Field(default_factory=dict)
     allow_query_token: bool = True
+    # A client address whose requests carried more refused tokens than this within the window
+    # gets 429 with Retry-After for its next refused ones; valid tokens keep working (throttle.py).
+    failed_token_limit: int = Field(default=10, ge=1, le=10_000)
+    failed_token_window_seconds: float = Field(default=60.0, gt=0, le=86_400)
     allowed_hosts: list[str] = Field(default_factory=list)
     allowed_origins: list[str] = Field(default_factory=list)
     # Browser origins (https://app.example) allowed to call the endpoint with CORS; each is
@@ -193,8 +197,8 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     # text: one human-readable line per record; json: one JSON object per line (docs/metrics.md).
     log_format: Literal["text", "json"] = "text"
-    # None: /metrics is open to whoever reaches the port, as Prometheus exporters usually are;
-    # else it needs `Authorization: Bearer <metrics_token>`. No MCP token opens it.
+    # None: /metrics is off (404); else it needs `Authorization: Bearer <metrics_token>`. No MCP
+    # token opens it.
     metrics_token: SecretStr | None = None
     # A `--worker` has no MCP listener; with this set it serves /metrics and /healthz on host:metrics_port.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

@@ -1,7 +1,11 @@
 """The errors callers see: every tool error starts with a stable code, then says in plain
 words what to change. Exceptions of the modules below become codes in `tool_errors()`;
 arguments that fail schema validation, unknown tools and internal failures are translated
-by `ToolErrorMiddleware`, so no caller ever reads library text or an external URL."""
+by `ToolErrorMiddleware`, so no caller ever reads library text or an external URL.
+
+Outside tools, a caller's mistake (a prompt argument missing or unknown, a task resource
+that is not the caller's) is JSON-RPC -32602, invalid params (`invalid_params`,
+`PromptArgumentCheck`), with no traceback in the log: the server did nothing wrong."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Any
 import mcp.types as mt
 from fastmcp.exceptions import NotFoundError, ToolError
 from fastmcp.exceptions import ValidationError as ArgumentsRefused
+from fastmcp.prompts import Prompt, PromptResult
 from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools.base import ToolResult
 from pydantic import ValidationError
@@ -51,6 +56,9 @@ CODES: dict[type[Exception], str] = {
     TooManySchedules: "rate_limited",
     WebhookRefused: "invalid_webhook",
 }
+# FastMCP logs the traceback of a FastMCPError at the error's own log_level: below DEBUG, the
+# lowest level `log_level` allows, it is never written.
+UNLOGGED = logging.DEBUG - 5
 CODED = re.compile(r"^[a-z][a-z_]*: ")
 # What of a caller's own text an error may repeat (an argument's name, a tool's name).
 ECHO_LIMIT = 64
@@ -63,6 +71,11 @@ def tool_errors() -> Iterator[None]:
         yield
     except tuple(CODES) as e:
         raise ToolError(f"{code_of(e)}: {e}") from e
+
+
+def invalid_params(message: str) -> ArgumentsRefused:
+    """An error FastMCP answers with JSON-RPC -32602 (its ValidationError) and does not log."""
+    return ArgumentsRefused(message, log_level=UNLOGGED)
 
 
 def code_of(error: Exception) -> str | None:
@@ -100,6 +113,36 @@ class ToolErrorMiddleware(Middleware):
         except Exception as e:
             logger.exception("tool %s failed", name)
             raise ToolError("internal_error: the tool failed unexpectedly; the server log has the details") from e
+
+
+class PromptArgumentCheck(Middleware):
+    """prompts/get with a missing or unknown argument is refused with -32602 naming it, before
+    FastMCP renders the prompt: it would answer -32603 and log a traceback for a missing one,
+    and drop an unknown one without a word."""
+
+    async def on_get_prompt(
+        self,
+        context: MiddlewareContext[mt.GetPromptRequestParams],
+        call_next: CallNext[mt.GetPromptRequestParams, PromptResult],
+    ) -> PromptResult:
+        server = context.fastmcp_context.fastmcp if context.fastmcp_context else None
+        prompt = await server.get_prompt(context.message.name) if server else None
+        if prompt is not None:
+            problem = describe_prompt_arguments(prompt, context.message.arguments or {})
+            if problem is not None:
+                raise invalid_params(f"Invalid params: {problem}")
+        return await call_next(context)
+
+
+def describe_prompt_arguments(prompt: Prompt, given: Mapping[str, object]) -> str | None:
+    """What is wrong with the arguments `given` to `prompt`, in words; None when nothing is."""
+    declared = {argument.name: argument.required for argument in prompt.arguments or ()}
+    takes = ", ".join(declared) or "no arguments"
+    if unknown := sorted(set(given) - set(declared)):
+        return f"prompt {prompt.name} takes {takes}; {_echo(unknown[0])!r} is not one of its arguments"
+    if missing := sorted(name for name, required in declared.items() if required and name not in given):
+        return f"prompt {prompt.name} needs the argument {missing[0]} (it takes {takes})"
+    return None
 
 
 def describe_invalid_arguments(error: ValidationError, tool: str, schema: Mapping[str, Any]) -> str:

@@ -1,30 +1,54 @@
 """What happens to an HTTP request before FastMCP sees it, and to some answers after.
 
 The outermost layer, `EdgeMiddleware`, runs before Host/Origin checks, routing, redirects
-and uvicorn's access log can see a request: it removes every token from the URL (any case of
-`token`, and `access_token`, in the query string or as `;token=` path parameters), turns the
-first one into an `Authorization: Bearer` header (when `?token=` is allowed), serves the
-endpoint path with a trailing slash as the path itself (no redirect that drops the token),
-and answers 401s in plain words instead of the OAuth advice FastMCP gives, which sends
-clients into a re-registration flow that cannot work here.
+and uvicorn's access log can see a request: it removes every parameter whose name looks like
+a secret's from the URL (`token`, `access_token`, `api_key`, `password`, ... in any case,
+with `-` or `_`, in the query string or as `;name=` path parameters), turns the first token
+(`token` or `access_token`) into an `Authorization: Bearer` header (when `?token=` is
+allowed), serves the endpoint path with a trailing slash as the path itself (no redirect that
+drops the token), and answers 401s in plain words instead of the OAuth advice FastMCP gives,
+which sends clients into a re-registration flow that cannot work here. A client address that
+keeps sending refused tokens gets 429 with Retry-After instead (throttle.py).
 
-`JsonRpcBodyCheck` runs after authentication: a batch, a body that is not JSON, or a body
-that is not one JSON-RPC message gets a short JSON-RPC error instead of library internals.
+`JsonRpcBodyCheck` runs after authentication: a batch, a body that is not JSON, one nested
+deeper than `MAX_JSON_DEPTH`, or a body that is not one JSON-RPC message gets a short
+JSON-RPC error instead of library internals.
+
+`redact_url_secrets` does for the text of any log record what the edge does to URLs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
-from functools import partial
+from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-SECRET_PARAMETERS = frozenset({"token", "access_token"})
+from throttle import FailedTokenThrottle, client_address
+
+# Parameter names are compared lower-case, without '-' and '_' (`Access-Token` is `accesstoken`).
+# The value of these is a token: the first becomes the request's Bearer token.
+TOKEN_PARAMETERS = frozenset({"token", "accesstoken"})
+# These, and names holding one of SECRET_WORDS, look like a secret's: removed from every URL
+# before anything logs it. No endpoint of this server reads a query parameter by such a name.
+SECRET_PARAMETERS = TOKEN_PARAMETERS | {"key", "auth", "authorization", "sig", "pwd", "pass"}
+SECRET_WORDS = ("token", "secret", "password", "passwd", "apikey", "signature", "credential")
+# A `name=value` parameter in free text (a log message, JSON): after `?`, `&` or `;`, up to the
+# next separator, space, quote or backslash (so that an escaped quote in JSON stays escaped).
+URL_PARAMETER = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;?#\s\"'<>\\]+)=(?P<value>[^&;#\s\"'<>\\]*)")
 # FastMCP refuses bodies over 4 MiB with 413; the body check buffers at most that much.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# JSON-RPC messages of MCP nest 4 to 8 levels (a tool's arguments inside params); deeper bodies
+# are refused before any parser of the SDK or pydantic walks them.
+MAX_JSON_DEPTH = 64
+# A tuple rather than `dict | list`: isinstance checks it faster, and it runs once per value.
+CONTAINERS = (dict, list)
+TOO_DEEP = f"Parse error: the request body nests deeper than {MAX_JSON_DEPTH} levels"
 MISSING_TOKEN = (
     "no token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL. "
     "Tokens are the `secret` values under `tokens` in the server's config file."
@@ -41,31 +65,36 @@ QUERY_TOKEN_OFF = (
 REASON_NAMES = {MISSING_TOKEN: "missing_token", WRONG_TOKEN: "wrong_token", QUERY_TOKEN_OFF: "query_token_off"}
 CORS_HEADERS = ["Authorization", "Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version",
                 "Last-Event-ID"]
+# Told the endpoint ('mcp', 'other' or 'metrics'), the reason's name and whether it was throttled.
+OnRefused = Callable[[str, str, bool], None]
 
 
 def edge_app(
     app: ASGIApp, *, mcp_path: str, allow_query_token: bool, cors_origins: Iterable[str],
-    on_unauthorized: Callable[[str, str], None],
+    throttle: FailedTokenThrottle, on_refused: OnRefused,
 ) -> ASGIApp:
     """The whole HTTP stack around FastMCP's app: edge first, then CORS (when configured).
-    `on_unauthorized` is told the endpoint ('mcp' or 'other') and reason of every 401."""
+    `on_refused` is told of every 401 (or 429, when `throttle` said so)."""
     origins = list(cors_origins)
     if origins:
         app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                              allow_headers=CORS_HEADERS, expose_headers=["Mcp-Session-Id"], max_age=600)
-    return EdgeMiddleware(app, mcp_path=mcp_path, allow_query_token=allow_query_token, on_unauthorized=on_unauthorized)
+    return EdgeMiddleware(app, mcp_path=mcp_path, allow_query_token=allow_query_token, throttle=throttle,
+                          on_refused=on_refused)
 
 
 class EdgeMiddleware:
     """Pure ASGI; see the module docstring."""
 
     def __init__(
-        self, app: ASGIApp, *, mcp_path: str, allow_query_token: bool, on_unauthorized: Callable[[str, str], None]
+        self, app: ASGIApp, *, mcp_path: str, allow_query_token: bool, throttle: FailedTokenThrottle,
+        on_refused: OnRefused,
     ) -> None:
         self.app = app
         self.mcp_path = mcp_path.rstrip("/") or "/"
         self.allow_query_token = allow_query_token
-        self.on_unauthorized = on_unauthorized
+        self.throttle = throttle
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,33 +107,86 @@ class EdgeMiddleware:
         sent_header = _has_authorization(scope)
         if url_token and self.allow_query_token and not sent_header:
             scope["headers"] = [*scope["headers"], (b"authorization", b"Bearer " + url_token.encode("latin-1"))]
-        if url_token and not self.allow_query_token and not sent_header:
-            reason = QUERY_TOKEN_OFF
-        else:
-            reason = WRONG_TOKEN if (sent_header or url_token) else MISSING_TOKEN
+        reason = refusal_reason(bool(url_token), sent_header, self.allow_query_token)
         endpoint = "mcp" if scope["path"] == self.mcp_path else "other"
-        refused = partial(self.on_unauthorized, endpoint, REASON_NAMES[reason])
-        await self.app(scope, receive, _plain_unauthorized(send, reason, credentials=reason != MISSING_TOKEN,
-                                                           refused=refused))
+
+        def refusal() -> Response:
+            # Only a token that was checked and refused is a failed attempt.
+            wait = self.throttle.refused(client_address(scope)) if reason == WRONG_TOKEN else None
+            self.on_refused(endpoint, REASON_NAMES[reason], wait is not None)
+            return too_many_refused(wait) if wait is not None else unauthorized(reason)
+
+        await self.app(scope, receive, _replacing_401(send, refusal))
+
+
+def refusal_reason(url_token: bool, sent_header: bool, allow_query_token: bool) -> str:
+    """What a 401 of a request would say, from the credentials it carried."""
+    if url_token and not allow_query_token and not sent_header:
+        return QUERY_TOKEN_OFF
+    return WRONG_TOKEN if (sent_header or url_token) else MISSING_TOKEN
+
+
+def unauthorized(reason: str) -> JSONResponse:
+    """A 401 in plain words. RFC 6750: a request without credentials gets a bare `Bearer`
+    challenge, a refused token `invalid_token`."""
+    credentials = reason != MISSING_TOKEN
+    challenge = 'Bearer realm="nmap-mcp"'
+    if credentials:
+        challenge += ', error="invalid_token", error_description="the token was not accepted"'
+    return JSONResponse({"error": "invalid_token" if credentials else "unauthorized", "error_description": reason},
+                        status_code=401, headers={"WWW-Authenticate": challenge, "X-Content-Type-Options": "nosniff"})
+
+
+def too_many_refused(wait_s: int) -> JSONResponse:
+    """The 429 for a refused token from an address that sent too many (throttle.py)."""
+    return JSONResponse({"error": "too_many_requests", "error_description": (
+        f"too many refused tokens from this address: retry in {wait_s} s with a valid token")},
+        status_code=429, headers={"Retry-After": str(wait_s), "X-Content-Type-Options": "nosniff"})
+
+
+def secret_name(name: str) -> str | None:
+    """The normalized name of a URL parameter that looks like a secret's; None for any other."""
+    normalized = unquote(name).lower().replace("-", "").replace("_", "")
+    if normalized in SECRET_PARAMETERS or any(word in normalized for word in SECRET_WORDS):
+        return normalized
+    return None
+
+
+def redact_url_secrets(text: str) -> str:
+    """`text` with the value of every URL parameter that looks like a secret's replaced by `***`."""
+    return URL_PARAMETER.sub(
+        lambda found: f"{found['lead']}{found['name']}=***" if secret_name(found["name"]) else found[0], text)
 
 
 def remove_url_secrets(scope: Scope) -> str | None:
-    """Remove token parameters from the query string and path, in place (uvicorn's access log
-    reads this very scope); return the first token value found."""
-    query, from_query = _without_secrets(scope.get("query_string", b"").decode("latin-1"), "&;", "&")
-    path, from_path = _path_without_secrets(scope["path"])
-    if from_query or from_path:
-        scope["query_string"] = query.encode("latin-1")
-        scope["path"] = path
-        scope["raw_path"] = path.encode("utf-8")
-    found = from_query + from_path
+    """Remove secret-looking parameters from the query string and path, in place (uvicorn's
+    access log reads this very scope); return the first token value found."""
+    query = _without_secrets(scope.get("query_string", b"").decode("latin-1"), "&;", "&")
+    path = _path_without_secrets(scope["path"])
+    if query.removed:
+        scope["query_string"] = query.text.encode("latin-1")
+    if path.removed:
+        scope["path"] = path.text
+        scope["raw_path"] = path.text.encode("utf-8")
+    found = query.tokens + path.tokens
     return found[0] if found else None
 
 
-def _without_secrets(text: str, separators: str, joiner: str) -> tuple[str, list[str]]:
-    """`text` split on any of `separators`, rejoined with `joiner` without its token
-    parameters; and the values of those."""
-    parts, kept, secrets = [""], [], []
+@dataclass
+class Cleaned:
+    """Text with its secret-looking parameters removed, the token values among them, and
+    whether anything was removed."""
+
+    text: str
+    tokens: list[str] = field(default_factory=list)
+    removed: bool = False
+
+
+def _without_secrets(text: str, separators: str, joiner: str) -> Cleaned:
+    """`text` split on any of `separators`, rejoined with `joiner` without its secret-looking
+    parameters."""
+    parts, kept = [""], []
+    cleaned = Cleaned("")
     for char in text:
         if char in separators:
             parts.append("")
@@ -112,54 +194,51 @@ def _without_secrets(text: str, separators: str, joiner: str) -> tuple[str, list
             parts[-1] += char
     for part in parts:
         key, _, value = part.partition("=")
-        if unquote(key).lower() in SECRET_PARAMETERS:
-            secrets.append(unquote(value))
-        elif part:
+        name = secret_name(key)
+        cleaned.removed |= name is not None
+        if name in TOKEN_PARAMETERS:
+            cleaned.tokens.append(unquote(value))
+        elif name is None and part:
             kept.append(part)
-    return joiner.join(kept), secrets
+    cleaned.text = joiner.join(kept)
+    return cleaned
 
 
-def _path_without_secrets(path: str) -> tuple[str, list[str]]:
+def _path_without_secrets(path: str) -> Cleaned:
+    cleaned = Cleaned(path)
     if ";" not in path:
-        return path, []
-    segments, secrets = [], []
+        return cleaned
+    segments = []
     for segment in path.split("/"):
         name, _, parameters = segment.partition(";")
-        kept, found = _without_secrets(parameters, ";", ";")
-        secrets += found
-        segments.append(f"{name};{kept}" if kept else name)
-    return "/".join(segments), secrets
+        found = _without_secrets(parameters, ";", ";")
+        cleaned.tokens += found.tokens
+        cleaned.removed |= found.removed
+        segments.append(f"{name};{found.text}" if found.text else name)
+    cleaned.text = "/".join(segments)
+    return cleaned
 
 
 def _has_authorization(scope: Scope) -> bool:
     return any(name.lower() == b"authorization" for name, _ in scope["headers"])
 
 
-def _plain_unauthorized(send: Send, reason: str, *, credentials: bool, refused: Callable[[], None]) -> Send:
-    """A `send` that replaces the body and challenge of a 401 with ours (RFC 6750: a request
-    without credentials gets a bare `Bearer` challenge, a refused token `invalid_token`), and
-    calls `refused` when it does."""
-    body = json.dumps({"error": "invalid_token" if credentials else "unauthorized", "error_description": reason})
-    challenge = 'Bearer realm="nmap-mcp"'
-    if credentials:
-        challenge += ', error="invalid_token", error_description="the token was not accepted"'
-    rewriting = False
+def _replacing_401(send: Send, answer: Callable[[], Response]) -> Send:
+    """A `send` that replaces every 401 of the app, headers and body, with `answer()`."""
+    replacement: Response | None = None
 
-    async def rewritten(message: Message) -> None:
-        nonlocal rewriting
+    async def replaced(message: Message) -> None:
+        nonlocal replacement
         if message["type"] == "http.response.start" and message["status"] == 401:
-            rewriting = True
-            refused()
-            headers = [(b"www-authenticate", challenge.encode()), (b"content-type", b"application/json"),
-                       (b"x-content-type-options", b"nosniff"), (b"content-length", str(len(body)).encode())]
-            await send({**message, "headers": headers})
-        elif rewriting and message["type"] == "http.response.body":
+            replacement = answer()
+            await send({**message, "status": replacement.status_code, "headers": replacement.raw_headers})
+        elif replacement is not None and message["type"] == "http.response.body":
             if not message.get("more_body", False):
-                await send({"type": "http.response.body", "body": body.encode()})
+                await send({"type": "http.response.body", "body": replacement.body})
         else:
             await send(message)
 
-    return rewritten
+    return replaced
 
 
 class JsonRpcBodyCheck:
@@ -192,8 +271,13 @@ def describe_message_problem(body: bytes) -> tuple[int, str] | None:
     """The JSON-RPC error code and message for a body that is not one message; None if it is."""
     try:
         message = json.loads(body)
+    except RecursionError:
+        # The C parser recurses once per level and stops cleanly at the interpreter's limit.
+        return -32700, TOO_DEEP
     except (ValueError, UnicodeDecodeError):
         return -32700, "Parse error: the request body is not valid JSON"
+    if nests_deeper(message, MAX_JSON_DEPTH):
+        return -32700, TOO_DEEP
     if isinstance(message, list):
         return -32600, "Invalid Request: JSON-RPC batches are not supported; send one message per request"
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
@@ -205,6 +289,21 @@ def describe_message_problem(body: bytes) -> tuple[int, str] | None:
     if "params" in message and not isinstance(message["params"], dict | list):
         return -32602, 'Invalid params: "params" must be an object'
     return None
+
+
+def nests_deeper(document: object, limit: int) -> bool:
+    """Whether the arrays and objects of a parsed JSON document nest deeper than `limit`,
+    walked with a stack of its own rather than recursion."""
+    pending: list[tuple[object, int]] = [(document, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if not isinstance(node, CONTAINERS):
+            continue
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children if isinstance(child, CONTAINERS))
+    return False
 
 
 async def _read_body(receive: Receive) -> bytes | None:

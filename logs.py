@@ -5,9 +5,13 @@ JSON lines carry time, level, logger and message, and, where the service knows t
 under way. Both come from context variables: set at the start of a worker's run of a task (a
 task of its own, so the value stays within it) and by `LogContext` around every MCP request.
 uvicorn's loggers are not configured by the server (log_config=None), so its access lines
-reach the same handler and are JSON too. Messages never hold a secret: URL tokens are removed
-before the access log sees a request, no code logs a token, and the libraries that would echo
-what passes through them (QUIET_LOGGERS) log warnings and errors only, whatever the level.
+reach the same handler and are JSON too; so do FastMCP's, in either format, at the configured
+level.
+
+No record holds a secret: URL secrets are removed before the access log sees a request, no
+code logs a token, every record's text goes through `redact_url_secrets` (a webhook URL with
+`?sig=` in an argument logged at DEBUG, an httpx request line), and the libraries that would
+echo what passes through them (QUIET_LOGGERS) log warnings and errors only, whatever the level.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from pythonjsonlogger.json import JsonFormatter
 
 from auth import Identify
+from http_edge import redact_url_secrets
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # What a JSON line holds, in this order; the `extra` fields libraries add are left out, as in text.
@@ -37,21 +42,39 @@ QUIET_LOGGERS = ("sse_starlette", "httpx", "httpcore")
 def configure_logging(level: str, log_format: str) -> None:
     """Send every record to stderr, as text or as JSON lines (`log_format`)."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(without_url_secrets)
     if log_format == "json":
         handler.setFormatter(JsonLines(["levelname", "name", "message"], timestamp="time",
                                        rename_fields={"levelname": "level", "name": "logger"}))
         handler.addFilter(with_context)
-        # FastMCP gives its logger a Rich handler of its own at import and stops it propagating;
-        # Python's warnings go straight to stderr. Every line must be JSON: both come here.
-        fastmcp_logger = logging.getLogger("fastmcp")
-        fastmcp_logger.handlers.clear()
-        fastmcp_logger.propagate = True
+        # Python's warnings go straight to stderr. Every line must be JSON: they come here.
         logging.captureWarnings(True)
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    # FastMCP gives its logger a Rich handler of its own at import, at INFO, and stops it
+    # propagating: its records come here instead, at the configured level, through the filter.
+    fastmcp_logger = logging.getLogger("fastmcp")
+    fastmcp_logger.handlers.clear()
+    fastmcp_logger.propagate = True
+    fastmcp_logger.setLevel(logging.NOTSET)
     logging.basicConfig(level=level, handlers=[handler])
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level]))
+
+
+def without_url_secrets(record: logging.LogRecord) -> bool:
+    """Replace the values of secret-looking URL parameters in the record's text and traceback."""
+    message = record.getMessage()
+    redacted = redact_url_secrets(message)
+    if redacted != message:
+        record.msg, record.args = redacted, None
+    if record.exc_info:
+        # Both formatters print exc_text when exc_info is gone (the JSON one would format exc_info anew).
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.exc_info = None
+    if record.exc_text:
+        record.exc_text = redact_url_secrets(record.exc_text)
+    return True
 
 
 def with_context(record: logging.LogRecord) -> bool:

@@ -2,7 +2,8 @@
 
 Counted where it happens, a line or two at each place:
 - tool calls by tool and verdict (allowed, refused, error): audit.AuditMiddleware;
-- 401s for a missing or refused MCP token: http_edge.EdgeMiddleware;
+- refused tokens (401, or 429 once an address is throttled) of the MCP endpoint, the
+  operator page and /metrics: http_edge.EdgeMiddleware and `MetricsEndpoint`;
 - scans by kind and the status this process's worker reached, with their duration, and the
   nmap processes running in this process: worker.Worker;
 - DatabaseUnavailable by store operation: db.Database.
@@ -12,8 +13,11 @@ scraped (two queries, at most once a second), so every process of a fleet report
 values for them.
 
 `MetricsEndpoint` is the outermost ASGI layer, outside http_edge: MCP tokens do not open
-/metrics and its own 401s keep their own words. With no `metrics_token` it is open to whoever
-reaches the port, as Prometheus exporters usually are.
+/metrics and its own 401s keep their own words. It has the MCP endpoint's Host and Origin
+check (FastMCP's own guard, with the same lists), so that a page in a browser cannot read it
+through DNS rebinding, and the same throttle of refused tokens. With no `metrics_token` it is
+off (404): it names every tool, pool and worker count, and an open page was readable by
+anything that reached the port.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from typing import TypeVar
 
 import uvicorn
+from fastmcp.server.http import HostOriginGuardMiddleware
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -45,8 +50,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
 from db import DatabaseUnavailable
-from http_edge import remove_url_secrets
+from http_edge import remove_url_secrets, too_many_refused
 from models import ScanKind, ScanOutcome, TaskStatus
+from throttle import FailedTokenThrottle, client_address
 from worker_store import PoolStatus, WorkerStore
 
 T = TypeVar("T")
@@ -54,6 +60,8 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 METRICS_PATH = "/metrics"
 VERDICTS = ("allowed", "refused", "error")
+# Where tokens are refused: the MCP endpoint, the operator page's API, /metrics.
+ENDPOINTS = ("mcp", "other", "metrics")
 # From a quick scan of one nearby host (about 0.05 s) to the default max_scan_seconds (1 h).
 SCAN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 # The pool gauges are read from the database at most this often, however often scraped.
@@ -62,6 +70,10 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nmap-mcp metrics"'}
 MISSING_METRICS_TOKEN = (
     "no token: /metrics needs 'Authorization: Bearer <metrics_token>', the `metrics_token` value in the "
     "server's config file. The MCP tokens do not open /metrics."
+)
+METRICS_OFF = (
+    "/metrics is off: set `metrics_token` in the server's config (a secret of its own, at least 32 "
+    "characters) and scrape it with 'Authorization: Bearer <metrics_token>'."
 )
 WRONG_METRICS_TOKEN = (
     "the token is not this server's metrics_token: compare it with `metrics_token` in the server's config "
@@ -80,8 +92,11 @@ class Metrics:
         registry = self.registry
         self._tool_calls = Counter("nmap_mcp_tool_calls", "MCP tools/call requests by tool and verdict",
                                    ["tool", "verdict"], registry=registry)
-        self._auth_failures = Counter("nmap_mcp_auth_failures", "401s answered for a missing or refused MCP token",
+        self._auth_failures = Counter("nmap_mcp_auth_failures", "Requests refused for a missing or wrong token",
                                       ["endpoint", "reason"], registry=registry)
+        self._auth_throttled = Counter("nmap_mcp_auth_throttled",
+                                       "Refused tokens answered 429: their address sent too many",
+                                       ["endpoint"], registry=registry)
         self._scans = Counter("nmap_mcp_scans", "Scans this process's worker ran, by kind and final status",
                               ["kind", "status"], registry=registry)
         self._scan_seconds = Histogram("nmap_mcp_scan_duration_seconds", "How long scans ran, start to verdict",
@@ -97,6 +112,8 @@ class Metrics:
                             registry=registry)
         self._database_up = Gauge("nmap_mcp_database_up", "1 when the last read of the pool gauges succeeded",
                                   registry=registry)
+        for endpoint in ENDPOINTS:
+            self._auth_throttled.labels(endpoint)
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         self._tools: frozenset[str] = frozenset()
@@ -118,8 +135,10 @@ class Metrics:
         # A caller chooses the tool name: unbounded names must not become series.
         self._tool_calls.labels(tool if tool in self._tools else "unknown", verdict).inc()
 
-    def auth_failure(self, endpoint: str, reason: str) -> None:
+    def refused_token(self, endpoint: str, reason: str, throttled: bool) -> None:
         self._auth_failures.labels(endpoint, reason).inc()
+        if throttled:
+            self._auth_throttled.labels(endpoint).inc()
 
     def database_error(self, operation: str) -> None:
         self._database_errors.labels(operation).inc()
@@ -181,13 +200,21 @@ class PoolGauges:
 
 
 class MetricsEndpoint:
-    """Pure ASGI, outermost: answers GET /metrics itself and passes every other request on."""
+    """Pure ASGI, outermost: answers GET /metrics itself, behind the Host and Origin check,
+    and passes every other request on."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, store: WorkerStore, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, store: WorkerStore, settings: Settings,
+                 throttle: FailedTokenThrottle) -> None:
         self.app = app
+        self._metrics = metrics
+        self._throttle = throttle
         self._token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
         self._pools = PoolGauges(metrics, store, [settings.pool, *settings.pools])
         self._exposition = make_asgi_app(metrics.registry)
+        # The lists FastMCP's guard of the MCP endpoint gets (server.create_app).
+        self._guarded = HostOriginGuardMiddleware(
+            self._serve, allowed_hosts=settings.allowed_hosts,
+            allowed_origins=[*settings.allowed_origins, *settings.cors_origins], mode="strict")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != METRICS_PATH:
@@ -195,6 +222,9 @@ class MetricsEndpoint:
             return
         # uvicorn's access log reads this scope: a token put in the URL must not reach it.
         remove_url_secrets(scope)
+        await self._guarded(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self._refusal(scope)
         if refusal is not None:
             await refusal(scope, receive, send)
@@ -206,14 +236,20 @@ class MetricsEndpoint:
         await self._exposition(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> Response | None:
-        """A 401 in plain words unless the request carries the metrics token (or none is set)."""
+        """404 when no metrics token is set; a 401 in plain words (or a 429 for an address
+        that sent too many wrong ones) unless the request carries it."""
         if self._token is None:
-            return None
+            return JSONResponse({"error": "not_found", "error_description": METRICS_OFF}, status_code=404)
         sent = bearer_token(scope)
         if sent is None:
+            self._metrics.refused_token("metrics", "missing_token", False)
             return JSONResponse({"error": "unauthorized", "error_description": MISSING_METRICS_TOKEN},
                                 status_code=401, headers=CHALLENGE)
         if not hmac.compare_digest(sent, self._token):
+            wait = self._throttle.refused(client_address(scope))
+            self._metrics.refused_token("metrics", "wrong_token", wait is not None)
+            if wait is not None:
+                return too_many_refused(wait)
             return JSONResponse({"error": "invalid_token", "error_description": WRONG_METRICS_TOKEN},
                                 status_code=401, headers=CHALLENGE)
         return None
@@ -244,14 +280,15 @@ class _MetricsServer(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def metrics_listener(listener: socket.socket | None, metrics: Metrics, store: WorkerStore,
-                           settings: Settings, healthz: Endpoint) -> AsyncIterator[None]:
+                           settings: Settings, healthz: Endpoint,
+                           throttle: FailedTokenThrottle) -> AsyncIterator[None]:
     """Serve /metrics and /healthz (a worker's container HEALTHCHECK asks it) on `listener`,
     if any, while the block runs; any other path is a 404."""
     if listener is None:
         yield
         return
     app = MetricsEndpoint(Starlette(routes=[Route("/healthz", healthz, methods=["GET"])],
-                                    exception_handlers={404: _not_found}), metrics, store, settings)
+                                    exception_handlers={404: _not_found}), metrics, store, settings, throttle)
     server = _MetricsServer(uvicorn.Config(app, log_config=None, lifespan="off"))
     serving = asyncio.create_task(server.serve(sockets=[listener]), name="metrics-listener")
     try:

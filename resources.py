@@ -7,10 +7,11 @@ from fastmcp import FastMCP
 from fastmcp.exceptions import ResourceError, ToolError
 
 from auth import Identify
-from errors import tool_errors
+from errors import invalid_params, tool_errors
 from nmap_options import describe_allowlist
 from nse_policy import EXCLUDED_CATEGORIES
 from scans import ScanService
+from task_manager import TaskNotFound
 
 INSTRUCTIONS = """Network scans with nmap, for the networks this server is allowed to scan.
 - Scan with quick_scan (100 common ports), full_scan (all ports, then versions), scan (typed
@@ -70,6 +71,9 @@ def register_resources(mcp: FastMCP, scans: ScanService, identify: Identify, *, 
                 scans.policy.require(owner, TASK_RESULT)
                 return (await scans.result(owner, task_id)).model_dump_json()
         except ToolError as e:
+            # Another token's task is not_found exactly like a missing one.
+            if isinstance(e.__cause__, TaskNotFound):
+                raise invalid_params(str(e)) from e
             raise ResourceError(str(e)) from e
 
     @mcp.prompt(name="assess_network", description="Scan a network, list what it exposes, and what changed")

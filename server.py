@@ -39,7 +39,7 @@ from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import CLIENTS, render_client_config, render_client_configs
 from config import DEFAULT_CONFIG_PATH, ConfigError, ConfigMissing, Settings, load_settings, write_new_config
 from dashboard import register_dashboard
-from errors import ToolErrorMiddleware
+from errors import PromptArgumentCheck, ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from logs import LogContext, configure_logging
 from mcp_tasks import ScanTasks
@@ -52,6 +52,7 @@ from scans import ScanService
 from schedules import Scheduler, Schedules
 from stores import Stores
 from supervisor import Supervisor
+from throttle import FailedTokenThrottle
 from tools import register_tools
 from worker import Worker, resolve_expired_forever
 
@@ -83,6 +84,8 @@ class Runtime:
 
     def __init__(self, settings: Settings, nmap_path: str, role: Role) -> None:
         self.metrics = Metrics()
+        # One per process: every listener of it counts refused tokens together.
+        self.throttle = FailedTokenThrottle(settings.failed_token_limit, settings.failed_token_window_seconds)
         self.audit_log = AuditLog(Path(settings.audit_log))
         self.auditor = Auditor(self.audit_log, on_verdict=self.metrics.tool_call, fail_open=settings.audit_fail_open)
         self.stores = Stores.open(
@@ -185,6 +188,7 @@ def create_server(
                        categories=tuple(settings.script_categories))
     runtime.metrics.known_tools(schemas)
     mcp.add_middleware(ToolErrorMiddleware(schemas))
+    mcp.add_middleware(PromptArgumentCheck())
     tune_low_level_server(mcp, schemas)
     if not stdio:
         register_dashboard(mcp, runtime.service, settings, identify, runtime.schedules)
@@ -230,7 +234,8 @@ def tune_low_level_server(mcp: FastMCP, schemas: dict[str, dict[str, Any]]) -> N
 def create_app(mcp: FastMCP, settings: Settings, runtime: Runtime) -> ASGIApp:
     """The Streamable HTTP app: stateless, SSE-capable, Host/Origin protected (browser
     origins allowed for CORS are allowed by the Origin check too), inside http_edge; and
-    /metrics beside it, outside the edge (metrics.py says why)."""
+    /metrics beside it, outside the edge with a Host/Origin check of its own (metrics.py
+    says why)."""
     app = mcp.http_app(
         path=settings.path,
         stateless_http=True,
@@ -241,8 +246,9 @@ def create_app(mcp: FastMCP, settings: Settings, runtime: Runtime) -> ASGIApp:
         middleware=[Middleware(JsonRpcBodyCheck, mcp_path=settings.path)],
     )
     edge = edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
-                    cors_origins=settings.cors_origins, on_unauthorized=runtime.metrics.auth_failure)
-    return MetricsEndpoint(edge, runtime.metrics, runtime.stores.workers, settings)
+                    cors_origins=settings.cors_origins, throttle=runtime.throttle,
+                    on_refused=runtime.metrics.refused_token)
+    return MetricsEndpoint(edge, runtime.metrics, runtime.stores.workers, settings, runtime.throttle)
 
 
 class GracefulServer(uvicorn.Server):
@@ -469,7 +475,7 @@ async def run_worker(settings: Settings, nmap_path: str) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with runtime.running(), metrics_listener(listener, runtime.metrics, runtime.stores.workers, settings,
-                                                   health_endpoint(runtime)):
+                                                   health_endpoint(runtime), runtime.throttle):
         assert runtime.worker is not None
         logger.info("worker %s serving pool %r with %d slots", runtime.worker.info.name, settings.pool,
                     settings.max_concurrent_tasks)

@@ -32,6 +32,8 @@ _INITIALIZE = {
     },
 }
 _HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+# The statuses of a refused token, in words.
+REFUSALS = {401: "token not accepted", 429: "throttled"}
 
 
 class CheckFailed(Exception):
@@ -58,21 +60,24 @@ async def list_tool_names(url: str, headers: dict[str, str], mode: str) -> list[
 @contextlib.asynccontextmanager
 async def refusals_explained(url: str, headers: dict[str, str]) -> AsyncIterator[None]:
     """The MCP client reports any HTTP refusal as a generic error: when a call fails, ask
-    the server over plain HTTP whether it refused the token, and say so."""
+    the server over plain HTTP whether it refused the token (401, or 429 once this address
+    sent too many refused tokens), and say so."""
     try:
         yield
     except Exception as e:
         async with httpx.AsyncClient(timeout=30) as http:
             response = await http.post(url, json=_INITIALIZE, headers=_HEADERS | headers)
-        if response.status_code == 401:
+        if response.status_code in REFUSALS:
             reason = response.json().get("error_description", "") if response.content else ""
-            raise CheckFailed(f"HTTP 401, token not accepted: {reason}") from e
+            raise CheckFailed(f"HTTP {response.status_code}, {REFUSALS[response.status_code]}: {reason}") from e
         raise
 
 
 async def expect_refused(url: str, headers: dict[str, str]) -> str:
     async with httpx.AsyncClient(timeout=30) as http:
         response = await http.post(url, json=_INITIALIZE, headers=_HEADERS | headers)
+    if response.status_code == 429 and "retry-after" in response.headers:
+        return f"refused with 429: {response.json().get('error_description', '')}"
     if response.status_code != 401:
         raise CheckFailed(f"expected 401, got {response.status_code}")
     if not response.headers.get("www-authenticate", "").startswith("Bearer"):

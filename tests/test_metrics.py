@@ -41,10 +41,9 @@ METRICS_SECRET = "metrics-secret-" + "m" * 30
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(port: int, token: str | None = None) -> Samples:
+def scrape(port: int, token: str = METRICS_SECRET) -> Samples:
     """Every sample of the /metrics page on 127.0.0.1:port, by name and labels."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    page = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=10)
+    page = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert page.status_code == 200, page.text
     assert page.headers["content-type"].startswith("text/plain")
     return {(s.name, frozenset(s.labels.items())): s.value
@@ -59,7 +58,7 @@ async def test_a_quick_scan_refused_calls_and_an_internal_error_are_counted(
     live_server: StartServer, listeners: Listeners
 ) -> None:
     [port] = listeners.open_free_top_ports(1)
-    server = live_server()
+    server = live_server(metrics_token=METRICS_SECRET)
     before = scrape(server.port)
     assert value(before, "nmap_mcp_scans_total", kind="quick", status="completed") == 0
     assert value(before, "nmap_mcp_tool_calls_total", tool="quick_scan", verdict="allowed") == 0
@@ -95,7 +94,7 @@ async def test_a_quick_scan_refused_calls_and_an_internal_error_are_counted(
 
 
 def test_auth_failures_count_the_401s_of_the_mcp_endpoint_by_reason(live_server: StartServer) -> None:
-    server = live_server(allow_query_token=False)
+    server = live_server(allow_query_token=False, metrics_token=METRICS_SECRET)
     assert post(server).status_code == 401
     assert post(server, Authorization="Bearer wrong-token").status_code == 401
     assert post(server, Authorization="Bearer wrong-token").status_code == 401
@@ -111,7 +110,7 @@ async def test_queue_depth_running_scans_and_nmap_processes_of_a_slow_worker(
     live_server: StartServer, nmap_wrapper: NmapWrapper
 ) -> None:
     nmap_wrapper.set_delay(60)
-    server = live_server(max_concurrent_tasks=1, lease_seconds=3)
+    server = live_server(max_concurrent_tasks=1, lease_seconds=3, metrics_token=METRICS_SECRET)
     calls = [call_tool(server.url, ALICE, "quick_scan", {"target": "127.0.0.1", "timeout": 5, "rescan": True})
              for _ in range(2)]
     answers = [result.structured_content for result in await asyncio.gather(*calls)]
@@ -149,13 +148,29 @@ def test_metrics_token_guards_metrics_and_opens_nothing_else(live_server: StartS
     in_url = httpx.get(f"{url}?token={METRICS_SECRET}")
     assert in_url.status_code == 401 and in_url.json()["error"] == "unauthorized"
     assert httpx.post(url, headers={"Authorization": f"Bearer {METRICS_SECRET}"}).status_code == 405
-    samples = scrape(server.port, METRICS_SECRET)
+    # The MCP endpoint's Host and Origin check, before the token is looked at.
+    auth = {"Authorization": f"Bearer {METRICS_SECRET}"}
+    assert httpx.get(url, headers=auth | {"Host": "evil.example"}).status_code == 421
+    assert httpx.get(url, headers=auth | {"Origin": "http://evil.example"}).status_code == 403
+    assert httpx.get(url, headers=auth | {"Host": f"localhost:{server.port}"}).status_code == 200
+    samples = scrape(server.port)
     assert value(samples, "nmap_mcp_database_up") == 1
     assert post(server, Authorization=f"Bearer {METRICS_SECRET}").status_code == 401
-    assert value(scrape(server.port, METRICS_SECRET), "nmap_mcp_auth_failures_total", endpoint="mcp",
+    assert value(scrape(server.port), "nmap_mcp_auth_failures_total", endpoint="mcp",
                  reason="wrong_token") == 1
     server.stop()
     assert METRICS_SECRET not in server.log_text()
+
+
+def test_metrics_are_off_without_metrics_token_and_have_the_host_check(live_server: StartServer) -> None:
+    server = live_server(allowed_hosts=["scanner.example"])
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    for headers in ({}, {"Authorization": f"Bearer {ALICE}"}):
+        off = httpx.get(url, headers=headers)
+        assert off.status_code == 404
+        assert off.json()["error_description"].startswith("/metrics is off: set `metrics_token`")
+    assert httpx.get(url, headers={"Host": "evil.example"}).status_code == 421
+    assert httpx.get(url, headers={"Host": "scanner.example"}).status_code == 404, "allowed_hosts apply to /metrics"
 
 
 def test_metrics_token_must_be_long_and_its_own(tmp_path: Path) -> None:
@@ -175,7 +190,8 @@ async def test_a_worker_serves_metrics_and_its_health_alone_on_its_metrics_port(
 ) -> None:
     [port] = listeners.open_free_top_ports(1)
     shared = {"db_path": str(tmp_path / "fleet.db"), "nmap_path": str(nmap_wrapper.path), "lease_seconds": 3}
-    api_config = write_config(tmp_path / "api.json", audit_log=str(tmp_path / "api.audit"), **shared)
+    api_config = write_config(tmp_path / "api.json", audit_log=str(tmp_path / "api.audit"),
+                              metrics_token=METRICS_SECRET, **shared)
     metrics_port = free_port()
     worker_config = write_config(tmp_path / "worker.json", metrics_port=metrics_port, metrics_token=METRICS_SECRET,
                                  worker_name="w1", **shared)
@@ -188,6 +204,9 @@ async def test_a_worker_serves_metrics_and_its_health_alone_on_its_metrics_port(
         assert wait_until(lambda: responds(f"http://127.0.0.1:{metrics_port}/metrics"), up, 0.1), worker.log_text()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as http:
             assert (await http.get("/metrics")).status_code == 401
+            rebound = await http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_SECRET}",
+                                                          "Host": "evil.example"})
+            assert rebound.status_code == 421, "a worker's /metrics has the Host check too"
             health = await http.get("/healthz")
             assert (health.status_code, health.json()["status"]) == (200, "ok"), "no token: a HEALTHCHECK has none"
             other = await http.get("/mcp")
@@ -198,7 +217,7 @@ async def test_a_worker_serves_metrics_and_its_health_alone_on_its_metrics_port(
                                                                                           started["task_id"])
         assert final["status"] == "completed"
         assert port in {p["port"] for p in final["result"]["hosts"][0]["ports"]}
-        on_worker = scrape(metrics_port, METRICS_SECRET)
+        on_worker = scrape(metrics_port)
         assert value(on_worker, "nmap_mcp_scans_total", kind="quick", status="completed") == 1
         assert value(on_worker, "nmap_mcp_workers_alive", pool="default") == 1
         assert value(on_worker, "nmap_mcp_tool_calls_total", tool="quick_scan", verdict="allowed") is None

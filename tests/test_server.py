@@ -104,7 +104,11 @@ def run_test_client(server: LiveServer, token: str) -> subprocess.CompletedProce
 
 
 async def test_test_client_passes_on_a_live_server_and_fails_with_a_wrong_token(live_server: StartServer) -> None:
-    server = live_server()
+    """With a wrong token test_client.py says why each check failed: 401 for the first ones,
+    429 once its address has sent more refused tokens than failed_token_limit. Its good run
+    sends 2 wrong tokens (its refusal checks), its bad run 10, in this order: url_token 2,
+    bearer_header 3, wrong_token, wrong_url_token, quick_scan 3."""
+    server = live_server(failed_token_limit=6)
     good = run_test_client(server, ALICE)
     assert good.returncode == 0, good.stdout + good.stderr
     assert good.stdout.count("PASS ") == 7 and "7 passed, 0 failed" in good.stdout
@@ -112,5 +116,6 @@ async def test_test_client_passes_on_a_live_server_and_fails_with_a_wrong_token(
     bad = run_test_client(server, "not-the-right-token-at-all")
     assert bad.returncode == 1
     assert "FAIL url_token: HTTP 401, token not accepted: the token is not one of" in bad.stdout
-    assert "FAIL quick_scan: HTTP 401, token not accepted" in bad.stdout
-    assert "PASS no_token" in bad.stdout
+    assert "FAIL quick_scan: HTTP 429, throttled: too many refused tokens from this address: retry in" in bad.stdout
+    assert "PASS no_token" in bad.stdout and "PASS wrong_url_token: refused with 429" in bad.stdout
+    assert run_test_client(server, ALICE).returncode == 0, "the valid token still works from that address"
