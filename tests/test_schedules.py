@@ -283,7 +283,7 @@ async def schedule_with_webhook(runtime: Runtime, url: str) -> tuple[str, str]:
     now, schedule_id, secret = time.time(), str(uuid.uuid4()), secrets.token_urlsafe(32)
     await runtime.stores.schedules.create({
         "id": schedule_id, "owner": "alice", "kind": "quick", "spec": loopback_address(), "every": "1h",
-        "created_at": now, "next_run_at": now + 3600, "webhook_url": url, "webhook_secret": secret})
+        "created_at": now, "next_run_at": now + 3600, "webhook_url": url, "webhook_secret": secret}, None)
     return schedule_id, secret
 
 
