@@ -61,6 +61,8 @@ _VERSION_FILE = Path(__file__).with_name("VERSION")
 VERSION = (_VERSION_FILE.read_text(encoding="utf-8").strip() if _VERSION_FILE.exists()
            else importlib.metadata.version("nmap-mcp"))
 logger = logging.getLogger(__name__)
+# CAP_NET_ADMIN (12) and CAP_NET_RAW (13), as bits of a capability set.
+RAW_SOCKET_CAPABILITIES = 1 << 12 | 1 << 13
 # Allocations between two collections of the youngest generation (see settle_heap).
 GC_YOUNG_ALLOCATIONS = 20_000
 
@@ -509,8 +511,11 @@ def settle_heap() -> None:
 
 
 def check_privileges(settings: Settings, nmap_path: str) -> None:
-    """`privileged: true` needs raw sockets: root, or nmap with the capabilities set."""
+    """`privileged: true` needs raw sockets: root, ambient capabilities every nmap inherits (the
+    systemd drop-in's), or nmap with the capabilities set."""
     if not settings.privileged or os.geteuid() == 0:
+        return
+    if has_raw_socket_capabilities(Path("/proc/self/status").read_text()):
         return
     try:
         os.getxattr(nmap_path, "security.capability")
@@ -519,6 +524,13 @@ def check_privileges(settings: Settings, nmap_path: str) -> None:
             "privileged is true but this process is not root and nmap has no raw-socket capabilities: run as "
             f"root, or grant them with: sudo setcap cap_net_raw,cap_net_admin+eip {nmap_path}"
         ) from e
+
+
+def has_raw_socket_capabilities(status: str) -> bool:
+    """Whether a process's /proc/PID/status gives the programs it starts CAP_NET_RAW and
+    CAP_NET_ADMIN as ambient capabilities (they survive exec without file capabilities)."""
+    ambient = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapAmb:")), 0)
+    return ambient & RAW_SOCKET_CAPABILITIES == RAW_SOCKET_CAPABILITIES
 
 
 def rerun_command(config: Path) -> str:

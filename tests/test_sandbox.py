@@ -22,12 +22,15 @@ import pytest
 import landlock_exec
 from sandbox import Sandbox, confinement, readable_paths
 from scanner import NmapRun, build_argv, run_nmap
-from server import main
+from server import has_raw_socket_capabilities, main
 from tests.conftest import OpenClient
 from tests.support import (
+    ALICE,
     ROOT,
     Listeners,
+    LiveServer,
     answer_of,
+    call_tool,
     eventually,
     free_port,
     own_user_sandbox,
@@ -246,3 +249,47 @@ def test_a_user_who_may_not_run_nmap_stops_the_server_at_start_up(
     assert main(["-c", str(config)]) == 2
     error = capsys.readouterr().err
     assert "nmap does not run as user nobody: " in error and "Permission denied" in error
+
+
+@pytest.mark.server
+@pytest.mark.requires_root("running the server as another user with the systemd drop-in's capabilities")
+@pytest.mark.anyio
+async def test_a_server_that_is_not_root_runs_syn_scans_with_the_drop_ins_ambient_capabilities(
+    listeners: Listeners
+) -> None:
+    """deploy/privileged.conf gives the service CAP_NET_RAW and CAP_NET_ADMIN as ambient
+    capabilities, which every nmap it starts inherits, and no setcap on nmap: the start-up
+    check took that for no privileges and refused to start."""
+    target = own_address()
+    port = free_port(target)
+    assert listeners.open(port, target)
+    home = Path(tempfile.mkdtemp(prefix="nmap-mcp-ambient-"))
+    try:
+        home.chmod(0o777)
+        config = write_config(home / "config.json", privileged=True, nmap_path=NMAP)
+        config.chmod(0o644)
+        caps = "+net_raw,+net_admin,+dac_read_search"
+        drop_in = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={caps}",
+                   f"--ambient-caps={caps}", sys.executable, str(ROOT / "server.py"))
+        server = LiveServer(config, home / "server.log", json.loads(config.read_text())["port"], program=drop_in)
+        server.start()
+        try:
+            answer = (await call_tool(server.url, ALICE, "custom_scan",
+                                      {"command": f"-sS -p {port} {target}", "timeout": 60})).structured_content
+            full = (await call_tool(server.url, ALICE, "get_task_result",
+                                    {"task_id": answer["task_id"], "view": "full"})).structured_content
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(home)
+    assert answer["status"] == "completed", answer
+    [scanned] = full["result"]["hosts"][0]["ports"]
+    assert (scanned["port"], scanned["state"], scanned["reason"]) == (port, "open", "syn-ack"), scanned
+
+
+def test_raw_socket_capabilities_are_read_from_the_ambient_set() -> None:
+    assert has_raw_socket_capabilities("Name:\tx\nCapAmb:\t0000000000003000\n")
+    assert has_raw_socket_capabilities("CapAmb:\t0000000000003400\n")
+    assert not has_raw_socket_capabilities("CapAmb:\t0000000000002000\n"), "CAP_NET_RAW alone is not enough"
+    assert not has_raw_socket_capabilities("CapEff:\t0000000000003000\nCapAmb:\t0000000000000000\n")
+    assert not has_raw_socket_capabilities("Name:\tx\n")
