@@ -2,8 +2,8 @@
 have seen, and what one completed scan changes in it. Pure functions over rows (dicts);
 inventory_store.py reads and writes the rows in the transaction that finishes the scan.
 
-A completed scan knows its scope: the networks it targeted and, per protocol, the ports it
-scanned (nmap's <scaninfo>). Inside that scope, a host it did not find up is marked down, and
+A completed scan knows its scope: the networks it targeted, less those it excluded, and, per
+protocol, the ports it scanned (nmap's <scaninfo>). Inside that scope, a host it did not find up is marked down, and
 a known port of a host it did find up, scanned but not reported, takes the state nmap gave
 the unlisted ports (its `extraports`, closed when mixed). Every change records when it
 happened; what was only seen again just gets a newer `last_seen`.
@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from models import HostDetail, PortDetail, ScanKind, ScanResult
-from targets import IPNetwork
+from targets import IPNetwork, parse_literal
 
 Row = dict[str, Any]
 PortKey = tuple[str, str, int]
@@ -122,6 +122,29 @@ def port_set(services: str) -> frozenset[int]:
     return frozenset(ports)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Where a scan looked: the networks it targeted, less those it was told to skip."""
+
+    targets: list[IPNetwork]
+    excluded: list[IPNetwork]
+
+    def __contains__(self, address: object) -> bool:
+        return isinstance(address, str) and _within(address, self.targets) and not _within(address, self.excluded)
+
+
+def scope_of(argv: Sequence[str]) -> Scope:
+    """The scope of the scan of this stored argv: its targets (after `--`, resolved literals
+    only) and its --exclude list."""
+    end = argv.index("--")
+    skipped = [argv[i + 1] for i in range(end - 1) if argv[i] == "--exclude"]
+    return Scope(_networks(argv[end + 1:]), _networks(item for value in skipped for item in value.split(",")))
+
+
+def _networks(literals: Iterable[str]) -> list[IPNetwork]:
+    return [network for literal in literals for network in (parse_literal(literal) or ("", []))[1]]
+
+
 def looks_at_versions(kind: ScanKind, argv: Sequence[str]) -> bool:
     """Whether the scan of this stored argv ran version detection: -sV, or a full scan (its
     second phase is a version scan of the open ports). Only version detection needs the argv
@@ -146,7 +169,7 @@ def recorded_hosts(result: ScanResult, known_hosts: Mapping[str, Row]) -> dict[s
 
 
 def plan_update(
-    owner: str, task_id: str, result: ScanResult, scope: Sequence[IPNetwork],
+    owner: str, task_id: str, result: ScanResult, scope: Scope,
     known_hosts: Mapping[str, Row], known_ports: Mapping[PortKey, Row], now: float, *, versions: bool,
 ) -> InventoryUpdate:
     """What a completed scan of `scope` writes, given the rows known before it; `versions`:
@@ -157,7 +180,7 @@ def plan_update(
     hosts += [
         {**row, "status": "down", "changed_at": now, "last_task_id": task_id}
         for address, row in known_hosts.items()
-        if address not in listed_up and row["status"] != "down" and _within(address, scope)
+        if address not in listed_up and row["status"] != "down" and address in scope
     ]
     scanned = {s.protocol: port_set(s.services) for s in result.scanned}
     ports: list[Row] = []

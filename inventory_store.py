@@ -14,9 +14,8 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from db import INVENTORY_LOCK, Database, upsert
-from inventory import HostQuery, looks_at_versions, network_bounds, plan_update, recorded_hosts
+from inventory import HostQuery, looks_at_versions, network_bounds, plan_update, recorded_hosts, scope_of
 from models import InventoryHost, InventoryPort, ScanResult, TaskRecord, inventory_hosts, inventory_ports
-from targets import parse_literal
 
 T = TypeVar("T")
 # Rows written (and addresses looked up) per statement: far below SQLite's limit of bound parameters.
@@ -54,10 +53,9 @@ def fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult)
 
 
 def _fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult) -> None:
-    scope = [n for target in record.argv[record.argv.index("--") + 1:]
-             for n in (parse_literal(target) or ("", []))[1]]
+    scope = scope_of(record.argv)
     known_hosts: dict[str, dict[str, Any]] = {}
-    for network in scope:  # a read per network: a scan names few, and the statement is built once
+    for network in scope.targets:  # a read per network: a scan names few, and the statement is built once
         low, high = network_bounds(network)
         for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": low, "p_high": high}):
             known_hosts[row.address] = dict(row._mapping)

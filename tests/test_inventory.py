@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 from fastmcp import Client
 
-from inventory import InventoryQueryError, address_key, looks_at_versions, parse_since, plan_update, port_set
+from inventory import (
+    InventoryQueryError,
+    Scope,
+    address_key,
+    looks_at_versions,
+    parse_since,
+    plan_update,
+    port_set,
+    scope_of,
+)
 from models import PortDetail, ScanKind
 from nmap_report import parse_report
 from tests.conftest import REAL_NMAP, OpenClient
@@ -55,7 +64,7 @@ def rows_by_key(rows: list[dict], *key: str) -> dict:
 
 def test_a_later_scan_of_the_same_scope_records_what_closed_and_went_down() -> None:
     first = parse_report((FIXTURES / "multi_host.xml").read_bytes(), "127.0.0.1-8")
-    scope = [ipaddress.ip_network("127.0.0.0/28")]
+    scope = Scope([ipaddress.ip_network("127.0.0.0/28")], [])
     planned = plan_update("alice", "t1", first, scope, {}, {}, 100.0, versions=False)
     hosts = rows_by_key(planned.hosts, "address")
     assert len(hosts) == len([h for h in first.hosts if h.status == "up"]) and all(
@@ -77,9 +86,12 @@ def test_a_later_scan_of_the_same_scope_records_what_closed_and_went_down() -> N
     changed = rows_by_key(again.hosts, "address")
     assert changed[gone]["status"] == "down" and changed[gone]["changed_at"] == 200.0
     assert changed[listening]["status"] == "up" and changed[listening]["changed_at"] == 100.0
-    outside = plan_update("alice", "t3", second, [ipaddress.ip_network("127.9.0.0/24")], hosts, {}, 300.0,
+    outside = plan_update("alice", "t3", second, Scope([ipaddress.ip_network("127.9.0.0/24")], []), hosts, {}, 300.0,
                           versions=False)
     assert gone not in rows_by_key(outside.hosts, "address"), "only a scan of its network can mark it down"
+    skipped = plan_update("alice", "t4", second, scope_of(["nmap", "--exclude", f"127.0.0.9,{gone}", "--",
+                                                           "127.0.0.0/28"]), hosts, {}, 400.0, versions=False)
+    assert gone not in rows_by_key(skipped.hosts, "address"), "nor one that was told to skip it"
 
 
 def test_a_host_nmap_gave_up_on_keeps_the_ports_it_did_not_list() -> None:
@@ -88,7 +100,7 @@ def test_a_host_nmap_gave_up_on_keeps_the_ports_it_did_not_list() -> None:
     timed_out = parse_report((FIXTURES / "host_timeout.xml").read_bytes(), "127.0.0.1")
     [host] = timed_out.hosts
     assert host.timed_out and host.ports == [] and timed_out.scanned[0].services == "1-2000"
-    scope = [ipaddress.ip_network(f"{host.address}/32")]
+    scope = scope_of(["nmap", "--", host.address])
     ssh = PortDetail(port=22, protocol="tcp", state="open", service="ssh", version="")
     answered = host.model_copy(update={"timed_out": False, "ports": [ssh]})
     known = plan_update("alice", "t1", timed_out.model_copy(update={"hosts": [answered]}), scope, {}, {}, 100.0,
