@@ -31,6 +31,13 @@ _WRITE_ROWS = {dialect: {table: upsert(dialect, table) for table in (inventory_h
                for dialect in ("sqlite", "postgresql")}
 
 
+# The columns an answer's models take as they are (the JSON ones are decoded): looked up once,
+# as pydantic's model_fields is a property that costs a call for each column of each row.
+_PORT_FIELDS = [name for name in InventoryPort.model_fields if name in inventory_ports.c and name not in (
+    "cpe", "scripts")]
+_HOST_FIELDS = [name for name in InventoryHost.model_fields if name in inventory_hosts.c and name != "hostnames"]
+
+
 class InventoryRefused(RuntimeError):
     """The database refused the inventory rows of a completed scan (its transaction is lost)."""
 
@@ -95,19 +102,30 @@ class InventoryStore:
     def _find_hosts(self, owner: str, query: HostQuery, limit: int, offset: int) -> tuple[list[InventoryHost], int]:
         """Hosts matching `query`, by address, with their matching ports; and how many match."""
         hosts, ports = inventory_hosts.c, inventory_ports.c
-        matching = _host_conditions(owner, query)
         with self._db.reading() as conn:
-            total = conn.execute(select(func.count()).select_from(inventory_hosts).where(*matching)).scalar_one()
-            host_rows = conn.execute(select(inventory_hosts).where(*matching)
-                                     .order_by(hosts.address_key).limit(limit).offset(offset)).all()
-            addresses = [row.address for row in host_rows]
+            if query.by_port:
+                # From the ports' side: on 5,000 matching hosts, paging the distinct addresses of
+                # their ports took 0.4 ms (SQLite) and 3.3 ms (PostgreSQL), hosts IN those ports 5.5 and 18.7.
+                matched = _ports_shown(owner, query, ports.address_key, ports.address).distinct()
+                total = conn.execute(select(func.count()).select_from(matched.subquery())).scalar_one()
+                page = conn.execute(matched.order_by(ports.address_key).limit(limit).offset(offset)).all()
+                addresses = [row.address for row in page]
+                host_rows = conn.execute(select(inventory_hosts).where(
+                    hosts.owner == owner, hosts.address.in_(addresses))).all()
+            else:
+                matching = _host_conditions(owner, query)
+                total = conn.execute(select(func.count()).select_from(inventory_hosts).where(*matching)).scalar_one()
+                host_rows = conn.execute(select(inventory_hosts).where(*matching)
+                                         .order_by(hosts.address_key).limit(limit).offset(offset)).all()
+                addresses = [row.address for row in host_rows]
             port_rows = conn.execute(
                 _ports_shown(owner, query, inventory_ports).where(ports.address.in_(addresses))
                 .order_by(ports.address_key, ports.protocol, ports.port)).all() if addresses else []
         by_host: dict[str, list[InventoryPort]] = defaultdict(list)
         for row in port_rows:
             by_host[row.address].append(_inventory_port(row))
-        return [_inventory_host(row, by_host[row.address]) for row in host_rows], total
+        found = {row.address: _inventory_host(row, by_host[row.address]) for row in host_rows}
+        return [found[address] for address in addresses if address in found], total
 
     def _top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[tuple[str, int]]:
         """The most common values of `field` among the owner's hosts (open ports for port fields),
@@ -212,12 +230,11 @@ def _value_name(field: str, row: Row[Any]) -> str:
 
 
 def _inventory_port(row: Row[Any]) -> InventoryPort:
-    data = dict(row._mapping)
-    return InventoryPort(**{k: v for k, v in data.items() if k in InventoryPort.model_fields and k not in
-                            ("cpe", "scripts")}, cpe=json.loads(data["cpe"]), scripts=json.loads(data["scripts"]))
+    data = row._mapping
+    return InventoryPort(**{k: data[k] for k in _PORT_FIELDS}, cpe=json.loads(data["cpe"]),
+                         scripts=json.loads(data["scripts"]))
 
 
 def _inventory_host(row: Row[Any], ports: list[InventoryPort]) -> InventoryHost:
-    data = dict(row._mapping)
-    fields = {k: v for k, v in data.items() if k in InventoryHost.model_fields and k != "hostnames"}
-    return InventoryHost(**fields, hostnames=json.loads(data["hostnames"]), ports=ports)
+    data = row._mapping
+    return InventoryHost(**{k: data[k] for k in _HOST_FIELDS}, hostnames=json.loads(data["hostnames"]), ports=ports)
