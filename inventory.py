@@ -3,9 +3,9 @@ have seen, and what one completed scan changes in it. Pure functions over rows (
 inventory_store.py reads and writes the rows in the transaction that finishes the scan.
 
 A completed scan knows its scope: the networks it targeted, less those it excluded, and, per
-protocol, the ports it scanned (nmap's <scaninfo>). Inside that scope, a host it did not find up is marked down, and
-a known port of a host it did find up, scanned but not reported, takes the state nmap gave
-the unlisted ports (its `extraports`, closed when mixed). Every change records when it
+protocol, the ports it scanned (nmap's <scaninfo>). Inside that scope, a host it did not find
+up is marked down, and a known port of a host it did find up, scanned but not reported, takes
+the state nmap gave the unlisted ports (its `extraports`, closed when mixed). Every change records when it
 happened; what was only seen again just gets a newer `last_seen`.
 
 Observations merge rather than overwrite: what only some scans look at (a port's service,
@@ -153,8 +153,7 @@ def looks_at_versions(kind: ScanKind, argv: Sequence[str]) -> bool:
     --script) or OS detection (-O), and one of those that reports none on a port or host is no
     evidence against an earlier one: scans select their scripts, and OS detection often names
     nothing."""
-    options = argv[:argv.index("--")] if "--" in argv else argv
-    return kind is ScanKind.FULL or "-sV" in options
+    return kind is ScanKind.FULL or "-sV" in argv[:argv.index("--")]
 
 
 def recorded_hosts(result: ScanResult, known_hosts: Mapping[str, Row]) -> dict[str, HostDetail]:

@@ -182,14 +182,12 @@ def _ports_shown(owner: str, query: HostQuery, *columns: Any) -> Select[Any]:
 
 
 def _host_conditions(owner: str, query: HostQuery) -> list[Any]:
-    """The hosts `query` finds: chosen by their ports when it has port filters; with
-    `changed_since`, those that changed (came up, went down) or whose shown ports did."""
+    """The hosts a query without port filters finds; with `changed_since`, those that changed
+    (came up, went down) or whose shown ports did."""
     hosts = inventory_hosts.c
     conditions = _owner_network_seen(owner, query, inventory_hosts)
-    with_ports = hosts.address.in_(_ports_shown(owner, query, inventory_ports.c.address))
-    if query.by_port:
-        conditions.append(with_ports)
-    elif query.changed_since is not None:
+    if query.changed_since is not None:
+        with_ports = hosts.address.in_(_ports_shown(owner, query, inventory_ports.c.address))
         conditions.append(or_(hosts.changed_at >= query.changed_since, with_ports))
     return conditions
 
