@@ -1,12 +1,16 @@
 """The inventory across scans: the latest known state of every host and port a token's scans
 have seen, and what one completed scan changes in it. Pure functions over rows (dicts);
-task_manager.py reads and writes the rows in the transaction that finishes the scan.
+inventory_store.py reads and writes the rows in the transaction that finishes the scan.
 
-A completed scan knows its scope: the networks it targeted and, per protocol, the ports it
-scanned (nmap's <scaninfo>). Inside that scope, a host it did not find up is marked down, and
-a known port of a host it did find up, scanned but not reported, takes the state nmap gave
-the unlisted ports (its `extraports`, closed when mixed). Every change records when it
+A completed scan knows its scope: the networks it targeted, less those it excluded, and, per
+protocol, the ports it scanned (nmap's <scaninfo>). Inside that scope, a host it did not find
+up is marked down, and a known port of a host it did find up, scanned but not reported, takes
+the state nmap gave the unlisted ports (its `extraports`, closed when mixed). Every change records when it
 happened; what was only seen again just gets a newer `last_seen`.
+
+Observations merge rather than overwrite: what only some scans look at (a port's service,
+product, version, extra info and CPE; its NSE scripts; a host's OS) stays as the last scan that
+looked found it, with when and by which task that was, until another look finds something else.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from models import HostDetail, PortDetail, PortText, ScanResult
-from targets import IPNetwork
+from models import HostDetail, PortDetail, PortText, ScanKind, ScanResult
+from targets import IPNetwork, parse_literal
 
 Row = dict[str, Any]
 PortKey = tuple[str, str, int]
 # top_values fields: where each lives and how it is named in an answer.
 TOP_FIELDS = ("port", "service", "product", "version", "os", "status")
+# What version detection reports of a port, kept together: from one look, or from none.
+_SERVICE = ("service", "product", "version", "extrainfo", "cpe", "version_confirmed_at", "version_task_id")
+_SCRIPTS = ("scripts", "scripts_confirmed_at", "scripts_task_id")
+_OS = ("os", "os_confirmed_at", "os_task_id")
 _DURATION = re.compile(r"^([0-9]{1,6})\s*(m|h|d|w)$")
 _UNITS = {"m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
@@ -53,9 +61,10 @@ class HostQuery:
 
     @property
     def by_port(self) -> bool:
-        """True when hosts are chosen by their ports rather than listed as they are."""
+        """True when hosts are chosen by their ports rather than listed as they are: a port
+        filter, or a state other than 'any' (which only widens the ports shown)."""
         fields = (self.port, self.protocol, self.service, self.product, self.version_prefix, self.cpe, self.script)
-        return any(value is not None for value in fields) or self.state is not None
+        return any(value is not None for value in fields) or self.state not in (None, "any")
 
     @property
     def port_state(self) -> str | None:
@@ -113,24 +122,73 @@ def port_set(services: str) -> frozenset[int]:
     return frozenset(ports)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Where a scan looked: the networks it targeted, less those it was told to skip."""
+
+    targets: list[IPNetwork]
+    excluded: list[IPNetwork]
+
+    def __contains__(self, address: object) -> bool:
+        return isinstance(address, str) and _within(address, self.targets) and not _within(address, self.excluded)
+
+
+def scope_of(argv: Sequence[str]) -> Scope:
+    """The scope of the scan of this stored argv: its targets (after `--`, resolved literals
+    only) and its --exclude list."""
+    end = argv.index("--")
+    skipped = [argv[i + 1] for i in range(end - 1) if argv[i] == "--exclude"]
+    return Scope(_networks(argv[end + 1:]), _networks(item for value in skipped for item in value.split(",")))
+
+
+def _networks(literals: Iterable[str]) -> list[IPNetwork]:
+    return [network for literal in literals for network in (parse_literal(literal) or ("", []))[1]]
+
+
+def looks_at_versions(kind: ScanKind, argv: Sequence[str]) -> bool:
+    """Whether the scan of this stored argv ran version detection: -sV, or a full scan (its
+    second phase is a version scan of the open ports). Only version detection needs the argv
+    to tell: every scan names a port's service (without -sV, nmap's guess from the port
+    number), while script output and OS matches come only from a scan that ran scripts (-sC,
+    --script) or OS detection (-O), and one of those that reports none on a port or host is no
+    evidence against an earlier one: scans select their scripts, and OS detection often names
+    nothing."""
+    return kind is ScanKind.FULL or "-sV" in argv[:argv.index("--")]
+
+
+def recorded_hosts(result: ScanResult, known_hosts: Mapping[str, Row]) -> dict[str, HostDetail]:
+    """The hosts of a scan the inventory records, by address: those nmap found up, except an
+    address it called up only because it was told to (-Pn: reason user-set) that showed no
+    open port and is not known up. Such an address never answered: its closed or filtered
+    ports come as readily from a firewall, or the loopback interface, as from a machine (one
+    -Pn scan of a /24 with 8 machines listed 256 hosts up)."""
+    return {h.address: h for h in result.hosts if h.status == "up" and (
+        h.reason != "user-set" or any(p.state == "open" for p in h.ports)
+        or known_hosts.get(h.address, {}).get("status") == "up")}
+
+
 def plan_update(
-    owner: str, task_id: str, result: ScanResult, scope: Sequence[IPNetwork],
-    known_hosts: Mapping[str, Row], known_ports: Mapping[PortKey, Row], now: float,
+    owner: str, task_id: str, result: ScanResult, scope: Scope,
+    known_hosts: Mapping[str, Row], known_ports: Mapping[PortKey, Row], now: float, *, versions: bool,
 ) -> InventoryUpdate:
-    """What a completed scan of `scope` writes, given the rows known before it."""
-    up = {h.address: h for h in result.hosts if h.status == "up"}
+    """What a completed scan of `scope` writes, given the rows known before it; `versions`:
+    the scan ran version detection (looks_at_versions)."""
+    listed_up = {h.address for h in result.hosts if h.status == "up"}
+    up = recorded_hosts(result, known_hosts)
     hosts = [_host_row(owner, task_id, host, known_hosts.get(host.address), now) for host in up.values()]
     hosts += [
         {**row, "status": "down", "changed_at": now, "last_task_id": task_id}
         for address, row in known_hosts.items()
-        if address not in up and row["status"] != "down" and _within(address, scope)
+        if address not in listed_up and row["status"] != "down" and address in scope
     ]
     scanned = {s.protocol: port_set(s.services) for s in result.scanned}
     ports: list[Row] = []
     for host in up.values():
         reported = {(p.protocol, p.port) for p in host.ports}
-        ports += [_port_row(owner, task_id, host.address, p, known_ports.get((host.address, p.protocol, p.port)), now)
-                  for p in host.ports]
+        ports += [_port_row(owner, task_id, host.address, p, known_ports.get((host.address, p.protocol, p.port)),
+                            versions, now) for p in host.ports]
+        if host.timed_out:  # nmap gave up on it: a port it did not list was not looked at
+            continue
         unlisted = _unlisted_state(host)
         ports += [
             _seen(row, unlisted, task_id, now)
@@ -141,27 +199,63 @@ def plan_update(
 
 
 def _host_row(owner: str, task_id: str, host: HostDetail, known: Row | None, now: float) -> Row:
-    os_name = host.os_matches[0].name if host.os_matches else (known or {}).get("os", "")
-    changed = known is None or known["status"] != "up"
+    os_found = _os(host, known, task_id, now)
+    changed = known is None or known["status"] != "up" or (
+        known["os_confirmed_at"] is not None and known["os"] != os_found["os"])
     return {
         "owner": owner, "address": host.address, "address_key": address_key(host.address), "status": "up",
         "hostnames": json.dumps(host.hostnames or json.loads((known or {}).get("hostnames", "[]"))),
-        "os": os_name, "first_seen": known["first_seen"] if known else now, "last_seen": now,
+        **os_found, "first_seen": known["first_seen"] if known else now, "last_seen": now,
         "changed_at": now if changed else known["changed_at"], "last_task_id": task_id,  # type: ignore[index]
     }
 
 
-def _port_row(owner: str, task_id: str, address: str, port: PortDetail, known: Row | None, now: float) -> Row:
-    text = port.untrusted or PortText()
+def _os(host: HostDetail, known: Row | None, task_id: str, now: float) -> Row:
+    """nmap's best OS match when OS detection named one, else what an earlier one named."""
+    if host.os_matches:
+        return {"os": host.os_matches[0].name, "os_confirmed_at": now, "os_task_id": task_id}
+    return {key: known[key] for key in _OS} if known else {"os": "", "os_confirmed_at": None, "os_task_id": None}
+
+
+def _port_row(owner: str, task_id: str, address: str, port: PortDetail, known: Row | None, versions: bool,
+              now: float) -> Row:
     row = {
         "owner": owner, "address": address, "protocol": port.protocol, "port": port.port,
-        "address_key": address_key(address), "state": port.state, "service": port.service,
-        "product": text.product, "version": text.version, "cpe": json.dumps(text.cpe),
-        "scripts": json.dumps([s.id for s in text.scripts]), "last_seen": now, "last_task_id": task_id,
+        "address_key": address_key(address), "state": port.state,
+        # Version detection probes open ports only.
+        **_service(port, known, versions and port.state == "open", task_id, now),
+        **_scripts(port, known, task_id, now),
+        "first_seen": known["first_seen"] if known else now, "last_seen": now, "last_task_id": task_id,
     }
-    same = known is not None and all(known[k] == row[k] for k in ("state", "service", "product", "version"))
-    return row | {"first_seen": known["first_seen"] if known else now,
-                  "changed_at": known["changed_at"] if same else now}  # type: ignore[index]
+    changed = known is None or known["state"] != port.state or _service_changed(known, row)
+    return row | {"changed_at": now if changed else known["changed_at"]}  # type: ignore[index]
+
+
+def _service(port: PortDetail, known: Row | None, looked: bool, task_id: str, now: float) -> Row:
+    """What runs on the port: what this scan's version detection found, else what the last
+    one found, else nmap's latest guess from the port number."""
+    if known is not None and not looked and known["version_confirmed_at"] is not None:
+        return {key: known[key] for key in _SERVICE}
+    text = port.untrusted or PortText()
+    return {"service": port.service, "product": text.product, "version": text.version,
+            "extrainfo": text.extrainfo, "cpe": json.dumps(text.cpe),
+            "version_confirmed_at": now if looked else None, "version_task_id": task_id if looked else None}
+
+
+def _service_changed(known: Row, row: Row) -> bool:
+    """Learning what runs on a port is no change of it; version detection finding something
+    other than it found before is (and so is a guess that differs from the last guess)."""
+    first_look = known["version_confirmed_at"] is None and row["version_confirmed_at"] is not None
+    return not first_look and any(known[key] != row[key] for key in ("service", "product", "version", "extrainfo"))
+
+
+def _scripts(port: PortDetail, known: Row | None, task_id: str, now: float) -> Row:
+    """The NSE scripts that reported on the port in the last scan where any did."""
+    if port.untrusted and port.untrusted.scripts:
+        return {"scripts": json.dumps([s.id for s in port.untrusted.scripts]), "scripts_confirmed_at": now,
+                "scripts_task_id": task_id}
+    return {key: known[key] for key in _SCRIPTS} if known else {
+        "scripts": "[]", "scripts_confirmed_at": None, "scripts_task_id": None}
 
 
 def _seen(row: Row, state: str, task_id: str, now: float) -> Row:

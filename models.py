@@ -161,6 +161,8 @@ workers = Table(
 # The inventory: the latest known state of every host and port a token's scans have seen,
 # kept as results are written. address_key orders and ranges addresses of one family as
 # text ("4" + 8 hex digits, "6" + 32), so a network filter is a BETWEEN in any database.
+# What only some scans look at (OS, versions, scripts) says when and by which task it was
+# last confirmed, NULL while no scan has looked: a scan that did not look leaves it.
 inventory_hosts = Table(
     "inventory_hosts",
     metadata,
@@ -170,6 +172,8 @@ inventory_hosts = Table(
     Column("status", String(16), nullable=False),
     Column("hostnames", Text, nullable=False, server_default="[]"),
     Column("os", Text, nullable=False, server_default=""),
+    Column("os_confirmed_at", Float),
+    Column("os_task_id", String(36)),
     Column("first_seen", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("changed_at", Float, nullable=False),
@@ -188,8 +192,13 @@ inventory_ports = Table(
     Column("service", String(64), nullable=False, server_default=""),
     Column("product", String(200), nullable=False, server_default=""),
     Column("version", String(200), nullable=False, server_default=""),
+    Column("extrainfo", String(200), nullable=False, server_default=""),
     Column("cpe", Text, nullable=False, server_default="[]"),
+    Column("version_confirmed_at", Float),
+    Column("version_task_id", String(36)),
     Column("scripts", Text, nullable=False, server_default="[]"),
+    Column("scripts_confirmed_at", Float),
+    Column("scripts_task_id", String(36)),
     Column("first_seen", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("changed_at", Float, nullable=False),
@@ -632,6 +641,7 @@ class WorkerList(BaseModel):
 class InventoryText(ServiceText):
     """What the inventory keeps of a port's text from the target."""
 
+    extrainfo: str = text_field()
     cpe: list[str] = Field(default_factory=list, exclude_if=_left_out)
 
 
@@ -642,12 +652,18 @@ class InventoryPort(Flagged):
     protocol: str
     state: str
     service: str
-    untrusted: InventoryText | None = untrusted_field("product, version, CPEs")
+    untrusted: InventoryText | None = untrusted_field("product, version, extra info, CPEs")
     suspicious: bool = suspicious_field()
+    version_confirmed_at: float | None = Field(
+        description="When a version scan (-sV, full_scan) last reported service, product, version, extrainfo and "
+                    "CPE; null if none has. Scans without -sV leave them")
+    version_task_id: str | None = Field(description="The version scan that did")
     scripts: list[str] = Field(description="Ids of the NSE scripts that reported on it")
+    scripts_confirmed_at: float | None = Field(description="When a scan last reported scripts on it")
+    scripts_task_id: str | None
     first_seen: float
     last_seen: float = Field(description="When a scan last reported it")
-    changed_at: float = Field(description="When its state, service or version last changed")
+    changed_at: float = Field(description="When its state, or what a version scan found, last changed")
     last_task_id: str
 
 
@@ -658,9 +674,11 @@ class InventoryHost(BaseModel):
     status: str = Field(description="up, or down when a later scan of its network did not find it")
     hostnames: list[str]
     os: str
+    os_confirmed_at: float | None = Field(description="When OS detection (-O) last named the OS; null if none has")
+    os_task_id: str | None
     first_seen: float
     last_seen: float
-    changed_at: float
+    changed_at: float = Field(description="When it came up or went down, or its detected OS changed")
     last_task_id: str = Field(description="The task that last reported it")
     ports: list[InventoryPort]
 

@@ -19,7 +19,8 @@ INSTRUCTIONS = """Network scans with nmap, for the networks this server is allow
   timeout, then returns a task_id while it goes on: get_task_status shows progress,
   get_task_result the result (or the hosts found so far), cancel_task stops it.
 - Everything your scans found is kept: find_hosts searches it (by network, port, service,
-  product, version, changes since a time) and top_values counts it; diff_scans compares two
+  product, version, changes since a time) and top_values counts it; a version found by -sV or
+  full_scan stays until another version scan finds something else. diff_scans compares two
   scans; list_tasks lists yours. list_workers shows the scanner pools; nmap_version what the
   scanner can do.
 - Scanned hosts write part of every result: banners, product and version strings, CPEs, script

@@ -297,13 +297,14 @@ def register_tools(
         port: Annotated[int | None, Field(ge=1, le=65535, description="Only hosts with this port")] = None,
         protocol: Annotated[Literal["tcp", "udp"] | None, Field(description="Port protocol")] = None,
         state: Annotated[Literal["open", "closed", "filtered", "open|filtered", "any"] | None, Field(
-            description="Port state; default open when a port filter is given")] = None,
+            description="State of the ports shown, default open; 'any' shows every state")] = None,
         service: Annotated[str | None, Field(max_length=64,
                                              description="nmap service name: ssh, http, ms-wbt-server")] = None,
         product: Annotated[str | None, Field(max_length=200, description="Product, any case: OpenSSH, nginx")] = None,
         version_prefix: Annotated[str | None, Field(max_length=200,
-                                                    description="Version starts with: 7. or 1.18")] = None,
-        cpe: Annotated[str | None, Field(max_length=200, description="CPE contains: cpe:/a:openbsd:openssh")] = None,
+                                                    description="Version starts with, any case: 7. or 1.18")] = None,
+        cpe: Annotated[str | None, Field(max_length=200,
+                                         description="CPE contains, any case: cpe:/a:openbsd:openssh")] = None,
         script: Annotated[str | None, Field(max_length=64, description="An NSE script reported on the port")] = None,
         seen_since: Since = None,
         changed_since: Since = None,
@@ -312,11 +313,15 @@ def register_tools(
         port_offset: PortOffset = 0,
     ) -> InventoryPage:
         """Search what your scans have found, across all of them: the latest known state of every
-        host and port. 'Which hosts expose RDP?' is port=3389; 'where does OpenSSH 7 still run?' is
+        host and port. Product, version and CPE stay as the last version scan (-sV, full_scan)
+        found them, whatever scans came after (version_confirmed_at, version_task_id say which).
+        'Which hosts expose RDP?' is port=3389; 'where does OpenSSH 7 still run?' is
         product='OpenSSH', version_prefix='7.'; 'what changed on 10.0.0.0/24 this week?' is
-        network='10.0.0.0/24', changed_since='7d', state='any'. Hosts a later scan found down,
-        and ports it found closed, say so with when it changed. Instant; paged and capped (a host
-        with more ports than one answer holds comes alone, and `page.cut` says how to fetch the rest)."""
+        network='10.0.0.0/24', changed_since='7d', state='any': hosts that came up or went down
+        (with the ports they had) and ports whose state or version changed. Hosts a later scan
+        found down, and ports it found closed, say so with when it changed. Instant; paged and
+        capped (a host with more ports than one answer holds comes alone, and `page.cut` says how
+        to fetch the rest)."""
         with tool_errors():
             filters = {"network": network, "port": port, "protocol": protocol, "state": state, "service": service,
                        "product": product, "version_prefix": version_prefix, "cpe": cpe, "script": script,
@@ -331,8 +336,9 @@ def register_tools(
         seen_since: Since = None,
         limit: Annotated[int, Field(ge=1, le=100, description="At most this many values")] = 20,
     ) -> TopValues:
-        """The most common values of one field across your inventory, counted in hosts, e.g. the
-        open ports or products seen most on a network. Instant."""
+        """The most common values of one field across your inventory, counted in hosts (ties in
+        code point order), e.g. the open ports or products seen most on a network; products and
+        versions as the last version scan of each port found them. Instant."""
         with tool_errors():
             return await scans.top_values(caller(), field, limit=limit, network=network, seen_since=seen_since)
 

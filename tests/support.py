@@ -615,8 +615,8 @@ class BannerServer:
 
     BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.port = free_port(host)
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.port = port or free_port(host)
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, self.port))

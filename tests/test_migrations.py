@@ -20,7 +20,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import insert, select, text
 
 from db import MIGRATIONS, create_db_engine, upgrade_schema
-from models import TaskStatus, metadata, tasks, usage_minutes
+from models import TaskStatus, inventory_hosts, inventory_ports, metadata, tasks, usage_minutes
 from tests.nodes import opened_stores
 
 pytestmark = pytest.mark.anyio
@@ -66,7 +66,7 @@ def test_migrations_build_the_schema_models_declare(database_url: str) -> None:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     engine.dispose()
     assert differences == []
-    assert version == "0008"
+    assert version == "0009"
 
 
 async def test_an_upgrade_counts_the_last_days_tasks_into_the_usage_of_the_limits(database_url: str) -> None:
@@ -96,3 +96,38 @@ async def test_an_upgrade_counts_the_last_days_tasks_into_the_usage_of_the_limit
     async with opened_stores(database_url, max_queued=10) as stores:
         used = await stores.usage.usage("alice")
     assert used["addresses_per_day"] == 260 and used["rescans_per_hour"] == 1
+
+
+def test_an_upgrade_counts_what_the_inventory_knew_as_confirmed_by_the_task_that_last_saw_it(
+    database_url: str,
+) -> None:
+    """Rows of the previous release (0008) hold a product, CPE, scripts or OS only because a
+    scan looked: after the upgrade they are confirmed by the task that last reported them, so
+    a later scan that does not look leaves them."""
+    engine = create_db_engine(database_url)
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0008")
+        # The columns 0008 has only: the models' inserts name just the columns given.
+        seen = {"owner": "alice", "address_key": "47f000001", "first_seen": 1.0, "last_seen": 2.0, "changed_at": 1.0}
+        conn.execute(insert(inventory_hosts), [
+            seen | {"address": "127.0.0.1", "status": "up", "os": "Linux 5.X", "last_task_id": "t-os"},
+            seen | {"address": "127.0.0.2", "status": "up", "os": "", "last_task_id": "t-none"}])
+        port = seen | {"address": "127.0.0.1", "protocol": "tcp", "state": "open", "product": "", "cpe": "[]",
+                       "scripts": "[]"}
+        conn.execute(insert(inventory_ports), [
+            port | {"port": 22, "product": "OpenSSH", "last_task_id": "t-sv"},
+            port | {"port": 80, "cpe": '["cpe:/a:x"]', "scripts": '["http-title"]', "last_task_id": "t-sc"},
+            port | {"port": 81, "last_task_id": "t-quick"}])
+    upgrade_schema(engine)
+    with engine.connect() as conn:
+        hosts = conn.execute(select(inventory_hosts.c.address, inventory_hosts.c.os_confirmed_at,
+                                    inventory_hosts.c.os_task_id).order_by(inventory_hosts.c.address)).all()
+        ports = conn.execute(select(inventory_ports.c.port, inventory_ports.c.version_task_id,
+                                    inventory_ports.c.scripts_task_id, inventory_ports.c.extrainfo)
+                             .order_by(inventory_ports.c.port)).all()
+    engine.dispose()
+    assert hosts == [("127.0.0.1", 2.0, "t-os"), ("127.0.0.2", None, None)]
+    assert ports == [(22, "t-sv", None, ""), (80, "t-sc", "t-sc", ""), (81, None, None, "")]
