@@ -433,7 +433,8 @@ class PortSummary(Flagged):
     port: int
     protocol: str
     state: str
-    service: str = Field(description="Service name nmap reports, '' when unknown")
+    service: str = Field(description=(
+        "Service name nmap reports, with its tunnel as nmap writes it ('ssl/http': HTTP inside TLS); '' when unknown"))
     untrusted: ServiceText | None = untrusted_field("product, version")
     suspicious: bool = suspicious_field()
 

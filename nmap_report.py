@@ -243,10 +243,17 @@ def _port(element: ET.Element) -> PortDetail:
         protocol=element.get("protocol", ""),
         state=state.get("state", "") if state is not None else "",
         reason=state.get("reason", "") if state is not None else "",
-        service=clean_text(get("name", ""), 64),
-        tunnel=get("tunnel", ""),
+        service=service_name(clean_text(get("name", ""), 64), tunnel := clean_text(get("tunnel", ""), 16)),
+        tunnel=tunnel,
         untrusted=text if any(text.texts()) else None,
     )
+
+
+def service_name(name: str, tunnel: str) -> str:
+    """The service as nmap's own console names it: `ssl/http` for HTTP inside TLS. The XML
+    keeps the tunnel in an attribute of its own, and a view that showed `http` alone would have
+    an agent report plain HTTP on port 443."""
+    return f"{tunnel}/{name}" if tunnel and name else name
 
 
 def _scripts(parent: ET.Element | None) -> list[ScriptOutput]:

@@ -70,10 +70,11 @@ def run_problem(run: NmapRun, report: ReportParser, result: ScanResult, time_lim
     return None
 
 
-def scan_options(kind: ScanKind, *, privileged: bool) -> list[str]:
-    """The nmap options of a built-in scan: SYN when privileged, else TCP connect."""
+def scan_options(kind: ScanKind, *, privileged: bool, skip_host_discovery: bool = False) -> list[str]:
+    """The nmap options of a built-in scan: SYN when privileged, else TCP connect; with
+    `skip_host_discovery`, -Pn (every target is scanned as up, also one that drops pings)."""
     preset = QUICK_OPTIONS if kind is ScanKind.QUICK else FULL_OPTIONS
-    return ["-sS" if privileged else "-sT", *preset]
+    return ["-sS" if privileged else "-sT", *["-Pn"] * skip_host_discovery, *preset]
 
 
 def build_argv(

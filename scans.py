@@ -53,6 +53,7 @@ from views import (
     capped_diff,
     csv_page,
     diff_results,
+    down_hint,
     inventory_page,
     json_page,
     reuse_note,
@@ -166,12 +167,14 @@ class ScanService:
 
     # ---- building requests ---------------------------------------------------------------
 
-    def quick(self, target: str, pool: str | None = None) -> ScanRequest:
-        options = scan_options(ScanKind.QUICK, privileged=self._settings.privileged)
+    def quick(self, target: str, pool: str | None = None, *, skip_host_discovery: bool = False) -> ScanRequest:
+        options = scan_options(ScanKind.QUICK, privileged=self._settings.privileged,
+                               skip_host_discovery=skip_host_discovery)
         return ScanRequest(ScanKind.QUICK, options, [target], shareable=True, pool=pool)
 
-    def full(self, target: str, pool: str | None = None) -> ScanRequest:
-        options = scan_options(ScanKind.FULL, privileged=self._settings.privileged)
+    def full(self, target: str, pool: str | None = None, *, skip_host_discovery: bool = False) -> ScanRequest:
+        options = scan_options(ScanKind.FULL, privileged=self._settings.privileged,
+                               skip_host_discovery=skip_host_discovery)
         return ScanRequest(ScanKind.FULL, options, [target], shareable=True, pool=pool)
 
     def custom(self, command: str, pool: str | None = None) -> ScanRequest:
@@ -265,8 +268,12 @@ class ScanService:
         if result is None:
             return base
         result = with_requested_names(result, record.argv, record.target)
+        hint = down_hint(result, record.argv)
         if fmt == "csv":
+            base = with_message(base, hint) if hint else base
             return csv_page(base, result, offset=offset, limit=limit, cap=cap, port_offset=port_offset)
+        if hint:
+            result = result.model_copy(update={"warnings": [*result.warnings, hint]})
         return json_page(base, result, view=view, offset=offset, limit=limit, cap=cap, port_offset=port_offset)
 
     # ---- tasks ---------------------------------------------------------------------------

@@ -72,6 +72,9 @@ PoolName = Annotated[
     Field(description="Scanner pool to run in (list_workers shows them); default: the pool that reaches the target",
           pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
 ]
+SkipHostDiscovery = Annotated[bool, Field(description=(
+    "Skip host discovery (-Pn): scan every target as up, also a host whose firewall drops nmap's ping probes "
+    "and so looks down. Slower on ranges with few hosts"))]
 PortOffset = Annotated[int, Field(ge=0, le=200_000, description=(
     "Skip this many ports of the page's first host: the port_offset a page's `cut` names to fetch "
     "the rest of a host that did not fit in one answer"))]
@@ -99,17 +102,20 @@ second for one host on a local network and in a few seconds for a /24.
 Waits up to `timeout` seconds; when the scan takes longer it returns status 'running' and
 a task_id while the same scan goes on: fetch it later with get_task_result. A result for the
 same target from the last {fresh} s (or the same scan still running) is returned instead of
-scanning again, unless rescan is true. The answer lists open ports per host."""
+scanning again, unless rescan is true. The answer lists open ports per host; hosts that did
+not answer host discovery are reported down with a warning (a firewall may drop the probes):
+skip_host_discovery=true (-Pn) scans them anyway."""
 
 FULL_SCAN_DESCRIPTION = """Full TCP port scan: all 65535 ports, then service and version detection.
 
-Two phases, one task: port discovery (`nmap -sT -T4 -p- --min-rate 1000 --max-retries 2 -n`,
+Two phases, one task: port discovery (`nmap -sT -T4 -p 1-65535 --min-rate 1000 --max-retries 2 -n`,
 about a second for one nearby host), then version detection (`-sV`) on the open ports only,
 stopped after {version} s. If `timeout` passes during version detection, the answer is
 status 'running' with the open ports already found (partial: true, progress names the
 phase); fetch the versions later with get_task_result. A result for the same target from
 the last {fresh} s (or the same scan still running) is returned instead of scanning again,
-unless rescan is true. The answer lists open ports per host."""
+unless rescan is true. The answer lists open ports per host; a service inside TLS is named as
+nmap names it (ssl/http). skip_host_discovery=true (-Pn) scans hosts that drop ping probes."""
 
 CUSTOM_SCAN_DESCRIPTION = """Run nmap with your own options, checked against an allowlist.
 
@@ -172,10 +178,12 @@ def register_tools(
         ),
         rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
         pool: PoolName = None,
+        skip_host_discovery: SkipHostDiscovery = False,
     ) -> TaskAnswer:
         with tool_errors():
-            return await scans.scan(caller(), scans.quick(target, pool), timeout_s=timeout, rescan=rescan,
-                                      on_progress=progress_reporter(ctx))
+            request = scans.quick(target, pool, skip_host_discovery=skip_host_discovery)
+            return await scans.scan(caller(), request, timeout_s=timeout, rescan=rescan,
+                                    on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh,
                   version=settings.version_detection_seconds), annotations=_SCAN_ANNOTATIONS, target_text=True)
@@ -185,10 +193,12 @@ def register_tools(
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
         rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
         pool: PoolName = None,
+        skip_host_discovery: SkipHostDiscovery = False,
     ) -> TaskAnswer:
         with tool_errors():
-            return await scans.scan(caller(), scans.full(target, pool), timeout_s=timeout, rescan=rescan,
-                                      on_progress=progress_reporter(ctx))
+            request = scans.full(target, pool, skip_host_discovery=skip_host_discovery)
+            return await scans.scan(caller(), request, timeout_s=timeout, rescan=rescan,
+                                    on_progress=progress_reporter(ctx))
 
     @inlined_tool(mcp, schemas, description=CUSTOM_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS, target_text=True)
     async def custom_scan(
@@ -216,7 +226,7 @@ def register_tools(
         service_versions: Annotated[bool, Field(description="Detect services and versions (-sV)")] = False,
         os_detection: Annotated[bool, Field(description="Guess the operating system (-O)")] = False,
         scripts: list[str] | None = None,
-        skip_host_discovery: Annotated[bool, Field(description="Scan hosts that do not answer pings (-Pn)")] = False,
+        skip_host_discovery: SkipHostDiscovery = False,
         timing: Annotated[Literal["T2", "T3", "T4"], Field(description="T2 polite, T3 normal, T4 fast")] = "T3",
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
         pool: PoolName = None,

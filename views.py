@@ -122,6 +122,19 @@ def cut_note(cut: PortsCut, again: str, whole: str | None = None) -> str:
     return note + (f" ({whole})." if whole else ".")
 
 
+def down_hint(result: ScanResult, argv: Sequence[str]) -> str | None:
+    """What to say when hosts were reported down after host discovery: nmap's XML does not say
+    what its console does ("Host seems down. If it is really up, but blocking our ping probes,
+    try -Pn"), and a host behind a firewall that drops the probes is up. None when none was."""
+    if result.hosts_down == 0 or "-Pn" in argv:
+        return None
+    probes = ("TCP connections to ports 80 and 443" if "--unprivileged" in argv else
+              "ICMP echo and timestamp requests, TCP SYN to port 443 and ACK to port 80 (ARP on a local network)")
+    return (f"{result.hosts_down} of {result.hosts_total} hosts did not answer host discovery ({probes}) and are "
+            "reported down; a host whose firewall drops those probes looks down although it is up. To scan them "
+            "anyway: skip_host_discovery=true (quick_scan, full_scan, scan) or -Pn (custom_scan).")
+
+
 def with_requested_names(result: ScanResult, argv: list[str], target: str) -> ScanResult:
     """Give hosts the hostnames the caller asked for: nmap only saw resolved addresses
     (argv after `--`, in the order of the caller's targets)."""

@@ -63,7 +63,8 @@ missing_packages() {
       root-tests)
         package_for iproute2 ip
         package_for util-linux runuser unshare nsenter
-        package_for mount mount umount ;;
+        package_for mount mount umount
+        package_for nftables nft ;;
       git) package_for git git ;;
     esac
   done

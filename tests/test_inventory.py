@@ -9,12 +9,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,7 +29,8 @@ from inventory import (
 )
 from models import PortDetail, ScanKind
 from nmap_report import parse_report
-from tests.conftest import REAL_NMAP, OpenClient
+from tests.conftest import OpenClient
+from tests.namespaces import FirewalledHost, firewalled_host
 from tests.support import BannerServer, Listeners, answer_of, call, error_text, free_port, top_ports
 
 pytestmark = pytest.mark.anyio
@@ -248,68 +245,22 @@ async def test_a_scan_without_host_discovery_keeps_only_the_addresses_that_answe
     assert [h["status"] for h in again["hosts"]] == ["up", "up"]
 
 
-LISTEN = "import socket, sys\ns = socket.create_server((sys.argv[1], int(sys.argv[2])))\nprint('ready', flush=True)\n" \
-         "while True:\n    s.accept()[0].close()\n"
-
-
-@dataclass
-class HostInNamespace:
-    """A host with a listener at `address`:`port` in network namespace `namespace`, which can
-    go away, and `nmap`, which scans from inside that namespace."""
-
-    namespace: str
-    address: str
-    port: int
-    nmap: Path
-    listener: subprocess.Popen[str]
-
-    def go_down(self) -> None:
-        """Stop the listener and remove the address: nmap's pings go unanswered."""
-        self.listener.kill()
-        subprocess.run(["ip", "netns", "exec", self.namespace, "ip", "addr", "del", f"{self.address}/32", "dev", "v1"],
-                       check=True)
-
-
 @pytest.fixture
-def host_in_namespace(tmp_path: Path) -> Iterator[HostInNamespace]:
-    """A network namespace with a veth pair (both ends inside): 10.251.0.2/24 on one end, to
-    scan from; 10.251.0.1 on the other, a host that can go down."""
-    name = f"nmcp-inv-{uuid.uuid4().hex[:8]}"
-    inside = ["ip", "netns", "exec", name]
-    nmap = tmp_path / "nmap-in-namespace"
-    nmap.write_text(f'#!/bin/sh\nexec nsenter --net=/run/netns/{name} {REAL_NMAP} "$@"\n')
-    nmap.chmod(0o755)
-    listener = None
-    try:
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        for command in (["ip", "link", "set", "lo", "up"],
-                        ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
-                        ["ip", "link", "set", "v0", "up"], ["ip", "link", "set", "v1", "up"],
-                        ["ip", "addr", "add", "10.251.0.2/24", "dev", "v0"],
-                        ["ip", "addr", "add", "10.251.0.1/32", "dev", "v1"]):
-            subprocess.run([*inside, *command], check=True)
-        port = free_port()
-        listener = subprocess.Popen([*inside, sys.executable, "-c", LISTEN, "10.251.0.1", str(port)],
-                                    stdout=subprocess.PIPE, text=True)
-        assert listener.stdout is not None and listener.stdout.readline() == "ready\n"
-        yield HostInNamespace(name, "10.251.0.1", port, nmap, listener)
-    finally:
-        if listener is not None:
-            listener.kill()
-            listener.wait()
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+def host_in_namespace(tmp_path: Path) -> Iterator[FirewalledHost]:
+    with firewalled_host(tmp_path) as host:
+        yield host
 
 
 @pytest.mark.requires_root("a network namespace (ip netns) for a host that goes down")
 async def test_a_host_that_went_down_is_among_what_changed(
-    in_memory: OpenClient, database_url: str, host_in_namespace: HostInNamespace
+    in_memory: OpenClient, database_url: str, host_in_namespace: FirewalledHost
 ) -> None:
     address, port = host_in_namespace.address, host_in_namespace.port
     async with in_memory(database_url=database_url, nmap_path=str(host_in_namespace.nmap)) as alice:
         up = await scan(alice, f"-p {port} {address}")
         assert [(h["status"], len(h["ports"])) for h in up["result"]["hosts"]] == [("up", 1)]
         between = time.time()
-        host_in_namespace.go_down()
+        host_in_namespace.drop()  # everything: nmap's pings go unanswered, as a host gone away
         down = await scan(alice, f"-p {port} {address}")
         assert down["result"]["hosts_down"] == 1
         diff = await answer_of(alice, "diff_scans", task_a=up["task_id"], task_b=down["task_id"])
