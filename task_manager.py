@@ -39,7 +39,8 @@ from models import (
     task_hosts,
     tasks,
 )
-from nmap_report import build_result, merge_results
+from nmap_report import RunStats, build_result, merge_results
+from scanner import scanned_addresses
 from schedule_store import link_run
 from sharding import Shard, shards_progress
 from worker_store import claim_in
@@ -219,8 +220,9 @@ class TaskManager:
                 known = None
 
     async def result_so_far(self, record: TaskRecord) -> ScanResult | None:
-        """The final result, or the hosts finished so far (partial) while it runs or after it
-        was stopped without one; None when there are none."""
+        """The final result, or what was found so far (partial: the hosts finished, and those
+        still scanned with the open ports nmap announced) while it runs or after it was stopped
+        without one; None when there is nothing."""
         if record.result is not None:
             return record.result
         shard_results, hosts = await self._db.run(self._select_found, record)
@@ -383,17 +385,21 @@ def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[st
 
 
 def _partial_result(record: TaskRecord, shard_results: list[str], host_rows: list[str]) -> ScanResult | None:
-    """A partial result from what `_select_found` read; None when it holds nothing."""
+    """A partial result from what `_select_found` read; None when it holds nothing. It counts
+    the addresses the task asked nmap to scan, and the time since it started."""
     hosts = [HostDetail.model_validate_json(data) for data in host_rows]
+    addresses = scanned_addresses(record.argv)
+    elapsed_s = (record.finished_at or time.time()) - (record.started_at or record.created_at)
     if not record.shard_count:
-        return build_result(record.target, hosts, None, complete=False) if hosts else None
+        return build_result(record.target, hosts, RunStats.so_far(hosts, addresses, elapsed_s),
+                            complete=False) if hosts else None
     parts = [ScanResult.model_validate_json(result) for result in shard_results]
     if hosts:
-        parts.append(build_result(record.target, hosts, None, complete=False))
+        parts.append(build_result(record.target, hosts, RunStats.so_far(hosts, 0, 0.0), complete=False))
     if not parts:
         return None
-    merged = merge_results(record.target, parts, (record.finished_at or time.time()) - record.created_at)
-    return merged.model_copy(update={"partial": True})
+    merged = merge_results(record.target, parts, elapsed_s)
+    return merged.model_copy(update={"partial": True, "hosts_total": max(addresses, merged.hosts_total)})
 
 
 def _with_shard_progress(conn: Connection, record: TaskRecord) -> TaskRecord:

@@ -254,9 +254,11 @@ def register_tools(
         offset: Annotated[int, Field(ge=0, description="First host (json, csv) or character (xml)")] = 0,
         limit: Annotated[int, Field(ge=1, le=1000, description="Hosts per page (json, csv)")] = DEFAULT_PAGE,
     ) -> TaskAnswer:
-        """The result of one of your scan tasks: once finished, or the hosts done so far
-        (partial: true) while it runs or after it was stopped. Answers are paged and capped
-        in size; `page.next_offset` says where the rest starts. Instant: it never waits."""
+        """The result of one of your scan tasks: once finished, or what nmap found so far
+        (partial: true) while it runs or after it stopped: the hosts it finished, and each
+        open port within about a second of nmap finding it, on a host marked partial: true
+        until nmap reports the whole host. Answers are paged and capped in size;
+        `page.next_offset` says where the rest starts. Instant: it never waits."""
         with tool_errors():
             return await scans.result(caller(), task_id, format, view, offset, limit)
 

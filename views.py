@@ -37,7 +37,7 @@ WIRE_FRAMING_BYTES = 400
 CSV_FIELDS = ("address", "hostname", "port", "protocol", "state", "service", "product", "version", "extrainfo")
 POLL_HINT = (
     "The scan continues in the background. Call get_task_result with task_id '{id}' "
-    "to fetch the result, or the hosts finished so far (get_task_status shows progress)."
+    "to fetch the result, or what it found so far (get_task_status shows progress)."
 )
 
 
@@ -111,6 +111,7 @@ def summarize(result: ScanResult, hosts: list[HostDetail]) -> ScanSummary:
                 address=h.address,
                 status=h.status,
                 hostnames=h.hostnames,
+                partial=h.partial,
                 ports=[PortSummary(**p.model_dump(include=set(PortSummary.model_fields)))
                        for p in h.ports if p.state == "open"],
             )

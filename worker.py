@@ -5,8 +5,9 @@ next queued tasks of its pool, in fair turns across their owners (worker_store),
 it has free slots (the claim gives it a lease); a call submitting in its process while a
 slot is free makes that claim in the submitting transaction (`hand_over`). It checks each
 task's argv against its own configuration and refuses one it would not have built
-(argv_check); it marks each task started just before its nmap starts, writes progress and
-finished hosts as they come (at most about once a second), and records the verdict. Its
+(argv_check); it marks each task started just before its nmap starts, writes progress,
+finished hosts and the open ports nmap announces before it finishes their host as they come
+(at most about once a second), and records the verdict. Its
 heartbeat renews the leases of the scans it runs; a task it no longer holds (cancelled by a
 caller in any process, or resolved elsewhere) has its nmap stopped within about a second,
 through the store's change feed.
@@ -34,9 +35,9 @@ from argv_check import ArgvCheck, TaskRefused
 from change_feed import queue_key, wait_set
 from db import SLOW_CALL_SECONDS, Database, DatabaseUnavailable
 from metrics import Metrics
-from models import Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
+from models import HostDetail, Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
 from nmap_report import ReportParser, clean_text, with_versions
-from scanner import run_nmap, run_problem, version_argv
+from scanner import run_nmap, run_problem, scanned_addresses, version_argv
 from supervisor import Supervisor
 from task_manager import Submitted
 from worker_store import WorkerStore
@@ -232,8 +233,9 @@ class Worker:
     ) -> PhaseEnd:
         """Run one nmap until it ends, the task is no longer ours, or the worker shuts down;
         what happened, as facts for `judge`."""
-        scan = asyncio.create_task(self._metrics.nmap_process(
-            run_nmap(argv, time_limit_s=float(time_limit_s), stdout_sink=live.feed)))
+        started = time.monotonic()
+        scan = asyncio.create_task(self._metrics.nmap_process(run_nmap(
+            argv, time_limit_s=float(time_limit_s), xml_sink=live.report.feed, output_sink=live.feed_output)))
         lost = asyncio.create_task(self._until_lost(record))
         shutdown = asyncio.create_task(self._shutdown.wait())
         try:
@@ -245,7 +247,9 @@ class Worker:
                 scan.cancel()
             await asyncio.gather(scan, return_exceptions=True)
             await live.close(write_all=write_all)
-        result, raw = live.report.result(record.target), bytes(live.report.raw)
+        result = live.report.result(record.target, addresses=scanned_addresses(argv),
+                                    elapsed_s=time.monotonic() - started)
+        raw = bytes(live.report.raw)
         if scan.cancelled():
             cancelled = lost.done() and not lost.cancelled()
             return PhaseEnd(TaskStatus.CANCELLED if cancelled else TaskStatus.INTERRUPTED, None, result, raw)
@@ -371,7 +375,7 @@ def failure(error: str) -> ScanOutcome:
 class LiveScan:
     """A running scan's report as it streams, and the part of it already written: progress,
     and (unless `hosts` is false, for a phase that re-scans hosts already written) the hosts
-    nmap has finished."""
+    nmap has finished and the open ports it announced on the hosts it has not."""
 
     def __init__(self, store: WorkerStore, record: TaskRecord, worker_id: str, *, phase: str = "",
                  hosts: bool = True) -> None:
@@ -381,12 +385,15 @@ class LiveScan:
         self._worker_id = worker_id
         self._write_hosts = hosts
         self._hosts_written = 0
+        self._unconfirmed_written: list[HostDetail] = []
         self._progress_written: Progress | None = None
         self._closed = asyncio.Event()
         self._writer = asyncio.create_task(self._write_every(LIVE_WRITE_SECONDS), name=f"live-{record.id}")
 
-    def feed(self, chunk: bytes) -> None:
-        self.report.feed(chunk)
+    def feed_output(self, chunk: bytes) -> None:
+        """nmap's normal output: its announcements matter only where hosts are written."""
+        if self._write_hosts:
+            self.report.feed_output(chunk)
 
     async def announce(self, phase: str) -> None:
         """Say at once which phase began (nmap reports its progress only every few seconds)."""
@@ -409,15 +416,19 @@ class LiveScan:
 
     async def _write(self) -> None:
         hosts = self.report.hosts[self._hosts_written:] if self._write_hosts else []
+        unconfirmed = self.report.unconfirmed() if self._write_hosts else []
+        changed = unconfirmed != self._unconfirmed_written
         progress = self.report.progress
-        if not hosts and progress == self._progress_written:
+        if not hosts and not changed and progress == self._progress_written:
             return
         try:
-            await self._store.save_live(self._record, self._worker_id, progress, self._hosts_written, hosts)
+            await self._store.save_live(self._record, self._worker_id, progress, self._hosts_written, hosts,
+                                        unconfirmed if changed else None)
         except DatabaseUnavailable:
             logger.warning("task %s: progress not written, the task database is not reachable", self._record.id)
             return
         self._hosts_written += len(hosts)
+        self._unconfirmed_written = unconfirmed
         self._progress_written = progress
 
 
