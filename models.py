@@ -426,7 +426,8 @@ class ScanSummary(BaseModel):
     hosts_total: int = Field(description=(
         "Addresses scanned: nmap's own count once it finished, until then the addresses it was asked to scan"))
     open_ports: int
-    partial: bool = Field(default=False, description="True when the scan did not finish: what it found so far")
+    partial: bool = Field(default=False, description=(
+        "True when the scan did not complete (running, failed or stopped): what nmap had found so far"))
     warnings: list[str] = Field(default_factory=list)
     hosts: list[HostSummary]
 

@@ -358,13 +358,14 @@ class TaskManager:
             if record.status.finished:
                 raise TaskAlreadyFinished(f"task {task_id} is already {record.status.value}")
             cancelled = {"status": TaskStatus.CANCELLED.value, "finished_at": now, "error": "cancelled",
-                         "dedupe_key": None, "lease_expires_at": None}
+                         "dedupe_key": None, "lease_expires_at": None, "progress": None}
             active = tasks.c.status.in_(ACTIVE_STATUSES)
             conn.execute(update(tasks).where((tasks.c.id == task_id) | (tasks.c.parent_id == task_id), active)
                          .values(**cancelled))
             shard_ids = _shard_ids(conn, record)
             self.feed.notify(conn, task_id, *shard_ids)
-        return replace(record, status=TaskStatus.CANCELLED, finished_at=now, error="cancelled"), shard_ids
+        stopped = replace(record, status=TaskStatus.CANCELLED, finished_at=now, error="cancelled", progress=None)
+        return stopped, shard_ids
 
 
 def _select_shareable(conn: Connection, values: dict[str, Any], fresh_since: float | None) -> Row[Any] | None:

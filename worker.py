@@ -341,9 +341,9 @@ class PhaseEnd:
 def judge(first: PhaseEnd, versions: PhaseEnd | None = None) -> ScanOutcome:
     """How a scan ended, as the store records it, from the facts of its runs: `first` (its
     only run, or a full scan's port discovery, which completed when `versions` is given) and
-    a full scan's `versions` (version detection). A run that did not complete keeps the hosts
-    it finished; version detection that did not complete leaves the discovered ports as they
-    were, with a warning."""
+    a full scan's `versions` (version detection). A run that did not complete keeps what it
+    found, partial; version detection that did not complete leaves the discovered ports as
+    they were, with a warning (partial too when the scan was stopped)."""
     outcome = _outcome_of(first)
     if versions is None:
         return outcome
@@ -351,19 +351,25 @@ def judge(first: PhaseEnd, versions: PhaseEnd | None = None) -> ScanOutcome:
     raw = outcome.raw_xml + versions.raw_xml
     if versions.stopped_by is not None:
         merged = with_versions(outcome.result, versions.result, "stopped during version detection")
-        return ScanOutcome(versions.stopped_by, merged, STOPPED_ERRORS[versions.stopped_by], raw)
+        return ScanOutcome(versions.stopped_by, as_partial(merged), STOPPED_ERRORS[versions.stopped_by], raw)
     warning = None if versions.problem is None else (
         f"version detection did not finish ({versions.problem}); ports without a version come from port discovery")
     return ScanOutcome(TaskStatus.COMPLETED, with_versions(outcome.result, versions.result, warning), None, raw)
 
 
 def _outcome_of(end: PhaseEnd) -> ScanOutcome:
-    found = end.result if end.result is not None and end.result.hosts else None
+    found = as_partial(end.result) if end.result is not None and end.result.hosts else None
     if end.stopped_by is not None:
         return ScanOutcome(end.stopped_by, found, STOPPED_ERRORS[end.stopped_by], end.raw_xml)
     if end.problem is not None:
         return ScanOutcome(TaskStatus.FAILED, found, end.problem, end.raw_xml)
     return ScanOutcome(TaskStatus.COMPLETED, end.result, None, end.raw_xml)
+
+
+def as_partial(result: ScanResult) -> ScanResult:
+    """The result of a scan that did not complete: partial, even when nmap's report of the
+    run it stopped in was whole (a stopped full scan's discovery; a failed run's report)."""
+    return result.model_copy(update={"partial": True})
 
 
 def failure(error: str) -> ScanOutcome:

@@ -36,6 +36,7 @@ from models import (
     tasks,
     workers,
 )
+from scanner import scanned_addresses
 from sharding import ShardEnd, parent_verdict
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def settle_parent(conn: Connection, feed: ChangeFeed, parent_id: str) -> None:
     now = time.time()
     verdict = parent_verdict(parent.target, now - (parent.started_at or parent.created_at), [
         ShardEnd(TaskStatus(s.status), ScanResult.model_validate_json(s.result) if s.result else None, s.error)
-        for s in shards])
+        for s in shards], scanned_addresses(parent.argv))
     if verdict is None:
         return
     conn.execute(update(tasks).where(tasks.c.id == parent_id).values(
@@ -347,7 +348,7 @@ class WorkerStore:
             interrupted = conn.execute(
                 update(tasks).where(judged, tasks.c.started_at.is_not(None))
                 .values(status=TaskStatus.INTERRUPTED.value, finished_at=now, error=INTERRUPTED_ERROR,
-                        dedupe_key=None, lease_expires_at=None)
+                        dedupe_key=None, lease_expires_at=None, progress=None)
                 .returning(tasks.c.id, tasks.c.parent_id)
             ).all()
             for parent_id in sorted({row.parent_id for row in interrupted if row.parent_id}):

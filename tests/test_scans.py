@@ -21,7 +21,7 @@ from policy import NoPool, Policy
 from scans import ScanService, without_waiting
 from stores import Stores
 from supervisor import Supervisor
-from tests.support import SECRETS, Listeners, NmapWrapper, eventually
+from tests.support import SECRETS, Listeners, NmapWrapper, SilentServer, eventually
 from worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -225,13 +225,43 @@ async def test_a_scan_cancelled_before_any_host_finished_keeps_the_ports_nmap_fo
     assert seen.status is TaskStatus.RUNNING and seen.progress is not None
     # The runner's cancel returns once its worker has stopped nmap and recorded what it had.
     cancelled = await scan.runner.cancel("alice", scan.task_id)
-    assert cancelled.status is TaskStatus.CANCELLED
+    assert cancelled.status is TaskStatus.CANCELLED and cancelled.progress is None
     assert nmap_wrapper.alive() == []
     kept = await scan.reader.result("alice", scan.task_id)
-    assert kept.status is TaskStatus.CANCELLED
+    assert kept.status is TaskStatus.CANCELLED and kept.progress is None and kept.message is None
     host = announced(kept, scan.address, scan.port)
     assert host is not None and host.partial, "what nmap had announced is kept, still unconfirmed"
     assert kept.result is not None and kept.result.partial
     ran_s = (kept.finished_at or 0) - (kept.started_at or 0)
     assert kept.result.hosts_total == 3, "the addresses nmap was asked to scan"
     assert 0 < kept.result.scan_time <= ran_s + 1, "the time nmap ran"
+
+
+async def test_a_full_scan_cancelled_during_version_detection_is_partial_without_progress(
+    make_service: MakeService, nmap_wrapper: NmapWrapper,
+) -> None:
+    silent = SilentServer(f"127.52.{random.randint(0, 255)}.3")
+    try:
+        runner = await make_service(version_detection_seconds=120)
+        reader = await make_service(worker=False)
+        queued = await runner.scan("alice", runner.full(silent.host), timeout_s=0)
+
+        async def in_version_detection() -> bool:
+            progress = (await reader.status("alice", queued.task_id)).progress
+            return progress is not None and progress.phase.startswith("version detection (2 of 2)")
+
+        deadline = time.monotonic() + 60
+        while not await in_version_detection():
+            assert time.monotonic() < deadline, "the version phase did not start"
+            await asyncio.sleep(0.1)
+        assert await eventually(lambda: len(nmap_wrapper.pids()) == 2, 10), "discovery, then version detection"
+        await runner.cancel("alice", queued.task_id)
+        assert nmap_wrapper.alive() == []
+        status = await reader.status("alice", queued.task_id)
+        kept = await reader.result("alice", queued.task_id)
+    finally:
+        silent.stop()
+    assert status.status is TaskStatus.CANCELLED and status.progress is None
+    assert kept.status is TaskStatus.CANCELLED and kept.progress is None
+    assert kept.result is not None and kept.result.partial, "the README: cancelled results are partial"
+    assert announced(kept, silent.host, silent.port) is not None
