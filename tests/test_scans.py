@@ -222,7 +222,10 @@ async def test_a_scan_cancelled_before_any_host_finished_keeps_the_ports_nmap_fo
 ) -> None:
     scan = await slow_tail_scan(make_service, listeners)
     seen, _, _ = await first_seen(scan, nmap_wrapper, within_s=30)
-    assert seen.status is TaskStatus.RUNNING and seen.progress is not None
+    # Read after the write that showed the port: a result is read in two transactions, the
+    # task's row before its hosts, so `seen` may hold the row from before that write.
+    running = await scan.reader.status("alice", scan.task_id)
+    assert seen.status is running.status is TaskStatus.RUNNING and running.progress is not None
     # The runner's cancel returns once its worker has stopped nmap and recorded what it had.
     cancelled = await scan.runner.cancel("alice", scan.task_id)
     assert cancelled.status is TaskStatus.CANCELLED and cancelled.progress is None
