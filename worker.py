@@ -7,10 +7,10 @@ slot is free makes that claim in the submitting transaction (`hand_over`). It ch
 task's argv against its own configuration and refuses one it would not have built
 (argv_check); it marks each task started just before its nmap starts, writes progress,
 finished hosts and the open ports nmap announces before it finishes their host as they come
-(at most about once a second), and records the verdict. Its
-heartbeat renews the leases of the scans it runs; a task it no longer holds (cancelled by a
-caller in any process, or resolved elsewhere) has its nmap stopped within about a second,
-through the store's change feed.
+(at most about once a second), and records the verdict. Its heartbeat renews the leases of
+the scans it runs; a task it no longer holds (cancelled by a caller in any process, or
+resolved elsewhere) has its nmap stopped within about a second, through the store's change
+feed.
 
 Shutdown, in order: stop claiming; give running scans `grace_seconds`; stop the rest, which
 are recorded `interrupted` with the hosts they had finished; give back tasks claimed but not
