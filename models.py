@@ -122,7 +122,9 @@ tasks = Table(
 )
 
 # Hosts a running scan has finished, written as nmap reports them: partial results (and
-# what a crashed or cancelled scan had found) are readable from every process.
+# what a crashed or cancelled scan had found) are readable from every process. Rows with a
+# negative seq are the hosts nmap is still scanning, with the open ports it announced so far
+# (nmap_report.ReportParser.unconfirmed); each write replaces them all.
 task_hosts = Table(
     "task_hosts",
     metadata,
@@ -471,6 +473,10 @@ class HostSummary(BaseModel):
     address: str
     status: str
     hostnames: list[str] = Field(description="The names the caller gave for it")
+    # Written only when true: every other host keeps the seed service's shape.
+    partial: bool = Field(default=False, exclude_if=lambda partial: not partial, description=(
+        "True while nmap still scans this host: the open ports it announced so far, unconfirmed "
+        "(no service or version yet; more may come) until its report of the host"))
     ports: list[PortSummary]
 
 
@@ -519,12 +525,14 @@ class ScanSummary(BaseModel):
     """A compact result: per host its open ports, plus the run's counts."""
 
     target: str
-    scan_time: float = Field(description="Seconds nmap ran")
+    scan_time: float = Field(description="Seconds nmap ran (so far, while it runs)")
     hosts_up: int
-    hosts_down: int
-    hosts_total: int
+    hosts_down: int = Field(description="Hosts nmap reported down (not listed in hosts)")
+    hosts_total: int = Field(description=(
+        "Addresses scanned: nmap's own count once it finished, until then the addresses it was asked to scan"))
     open_ports: int
-    partial: bool = Field(default=False, description="True when the scan did not finish: hosts so far")
+    partial: bool = Field(default=False, description=(
+        "True when the scan did not complete (running, failed or stopped): what nmap had found so far"))
     warnings: list[str] = Field(default_factory=list)
     hosts: list[HostSummary]
 

@@ -3,8 +3,11 @@
 One incremental parser (stdlib ElementTree's XMLPullParser) serves every case: a finished
 report, the hosts a running scan has finished so far, and the report of a scan that was
 killed midway. Each `<host>` becomes a model and its elements are freed as it closes.
-Text that comes from targets (banners, product and version strings, script output, PTR
-names) is stripped of control characters, bounded in length, and kept under `untrusted`.
+Alongside it, nmap's normal output is read for the open ports nmap announces the moment it
+finds them, long before the XML holds their host: those hosts are shown `partial` until the
+XML has them. Text that comes from targets (banners, product and version strings, script
+output, PTR names) is stripped of control characters, bounded in length, and kept under
+`untrusted`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ RAW_CAP = 64 * 1024 * 1024
 SCRIPT_OUTPUT_LIMIT = 2000
 FIELD_LIMIT = 200
 _INVALID_CHAR_REF = re.compile(r"&#([xX][0-9a-fA-F]+|[0-9]+);")
+# How nmap (with -v, and -n: addresses only) announces an open port in its normal output as it
+# finds it; NSE output there is indented ("| "), so no script can write such a line.
+_ANNOUNCED = re.compile(rb"Discovered open port ([0-9]{1,5})/(tcp|udp|sctp) on ([0-9A-Fa-f.:]+)")
+# No announcement is longer: of a longer line (script output, say) only this much is kept.
+OUTPUT_LINE_LIMIT = 200
 
 
 def clean_text(text: str, limit: int) -> str:
@@ -58,11 +66,20 @@ class RunStats:
     hosts_down: int = 0
     hosts_total: int = 0
 
+    @classmethod
+    def so_far(cls, hosts: list[HostDetail], addresses: int, elapsed_s: float) -> RunStats:
+        """Counts for a report nmap has not closed: the hosts it reported so far, of the
+        `addresses` it was asked to scan, after `elapsed_s`."""
+        return cls(elapsed=round(elapsed_s, 2), hosts_up=sum(h.status == "up" for h in hosts),
+                   hosts_down=sum(h.status == "down" for h in hosts), hosts_total=max(addresses, len(hosts)))
+
 
 @dataclass
 class ReportParser:
-    """Feed nmap's stdout as it arrives; ask for the result at any time."""
+    """Feed nmap's XML (`feed`) and its normal output (`feed_output`) as they arrive; ask
+    for the result at any time."""
 
+    # The hosts the XML holds so far, in its order (with -v, those nmap found down too).
     hosts: list[HostDetail] = field(default_factory=list)
     scanned: list[ScannedPorts] = field(default_factory=list)
     progress: Progress | None = None
@@ -75,9 +92,13 @@ class ReportParser:
     truncated: bool = False
     _pending: bytes = b""
     _parser: ET.XMLPullParser[ET.Element] = field(default_factory=lambda: ET.XMLPullParser(events=("end",)))
+    # Open ports announced in the normal output on hosts the XML does not hold yet, by address.
+    _announced: dict[str, dict[tuple[str, int], None]] = field(default_factory=dict)
+    _output_pending: bytes = b""
+    _finished: set[str] = field(default_factory=set)
 
     def feed(self, chunk: bytes) -> None:
-        """Take the next piece of stdout; parse every complete line in it."""
+        """Take the next piece of nmap's XML; parse every complete line in it."""
         if len(self.raw) + len(chunk) > RAW_CAP:
             self.truncated = True
             chunk = chunk[: max(RAW_CAP - len(self.raw), 0)]
@@ -85,6 +106,34 @@ class ReportParser:
         lines, _, self._pending = (self._pending + chunk).rpartition(b"\n")
         if lines and not self.broken:
             self._parse(lines + b"\n")
+
+    def feed_output(self, chunk: bytes) -> None:
+        """Take the next piece of nmap's normal output; note every open port it announces."""
+        *lines, rest = (self._output_pending + chunk).split(b"\n")
+        self._output_pending = rest[:OUTPUT_LINE_LIMIT]
+        for line in lines:
+            if match := _ANNOUNCED.fullmatch(line.rstrip(b"\r")):
+                self._announce(match)
+
+    def _announce(self, match: re.Match[bytes]) -> None:
+        port, protocol, address = int(match.group(1)), match.group(2).decode(), match.group(3).decode()
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            return
+        # A host's report may be read first when both come at once: it has the last word.
+        if 0 < port < 65536 and address not in self._finished:
+            self._announced.setdefault(address, {})[(protocol, port)] = None
+
+    def unconfirmed(self) -> list[HostDetail]:
+        """The hosts nmap is still scanning, each with the open ports it announced so far
+        (`partial`: no service or version yet, and more ports may come)."""
+        return [
+            HostDetail(address=address, status="up", hostnames=[], partial=True, ports=[
+                PortDetail(port=port, protocol=protocol, state="open", service="")
+                for protocol, port in sorted(ports)])
+            for address, ports in self._announced.items()
+        ]
 
     def _parse(self, data: bytes) -> None:
         text = _INVALID_CHAR_REF.sub(_legal_char_ref, data.decode("utf-8", "replace"))
@@ -99,7 +148,10 @@ class ReportParser:
 
     def _handle(self, element: ET.Element) -> None:
         if element.tag == "host":
-            self.hosts.append(_host(element))
+            host = _host(element)
+            self.hosts.append(host)
+            self._finished.add(host.address)
+            self._announced.pop(host.address, None)
             element.clear()  # done with it: what stays in the tree is an empty stub
         elif element.tag == "scaninfo":
             self.scanned.append(ScannedPorts(protocol=element.get("protocol", ""),
@@ -119,24 +171,28 @@ class ReportParser:
             return reported.model_copy(update={"percent": max(reported.percent, self.progress.percent)})
         return reported
 
-    def result(self, target: str) -> ScanResult:
-        """The hosts parsed so far, with the run's statistics when nmap wrote them."""
-        result = build_result(target, self.hosts, self.runstats, complete=self.complete)
+    def result(self, target: str, *, addresses: int = 0, elapsed_s: float = 0.0) -> ScanResult:
+        """The hosts nmap finished and those it is still scanning (`unconfirmed`), with the
+        run's statistics once nmap wrote them; until then the counts are those of the hosts
+        so far, of the `addresses` nmap was asked to scan, and `elapsed_s` its time."""
+        hosts = [*self.hosts, *self.unconfirmed()]
+        result = build_result(target, hosts, self.runstats or RunStats.so_far(hosts, addresses, elapsed_s),
+                              complete=self.complete)
         return result.model_copy(update={"scanned": self.scanned}) if self.scanned else result
 
 
-def build_result(target: str, hosts: list[HostDetail], stats: RunStats | None, *, complete: bool) -> ScanResult:
-    """A result from finished hosts; without `stats` (a scan still running, or cut off) the
-    counts come from the hosts themselves."""
-    stats = stats or RunStats(hosts_up=sum(h.status == "up" for h in hosts))
-    ordered = sorted(hosts, key=_address_key)
+def build_result(target: str, hosts: list[HostDetail], stats: RunStats, *, complete: bool) -> ScanResult:
+    """A result from hosts nmap reported, with `stats` (its own, or `RunStats.so_far`). Hosts
+    it found down are counted, not listed: nmap lists them only with -v, which the server
+    adds for its live output, not for them."""
+    ordered = sorted((h for h in hosts if h.status != "down"), key=_address_key)
     timed_out = [h.address for h in ordered if h.timed_out]
     return ScanResult(
         target=target,
         scan_time=stats.elapsed,
         hosts_up=stats.hosts_up,
         hosts_down=stats.hosts_down,
-        hosts_total=stats.hosts_total or len(ordered),
+        hosts_total=stats.hosts_total,
         open_ports=sum(p.state == "open" for h in ordered for p in h.ports),
         partial=not complete,
         warnings=[f"host {address} timed out before its scan finished" for address in timed_out],
@@ -179,7 +235,7 @@ def merge_results(target: str, parts: list[ScanResult], elapsed_s: float) -> Sca
 
 
 def parse_report(xml: bytes | str, target: str) -> ScanResult:
-    """Parse a whole report (complete or not) in one go."""
+    """Parse a whole XML report (complete or not) in one go."""
     parser = ReportParser()
     parser.feed(xml.encode() if isinstance(xml, str) else xml)
     parser.feed(b"\n")

@@ -17,7 +17,8 @@ INSTRUCTIONS = """Network scans with nmap, for the networks this server is allow
 - Scan with quick_scan (100 common ports), full_scan (all ports, then versions), scan (typed
   fields) or custom_scan (nmap options, see nmap://help/custom_scan). A scan waits up to its
   timeout, then returns a task_id while it goes on: get_task_status shows progress,
-  get_task_result the result (or the hosts found so far), cancel_task stops it.
+  get_task_result the result (or what it found so far: open ports appear as nmap finds
+  them), cancel_task stops it and keeps what it found.
 - Everything your scans found is kept: find_hosts searches it (by network, port, service,
   product, version, changes since a time) and top_values counts it; a version found by -sV or
   full_scan stays until another version scan finds something else. diff_scans compares two

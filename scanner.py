@@ -3,9 +3,9 @@
 `build_argv` and `run_problem` are pure; what a run's facts mean for its task is decided by
 worker.judge, not here. `run_nmap` owns the process from start to end: under the commands of
 its sandbox (sandbox.py: no file writes, death with the server, another user when the server
-is root), a clean environment, an empty working directory, no stdin, its own process group
-(killed on every exit path), stdout streamed to a sink as it arrives and stderr read
-concurrently with a size cap.
+is root), a clean environment, an empty working directory, its own process group (killed on
+every exit path), its XML report and its normal output each streamed to a sink as they
+arrive, and stderr read concurrently with a size cap.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TypedDict
 
 from models import ScanKind, ScanResult
 from nmap_report import RAW_CAP, ReportParser
+from targets import address_count
 
 QUICK_OPTIONS: tuple[str, ...] = ("-T4", "--top-ports", "100")
 # A full scan's first phase, port discovery over all ports. -T4 adapts its speed to the
@@ -37,6 +38,12 @@ FULL_OPTIONS: tuple[str, ...] = ("-T4", "-p", "1-65535", "--min-rate", "1000", "
 VERSION_OPTIONS: tuple[str, ...] = ("-T4", "-sV")
 # nmap writes <taskprogress> into its XML this often; the task records it as progress.
 STATS_EVERY = "2s"
+# Where nmap writes its XML: its stdin, which run_nmap makes the write end of a pipe. With
+# `-oX -` nmap silences its normal output on stdout, and that output (with -v) is where it
+# says "Discovered open port ..." the moment it finds one; the XML holds a host only once its
+# host group is done. nmap never reads stdin here (-iL is not allowed) and its run-time
+# keyboard input comes from /dev/tty. /proc rather than /dev/fd: a minimal /dev may lack it.
+XML_OUTPUT = "/proc/self/fd/0"
 STDERR_CAP = 64 * 1024
 _CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -56,7 +63,7 @@ def run_problem(run: NmapRun, report: ReportParser, result: ScanResult, time_lim
     None when nothing did. nmap exits 0 for many failures, so the XML is read too: `result` is
     the report's result for the scan's target."""
     if run.timed_out:
-        return f"the scan ran past its time limit of {time_limit_s:g} s and was stopped; hosts finished so far are kept"
+        return f"the scan ran past its time limit of {time_limit_s:g} s and was stopped; what it found so far is kept"
     if report.truncated:
         return f"nmap wrote more than {RAW_CAP // 2**20} MiB; scan fewer targets or ports"
     if run.returncode != 0:
@@ -88,13 +95,19 @@ def build_argv(
     """The full argv: validated options, the server's own output flags, `--`, targets.
 
     `-n` always: targets arrive already resolved, and reverse lookups are surprise traffic.
+    `-v` for the open ports nmap announces as it finds them (see XML_OUTPUT).
     `--` ends option parsing, so nothing after it can ever be read as an option.
     """
-    argv = [nmap_path, *options, "-n", "-oX", "-", "--stats-every", STATS_EVERY,
+    argv = [nmap_path, *options, "-n", "-v", "-oX", XML_OUTPUT, "--stats-every", STATS_EVERY,
             "--privileged" if privileged else "--unprivileged"]
     if ipv6:
         argv.append("-6")
     return [*argv, "--", *targets]
+
+
+def scanned_addresses(argv: Sequence[str]) -> int:
+    """How many addresses an argv the server built asks nmap to scan (its targets after `--`)."""
+    return address_count(argv[list(argv).index("--") + 1:]) if "--" in argv else 0
 
 
 def version_argv(discovery_argv: Sequence[str], discovery: ScanResult) -> list[str] | None:
@@ -151,32 +164,45 @@ def nmap_environment() -> dict[str, str]:
 
 
 async def run_nmap(
-    argv: Sequence[str], *, sandbox: Sequence[str], time_limit_s: float, stdout_sink: Callable[[bytes], None]
+    argv: Sequence[str], *, sandbox: Sequence[str], time_limit_s: float, xml_sink: Callable[[bytes], None],
+    output_sink: Callable[[bytes], None],
 ) -> NmapRun:
-    """Run nmap once, its argv after `sandbox` (the prefix of sandbox.Sandbox); kill its whole
-    process group on timeout, cancellation or error."""
+    """Run nmap once, its argv after `sandbox` (the prefix of sandbox.Sandbox), its XML report to
+    `xml_sink` (through its stdin, see XML_OUTPUT) and its normal output to `output_sink`; kill
+    its whole process group on timeout, cancellation or error."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nmap-mcp-") as workdir:
-        # Returns once setpriv runs (vfork and exec), as asyncio's own subprocess start does.
-        # The sandbox's commands are exec'd in turn, so the process started is nmap's in the end.
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            [*sandbox, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=nmap_environment(),
-            # A process group to kill, in the server's session: a session of its own is also
-            # a scheduling group of its own under the kernel's autogroup (on by default in
-            # many kernels), where each nmap weighs as much as the whole server.
-            process_group=0,
-        )
+        xml_fd, xml_end = os.pipe()
+        # nmap opens its report at /proc/self/fd/0 anew, which checks the pipe's mode: made by
+        # this process, it is 0600 and ours, and an nmap dropped to nmap_user could not write it.
+        # Only processes that hold the pipe, or may trace nmap (its own user), can reach it.
+        os.fchmod(xml_end, 0o622)
         try:
-            child = _Child(proc, stdout_sink)
+            # Returns once setpriv runs (vfork and exec), as asyncio's own subprocess start does.
+            # The sandbox's commands are exec'd in turn, so the process started is nmap's in the end.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [*sandbox, *argv],
+                stdin=xml_end,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env=nmap_environment(),
+                # A process group to kill, in the server's session: a session of its own is also
+                # a scheduling group of its own under the kernel's autogroup (on by default in
+                # many kernels), where each nmap weighs as much as the whole server.
+                process_group=0,
+            )
+        except BaseException:
+            os.close(xml_fd)
+            raise
+        finally:
+            os.close(xml_end)  # nmap's alone now: its report ends when nmap (and its group) is gone
+        try:
+            child = _Child(proc, xml_fd, xml_sink, output_sink)
         except BaseException:  # no descriptor left for its pidfd: it must not run on unwatched
             _kill_group(proc.pid)
             proc.wait()
-            _close_pipes(proc)
+            _close_pipes(proc, xml_fd)
             raise
         try:
             timed_out = await child.finished(time_limit_s)
@@ -186,25 +212,28 @@ async def run_nmap(
 
 
 class _Child:
-    """A started nmap, followed by the event loop itself: stdout to the sink as it arrives,
-    stderr kept up to STDERR_CAP (the rest drained, so nmap never blocks on it), the exit
-    heard from a pidfd. asyncio's own subprocess transport took six turns of the event loop
-    to start a process and two reader tasks to follow it: on a busy server each turn waits
-    behind everything else that is ready, about 40 ms of every quick scan's latency.
+    """A started nmap, followed by the event loop itself: its XML and its normal output to
+    their sinks as they arrive, stderr kept up to STDERR_CAP (the rest drained, so nmap never
+    blocks on it), the exit heard from a pidfd. asyncio's own subprocess transport took six
+    turns of the event loop to start a process and two reader tasks to follow it: on a busy
+    server each turn waits behind everything else that is ready, about 40 ms of every quick
+    scan's latency.
 
     Its process group is killed when it exits, before it is reaped (the group id cannot have
     been reused yet), or when the scan is cut short."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], stdout_sink: Callable[[bytes], None]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], xml_fd: int, xml_sink: Callable[[bytes], None],
+                 output_sink: Callable[[bytes], None]) -> None:
         assert proc.stdout is not None and proc.stderr is not None
         self._loop = asyncio.get_running_loop()
         self._proc = proc
+        self._xml_fd = xml_fd
         self.stderr = bytearray()
         self._timed_out = False
         self._pidfd = _pidfd(proc.pid)  # first: if it fails, nothing is registered yet
         self._exited = self._loop.create_future()  # exited, its group killed, reaped
-        self._done = self._loop.create_future()  # exited and both pipes read to their end; or the sink failed
-        self._open = {proc.stdout.fileno(): stdout_sink, proc.stderr.fileno(): self._to_stderr}
+        self._done = self._loop.create_future()  # exited and every pipe read to its end; or a sink failed
+        self._open = {xml_fd: xml_sink, proc.stdout.fileno(): output_sink, proc.stderr.fileno(): self._to_stderr}
         for fd in self._open:
             os.set_blocking(fd, False)
             self._loop.add_reader(fd, self._read, fd)
@@ -214,7 +243,7 @@ class _Child:
             self._loop.run_in_executor(None, _wait_exit, proc.pid).add_done_callback(lambda _: self._on_exit())
 
     async def finished(self, time_limit_s: float) -> bool:
-        """Wait for the exit and the end of both pipes; after `time_limit_s` kill the group
+        """Wait for the exit and the end of every pipe; after `time_limit_s` kill the group
         and wait for that. True when the time limit cut the run."""
         timer = self._loop.call_later(time_limit_s, self._time_out)
         try:
@@ -231,7 +260,7 @@ class _Child:
         await asyncio.shield(self._exited)
         for fd in list(self._open):
             self._stop_reading(fd)
-        _close_pipes(self._proc)
+        _close_pipes(self._proc, self._xml_fd)
 
     def _time_out(self) -> None:
         self._timed_out = True
@@ -274,10 +303,11 @@ class _Child:
             self._done.set_result(None)
 
 
-def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+def _close_pipes(proc: subprocess.Popen[bytes], xml_fd: int) -> None:
     for stream in (proc.stdout, proc.stderr):
         assert stream is not None
         stream.close()
+    os.close(xml_fd)
 
 
 def _pidfd(pid: int) -> int | None:

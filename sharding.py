@@ -71,14 +71,18 @@ def shards_progress(shards: Sequence[tuple[TaskStatus, Progress | None]]) -> Pro
                     phase=f"{done} of {len(shards)} shards finished")
 
 
-def parent_verdict(target: str, duration_s: float, shards: Sequence[ShardEnd]) -> ParentVerdict | None:
+def parent_verdict(target: str, duration_s: float, shards: Sequence[ShardEnd], addresses: int) -> ParentVerdict | None:
     """The parent's verdict once every shard has finished (None before): the shards' results
-    merged, the worst status any of them ended in, and each shard's error by its number."""
+    merged, the worst status any of them ended in, and each shard's error by its number. A
+    verdict other than completed has a partial result, of all `addresses` the scan covers
+    (a shard stopped before it found anything has no result to count its own)."""
     if not all(end.status.finished for end in shards):
         return None
     parts = [end.result for end in shards if end.result is not None]
     merged = merge_results(target, parts, duration_s) if parts else None
     statuses = {end.status for end in shards}
     status = next((s for s in _WORST_FIRST if s in statuses), TaskStatus.COMPLETED)
+    if merged is not None and status is not TaskStatus.COMPLETED:
+        merged = merged.model_copy(update={"partial": True, "hosts_total": max(addresses, merged.hosts_total)})
     errors = sorted({f"shard {i + 1}: {end.error}" for i, end in enumerate(shards) if end.error})
     return ParentVerdict(status, merged, "; ".join(errors) or None)

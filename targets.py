@@ -208,6 +208,13 @@ def parse_literal(token: str) -> tuple[str, list[IPNetwork]] | None:
     return None
 
 
+def address_count(nmap_targets: Iterable[str]) -> int:
+    """How many addresses targets as the server gives them to nmap cover (resolved literals:
+    a word that is not one counts nothing)."""
+    literals = (parse_literal(target) for target in nmap_targets)
+    return sum(network.num_addresses for literal in literals if literal for network in literal[1])
+
+
 def _ipv4_problem(token: str) -> str:
     """What is wrong with a token of digits, dots and dashes that none of the IPv4 forms matched."""
     address, dash, last = token.partition("-")

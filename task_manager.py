@@ -40,7 +40,8 @@ from models import (
     task_hosts,
     tasks,
 )
-from nmap_report import build_result, merge_results
+from nmap_report import RunStats, build_result, merge_results
+from scanner import scanned_addresses
 from schedule_store import link_run
 from sharding import Shard, shards_progress
 from worker_store import claim_in
@@ -220,8 +221,9 @@ class TaskManager:
                 known = None
 
     async def result_so_far(self, record: TaskRecord) -> ScanResult | None:
-        """The final result, or the hosts finished so far (partial) while it runs or after it
-        was stopped without one; None when there are none."""
+        """The final result, or what was found so far (partial: the hosts finished, and those
+        still scanned with the open ports nmap announced) while it runs or after it was stopped
+        without one; None when there is nothing."""
         if record.result is not None:
             return record.result
         shard_results, hosts = await self._db.run(self._select_found, record)
@@ -357,13 +359,14 @@ class TaskManager:
             if record.status.finished:
                 raise TaskAlreadyFinished(f"task {task_id} is already {record.status.value}")
             cancelled = {"status": TaskStatus.CANCELLED.value, "finished_at": now, "error": "cancelled",
-                         "dedupe_key": None, "lease_expires_at": None}
+                         "dedupe_key": None, "lease_expires_at": None, "progress": None}
             active = tasks.c.status.in_(ACTIVE_STATUSES)
             conn.execute(update(tasks).where((tasks.c.id == task_id) | (tasks.c.parent_id == task_id), active)
                          .values(**cancelled))
             shard_ids = _shard_ids(conn, record)
             self.feed.notify(conn, task_id, *shard_ids)
-        return replace(record, status=TaskStatus.CANCELLED, finished_at=now, error="cancelled"), shard_ids
+        stopped = replace(record, status=TaskStatus.CANCELLED, finished_at=now, error="cancelled", progress=None)
+        return stopped, shard_ids
 
 
 def _select_shareable(conn: Connection, values: dict[str, Any], fresh_since: float | None) -> Row[Any] | None:
@@ -384,17 +387,21 @@ def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[st
 
 
 def _partial_result(record: TaskRecord, shard_results: list[str], host_rows: list[str]) -> ScanResult | None:
-    """A partial result from what `_select_found` read; None when it holds nothing."""
+    """A partial result from what `_select_found` read; None when it holds nothing. It counts
+    the addresses the task asked nmap to scan, and the time since it started."""
     hosts = [stored_host(data) for data in host_rows]
+    addresses = scanned_addresses(record.argv)
+    elapsed_s = (record.finished_at or time.time()) - (record.started_at or record.created_at)
     if not record.shard_count:
-        return build_result(record.target, hosts, None, complete=False) if hosts else None
+        return build_result(record.target, hosts, RunStats.so_far(hosts, addresses, elapsed_s),
+                            complete=False) if hosts else None
     parts = [stored_result(result) for result in shard_results]
     if hosts:
-        parts.append(build_result(record.target, hosts, None, complete=False))
+        parts.append(build_result(record.target, hosts, RunStats.so_far(hosts, 0, 0.0), complete=False))
     if not parts:
         return None
-    merged = merge_results(record.target, parts, (record.finished_at or time.time()) - record.created_at)
-    return merged.model_copy(update={"partial": True})
+    merged = merge_results(record.target, parts, elapsed_s)
+    return merged.model_copy(update={"partial": True, "hosts_total": max(addresses, merged.hosts_total)})
 
 
 def _with_shard_progress(conn: Connection, record: TaskRecord) -> TaskRecord:

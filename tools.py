@@ -271,11 +271,13 @@ def register_tools(
         limit: Annotated[int, Field(ge=1, le=1000, description="Hosts per page (json, csv)")] = DEFAULT_PAGE,
         port_offset: PortOffset = 0,
     ) -> TaskAnswer:
-        """The result of one of your scan tasks: once finished, or the hosts done so far
-        (partial: true) while it runs or after it was stopped. Answers are paged and capped
-        in size; `page.next_offset` says where the rest starts. A host with more ports than one
-        answer holds comes alone with the ports that fit, and `page.cut` says how to fetch the
-        rest of them. Instant: it never waits."""
+        """The result of one of your scan tasks: once finished, or what nmap found so far
+        (partial: true) while it runs or after it stopped: the hosts it finished, and each
+        open port within about a second of nmap finding it, on a host marked partial: true
+        until nmap reports the whole host. Answers are paged and capped in size;
+        `page.next_offset` says where the rest starts. A host with more ports than one answer
+        holds comes alone with the ports that fit, and `page.cut` says how to fetch the rest of
+        them. Instant: it never waits."""
         with tool_errors():
             return await scans.result(caller(), task_id, format, view, offset, limit, port_offset)
 

@@ -5,11 +5,12 @@ next queued tasks of its pool, in fair turns across their owners (worker_store),
 it has free slots (the claim gives it a lease); a call submitting in its process while a
 slot is free makes that claim in the submitting transaction (`hand_over`). It checks each
 task's argv against its own configuration and refuses one it would not have built
-(argv_check); it marks each task started just before its nmap starts, writes progress and
-finished hosts as they come (at most about once a second), and records the verdict. Its
-heartbeat renews the leases of the scans it runs; a task it no longer holds (cancelled by a
-caller in any process, or resolved elsewhere) has its nmap stopped within about a second,
-through the store's change feed.
+(argv_check); it marks each task started just before its nmap starts, writes progress,
+finished hosts and the open ports nmap announces before it finishes their host as they come
+(at most about once a second), and records the verdict. Its heartbeat renews the leases of
+the scans it runs; a task it no longer holds (cancelled by a caller in any process, or
+resolved elsewhere) has its nmap stopped within about a second, through the store's change
+feed.
 
 Shutdown, in order: stop claiming; give running scans `grace_seconds`; stop the rest, which
 are recorded `interrupted` with the hosts they had finished; give back tasks claimed but not
@@ -34,9 +35,9 @@ from argv_check import ArgvCheck, TaskRefused
 from change_feed import queue_key, wait_set
 from db import SLOW_CALL_SECONDS, Database, DatabaseUnavailable
 from metrics import Metrics
-from models import Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
+from models import HostDetail, Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
 from nmap_report import ReportParser, clean_text, with_versions
-from scanner import run_nmap, run_problem, version_argv
+from scanner import run_nmap, run_problem, scanned_addresses, version_argv
 from supervisor import Supervisor
 from task_manager import Submitted
 from worker_store import WorkerStore
@@ -234,8 +235,10 @@ class Worker:
     ) -> PhaseEnd:
         """Run one nmap until it ends, the task is no longer ours, or the worker shuts down;
         what happened, as facts for `judge`."""
-        scan = asyncio.create_task(self._metrics.nmap_process(
-            run_nmap(argv, sandbox=self._sandbox, time_limit_s=float(time_limit_s), stdout_sink=live.feed)))
+        started = time.monotonic()
+        scan = asyncio.create_task(self._metrics.nmap_process(run_nmap(
+            argv, sandbox=self._sandbox, time_limit_s=float(time_limit_s), xml_sink=live.report.feed,
+            output_sink=live.feed_output)))
         lost = asyncio.create_task(self._until_lost(record))
         shutdown = asyncio.create_task(self._shutdown.wait())
         try:
@@ -247,7 +250,9 @@ class Worker:
                 scan.cancel()
             await asyncio.gather(scan, return_exceptions=True)
             await live.close(write_all=write_all)
-        result, raw = live.report.result(record.target), bytes(live.report.raw)
+        result = live.report.result(record.target, addresses=scanned_addresses(argv),
+                                    elapsed_s=time.monotonic() - started)
+        raw = bytes(live.report.raw)
         if scan.cancelled():
             cancelled = lost.done() and not lost.cancelled()
             return PhaseEnd(TaskStatus.CANCELLED if cancelled else TaskStatus.INTERRUPTED, None, result, raw)
@@ -339,9 +344,9 @@ class PhaseEnd:
 def judge(first: PhaseEnd, versions: PhaseEnd | None = None) -> ScanOutcome:
     """How a scan ended, as the store records it, from the facts of its runs: `first` (its
     only run, or a full scan's port discovery, which completed when `versions` is given) and
-    a full scan's `versions` (version detection). A run that did not complete keeps the hosts
-    it finished; version detection that did not complete leaves the discovered ports as they
-    were, with a warning."""
+    a full scan's `versions` (version detection). A run that did not complete keeps what it
+    found, partial; version detection that did not complete leaves the discovered ports as
+    they were, with a warning (partial too when the scan was stopped)."""
     outcome = _outcome_of(first)
     if versions is None:
         return outcome
@@ -349,19 +354,25 @@ def judge(first: PhaseEnd, versions: PhaseEnd | None = None) -> ScanOutcome:
     raw = outcome.raw_xml + versions.raw_xml
     if versions.stopped_by is not None:
         merged = with_versions(outcome.result, versions.result, "stopped during version detection")
-        return ScanOutcome(versions.stopped_by, merged, STOPPED_ERRORS[versions.stopped_by], raw)
+        return ScanOutcome(versions.stopped_by, as_partial(merged), STOPPED_ERRORS[versions.stopped_by], raw)
     warning = None if versions.problem is None else (
         f"version detection did not finish ({versions.problem}); ports without a version come from port discovery")
     return ScanOutcome(TaskStatus.COMPLETED, with_versions(outcome.result, versions.result, warning), None, raw)
 
 
 def _outcome_of(end: PhaseEnd) -> ScanOutcome:
-    found = end.result if end.result is not None and end.result.hosts else None
+    found = as_partial(end.result) if end.result is not None and end.result.hosts else None
     if end.stopped_by is not None:
         return ScanOutcome(end.stopped_by, found, STOPPED_ERRORS[end.stopped_by], end.raw_xml)
     if end.problem is not None:
         return ScanOutcome(TaskStatus.FAILED, found, end.problem, end.raw_xml)
     return ScanOutcome(TaskStatus.COMPLETED, end.result, None, end.raw_xml)
+
+
+def as_partial(result: ScanResult) -> ScanResult:
+    """The result of a scan that did not complete: partial, even when nmap's report of the
+    run it stopped in was whole (a stopped full scan's discovery; a failed run's report)."""
+    return result.model_copy(update={"partial": True})
 
 
 def failure(error: str) -> ScanOutcome:
@@ -373,7 +384,7 @@ def failure(error: str) -> ScanOutcome:
 class LiveScan:
     """A running scan's report as it streams, and the part of it already written: progress,
     and (unless `hosts` is false, for a phase that re-scans hosts already written) the hosts
-    nmap has finished."""
+    nmap has finished and the open ports it announced on the hosts it has not."""
 
     def __init__(self, store: WorkerStore, record: TaskRecord, worker_id: str, *, phase: str = "",
                  hosts: bool = True) -> None:
@@ -383,12 +394,15 @@ class LiveScan:
         self._worker_id = worker_id
         self._write_hosts = hosts
         self._hosts_written = 0
+        self._unconfirmed_written: list[HostDetail] = []
         self._progress_written: Progress | None = None
         self._closed = asyncio.Event()
         self._writer = asyncio.create_task(self._write_every(LIVE_WRITE_SECONDS), name=f"live-{record.id}")
 
-    def feed(self, chunk: bytes) -> None:
-        self.report.feed(chunk)
+    def feed_output(self, chunk: bytes) -> None:
+        """nmap's normal output: its announcements matter only where hosts are written."""
+        if self._write_hosts:
+            self.report.feed_output(chunk)
 
     async def announce(self, phase: str) -> None:
         """Say at once which phase began (nmap reports its progress only every few seconds)."""
@@ -411,15 +425,19 @@ class LiveScan:
 
     async def _write(self) -> None:
         hosts = self.report.hosts[self._hosts_written:] if self._write_hosts else []
+        unconfirmed = self.report.unconfirmed() if self._write_hosts else []
+        changed = unconfirmed != self._unconfirmed_written
         progress = self.report.progress
-        if not hosts and progress == self._progress_written:
+        if not hosts and not changed and progress == self._progress_written:
             return
         try:
-            await self._store.save_live(self._record, self._worker_id, progress, self._hosts_written, hosts)
+            await self._store.save_live(self._record, self._worker_id, progress, self._hosts_written, hosts,
+                                        unconfirmed if changed else None)
         except DatabaseUnavailable:
             logger.warning("task %s: progress not written, the task database is not reachable", self._record.id)
             return
         self._hosts_written += len(hosts)
+        self._unconfirmed_written = unconfirmed
         self._progress_written = progress
 
 

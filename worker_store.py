@@ -36,6 +36,7 @@ from models import (
     tasks,
     workers,
 )
+from scanner import scanned_addresses
 from sharding import ShardEnd, parent_verdict
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ _MARK_PARENT_STARTED = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.s
 _INSERT_LIVE_HOSTS = insert(task_hosts)
 _KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
 _DELETE_LIVE_HOSTS = delete(task_hosts).where(task_hosts.c.task_id == _P["id"])
+_DELETE_UNCONFIRMED = delete(task_hosts).where(task_hosts.c.task_id == _P["id"], task_hosts.c.seq < 0)
 # Running tasks (not a sharded parent, which has no lease of its own) whose lease has expired.
 _EXPIRED_LEASES = select(tasks.c.id, func.coalesce(tasks.c.lease_expires_at, 0.0).label("lease")).where(
     tasks.c.status == TaskStatus.RUNNING.value, tasks.c.shard_count == 0,
@@ -141,7 +143,7 @@ def settle_parent(conn: Connection, feed: ChangeFeed, parent_id: str) -> None:
     now = time.time()
     verdict = parent_verdict(parent.target, now - (parent.started_at or parent.created_at), [
         ShardEnd(TaskStatus(s.status), stored_result(s.result) if s.result else None, s.error)
-        for s in shards])
+        for s in shards], scanned_addresses(parent.argv))
     if verdict is None:
         return
     conn.execute(update(tasks).where(tasks.c.id == parent_id).values(
@@ -183,14 +185,17 @@ class WorkerStore:
         self.feed.publish(*record.keys, queue_key(record.pool))
 
     async def save_live(
-        self, record: TaskRecord, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail]
+        self, record: TaskRecord, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail],
+        unconfirmed: list[HostDetail] | None = None,
     ) -> None:
-        """Write a running scan's progress and the hosts it finished since the last call.
-        Only the worker holding a task writes its hosts, from its start: the task is noted
-        before the write, which may commit even when its answer is lost."""
-        if hosts:
+        """Write a running scan's progress, the hosts it finished since the last call and,
+        unless None (unchanged), the hosts it is still scanning with the open ports nmap
+        announced on them, in place of those written before. Only the worker holding a task
+        writes its hosts, from its start: the task is noted before the write, which may
+        commit even when its answer is lost."""
+        if hosts or unconfirmed:
             self._live_hosts_of.add(record.id)
-        await self._db.run(self._save_live, record.id, worker_id, progress, first_seq, hosts)
+        await self._db.run(self._save_live, record.id, worker_id, progress, first_seq, hosts, unconfirmed)
         self.feed.publish(*record.keys)
 
     async def finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
@@ -255,16 +260,21 @@ class WorkerStore:
             )
 
     def _save_live(
-        self, task_id: str, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail]
+        self, task_id: str, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail],
+        unconfirmed: list[HostDetail] | None,
     ) -> None:
         with self._db.writing() as conn:
             ours = conn.execute(_UPDATE_RUNNING_OURS, {
                 "p_id": task_id, "p_worker": worker_id, "progress": progress.model_dump_json() if progress else None,
             }).rowcount == 1
-            if ours and hosts:
+            # In one transaction: a reader never sees a host both finished and still scanned.
+            rows = [(first_seq + i, host) for i, host in enumerate(hosts)]
+            if ours and unconfirmed is not None:
+                conn.execute(_DELETE_UNCONFIRMED, {"p_id": task_id})
+                rows += [(-1 - i, host) for i, host in enumerate(unconfirmed)]
+            if ours and rows:
                 conn.execute(_INSERT_LIVE_HOSTS, [
-                    {"task_id": task_id, "seq": first_seq + i, "data": host.model_dump_json()}
-                    for i, host in enumerate(hosts)
+                    {"task_id": task_id, "seq": seq, "data": host.model_dump_json()} for seq, host in rows
                 ])
             self.feed.notify(conn, task_id)
 
@@ -338,7 +348,7 @@ class WorkerStore:
             interrupted = conn.execute(
                 update(tasks).where(judged, tasks.c.started_at.is_not(None))
                 .values(status=TaskStatus.INTERRUPTED.value, finished_at=now, error=INTERRUPTED_ERROR,
-                        dedupe_key=None, lease_expires_at=None)
+                        dedupe_key=None, lease_expires_at=None, progress=None)
                 .returning(tasks.c.id, tasks.c.parent_id)
             ).all()
             for parent_id in sorted({row.parent_id for row in interrupted if row.parent_id}):

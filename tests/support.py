@@ -588,6 +588,7 @@ class SilentServer:
     stays: nmap's version detection waits on it through all its probes."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port(host)
         self._sock = socket.create_server((host, self.port), backlog=64)
         self._sock.settimeout(0.2)

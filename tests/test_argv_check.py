@@ -19,6 +19,7 @@ from config import Settings
 from db import create_db_engine, upgrade_schema
 from models import ScanKind, TaskRecord, TaskStatus, tasks
 from policy import Policy
+from scanner import XML_OUTPUT
 from scans import ScanService, TypedScan
 from sharding import shard
 from stores import Stores
@@ -108,7 +109,7 @@ def test_every_hostile_command_written_straight_into_an_argv_is_refused(command:
         words = shlex.split(command.format(tmp=tmp_path))
     except ValueError:
         words = command.split()
-    argv = [NMAP, *words, "-n", "-oX", "-", "--stats-every", "2s", "--unprivileged", "--", "127.0.0.1"]
+    argv = [NMAP, *words, "-n", "-v", "-oX", XML_OUTPUT, "--stats-every", "2s", "--unprivileged", "--", "127.0.0.1"]
     with pytest.raises(TaskRefused):
         asyncio.run(check_of().argv_to_run(record_of(argv)))
 

@@ -65,3 +65,4 @@ async def test_cancel_stops_the_version_phase(
         kept = await answer_of(alice, "get_task_result", task_id=task_id)
         await waiting
     assert any(p["port"] == silent.port for h in kept["result"]["hosts"] for p in h["ports"])
+    assert kept["result"]["partial"] is True and kept["progress"] is None

@@ -29,7 +29,7 @@ from nse_policy import (
     load_catalog,
 )
 from resolver import HostResolver
-from scanner import build_argv
+from scanner import XML_OUTPUT, build_argv
 from targets import (
     TargetError,
     TargetPolicy,
@@ -210,7 +210,7 @@ TARGETS = st.sampled_from(["127.0.0.1", "127.0.0.2", "127.0.0.0/30", "127.0.0.1-
 COMMAND = st.tuples(
     st.lists(option_phrase(), max_size=5), st.lists(TARGETS, min_size=1, max_size=3), st.lists(JUNK, max_size=1),
 ).flatmap(lambda parts: st.permutations(parts[0] + parts[1] + parts[2])).map(" ".join)
-SERVER_FLAGS = {"-n", "-oX", "--unprivileged", "--privileged", "-6"}
+SERVER_FLAGS = {"-n", "-v", "-oX", "--unprivileged", "--privileged", "-6"}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -234,7 +234,7 @@ def test_accepted_commands_emit_only_allowlisted_options_and_validated_targets(c
         if token.startswith("--script="):
             assert token.startswith("--script=(") and "and not (intrusive or exploit" in token
         elif token in ("-oX", "--stats-every"):
-            assert argv[position + 1] in ("-", "2s")
+            assert argv[position + 1] in (XML_OUTPUT, "2s")
             position += 1
         elif token not in SERVER_FLAGS:
             option = ALLOWED_OPTIONS[token]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from nmap_report import ReportParser, clean_text, parse_report
@@ -117,3 +118,53 @@ def test_mac_addresses_with_vendor_and_ptr_names() -> None:
         ("127.0.0.1", "ipv4", ""), ("52:54:00:12:34:56", "mac", "QEMU virtual NIC")]
     assert host.address == "127.0.0.1" and host.untrusted is not None and host.untrusted.ptr == "gw.example.lan"
     assert host.hostnames == [], "a PTR name is the reverse zone's word: kept with the target's text"
+
+
+def announcing(*lines: str) -> bytes:
+    """nmap's normal output with these lines among others, as -v writes it."""
+    return "\n".join(["Initiating Connect Scan at 13:36", *lines, "Stats: 0:00:02 elapsed", ""]).encode()
+
+
+def test_open_ports_nmap_announces_show_their_host_as_partial_until_the_xml_reports_it() -> None:
+    data = fixture("multi_host.xml")
+    third = [match.start() for match in re.finditer(rb"<host ", data)][2]  # 127.0.0.3's report
+    report = ReportParser()
+    report.feed(data[:third])
+    report.feed_output(announcing(f"Discovered open port {PORTS['multi']}/tcp on 127.0.0.3"))
+    running = report.result("127.0.0.1-8", addresses=8, elapsed_s=1.5)
+    assert running.partial and [h.address for h in running.hosts] == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    [announced] = [h for h in running.hosts if h.partial]
+    assert (announced.address, announced.status) == ("127.0.0.3", "up")
+    assert [(p.port, p.protocol, p.state, p.service) for p in announced.ports] == [(PORTS["multi"], "tcp", "open", "")]
+    assert (running.hosts_up, running.hosts_total, running.scan_time, running.open_ports) == (3, 8, 1.5, 1)
+    report.feed(data[third:])
+    # Read from two pipes, a line may come after the report of its host, which has the last word.
+    report.feed_output(announcing(f"Discovered open port {PORTS['multi']}/tcp on 127.0.0.3"))
+    done = report.result("127.0.0.1-8")
+    assert report.unconfirmed() == [] and not any(h.partial for h in done.hosts)
+    assert done == parse_report(data, "127.0.0.1-8"), "once nmap reports the host, its report alone counts"
+
+
+def test_only_nmap_s_own_announcements_count() -> None:
+    report = ReportParser()
+    announcement = "Discovered open port 2222/tcp on ::1"
+    report.feed_output(announcing(
+        "|_http-title: Discovered open port 9/tcp on 127.0.0.9",  # script output is indented
+        "Discovered open port 70000/tcp on 127.0.0.9", "Discovered open port 22/tcp on example.com",
+        "Discovered open port 22/tcp on 127.0.0.9 and more", "x" * 5000 + "Discovered open port 23/tcp on 127.0.0.9",
+        "Discovered open port 53/udp on 127.0.0.7\r"))
+    report.feed_output(announcement[:17].encode())  # a line may arrive in pieces
+    report.feed_output(announcement[17:].encode() + b"\n")
+    assert {(h.address, p.port, p.protocol) for h in report.unconfirmed() for p in h.ports} == {
+        ("127.0.0.7", 53, "udp"), ("::1", 2222, "tcp")}
+
+
+def test_hosts_nmap_found_down_are_counted_not_listed() -> None:
+    # nmap lists them only with -v; this element is one such, from a real run of -sT -v.
+    down = (b'<host><status state="down" reason="net-unreach" reason_ttl="0"/>\n'
+            b'<address addr="10.77.1.1" addrtype="ipv4"/>\n<hostnames>\n</hostnames>\n</host>\n')
+    data = fixture("multi_host.xml")
+    cut = data[:data.index(b"<runstats>")]
+    result = parse_report(cut.replace(b"<host ", down + b"<host ", 1), "x")
+    assert len(result.hosts) == 8 and "10.77.1.1" not in {h.address for h in result.hosts}
+    assert (result.hosts_up, result.hosts_down, result.hosts_total) == (8, 1, 9)

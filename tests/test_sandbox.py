@@ -74,7 +74,8 @@ async def slow_scan(sandbox: Sandbox, *, privileged: bool) -> AsyncIterator[int]
     target = own_address()
     argv = build_argv(NMAP, ["-sS" if privileged else "-sT", "-p", "1-100", "--scan-delay", "1s"], [target],
                       ipv6=False, privileged=privileged)
-    scan = asyncio.create_task(run_nmap(argv, sandbox=sandbox.prefix, time_limit_s=300, stdout_sink=lambda _: None))
+    scan = asyncio.create_task(run_nmap(argv, sandbox=sandbox.prefix, time_limit_s=300, xml_sink=lambda _: None,
+                                        output_sink=lambda _: None))
     try:
         assert await eventually(lambda: nmap_pid(target) is not None, 30), "nmap did not start"
         pid = nmap_pid(target)
@@ -89,7 +90,8 @@ async def run_confined(sandbox: Sandbox, options: list[str]) -> tuple[NmapRun, s
     """One list scan (no packets sent) with extra options; how it ended and its XML."""
     out = bytearray()
     argv = build_argv(NMAP, ["-sL", *options], [own_address()], ipv6=False, privileged=False)
-    run = await run_nmap(argv, sandbox=sandbox.prefix, time_limit_s=60, stdout_sink=out.extend)
+    run = await run_nmap(argv, sandbox=sandbox.prefix, time_limit_s=60, xml_sink=out.extend,
+                         output_sink=lambda _: None)
     return run, out.decode()
 
 
@@ -224,7 +226,7 @@ def test_nmap_dies_with_the_server_after_the_drop() -> None:
               f"argv = build_argv({NMAP!r}, ['-sT', '-p', '1-100', '--scan-delay', '1s'], [{target!r}], "
               "ipv6=False, privileged=False)\n"
               f"sandbox = confinement(None, privileged=False, nmap_path={NMAP!r}).prefix\n"
-              "asyncio.run(run_nmap(argv, sandbox=sandbox, time_limit_s=300, stdout_sink=lambda _: None))\n")
+              "asyncio.run(run_nmap(argv, sandbox=sandbox, time_limit_s=300, xml_sink=len, output_sink=len))\n")
     process = subprocess.Popen([sys.executable, "-c", server], cwd=ROOT)
     try:
         assert wait_until(lambda: nmap_pid(target) is not None, 30), "nmap did not start"

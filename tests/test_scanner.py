@@ -15,7 +15,7 @@ import pytest
 
 from models import ScanKind
 from nmap_report import ReportParser, with_versions
-from scanner import NmapRun, build_argv, run_nmap, run_problem, scan_options, version_argv
+from scanner import XML_OUTPUT, NmapRun, build_argv, run_nmap, run_problem, scan_options, version_argv
 from tests.support import Listeners, NmapWrapper, own_user_sandbox, process_alive, wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -32,14 +32,14 @@ def report_of(name: str) -> ReportParser:
 def test_argv_puts_targets_after_double_dash_and_owns_output() -> None:
     argv = build_argv("/usr/bin/nmap", scan_options(ScanKind.QUICK, privileged=False), ["127.0.0.1"],
                       ipv6=False, privileged=False)
-    assert argv == ["/usr/bin/nmap", "-sT", "-T4", "--top-ports", "100", "-n", "-oX", "-", "--stats-every", "2s",
-                    "--unprivileged", "--", "127.0.0.1"]
+    assert argv == ["/usr/bin/nmap", "-sT", "-T4", "--top-ports", "100", "-n", "-v", "-oX", "/proc/self/fd/0",
+                    "--stats-every", "2s", "--unprivileged", "--", "127.0.0.1"]
 
 
 def test_full_scan_argv_and_ipv6() -> None:
     argv = build_argv("nmap", scan_options(ScanKind.FULL, privileged=True), ["::1"], ipv6=True, privileged=True)
-    assert argv == ["nmap", "-sS", "-T4", "-p", "1-65535", "--min-rate", "1000", "--max-retries", "2", "-n", "-oX", "-",
-                    "--stats-every", "2s", "--privileged", "-6", "--", "::1"]
+    assert argv == ["nmap", "-sS", "-T4", "-p", "1-65535", "--min-rate", "1000", "--max-retries", "2", "-n", "-v",
+                    "-oX", "/proc/self/fd/0", "--stats-every", "2s", "--privileged", "-6", "--", "::1"]
 
 
 def test_the_version_phase_probes_only_the_open_ports_of_the_hosts_that_have_them() -> None:
@@ -92,7 +92,7 @@ def test_a_run_s_problem_is_told_in_words_never_with_stderr() -> None:
     }
     assert problems == {
         "exit": "nmap exited with status 1; details are in the server log",
-        "limit": "the scan ran past its time limit of 60 s and was stopped; hosts finished so far are kept",
+        "limit": "the scan ran past its time limit of 60 s and was stopped; what it found so far is kept",
         "cut": "nmap's report ended before it was complete",
         "empty": "nmap scanned no hosts: every target was excluded or resolved to nothing",
     }
@@ -113,7 +113,8 @@ def test_an_error_recorded_in_the_xml_is_a_problem() -> None:
 
 async def collect(argv: list[str], time_limit_s: float) -> tuple[NmapRun, ReportParser]:
     report = ReportParser()
-    return await run_nmap(argv, sandbox=own_user_sandbox(), time_limit_s=time_limit_s, stdout_sink=report.feed), report
+    return await run_nmap(argv, sandbox=own_user_sandbox(), time_limit_s=time_limit_s, xml_sink=report.feed,
+                          output_sink=report.feed_output), report
 
 
 @pytest.mark.anyio
@@ -224,9 +225,9 @@ async def test_a_sink_that_fails_fails_the_run_and_nmap_is_killed(nmap_wrapper: 
     started = time.monotonic()
     with pytest.raises(SinkBroke):
         # nmap writes its XML's head at once, then would take 100 s.
-        await run_nmap([str(nmap_wrapper.path), "-sT", "-n", "-p", "1-100", "--scan-delay", "1s", "-oX", "-", "--",
-                        "127.0.0.1"],
-                       sandbox=own_user_sandbox(), time_limit_s=60, stdout_sink=sink)
+        await run_nmap([str(nmap_wrapper.path), "-sT", "-n", "-p", "1-100", "--scan-delay", "1s", "-oX", XML_OUTPUT,
+                        "--", "127.0.0.1"],
+                       sandbox=own_user_sandbox(), time_limit_s=60, xml_sink=sink, output_sink=lambda _chunk: None)
     assert time.monotonic() - started < 5
     [pid] = nmap_wrapper.pids()
     assert not process_alive(pid)
@@ -243,7 +244,8 @@ async def test_what_nmap_leaves_behind_in_its_group_is_killed_when_it_exits(tmp_
                         "print(p.pid)\n")
     stand_in.chmod(0o755)
     out = bytearray()
-    run = await run_nmap([str(stand_in)], sandbox=own_user_sandbox(), time_limit_s=30, stdout_sink=out.extend)
+    run = await run_nmap([str(stand_in)], sandbox=own_user_sandbox(), time_limit_s=30,
+                         xml_sink=lambda _chunk: None, output_sink=out.extend)
     assert run.returncode == 0 and not run.timed_out
     sleeper = int(out)
     assert wait_until(lambda: not process_alive(sleeper), 5, 0.02)

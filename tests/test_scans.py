@@ -1,23 +1,27 @@
 """scans.py without MCP: the scan use case on a real store and real workers (two "processes"
-on one database), real nmap on loopback. Sharding, routing to pools, and the answers."""
+on one database), real nmap on loopback. Sharding, routing to pools, the answers, and what a
+running or stopped scan shows: open ports as nmap finds them, and what it had when stopped."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import json
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 
 from argv_check import ArgvCheck
 from config import Settings
-from models import TaskStatus
+from models import HostSummary, TaskAnswer, TaskStatus
 from policy import NoPool, Policy
 from scans import ScanService, without_waiting
 from stores import Stores
 from supervisor import Supervisor
-from tests.support import OWN_USER, SECRETS, Listeners, NmapWrapper, eventually, own_user_sandbox
+from tests.support import OWN_USER, SECRETS, Listeners, NmapWrapper, SilentServer, eventually, own_user_sandbox
 from worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -149,3 +153,119 @@ def test_routing_prefers_the_narrowest_pool_and_honours_a_requested_one() -> Non
     plain = Policy(Settings(tokens={"a": {"secret": SECRETS["alice"]}}), "/usr/bin/nmap")  # type: ignore[arg-type]
     assert plain.route(dmz, None) == "default"
     assert json.dumps(plain.pools) == "{}"
+
+
+# ---- what a running or stopped scan shows ----------------------------------------------------
+# A slow tail: nmap scans ports in order (-r), finds the test's listener first, then spends
+# about 10 s on 400 closed ports of each of three hosts, one probe per 25 ms. nmap writes a host
+# to its XML only when its whole host group is done: at the end here.
+SLOW_TAIL = "-r -p {port},31000-31399 --scan-delay 25ms --max-retries 0 {network}.1-3"
+
+
+@dataclass(frozen=True)
+class SlowTail:
+    """A SLOW_TAIL scan run by one service and read by another (two processes on one database)."""
+
+    runner: ScanService
+    reader: ScanService
+    task_id: str
+    address: str
+    port: int
+
+
+async def slow_tail_scan(make_service: MakeService, listeners: Listeners) -> SlowTail:
+    """Queue a SLOW_TAIL scan of a /24 of the test's own under 127.52.0.0/16, with a port
+    listening on its .1 below the tail."""
+    network = f"127.52.{random.randint(0, 255)}"
+    port = next(p for p in range(10_000, 11_000) if listeners.open(p, f"{network}.1"))
+    runner, reader = await make_service(), await make_service(worker=False)
+    queued = await runner.scan("alice", runner.custom(SLOW_TAIL.format(port=port, network=network)), timeout_s=0)
+    return SlowTail(runner, reader, queued.task_id, f"{network}.1", port)
+
+
+def announced(answer: TaskAnswer, address: str, port: int) -> HostSummary | None:
+    """The host in the answer (summary view) whose open ports list `port`, if any."""
+    hosts = answer.result.hosts if answer.result is not None else []
+    return next((h for h in hosts if h.address == address and any(
+        p.port == port and p.state == "open" for p in h.ports)), None)
+
+
+async def first_seen(
+    scan: SlowTail, nmap: NmapWrapper, within_s: float,
+) -> tuple[TaskAnswer, HostSummary | None, float]:
+    """Poll get_task_result (view summary) until it lists the scan's port open: that answer,
+    the host, and the seconds since nmap started (its start as the nmap wrapper recorded it)."""
+    assert await eventually(lambda: bool(nmap.pids()), 30), "nmap did not start"
+    started = (nmap.starts / str(nmap.pids()[0])).stat().st_mtime
+    while True:
+        answer = await scan.reader.result("alice", scan.task_id)
+        host = announced(answer, scan.address, scan.port)
+        if host is not None or time.time() - started > within_s:
+            return answer, host, time.time() - started
+        await asyncio.sleep(0.05)
+
+
+async def test_an_open_port_is_shown_within_seconds_of_nmap_finding_it_not_when_its_host_ends(
+    make_service: MakeService, listeners: Listeners, nmap_wrapper: NmapWrapper,
+) -> None:
+    scan = await slow_tail_scan(make_service, listeners)
+    answer, host, seconds = await first_seen(scan, nmap_wrapper, within_s=5)
+    print(f"open port shown {seconds:.2f} s after nmap started")
+    assert host is not None, f"not shown within 5 s of nmap's start: {answer.result}"
+    assert answer.status is TaskStatus.RUNNING and answer.result is not None and answer.result.partial
+    assert host.partial and host.status == "up", "unconfirmed until nmap reports the host"
+    assert answer.result.hosts_total == 3 and answer.result.scan_time > 0
+    await scan.runner.cancel("alice", scan.task_id)
+
+
+async def test_a_scan_cancelled_before_any_host_finished_keeps_the_ports_nmap_found(
+    make_service: MakeService, listeners: Listeners, nmap_wrapper: NmapWrapper,
+) -> None:
+    scan = await slow_tail_scan(make_service, listeners)
+    seen, _, _ = await first_seen(scan, nmap_wrapper, within_s=30)
+    # Read after the write that showed the port: a result is read in two transactions, the
+    # task's row before its hosts, so `seen` may hold the row from before that write.
+    running = await scan.reader.status("alice", scan.task_id)
+    assert seen.status is running.status is TaskStatus.RUNNING and running.progress is not None
+    # The runner's cancel returns once its worker has stopped nmap and recorded what it had.
+    cancelled = await scan.runner.cancel("alice", scan.task_id)
+    assert cancelled.status is TaskStatus.CANCELLED and cancelled.progress is None
+    assert nmap_wrapper.alive() == []
+    kept = await scan.reader.result("alice", scan.task_id)
+    assert kept.status is TaskStatus.CANCELLED and kept.progress is None and kept.message is None
+    host = announced(kept, scan.address, scan.port)
+    assert host is not None and host.partial, "what nmap had announced is kept, still unconfirmed"
+    assert kept.result is not None and kept.result.partial
+    ran_s = (kept.finished_at or 0) - (kept.started_at or 0)
+    assert kept.result.hosts_total == 3, "the addresses nmap was asked to scan"
+    assert 0 < kept.result.scan_time <= ran_s + 1, "the time nmap ran"
+
+
+async def test_a_full_scan_cancelled_during_version_detection_is_partial_without_progress(
+    make_service: MakeService, nmap_wrapper: NmapWrapper,
+) -> None:
+    silent = SilentServer(f"127.52.{random.randint(0, 255)}.3")
+    try:
+        runner = await make_service(version_detection_seconds=120)
+        reader = await make_service(worker=False)
+        queued = await runner.scan("alice", runner.full(silent.host), timeout_s=0)
+
+        async def in_version_detection() -> bool:
+            progress = (await reader.status("alice", queued.task_id)).progress
+            return progress is not None and progress.phase.startswith("version detection (2 of 2)")
+
+        deadline = time.monotonic() + 60
+        while not await in_version_detection():
+            assert time.monotonic() < deadline, "the version phase did not start"
+            await asyncio.sleep(0.1)
+        assert await eventually(lambda: len(nmap_wrapper.pids()) == 2, 10), "discovery, then version detection"
+        await runner.cancel("alice", queued.task_id)
+        assert nmap_wrapper.alive() == []
+        status = await reader.status("alice", queued.task_id)
+        kept = await reader.result("alice", queued.task_id)
+    finally:
+        silent.stop()
+    assert status.status is TaskStatus.CANCELLED and status.progress is None
+    assert kept.status is TaskStatus.CANCELLED and kept.progress is None
+    assert kept.result is not None and kept.result.partial, "the README: cancelled results are partial"
+    assert announced(kept, silent.host, silent.port) is not None

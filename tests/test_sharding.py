@@ -38,22 +38,24 @@ def test_a_parent_s_progress_is_the_mean_of_its_shards() -> None:
 
 def test_a_parent_has_no_verdict_while_a_shard_runs() -> None:
     done = ShardEnd(TaskStatus.COMPLETED, result_of("quick_loopback.xml"), None)
-    assert parent_verdict("127.0.0.0/24", 1.0, [done, ShardEnd(TaskStatus.RUNNING, None, None)]) is None
+    assert parent_verdict("127.0.0.0/24", 1.0, [done, ShardEnd(TaskStatus.RUNNING, None, None)], 256) is None
 
 
-def test_a_parent_merges_its_shards_results_and_takes_their_worst_status() -> None:
+def test_a_parent_merges_its_shards_results_and_takes_their_worst_status_partial_unless_completed() -> None:
     quick, multi = result_of("quick_loopback.xml"), result_of("multi_host.xml")
     completed = parent_verdict("t", 2.5, [ShardEnd(TaskStatus.COMPLETED, quick, None),
-                                          ShardEnd(TaskStatus.COMPLETED, multi, None)])
+                                          ShardEnd(TaskStatus.COMPLETED, multi, None)], 9)
     assert completed is not None and completed.status is TaskStatus.COMPLETED and completed.error is None
-    assert completed.result is not None
+    assert completed.result is not None and not completed.result.partial and completed.result.hosts_total == 9
     assert [h.address for h in completed.result.hosts] == [*(h.address for h in quick.hosts),
                                                            *(h.address for h in multi.hosts)]
     mixed = parent_verdict("t", 2.5, [ShardEnd(TaskStatus.CANCELLED, None, "cancelled"),
                                       ShardEnd(TaskStatus.INTERRUPTED, quick, "stopped"),
-                                      ShardEnd(TaskStatus.COMPLETED, multi, None)])
+                                      ShardEnd(TaskStatus.COMPLETED, multi, None)], 20)
     assert mixed is not None and mixed.status is TaskStatus.INTERRUPTED
     assert mixed.error == "shard 1: cancelled; shard 2: stopped"
+    assert mixed.result is not None and mixed.result.partial, "a verdict other than completed is partial"
+    assert mixed.result.hosts_total == 20, "the addresses the scan covers, not only those of shards with a result"
     nothing = parent_verdict("t", 2.5, [ShardEnd(TaskStatus.FAILED, None, "nmap exited"),
-                                        ShardEnd(TaskStatus.INTERRUPTED, None, "stopped")])
+                                        ShardEnd(TaskStatus.INTERRUPTED, None, "stopped")], 20)
     assert nothing == (TaskStatus.FAILED, None, "shard 1: nmap exited; shard 2: stopped")

@@ -143,10 +143,12 @@ def test_csv_and_inventory_pages_move_on_past_a_host_larger_than_the_cap() -> No
     in_rows = [(row["address"], int(row["port"])) for page in pages
                for row in csv.DictReader(io.StringIO(page.content or ""))]
     assert in_rows == [(h.address, p.port) for h in result.hosts for p in h.ports]
-    inventory = [InventoryHost(address=h.address, status="up", hostnames=[], os="", first_seen=0, last_seen=0,
+    inventory = [InventoryHost(address=h.address, status="up", hostnames=[], os="", os_confirmed_at=None,
+                               os_task_id=None, first_seen=0, last_seen=0,
                                changed_at=0, last_task_id="t", ports=[InventoryPort(
-                                   port=p.port, protocol="tcp", state="open", service="", product="", version="",
-                                   cpe=[], scripts=[], first_seen=0, last_seen=0, changed_at=0, last_task_id="t")
+                                   port=p.port, protocol="tcp", state="open", service="", version_confirmed_at=None,
+                                   version_task_id=None, scripts=[], scripts_confirmed_at=None, scripts_task_id=None,
+                                   first_seen=0, last_seen=0, changed_at=0, last_task_id="t")
                                    for p in h.ports]) for h in result.hosts]
     pages = page_through(lambda offset, limit, port_offset: inventory_page(
         inventory[offset: offset + limit], len(inventory), offset, 8_000, port_offset=port_offset))

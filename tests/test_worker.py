@@ -41,7 +41,7 @@ def test_a_run_without_a_problem_completes_with_its_whole_report() -> None:
     assert outcome.raw_xml == (FIXTURES / "quick_loopback.xml").read_bytes()
 
 
-def test_a_run_that_failed_or_was_stopped_keeps_the_hosts_it_finished() -> None:
+def test_a_run_that_failed_or_was_stopped_keeps_the_hosts_it_finished_as_partial() -> None:
     failed = judge(facts("killed_midway.xml", problem="the scan ran past its time limit"))
     assert failed.status is TaskStatus.FAILED and failed.error == "the scan ran past its time limit"
     assert failed.result is not None and failed.result.partial and len(failed.result.hosts) == 2
@@ -49,6 +49,8 @@ def test_a_run_that_failed_or_was_stopped_keeps_the_hosts_it_finished() -> None:
     assert (cancelled.status, cancelled.error) == (TaskStatus.CANCELLED, "cancelled") and cancelled.result is not None
     shut_down = judge(facts("killed_midway.xml", stopped_by=TaskStatus.INTERRUPTED))
     assert shut_down.status is TaskStatus.INTERRUPTED and "shut down" in (shut_down.error or "")
+    broke_after_its_report = judge(facts("quick_loopback.xml", problem="nmap exited with status 1"))
+    assert broke_after_its_report.result is not None and broke_after_its_report.result.partial, "not completed"
     empty = judge(facts("no_targets.xml", problem="nmap scanned no hosts"))
     assert empty.status is TaskStatus.FAILED and empty.result is None
     never_ran = judge(PhaseEnd(None, "nmap not found at /nowhere/nmap", None, b""))
@@ -69,7 +71,7 @@ def test_version_detection_adds_versions_or_leaves_the_discovered_ports_with_a_w
     assert failed.result.warnings[-1].startswith("version detection did not finish (nmap exited with status 1)")
     cancelled = judge(discovery, facts("killed_midway.xml", stopped_by=TaskStatus.CANCELLED))
     assert cancelled.status is TaskStatus.CANCELLED and cancelled.result is not None
-    assert cancelled.result.warnings[-1] == "stopped during version detection"
+    assert cancelled.result.warnings[-1] == "stopped during version detection" and cancelled.result.partial
     assert [h.address for h in cancelled.result.hosts] == [h.address for h in discovery.result.hosts]
 
 
@@ -184,7 +186,8 @@ async def test_expired_leases_are_resolved_by_any_process(
     rows = [
         base | {"id": "claimed-never-started", "claimed_at": now - 60, "started_at": None,
                 "lease_expires_at": now - 30},
-        base | {"id": "started-then-died", "claimed_at": now - 50, "started_at": now - 50, "lease_expires_at": now - 1},
+        base | {"id": "started-then-died", "claimed_at": now - 50, "started_at": now - 50, "lease_expires_at": now - 1,
+                "progress": json.dumps({"percent": 40.0, "phase": "Connect Scan", "remaining_s": 30})},
         base | {"id": "alive-elsewhere", "claimed_at": now, "started_at": now, "lease_expires_at": now + 3600},
     ]
     with engine.begin() as conn:
@@ -196,6 +199,7 @@ async def test_expired_leases_are_resolved_by_any_process(
     assert requeued.result is not None and requeued.result.hosts[0].ports[0].port == port
     died = await node.tasks.get("started-then-died", "alice")
     assert died.status is TaskStatus.INTERRUPTED and "submit it again" in (died.error or "")
+    assert died.progress is None, "a finished task has no progress left"
     assert (await node.tasks.get("alive-elsewhere", "alice")).status is TaskStatus.RUNNING
     assert len(nmap_wrapper.pids()) == 1
 
