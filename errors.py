@@ -159,7 +159,8 @@ def describe_invalid_arguments(error: ValidationError, tool: str, schema: Mappin
             sentences.append(f"{argument} must be {expectation(properties[argument])}")
         else:
             sentences.append(f"{argument}: {_echo(item['msg'], 200)}")
-    return "; ".join(sentences)
+    # A value that fits no branch of a union fails each branch: one sentence says it.
+    return "; ".join(dict.fromkeys(sentences))
 
 
 def expectation(prop: Mapping[str, Any]) -> str:
@@ -167,6 +168,8 @@ def expectation(prop: Mapping[str, Any]) -> str:
     choices = [p for p in prop.get("anyOf", ()) if p.get("type") != "null"]
     if choices:
         return " or ".join(expectation(p) for p in choices) + " (or null)"
+    if isinstance(prop.get("type"), list):
+        return " or ".join(expectation({**prop, "type": kind}) for kind in prop["type"])
     if "enum" in prop:
         return "one of " + ", ".join(str(v) for v in prop["enum"])
     kind = prop.get("type")
@@ -179,6 +182,8 @@ def expectation(prop: Mapping[str, Any]) -> str:
     if kind == "string":
         return "a string" + _length(prop.get("minLength"), prop.get("maxLength")) + (
             f" matching {prop['pattern']}" if "pattern" in prop else "")
+    if kind == "array":
+        return "a list" + _length(prop.get("minItems"), prop.get("maxItems"), "items")
     return f"of JSON type {kind}" if kind else "of another kind"
 
 
@@ -188,10 +193,10 @@ def _range(low: object, high: object) -> str:
     return f" of at least {low}" if low is not None else (f" of at most {high}" if high is not None else "")
 
 
-def _length(low: object, high: object) -> str:
+def _length(low: object, high: object, unit: str = "characters") -> str:
     if low is not None and high is not None:
-        return f" of {low} to {high} characters"
-    return f" of at most {high} characters" if high is not None else ""
+        return f" of {low} to {high} {unit}"
+    return f" of at most {high} {unit}" if high is not None else ""
 
 
 def _echo(text: str, limit: int = ECHO_LIMIT) -> str:

@@ -122,7 +122,7 @@ class TypedScan:
     command line. `command()` writes the custom_scan command they mean, so both tools share
     one allowlist, one policy and one canonical argv."""
 
-    targets: str
+    targets: str | tuple[str, ...]
     scan_type: str = "connect"
     ports: str | None = None
     top_ports: int = 100
@@ -139,7 +139,13 @@ class TypedScan:
         words += ["-sV"] * self.service_versions + ["-O"] * self.os_detection + ["-Pn"] * self.skip_host_discovery
         if self.scripts:
             words += ["--script", ",".join(self.scripts)]
-        return shlex.join([*words, f"-{self.timing}", *split_targets(self.targets)])
+        return shlex.join([*words, f"-{self.timing}", *self.target_words()])
+
+    def target_words(self) -> list[str]:
+        """The targets as nmap's words: one string or each string of a list, split on commas and
+        whitespace alike."""
+        given = (self.targets,) if isinstance(self.targets, str) else self.targets
+        return [word for text in given for word in split_targets(text)]
 
 
 class ScanService:

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.tools.function_tool import FunctionTool
-from fastmcp.utilities.json_schema import dereference_refs
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
@@ -35,6 +34,7 @@ from models import (
 from nmap_options import MAX_COMMAND_LENGTH
 from scans import DEFAULT_PAGE, ScanService, TypedScan
 from schedules import Schedules
+from tool_schemas import input_schema, output_schema, with_choices, without_properties
 from untrusted import UNTRUSTED_HINT
 
 ToolFunction = Callable[..., Awaitable[Any]]
@@ -78,6 +78,8 @@ SkipHostDiscovery = Annotated[bool, Field(description=(
 PortOffset = Annotated[int, Field(ge=0, le=200_000, description=(
     "Skip this many ports of the page's first host: the port_offset a page's `cut` names to fetch "
     "the rest of a host that did not fit in one answer"))]
+TargetText = Annotated[str, Field(min_length=1, max_length=1000)]
+TargetList = Annotated[list[TargetText], Field(min_length=1, max_length=64)]
 ScheduleId = Annotated[
     str,
     Field(
@@ -130,11 +132,16 @@ Duration: a second (a few ports) to hours (all ports, versions, large ranges). W
 
 SCAN_DESCRIPTION = """Scan with nmap, choosing each part of the scan from a short list.
 
-targets: addresses, networks (10.0.0.0/24), ranges (10.0.0.1-20) or hostnames, separated by
-spaces or commas. scan_type connect works everywhere; syn, udp and os_detection need a
-privileged server; ping finds hosts without scanning ports. ports (22,80,443 or 1-1024) or
-else top_ports (the N most common). Waits up to `timeout` seconds, then returns a task_id
+targets: addresses, networks (10.0.0.0/24), ranges (10.0.0.1-20) or hostnames, as a list or in
+one string separated by spaces or commas. {types} ports (22,80,443 or 1-1024)
+or else top_ports (the N most common). Waits up to `timeout` seconds, then returns a task_id
 while the scan goes on; the answer lists open ports per host."""
+PRIVILEGED_SCAN_TYPES = "scan_type connect (TCP), syn (SYN), udp, or ping (find hosts, no ports)."
+UNPRIVILEGED_SCAN_TYPES = ("scan_type connect (TCP) or ping (find hosts, no ports): this server runs no raw-packet "
+                           "scans (syn, udp, OS detection).")
+# What an unprivileged server always refuses (nmap needs raw packets for them), so never offers.
+RAW_PACKET_SCAN_TYPES = ("syn", "udp")
+RAW_PACKET_PARAMETERS = ("os_detection",)
 
 SCHEDULE_SCAN_DESCRIPTION = """Run a scan again and again, and hear what changed.
 
@@ -214,9 +221,9 @@ def register_tools(
                                       on_progress=progress_reporter(ctx))
 
     async def scan(
-        targets: Annotated[str, Field(min_length=1, max_length=1000, description=(
-            "What to scan: 192.168.1.10, 192.168.1.0/24, 192.168.1.1-20 or host.example.com, several "
-            "separated by spaces or commas"))],
+        targets: Annotated[TargetText | TargetList, Field(description=(
+            "What to scan: 192.168.1.10, 192.168.1.0/24, 192.168.1.1-20 or host.example.com; several as a "
+            "list, or in one string separated by spaces or commas"))],
         ctx: Context,
         scan_type: Annotated[Literal["connect", "syn", "udp", "ping"], Field(
             description="connect (TCP), syn (TCP SYN), udp, or ping (find hosts, no ports)")] = "connect",
@@ -231,7 +238,8 @@ def register_tools(
         timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
         pool: PoolName = None,
     ) -> TaskAnswer:
-        spec = TypedScan(targets, scan_type, ports, top_ports, service_versions, os_detection, tuple(scripts or ()),
+        given = targets if isinstance(targets, str) else tuple(targets)
+        spec = TypedScan(given, scan_type, ports, top_ports, service_versions, os_detection, tuple(scripts or ()),
                          skip_host_discovery, timing)
         with tool_errors():
             return await scans.scan(caller(), scans.typed(spec, pool), timeout_s=timeout,
@@ -242,7 +250,8 @@ def register_tools(
     categories = Literal[tuple(settings.script_categories)]  # type: ignore[valid-type]
     scan.__annotations__["scripts"] = Annotated[list[categories] | None, Field(  # type: ignore[valid-type]
         max_length=8, description="NSE script categories to run")]
-    inlined_tool(mcp, schemas, description=SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS, target_text=True)(scan)
+    inlined_tool(mcp, schemas, description=scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS,
+                 target_text=True, shape=None if settings.privileged else unprivileged_scan)(scan)
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def nmap_version() -> NmapVersion:
@@ -406,10 +415,12 @@ def register_tools(
 
 
 def inlined_tool(
-    mcp: FastMCP, schemas: dict[str, dict[str, Any]], *, target_text: bool = False, **options: Any
+    mcp: FastMCP, schemas: dict[str, dict[str, Any]], *, target_text: bool = False,
+    shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None, **options: Any
 ) -> Callable[[ToolFunction], ToolFunction]:
-    """Register a tool with its JSON schemas inlined once, at start-up; a tool whose answers
-    carry `target_text` (what scanned hosts wrote) says where it is and what it is.
+    """Register a tool with its JSON schemas shaped and inlined once, at start-up (tool_schemas),
+    its input schema then passed through `shape`; a tool whose answers carry `target_text`
+    (what scanned hosts wrote) says where it is and what it is.
 
     For 2026-07-28 clients FastMCP lists the tools on every tools/call, and its
     DereferenceRefsMiddleware then re-inlines every $ref of our nested result models each
@@ -419,16 +430,30 @@ def inlined_tool(
 
     def register(fn: ToolFunction) -> ToolFunction:
         tool = FunctionTool.from_function(fn, **options)
-        inlined: dict[str, Any] = {"parameters": dereference_refs(tool.parameters)}
+        parameters = input_schema(tool.parameters)
+        inlined: dict[str, Any] = {"parameters": shape(parameters) if shape else parameters}
         if target_text:
             inlined["description"] = f"{tool.description} {UNTRUSTED_HINT}"
         if tool.output_schema is not None:
-            inlined["output_schema"] = dereference_refs(tool.output_schema)
+            inlined["output_schema"] = output_schema(tool.output_schema)
         mcp.add_tool(tool.model_copy(update=inlined))
         schemas[tool.name] = inlined["parameters"]
         return fn
 
     return register
+
+
+def scan_description(privileged: bool) -> str:
+    """The `scan` tool's description, naming only the scan types this server runs."""
+    return SCAN_DESCRIPTION.format(types=PRIVILEGED_SCAN_TYPES if privileged else UNPRIVILEGED_SCAN_TYPES)
+
+
+def unprivileged_scan(schema: dict[str, Any]) -> dict[str, Any]:
+    """The `scan` schema of a server without raw packets: no syn, udp or os_detection on offer
+    (asked for anyway, they are refused with the reason, as custom_scan refuses -sS)."""
+    runnable = [kind for kind in schema["properties"]["scan_type"]["enum"] if kind not in RAW_PACKET_SCAN_TYPES]
+    return with_choices(without_properties(schema, RAW_PACKET_PARAMETERS), "scan_type", runnable,
+                        "connect (TCP) or ping (find hosts, no ports)")
 
 
 def progress_reporter(ctx: Context) -> Callable[[Progress], Awaitable[None]]:

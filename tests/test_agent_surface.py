@@ -28,6 +28,8 @@ def queued_argvs(audit_log: Path) -> list[list[str]]:
     ({"targets": "127.0.0.1", "ports": "{p}", "service_versions": True, "scripts": ["default", "safe"]},
      "-sT -p {p} -sV --script default,safe -T3 127.0.0.1"),
     ({"targets": "127.0.0.0/30", "scan_type": "ping"}, "-sn -T3 127.0.0.0/30"),
+    ({"targets": ["127.0.0.1", "127.0.0.2, 127.0.0.3"], "ports": "{p}"},
+     "-sT -p {p} -T3 127.0.0.1 127.0.0.2 127.0.0.3"),
 ])
 async def test_the_typed_scan_builds_the_argv_custom_scan_builds(
     in_memory: OpenClient, listeners: Listeners, tmp_path: Path, typed: dict[str, Any], command: str
