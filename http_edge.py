@@ -6,7 +6,8 @@ a secret's from the URL (`token`, `access_token`, `api_key`, `password`, ... in 
 with `-` or `_`, in the query string or as `;name=` path parameters), turns the first token
 (`token` or `access_token`) into an `Authorization: Bearer` header (when `?token=` is
 allowed), serves the endpoint path with a trailing slash as the path itself (no redirect that
-drops the token), and answers 401s in plain words instead of the OAuth advice FastMCP gives,
+drops the token), lets a POST that accepts only `text/event-stream` be answered (as SSE, as
+every POST is here) where the SDK would refuse it with 406, and answers 401s in plain words instead of the OAuth advice FastMCP gives,
 which sends clients into a re-registration flow that cannot work here. A client address that
 keeps sending refused tokens gets 429 with Retry-After instead (throttle.py).
 
@@ -25,7 +26,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from mcp.server.streamable_http import check_accept_headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -104,6 +107,8 @@ class EdgeMiddleware:
         if scope["path"] == self.mcp_path + "/":
             scope["path"] = self.mcp_path
             scope["raw_path"] = self.mcp_path.encode()
+        if scope["method"] == "POST" and scope["path"] == self.mcp_path:
+            scope["headers"] = accepting_json_beside_sse(scope)
         sent_header = _has_authorization(scope)
         if url_token and self.allow_query_token and not sent_header:
             scope["headers"] = [*scope["headers"], (b"authorization", b"Bearer " + url_token.encode("latin-1"))]
@@ -117,6 +122,19 @@ class EdgeMiddleware:
             return too_many_refused(wait) if wait is not None else unauthorized(reason)
 
         await self.app(scope, receive, _replacing_401(send, refusal))
+
+
+def accepting_json_beside_sse(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The request's headers, with `application/json` added to an Accept that lists SSE only.
+    The SDK wants both on a POST although this server answers every request as SSE: a client
+    that reads SSE alone (the DeepSOC team's, Accept: text/event-stream) would get 406."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    has_json, has_sse = check_accept_headers(Request(scope))
+    if has_json or not has_sse:
+        return headers
+    others = [(name, value) for name, value in headers if name.lower() != b"accept"]
+    accepted = b", ".join(value for name, value in headers if name.lower() == b"accept")
+    return [*others, (b"accept", accepted + b", application/json")]
 
 
 def refusal_reason(url_token: bool, sent_header: bool, allow_query_token: bool) -> str:
