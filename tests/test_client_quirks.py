@@ -4,16 +4,29 @@ quirks http_edge.py absorbs so that each client works as it is (docs/clients.md 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import h11
+import httpx
 import pytest
 
-from tests.support import ALICE, Listeners, LiveServer, StartServer, top_ports
+from client_configs import render_client_config
+from http_edge import NO_OAUTH, WRONG_TOKEN
+from tests.support import ALICE, MCP_HEADERS, Listeners, LiveServer, StartServer, top_ports
 
 pytestmark = pytest.mark.anyio
 SCANNED = "127.61.0.2"
+WRONG = "wrong-secret-" + "w" * 30
+# Where mcp-remote 0.15.1 looked after a 401 (seen in the server's access log), in its order.
+DISCOVERY_PATHS = ["/.well-known/oauth-protected-resource/mcp", "/.well-known/oauth-protected-resource",
+                   "/.well-known/oauth-authorization-server/mcp", "/.well-known/oauth-authorization-server",
+                   "/.well-known/openid-configuration/mcp", "/.well-known/openid-configuration",
+                   "/mcp/.well-known/openid-configuration", "/register"]
 # What flagify-com/UniMCPSim's mcp_client.py (the DeepSOC team's MCP client) sends, captured
 # from its code on httpx 0.28.1: `?token=` in the URL, Accept with SSE only, httpx's order of
 # headers and its compact JSON. HOST, TOKEN and the body are filled in per request.
@@ -108,3 +121,40 @@ def test_the_deepsoc_client_initializes_lists_and_scans(live_server: StartServer
         assert json.loads(first_text(result)) == result["structuredContent"], name
     refused = deepsoc_call(server, "quick_scan", {"target": SCANNED, "timeout": 1})
     assert first_text(refused).startswith("invalid_argument: ")
+
+
+@pytest.mark.parametrize("sent", ["none", "header", "query"])
+def test_oauth_discovery_ends_in_the_401_s_words(live_server: StartServer, sent: str) -> None:
+    """After a 401, OAuth clients walk these paths and end at POST /register: each was a
+    plain-text 404 ("Not Found"), which mcp-remote reported as a registration rejected."""
+    server = live_server()
+    base = f"http://127.0.0.1:{server.port}"
+    headers = {"Authorization": f"Bearer {WRONG}"} if sent == "header" else {}
+    query = f"?token={WRONG}" if sent == "query" else ""
+    refused = httpx.post(server.url + query, json=DEEPSOC_INITIALIZE, headers=MCP_HEADERS | headers, timeout=10)
+    assert refused.status_code == 401
+    for path in DISCOVERY_PATHS:
+        answer = httpx.request("POST" if path == "/register" else "GET", base + path + query, headers=headers,
+                               json={"redirect_uris": ["http://localhost:1/cb"]}, timeout=10)
+        assert answer.status_code == 404, path
+        document = answer.json()
+        assert document["error"] == refused.json()["error"], path
+        assert document["error_description"].startswith(refused.json()["error_description"]), path
+        assert NO_OAUTH in document["error_description"], path
+
+
+@pytest.mark.skipif(shutil.which("npx") is None, reason="needs npx (Node.js) to run mcp-remote from npm")
+def test_mcp_remote_as_printed_reports_the_server_s_reason(live_server: StartServer, tmp_path: Path) -> None:
+    """The Claude Desktop entry we print, run as Claude Desktop runs it, with a wrong token:
+    mcp-remote's fatal error was "SseError: SSE error: Non-200 status code (405)" (its SSE
+    fallback), and without the fallback "Dynamic Client Registration rejected (HTTP 404): Not Found"."""
+    server = live_server()
+    entry = json.loads(render_client_config("claude-desktop", url=server.url, secret=WRONG,
+                                            stdio_command=["nmap-mcp", "--stdio"]))["mcpServers"]["nmap"]
+    environment = {**os.environ, **entry["env"], "HOME": str(tmp_path)}  # its OAuth state stays in tmp_path
+    ran = subprocess.run([entry["command"], *entry["args"]], input=json.dumps(DEEPSOC_INITIALIZE) + "\n",
+                         env=environment, capture_output=True, text=True, timeout=240, check=False)
+    fatal = next(line for line in ran.stderr.splitlines() if "Fatal error" in line)
+    assert "SseError" not in ran.stderr
+    assert '"error_description":"' + WRONG_TOKEN.split(":")[0] in fatal.replace("\\", "")
+    assert WRONG not in ran.stderr
