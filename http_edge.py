@@ -72,8 +72,13 @@ QUERY_TOKEN_OFF = (
 )
 # The reason of each 401, as metrics count it.
 REASON_NAMES = {MISSING_TOKEN: "missing_token", WRONG_TOKEN: "wrong_token", QUERY_TOKEN_OFF: "query_token_off"}
+# The request headers of both eras: Mcp-Method and Mcp-Name mirror a 2026-07-28 request's
+# method and tool (SEP-2243; the TypeScript SDK v2 sends them). The era's Mcp-Param-* headers
+# exist only for arguments a tool marks with x-mcp-header, and no tool here does.
 CORS_HEADERS = ["Authorization", "Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version",
-                "Last-Event-ID"]
+                "Last-Event-ID", "Mcp-Method", "Mcp-Name"]
+# What a page's script may read of an answer beyond the few headers browsers always show it.
+CORS_EXPOSED = ["Mcp-Session-Id", "WWW-Authenticate", "Retry-After"]
 # What clients ask for after a 401 when they speak OAuth (RFC 9728 and RFC 8414, with the
 # endpoint's path inserted or not, OpenID Connect discovery, and the `/register` of RFC 7591
 # that the MCP specification has them fall back to), relative to the endpoint's path.
@@ -97,7 +102,7 @@ def edge_app(
     origins = list(cors_origins)
     if origins:
         app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                             allow_headers=CORS_HEADERS, expose_headers=["Mcp-Session-Id"], max_age=600)
+                             allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600)
     return EdgeMiddleware(app, mcp_path=mcp_path, allow_query_token=allow_query_token, throttle=throttle,
                           on_refused=on_refused)
 

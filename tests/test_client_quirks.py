@@ -16,12 +16,13 @@ import httpx
 import pytest
 
 from client_configs import render_client_config
-from http_edge import NO_OAUTH, WRONG_TOKEN
+from http_edge import MISSING_TOKEN, NO_OAUTH, WRONG_TOKEN
 from tests.support import ALICE, MCP_HEADERS, Listeners, LiveServer, StartServer, top_ports
 
 pytestmark = pytest.mark.anyio
 SCANNED = "127.61.0.2"
 WRONG = "wrong-secret-" + "w" * 30
+APP = "http://app.example"
 # Where mcp-remote 0.15.1 looked after a 401 (seen in the server's access log), in its order.
 DISCOVERY_PATHS = ["/.well-known/oauth-protected-resource/mcp", "/.well-known/oauth-protected-resource",
                    "/.well-known/oauth-authorization-server/mcp", "/.well-known/oauth-authorization-server",
@@ -158,3 +159,31 @@ def test_mcp_remote_as_printed_reports_the_server_s_reason(live_server: StartSer
     assert "SseError" not in ran.stderr
     assert '"error_description":"' + WRONG_TOKEN.split(":")[0] in fatal.replace("\\", "")
     assert WRONG not in ran.stderr
+
+
+def test_browser_clients_of_2026_07_28_pass_cors_and_read_every_refusal(live_server: StartServer) -> None:
+    """A preflight listing the headers the TypeScript SDK v2 sends got 400 "Disallowed CORS
+    headers"; a 401 or 429 to an allowed origin lost its CORS headers, so a browser showed an
+    opaque CORS error instead of the reason."""
+    server = live_server(cors_origins=[APP], failed_token_limit=1, failed_token_window_seconds=600)
+    preflight = httpx.options(server.url, headers={
+        "Origin": APP, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, mcp-protocol-version, mcp-method, mcp-name"})
+    assert preflight.status_code == 200, preflight.text
+    assert {"mcp-method", "mcp-name"} <= {h.strip().lower() for h in
+                                          preflight.headers["access-control-allow-headers"].split(",")}
+    modern = {"Origin": APP, "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list"}
+    missing = httpx.post(server.url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                         headers=MCP_HEADERS | modern, timeout=10)
+    wrong, throttled = (httpx.post(server.url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                                   headers=MCP_HEADERS | modern | {"Authorization": f"Bearer {WRONG}"}, timeout=10)
+                        for _ in range(2))
+    misdirected = httpx.post(server.url, json={}, headers=MCP_HEADERS | {"Origin": APP, "Host": "evil.example"})
+    for answer, status in [(missing, 401), (wrong, 401), (throttled, 429), (misdirected, 421)]:
+        assert answer.status_code == status, answer.text
+        assert answer.headers["access-control-allow-origin"] == APP, status
+    assert missing.json()["error_description"] == MISSING_TOKEN
+    assert wrong.json()["error_description"] == WRONG_TOKEN
+    assert throttled.json()["error"] == "too_many_requests"
+    # Retry-After and the challenge are not among the headers a browser shows a script unasked.
+    assert "retry-after" in throttled.headers["access-control-expose-headers"].lower()
