@@ -81,7 +81,9 @@ def _claude_code(endpoint: _Endpoint) -> str:
 def _claude_desktop(endpoint: _Endpoint) -> JsonDocument:
     # The header value travels in an environment variable because Claude Desktop on Windows
     # splits arguments at spaces, as mcp-remote's README explains.
-    args = ["-y", MCP_REMOTE, endpoint.url, "--header", "Authorization:${AUTH_HEADER}"]
+    # http-only: mcp-remote's default falls back to the old SSE transport after a refusal and
+    # reports that fallback's 405 instead of the server's reason for refusing.
+    args = ["-y", MCP_REMOTE, endpoint.url, "--header", "Authorization:${AUTH_HEADER}", "--transport", "http-only"]
     if endpoint.url.startswith("http://"):
         args.append("--allow-http")  # mcp-remote refuses plain HTTP to any host but localhost without it
     remote = {"command": "npx", "args": args, "env": {"AUTH_HEADER": endpoint.bearer}}

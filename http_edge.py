@@ -6,9 +6,15 @@ a secret's from the URL (`token`, `access_token`, `api_key`, `password`, ... in 
 with `-` or `_`, in the query string or as `;name=` path parameters), turns the first token
 (`token` or `access_token`) into an `Authorization: Bearer` header (when `?token=` is
 allowed), serves the endpoint path with a trailing slash as the path itself (no redirect that
-drops the token), and answers 401s in plain words instead of the OAuth advice FastMCP gives,
-which sends clients into a re-registration flow that cannot work here. A client address that
-keeps sending refused tokens gets 429 with Retry-After instead (throttle.py).
+drops the token), lets a POST that accepts only `text/event-stream` be answered (as SSE, as
+every POST is here) where the SDK would refuse it with 406, and answers 401s in plain words
+instead of the OAuth advice FastMCP gives, which sends clients into a re-registration flow
+that cannot work here. A client address that keeps sending refused tokens gets 429 with
+Retry-After instead (throttle.py). OAuth-capable clients (mcp-remote, Inspector, Cherry
+Studio) go on to OAuth discovery after a 401 and end at `POST /register`: the discovery
+paths answer in the OAuth error format with the 401's reason, which those clients print.
+The answers the edge rewrites keep the CORS headers of the answer they replace, so a
+browser shows their words rather than an opaque CORS error.
 
 `JsonRpcBodyCheck` runs after authentication: a batch, a body that is not JSON, one nested
 deeper than `MAX_JSON_DEPTH`, or a body that is not one JSON-RPC message gets a short
@@ -25,7 +31,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from mcp.server.streamable_http import check_accept_headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,13 +57,14 @@ MAX_JSON_DEPTH = 64
 # A tuple rather than `dict | list`: isinstance checks it faster, and it runs once per value.
 CONTAINERS = (dict, list)
 TOO_DEEP = f"Parse error: the request body nests deeper than {MAX_JSON_DEPTH} levels"
+NO_OAUTH = "This server does not use OAuth; nothing can be registered."
 MISSING_TOKEN = (
     "no token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL. "
     "Tokens are the `secret` values under `tokens` in the server's config file."
 )
 WRONG_TOKEN = (
     "the token is not one of this server's tokens: compare it with the `secret` values under "
-    "`tokens` in the server's config file. This server does not use OAuth; nothing can be registered."
+    "`tokens` in the server's config file. " + NO_OAUTH
 )
 QUERY_TOKEN_OFF = (
     "this server does not accept ?token= in the URL (allow_query_token is false): "
@@ -63,8 +72,23 @@ QUERY_TOKEN_OFF = (
 )
 # The reason of each 401, as metrics count it.
 REASON_NAMES = {MISSING_TOKEN: "missing_token", WRONG_TOKEN: "wrong_token", QUERY_TOKEN_OFF: "query_token_off"}
+# The request headers of both eras: Mcp-Method and Mcp-Name mirror a 2026-07-28 request's
+# method and tool (SEP-2243; the TypeScript SDK v2 sends them). The era's Mcp-Param-* headers
+# exist only for arguments a tool marks with x-mcp-header, and no tool here does.
 CORS_HEADERS = ["Authorization", "Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version",
-                "Last-Event-ID"]
+                "Last-Event-ID", "Mcp-Method", "Mcp-Name"]
+# What a page's script may read of an answer beyond the few headers browsers always show it.
+CORS_EXPOSED = ["Mcp-Session-Id", "WWW-Authenticate", "Retry-After"]
+# What clients ask for after a 401 when they speak OAuth (RFC 9728 and RFC 8414, with the
+# endpoint's path inserted or not, OpenID Connect discovery, and the `/register` of RFC 7591
+# that the MCP specification has them fall back to), relative to the endpoint's path.
+OAUTH_DISCOVERY_PATHS = ("/.well-known/oauth-protected-resource{mcp}", "/.well-known/oauth-protected-resource",
+                         "/.well-known/oauth-authorization-server{mcp}", "/.well-known/oauth-authorization-server",
+                         "/.well-known/openid-configuration{mcp}", "/.well-known/openid-configuration",
+                         "{mcp}/.well-known/openid-configuration", "/register")
+# What the app says of those paths (not found, or the method not allowed), replaced by the
+# edge's answer; any other status (a Host refused, say) stays.
+NO_SUCH_ROUTE = frozenset({404, 405})
 # Told the endpoint ('mcp', 'other' or 'metrics'), the reason's name and whether it was throttled.
 OnRefused = Callable[[str, str, bool], None]
 
@@ -78,7 +102,7 @@ def edge_app(
     origins = list(cors_origins)
     if origins:
         app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                             allow_headers=CORS_HEADERS, expose_headers=["Mcp-Session-Id"], max_age=600)
+                             allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600)
     return EdgeMiddleware(app, mcp_path=mcp_path, allow_query_token=allow_query_token, throttle=throttle,
                           on_refused=on_refused)
 
@@ -95,6 +119,8 @@ class EdgeMiddleware:
         self.allow_query_token = allow_query_token
         self.throttle = throttle
         self.on_refused = on_refused
+        self.oauth_paths = frozenset(path.format(mcp="" if self.mcp_path == "/" else self.mcp_path)
+                                     for path in OAUTH_DISCOVERY_PATHS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,6 +130,8 @@ class EdgeMiddleware:
         if scope["path"] == self.mcp_path + "/":
             scope["path"] = self.mcp_path
             scope["raw_path"] = self.mcp_path.encode()
+        if scope["method"] == "POST" and scope["path"] == self.mcp_path:
+            scope["headers"] = accepting_json_beside_sse(scope)
         sent_header = _has_authorization(scope)
         if url_token and self.allow_query_token and not sent_header:
             scope["headers"] = [*scope["headers"], (b"authorization", b"Bearer " + url_token.encode("latin-1"))]
@@ -116,7 +144,23 @@ class EdgeMiddleware:
             self.on_refused(endpoint, REASON_NAMES[reason], wait is not None)
             return too_many_refused(wait) if wait is not None else unauthorized(reason)
 
-        await self.app(scope, receive, _replacing_401(send, refusal))
+        if scope["path"] in self.oauth_paths:
+            await self.app(scope, receive, _replacing(send, NO_SUCH_ROUTE, lambda: no_oauth(reason)))
+            return
+        await self.app(scope, receive, _replacing(send, frozenset({401}), refusal))
+
+
+def accepting_json_beside_sse(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The request's headers, with `application/json` added to an Accept that lists SSE only.
+    The SDK wants both on a POST although this server answers every request as SSE: a client
+    that reads SSE alone (the DeepSOC team's, Accept: text/event-stream) would get 406."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    has_json, has_sse = check_accept_headers(Request(scope))
+    if has_json or not has_sse:
+        return headers
+    others = [(name, value) for name, value in headers if name.lower() != b"accept"]
+    accepted = b", ".join(value for name, value in headers if name.lower() == b"accept")
+    return [*others, (b"accept", accepted + b", application/json")]
 
 
 def refusal_reason(url_token: bool, sent_header: bool, allow_query_token: bool) -> str:
@@ -129,12 +173,27 @@ def refusal_reason(url_token: bool, sent_header: bool, allow_query_token: bool) 
 def unauthorized(reason: str) -> JSONResponse:
     """A 401 in plain words. RFC 6750: a request without credentials gets a bare `Bearer`
     challenge, a refused token `invalid_token`."""
-    credentials = reason != MISSING_TOKEN
     challenge = 'Bearer realm="nmap-mcp"'
-    if credentials:
+    if reason != MISSING_TOKEN:
         challenge += ', error="invalid_token", error_description="the token was not accepted"'
-    return JSONResponse({"error": "invalid_token" if credentials else "unauthorized", "error_description": reason},
-                        status_code=401, headers={"WWW-Authenticate": challenge, "X-Content-Type-Options": "nosniff"})
+    return JSONResponse(oauth_error(reason), status_code=401,
+                        headers={"WWW-Authenticate": challenge, "X-Content-Type-Options": "nosniff"})
+
+
+def no_oauth(reason: str) -> JSONResponse:
+    """The 404 of an OAuth discovery path or of /register: the OAuth error document (RFC 6749
+    section 5.2, RFC 7591 section 3.2.2) of the 401 the request would get, saying that there
+    is no OAuth here. mcp-remote prints the body ("Dynamic Client Registration rejected (HTTP
+    404): ..."); clients of older TypeScript SDKs print error_description."""
+    document = oauth_error(reason)
+    if NO_OAUTH not in reason:
+        document["error_description"] += " " + NO_OAUTH
+    return JSONResponse(document, status_code=404, headers={"X-Content-Type-Options": "nosniff"})
+
+
+def oauth_error(reason: str) -> dict[str, str]:
+    """The body of a 401 for `reason`: `invalid_token` when a token was sent and refused."""
+    return {"error": "unauthorized" if reason == MISSING_TOKEN else "invalid_token", "error_description": reason}
 
 
 def too_many_refused(wait_s: int) -> JSONResponse:
@@ -223,15 +282,18 @@ def _has_authorization(scope: Scope) -> bool:
     return any(name.lower() == b"authorization" for name, _ in scope["headers"])
 
 
-def _replacing_401(send: Send, answer: Callable[[], Response]) -> Send:
-    """A `send` that replaces every 401 of the app, headers and body, with `answer()`."""
+def _replacing(send: Send, statuses: frozenset[int], answer: Callable[[], Response]) -> Send:
+    """A `send` that replaces every answer of the app with one of `statuses`, headers and body,
+    with `answer()`; but for the CORS headers the app's answer had: without them a browser
+    hides the replacement's words behind a CORS error."""
     replacement: Response | None = None
 
     async def replaced(message: Message) -> None:
         nonlocal replacement
-        if message["type"] == "http.response.start" and message["status"] == 401:
+        if message["type"] == "http.response.start" and message["status"] in statuses:
             replacement = answer()
-            await send({**message, "status": replacement.status_code, "headers": replacement.raw_headers})
+            kept = [(name, value) for name, value in message["headers"] if _is_cors_header(name)]
+            await send({**message, "status": replacement.status_code, "headers": replacement.raw_headers + kept})
         elif replacement is not None and message["type"] == "http.response.body":
             if not message.get("more_body", False):
                 await send({"type": "http.response.body", "body": replacement.body})
@@ -239,6 +301,11 @@ def _replacing_401(send: Send, answer: Callable[[], Response]) -> Send:
             await send(message)
 
     return replaced
+
+
+def _is_cors_header(name: bytes) -> bool:
+    lowered = name.lower()
+    return lowered.startswith(b"access-control-") or lowered == b"vary"
 
 
 class JsonRpcBodyCheck:

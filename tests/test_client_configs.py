@@ -90,7 +90,8 @@ def test_claude_desktop_reaches_the_server_through_mcp_remote(url: str, allow_ht
     remote = servers["nmap"]
     assert remote["command"] == "npx" and remote["env"] == {"AUTH_HEADER": f"Bearer {SECRET}"}
     # mcp-remote's documented form: the header with no space after the colon, its value in env.
-    assert remote["args"][:5] == ["-y", "mcp-remote@0.15.1", url, "--header", "Authorization:${AUTH_HEADER}"]
+    assert remote["args"][:7] == ["-y", "mcp-remote@0.15.1", url, "--header", "Authorization:${AUTH_HEADER}",
+                                  "--transport", "http-only"]
     assert ("--allow-http" in remote["args"]) is allow_http
     assert servers["nmap-local"] == LOCAL
 
