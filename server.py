@@ -36,7 +36,14 @@ from starlette.types import ASGIApp
 from argv_check import ArgvCheck
 from audit import AuditLog, AuditMiddleware, Auditor
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
-from client_configs import CLIENTS, LOCAL_SERVER_NAME, render_client_config, render_client_configs
+from client_configs import (
+    CLIENTS,
+    LOCAL_CLIENTS,
+    LOCAL_SERVER_NAME,
+    UnknownClient,
+    render_client_config,
+    render_client_configs,
+)
 from config import DEFAULT_CONFIG_PATH, ConfigError, ConfigMissing, Settings, load_settings, write_new_config
 from dashboard import register_dashboard
 from db import shown_url
@@ -379,7 +386,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--show-token", action="store_true",
                         help="print the real token secret in the banner and --print-config")
     parser.add_argument("--print-config", metavar="CLIENT", choices=CLIENTS,
-                        help=f"print one MCP client's configuration and exit: {', '.join(CLIENTS)}")
+                        help=f"print one MCP client's configuration and exit: {', '.join(CLIENTS)}; with "
+                             "--stdio only the entry that starts nmap-mcp over stdio (where no server runs)")
     roles = parser.add_mutually_exclusive_group()
     roles.add_argument("--stdio", action="store_true",
                        help="serve MCP over stdin/stdout for a local client (scans run in this process)")
@@ -427,11 +435,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_config(args: argparse.Namespace, settings: Settings, config_path: Path) -> int:
-    """`--print-config CLIENT`: the paste on stdout, what its stdio entry starts on stderr."""
-    print(render_client_config(args.print_config, url=endpoint_url(settings),
-                               secret=shown_secret(settings, show_token=args.show_token),
-                               stdio_command=stdio_command(config_path)))
-    print(stdio_note(settings, config_path), file=sys.stderr)
+    """`--print-config CLIENT` (with `--stdio`: the stdio entry alone, for a machine where no
+    server runs): the paste on stdout, what its stdio entry starts on stderr."""
+    try:
+        paste = render_client_config(args.print_config, url=endpoint_url(settings),
+                                     secret=shown_secret(settings, show_token=args.show_token),
+                                     stdio_command=stdio_command(config_path), local_only=args.stdio)
+    except UnknownClient as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(paste)
+    if args.print_config in LOCAL_CLIENTS:
+        print(stdio_note(settings, config_path), file=sys.stderr)
     return 0
 
 

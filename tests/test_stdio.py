@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from tests.support import (
     error_text,
     eventually,
     poll_until_finished,
+    stdio_initialize,
     write_config,
 )
 
@@ -238,3 +240,32 @@ def test_print_config_says_which_config_and_database_the_stdio_entry_uses(tmp_pa
     assert f"starts --stdio with {config}, on the database {shown};" in printed.stderr
     assert "only the scans of its caller 'local'" in printed.stderr
     assert password not in printed.stderr + printed.stdout
+
+
+@pytest.mark.parametrize("client", ["claude-desktop", "claude-code"])
+def test_the_laptop_flow_prints_only_the_stdio_entry_and_it_starts_from_a_gui_app(
+    tmp_path: Path, client: str
+) -> None:
+    """README's "Use it from my laptop": --init, then --stdio --print-config. No server runs
+    there, so the paste names none; its command starts with a desktop app's PATH and directory."""
+    config = tmp_path / "laptop.json"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "server.py"), "-c", str(config), *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=False)
+
+    assert run("--init").returncode == 0
+    printed = run("--stdio", "--print-config", client)
+    assert printed.returncode == 0, printed.stderr
+    assert "http" not in printed.stdout, "no entry for a server that does not run here"
+    if client == "claude-code":
+        [line] = printed.stdout.splitlines()
+        command = shlex.split(line)[shlex.split(line).index("--") + 1:]
+    else:
+        [(name, entry)] = json.loads(printed.stdout)["mcpServers"].items()
+        assert name == "nmap-local"
+        command = [entry["command"], *entry["args"]]
+    assert Path(command[0]).is_absolute()
+    assert stdio_initialize(command, cwd=Path("/"))["serverInfo"]["name"] == "nmap-mcp"
+    refused = run("--stdio", "--print-config", "chatgpt")
+    assert refused.returncode == 2 and "cannot start a local program" in refused.stderr
