@@ -8,6 +8,9 @@ deleted by hand. ChatGPT, DeepSOC and Cherry Studio get the remote entry alone: 
 connector takes nothing but a URL, DeepSOC runs no local processes, and Cherry Studio's JSON
 import accepts one server at a time.
 
+`local_only` is for a machine where no server runs (a laptop with `--init` and `--stdio`):
+the stdio entry alone, since the remote one would name a server that is not there.
+
 The secret goes into an Authorization header wherever the client can send one. Only the
 ChatGPT connector, which cannot, carries it as `?token=` in its URL. The caller passes the
 real secret or the placeholder `<TOKEN>`.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote
 
 SERVER_NAME = "nmap"
@@ -32,7 +35,7 @@ TomlValue = str | list[str] | dict[str, str]
 
 
 class UnknownClient(ValueError):
-    """The client name is not one of CLIENTS."""
+    """The client name is not one of CLIENTS (or, local_only, of LOCAL_CLIENTS)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class _Endpoint:
     url: str
     secret: str
     stdio_command: tuple[str, ...]
+    local_only: bool = False
 
     @property
     def bearer(self) -> str:
@@ -65,17 +69,21 @@ class _Client:
     title: str
     where: str
     render: Callable[[_Endpoint], JsonDocument | str]
+    # Whether its paste holds the stdio entry too.
+    local: bool = True
 
 
-def _both(remote: Mapping[str, object], local: Mapping[str, object], key: str = "mcpServers") -> JsonDocument:
-    return {key: {SERVER_NAME: remote, LOCAL_SERVER_NAME: local}}
+def _both(endpoint: _Endpoint, remote: Mapping[str, object], local: Mapping[str, object],
+          key: str = "mcpServers") -> JsonDocument:
+    entries = {} if endpoint.local_only else {SERVER_NAME: remote}
+    return {key: entries | {LOCAL_SERVER_NAME: local}}
 
 
 def _claude_code(endpoint: _Endpoint) -> str:
     remote = ["claude", "mcp", "add", "--transport", "http", SERVER_NAME, endpoint.url]
     remote += ["--header", f"Authorization: {endpoint.bearer}"]
     local = ["claude", "mcp", "add", LOCAL_SERVER_NAME, "--", *endpoint.stdio_command]
-    return f"{shlex.join(remote)}\n{shlex.join(local)}"
+    return "\n".join(shlex.join(line) for line in ([] if endpoint.local_only else [remote]) + [local])
 
 
 def _claude_desktop(endpoint: _Endpoint) -> JsonDocument:
@@ -87,26 +95,27 @@ def _claude_desktop(endpoint: _Endpoint) -> JsonDocument:
     if endpoint.url.startswith("http://"):
         args.append("--allow-http")  # mcp-remote refuses plain HTTP to any host but localhost without it
     remote = {"command": "npx", "args": args, "env": {"AUTH_HEADER": endpoint.bearer}}
-    return _both(remote, endpoint.stdio_entry)
+    return _both(endpoint, remote, endpoint.stdio_entry)
 
 
 def _url_and_headers(url_key: str) -> Callable[[_Endpoint], JsonDocument]:
     """The common `mcpServers` file: clients differ only in the key that holds the URL."""
 
     def render(endpoint: _Endpoint) -> JsonDocument:
-        return _both({url_key: endpoint.url, "headers": endpoint.headers}, endpoint.stdio_entry)
+        return _both(endpoint, {url_key: endpoint.url, "headers": endpoint.headers}, endpoint.stdio_entry)
 
     return render
 
 
 def _vscode(endpoint: _Endpoint) -> JsonDocument:
     remote = {"type": "http", "url": endpoint.url, "headers": endpoint.headers}
-    return _both(remote, {"type": "stdio", **endpoint.stdio_entry}, key="servers")
+    return _both(endpoint, remote, {"type": "stdio", **endpoint.stdio_entry}, key="servers")
 
 
 def _codex(endpoint: _Endpoint) -> str:
     remote: dict[str, TomlValue] = {"url": endpoint.url, "http_headers": endpoint.headers}
-    return _toml({f"mcp_servers.{SERVER_NAME}": remote, f"mcp_servers.{LOCAL_SERVER_NAME}": endpoint.stdio_entry})
+    tables = {} if endpoint.local_only else {f"mcp_servers.{SERVER_NAME}": remote}
+    return _toml(tables | {f"mcp_servers.{LOCAL_SERVER_NAME}": endpoint.stdio_entry})
 
 
 def _chatgpt(endpoint: _Endpoint) -> JsonDocument:
@@ -145,30 +154,39 @@ _CLIENTS: dict[str, _Client] = {
     # (serverUrl with headers); no page of Antigravity's own was found
     "antigravity": _Client("Antigravity", "~/.gemini/antigravity/mcp_config.json", _url_and_headers("serverUrl")),
     # https://developers.openai.com/apps-sdk/deploy/connect-chatgpt
-    "chatgpt": _Client("ChatGPT", "Settings > Connectors > Create, in developer mode; needs public HTTPS", _chatgpt),
+    "chatgpt": _Client("ChatGPT", "Settings > Connectors > Create, in developer mode; needs public HTTPS", _chatgpt,
+                       local=False),
     # https://lmstudio.ai/docs/app/mcp
     "lm-studio": _Client("LM Studio", "Program > Install > Edit mcp.json", _url_and_headers("url")),
     # https://github.com/wzfukui/nmap-mcp-http (its DeepSOC setup, Bearer Token form)
-    "deepsoc": _Client("DeepSOC", "MCP server settings", _streamable_http_import),
+    "deepsoc": _Client("DeepSOC", "MCP server settings", _streamable_http_import, local=False),
     # https://github.com/CherryHQ/cherry-studio/blob/main/src/renderer/src/pages/settings/MCPSettings/AddMcpServerModal.tsx
     "cherry-studio": _Client(
-        "Cherry Studio", "Settings > MCP Servers > Add > Import from JSON", _streamable_http_import
+        "Cherry Studio", "Settings > MCP Servers > Add > Import from JSON", _streamable_http_import, local=False
     ),
 }
 
 CLIENTS: tuple[str, ...] = tuple(_CLIENTS)
+# The clients whose paste holds the stdio entry, the only ones `local_only` serves.
+LOCAL_CLIENTS: tuple[str, ...] = tuple(name for name, client in _CLIENTS.items() if client.local)
 
 
-def render_client_config(client: str, *, url: str, secret: str, stdio_command: Sequence[str]) -> str:
+def render_client_config(client: str, *, url: str, secret: str, stdio_command: Sequence[str],
+                         local_only: bool = False) -> str:
     """What `nmap-mcp --print-config CLIENT` prints: the client's paste, formatted.
 
     JSON for every client but codex (TOML) and claude-code (two `claude mcp add` command
-    lines, remote then stdio). `stdio_command` is the argv that starts the stdio server.
-    Raises UnknownClient for a name not in CLIENTS.
+    lines, remote then stdio). `stdio_command` is the argv that starts the stdio server;
+    `local_only`: the stdio entry alone. Raises UnknownClient for a name not in CLIENTS, or
+    with `local_only` not in LOCAL_CLIENTS.
     """
     if client not in _CLIENTS:
         raise UnknownClient(f"unknown client '{client}': choose one of {', '.join(CLIENTS)}")
-    return _text(_CLIENTS[client].render(_endpoint(url, secret, stdio_command)), indent=2)
+    if local_only and client not in LOCAL_CLIENTS:
+        raise UnknownClient(f"{_CLIENTS[client].title} cannot start a local program: it reaches only a running "
+                            f"server; for --stdio choose one of {', '.join(LOCAL_CLIENTS)}")
+    endpoint = _endpoint(url, secret, stdio_command)
+    return _text(_CLIENTS[client].render(replace(endpoint, local_only=local_only)), indent=2)
 
 
 def render_client_configs(url: str, secret: str, stdio_command: Sequence[str]) -> str:

@@ -83,6 +83,11 @@ def _run_call(call: _Call, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         _running.call = None
 
 
+def shown_url(url: str) -> str:
+    """`url` as it may be printed: the database it names, without its password."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def create_db_engine(url: str, timeout_s: float = 5.0) -> Engine:
     """An engine for `url`. SQLite files are created mode 0600 and get WAL mode, a busy
     timeout, and `BEGIN IMMEDIATE` for writing transactions (see `_sqlite_begin`).

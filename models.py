@@ -334,12 +334,14 @@ class ScanOutcome:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """A scan worker: a random id (never a pid), a human name, its pool and capacity."""
+    """A scan worker: a random id (never a pid), a human name, its pool and capacity, and the
+    one owner whose tasks it runs (None: every owner's)."""
 
     id: str
     name: str
     pool: str
     capacity: int
+    owner: str | None = None
 
 
 class ScriptOutput(BaseModel):

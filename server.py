@@ -36,9 +36,17 @@ from starlette.types import ASGIApp
 from argv_check import ArgvCheck
 from audit import AuditLog, AuditMiddleware, Auditor
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
-from client_configs import CLIENTS, render_client_config, render_client_configs
+from client_configs import (
+    CLIENTS,
+    LOCAL_CLIENTS,
+    LOCAL_SERVER_NAME,
+    UnknownClient,
+    render_client_config,
+    render_client_configs,
+)
 from config import DEFAULT_CONFIG_PATH, ConfigError, ConfigMissing, Settings, load_settings, write_new_config
 from dashboard import register_dashboard
+from db import shown_url
 from errors import PromptArgumentCheck, ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from logs import LogContext, configure_logging
@@ -68,11 +76,19 @@ GC_YOUNG_ALLOCATIONS = 20_000
 
 
 class Role(enum.StrEnum):
-    """What one process does: everything (the default), the API only, or scans only."""
+    """What one process does: everything (the default), the API only, scans only, or serve
+    one local client over stdio.
+
+    A stdio process is started by a desktop app, often with the server's own config and so on
+    its database, and ends when the app quits: its worker runs only its own caller's tasks
+    (`stdio_caller`), never another token's, whose scan would end `interrupted` with it. Its
+    caller's tasks stay open to the server's workers (same pool, same policy): one the app
+    left queued when it quit is still run."""
 
     ALL = "all"
     API = "api"
     WORKER = "worker"
+    STDIO = "stdio"
 
 
 class Runtime:
@@ -100,10 +116,12 @@ class Runtime:
         policy = Policy(settings, nmap_path)
         # Who nmap runs as and what it may touch (main() has checked that nmap starts so).
         self.sandbox = confinement(settings.nmap_user, privileged=settings.privileged, nmap_path=nmap_path)
+        stdio = role is Role.STDIO
         self.worker = None if role is Role.API else Worker(
             self.stores.workers,
             ArgvCheck.of_worker(nmap_path, policy, privileged=settings.privileged, pool=settings.pool),
-            name=settings.worker_name or socket.gethostname(),
+            name=(settings.worker_name or socket.gethostname()) + (" stdio" if stdio else ""),
+            owner=settings.stdio_caller if stdio else None,
             pool=settings.pool,
             capacity=settings.max_concurrent_tasks,
             grace_seconds=settings.shutdown_grace_seconds,
@@ -158,14 +176,13 @@ class Runtime:
             await self.stop()
 
 
-def create_server(
-    settings: Settings, nmap_path: str, *, role: Role = Role.ALL, stdio: bool = False
-) -> tuple[FastMCP, Runtime]:
+def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) -> tuple[FastMCP, Runtime]:
     """The FastMCP server with its tools, and the runtime its lifespan starts and stops.
 
-    Over HTTP every call carries a token whose name is the caller; over stdio (a local
-    client that started this process) the caller is `stdio_caller`."""
+    Over HTTP every call carries a token whose name is the caller; over stdio (Role.STDIO: a
+    local client that started this process) the caller is `stdio_caller`."""
     runtime = Runtime(settings, nmap_path, role)
+    stdio = role is Role.STDIO
     identify = (lambda: settings.stdio_caller) if stdio else token_name
 
     @contextlib.asynccontextmanager
@@ -333,6 +350,13 @@ def stdio_command(config_path: Path) -> list[str]:
     return [*program_argv(), "--stdio", "-c", str(config_path.resolve())]
 
 
+def stdio_note(settings: Settings, config_path: Path) -> str:
+    """What the printed `nmap-local` entries start: which config and database, and whose scans."""
+    return (f"{LOCAL_SERVER_NAME}: starts --stdio with {config_path.resolve()}, on the database "
+            f"{shown_url(settings.effective_database_url())}; it runs only the scans of its caller "
+            f"'{settings.stdio_caller}', never another token's")
+
+
 def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
     """Where the server listens and how to connect each client."""
     names = sorted(settings.named_secrets())
@@ -349,6 +373,7 @@ def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
         lines.append("listening on all interfaces: replace 127.0.0.1 below with this machine's address")
     lines.append(f"one client's config alone: {rerun_command(config_path)} --print-config CLIENT "
                  f"(CLIENT: {', '.join(CLIENTS)})")
+    lines.append(stdio_note(settings, config_path))
     return "\n".join(lines) + "\n\n" + render_client_configs(url, secret, stdio_command(config_path)) + "\n"
 
 
@@ -361,7 +386,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--show-token", action="store_true",
                         help="print the real token secret in the banner and --print-config")
     parser.add_argument("--print-config", metavar="CLIENT", choices=CLIENTS,
-                        help=f"print one MCP client's configuration and exit: {', '.join(CLIENTS)}")
+                        help=f"print one MCP client's configuration and exit: {', '.join(CLIENTS)}; with "
+                             "--stdio only the entry that starts nmap-mcp over stdio (where no server runs)")
     roles = parser.add_mutually_exclusive_group()
     roles.add_argument("--stdio", action="store_true",
                        help="serve MCP over stdin/stdout for a local client (scans run in this process)")
@@ -389,10 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no config found: wrote {config_path.resolve()} with a new token", file=sys.stderr)
         settings = load_settings(config_path)
         if args.print_config:
-            print(render_client_config(args.print_config, url=endpoint_url(settings),
-                                       secret=shown_secret(settings, show_token=args.show_token),
-                                       stdio_command=stdio_command(config_path)))
-            return 0
+            return print_config(args, settings, config_path)
         nmap_path = find_nmap(settings.nmap_path)
         check_privileges(settings, nmap_path)
         sandbox = check_sandbox(settings, nmap_path)
@@ -409,6 +432,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.stdio:
         return asyncio.run(serve_stdio(settings, nmap_path))
     return serve(settings, nmap_path, args, config_path)
+
+
+def print_config(args: argparse.Namespace, settings: Settings, config_path: Path) -> int:
+    """`--print-config CLIENT` (with `--stdio`: the stdio entry alone, for a machine where no
+    server runs): the paste on stdout, what its stdio entry starts on stderr."""
+    try:
+        paste = render_client_config(args.print_config, url=endpoint_url(settings),
+                                     secret=shown_secret(settings, show_token=args.show_token),
+                                     stdio_command=stdio_command(config_path), local_only=args.stdio)
+    except UnknownClient as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(paste)
+    if args.print_config in LOCAL_CLIENTS:
+        print(stdio_note(settings, config_path), file=sys.stderr)
+    return 0
 
 
 def serve(settings: Settings, nmap_path: str, args: argparse.Namespace, config_path: Path) -> int:
@@ -449,7 +488,7 @@ def bind(host: str, port: int) -> socket.socket:
 async def serve_stdio(settings: Settings, nmap_path: str) -> int:
     """`--stdio`: MCP over stdin/stdout until the client closes it, or SIGTERM or SIGINT.
     Scans run in this process; the database keeps them for the client's next start."""
-    mcp, runtime = create_server(settings, nmap_path, stdio=True)
+    mcp, runtime = create_server(settings, nmap_path, role=Role.STDIO)
     session = asyncio.ensure_future(mcp.run_stdio_async(show_banner=False))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,6 +1,7 @@
 """Scan workers: claim -> scan -> finish, leases renewed by a heartbeat, and shutdown.
 
-A worker serves one pool and runs at most `capacity` nmap processes at once. It claims the
+A worker serves one pool and runs at most `capacity` nmap processes at once (one bound to an
+owner, as a --stdio process's is, runs only that owner's tasks). It claims the
 next queued tasks of its pool, in fair turns across their owners (worker_store), as many as
 it has free slots (the claim gives it a lease); a call submitting in its process while a
 slot is free makes that claim in the submitting transaction (`hand_over`). It checks each
@@ -61,8 +62,9 @@ class Worker:
     def __init__(
         self, store: WorkerStore, check: ArgvCheck, *, name: str, pool: str, capacity: int, grace_seconds: float,
         sandbox: Sequence[str], version_seconds: float = 300.0, metrics: Metrics | None = None,
+        owner: str | None = None,
     ) -> None:
-        self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity)
+        self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity, owner=owner)
         self._store = store
         # What a task may run is decided here again, not trusted from the database (argv_check).
         self._check = check

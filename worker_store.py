@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import BindParameter, ColumnElement, Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from change_feed import ChangeFeed, queue_key
 from db import Database
@@ -63,33 +64,42 @@ _RUNNING_PER_OWNER = (
     .where(tasks.c.status == TaskStatus.RUNNING.value, tasks.c.pool == _P["pool"], tasks.c.shard_count == 0)
     .group_by(tasks.c.owner).subquery("running_per_owner")
 )
-_QUEUED_TURNS = (
-    select(tasks.c.id, tasks.c.created_at, (
-        func.coalesce(_RUNNING_PER_OWNER.c.running, 0)
-        + func.row_number().over(partition_by=tasks.c.owner, order_by=(tasks.c.created_at, tasks.c.id))
-    ).label("turn"))
-    .select_from(tasks.outerjoin(_RUNNING_PER_OWNER, _RUNNING_PER_OWNER.c.owner == tasks.c.owner))
-    .where(tasks.c.status == TaskStatus.QUEUED.value, tasks.c.pool == _P["pool"], tasks.c.shard_count == 0)
-    .subquery("queued_turns")
-)
-# Chosen once: PostgreSQL may run an `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` subquery
-# again per row it updates, each time skipping the rows it just locked, and so claim more than
-# n (seen: 4 scans on 2 slots). A MATERIALIZED CTE runs once. The turns are counted in a
-# subquery because FOR UPDATE cannot lock rows of a query with a window function.
-_NEXT_QUEUED = (
-    select(tasks.c.id)
-    .join(_QUEUED_TURNS, _QUEUED_TURNS.c.id == tasks.c.id)
-    .where(tasks.c.status == TaskStatus.QUEUED.value)
-    .order_by(_QUEUED_TURNS.c.turn, _QUEUED_TURNS.c.created_at, tasks.c.id).limit(bindparam("p_limit"))
-    .with_for_update(of=tasks, skip_locked=True)
-    .cte("next_queued").prefix_with("MATERIALIZED")
-)
-_CLAIM = (
-    update(tasks)
-    .where(tasks.c.id == _NEXT_QUEUED.c.id, tasks.c.status == TaskStatus.QUEUED.value)
-    .values(status=TaskStatus.RUNNING.value)
-    .returning(*TASK_SUMMARY)
-)
+
+
+def _claim_statement(*only: ColumnElement[bool]) -> ReturningUpdate[Any]:
+    """The claim of the pool's next queued tasks, among those that also meet `only`."""
+    queued_turns = (
+        select(tasks.c.id, tasks.c.created_at, (
+            func.coalesce(_RUNNING_PER_OWNER.c.running, 0)
+            + func.row_number().over(partition_by=tasks.c.owner, order_by=(tasks.c.created_at, tasks.c.id))
+        ).label("turn"))
+        .select_from(tasks.outerjoin(_RUNNING_PER_OWNER, _RUNNING_PER_OWNER.c.owner == tasks.c.owner))
+        .where(tasks.c.status == TaskStatus.QUEUED.value, tasks.c.pool == _P["pool"], tasks.c.shard_count == 0, *only)
+        .subquery("queued_turns")
+    )
+    # Chosen once: PostgreSQL may run an `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` subquery
+    # again per row it updates, each time skipping the rows it just locked, and so claim more than
+    # n (seen: 4 scans on 2 slots). A MATERIALIZED CTE runs once. The turns are counted in a
+    # subquery because FOR UPDATE cannot lock rows of a query with a window function.
+    next_queued = (
+        select(tasks.c.id)
+        .join(queued_turns, queued_turns.c.id == tasks.c.id)
+        .where(tasks.c.status == TaskStatus.QUEUED.value)
+        .order_by(queued_turns.c.turn, queued_turns.c.created_at, tasks.c.id).limit(bindparam("p_limit"))
+        .with_for_update(of=tasks, skip_locked=True)
+        .cte("next_queued").prefix_with("MATERIALIZED")
+    )
+    return (
+        update(tasks)
+        .where(tasks.c.id == next_queued.c.id, tasks.c.status == TaskStatus.QUEUED.value)
+        .values(status=TaskStatus.RUNNING.value)
+        .returning(*TASK_SUMMARY)
+    )
+
+
+_CLAIM = _claim_statement()
+# A worker bound to one owner (a --stdio process's: server.Runtime says why) claims only its tasks.
+_CLAIM_OWN = _claim_statement(tasks.c.owner == bindparam("p_owner"))
 _CLAIM_PARENT = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.status == TaskStatus.QUEUED.value) \
     .values(status=TaskStatus.RUNNING.value)
 # Start, progress and verdict of a scan this worker runs; what they set is in their parameters.
@@ -119,12 +129,14 @@ class PoolStatus:
 
 def claim_in(conn: Connection, worker: WorkerInfo, pool: str, limit: int, now: float,
              lease_seconds: float) -> list[TaskRecord]:
-    """In `conn`'s transaction: up to `limit` of the pool's queued tasks, in fair turns across
-    owners (see _NEXT_QUEUED), now leased to `worker`, oldest first (a shard's parent is
+    """In `conn`'s transaction: up to `limit` of the pool's queued tasks (of the worker's owner
+    alone when it has one), in fair turns across owners (see _claim_statement), now leased to
+    `worker`, oldest first (a shard's parent is
     marked running with its first shard)."""
-    rows = conn.execute(_CLAIM, {"p_pool": pool, "p_limit": limit, "worker_id": worker.id,
-                                 "worker_name": worker.name, "claimed_at": now,
-                                 "lease_expires_at": now + lease_seconds}).all()
+    claim, only = (_CLAIM, {}) if worker.owner is None else (_CLAIM_OWN, {"p_owner": worker.owner})
+    rows = conn.execute(claim, {"p_pool": pool, "p_limit": limit, "worker_id": worker.id,
+                                "worker_name": worker.name, "claimed_at": now,
+                                "lease_expires_at": now + lease_seconds, **only}).all()
     records = sorted((TaskRecord.from_row(row._mapping) for row in rows), key=lambda record: record.created_at)
     for parent_id in sorted({record.parent_id for record in records if record.parent_id}):
         conn.execute(_CLAIM_PARENT, {"p_parent": parent_id, "claimed_at": now})

@@ -21,7 +21,7 @@ from fastmcp import Client
 from sqlalchemy.engine import make_url
 
 from config import load_settings
-from server import create_server
+from server import Role, create_server
 from tests.dns_jail import DnsListener
 from tests.nodes import MakeNode, Node, start_node
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
@@ -185,7 +185,7 @@ def in_memory(tmp_path: Path, nmap_wrapper: NmapWrapper) -> OpenClient:
         values = {"nmap_path": str(nmap_wrapper.path), "audit_log": str(tmp_path / "audit.jsonl"),
                   "worker_name": f"{caller}-{index}"} | overrides
         config = write_config(tmp_path / f"in-memory-{index}.json", stdio_caller=caller, **values)
-        mcp, runtime = create_server(load_settings(config), str(values["nmap_path"]), stdio=True)
+        mcp, runtime = create_server(load_settings(config), str(values["nmap_path"]), role=Role.STDIO)
         async with (Client if tasks else ToolClient)(mcp, mode=mode) as client:  # type: ignore[arg-type]
             yield client
         assert runtime.supervisor.failure is None

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from client_configs import CLIENTS, UnknownClient, render_client_config, render_client_configs
+from client_configs import CLIENTS, LOCAL_CLIENTS, UnknownClient, render_client_config, render_client_configs
 from tests.support import ROOT
 
 URL = "http://127.0.0.1:3004/mcp"
@@ -20,6 +20,8 @@ SECRET = "s3cret-" + "x" * 30
 AWKWARD = "a\"b'c\\d$e f&g#h+i\x7fj-é" + "x" * 20
 STDIO = ("/opt/nmap mcp/.venv/bin/python", "/opt/nmap mcp/server.py", "--stdio", "-c", "/etc/nmap-mcp.json")
 LOCAL = {"command": STDIO[0], "args": list(STDIO[1:])}
+# What docs/clients.md shows: nmap-mcp installed by pipx, by its absolute path.
+DOC_STDIO = ["/home/you/.local/bin/nmap-mcp", "--stdio", "-c", "/home/you/.config/nmap-mcp.json"]
 HEADER_CLIENTS = [client for client in CLIENTS if client != "chatgpt"]
 
 
@@ -203,5 +205,26 @@ def test_docs_snippets_are_what_print_config_prints() -> None:
     blocks = re.findall(r"<!-- print-config ([a-z-]+) -->\n```[a-z]*\n(.*?)\n```", docs, flags=re.DOTALL)
     assert [client for client, _ in blocks] == list(CLIENTS)
     for client, block in blocks:
-        expected = render_client_config(client, url=URL, secret="<TOKEN>", stdio_command=["nmap-mcp", "--stdio"])
+        expected = render_client_config(client, url=URL, secret="<TOKEN>", stdio_command=DOC_STDIO)
         assert block == expected, client
+
+
+@pytest.mark.parametrize("client", LOCAL_CLIENTS)
+def test_local_only_prints_the_stdio_entry_alone(client: str) -> None:
+    """The laptop flow: no server runs there, so no entry may name one."""
+    text = render_client_config(client, url=URL, secret=SECRET, stdio_command=STDIO, local_only=True)
+    assert URL not in text and SECRET not in text and "mcp-remote" not in text
+    if client == "claude-code":
+        assert shlex.split(text) == ["claude", "mcp", "add", "nmap-local", "--", *STDIO]
+    elif client == "codex":
+        assert tomllib.loads(text) == {"mcp_servers": {"nmap-local": LOCAL}}
+    else:
+        [entries] = json.loads(text).values()
+        assert entries == {"nmap-local": ({"type": "stdio"} if client == "vscode" else {}) | LOCAL}
+
+
+@pytest.mark.parametrize("client", sorted(set(CLIENTS) - set(LOCAL_CLIENTS)))
+def test_local_only_refuses_a_client_that_cannot_start_a_program(client: str) -> None:
+    with pytest.raises(UnknownClient, match="cannot start a local program"):
+        render_client_config(client, url=URL, secret=SECRET, stdio_command=STDIO, local_only=True)
+    assert set(LOCAL_CLIENTS) == set(CLIENTS) - {"chatgpt", "deepsoc", "cherry-studio"}

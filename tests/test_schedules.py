@@ -435,7 +435,7 @@ async def test_a_schedule_is_refused_at_creation_as_its_scan_tool_would_refuse_i
     settings = settings_for(f"sqlite:///{tmp_path / 'tasks.db'}", nmap_wrapper, tmp_path, tokens=tokens,
                             stdio_caller="alice", min_schedule_seconds=120, denied_targets=["127.0.0.9/32"],
                             webhook_allowed_urls=[allowed, unlisted], webhook_allowed_addresses=["127.41.0.9"])
-    mcp, _runtime = create_server(settings, str(nmap_wrapper.path), stdio=True)
+    mcp, _runtime = create_server(settings, str(nmap_wrapper.path), role=Role.STDIO)
     refusals = [
         ({"kind": "quick", "target": "127.0.0.1/33"}, "invalid_target: "),
         ({"kind": "quick", "target": "127.0.0.9"},

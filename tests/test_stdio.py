@@ -7,7 +7,10 @@ the tools, policy, queue and database of the HTTP server; its caller is `stdio_c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +26,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from tests.support import (
     ALICE,
+    BOB,
     ROOT,
     SECRETS,
     Listeners,
@@ -30,6 +34,9 @@ from tests.support import (
     NmapWrapper,
     call_tool,
     error_text,
+    eventually,
+    poll_until_finished,
+    stdio_initialize,
     write_config,
 )
 
@@ -174,3 +181,91 @@ async def test_a_stdio_bridge_reaches_the_http_server_with_the_same_tools(
     as_alice = await call_tool(server.url, ALICE, "get_task_status", {"task_id": scanned["task_id"]})
     assert as_alice.structured_content is not None and as_alice.structured_content["status"] == "completed"
     assert audited_callers(tmp_path / "audit.jsonl", "quick_scan") == {"alice"}
+
+
+def task_row(database: Path, task_id: str) -> sqlite3.Row:
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        conn.row_factory = sqlite3.Row
+        query = "SELECT status, worker_name, claimed_at, finished_at FROM tasks WHERE id = ?"
+        row: sqlite3.Row | None = conn.execute(query, (task_id,)).fetchone()
+    assert row is not None, task_id
+    return row
+
+
+async def queued_over_http(server: LiveServer, secret: str, target: str) -> str:
+    started = await call_tool(server.url, secret, "quick_scan", {"target": target, "timeout": 5})
+    assert started.structured_content is not None, error_text(started)
+    return str(started.structured_content["task_id"])
+
+
+@pytest.mark.slow("two scans of 8 s each, one after the other on the server's one slot")
+async def test_a_desktop_app_on_the_server_s_config_never_takes_a_teammate_s_scan(
+    live_server: Callable[..., LiveServer], tmp_path: Path, nmap_wrapper: NmapWrapper
+) -> None:
+    """The stdio entry printed on the server machine runs with the server's config, database
+    and pool. While it sits idle, bob's scan waits for the server's one busy slot instead of
+    running in the desktop app's process; the app quitting then leaves it running."""
+    server = live_server(max_concurrent_tasks=1, worker_name="http-server",
+                         audit_log=str(tmp_path / "audit.jsonl"))
+    database = tmp_path / "tasks.db"
+    errlog = tmp_path / "stdio.log"
+    async with stdio_session(stdio_command(server.config_path), errlog) as desktop:
+        own = await tool(desktop, "quick_scan", {"target": "127.0.0.1", "timeout": 30})
+        assert own["status"] == "completed", "the app's own scans run in its process"
+        assert task_row(database, own["task_id"])["worker_name"] == "http-server stdio"
+
+        nmap_wrapper.set_delay(8)
+        first = await queued_over_http(server, ALICE, "127.0.0.2")
+        assert await eventually(lambda: task_row(database, first)["status"] == "running", 30)
+        teammate = await queued_over_http(server, BOB, "127.0.0.3")
+        assert await eventually(lambda: task_row(database, teammate)["status"] != "queued", 60)
+        claimed = task_row(database, teammate)
+        assert claimed["worker_name"] == "http-server", "bob's scan ran in the desktop app's process"
+        assert claimed["claimed_at"] >= task_row(database, first)["finished_at"], "it waited for the server's slot"
+    # The app has quit (its stdin closed, its process gone) while bob's scan runs.
+    assert task_row(database, teammate)["status"] == "running"
+    assert (await poll_until_finished(server.url, BOB, teammate, timeout=60))["status"] == "completed"
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_print_config_says_which_config_and_database_the_stdio_entry_uses(tmp_path: Path, database: str) -> None:
+    password = "db-password-" + "p" * 12
+    url = f"postgresql+psycopg://nmap:{password}@127.63.0.1:5432/scans"
+    config = write_config(tmp_path / "config.json", **({"database_url": url} if database == "postgresql" else {}))
+    printed = subprocess.run([sys.executable, str(ROOT / "server.py"), "-c", str(config), "--print-config", "cursor"],
+                             capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert json.loads(printed.stdout)["mcpServers"]["nmap-local"]["args"][-1] == str(config)
+    shown = "postgresql+psycopg://nmap:***@127.63.0.1:5432/scans" if database == "postgresql" \
+        else f"sqlite:///{tmp_path / 'tasks.db'}"
+    assert f"starts --stdio with {config}, on the database {shown};" in printed.stderr
+    assert "only the scans of its caller 'local'" in printed.stderr
+    assert password not in printed.stderr + printed.stdout
+
+
+@pytest.mark.parametrize("client", ["claude-desktop", "claude-code"])
+def test_the_laptop_flow_prints_only_the_stdio_entry_and_it_starts_from_a_gui_app(
+    tmp_path: Path, client: str
+) -> None:
+    """README's "Use it from my laptop": --init, then --stdio --print-config. No server runs
+    there, so the paste names none; its command starts with a desktop app's PATH and directory."""
+    config = tmp_path / "laptop.json"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "server.py"), "-c", str(config), *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=False)
+
+    assert run("--init").returncode == 0
+    printed = run("--stdio", "--print-config", client)
+    assert printed.returncode == 0, printed.stderr
+    assert "http" not in printed.stdout, "no entry for a server that does not run here"
+    if client == "claude-code":
+        [line] = printed.stdout.splitlines()
+        command = shlex.split(line)[shlex.split(line).index("--") + 1:]
+    else:
+        [(name, entry)] = json.loads(printed.stdout)["mcpServers"].items()
+        assert name == "nmap-local"
+        command = [entry["command"], *entry["args"]]
+    assert Path(command[0]).is_absolute()
+    assert stdio_initialize(command, cwd=Path("/"))["serverInfo"]["name"] == "nmap-mcp"
+    refused = run("--stdio", "--print-config", "chatgpt")
+    assert refused.returncode == 2 and "cannot start a local program" in refused.stderr

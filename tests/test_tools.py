@@ -244,7 +244,7 @@ async def test_list_workers_shows_the_pool_and_the_worker_of_this_server(in_memo
         [pool] = (await answer_of(alice, "list_workers"))["pools"]
     assert (pool["pool"], pool["networks"], pool["queued"], pool["workers_alive"]) == ("default", [], 0, 1)
     [worker] = pool["workers"]
-    assert (worker["name"], worker["capacity"], worker["running"], worker["alive"]) == ("alice-0", 3, 0, True)
+    assert (worker["name"], worker["capacity"], worker["running"], worker["alive"]) == ("alice-0 stdio", 3, 0, True)
 
 
 async def test_a_schedule_is_deleted_by_its_owner_alone(in_memory: OpenClient, nmap_wrapper: NmapWrapper) -> None:

@@ -431,3 +431,19 @@ async def test_a_claim_of_several_slots_gives_each_owner_its_turn(
     others = [(await submit(node.tasks, nmap_wrapper, 1, owner=owner)).id for owner in ("small", "carol")]
     claimed = {record.id for record in await node.stores.workers.claim(worker, "default", 3)}
     assert claimed == {hog[0], *others}
+
+
+async def test_a_worker_bound_to_an_owner_claims_only_that_owner_s_tasks(
+    make_node: MakeNode, nmap_wrapper: NmapWrapper
+) -> None:
+    """A --stdio process's worker (server.Role.STDIO): another token's older task stays queued
+    for the fleet, on SQLite and on PostgreSQL (where the claim is one locking statement)."""
+    node = await make_node(worker=False)
+    desktop = WorkerInfo(id="desktop", name="desktop stdio", pool="default", capacity=8, owner="local")
+    teammate = await submit(node.tasks, nmap_wrapper, 1, owner="bob")
+    own = [(await submit(node.tasks, nmap_wrapper, 1, owner="local")).id for _ in range(2)]
+    claimed = await node.stores.workers.claim(desktop, "default", 8)
+    assert [record.id for record in claimed] == own
+    assert (await node.tasks.get(teammate.id, "bob")).status is TaskStatus.QUEUED
+    fleet = WorkerInfo(id="fleet", name="fleet", pool="default", capacity=8)
+    assert [record.id for record in await node.stores.workers.claim(fleet, "default", 8)] == [teammate.id]
