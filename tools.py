@@ -435,9 +435,15 @@ def inlined_tool(
 
 
 def progress_reporter(ctx: Context) -> Callable[[Progress], Awaitable[None]]:
-    """MCP progress notifications for a waiting call (sent when the client asked for them)."""
+    """MCP progress notifications for a waiting call (sent when the client asked for them),
+    each with a higher percent than the one before, as the MCP spec requires."""
+    sent = -1.0
 
     async def report(progress: Progress) -> None:
+        nonlocal sent
+        if progress.percent <= sent:
+            return
+        sent = progress.percent
         left = f", about {progress.remaining_s} s left" if progress.remaining_s is not None else ""
         await ctx.report_progress(progress.percent, 100, f"{progress.phase}: {progress.percent:.0f}%{left}")
 
