@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     # else sees only their own. None by default.
     ui_admin_tokens: list[str] = Field(default_factory=list)
     sync_timeout: int = Field(default=30, ge=5, le=600)
+    # No call waits longer than this for its scan, whatever its `timeout` asks: common clients
+    # (the TypeScript SDK, Cherry Studio, Codex CLI) give up on a call after 60 s, and a call
+    # that answers first hands over the task id of the scan that goes on.
+    max_call_wait_seconds: int = Field(default=50, ge=1, le=600)
     max_concurrent_tasks: int = Field(default=10, ge=1, le=256)
     max_queued_tasks: int = Field(default=100, ge=1, le=100_000)
     limits: Limits = Field(default_factory=DEFAULT_LIMITS.model_copy)

@@ -557,7 +557,8 @@ class ScanResult(ScanSummary):
 
 
 class Progress(BaseModel):
-    """How far a running scan is, from nmap's own statistics."""
+    """How far a running scan is, from nmap's own statistics: one percent across the whole task
+    that never goes down (task_progress.py), and seconds left where they can be estimated."""
 
     percent: float
     phase: str

@@ -82,9 +82,8 @@ class ReportParser:
     # The hosts the XML holds so far, in its order (with -v, those nmap found down too).
     hosts: list[HostDetail] = field(default_factory=list)
     scanned: list[ScannedPorts] = field(default_factory=list)
+    # nmap's own figures for the task it runs now (task_progress.TaskProgress puts them on the task's scale).
     progress: Progress | None = None
-    # Put before nmap's own phase names, e.g. "port discovery (1 of 2): " in a two-phase scan.
-    phase_prefix: str = ""
     runstats: RunStats | None = None
     complete: bool = False
     broken: bool = False
@@ -157,19 +156,13 @@ class ReportParser:
             self.scanned.append(ScannedPorts(protocol=element.get("protocol", ""),
                                              services=element.get("services", "")))
         elif element.tag == "taskprogress":
-            self.progress = self._honest(_progress(element, self.phase_prefix))
+            self.progress = _progress(element)
         elif element.tag == "taskbegin":
-            self.progress = Progress(percent=0.0, phase=self.phase_prefix + element.get("task", ""), remaining_s=None)
+            self.progress = Progress(percent=0.0, phase=element.get("task", ""), remaining_s=None)
         elif element.tag == "runstats":
             self.runstats = _runstats(element)
         elif element.tag == "nmaprun":
             self.complete = True
-
-    def _honest(self, reported: Progress) -> Progress:
-        """nmap's estimate can dip within one of its phases; the percent shown never does."""
-        if self.progress is not None and self.progress.phase == reported.phase:
-            return reported.model_copy(update={"percent": max(reported.percent, self.progress.percent)})
-        return reported
 
     def result(self, target: str, *, addresses: int = 0, elapsed_s: float = 0.0) -> ScanResult:
         """The hosts nmap finished and those it is still scanning (`unconfirmed`), with the
@@ -321,11 +314,11 @@ def _scripts(parent: ET.Element | None) -> list[ScriptOutput]:
     ]
 
 
-def _progress(element: ET.Element, prefix: str) -> Progress:
+def _progress(element: ET.Element) -> Progress:
     remaining = element.get("remaining")
     return Progress(
         percent=float(element.get("percent", "0")),
-        phase=prefix + element.get("task", ""),
+        phase=element.get("task", ""),
         remaining_s=int(remaining) if remaining and remaining.isdigit() else None,
     )
 

@@ -51,6 +51,7 @@ from targets import ResolvedTargets, resolve_targets, split_targets
 from views import (
     answer,
     capped_diff,
+    capped_wait_note,
     csv_page,
     diff_results,
     down_hint,
@@ -219,7 +220,8 @@ class ScanService:
         self, owner: str, request: ScanRequest, *, timeout_s: float, rescan: bool = False,
         on_progress: ProgressCallback | None = None, schedule_run: str | None = None,
     ) -> TaskAnswer:
-        """Check the targets, submit (or reuse) the scan, wait up to `timeout_s`, present it.
+        """Check the targets, submit (or reuse) the scan, wait up to `timeout_s` (at most the
+        configured max_call_wait_seconds), present it.
 
         Once the scan is queued the answer always carries its task id, even when the wait
         after it fails or the server shuts down. Under `without_waiting()` it does not wait.
@@ -246,11 +248,16 @@ class ScanService:
         if submitted is not None:
             submitted.append(record)
             return answer(record)
+        # Capped so that the answer, with its task id, arrives before the caller's client gives up.
+        wait_s = min(timeout_s, self._settings.max_call_wait_seconds)
         try:
             # A reused task was read without its result: the wait reads it whole.
-            finished = await self._tasks.wait(record.id, owner, timeout_s, on_progress=on_progress, stop=self.closing,
+            finished = await self._tasks.wait(record.id, owner, wait_s, on_progress=on_progress, stop=self.closing,
                                               known=None if reused else record)
-            return await self.present(finished, note=reuse_note(record) if reused else None)
+            notes = [reuse_note(record)] * reused
+            if wait_s < timeout_s and not finished.status.finished:
+                notes.append(capped_wait_note(wait_s, timeout_s))
+            return await self.present(finished, note=" ".join(notes) or None)
         except DatabaseUnavailable:
             return with_message(answer(record), "The task database stopped answering while the call waited; "
                                                 "the scan is queued. Ask get_task_status later.")

@@ -64,11 +64,16 @@ def shard(argv: list[str], networks: Sequence[Sequence[IPNetwork]], size: int) -
 
 
 def shards_progress(shards: Sequence[tuple[TaskStatus, Progress | None]]) -> Progress:
-    """A running parent's progress: the mean of its shards' (a finished one counts 100%)."""
+    """A running parent's progress: the mean of its shards' (a finished one counts 100%), each
+    of which never goes down; seconds left are the longest of its shards' while every shard
+    not finished has an estimate (they run in parallel)."""
     percents = [100.0 if status.finished else (progress.percent if progress else 0.0) for status, progress in shards]
     done = sum(status.finished for status, _ in shards)
+    left = [progress.remaining_s for status, progress in shards
+            if not status.finished and progress is not None and progress.remaining_s is not None]
     return Progress(percent=round(sum(percents) / max(len(percents), 1), 1),
-                    phase=f"{done} of {len(shards)} shards finished")
+                    phase=f"{done} of {len(shards)} shards finished",
+                    remaining_s=max(left) if left and len(left) == len(shards) - done else None)
 
 
 def parent_verdict(target: str, duration_s: float, shards: Sequence[ShardEnd], addresses: int) -> ParentVerdict | None:

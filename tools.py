@@ -87,6 +87,9 @@ ScheduleId = Annotated[
         pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
     ),
 ]
+# Annotations are resolved in this module's namespace, so the words cannot name the configured cap.
+WAIT_TEXT = ("Seconds to wait for the result; a call waits at most the server's max_call_wait_seconds "
+             "(50 s by default), then answers with the task_id while the scan goes on")
 _SCAN_ANNOTATIONS = ToolAnnotations(
     read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
 )
@@ -180,7 +183,7 @@ def register_tools(
     async def quick_scan(
         target: Target,
         ctx: Context,
-        timeout: Annotated[int, Field(ge=5, le=300, description="Seconds to wait for the result")] = min(
+        timeout: Annotated[int, Field(ge=5, le=300, description=WAIT_TEXT)] = min(
             default_wait, 300
         ),
         rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
@@ -197,7 +200,7 @@ def register_tools(
     async def full_scan(
         target: Target,
         ctx: Context,
-        timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+        timeout: Annotated[int, Field(ge=5, le=600, description=WAIT_TEXT)] = default_wait,
         rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
         pool: PoolName = None,
         skip_host_discovery: SkipHostDiscovery = False,
@@ -213,7 +216,7 @@ def register_tools(
             "nmap options and targets, without 'nmap', e.g. '-sV -p 22,80,443 192.168.1.10'"
         ))],
         ctx: Context,
-        timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+        timeout: Annotated[int, Field(ge=5, le=600, description=WAIT_TEXT)] = default_wait,
         pool: PoolName = None,
     ) -> TaskAnswer:
         with tool_errors():
@@ -235,7 +238,7 @@ def register_tools(
         scripts: list[str] | None = None,
         skip_host_discovery: SkipHostDiscovery = False,
         timing: Annotated[Literal["T2", "T3", "T4"], Field(description="T2 polite, T3 normal, T4 fast")] = "T3",
-        timeout: Annotated[int, Field(ge=5, le=600, description="Seconds to wait for the result")] = default_wait,
+        timeout: Annotated[int, Field(ge=5, le=600, description=WAIT_TEXT)] = default_wait,
         pool: PoolName = None,
     ) -> TaskAnswer:
         given = targets if isinstance(targets, str) else tuple(targets)
@@ -457,9 +460,15 @@ def unprivileged_scan(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def progress_reporter(ctx: Context) -> Callable[[Progress], Awaitable[None]]:
-    """MCP progress notifications for a waiting call (sent when the client asked for them)."""
+    """MCP progress notifications for a waiting call (sent when the client asked for them),
+    each with a higher percent than the one before, as the MCP spec requires."""
+    sent = -1.0
 
     async def report(progress: Progress) -> None:
+        nonlocal sent
+        if progress.percent <= sent:
+            return
+        sent = progress.percent
         left = f", about {progress.remaining_s} s left" if progress.remaining_s is not None else ""
         await ctx.report_progress(progress.percent, 100, f"{progress.phase}: {progress.percent:.0f}%{left}")
 

@@ -77,6 +77,12 @@ def answer(record: TaskRecord) -> TaskAnswer:
     )
 
 
+def capped_wait_note(waited_s: float, asked_s: float) -> str:
+    """Why a call answered before the `timeout` it asked for."""
+    return (f"This call answered after {waited_s:.0f} s instead of the {asked_s:.0f} s asked: the server's "
+            "max_call_wait_seconds, under the 60 s after which many MCP clients give up on a call.")
+
+
 def with_message(shown: TaskAnswer, note: str) -> TaskAnswer:
     """The answer with `note` put before whatever message it already had."""
     return shown.model_copy(update={"message": f"{note} {shown.message}" if shown.message else note})

@@ -41,6 +41,7 @@ from nmap_report import ReportParser, clean_text, with_versions
 from scanner import run_nmap, run_problem, scanned_addresses, version_argv
 from supervisor import Supervisor
 from task_manager import Submitted
+from task_progress import DISCOVERY, VERSION_DETECTION, TaskProgress
 from worker_store import WorkerStore
 
 logger = logging.getLogger(__name__)
@@ -213,14 +214,16 @@ class Worker:
             return judge(PhaseEnd(None, f"nmap not found at {record.argv[0]}", None, b""))
         if record.kind is ScanKind.FULL:
             return await self._two_phase_scan(record)
-        live = LiveScan(self._store, record, self.info.id)
+        live = LiveScan(self._store, record, self.info.id, TaskProgress())
         return judge(await self._run_phase(record, record.argv, record.time_limit, live))
 
     async def _two_phase_scan(self, record: TaskRecord) -> ScanOutcome:
         """A full scan: port discovery, written as a partial result the moment it ends, then
         version detection on the open ports only, within its own time bound."""
         started = time.monotonic()
-        discovery = LiveScan(self._store, record, self.info.id, phase="port discovery (1 of 2): ")
+        progress = TaskProgress()
+        progress.begin(DISCOVERY)
+        discovery = LiveScan(self._store, record, self.info.id, progress)
         found = await self._run_phase(record, record.argv, record.time_limit, discovery, write_all=True)
         first = judge(found)
         second_argv = version_argv(record.argv, first.result) if first.result is not None else None
@@ -228,8 +231,9 @@ class Worker:
             return first
         left_s = record.time_limit - (time.monotonic() - started)
         bound_s = max(min(self._version_seconds, left_s), 1.0)
-        versions = LiveScan(self._store, record, self.info.id, phase="version detection (2 of 2): ", hosts=False)
-        await versions.announce("version detection (2 of 2)")
+        progress.begin(VERSION_DETECTION, bound_s)
+        versions = LiveScan(self._store, record, self.info.id, progress, hosts=False)
+        await versions.announce()
         return judge(found, await self._run_phase(record, second_argv, bound_s, versions))
 
     async def _run_phase(
@@ -388,9 +392,11 @@ class LiveScan:
     and (unless `hosts` is false, for a phase that re-scans hosts already written) the hosts
     nmap has finished and the open ports it announced on the hosts it has not."""
 
-    def __init__(self, store: WorkerStore, record: TaskRecord, worker_id: str, *, phase: str = "",
+    def __init__(self, store: WorkerStore, record: TaskRecord, worker_id: str, progress: TaskProgress, *,
                  hosts: bool = True) -> None:
-        self.report = ReportParser(phase_prefix=phase)
+        self.report = ReportParser()
+        # The task's one scale, shared by the runs of a full scan: it never goes down.
+        self._progress = progress
         self._store = store
         self._record = record
         self._worker_id = worker_id
@@ -406,9 +412,8 @@ class LiveScan:
         if self._write_hosts:
             self.report.feed_output(chunk)
 
-    async def announce(self, phase: str) -> None:
+    async def announce(self) -> None:
         """Say at once which phase began (nmap reports its progress only every few seconds)."""
-        self.report.progress = self.report.progress or Progress(percent=0.0, phase=phase)
         await self._write()
 
     async def close(self, *, write_all: bool = False) -> None:
@@ -429,7 +434,7 @@ class LiveScan:
         hosts = self.report.hosts[self._hosts_written:] if self._write_hosts else []
         unconfirmed = self.report.unconfirmed() if self._write_hosts else []
         changed = unconfirmed != self._unconfirmed_written
-        progress = self.report.progress
+        progress = self._progress.shown(self.report.progress)
         if not hosts and not changed and progress == self._progress_written:
             return
         try:

@@ -59,3 +59,10 @@ def test_a_parent_merges_its_shards_results_and_takes_their_worst_status_partial
     nothing = parent_verdict("t", 2.5, [ShardEnd(TaskStatus.FAILED, None, "nmap exited"),
                                         ShardEnd(TaskStatus.INTERRUPTED, None, "stopped")], 20)
     assert nothing == (TaskStatus.FAILED, None, "shard 1: nmap exited; shard 2: stopped")
+
+
+def test_a_parent_s_seconds_left_are_its_slowest_shard_s_while_every_unfinished_shard_has_an_estimate() -> None:
+    running = [(TaskStatus.RUNNING, Progress(percent=50.0, phase="x", remaining_s=30)),
+               (TaskStatus.RUNNING, Progress(percent=20.0, phase="x", remaining_s=90)), (TaskStatus.COMPLETED, None)]
+    assert shards_progress(running).remaining_s == 90
+    assert shards_progress([*running, (TaskStatus.QUEUED, None)]).remaining_s is None
