@@ -36,25 +36,31 @@ class FirewalledHost:
         self._nft("add", "rule", "inet", "fence", "input", "ip", "daddr", self.address, *match, "drop")
 
     def _nft(self, *words: str) -> None:
-        subprocess.run(["ip", "netns", "exec", self.namespace, "nft", *words], check=True)
+        subprocess.run([*inside(self.namespace), "nft", *words], check=True)
+
+
+def inside(namespace: str) -> list[str]:
+    """The prefix that runs a command in network namespace `namespace` and nothing else: `ip
+    netns exec` also makes a mount namespace, which needs `/` to be a mount point (it is not in
+    a chroot, as in a debootstrapped root)."""
+    return ["nsenter", f"--net=/run/netns/{namespace}"]
 
 
 @contextlib.contextmanager
 def firewalled_host(directory: Path) -> Iterator[FirewalledHost]:
     """A FirewalledHost that drops nothing yet; removed with everything in it at the end."""
     name = f"nmcp-fw-{uuid.uuid4().hex[:8]}"
-    inside = ["ip", "netns", "exec", name]
     nmap = directory / "nmap-in-namespace"
-    nmap.write_text(f'#!/bin/sh\nexec nsenter --net=/run/netns/{name} {REAL_NMAP} "$@"\n')
+    nmap.write_text(f'#!/bin/sh\nexec {" ".join(inside(name))} {REAL_NMAP} "$@"\n')
     nmap.chmod(0o755)
     listener = None
     try:
         subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run([*inside(name), "ip", "link", "set", "lo", "up"], check=True)
         host = FirewalledHost(name, ADDRESS, free_port(), nmap)
         host._nft("add", "table", "inet", "fence")
         host._nft("add", "chain", "inet", "fence", "input", "{ type filter hook input priority 0; }")
-        listener = subprocess.Popen([*inside, sys.executable, "-c", LISTEN, ADDRESS, str(host.port)],
+        listener = subprocess.Popen([*inside(name), sys.executable, "-c", LISTEN, ADDRESS, str(host.port)],
                                     stdout=subprocess.PIPE, text=True)
         assert listener.stdout is not None and listener.stdout.readline() == "ready\n"
         yield host

@@ -23,6 +23,7 @@ from typing import Any, Self
 import httpx
 import pytest
 
+from tests.namespaces import inside
 from tests.support import (
     ALICE,
     START_UP_SECONDS,
@@ -55,15 +56,6 @@ NAMESPACE_LISTENER = (
     "while True:\n"
     "    s.accept()[0].close()\n"
 )
-
-
-def inside(namespace: str) -> tuple[str, ...]:
-    """The prefix that runs a command in network namespace `namespace` (made by `ip netns add`).
-
-    nsenter joins the namespace and nothing else; `ip netns exec` also makes a mount namespace
-    (to show the namespace's /sys), which needs / to be a mount point: in a chroot, a root made
-    by debootstrap, it failed with '"mount --make-rslave /" failed: Invalid argument'."""
-    return ("nsenter", f"--net=/run/netns/{namespace}")
 
 
 class Fleet:
