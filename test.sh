@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the lint and type gate and the whole test suite on a fresh machine: installs nmap,
-# PostgreSQL, Chromium with its chromedriver, git, npm (the tests run mcp-remote from npm as a
-# desktop client does) and, for the tests that need root, iproute2 and nftables when missing (as root; otherwise says what to install), keeps .venv in step with
+# PostgreSQL, Chromium with its chromedriver, git and, for the tests that need root, iproute2
+# when missing (as root; otherwise says what to install), keeps .venv in step with
 # requirements-dev.txt, runs ruff and mypy, then runs pytest against the machine's PostgreSQL
 # when it can be used as it is, else against a private cluster started for this run
 # (scripts/with-postgres.sh). As any other user than root, the tests that need root are
@@ -22,7 +22,7 @@ if [ "${1:-}" = --fast ]; then
 fi
 needs=(python nmap sandbox git)
 if ! $fast; then
-  needs+=(postgresql chromium npm)
+  needs+=(postgresql chromium)
   # The tests that need root are skipped under any other user, who needs nothing for them.
   if [ "$(id -u)" -eq 0 ]; then
     needs+=(root-tests)

@@ -66,7 +66,6 @@ missing_packages() {
         package_for mount mount umount
         package_for nftables nft ;;
       git) package_for git git ;;
-      npm) package_for npm npx ;;
     esac
   done
 }

@@ -3,9 +3,11 @@ quirks http_edge.py absorbs so that each client works as it is (docs/clients.md 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.anyio
 SCANNED = "127.61.0.2"
 WRONG = "wrong-secret-" + "w" * 30
 APP = "http://app.example"
+# mcp-remote's undici needs Node.js 20 (Debian 12 ships 18, where it fails at start).
+MCP_REMOTE_NODE = 20
 # Where mcp-remote 0.15.1 looked after a 401 (seen in the server's access log), in its order.
 DISCOVERY_PATHS = ["/.well-known/oauth-protected-resource/mcp", "/.well-known/oauth-protected-resource",
                    "/.well-known/oauth-authorization-server/mcp", "/.well-known/oauth-authorization-server",
@@ -144,7 +148,16 @@ def test_oauth_discovery_ends_in_the_401_s_words(live_server: StartServer, sent:
         assert NO_OAUTH in document["error_description"], path
 
 
-@pytest.mark.skipif(shutil.which("npx") is None, reason="needs npx (Node.js) to run mcp-remote from npm")
+def node_major() -> int:
+    """The major version of the Node.js npx runs with; 0 without npx or node."""
+    if shutil.which("npx") is None or shutil.which("node") is None:
+        return 0
+    version = subprocess.run(["node", "--version"], capture_output=True, text=True, check=False).stdout
+    return int(version.lstrip("v").split(".")[0] or 0) if version.startswith("v") else 0
+
+
+@pytest.mark.skipif(node_major() < MCP_REMOTE_NODE, reason=(
+    f"needs npx with Node.js {MCP_REMOTE_NODE} or newer to run mcp-remote (its undici fails on Debian 12's 18)"))
 def test_mcp_remote_as_printed_reports_the_server_s_reason(live_server: StartServer, tmp_path: Path) -> None:
     """The Claude Desktop entry we print, run as Claude Desktop runs it, with a wrong token:
     mcp-remote's fatal error was "SseError: SSE error: Non-200 status code (405)" (its SSE
@@ -153,12 +166,20 @@ def test_mcp_remote_as_printed_reports_the_server_s_reason(live_server: StartSer
     entry = json.loads(render_client_config("claude-desktop", url=server.url, secret=WRONG,
                                             stdio_command=["nmap-mcp", "--stdio"]))["mcpServers"]["nmap"]
     environment = {**os.environ, **entry["env"], "HOME": str(tmp_path)}  # its OAuth state stays in tmp_path
-    ran = subprocess.run([entry["command"], *entry["args"]], input=json.dumps(DEEPSOC_INITIALIZE) + "\n",
-                         env=environment, capture_output=True, text=True, timeout=240, check=False)
-    fatal = next(line for line in ran.stderr.splitlines() if "Fatal error" in line)
-    assert "SseError" not in ran.stderr
+    # Its own session, killed whole at the end: npx's children must not go on knocking with the
+    # wrong token at a port the next test's server may get (its failed-token throttle counts them).
+    mcp_remote = subprocess.Popen([entry["command"], *entry["args"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=environment, text=True, start_new_session=True)
+    try:
+        _, stderr = mcp_remote.communicate(json.dumps(DEEPSOC_INITIALIZE) + "\n", timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(mcp_remote.pid, signal.SIGKILL)
+        mcp_remote.wait()
+    fatal = next(line for line in stderr.splitlines() if "Fatal error" in line)
+    assert "SseError" not in stderr
     assert '"error_description":"' + WRONG_TOKEN.split(":")[0] in fatal.replace("\\", "")
-    assert WRONG not in ran.stderr
+    assert WRONG not in stderr
 
 
 def test_browser_clients_of_2026_07_28_pass_cors_and_read_every_refusal(live_server: StartServer) -> None:
