@@ -29,7 +29,7 @@ from starlette.responses import Response
 from auth import Identify
 from config import Settings
 from errors import CODES, code_of
-from models import InventoryPage, ScanDiff, ScheduleInfo, TaskAnswer, TaskStatus, WorkerList
+from models import InventoryPage, ScanDiff, ScheduleInfo, TaskState, TaskStatus, WorkerList
 from scans import ScanService
 from schedules import Schedules
 
@@ -71,7 +71,7 @@ class OwnedTask(BaseModel):
     """A task with the name of the token that started it."""
 
     owner: str
-    task: TaskAnswer
+    task: TaskState
 
 
 class TaskRows(BaseModel):

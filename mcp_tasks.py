@@ -44,11 +44,11 @@ from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, Serializer
 from audit import Auditor
 from auth import Identify
 from db import DatabaseUnavailable
-from models import TaskAnswer, TaskStatus
+from models import TaskAnswer, TaskState, TaskStatus
 from policy import Forbidden
 from scans import ScanService, without_waiting
 from task_manager import TaskAlreadyFinished, TaskNotFound
-from views import answer
+from views import state
 
 McpTaskStatus = Literal["working", "input_required", "completed", "failed", "cancelled"]
 MCP_STATUS: dict[TaskStatus, McpTaskStatus] = {
@@ -154,7 +154,7 @@ class ScanTasks(ServerExtension):
             outcome = await call_next()
         if not submitted:
             return outcome
-        return CreateTaskResult(**task_fields(answer(submitted[-1])))
+        return CreateTaskResult(**task_fields(state(submitted[-1])))
 
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskParams) -> GetTaskResult:
         owner = self._caller(ctx, params.task_id)
@@ -228,14 +228,14 @@ def protocol_errors() -> Iterator[None]:
         raise MCPError(mcp_types.INTERNAL_ERROR, "the task database is not reachable; retry shortly") from e
 
 
-def task_fields(shown: TaskAnswer) -> dict[str, Any]:
+def task_fields(shown: TaskState) -> dict[str, Any]:
     """The `Task` fields of one of our tasks."""
     updated = max(t for t in (shown.created_at, shown.started_at, shown.finished_at) if t is not None)
     return {"task_id": shown.task_id, "status": MCP_STATUS[shown.status], "status_message": status_message(shown),
             "created_at": iso(shown.created_at), "last_updated_at": iso(updated)}
 
 
-def status_message(shown: TaskAnswer) -> str | None:
+def status_message(shown: TaskState) -> str | None:
     """Where the scan is, in words: its queue, nmap's phase and percent, or why it ended."""
     if shown.status is TaskStatus.QUEUED:
         return f"queued: waiting for a worker of pool {shown.pool!r}"

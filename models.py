@@ -565,8 +565,8 @@ class Progress(BaseModel):
     remaining_s: int | None = None
 
 
-class TaskAnswer(BaseModel):
-    """What a scan or task tool returns: the result when finished, else how to poll."""
+class TaskState(BaseModel):
+    """Where one scan task is: its state, timings and progress, without its result."""
 
     status: TaskStatus
     task_id: str
@@ -580,6 +580,11 @@ class TaskAnswer(BaseModel):
     message: str | None = None
     error: str | None = None
     progress: Progress | None = None
+
+
+class TaskAnswer(TaskState):
+    """What a scan or result tool returns: the result when finished, else how to poll."""
+
     result: ScanResult | ScanSummary | None = None
     format: str = "json"
     content: str | None = Field(default=None, description="The xml or csv text when format is not json")
@@ -590,7 +595,7 @@ class TaskAnswer(BaseModel):
 class TaskList(BaseModel):
     """A page of the caller's tasks, newest first."""
 
-    tasks: list[TaskAnswer]
+    tasks: list[TaskState]
 
 
 class VersionChange(Untrusted):

@@ -36,6 +36,7 @@ from models import (
     TaskAnswer,
     TaskList,
     TaskRecord,
+    TaskState,
     TaskStatus,
     TopValues,
     WorkerList,
@@ -58,6 +59,7 @@ from views import (
     inventory_page,
     json_page,
     reuse_note,
+    state,
     text_page,
     with_message,
     with_requested_names,
@@ -291,8 +293,8 @@ class ScanService:
 
     # ---- tasks ---------------------------------------------------------------------------
 
-    async def status(self, owner: str, task_id: str) -> TaskAnswer:
-        return answer(await self._tasks.get(task_id, owner))
+    async def status(self, owner: str, task_id: str) -> TaskState:
+        return state(await self._tasks.get(task_id, owner))
 
     async def result(
         self, owner: str, task_id: str, fmt: str = "json", view: str = "summary", offset: int = 0,
@@ -311,18 +313,18 @@ class ScanService:
         return capped_diff(diff, self._settings.max_answer_bytes)
 
     async def list_tasks(self, owner: str, status: TaskStatus | None, limit: int) -> TaskList:
-        return TaskList(tasks=[answer(record) for record in await self._tasks.recent(owner, status, limit)])
+        return TaskList(tasks=[state(record) for record in await self._tasks.recent(owner, status, limit)])
 
-    async def list_all_tasks(self, status: TaskStatus | None, limit: int) -> list[tuple[str, TaskAnswer]]:
+    async def list_all_tasks(self, status: TaskStatus | None, limit: int) -> list[tuple[str, TaskState]]:
         """Every token's most recent tasks, newest first, each with its owner (for operators)."""
-        return [(record.owner, answer(record)) for record in await self._tasks.recent(None, status, limit)]
+        return [(record.owner, state(record)) for record in await self._tasks.recent(None, status, limit)]
 
-    async def cancel(self, owner: str, task_id: str) -> TaskAnswer:
+    async def cancel(self, owner: str, task_id: str) -> TaskState:
         """Cancel a queued or running scan; when this process runs it, wait until nmap stopped."""
         await self._tasks.cancel(task_id, owner)
         if self._worker is not None:
             await self._worker.wait_stopped(task_id, CANCEL_WAIT_SECONDS)
-        return answer(await self._tasks.get(task_id, owner))
+        return state(await self._tasks.get(task_id, owner))
 
     async def find_hosts(self, owner: str, filters: Mapping[str, str | int | None], *, limit: int = DEFAULT_PAGE,
                          offset: int = 0, port_offset: int = 0) -> InventoryPage:

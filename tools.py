@@ -27,6 +27,7 @@ from models import (
     ScheduleList,
     TaskAnswer,
     TaskList,
+    TaskState,
     TaskStatus,
     TopValues,
     WorkerList,
@@ -265,7 +266,7 @@ def register_tools(
             return await scans.nmap_version()
 
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
-    async def get_task_status(task_id: TaskId) -> TaskAnswer:
+    async def get_task_status(task_id: TaskId) -> TaskState:
         """State, timings and progress (percent, phase, seconds left) of one of your scan
         tasks, without the result. Instant."""
         with tool_errors():
@@ -310,7 +311,7 @@ def register_tools(
             return await scans.list_tasks(caller(), status, limit)
 
     @inlined_tool(mcp, schemas, annotations=_CANCEL_ANNOTATIONS)
-    async def cancel_task(task_id: TaskId) -> TaskAnswer:
+    async def cancel_task(task_id: TaskId) -> TaskState:
         """Cancel one of your queued or running scans; a running nmap is stopped at once."""
         with tool_errors():
             return await scans.cancel(caller(), task_id)

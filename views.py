@@ -32,6 +32,7 @@ from models import (
     ScheduleList,
     TaskAnswer,
     TaskRecord,
+    TaskState,
     VersionChange,
 )
 from untrusted import reads_like_instructions, suspicious_note
@@ -56,12 +57,17 @@ POLL_HINT = (
 
 
 def answer(record: TaskRecord) -> TaskAnswer:
+    """A task's state, the answer a result is then put in."""
+    return TaskAnswer(**dict(state(record)))
+
+
+def state(record: TaskRecord) -> TaskState:
     """A task's state without its result; unfinished tasks say how to poll."""
     message = None
     if not record.status.finished:
         done = f" ({record.progress.phase}, {record.progress.percent:.0f}%)" if record.progress else ""
         message = f"Scan {record.status.value}{done}. " + POLL_HINT.format(id=record.id)
-    return TaskAnswer(
+    return TaskState(
         status=record.status,
         task_id=record.id,
         kind=record.kind,
