@@ -24,9 +24,14 @@ Identify = Callable[[], str | None]
 
 
 def token_name() -> str | None:
-    """The name of the token that authenticated this HTTP request, if any."""
+    """The caller of this HTTP request, if any: the name of its API token, or the email of
+    the person who signed in (oauth.py). With both kinds on (MultiAuth) the client_id is
+    qualified by where it came from; the name as its source gave it is `original_client_id`,
+    and the two kinds never share a name (token names hold no '@', people's emails do)."""
     token = get_access_token()
-    return token.client_id if token is not None and token.client_id else None
+    if token is None:
+        return None
+    return token.original_client_id or token.client_id or None
 
 
 class NamedTokenVerifier(TokenVerifier):

@@ -82,12 +82,11 @@ DEFAULT_LIMITS = Limits(scans_per_minute=60, concurrent_scans=20, addresses_per_
                         schedules=50)
 
 
-class TokenConfig(BaseModel):
-    """One named API token."""
+class Grant(BaseModel):
+    """What a caller may do: an API token's, or a role's that people sign in to (OAuth)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    secret: SecretStr
     # None: every tool; else only these tools are listed and callable with this token.
     tools: list[str] | None = None
     # None: the server's target policy alone; else also within these networks.
@@ -111,6 +110,52 @@ class TokenConfig(BaseModel):
         return self.allowed_targets is None if self.resolve_names is None else self.resolve_names
 
 
+class TokenConfig(Grant):
+    """One named API token."""
+
+    secret: SecretStr
+
+
+class RoleConfig(Grant):
+    """What people who sign in (OAuth) may do, by the identity provider's claims about them:
+    a person is in the first role, in the order of the config, that one of their `groups` or
+    their email (`emails`, or its domain in `email_domains`) matches. Nobody else gets in."""
+
+    groups: list[str] = Field(default_factory=list)
+    emails: list[str] = Field(default_factory=list)
+    email_domains: list[str] = Field(default_factory=list)
+    # Whether the role's people see every caller's tasks on the operator page (/ui).
+    ui_admin: bool = False
+
+    @field_validator("emails", "email_domains")
+    @classmethod
+    def _lower(cls, values: list[str]) -> list[str]:
+        return [value.lower() for value in values]
+
+
+class OAuthConfig(BaseModel):
+    """People sign in with the team's OpenID provider (OAuth 2.1 for MCP clients, oauth.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The provider's issuer: its discovery document is ISSUER/.well-known/openid-configuration.
+    issuer: str = Field(pattern=r"^https?://[^\s?#]+$")
+    # This server's client at the provider; its redirect URI there is BASE_URL/auth/callback.
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    # This server's public URL (scheme, host, port): what browsers and MCP clients reach.
+    base_url: str = Field(pattern=r"^https?://[^/\s?#]+$")
+    # Asked of the provider at sign-in; the claims the roles read must come with them.
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "email", "profile"])
+    # The claim holding a person's groups (Keycloak: groups; Entra ID: groups or roles).
+    groups_claim: str = "groups"
+    # Where the proxy keeps client registrations and token mappings, encrypted.
+    state_dir: str = "oauth-state"
+    # Show a consent page before sending a person to the provider: it tells them which client
+    # asks, and stops a page from signing them in to a client they never chose.
+    consent: bool = True
+
+
 class Settings(BaseSettings):
     """Every tunable of the service, with the defaults a fresh install gets."""
 
@@ -122,6 +167,10 @@ class Settings(BaseSettings):
     token: SecretStr | None = None
     tokens: dict[str, TokenConfig] = Field(default_factory=dict)
     allow_query_token: bool = True
+    # People sign in (OAuth 2.1) beside the API tokens; None: tokens only.
+    oauth: OAuthConfig | None = None
+    # What people who sign in may do, by role (RoleConfig); checked in this order.
+    roles: dict[str, RoleConfig] = Field(default_factory=dict)
     # A client address whose requests carried more refused tokens than this within the window
     # gets 429 with Retry-After for its next refused ones; valid tokens keep working (throttle.py).
     failed_token_limit: int = Field(default=10, ge=1, le=10_000)
@@ -315,6 +364,8 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
     problems = secret_problems(settings.named_secrets()) + metrics_token_problems(settings) + webhook_problems(settings)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
+    if problems := sign_in_problems(settings):
+        raise ConfigError(f"{path}: " + "; ".join(problems))
     if unknown := sorted(set(settings.ui_admin_tokens) - set(settings.named_secrets())):
         raise ConfigError(f"{path}: 'ui_admin_tokens': no token is named {', '.join(repr(n) for n in unknown)}; "
                           "list names from `tokens`")
@@ -325,9 +376,26 @@ def anchored(settings: Settings, directory: Path) -> Settings:
     """Relative file paths of the config mean: beside the config file (a local client that
     starts the server over stdio may run it from any working directory)."""
     files = {key: getattr(settings, key) for key in ("db_path", "audit_log", "script_db_path")}
-    update = {key: str(directory / value) for key, value in files.items()
-              if value and not Path(value).expanduser().is_absolute()}
+    update: dict[str, Any] = {key: str(directory / value) for key, value in files.items()
+                              if value and not Path(value).expanduser().is_absolute()}
+    oauth = settings.oauth
+    if oauth is not None and not Path(oauth.state_dir).expanduser().is_absolute():
+        update["oauth"] = oauth.model_copy(update={"state_dir": str(directory / oauth.state_dir)})
     return settings.model_copy(update=update)
+
+
+def sign_in_problems(settings: Settings) -> list[str]:
+    """Why `oauth` and `roles` do not fit together: people sign in only to roles, a role that
+    matches nobody, and token names that could be taken for a person's (an email address)."""
+    problems = [f"token name {name!r} holds '@': people who sign in are known by their email address"
+                for name in settings.named_secrets() if "@" in name]
+    if settings.oauth is None:
+        return problems + (["`roles` are for people who sign in: configure `oauth` too"] if settings.roles else [])
+    if not settings.roles:
+        problems.append("`oauth` without `roles` lets nobody in: map groups or email domains to a role")
+    problems += [f"role {name!r} names no groups, emails or email_domains, so nobody is in it"
+                 for name, role in settings.roles.items() if not (role.groups or role.emails or role.email_domains)]
+    return problems
 
 
 def secret_problems(named: dict[str, str]) -> list[str]:

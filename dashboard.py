@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from auth import Identify
-from config import Settings
 from errors import CODES, code_of
-from models import InventoryPage, ScanDiff, ScheduleInfo, TaskState, TaskStatus, WorkerList
+from models import InventoryPage, ScanDiff, ScheduleInfo, TaskAnswer, TaskState, TaskStatus, WorkerList
 from scans import ScanService
 from schedules import Schedules
 
@@ -68,10 +67,17 @@ class Viewer(BaseModel):
 
 
 class OwnedTask(BaseModel):
-    """A task with the name of the token that started it."""
+    """A task's state with the name of the token that started it."""
 
     owner: str
     task: TaskState
+
+
+class OwnedResult(BaseModel):
+    """A task with its result and the name of the token that started it."""
+
+    owner: str
+    task: TaskAnswer
 
 
 class TaskRows(BaseModel):
@@ -137,10 +143,9 @@ class Section:
 class Dashboard:
     """The page's data for one viewer at a time, composed from ScanService."""
 
-    def __init__(self, service: ScanService, admins: Iterable[str], schedules: Schedules) -> None:
+    def __init__(self, service: ScanService, schedules: Schedules) -> None:
         self._service = service
         self.policy = service.policy
-        self._admins = frozenset(admins)
         self._schedules = schedules
         # In page order.
         self.sections = [
@@ -153,8 +158,8 @@ class Dashboard:
         ]
 
     def viewer(self, name: str) -> Viewer:
-        """The viewer holding the token named `name`."""
-        return Viewer(name=name, admin=name in self._admins)
+        """The viewer holding the token named `name`, or the person of that email."""
+        return Viewer(name=name, admin=self.policy.ui_admin(name))
 
     async def overview(self, viewer: Viewer) -> Overview:
         """Every section the viewer's token may see, built now."""
@@ -190,8 +195,8 @@ class Dashboard:
         return ScheduleRows(schedules=[OwnedSchedule(owner=owner, schedule=schedule) for owner, schedule in pairs])
 
     async def inventory_owners(self, viewer: Viewer) -> InventoryOwners:
-        """The tokens whose inventory the search section offers."""
-        return InventoryOwners(owners=sorted(self.policy.tool_scopes) if viewer.admin else [viewer.name])
+        """The tokens (and people) whose inventory the search section offers."""
+        return InventoryOwners(owners=self.policy.owners() if viewer.admin else [viewer.name])
 
     async def hosts(self, viewer: Viewer, owner: str | None, offset: int, **filters: str | int | None) -> OwnedHosts:
         """A page of hosts of one owner's inventory matching find_hosts' filters."""
@@ -199,10 +204,10 @@ class Dashboard:
         page = await self._service.find_hosts(owner, filters, limit=HOSTS_SHOWN, offset=offset)
         return OwnedHosts(owner=owner, hosts=page)
 
-    async def task(self, viewer: Viewer, task_id: str, owner: str | None) -> OwnedTask:
+    async def task(self, viewer: Viewer, task_id: str, owner: str | None) -> OwnedResult:
         """One task with its result (open ports per host), or the hosts so far while it runs."""
         owner = self._owner(viewer, owner)
-        return OwnedTask(owner=owner, task=await self._service.result(owner, task_id, limit=HOSTS_SHOWN))
+        return OwnedResult(owner=owner, task=await self._service.result(owner, task_id, limit=HOSTS_SHOWN))
 
     async def diff(self, viewer: Viewer, task_a: str, task_b: str, owner: str | None) -> ScanDiff:
         """What changed from task a to task b, two tasks of one owner."""
@@ -225,10 +230,10 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def register_dashboard(
-    mcp: FastMCP, service: ScanService, settings: Settings, identify: Identify, schedules: Schedules
+    mcp: FastMCP, service: ScanService, identify: Identify, schedules: Schedules
 ) -> None:
     """Serve the page at /ui, its files at /ui/<name> and its JSON API under /ui/api/."""
-    dashboard = Dashboard(service, settings.ui_admin_tokens, schedules)
+    dashboard = Dashboard(service, schedules)
     mcp.custom_route("/ui", methods=["GET"])(static_file(*PAGE))
     for name, media_type in PAGE_FILES.items():
         mcp.custom_route(f"/ui/{name}", methods=["GET"])(static_file(name, media_type))
@@ -239,7 +244,7 @@ def register_dashboard(
         return await dashboard.overview(viewer)
 
     @api("/ui/api/tasks/{task_id}")
-    async def task(request: Request, viewer: Viewer) -> OwnedTask:
+    async def task(request: Request, viewer: Viewer) -> OwnedResult:
         return await dashboard.task(viewer, task_id(request.path_params["task_id"]), request.query_params.get("owner"))
 
     @api("/ui/api/diff")

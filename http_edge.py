@@ -58,6 +58,7 @@ MAX_JSON_DEPTH = 64
 CONTAINERS = (dict, list)
 TOO_DEEP = f"Parse error: the request body nests deeper than {MAX_JSON_DEPTH} levels"
 NO_OAUTH = "This server does not use OAuth; nothing can be registered."
+SIGN_IN = "People may also sign in with OAuth: an MCP client that supports it asks them to, in the browser."
 MISSING_TOKEN = (
     "no token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL. "
     "Tokens are the `secret` values under `tokens` in the server's config file."
@@ -95,16 +96,19 @@ OnRefused = Callable[[str, str, bool], None]
 
 def edge_app(
     app: ASGIApp, *, mcp_path: str, allow_query_token: bool, cors_origins: Iterable[str],
-    throttle: FailedTokenThrottle, on_refused: OnRefused,
+    throttle: FailedTokenThrottle, on_refused: OnRefused, oauth_routes: Iterable[str] | None = None,
 ) -> ASGIApp:
     """The whole HTTP stack around FastMCP's app: edge first, then CORS (when configured).
-    `on_refused` is told of every 401 (or 429, when `throttle` said so)."""
+    `on_refused` is told of every 401 (or 429, when `throttle` said so). With `oauth_routes`
+    (people sign in, oauth.py: its discovery, registration, authorization and token routes)
+    those routes answer as the app does, and a 401 keeps the app's challenge, which points
+    OAuth clients at the protected-resource metadata."""
     origins = list(cors_origins)
     if origins:
         app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                              allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600)
     return EdgeMiddleware(app, mcp_path=mcp_path, allow_query_token=allow_query_token, throttle=throttle,
-                          on_refused=on_refused)
+                          on_refused=on_refused, oauth_routes=oauth_routes)
 
 
 class EdgeMiddleware:
@@ -112,21 +116,26 @@ class EdgeMiddleware:
 
     def __init__(
         self, app: ASGIApp, *, mcp_path: str, allow_query_token: bool, throttle: FailedTokenThrottle,
-        on_refused: OnRefused,
+        on_refused: OnRefused, oauth_routes: Iterable[str] | None = None,
     ) -> None:
         self.app = app
+        self.oauth = oauth_routes is not None
+        self.oauth_routes = frozenset(oauth_routes or ())
         self.mcp_path = mcp_path.rstrip("/") or "/"
         self.allow_query_token = allow_query_token
         self.throttle = throttle
         self.on_refused = on_refused
-        self.oauth_paths = frozenset(path.format(mcp="" if self.mcp_path == "/" else self.mcp_path)
-                                     for path in OAUTH_DISCOVERY_PATHS)
+        self.oauth_paths = frozenset() if self.oauth else frozenset(
+            path.format(mcp="" if self.mcp_path == "/" else self.mcp_path) for path in OAUTH_DISCOVERY_PATHS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         url_token = remove_url_secrets(scope)
+        if scope["path"] in self.oauth_routes:
+            await self.app(scope, receive, send)
+            return
         if scope["path"] == self.mcp_path + "/":
             scope["path"] = self.mcp_path
             scope["raw_path"] = self.mcp_path.encode()
@@ -142,12 +151,13 @@ class EdgeMiddleware:
             # Only a token that was checked and refused is a failed attempt.
             wait = self.throttle.refused(client_address(scope)) if reason == WRONG_TOKEN else None
             self.on_refused(endpoint, REASON_NAMES[reason], wait is not None)
-            return too_many_refused(wait) if wait is not None else unauthorized(reason)
+            return too_many_refused(wait) if wait is not None else unauthorized(reason, oauth=self.oauth)
 
         if scope["path"] in self.oauth_paths:
             await self.app(scope, receive, _replacing(send, NO_SUCH_ROUTE, lambda: no_oauth(reason)))
             return
-        await self.app(scope, receive, _replacing(send, frozenset({401}), refusal))
+        kept = _is_challenge_or_cors_header if self.oauth else _is_cors_header
+        await self.app(scope, receive, _replacing(send, frozenset({401}), refusal, kept))
 
 
 def accepting_json_beside_sse(scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -170,14 +180,23 @@ def refusal_reason(url_token: bool, sent_header: bool, allow_query_token: bool) 
     return WRONG_TOKEN if (sent_header or url_token) else MISSING_TOKEN
 
 
-def unauthorized(reason: str) -> JSONResponse:
+def unauthorized(reason: str, *, oauth: bool = False) -> JSONResponse:
     """A 401 in plain words. RFC 6750: a request without credentials gets a bare `Bearer`
-    challenge, a refused token `invalid_token`."""
+    challenge, a refused token `invalid_token`. With `oauth` the app's own challenge, naming
+    the protected-resource metadata, is kept instead, and the words say how to sign in."""
+    if oauth:
+        return JSONResponse(oauth_error(signed_in_reason(reason)), status_code=401,
+                            headers={"X-Content-Type-Options": "nosniff"})
     challenge = 'Bearer realm="nmap-mcp"'
     if reason != MISSING_TOKEN:
         challenge += ', error="invalid_token", error_description="the token was not accepted"'
     return JSONResponse(oauth_error(reason), status_code=401,
                         headers={"WWW-Authenticate": challenge, "X-Content-Type-Options": "nosniff"})
+
+
+def signed_in_reason(reason: str) -> str:
+    """`reason` for a server people also sign in to: the words about OAuth being absent go."""
+    return reason.replace(" " + NO_OAUTH, "") + " " + SIGN_IN
 
 
 def no_oauth(reason: str) -> JSONResponse:
@@ -282,17 +301,19 @@ def _has_authorization(scope: Scope) -> bool:
     return any(name.lower() == b"authorization" for name, _ in scope["headers"])
 
 
-def _replacing(send: Send, statuses: frozenset[int], answer: Callable[[], Response]) -> Send:
+def _replacing(send: Send, statuses: frozenset[int], answer: Callable[[], Response],
+               keep: Callable[[bytes], bool] | None = None) -> Send:
     """A `send` that replaces every answer of the app with one of `statuses`, headers and body,
-    with `answer()`; but for the CORS headers the app's answer had: without them a browser
-    hides the replacement's words behind a CORS error."""
+    with `answer()`; but for the headers `keep` names (by default the CORS headers) that the
+    app's answer had: without them a browser hides the replacement's words behind a CORS error."""
+    kept_header = keep or _is_cors_header
     replacement: Response | None = None
 
     async def replaced(message: Message) -> None:
         nonlocal replacement
         if message["type"] == "http.response.start" and message["status"] in statuses:
             replacement = answer()
-            kept = [(name, value) for name, value in message["headers"] if _is_cors_header(name)]
+            kept = [(name, value) for name, value in message["headers"] if kept_header(name)]
             await send({**message, "status": replacement.status_code, "headers": replacement.raw_headers + kept})
         elif replacement is not None and message["type"] == "http.response.body":
             if not message.get("more_body", False):
@@ -306,6 +327,10 @@ def _replacing(send: Send, statuses: frozenset[int], answer: Callable[[], Respon
 def _is_cors_header(name: bytes) -> bool:
     lowered = name.lower()
     return lowered.startswith(b"access-control-") or lowered == b"vary"
+
+
+def _is_challenge_or_cors_header(name: bytes) -> bool:
+    return _is_cors_header(name) or name.lower() == b"www-authenticate"
 
 
 class JsonRpcBodyCheck:

@@ -9,11 +9,16 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from config import DEFAULT_LIMITS, ConfigError, Limits, Settings
+from config import DEFAULT_LIMITS, ConfigError, Grant, Limits, Settings
 from nse_policy import ScriptPolicy, find_script_db, load_catalog
+from oauth import Person
 from targets import IPNetwork, TargetPolicy, parse_networks
 
 DEFAULT_POOL = "default"
+# The grant keys of roles (ROLE_KEY + the role's name), and of a person whose role this process
+# does not know: no tools. Token names hold no '@', so neither is ever a token's.
+ROLE_KEY = "@role:"
+NOBODY = "@nobody"
 # Every route besides the tools themselves to what the tools show (tasks, results, the
 # inventory, schedules, pools), with the tools whose data it shows or whose act it does: a token
 # restricted by `tools` may use a route only when it may use every one of them, so that no route
@@ -53,7 +58,8 @@ class Forbidden(PermissionError):
 
 
 class Policy:
-    """What each token may do; tokens without their own limits get the server's."""
+    """What each token, and each role people sign in to, may do; without limits of their own
+    they get the server's."""
 
     def __init__(self, settings: Settings, nmap_path: str) -> None:
         self.scripts = script_policy(settings, nmap_path)
@@ -64,43 +70,71 @@ class Policy:
             max_addresses=settings.max_addresses_per_scan,
             max_targets=settings.max_targets_per_scan,
         )
+        # Grants by key: a token's name, or ROLE_KEY and a role's name (token names hold no '@').
+        grants: dict[str, Grant] = {**settings.tokens,
+                                    **{ROLE_KEY + name: role for name, role in settings.roles.items()}}
         self._targets = {
-            name: replace(self._base, resolve_names=spec.resolves_names(), token_allowed=(
+            key: replace(self._base, resolve_names=spec.resolves_names(), token_allowed=(
                 None if spec.allowed_targets is None else parse_networks(spec.allowed_targets)))
-            for name, spec in settings.tokens.items()
+            for key, spec in grants.items()
         }
         self.pools = {name: parse_networks(networks) for name, networks in settings.pools.items()}
         self._limits = settings.limits
-        self._token_limits = {name: spec.limits for name, spec in settings.tokens.items()}
+        self._token_limits = {key: spec.limits for key, spec in grants.items()}
         self.tool_scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_secrets())
-        for name, spec in settings.tokens.items():
-            if spec.tools is not None:
-                self.tool_scopes[name] = frozenset(spec.tools)
+        self.tool_scopes[NOBODY] = frozenset()
+        for key, spec in grants.items():
+            self.tool_scopes[key] = None if spec.tools is None else frozenset(spec.tools)
+        self._admins = {ROLE_KEY + name for name, role in settings.roles.items() if role.ui_admin}
+        self._admins.update(settings.ui_admin_tokens)
+        # People who signed in (by email) and their role, as the provider's last claims said.
+        self._roles: dict[str, str] = {}
+        self._token_names = sorted(settings.named_secrets())
+
+    def owners(self) -> list[str]:
+        """Every token's name, and every person who signed in to this process, sorted."""
+        return sorted([*self._token_names, *self._roles])
+
+    def admit(self, person: Person) -> None:
+        """Apply `person`'s role to what they do from now on (oauth.PeopleVerifier calls it)."""
+        self._roles[person.owner] = person.role
+
+    def _key(self, owner: str) -> str:
+        """The grant of `owner`: their token's, their role's, or, for a person not signed in
+        to this process, nothing at all."""
+        if "@" not in owner:
+            return owner
+        role = self._roles.get(owner)
+        return NOBODY if role is None else ROLE_KEY + role
+
+    def ui_admin(self, owner: str) -> bool:
+        """Whether `owner` sees every caller's tasks on the operator page."""
+        return self._key(owner) in self._admins
 
     def may(self, owner: str, route: str) -> bool:
-        """Whether token `owner` may use `route`: a tool, or a route of ROUTE_TOOLS (all its tools)."""
-        scope = self.tool_scopes.get(owner)
+        """Whether `owner` may use `route`: a tool, or a route of ROUTE_TOOLS (all its tools)."""
+        scope = self.tool_scopes.get(self._key(owner))
         return scope is None or ROUTE_TOOLS.get(route, frozenset({route})) <= scope
 
     def require(self, owner: str, route: str) -> None:
-        """Forbidden, naming the tools it lacks, unless token `owner` may use `route`."""
+        """Forbidden, naming the tools it lacks, unless `owner` may use `route`."""
         if self.may(owner, route):
             return
         if route not in ROUTE_TOOLS:
             raise Forbidden(f"this token may not use {route}")
-        lacking = sorted(ROUTE_TOOLS[route] - (self.tool_scopes.get(owner) or frozenset()))
+        lacking = sorted(ROUTE_TOOLS[route] - (self.tool_scopes.get(self._key(owner)) or frozenset()))
         raise Forbidden(f"{route} needs the tool{'s' * (len(lacking) > 1)} {', '.join(lacking)}, "
                         "which this token may not use")
 
     def limits(self, owner: str) -> Limits:
         """The caller's limits: its token's own, else the server's, else the defaults."""
-        layers = [self._token_limits.get(owner, Limits()), self._limits, DEFAULT_LIMITS]
+        layers = [self._token_limits.get(self._key(owner), Limits()), self._limits, DEFAULT_LIMITS]
         return Limits(**{key: next(getattr(layer, key) for layer in layers if getattr(layer, key) is not None)
                          for key in Limits.model_fields})
 
     def targets(self, owner: str) -> TargetPolicy:
         """The target policy of the caller's scans: the server's, narrowed for its token."""
-        return self._targets.get(owner, self._base)
+        return self._targets.get(self._key(owner), self._base)
 
     def route(self, targets: list[tuple[str, tuple[IPNetwork, ...]]], requested: str | None) -> str:
         """The pool for a scan of `targets` (each target with the networks it covers): the

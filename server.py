@@ -52,6 +52,7 @@ from http_edge import JsonRpcBodyCheck, edge_app
 from logs import LogContext, configure_logging
 from mcp_tasks import ScanTasks
 from metrics import Metrics, MetricsEndpoint, metrics_listener
+from oauth import auth_provider
 from policy import Policy
 from resources import INSTRUCTIONS, register_resources
 from retention import purge_forever
@@ -194,7 +195,9 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
         "nmap-mcp",
         version=VERSION,
         instructions=INSTRUCTIONS,
-        auth=None if stdio else NamedTokenVerifier(settings.named_secrets()),
+        auth=None if stdio else auth_provider(settings.oauth, settings.roles,
+                                              NamedTokenVerifier(settings.named_secrets()),
+                                              runtime.service.policy.admit),
         lifespan=lifespan,
         middleware=[LogContext(identify),
                     AuditMiddleware(runtime.auditor, identify),
@@ -210,7 +213,7 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
     mcp.add_middleware(PromptArgumentCheck())
     tune_low_level_server(mcp, schemas)
     if not stdio:
-        register_dashboard(mcp, runtime.service, settings, identify, runtime.schedules)
+        register_dashboard(mcp, runtime.service, identify, runtime.schedules)
     mcp.add_extension(ScanTasks(runtime.service, identify, runtime.auditor))
 
     mcp.custom_route("/healthz", methods=["GET"])(health_endpoint(runtime))
@@ -266,8 +269,15 @@ def create_app(mcp: FastMCP, settings: Settings, runtime: Runtime) -> ASGIApp:
     )
     edge = edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
                     cors_origins=settings.cors_origins, throttle=runtime.throttle,
-                    on_refused=runtime.metrics.refused_token)
+                    on_refused=runtime.metrics.refused_token, oauth_routes=oauth_routes(mcp, settings))
     return MetricsEndpoint(edge, runtime.metrics, runtime.stores.workers, settings, runtime.throttle)
+
+
+def oauth_routes(mcp: FastMCP, settings: Settings) -> list[str] | None:
+    """The paths of the OAuth routes people sign in through, when they do (oauth.py)."""
+    if settings.oauth is None or mcp.auth is None:
+        return None
+    return [getattr(route, "path", "") for route in mcp.auth.get_routes(settings.path)]
 
 
 class GracefulServer(uvicorn.Server):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the lint and type gate and the whole test suite on a fresh machine: installs nmap,
-# PostgreSQL, Chromium with its chromedriver, git and, for the tests that need root, iproute2
+# PostgreSQL, Chromium with its chromedriver, Node.js 20 or newer with the test OpenID
+# provider (tests/oidc), git and, for the tests that need root, iproute2
 # when missing (as root; otherwise says what to install), keeps .venv in step with
 # requirements-dev.txt, runs ruff and mypy, then runs pytest against the machine's PostgreSQL
 # when it can be used as it is, else against a private cluster started for this run
@@ -22,7 +23,7 @@ if [ "${1:-}" = --fast ]; then
 fi
 needs=(python nmap sandbox git)
 if ! $fast; then
-  needs+=(postgresql chromium)
+  needs+=(postgresql chromium npm)
   # The tests that need root are skipped under any other user, who needs nothing for them.
   if [ "$(id -u)" -eq 0 ]; then
     needs+=(root-tests)
@@ -30,6 +31,9 @@ if ! $fast; then
 fi
 require_packages "${needs[@]}"
 ensure_venv requirements-dev.txt
+if ! $fast; then
+  ensure_node_tools
+fi
 # The gate first: lint and types, with the rules and files pyproject.toml names.
 .venv/bin/ruff check --quiet .
 .venv/bin/mypy

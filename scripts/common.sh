@@ -44,7 +44,8 @@ package_for() {
 
 # The apt packages missing for what the caller needs: any of python, nmap, sandbox (the
 # util-linux programs the server runs nmap under), postgresql, chromium (the browser and its
-# driver, for the operator page's browser test), root-tests (what the tests that need root run:
+# driver, for the operator page's browser test), npm (Node.js and npm, for the tests that run
+# an OpenID provider and mcp-remote), root-tests (what the tests that need root run:
 # network namespaces, other users, mounts) and git (tests list the checkout's files).
 missing_packages() {
   local need
@@ -66,6 +67,7 @@ missing_packages() {
         package_for mount mount umount
         package_for nftables nft ;;
       git) package_for git git ;;
+      npm) command -v npm >/dev/null 2>&1 || echo nodejs npm ;;
     esac
   done
 }
@@ -116,5 +118,27 @@ ensure_venv() {
     .venv/bin/pip install -q --disable-pip-version-check -r "$requirements"
     echo "$wanted" >"$stamp"
     rm -f .venv/.incomplete
+  fi
+}
+
+# Put Node.js 20 or newer first on PATH, for the tests that run Node.js programs (the OpenID
+# provider of tests/oidc, mcp-remote): the machine's when it is new enough, else Node.js 22 from
+# the npm registry in .venv/node (Debian 12 ships 18, on which both fail at start). Then install
+# the provider's packages as tests/oidc/package-lock.json pins them, again only when it changed.
+ensure_node_tools() {
+  local major stamp=tests/oidc/node_modules/.installed wanted
+  major=$(node --version 2>/dev/null | sed -E 's/^v([0-9]+).*/\1/')
+  if [ "${major:-0}" -lt 20 ]; then
+    if [ ! -x .venv/node/node_modules/.bin/node ]; then
+      echo "installing Node.js 22 into .venv/node (this machine's node is ${major:-absent})" >&2
+      npm install --prefix .venv/node --no-save --no-audit --no-fund -q node@22 >&2
+    fi
+    export PATH="$PWD/.venv/node/node_modules/.bin:$PATH"
+  fi
+  wanted=$(sha256sum tests/oidc/package-lock.json)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+    echo "installing the test OpenID provider's packages into tests/oidc/node_modules" >&2
+    npm ci --prefix tests/oidc --no-audit --no-fund -q >&2
+    echo "$wanted" >"$stamp"
   fi
 }

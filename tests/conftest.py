@@ -18,10 +18,12 @@ from typing import Any
 import psycopg
 import pytest
 from fastmcp import Client
+from selenium import webdriver
 from sqlalchemy.engine import make_url
 
 from config import load_settings
 from server import Role, create_server
+from tests.browser import chromium
 from tests.dns_jail import DnsListener
 from tests.nodes import MakeNode, Node, start_node
 from tests.support import POSTGRES_ADMIN_URL, Listeners, LiveServer, NmapWrapper, scratch_database, write_config
@@ -166,6 +168,13 @@ class ToolClient(Client):  # type: ignore[type-arg]
 
 
 OpenClient = Callable[..., contextlib.AbstractAsyncContextManager[Client]]
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium with a new empty profile, quit at the end."""
+    with chromium(tmp_path) as driver:
+        yield driver
 
 
 @pytest.fixture

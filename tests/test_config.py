@@ -165,3 +165,31 @@ def test_banner_hides_the_secret_unless_asked(tmp_path: Path) -> None:
                    "Antigravity", "ChatGPT", "LM Studio", "DeepSOC", "Cherry Studio"):
         assert client in hidden
     assert f"?token={secret}" in shown and f"Bearer {secret}" in shown
+
+
+OAUTH = {"issuer": "https://login.example.test/realms/acme", "client_id": "nmap-mcp",
+         "client_secret": "provider-secret", "base_url": "https://scan.example.test"}
+
+
+@pytest.mark.parametrize(("document", "problem"), [
+    ({"roles": {"scanners": {"groups": ["scanners"]}}}, "`roles` are for people who sign in: configure `oauth` too"),
+    ({"oauth": OAUTH}, "`oauth` without `roles` lets nobody in"),
+    ({"oauth": OAUTH, "roles": {"empty": {"tools": ["list_tasks"]}}},
+     "role 'empty' names no groups, emails or email_domains, so nobody is in it"),
+    ({"oauth": OAUTH | {"base_url": "https://scan.example.test/mcp"}, "roles": {"r": {"groups": ["g"]}}},
+     "'oauth.base_url'"),
+    ({"tokens": {"ci@example.test": {"secret": SECRETS["bob"]}}}, "token name 'ci@example.test' holds '@'"),
+])
+def test_sign_in_settings_that_cannot_work_are_refused(tmp_path: Path, document: dict[str, object],
+                                                       problem: str) -> None:
+    path = write(tmp_path / "c.json", {"token": SECRETS["alice"], **document})
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_settings(path)
+
+
+def test_the_sign_in_state_lives_beside_the_config(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", {"token": SECRETS["alice"], "oauth": OAUTH,
+                                       "roles": {"staff": {"email_domains": ["Example.TEST"]}}})
+    settings = load_settings(path)
+    assert settings.oauth is not None and settings.oauth.state_dir == str(tmp_path / "oauth-state")
+    assert settings.roles["staff"].email_domains == ["example.test"]

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -34,15 +31,6 @@ from tests.support import (
 )
 
 ARTIFACTS = Path(__file__).with_name("artifacts")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-# The flags under which Chromium runs on a machine without network: no sandbox (root), no
-# GPU, and none of the background connections it would otherwise try. Its shared memory goes to
-# /tmp: /dev/shm may be small (containers) or only root's (a chroot whose /dev was bound without
-# the /dev/shm mount: "incorrect permissions on /dev/shm" for any other user).
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--window-size=1280,1100")
 # About 10 s; the long one (about 30 s) is cancelled once the browser has seen it progress.
 SLOW_SCAN = "-p 1-500 --scan-delay 20ms 127.0.0.2"
 LONG_SCAN = "-p 1-1500 --scan-delay 20ms 127.0.0.2"
@@ -275,23 +263,6 @@ async def test_a_token_sees_only_the_parts_its_tools_allow(live_server: StartSer
                                                    "not use"}
     assert list(await overview(server, watcher["secret"])) == ["viewer", "pools"]
     assert (await get(server, f"/ui/api/tasks/{done['task_id']}", watcher["secret"])).status_code == 403
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    """Headless Chromium with a new empty profile, quit at the end."""
-    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), (
-        "chromium and chromedriver are missing: ./test.sh installs them (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER, log_output=str(tmp_path / "driver.log")))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def text_of(driver: webdriver.Chrome, selector: str) -> str:

@@ -1,0 +1,181 @@
+"""People sign in with OAuth beside the API tokens: a real OpenID provider (oidc-provider,
+tests/openid.py), a real server process, a person in headless Chromium, real MCP clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from selenium import webdriver
+
+from tests.openid import OpenIdProvider, SignedIn, openid_provider, sign_in
+from tests.support import SECRETS, Listeners, LiveServer, StartServer, call_tool, free_port, wait_until
+
+pytestmark = pytest.mark.anyio
+
+ROLES = {
+    "scanners": {"groups": ["scanners"], "allowed_targets": ["127.0.0.0/8"]},
+    "auditors": {"groups": ["auditors"], "tools": ["list_tasks", "get_task_status", "get_task_result"]},
+}
+
+Serve = Callable[..., tuple[LiveServer, OpenIdProvider]]
+
+
+@pytest.fixture
+def signed_in_server(live_server: StartServer, tmp_path: Path) -> Iterator[Serve]:
+    """Start servers that people sign in to, each through a provider started for it."""
+    with contextlib.ExitStack() as providers:
+        def serve(ttl: dict[str, int] | None = None, **config: object) -> tuple[LiveServer, OpenIdProvider]:
+            port = free_port()
+            provider = providers.enter_context(openid_provider(tmp_path, port, **(ttl or {})))
+            server = live_server(port=port, oauth=provider.oauth_config(f"http://127.0.0.1:{port}"), roles=ROLES,
+                                 audit_log=str(tmp_path / "audit.jsonl"), **config)
+            return server, provider
+        yield serve
+
+
+def base_of(server: LiveServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_a_person_signs_in_scans_and_api_keys_still_work(
+    signed_in_server: Serve, browser: webdriver.Chrome, listeners: Listeners, tmp_path: Path
+) -> None:
+    server, _ = signed_in_server()
+    [port] = listeners.open_free_top_ports(1)
+    alice = sign_in(browser, base_of(server), server.url, "alice")
+    scanned = await call_tool(server.url, alice.access_token, "custom_scan",
+                              {"command": f"-sT -n -Pn -p {port} 127.0.0.1", "timeout": 60})
+    assert not scanned.is_error, scanned
+    answer = scanned.structured_content or {}
+    assert answer["status"] == "completed"
+    listed = await call_tool(server.url, SECRETS["alice"], "list_tasks", {})
+    assert listed.structured_content == {"tasks": []}, "an API key's owner is not the person"
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert any(entry.get("token") == "alice@example.test" for entry in audit)
+
+
+async def test_each_person_owns_their_tasks_and_a_role_bounds_their_tools(
+    signed_in_server: Serve, browser: webdriver.Chrome, listeners: Listeners
+) -> None:
+    server, _ = signed_in_server()
+    [port] = listeners.open_free_top_ports(1)
+    alice = sign_in(browser, base_of(server), server.url, "alice")
+    browser.delete_all_cookies()
+    bob = sign_in(browser, base_of(server), server.url, "bob")
+    browser.delete_all_cookies()
+    carol = sign_in(browser, base_of(server), server.url, "carol")
+    scanned = await call_tool(server.url, alice.access_token, "custom_scan",
+                              {"command": f"-sT -n -Pn -p {port} 127.0.0.1", "timeout": 60})
+    task_id = (scanned.structured_content or {})["task_id"]
+    for person in (bob, carol):
+        assert (await call_tool(server.url, person.access_token, "list_tasks", {})).structured_content == {"tasks": []}
+        theirs = await call_tool(server.url, person.access_token, "get_task_status", {"task_id": task_id})
+        assert theirs.is_error and theirs.content[0].text.startswith("not_found"), theirs  # type: ignore[union-attr]
+    refused = await call_tool(server.url, carol.access_token, "custom_scan", {"command": "-sT -n -p 1 127.0.0.1"})
+    assert refused.is_error and "may not use custom_scan" in refused.content[0].text  # type: ignore[union-attr]
+    outside = await call_tool(server.url, bob.access_token, "custom_scan", {"command": "-sT -n -p 1 10.0.0.1"})
+    assert outside.is_error and "10.0.0.1" in outside.content[0].text  # type: ignore[union-attr]
+    async with bearer_client(server.url, carol.access_token) as client:
+        assert {tool.name for tool in (await client.list_tools()).tools} == set(ROLES["auditors"]["tools"])
+
+
+async def test_a_person_in_no_role_is_refused_saying_why_in_the_log(
+    signed_in_server: Serve, browser: webdriver.Chrome
+) -> None:
+    server, _ = signed_in_server()
+    mallory = sign_in(browser, base_of(server), server.url, "mallory")
+    refused = post_tools_list(server, mallory.access_token)
+    assert refused.status_code == 401
+    assert "mallory@elsewhere.test is in no role (groups: none)" in server.log_path.read_text()
+
+
+async def test_an_expired_sign_in_stops_working(signed_in_server: Serve, browser: webdriver.Chrome) -> None:
+    """The provider's tokens live 4 s here, and this server's mirror them."""
+    server, _ = signed_in_server(ttl={"IdToken": 4, "AccessToken": 4})
+    alice = sign_in(browser, base_of(server), server.url, "alice")
+    assert post_tools_list(server, alice.access_token).status_code == 200
+    assert wait_until(lambda: post_tools_list(server, alice.access_token).status_code == 401, 30, 0.5)
+
+
+async def test_a_refreshed_sign_in_works_until_it_is_revoked(
+    signed_in_server: Serve, browser: webdriver.Chrome
+) -> None:
+    """Refreshing goes through to the provider; once the client revokes its refresh token
+    (RFC 7009, at this server, which revokes the provider's too) no refresh works again."""
+    server, _ = signed_in_server()
+    alice = sign_in(browser, base_of(server), server.url, "alice")
+    refreshed = refresh(server, alice)
+    assert refreshed.status_code == 200, refreshed.text
+    renewed = refreshed.json()
+    assert post_tools_list(server, renewed["access_token"]).status_code == 200
+    revoked = httpx.post(base_of(server) + "/revoke", timeout=10, data={
+        "token": renewed["refresh_token"], "token_type_hint": "refresh_token", **alice.credentials})
+    assert revoked.status_code == 200, revoked.text
+    again = refresh(server, alice, renewed["refresh_token"])
+    assert again.json()["error"] == "invalid_grant", again.text
+
+
+async def test_no_log_line_holds_an_oauth_token_or_an_api_key(
+    signed_in_server: Serve, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """At DEBUG, through a sign-in, calls with both kinds of credential, a refresh and a
+    wrong token: neither the log nor the audit log holds a token or anything JWT-shaped."""
+    server, _ = signed_in_server(log_level="DEBUG")
+    alice = sign_in(browser, base_of(server), server.url, "alice")
+    renewed = refresh(server, alice).json()
+    for token in (alice.access_token, renewed["access_token"], SECRETS["alice"], "eyJ" + "x" * 40):
+        post_tools_list(server, token)
+    logs = server.log_path.read_text() + (tmp_path / "audit.jsonl").read_text()
+    for secret in (alice.access_token, alice.tokens["refresh_token"], renewed["access_token"],
+                   renewed["refresh_token"], SECRETS["alice"]):
+        assert secret not in logs
+    assert "eyJ" not in logs, "a JWT (this server's or the provider's) reached a log"
+
+
+def refresh(server: LiveServer, person: SignedIn, token: str | None = None) -> httpx.Response:
+    return httpx.post(base_of(server) + "/token", timeout=10, data={
+        "grant_type": "refresh_token", "refresh_token": token or person.tokens["refresh_token"],
+        **person.credentials})
+
+
+def post_tools_list(server: LiveServer, token: str) -> httpx.Response:
+    return httpx.post(server.url, timeout=10, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                      headers={"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream",
+                               "Content-Type": "application/json", "MCP-Protocol-Version": "2025-06-18"})
+
+
+@contextlib.asynccontextmanager
+async def bearer_client(url: str, token: str) -> AsyncIterator[Client]:
+    async with (httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http,
+                Client(streamable_http_client(url, http_client=http)) as client):  # type: ignore[arg-type]
+        yield client
+
+
+async def test_an_oauth_client_finds_the_sign_in_from_the_401(signed_in_server: Serve) -> None:
+    """RFC 9728: the 401 names the protected-resource metadata, which names this server as the
+    authorization server; its metadata (RFC 8414) offers PKCE, registration and client ID
+    metadata documents. The 401's words still say what an API token holder does."""
+    server, _ = signed_in_server()
+    refused = httpx.post(server.url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, timeout=10,
+                         headers={"Accept": "application/json, text/event-stream"})
+    assert refused.status_code == 401
+    challenge = refused.headers["www-authenticate"]
+    metadata_url = base_of(server) + "/.well-known/oauth-protected-resource/mcp"
+    assert f'resource_metadata="{metadata_url}"' in challenge
+    assert refused.json()["error_description"].endswith("asks them to, in the browser.")
+    assert "does not use OAuth" not in refused.text
+    resource = httpx.get(metadata_url, timeout=10).json()
+    assert resource["resource"] == server.url
+    assert [url.rstrip("/") for url in resource["authorization_servers"]] == [base_of(server)]
+    authorization = httpx.get(base_of(server) + "/.well-known/oauth-authorization-server", timeout=10).json()
+    assert authorization["code_challenge_methods_supported"] == ["S256"]
+    assert authorization["registration_endpoint"] == base_of(server) + "/register"
+    assert authorization["client_id_metadata_document_supported"] is True
