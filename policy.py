@@ -72,7 +72,7 @@ class Policy:
         self.pools = {name: parse_networks(networks) for name, networks in settings.pools.items()}
         self._limits = settings.limits
         self._token_limits = {name: spec.limits for name, spec in settings.tokens.items()}
-        self.tool_scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_secrets())
+        self.tool_scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_tokens())
         for name, spec in settings.tokens.items():
             if spec.tools is not None:
                 self.tool_scopes[name] = frozenset(spec.tools)
