@@ -89,6 +89,8 @@ logger = logging.getLogger(__name__)
 RAW_SOCKET_CAPABILITIES = 1 << 12 | 1 << 13
 # Allocations between two collections of the youngest generation (see settle_heap).
 GC_YOUNG_ALLOCATIONS = 20_000
+# What client configurations show in place of a secret that is not printed.
+TOKEN_PLACEHOLDER = "<TOKEN>"
 
 
 class Role(enum.StrEnum):
@@ -345,11 +347,11 @@ def shown_secret(settings: Settings, *, show_token: bool) -> str:
     the placeholder clients' docs show."""
     named = settings.named_tokens()
     secret = named[min(named)].secret
-    return secret.get_secret_value() if show_token and secret is not None else "<TOKEN>"
+    return secret.get_secret_value() if show_token and secret is not None else TOKEN_PLACEHOLDER
 
 
 def unshowable(settings: Settings) -> str:
-    """Why --show-token shows `<TOKEN>` all the same: the first token is kept as a digest."""
+    """Why --show-token shows TOKEN_PLACEHOLDER all the same: the first token is kept as a digest."""
     return (f"--show-token cannot show the secret of token '{min(settings.named_tokens())}': the config keeps "
             "only its SHA-256 (secret_sha256). It was shown once, where it was made: by --init, by "
             f"--hash-token --new, or in the {INITIAL_TOKEN_FILE} file of the server's first start")
@@ -396,9 +398,9 @@ def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
     if (initial := config_path.with_name(INITIAL_TOKEN_FILE)).exists():
         lines.append(f"{initial} holds the secret of token '{DEFAULT_TOKEN_NAME}' from the first start: copy it "
                      "into your clients, then delete that file")
-    if secret == "<TOKEN>":
+    if secret == TOKEN_PLACEHOLDER:
         lines += [unshowable(settings)] if show_token else []
-        lines.append(f"below, replace <TOKEN> with the secret of token '{first}'")
+        lines.append(f"below, replace {TOKEN_PLACEHOLDER} with the secret of token '{first}'")
     if settings.host in ("0.0.0.0", "::"):
         lines.append("listening on all interfaces: replace 127.0.0.1 below with this machine's address")
     lines.append(f"one client's config alone: {rerun_command(config_path)} --print-config CLIENT "
@@ -440,7 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line. Notices go to stderr: stdout carries only what was asked for (the
-    banner, a client config, or over --stdio the MCP stream itself)."""
+    banner, a client config, a new secret and its config line, or over --stdio the MCP stream
+    itself)."""
     args = parse_args(argv)
     config_path: Path = args.config or DEFAULT_CONFIG_PATH
     if args.hash_token:
@@ -517,7 +520,7 @@ def print_config(args: argparse.Namespace, settings: Settings, config_path: Path
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(paste)
-    if args.show_token and "<TOKEN>" in paste:
+    if args.show_token and TOKEN_PLACEHOLDER in paste:
         print(unshowable(settings), file=sys.stderr)
     if args.print_config in LOCAL_CLIENTS:
         print(stdio_note(settings, config_path), file=sys.stderr)
