@@ -129,7 +129,7 @@ pm run -d --name "$name" --network host -v "$volume:/data" \
 echo "== container $name on 127.0.0.1:$port"
 
 check "/healthz answers 200" healthz_ok "$port"
-check "the entrypoint wrote /data/config.json (mode 600, owned by the image user)" \
+check "the first start wrote /data/config.json (mode 600, owned by the image user)" \
   test "$(stat -c '%a %u' "$volume/config.json" 2>/dev/null)" = "600 $uid"
 check "the image's HEALTHCHECK passes" pm healthcheck run "$name"
 pid=$(pm inspect --format '{{.State.Pid}}' "$name")
