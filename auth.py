@@ -2,12 +2,14 @@
 
 Named static tokens arrive as a Bearer header; `?token=` in the URL is turned into that
 header (and removed from the URL) by http_edge.py before anything else sees the request.
+The server knows each token by its secret's SHA-256 (api_keys.py).
 """
 
 from __future__ import annotations
 
-import hmac
+import logging
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 
 import mcp.types as mt
 from fastmcp.exceptions import ToolError
@@ -18,6 +20,9 @@ from fastmcp.server.middleware import CallNext, MiddlewareContext
 from fastmcp.server.middleware import Middleware as MCPMiddleware
 from fastmcp.tools.base import Tool, ToolResult
 
+from api_keys import ApiKey, matching_name
+
+logger = logging.getLogger(__name__)
 # Who is calling: the name of the token that authenticated the request (None: nobody), or,
 # over stdio where no token travels, the configured local identity.
 Identify = Callable[[], str | None]
@@ -35,22 +40,26 @@ def token_name() -> str | None:
 
 
 class NamedTokenVerifier(TokenVerifier):
-    """Accepts any configured secret; the token's name becomes the caller's identity."""
+    """Accepts the secret of any configured key that has not expired; the key's name becomes
+    the caller's identity. An expired key is refused as a wrong one is (401, same words), and
+    logged once per key and process, naming the token, so that the operator hears of it."""
 
-    def __init__(self, secrets: Mapping[str, str]) -> None:
+    def __init__(self, keys: Mapping[str, ApiKey]) -> None:
         super().__init__()
-        self._secrets = [(name, secret.encode()) for name, secret in secrets.items()]
+        self._keys = dict(keys)
+        self._expired_logged: set[str] = set()
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        candidate = token.encode()
-        matched = None
-        # Compare against every secret without stopping early, so timing reveals nothing.
-        for name, secret in self._secrets:
-            if hmac.compare_digest(candidate, secret):
-                matched = name
-        if matched is None:
+        name = matching_name(self._keys, token)
+        if name is None:
             return None
-        return AccessToken(token=token, client_id=matched, scopes=[])
+        if self._keys[name].expired(datetime.now(UTC)):
+            if name not in self._expired_logged:
+                self._expired_logged.add(name)
+                logger.warning("token '%s' expired at %s and is refused: give its holder a new key "
+                               "(--hash-token --new) or move its expires_at", name, self._keys[name].expires_at)
+            return None
+        return AccessToken(token=token, client_id=name, scopes=[])
 
 
 class ToolScopeMiddleware(MCPMiddleware):

@@ -7,11 +7,13 @@ import time; `load_settings` is the only entry point.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import re
 import secrets
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -29,6 +32,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from api_keys import ApiKey, secret_sha256
 from nse_policy import DEFAULT_CATEGORIES, EXCLUDED_CATEGORIES
 from targets import parse_networks
 from webhooks import NEVER_REACHED, Rules, WebhookRefused, check_prefixes, endpoint, in_deny_list
@@ -36,11 +40,17 @@ from webhooks import NEVER_REACHED, Rules, WebhookRefused, check_prefixes, endpo
 DEFAULT_CONFIG_PATH = Path("config.json")
 ENV_PREFIX = "NMAP_MCP_"
 MIN_SECRET_LENGTH = 32
-# The secrets config.example.json shows: they never work as real ones.
+# The secrets config.example.json showed before it showed digests: they never work as real ones.
 PLACEHOLDER_SECRETS = frozenset({
     "REPLACE-ME-run-python-server.py---init-for-a-real-secret",
     "REPLACE-ME-too-every-token-needs-its-own-secret",
 })
+# The digests config.example.json shows, and those of the placeholder secrets: never a real key.
+PLACEHOLDER_DIGESTS = frozenset({"0" * 64, "1" * 64} | {secret_sha256(secret) for secret in PLACEHOLDER_SECRETS})
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# A server that finds no config at its first start writes it, and the new token's secret in
+# this file beside it (write_first_config).
+INITIAL_TOKEN_FILE = "initial-token"
 # Where scans may go on a fresh install: private networks only. The public internet and
 # loopback must be allowed explicitly; the built-in deny list in targets.py always wins.
 PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
@@ -111,9 +121,44 @@ class Grant(BaseModel):
 
 
 class TokenConfig(Grant):
-    """One named API token."""
+    """One named API token: its secret's SHA-256 (what --init and --hash-token write), or the
+    secret itself (the older form, still accepted); exactly one of the two."""
 
-    secret: SecretStr
+    secret: SecretStr | None = None
+    secret_sha256: str | None = None
+    # When the token stops working: an ISO 8601 date (from its first moment, 00:00 UTC) or a
+    # date and time with its zone. None: never.
+    expires_at: datetime | None = None
+
+    @field_validator("secret_sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not SHA256_HEX.fullmatch(value := value.lower()):
+            raise ValueError("must be 64 hexadecimal digits, the SHA-256 of the secret (--hash-token prints it)")
+        return value
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _moment(cls, value: object) -> object:
+        return value if value is None or isinstance(value, datetime) else expiry_moment(value)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> TokenConfig:
+        if (self.secret is None) == (self.secret_sha256 is None):
+            raise ValueError("give a token either `secret_sha256` (--hash-token prints it) or `secret`, "
+                             "exactly one of them")
+        return self
+
+    def sha256(self) -> str:
+        """The SHA-256 of the token's secret, given or computed from a plain `secret`."""
+        if self.secret_sha256 is not None:
+            return self.secret_sha256
+        assert self.secret is not None
+        return secret_sha256(self.secret.get_secret_value())
+
+    def api_key(self) -> ApiKey:
+        """The token as the verifier checks it (api_keys.py)."""
+        return ApiKey(bytes.fromhex(self.sha256()), self.expires_at)
 
 
 class RoleConfig(Grant):
@@ -328,12 +373,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"the pattern for '{key}' is not a regular expression ({e})") from e
         return values
 
-    def named_secrets(self) -> dict[str, str]:
-        """Token name -> secret, the single seed-style `token` included as 'default'."""
-        named = {name: spec.secret.get_secret_value() for name, spec in self.tokens.items()}
+    def named_tokens(self) -> dict[str, TokenConfig]:
+        """Token name -> token, the single seed-style `token` included as 'default'."""
+        named = dict(self.tokens)
         if self.token is not None:
-            named.setdefault(DEFAULT_TOKEN_NAME, self.token.get_secret_value())
+            named.setdefault(DEFAULT_TOKEN_NAME, TokenConfig(secret=self.token))
         return named
+
+    def api_keys(self) -> dict[str, ApiKey]:
+        """Token name -> what the verifier checks: the secret's digest and the expiry."""
+        return {name: spec.api_key() for name, spec in self.named_tokens().items()}
 
     def webhook_rules(self) -> Rules:
         """Where schedules' webhooks may go (webhooks.py)."""
@@ -359,14 +408,14 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
         settings = Settings(**data)
     except ValidationError as e:
         raise ConfigError(f"{path}: {describe_validation_error(e)}") from e
-    if not settings.named_secrets():
+    if not settings.named_tokens():
         raise ConfigError(f"{path}: no token configured; set `token` or `tokens`")
-    problems = secret_problems(settings.named_secrets()) + metrics_token_problems(settings) + webhook_problems(settings)
+    problems = secret_problems(settings.named_tokens()) + metrics_token_problems(settings) + webhook_problems(settings)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if problems := sign_in_problems(settings):
         raise ConfigError(f"{path}: " + "; ".join(problems))
-    if unknown := sorted(set(settings.ui_admin_tokens) - set(settings.named_secrets())):
+    if unknown := sorted(set(settings.ui_admin_tokens) - set(settings.named_tokens())):
         raise ConfigError(f"{path}: 'ui_admin_tokens': no token is named {', '.join(repr(n) for n in unknown)}; "
                           "list names from `tokens`")
     return anchored(settings, path.parent)
@@ -388,7 +437,7 @@ def sign_in_problems(settings: Settings) -> list[str]:
     """Why `oauth` and `roles` do not fit together: people sign in only to roles, a role that
     matches nobody, and token names that could be taken for a person's (an email address)."""
     problems = [f"token name {name!r} holds '@': people who sign in are known by their email address"
-                for name in settings.named_secrets() if "@" in name]
+                for name in settings.named_tokens() if "@" in name]
     if settings.oauth is None:
         return problems + (["`roles` are for people who sign in: configure `oauth` too"] if settings.roles else [])
     if not settings.roles:
@@ -398,23 +447,42 @@ def sign_in_problems(settings: Settings) -> list[str]:
     return problems
 
 
-def secret_problems(named: dict[str, str]) -> list[str]:
-    """Why secrets are unfit, naming their tokens (never the secrets): too short, a
-    placeholder from config.example.json, or one secret shared by several tokens."""
-    fresh = f"`{FRESH_SECRET_COMMAND}` prints a fresh one, and --init writes a new config with one"
+def secret_problems(named: dict[str, TokenConfig]) -> list[str]:
+    """Why secrets are unfit, naming their tokens (never the secrets): a placeholder from
+    config.example.json, a plain secret too short, or one secret (one digest) shared by several
+    tokens."""
+    fresh = "--hash-token --new prints a fresh secret with its secret_sha256, and --init writes a new config with one"
     problems = []
-    for name, secret in named.items():
-        if secret in PLACEHOLDER_SECRETS:
+    for name, spec in named.items():
+        if spec.sha256() in PLACEHOLDER_DIGESTS:
             problems.append(f"token '{name}' still has the placeholder secret of config.example.json; {fresh}")
-        elif len(secret) < MIN_SECRET_LENGTH:
-            problems.append(f"token '{name}': its secret has {len(secret)} characters, fewer than "
+        elif spec.secret is not None and (length := len(spec.secret.get_secret_value())) < MIN_SECRET_LENGTH:
+            problems.append(f"token '{name}': its secret has {length} characters, fewer than "
                             f"{MIN_SECRET_LENGTH}; {fresh}")
     owners: dict[str, list[str]] = {}
-    for name, secret in named.items():
-        owners.setdefault(secret, []).append(name)
+    for name, spec in named.items():
+        owners.setdefault(spec.sha256(), []).append(name)
     problems += [f"tokens {', '.join(repr(n) for n in names)} share one secret; give each its own"
                  for names in owners.values() if len(names) > 1]
     return problems
+
+
+def expiry_moment(value: object) -> datetime:
+    """`expires_at` as written in the config: an ISO 8601 date (its first moment in UTC), or a
+    date and time with its zone; a time without a zone would mean another moment on each machine."""
+    example = "an ISO 8601 date (2027-03-31) or a date and time with its zone (2027-03-31T18:00:00Z)"
+    if not isinstance(value, str):
+        # Not TypeError: pydantic reports a ValueError as a problem of the key, and raises any other.
+        raise ValueError(f"must be a string: {example}")
+    with contextlib.suppress(ValueError):
+        return datetime.combine(date.fromisoformat(value), time(), tzinfo=UTC)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise ValueError(f"must be {example}") from e
+    if moment.tzinfo is None:
+        raise ValueError("needs its zone: add Z (UTC) or an offset such as +02:00")
+    return moment
 
 
 def metrics_token_problems(settings: Settings) -> list[str]:
@@ -427,7 +495,7 @@ def metrics_token_problems(settings: Settings) -> list[str]:
         return [(f"metrics_token has {len(secret)} characters, fewer than {MIN_SECRET_LENGTH}; "
                  f"`{FRESH_SECRET_COMMAND}` prints a fresh one")]
     return [f"metrics_token is the secret of token '{name}'; give /metrics a secret of its own"
-            for name, token in settings.named_secrets().items() if token == secret]
+            for name, token in settings.named_tokens().items() if token.sha256() == secret_sha256(secret)]
 
 
 def webhook_problems(settings: Settings) -> list[str]:
@@ -457,23 +525,43 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
-def default_config_document() -> dict[str, Any]:
-    """The JSON a new install starts from: every default, plus one fresh token."""
+def default_config_document(secret: str) -> dict[str, Any]:
+    """The JSON a new install starts from: every default, plus one token with `secret`'s digest."""
     defaults = Settings.model_construct().model_dump(mode="json", exclude={"token", "tokens"})
     # Loopback is off unless configured; a new install configures it so that its first
     # check (test_client.py scans 127.0.0.1) works. The README says when to turn it off.
-    return {**defaults, "allow_loopback": True, "tokens": {DEFAULT_TOKEN_NAME: {"secret": new_secret()}}}
+    return {**defaults, "allow_loopback": True,
+            "tokens": {DEFAULT_TOKEN_NAME: {"secret_sha256": secret_sha256(secret)}}}
 
 
-def write_new_config(path: Path, *, force: bool = False) -> None:
-    """Write a config with a fresh token; refuse to overwrite unless `force`.
+def write_new_config(path: Path, *, force: bool = False) -> str:
+    """Write a config with a fresh token and return its secret, which the file does not hold
+    (only its SHA-256); refuse to overwrite unless `force`.
 
     Missing directories are created (`--init -c ~/.config/nmap-mcp.json` on a machine without
-    ~/.config). The file is created with mode 0600 because it holds secrets.
+    ~/.config).
     """
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to overwrite it")
-    text = json.dumps(default_config_document(), indent=2) + "\n"
+    secret = new_secret()
+    write_private(path, json.dumps(default_config_document(secret), indent=2) + "\n")
+    return secret
+
+
+def write_first_config(path: Path) -> Path:
+    """What a server that finds no config at its first start writes: the config, and beside it
+    INITIAL_TOKEN_FILE holding the new token's secret alone; returns that file's path. Not
+    printed, as --init does: the first start of a systemd unit or a container has no terminal,
+    and its output goes to a log, where no secret may be."""
+    secret = write_new_config(path)
+    token_file = path.with_name(INITIAL_TOKEN_FILE)
+    write_private(token_file, secret + "\n")
+    return token_file
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` with mode 0600 (the config's digests, the secret of
+    INITIAL_TOKEN_FILE and the webhooks' settings are nobody else's), creating directories."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,11 +61,12 @@ NO_OAUTH = "This server does not use OAuth; nothing can be registered."
 SIGN_IN = "People may also sign in with OAuth: an MCP client that supports it asks them to, in the browser."
 MISSING_TOKEN = (
     "no token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL. "
-    "Tokens are the `secret` values under `tokens` in the server's config file."
+    "Each token is named under `tokens` in the server's config file; ask its operator for one."
 )
+# An expired token gets these words too: a refusal tells nobody whether a secret was ever valid.
 WRONG_TOKEN = (
-    "the token is not one of this server's tokens: compare it with the `secret` values under "
-    "`tokens` in the server's config file. " + NO_OAUTH
+    "the token is not one of this server's tokens, or it has expired: check it against the `tokens` "
+    "in the server's config file (--hash-token gives a secret's secret_sha256). " + NO_OAUTH
 )
 QUERY_TOKEN_OFF = (
     "this server does not accept ?token= in the URL (allow_query_token is false): "

@@ -81,7 +81,7 @@ class Policy:
         self.pools = {name: parse_networks(networks) for name, networks in settings.pools.items()}
         self._limits = settings.limits
         self._token_limits = {key: spec.limits for key, spec in grants.items()}
-        self.tool_scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_secrets())
+        self.tool_scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_tokens())
         self.tool_scopes[NOBODY] = frozenset()
         for key, spec in grants.items():
             self.tool_scopes[key] = None if spec.tools is None else frozenset(spec.tools)
@@ -89,7 +89,7 @@ class Policy:
         self._admins.update(settings.ui_admin_tokens)
         # People who signed in (by email) and their role, as the provider's last claims said.
         self._roles: dict[str, str] = {}
-        self._token_names = sorted(settings.named_secrets())
+        self._token_names = sorted(settings.named_tokens())
 
     def owners(self) -> list[str]:
         """Every token's name, and every person who signed in to this process, sorted."""

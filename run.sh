@@ -2,7 +2,7 @@
 # Run the service: installs nmap and python3-venv when missing (as root; otherwise says what to
 # install), keeps .venv in step with requirements.txt (rebuilt when broken), writes config.json
 # with a fresh token when it is missing, then serves (SQLite by default).
-# Arguments are passed to server.py (for example: ./run.sh --show-token, ./run.sh -c prod.json).
+# Arguments are passed to server.py (for example: ./run.sh --api, ./run.sh -c prod.json).
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh

@@ -172,7 +172,7 @@ class ScanService:
         self._version = version
         self._nmap_build: NmapBuild | None = None
         # Every token, and the caller over stdio, gets its share of the lookup threads.
-        self.resolver = HostResolver(len(settings.named_secrets()) + 1, settings.resolve_timeout)
+        self.resolver = HostResolver(len(settings.named_tokens()) + 1, settings.resolve_timeout)
 
     # ---- building requests ---------------------------------------------------------------
 

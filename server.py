@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import gc
+import getpass
 import importlib.metadata
 import logging
 import os
@@ -22,6 +23,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
+from api_keys import config_line, expiry_notes, secret_sha256
 from argv_check import ArgvCheck
 from audit import AuditLog, AuditMiddleware, Auditor
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
@@ -44,7 +47,20 @@ from client_configs import (
     render_client_config,
     render_client_configs,
 )
-from config import DEFAULT_CONFIG_PATH, ConfigError, ConfigMissing, Settings, load_settings, write_new_config
+from config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_TOKEN_NAME,
+    INITIAL_TOKEN_FILE,
+    MIN_SECRET_LENGTH,
+    PLACEHOLDER_DIGESTS,
+    ConfigError,
+    ConfigMissing,
+    Settings,
+    load_settings,
+    new_secret,
+    write_first_config,
+    write_new_config,
+)
 from dashboard import register_dashboard
 from db import shown_url
 from errors import PromptArgumentCheck, ToolErrorMiddleware
@@ -74,6 +90,8 @@ logger = logging.getLogger(__name__)
 RAW_SOCKET_CAPABILITIES = 1 << 12 | 1 << 13
 # Allocations between two collections of the youngest generation (see settle_heap).
 GC_YOUNG_ALLOCATIONS = 20_000
+# What client configurations show in place of a secret that is not printed.
+TOKEN_PLACEHOLDER = "<TOKEN>"
 
 
 class Role(enum.StrEnum):
@@ -195,8 +213,7 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
         "nmap-mcp",
         version=VERSION,
         instructions=INSTRUCTIONS,
-        auth=None if stdio else auth_provider(settings.oauth, settings.roles,
-                                              NamedTokenVerifier(settings.named_secrets()),
+        auth=None if stdio else auth_provider(settings.oauth, settings.roles, NamedTokenVerifier(settings.api_keys()),
                                               runtime.service.policy.admit),
         lifespan=lifespan,
         middleware=[LogContext(identify),
@@ -335,9 +352,18 @@ def endpoint_url(settings: Settings) -> str:
 
 
 def shown_secret(settings: Settings, *, show_token: bool) -> str:
-    """The first token's secret when asked for, else the placeholder clients' docs show."""
-    named = settings.named_secrets()
-    return named[min(named)] if show_token else "<TOKEN>"
+    """The first token's secret when asked for and the config holds it (a plain `secret`), else
+    the placeholder clients' docs show."""
+    named = settings.named_tokens()
+    secret = named[min(named)].secret
+    return secret.get_secret_value() if show_token and secret is not None else TOKEN_PLACEHOLDER
+
+
+def unshowable(settings: Settings) -> str:
+    """Why --show-token shows TOKEN_PLACEHOLDER all the same: the first token is kept as a digest."""
+    return (f"--show-token cannot show the secret of token '{min(settings.named_tokens())}': the config keeps "
+            "only its SHA-256 (secret_sha256). It was shown once, where it was made: by --init, by "
+            f"--hash-token --new, or in the {INITIAL_TOKEN_FILE} file of the server's first start")
 
 
 def program_argv(*, short: bool = False) -> list[str]:
@@ -369,16 +395,21 @@ def stdio_note(settings: Settings, config_path: Path) -> str:
 
 def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
     """Where the server listens and how to connect each client."""
-    names = sorted(settings.named_secrets())
+    names = sorted(settings.named_tokens())
     url = endpoint_url(settings)
     first = names[0]
     secret = shown_secret(settings, show_token=show_token)
     lines = [
         f"nmap-mcp {VERSION} listening on {settings.host}:{settings.port}, endpoint {url}",
-        f"tokens: {', '.join(names)} (secrets are in {config_path}; --show-token prints them here)",
+        f"tokens: {', '.join(names)} (in {config_path}; --show-token prints a secret the config holds plainly)",
+        *expiry_notes(settings.api_keys(), datetime.now(UTC)),
     ]
-    if not show_token:
-        lines.append(f"below, replace <TOKEN> with the secret of token '{first}'")
+    if (initial := config_path.with_name(INITIAL_TOKEN_FILE)).exists():
+        lines.append(f"{initial} holds the secret of token '{DEFAULT_TOKEN_NAME}' from the first start: copy it "
+                     "into your clients, then delete that file")
+    if secret == TOKEN_PLACEHOLDER:
+        lines += [unshowable(settings)] if show_token else []
+        lines.append(f"below, replace {TOKEN_PLACEHOLDER} with the secret of token '{first}'")
     if settings.host in ("0.0.0.0", "::"):
         lines.append("listening on all interfaces: replace 127.0.0.1 below with this machine's address")
     lines.append(f"one client's config alone: {rerun_command(config_path)} --print-config CLIENT "
@@ -394,7 +425,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init", action="store_true", help="write a config with a fresh token and exit")
     parser.add_argument("--force", action="store_true", help="with --init: overwrite an existing config")
     parser.add_argument("--show-token", action="store_true",
-                        help="print the real token secret in the banner and --print-config")
+                        help="print the first token's secret in the banner and --print-config, when the config "
+                             "holds it plainly (a secret_sha256 cannot be shown)")
+    parser.add_argument("--hash-token", action="store_true",
+                        help='print the "secret_sha256" line that stands for a secret read from stdin in a token\'s '
+                             "entry of the config, and exit")
+    parser.add_argument("--new", action="store_true",
+                        help="with --hash-token: make a fresh secret and print it, this once, with its line")
     parser.add_argument("--print-config", metavar="CLIENT", choices=CLIENTS,
                         help=f"print one MCP client's configuration and exit: {', '.join(CLIENTS)}; with "
                              "--stdio only the entry that starts nmap-mcp over stdio (where no server runs)")
@@ -406,23 +443,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     roles.add_argument("--worker", dest="role", action="store_const", const=Role.WORKER,
                        help="run scans only (no HTTP listener) for the pool named by the config's `pool`")
     parser.set_defaults(role=Role.ALL)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.new and not args.hash_token:
+        parser.error("--new goes with --hash-token")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line. Notices go to stderr: stdout carries only what was asked for (the
-    banner, a client config, or over --stdio the MCP stream itself)."""
+    banner, a client config, a new secret and its config line, or over --stdio the MCP stream
+    itself)."""
     args = parse_args(argv)
     config_path: Path = args.config or DEFAULT_CONFIG_PATH
+    if args.hash_token:
+        return hash_token(new=args.new)
     try:
         if args.init:
-            write_new_config(config_path, force=args.force)
-            print(f"wrote {config_path.resolve()} with a new token; edit it, then run: {rerun_command(config_path)}",
-                  file=sys.stderr)
-            return 0
+            return init(config_path, force=args.force)
         if args.config is None and not config_path.exists():
-            write_new_config(config_path)
-            print(f"no config found: wrote {config_path.resolve()} with a new token", file=sys.stderr)
+            token_file = write_first_config(config_path)
+            print(f"no config found: wrote {config_path.resolve()} with a new token '{DEFAULT_TOKEN_NAME}', whose "
+                  f"secret is in {token_file.resolve()} (mode 0600) and nowhere else: copy it into your clients, "
+                  "then delete that file", file=sys.stderr)
         settings = load_settings(config_path)
         if args.print_config:
             return print_config(args, settings, config_path)
@@ -444,6 +486,38 @@ def main(argv: list[str] | None = None) -> int:
     return serve(settings, nmap_path, args, config_path)
 
 
+def init(config_path: Path, *, force: bool) -> int:
+    """`--init`: write a config with a fresh token, and print its secret, the one time it exists
+    outside the clients (the config keeps only its SHA-256), with every client's configuration."""
+    secret = write_new_config(config_path, force=force)
+    print(f"the secret of token '{DEFAULT_TOKEN_NAME}', shown this once: {config_path.resolve()} keeps only its "
+          f"SHA-256 (the secret_sha256 line)\nsecret: {secret}\n{config_line(secret)}\n", flush=True)
+    settings = load_settings(config_path)
+    print(render_client_configs(endpoint_url(settings), secret, stdio_command(config_path)))
+    print(f"wrote {config_path.resolve()} with a new token; edit it, then run: {rerun_command(config_path)}",
+          file=sys.stderr)
+    return 0
+
+
+def hash_token(*, new: bool) -> int:
+    """`--hash-token`: the config line for a secret read from stdin; with `--new`, a fresh secret
+    and its line, the secret shown this once. The config holds the line in place of the secret."""
+    if new:
+        secret = new_secret()
+        print(f"secret: {secret}\n{config_line(secret)}")
+        print("the secret is shown this once: give it to the token's holder, and put the line in the token's "
+              "entry under `tokens`", file=sys.stderr)
+        return 0
+    secret = sys.stdin.readline().rstrip("\r\n") if not sys.stdin.isatty() else getpass.getpass("secret: ")
+    if len(secret) < MIN_SECRET_LENGTH or secret_sha256(secret) in PLACEHOLDER_DIGESTS:
+        print(f"error: a secret needs at least {MIN_SECRET_LENGTH} characters and must not be a placeholder of "
+              "config.example.json; --hash-token --new makes a fresh one", file=sys.stderr)
+        return 2
+    print(config_line(secret))
+    print("put the line in the token's entry under `tokens`, in place of its `secret`", file=sys.stderr)
+    return 0
+
+
 def print_config(args: argparse.Namespace, settings: Settings, config_path: Path) -> int:
     """`--print-config CLIENT` (with `--stdio`: the stdio entry alone, for a machine where no
     server runs): the paste on stdout, what its stdio entry starts on stderr."""
@@ -455,6 +529,8 @@ def print_config(args: argparse.Namespace, settings: Settings, config_path: Path
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(paste)
+    if args.show_token and TOKEN_PLACEHOLDER in paste:
+        print(unshowable(settings), file=sys.stderr)
     if args.print_config in LOCAL_CLIENTS:
         print(stdio_note(settings, config_path), file=sys.stderr)
     return 0

@@ -361,7 +361,7 @@ def test_the_init_hint_works_pasted_in_another_directory(
     wrote = subprocess.run([sys.executable, str(ROOT / "server.py"), "--init", "-c", str(config)], cwd=tmp_path,
                            env=packageless_python_first, capture_output=True, text=True, timeout=START_UP_SECONDS,
                            check=False)
-    assert wrote.returncode == 0 and wrote.stdout == "", wrote.stderr
+    assert wrote.returncode == 0 and "secret: " in wrote.stdout and "secret" not in wrote.stderr, wrote.stderr
     hint = wrote.stderr.split("then run: ", 1)[1].strip()
     again = pasted(f"{hint} --print-config cursor", packageless_python_first, elsewhere)
     assert again.returncode == 0, (hint, again.stderr)
@@ -370,7 +370,7 @@ def test_the_init_hint_works_pasted_in_another_directory(
     assert missing.returncode == 2
     create = missing.stderr.strip().split("create one with: ", 1)[1]
     assert pasted(create, packageless_python_first, elsewhere).returncode == 0
-    assert load_settings(tmp_path / "missing.json").named_secrets()
+    assert load_settings(tmp_path / "missing.json").named_tokens()
 
 
 @pytest.mark.server
@@ -430,6 +430,6 @@ def test_files_holding_secrets_or_results_are_private(tmp_path: Path) -> None:
             assert (tmp_path / name).stat().st_mode & 0o077 == 0, name
     finally:
         server.stop()
-    ignored = subprocess.run(["git", "check-ignore", "config.json", "nmap_tasks.db", "nmap_tasks.db-wal",
-                              "audit.jsonl"], cwd=ROOT, capture_output=True, text=True, check=False)
-    assert ignored.stdout.split() == ["config.json", "nmap_tasks.db", "nmap_tasks.db-wal", "audit.jsonl"]
+    kept = ["config.json", "initial-token", "nmap_tasks.db", "nmap_tasks.db-wal", "audit.jsonl"]
+    ignored = subprocess.run(["git", "check-ignore", *kept], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert ignored.stdout.split() == kept

@@ -107,7 +107,7 @@ def test_the_installed_command_prints_help_and_writes_a_config(installed: Instal
     init = run("--init", "-c", str(config))
     assert init.returncode == 0, init.stderr
     assert config.stat().st_mode & 0o777 == 0o600
-    assert load_settings(config).named_secrets()
+    assert load_settings(config).named_tokens()
 
 
 @pytest.mark.server

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the container image for real and check it: the entrypoint writes a config into an
-# empty /data volume, /healthz answers 200 (also through the image's HEALTHCHECK),
+# Build the container image for real and check it: the first start writes a config into an
+# empty /data volume (the token's secret in initial-token beside it), /healthz answers 200 (also through the image's HEALTHCHECK),
 # test_client.py passes every check against the container, the database and the audit log
 # land in the volume, the server runs as the image's non-root user and nmap has no file
 # capabilities, no token reaches the container log, SIGTERM stops it with status 0 and a
@@ -129,7 +129,7 @@ pm run -d --name "$name" --network host -v "$volume:/data" \
 echo "== container $name on 127.0.0.1:$port"
 
 check "/healthz answers 200" healthz_ok "$port"
-check "the entrypoint wrote /data/config.json (mode 600, owned by the image user)" \
+check "the first start wrote /data/config.json (mode 600, owned by the image user)" \
   test "$(stat -c '%a %u' "$volume/config.json" 2>/dev/null)" = "600 $uid"
 check "the image's HEALTHCHECK passes" pm healthcheck run "$name"
 pid=$(pm inspect --format '{{.State.Pid}}' "$name")
@@ -143,8 +143,10 @@ except OSError:
     sys.exit(0)
 sys.exit(1)"
 
-token=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["tokens"]["default"]["secret"])' \
-  "$volume/config.json")
+check "the first start put the secret in /data/initial-token (mode 600) and only its digest in config.json" \
+  test "$(stat -c '%a %u' "$volume/initial-token" 2>/dev/null)" = "600 $uid" -a -n "$(grep secret_sha256 \
+  "$volume/config.json")" -a -z "$(grep '"secret"' "$volume/config.json")"
+token=$(cat "$volume/initial-token")
 check "test_client.py passes every check against the container" \
   "$python" test_client.py "$token" --url "http://127.0.0.1:$port/mcp"
 check "the database and the audit log are in the volume" \
