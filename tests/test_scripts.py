@@ -213,6 +213,22 @@ def test_the_fast_tier_asks_for_nmap_but_for_no_postgresql_or_chromium(shared_di
     assert not (checkout / ".venv").exists()
 
 
+def test_the_ui_screenshot_script_without_root_asks_for_chromium_and_touches_nothing(shared_dir: Path) -> None:
+    """scripts/ui-screenshot.sh (which refreshes the README's picture of /ui) needs the browser
+    test's Chromium: without root it names the packages and leaves .venv and the image alone."""
+    checkout = copy_checkout(shared_dir)
+    image = (checkout / "docs/images/ui.png").read_bytes()
+    env = {"PATH": path_without(shared_dir, {"chromium", "chromedriver", "apt-get"}), "HOME": "/nonexistent"}
+    ran = subprocess.run(unprivileged([str(checkout / "scripts/ui-screenshot.sh")]), env=env, capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert ran.returncode == 1
+    advice = re.search(r"missing .*\. Install with: sudo apt-get install -y ([\w.+ -]+?) \(or rerun", ran.stderr)
+    assert advice is not None, ran.stderr
+    assert advice.group(1).split() == ["chromium", "chromium-driver"]
+    assert not (checkout / ".venv").exists()
+    assert (checkout / "docs/images/ui.png").read_bytes() == image
+
+
 @pytest.mark.requires_root("test.sh installs packages only as root")
 def test_as_root_test_sh_installs_iproute2_for_the_tests_that_need_root(shared_dir: Path) -> None:
     """A fresh Debian root has no `ip`, which the network-namespace tests run."""
