@@ -29,6 +29,8 @@ from typing import Any
 
 import uvicorn
 from fastmcp import FastMCP
+from fastmcp.server.auth import MultiAuth
+from fastmcp.server.auth.oauth_proxy import OAuthProxy
 from sse_starlette.sse import AppStatus
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -79,6 +81,7 @@ from stores import Stores
 from supervisor import Supervisor
 from throttle import FailedTokenThrottle
 from tools import register_tools
+from ui_sign_in import SessionCookieBearer, UiSignIn
 from worker import Worker, resolve_expired_forever
 
 # A checkout has the VERSION file beside this module; an installed copy has only its metadata.
@@ -209,12 +212,13 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
         async with runtime.running():
             yield {}
 
+    auth = None if stdio else auth_provider(settings.oauth, settings.roles, NamedTokenVerifier(settings.api_keys()),
+                                            runtime.service.policy.admit)
     mcp = FastMCP(
         "nmap-mcp",
         version=VERSION,
         instructions=INSTRUCTIONS,
-        auth=None if stdio else auth_provider(settings.oauth, settings.roles, NamedTokenVerifier(settings.api_keys()),
-                                              runtime.service.policy.admit),
+        auth=auth,
         lifespan=lifespan,
         middleware=[LogContext(identify),
                     AuditMiddleware(runtime.auditor, identify),
@@ -231,6 +235,8 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
     tune_low_level_server(mcp, schemas)
     if not stdio:
         register_dashboard(mcp, runtime.service, identify, runtime.schedules)
+    if isinstance(auth, MultiAuth) and isinstance(auth.server, OAuthProxy) and settings.oauth is not None:
+        UiSignIn(auth.server, settings.oauth, settings.oauth.base_url.rstrip("/") + settings.path).register(mcp)
     mcp.add_extension(ScanTasks(runtime.service, identify, runtime.auditor))
 
     mcp.custom_route("/healthz", methods=["GET"])(health_endpoint(runtime))
@@ -284,7 +290,7 @@ def create_app(mcp: FastMCP, settings: Settings, runtime: Runtime) -> ASGIApp:
         allowed_origins=[*settings.allowed_origins, *settings.cors_origins],
         middleware=[Middleware(JsonRpcBodyCheck, mcp_path=settings.path)],
     )
-    edge = edge_app(app, mcp_path=settings.path, allow_query_token=settings.allow_query_token,
+    edge = edge_app(SessionCookieBearer(app), mcp_path=settings.path, allow_query_token=settings.allow_query_token,
                     cors_origins=settings.cors_origins, throttle=runtime.throttle,
                     on_refused=runtime.metrics.refused_token, oauth_routes=oauth_routes(mcp, settings))
     return MetricsEndpoint(edge, runtime.metrics, runtime.stores.workers, settings, runtime.throttle)

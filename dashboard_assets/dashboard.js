@@ -1,5 +1,7 @@
 // The operator page (dashboard.py serves it and its API). It asks for a token once, keeps
-// it in sessionStorage and sends it only as a Bearer header, then draws the overview's
+// it in sessionStorage and sends it only as a Bearer header; or, where people sign in with
+// the team's provider (ui_sign_in.py), the browser sends the HttpOnly session the server set,
+// which no script here can read. Then it draws the overview's
 // sections every REFRESH_MS. Every value goes into the page as text (text nodes, never
 // HTML): hostnames, banners and versions are whatever the scanned hosts said. What the API
 // keeps under `untrusted` (the targets' own text) is drawn apart, by targetText().
@@ -50,14 +52,16 @@ function table(headings, rows) {
 }
 
 async function api(path) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
   const response = await fetch(path, {
-    headers: { Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY) },
+    headers: token ? { Authorization: "Bearer " + token } : {},
     cache: "no-store",
-    credentials: "omit",
+    credentials: token ? "omit" : "same-origin",
   });
   const body = await response.json().catch(() => ({}));
   if (response.status === 401) {
-    signOut(body.error_description || "the token was not accepted");
+    // Without a token of its own the page only tried a signed-in session: no words to show.
+    signOut(token ? body.error_description || "the token was not accepted" : "");
     throw new Unauthorized();
   }
   if (!response.ok) {
@@ -66,13 +70,21 @@ async function api(path) {
   return body;
 }
 
-function start() {
+async function start() {
   $("sign-in").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", () => signOut(""));
-  if (sessionStorage.getItem(TOKEN_KEY)) {
+  const refusal = new URLSearchParams(location.search).get("sign_in_error");
+  if (refusal !== null) {
+    history.replaceState(null, "", location.pathname);
+    showSignIn(refusal);
+  }
+  const options = await fetch("/ui/sign-in-options", { cache: "no-store", credentials: "omit" });
+  if (options.ok) {
+    $("provider-sign-in").hidden = false;
+  }
+  if (refusal === null) {
+    // A token this tab holds, else the session of a person who signed in, else neither (401).
     refresh();
-  } else {
-    showSignIn("");
   }
 }
 
@@ -84,6 +96,9 @@ function signIn(event) {
 }
 
 function signOut(reason) {
+  if (!sessionStorage.getItem(TOKEN_KEY)) {
+    fetch("/ui/sign-out", { method: "POST", credentials: "same-origin" });
+  }
   sessionStorage.removeItem(TOKEN_KEY);
   clearTimeout(timer);
   results.clear();

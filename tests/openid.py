@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -25,7 +26,10 @@ from typing import Any
 
 import httpx
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, TimeoutException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support import free_port, wait_until
@@ -171,24 +175,42 @@ def sign_in(browser: webdriver.Chrome, base_url: str, resource: str, login: str)
     return SignedIn(registered["client_id"], registered.get("client_secret"), tokens)
 
 
+def submit(driver: webdriver.Chrome, button: WebElement) -> None:
+    """Click `button` once and wait for its page to go: a form posted twice (its CSRF token
+    spent by the first post) would be refused."""
+    button.click()
+    WebDriverWait(driver, 30, poll_frequency=0.1).until(staleness_of(button))
+
+
 def browse_through_sign_in(browser: webdriver.Chrome, login: str, done: Any) -> None:
     """Click through whatever page the browser is on until `done()`: the server's consent
     page (allow), the provider's login form (`login`, any password) and its consent page."""
 
+    def finished() -> bool:
+        # `done` may look for an element of the page the sign-in ends on: elsewhere it is not there.
+        try:
+            return bool(done())
+        except NoSuchElementException:
+            return False
+
     def step(driver: webdriver.Chrome) -> bool:
-        if done():
+        if finished():
             return True
         if driver.find_elements(By.NAME, "login"):
             driver.find_element(By.NAME, "login").send_keys(login)
             driver.find_element(By.NAME, "password").send_keys("any password")
-            driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            submit(driver, driver.find_element(By.CSS_SELECTOR, "button[type=submit]"))
             return False
         for button in driver.find_elements(By.CSS_SELECTOR, "button[type=submit]"):
             label = (button.text + " " + (button.get_attribute("value") or "")).lower()
             if any(word in label for word in ("allow", "approve", "continue", "authorize")):
-                button.click()
+                submit(driver, button)
                 break
         return False
 
-    WebDriverWait(browser, 60, poll_frequency=0.3).until(step)
-    assert wait_until(done, 10, 0.1)
+    try:
+        WebDriverWait(browser, 60, poll_frequency=0.3).until(step)
+    except TimeoutException as e:
+        page = re.sub(r"<style.*?</style>|<svg.*?</svg>|\s+", " ", browser.page_source, flags=re.S)[:3000]
+        raise AssertionError(f"the sign-in never finished; the browser is at {browser.current_url}: {page}") from e
+    assert wait_until(finished, 10, 0.1)

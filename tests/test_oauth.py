@@ -14,9 +14,12 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.openid import OpenIdProvider, SignedIn, openid_provider, sign_in
+from tests.openid import OpenIdProvider, SignedIn, browse_through_sign_in, openid_provider, sign_in
 from tests.support import SECRETS, Listeners, LiveServer, StartServer, call_tool, free_port, wait_until
+from ui_sign_in import SESSION_COOKIE
 
 pytestmark = pytest.mark.anyio
 
@@ -179,3 +182,42 @@ async def test_an_oauth_client_finds_the_sign_in_from_the_401(signed_in_server: 
     assert authorization["code_challenge_methods_supported"] == ["S256"]
     assert authorization["registration_endpoint"] == base_of(server) + "/register"
     assert authorization["client_id_metadata_document_supported"] is True
+
+
+async def test_a_person_signs_in_to_the_operator_page_with_a_cookie_no_script_reads(
+    signed_in_server: Serve, browser: webdriver.Chrome, listeners: Listeners
+) -> None:
+    server, _ = signed_in_server()
+    [port] = listeners.open_free_top_ports(1)
+    alice = sign_in(browser, base_of(server), server.url, "alice")
+    scanned = await call_tool(server.url, alice.access_token, "custom_scan",
+                              {"command": f"-sT -n -Pn -p {port} 127.0.0.1", "timeout": 60})
+    assert (scanned.structured_content or {})["status"] == "completed"
+    await call_tool(server.url, SECRETS["bob"], "custom_scan", {"command": f"-sT -n -Pn -p {port} 127.0.0.1"})
+    browser.delete_all_cookies()
+    browser.get(base_of(server) + "/ui")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda driver: driver.find_element(By.ID, "provider-sign-in").is_displayed())
+    browser.find_element(By.CSS_SELECTOR, "#provider-sign-in a").click()
+    browse_through_sign_in(browser, "alice", lambda: browser.find_element(By.ID, "viewer").text != "")
+    assert browser.find_element(By.ID, "viewer").text == "alice@example.test"
+    rows = "section[data-section=recent] tbody tr"
+    wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, rows))
+    assert len(browser.find_elements(By.CSS_SELECTOR, rows)) == 1, "only her own task, not the API key's"
+    session = browser.get_cookie(SESSION_COOKIE)
+    assert session is not None and session["httpOnly"] and session["sameSite"] == "Strict" and session["path"] == "/ui"
+    assert SESSION_COOKIE not in browser.execute_script("return document.cookie")
+    browser.find_element(By.ID, "sign-out").click()
+    wait.until(lambda driver: driver.find_element(By.ID, "sign-in").is_displayed())
+    assert wait_until(lambda: browser.get_cookie(SESSION_COOKIE) is None, 10, 0.2)
+
+
+async def test_a_person_in_no_role_is_told_so_by_the_operator_page(
+    signed_in_server: Serve, browser: webdriver.Chrome
+) -> None:
+    server, _ = signed_in_server()
+    browser.get(base_of(server) + "/ui/sign-in")
+    browse_through_sign_in(browser, "mallory", lambda: browser.find_element(By.ID, "sign-in-error").text != "")
+    assert browser.find_element(By.ID, "sign-in-error").text == (
+        "you signed in, but your account is in no role of this server: ask its operator")
+    assert browser.get_cookie(SESSION_COOKIE) is None
