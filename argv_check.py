@@ -60,6 +60,8 @@ class ArgvCheck:
         except CommandError as e:
             raise TaskRefused(f"its options are not allowed here: {e}") from e
         try:
+            # A person's role as the shared people table has it now (a token's is in the config).
+            await self.policy.people.refresh(record.owner)
             resolved = await resolve_targets(targets, self.policy.targets(record.owner), _never_looked_up)
         except TargetError as e:
             raise TaskRefused(f"its targets are not allowed here: {e}") from e

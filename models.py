@@ -261,6 +261,15 @@ leases = Table(
     Column("holder_name", String(200), nullable=False),
     Column("expires_at", Float, nullable=False),
 )
+# People who signed in (oauth.py) and the role their provider's claims last gave them
+# (people_store.py); a person in no role has no row.
+people = Table(
+    "people",
+    metadata,
+    Column("owner", String(320), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("role", String(64), nullable=False),
+)
 # A task's columns without its nmap XML, and without its result too: what most reads need.
 TASK_WITH_RESULT = [c for c in tasks.c if c.name != "raw_xml"]
 TASK_SUMMARY = [c for c in TASK_WITH_RESULT if c.name != "result"]

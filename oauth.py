@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet
 from fastmcp.server.auth import AccessToken, AuthProvider, MultiAuth, TokenVerifier
@@ -38,6 +38,9 @@ from key_value.aio.stores.filetree import (
 from key_value.aio.wrappers.encryption import FernetEncryptionWrapper
 
 from config import OAuthConfig, RoleConfig
+
+if TYPE_CHECKING:
+    from people_store import PeopleStore
 
 log = logging.getLogger("nmap_mcp.oauth")
 
@@ -54,8 +57,51 @@ class Person:
     role: str
 
 
-# Told of every person whose token was checked, so that their role's grant applies to them.
-Admit = Callable[[Person], None]
+@dataclass(frozen=True)
+class Refused:
+    """Why someone may not sign in; `owner` is their email when the provider gave one."""
+
+    reason: str
+    owner: str | None = None
+
+
+class RoleBook:
+    """Each person's role as this process last learnt it: from the provider's claims on each
+    of their requests, or, for a scan run for them without one (a schedule's, a worker's
+    check), from the people table that every process shares (`refresh`)."""
+
+    def __init__(self, store: PeopleStore | None = None) -> None:
+        self._store = store
+        self._roles: dict[str, str] = {}
+
+    def role_of(self, owner: str) -> str | None:
+        return self._roles.get(owner)
+
+    def people(self) -> list[str]:
+        return list(self._roles)
+
+    async def admit(self, person: Person) -> None:
+        """`person` has the role their claims gave now (written down when it changed)."""
+        if self._roles.get(person.owner) != person.role:
+            self._roles[person.owner] = person.role
+            if self._store is not None:
+                await self._store.record(person.owner, person.name, person.role)
+
+    async def forget(self, owner: str) -> None:
+        """`owner` is in no role any more: nothing runs with a grant for them."""
+        self._roles.pop(owner, None)
+        if self._store is not None:
+            await self._store.forget(owner)
+
+    async def refresh(self, owner: str) -> None:
+        """Read `owner`'s role again from the people table (people only, not tokens)."""
+        if "@" not in owner or self._store is None:
+            return
+        role = await self._store.role_of(owner)
+        if role is None:
+            self._roles.pop(owner, None)
+        else:
+            self._roles[owner] = role
 
 
 def role_of(email: str | None, groups: list[str], roles: Mapping[str, RoleConfig]) -> str | None:
@@ -67,18 +113,18 @@ def role_of(email: str | None, groups: list[str], roles: Mapping[str, RoleConfig
     return None
 
 
-def person_of(claims: Mapping[str, Any], roles: Mapping[str, RoleConfig], groups_claim: str) -> Person | str:
+def person_of(claims: Mapping[str, Any], roles: Mapping[str, RoleConfig], groups_claim: str) -> Person | Refused:
     """The person the provider's claims describe, or why they may not sign in. An email the
     provider says it did not verify is no identity: anyone could have typed it."""
     email = claims.get("email")
     if not isinstance(email, str) or "@" not in email or claims.get("email_verified") is False:
-        return f"the provider gave no verified email for subject {str(claims.get('sub'))[:64]!r}"
+        return Refused(f"the provider gave no verified email for subject {str(claims.get('sub'))[:64]!r}")
     email = email.lower()
     groups = claims.get(groups_claim) or []
     groups = [groups] if isinstance(groups, str) else [str(group) for group in groups]
     role = role_of(email, groups, roles)
     if role is None:
-        return f"{email} is in no role (groups: {', '.join(groups) or 'none'})"
+        return Refused(f"{email} is in no role (groups: {', '.join(groups) or 'none'})", email)
     name = claims.get("name")
     return Person(owner=email, name=name if isinstance(name, str) and name else email, role=role)
 
@@ -87,22 +133,25 @@ class PeopleVerifier(TokenVerifier):
     """The provider's ID token checked by `inner`, then turned into the person it names: the
     token's client_id becomes their email, which the rest of the server knows them by."""
 
-    def __init__(self, inner: TokenVerifier, roles: Mapping[str, RoleConfig], groups_claim: str, admit: Admit) -> None:
+    def __init__(self, inner: TokenVerifier, roles: Mapping[str, RoleConfig], groups_claim: str,
+                 book: RoleBook) -> None:
         super().__init__()
         self._inner = inner
         self._roles = roles
         self._groups_claim = groups_claim
-        self._admit = admit
+        self._book = book
 
     async def verify_token(self, token: str) -> AccessToken | None:
         checked = await self._inner.verify_token(token)
         if checked is None:
             return None
         person = person_of(checked.claims or {}, self._roles, self._groups_claim)
-        if isinstance(person, str):
-            log.warning("sign-in refused: %s", person)
+        if isinstance(person, Refused):
+            log.warning("sign-in refused: %s", person.reason)
+            if person.owner is not None:
+                await self._book.forget(person.owner)
             return None
-        self._admit(person)
+        await self._book.admit(person)
         return checked.model_copy(update={"client_id": person.owner, "subject": person.owner,
                                           "claims": {**(checked.claims or {}), "nmap_mcp_role": person.role}})
 
@@ -119,14 +168,14 @@ class PeopleProxy(OIDCProxy):
 
 
 def auth_provider(oauth: OAuthConfig | None, roles: Mapping[str, RoleConfig], tokens: TokenVerifier,
-                  admit: Admit) -> AuthProvider:
+                  book: RoleBook) -> AuthProvider:
     """The named tokens alone, or, with `oauth`, sign-in through the provider beside them.
     Reads the provider's discovery document (so it fails at start-up when unreachable)."""
     if oauth is None:
         return tokens
     secret = oauth.client_secret.get_secret_value()
     proxy = PeopleProxy(
-        people=lambda inner: PeopleVerifier(inner, roles, oauth.groups_claim, admit),
+        people=lambda inner: PeopleVerifier(inner, roles, oauth.groups_claim, book),
         config_url=oauth.issuer.rstrip("/") + "/.well-known/openid-configuration",
         client_id=oauth.client_id,
         client_secret=secret,

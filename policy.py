@@ -11,7 +11,7 @@ from pathlib import Path
 
 from config import DEFAULT_LIMITS, ConfigError, Grant, Limits, Settings
 from nse_policy import ScriptPolicy, find_script_db, load_catalog
-from oauth import Person
+from oauth import RoleBook
 from targets import IPNetwork, TargetPolicy, parse_networks
 
 DEFAULT_POOL = "default"
@@ -61,7 +61,7 @@ class Policy:
     """What each token, and each role people sign in to, may do; without limits of their own
     they get the server's."""
 
-    def __init__(self, settings: Settings, nmap_path: str) -> None:
+    def __init__(self, settings: Settings, nmap_path: str, people: RoleBook | None = None) -> None:
         self.scripts = script_policy(settings, nmap_path)
         self._base = TargetPolicy(
             allowed=parse_networks(settings.allowed_targets),
@@ -83,28 +83,26 @@ class Policy:
         self._token_limits = {key: spec.limits for key, spec in grants.items()}
         self.tool_scopes: dict[str, frozenset[str] | None] = dict.fromkeys(settings.named_tokens())
         self.tool_scopes[NOBODY] = frozenset()
+        # A person whose role this process does not know reaches no address either.
+        self._targets[NOBODY] = replace(self._base, token_allowed=(), resolve_names=False)
         for key, spec in grants.items():
             self.tool_scopes[key] = None if spec.tools is None else frozenset(spec.tools)
         self._admins = {ROLE_KEY + name for name, role in settings.roles.items() if role.ui_admin}
         self._admins.update(settings.ui_admin_tokens)
-        # People who signed in (by email) and their role, as the provider's last claims said.
-        self._roles: dict[str, str] = {}
+        # People who signed in (by email) and their role, as this process last learnt it.
+        self.people = people or RoleBook()
         self._token_names = sorted(settings.named_tokens())
 
     def owners(self) -> list[str]:
-        """Every token's name, and every person who signed in to this process, sorted."""
-        return sorted([*self._token_names, *self._roles])
-
-    def admit(self, person: Person) -> None:
-        """Apply `person`'s role to what they do from now on (oauth.PeopleVerifier calls it)."""
-        self._roles[person.owner] = person.role
+        """Every token's name, and every person this process knows the role of, sorted."""
+        return sorted([*self._token_names, *self.people.people()])
 
     def _key(self, owner: str) -> str:
         """The grant of `owner`: their token's, their role's, or, for a person not signed in
         to this process, nothing at all."""
         if "@" not in owner:
             return owner
-        role = self._roles.get(owner)
+        role = self.people.role_of(owner)
         return NOBODY if role is None else ROLE_KEY + role
 
     def ui_admin(self, owner: str) -> bool:

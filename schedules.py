@@ -85,8 +85,6 @@ UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 # worth of an expression that fires every minute, so every pattern of a day is seen.
 CRON_FIRINGS_CHECKED = 1441
 SCAN_TOOLS = {ScanKind.QUICK: "quick_scan", ScanKind.FULL: "full_scan", ScanKind.CUSTOM: "custom_scan"}
-# Why a run's scan may be refused although its schedule was accepted (the policy changed since).
-REFUSED = (TargetError, CommandError, NoPool, QueueFull, RateLimited)
 
 
 class ScheduleError(ValueError):
@@ -95,6 +93,10 @@ class ScheduleError(ValueError):
 
 class ScheduleForbidden(PermissionError):
     """The token may not use the scan tool whose scan the schedule would run."""
+
+
+# Why a run's scan may be refused although its schedule was accepted (the policy changed since).
+REFUSED = (TargetError, CommandError, NoPool, QueueFull, RateLimited, ScheduleForbidden)
 
 
 @dataclass(frozen=True)
@@ -330,6 +332,7 @@ class Scheduler:
         facts = {"schedule_id": schedule.id, "run_id": run_id}
         try:
             with self._auditor.call(schedule.owner, "schedule_run", facts, scans=True), without_waiting():
+                await self._may_still_scan(schedule)
                 await self._service.scan(schedule.owner, self._schedules.request(schedule.kind, schedule.spec),
                                          timeout_s=0, rescan=True, schedule_run=run_id)
         except (RunAlreadyQueued, ShuttingDown):
@@ -337,6 +340,14 @@ class Scheduler:
         except (*REFUSED, ToolError) as e:
             logger.warning("schedule %s: a run's scan was refused: %s", schedule.id, e)
             await self._store.settle_run(run_id, "failed", error=str(e))
+
+    async def _may_still_scan(self, schedule: ScheduleRecord) -> None:
+        """ScheduleForbidden unless the owner may still use the schedule's tool: its token's
+        grant, or a person's role as the shared people table has it now (gone: no grant)."""
+        policy = self._service.policy
+        await policy.people.refresh(schedule.owner)
+        if not policy.may(schedule.owner, SCAN_TOOLS[schedule.kind]):
+            raise ScheduleForbidden(f"the schedule's owner may no longer use {SCAN_TOOLS[schedule.kind]}")
 
     async def _settle(self, run: RunRecord, schedule: ScheduleRecord) -> None:
         """Diff a finished run against the previous completed one; keep a change, due to be sent."""

@@ -70,7 +70,7 @@ from http_edge import JsonRpcBodyCheck, edge_app
 from logs import LogContext, configure_logging
 from mcp_tasks import ScanTasks
 from metrics import Metrics, MetricsEndpoint, metrics_listener
-from oauth import auth_provider
+from oauth import RoleBook, auth_provider
 from policy import Policy
 from resources import INSTRUCTIONS, register_resources
 from retention import purge_forever
@@ -135,7 +135,7 @@ class Runtime:
             timeout_s=settings.database_timeout_seconds,
             on_unavailable=self.metrics.database_error,
         )
-        policy = Policy(settings, nmap_path)
+        policy = Policy(settings, nmap_path, RoleBook(self.stores.people))
         # Who nmap runs as and what it may touch (main() has checked that nmap starts so).
         self.sandbox = confinement(settings.nmap_user, privileged=settings.privileged, nmap_path=nmap_path)
         stdio = role is Role.STDIO
@@ -213,7 +213,7 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
             yield {}
 
     auth = None if stdio else auth_provider(settings.oauth, settings.roles, NamedTokenVerifier(settings.api_keys()),
-                                            runtime.service.policy.admit)
+                                            runtime.service.policy.people)
     mcp = FastMCP(
         "nmap-mcp",
         version=VERSION,

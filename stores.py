@@ -8,6 +8,7 @@ and a store per aggregate. SQL lives only in these modules (tests/test_layers.py
 - limits.py: the per-token usage and the queue's bound
 - inventory_store.py: the inventory across scans
 - schedule_store.py: schedules, their runs and webhooks, the scheduler's lease
+- people_store.py: the people who signed in and their roles
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from change_feed import ChangeFeed
 from db import Database, create_db_engine
 from inventory_store import InventoryStore
 from limits import UsageStore
+from people_store import PeopleStore
 from schedule_store import ScheduleStore
 from supervisor import Supervisor
 from task_manager import TaskManager
@@ -36,6 +38,7 @@ class Stores:
     schedules: ScheduleStore
     inventory: InventoryStore
     usage: UsageStore
+    people: PeopleStore
 
     @classmethod
     def open(cls, url: str, *, max_queued: int, lease_seconds: float = 30.0, timeout_s: float = 5.0,
@@ -52,6 +55,7 @@ class Stores:
             schedules=ScheduleStore(db, feed),
             inventory=InventoryStore(db),
             usage=UsageStore(db),
+            people=PeopleStore(db),
         )
 
     @property
