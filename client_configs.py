@@ -14,6 +14,11 @@ the stdio entry alone, since the remote one would name a server that is not ther
 The secret goes into an Authorization header wherever the client can send one. Only the
 ChatGPT connector, which cannot, carries it as `?token=` in its URL. The caller passes the
 real secret or the placeholder `<TOKEN>`.
+
+`sign_in` is for a server people sign in to (oauth.py, docs/auth.md): the clients that take
+only OAuth for a remote server (ChatGPT's connector) or sign in by themselves (Claude Desktop
+through mcp-remote) get the bare URL and sign their person in through the browser; the others
+keep the API key, which works beside sign-in.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class _Endpoint:
     secret: str
     stdio_command: tuple[str, ...]
     local_only: bool = False
+    sign_in: bool = False
 
     @property
     def bearer(self) -> str:
@@ -91,10 +97,14 @@ def _claude_desktop(endpoint: _Endpoint) -> JsonDocument:
     # splits arguments at spaces, as mcp-remote's README explains.
     # http-only: mcp-remote's default falls back to the old SSE transport after a refusal and
     # reports that fallback's 405 instead of the server's reason for refusing.
-    args = ["-y", MCP_REMOTE, endpoint.url, "--header", "Authorization:${AUTH_HEADER}", "--transport", "http-only"]
+    # With sign-in, mcp-remote signs its person in through the browser itself.
+    header = [] if endpoint.sign_in else ["--header", "Authorization:${AUTH_HEADER}"]
+    args = ["-y", MCP_REMOTE, endpoint.url, *header, "--transport", "http-only"]
     if endpoint.url.startswith("http://"):
         args.append("--allow-http")  # mcp-remote refuses plain HTTP to any host but localhost without it
-    remote = {"command": "npx", "args": args, "env": {"AUTH_HEADER": endpoint.bearer}}
+    remote: dict[str, object] = {"command": "npx", "args": args}
+    if not endpoint.sign_in:
+        remote["env"] = {"AUTH_HEADER": endpoint.bearer}
     return _both(endpoint, remote, endpoint.stdio_entry)
 
 
@@ -119,13 +129,13 @@ def _codex(endpoint: _Endpoint) -> str:
 
 
 def _chatgpt(endpoint: _Endpoint) -> JsonDocument:
-    # The fields of the connector form; its authentication choice is OAuth or none, so the
-    # secret rides in the URL.
+    # The fields of the connector form; its authentication choice is OAuth or none, so without
+    # sign-in the secret rides in the URL (the legacy form MCP 2026-07-28 forbids).
     return {
         "connector_name": SERVER_NAME,
         "description": DESCRIPTION,
-        "connector_url": endpoint.token_url,
-        "authentication": "No authentication",
+        "connector_url": endpoint.url if endpoint.sign_in else endpoint.token_url,
+        "authentication": "OAuth" if endpoint.sign_in else "No authentication",
     }
 
 
@@ -172,7 +182,7 @@ LOCAL_CLIENTS: tuple[str, ...] = tuple(name for name, client in _CLIENTS.items()
 
 
 def render_client_config(client: str, *, url: str, secret: str, stdio_command: Sequence[str],
-                         local_only: bool = False) -> str:
+                         local_only: bool = False, sign_in: bool = False) -> str:
     """What `nmap-mcp --print-config CLIENT` prints: the client's paste, formatted.
 
     JSON for every client but codex (TOML) and claude-code (two `claude mcp add` command
@@ -186,12 +196,12 @@ def render_client_config(client: str, *, url: str, secret: str, stdio_command: S
         raise UnknownClient(f"{_CLIENTS[client].title} cannot start a local program: it reaches only a running "
                             f"server; for --stdio choose one of {', '.join(LOCAL_CLIENTS)}")
     endpoint = _endpoint(url, secret, stdio_command)
-    return _text(_CLIENTS[client].render(replace(endpoint, local_only=local_only)), indent=2)
+    return _text(_CLIENTS[client].render(replace(endpoint, local_only=local_only, sign_in=sign_in)), indent=2)
 
 
-def render_client_configs(url: str, secret: str, stdio_command: Sequence[str]) -> str:
+def render_client_configs(url: str, secret: str, stdio_command: Sequence[str], *, sign_in: bool = False) -> str:
     """Every client's paste for the start-up banner, each under a title, JSON on one line."""
-    endpoint = _endpoint(url, secret, stdio_command)
+    endpoint = replace(_endpoint(url, secret, stdio_command), sign_in=sign_in)
     sections = []
     for name, client in _CLIENTS.items():
         title = f"--- {client.title} ({client.where}; --print-config {name}) ---"

@@ -353,6 +353,9 @@ def check_sandbox(settings: Settings, nmap_path: str) -> Sandbox:
 
 
 def endpoint_url(settings: Settings) -> str:
+    """The URL clients reach: with sign-in, the public one that the tokens are bound to."""
+    if settings.oauth is not None:
+        return settings.oauth.base_url.rstrip("/") + settings.path
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     return f"http://{host}:{settings.port}{settings.path}"
 
@@ -410,6 +413,9 @@ def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
         f"tokens: {', '.join(names)} (in {config_path}; --show-token prints a secret the config holds plainly)",
         *expiry_notes(settings.api_keys(), datetime.now(UTC)),
     ]
+    if settings.oauth is not None:
+        lines.append(f"people sign in with {settings.oauth.issuer} (roles: {', '.join(settings.roles)}); below, "
+                     "ChatGPT and Claude Desktop sign in through the browser, the others use an API key")
     if (initial := config_path.with_name(INITIAL_TOKEN_FILE)).exists():
         lines.append(f"{initial} holds the secret of token '{DEFAULT_TOKEN_NAME}' from the first start: copy it "
                      "into your clients, then delete that file")
@@ -421,7 +427,8 @@ def banner(settings: Settings, *, show_token: bool, config_path: Path) -> str:
     lines.append(f"one client's config alone: {rerun_command(config_path)} --print-config CLIENT "
                  f"(CLIENT: {', '.join(CLIENTS)})")
     lines.append(stdio_note(settings, config_path))
-    return "\n".join(lines) + "\n\n" + render_client_configs(url, secret, stdio_command(config_path)) + "\n"
+    return "\n".join(lines) + "\n\n" + render_client_configs(url, secret, stdio_command(config_path),
+                                                              sign_in=settings.oauth is not None) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -530,7 +537,8 @@ def print_config(args: argparse.Namespace, settings: Settings, config_path: Path
     try:
         paste = render_client_config(args.print_config, url=endpoint_url(settings),
                                      secret=shown_secret(settings, show_token=args.show_token),
-                                     stdio_command=stdio_command(config_path), local_only=args.stdio)
+                                     stdio_command=stdio_command(config_path), local_only=args.stdio,
+                                     sign_in=settings.oauth is not None)
     except UnknownClient as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from client_configs import CLIENTS, LOCAL_CLIENTS, UnknownClient, render_client_config, render_client_configs
+from client_configs import (
+    CLIENTS,
+    LOCAL_CLIENTS,
+    MCP_REMOTE,
+    UnknownClient,
+    render_client_config,
+    render_client_configs,
+)
 from tests.support import ROOT
 
 URL = "http://127.0.0.1:3004/mcp"
@@ -228,3 +235,16 @@ def test_local_only_refuses_a_client_that_cannot_start_a_program(client: str) ->
     with pytest.raises(UnknownClient, match="cannot start a local program"):
         render_client_config(client, url=URL, secret=SECRET, stdio_command=STDIO, local_only=True)
     assert set(LOCAL_CLIENTS) == set(CLIENTS) - {"chatgpt", "deepsoc", "cherry-studio"}
+
+
+def test_with_sign_in_the_oauth_clients_get_the_bare_url_and_the_others_keep_their_key() -> None:
+    url = "https://scan.example.test/mcp"
+    chatgpt = json.loads(render_client_config("chatgpt", url=url, secret=SECRET, stdio_command=["nmap-mcp"],
+                                              sign_in=True))
+    assert chatgpt["connector_url"] == url and chatgpt["authentication"] == "OAuth"
+    desktop = json.loads(render_client_config("claude-desktop", url=url, secret=SECRET, stdio_command=["nmap-mcp"],
+                                              sign_in=True))["mcpServers"]["nmap"]
+    assert desktop == {"command": "npx", "args": ["-y", MCP_REMOTE, url, "--transport", "http-only"]}
+    cursor = json.loads(render_client_config("cursor", url=url, secret=SECRET, stdio_command=["nmap-mcp"],
+                                             sign_in=True))["mcpServers"]["nmap"]
+    assert cursor["headers"] == {"Authorization": f"Bearer {SECRET}"}

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import httpx2
@@ -17,6 +24,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from client_configs import render_client_config
 from tests.openid import OpenIdProvider, SignedIn, browse_through_sign_in, openid_provider, sign_in
 from tests.support import SECRETS, Listeners, LiveServer, StartServer, call_tool, free_port, wait_until
 from ui_sign_in import SESSION_COOKIE
@@ -221,3 +229,64 @@ async def test_a_person_in_no_role_is_told_so_by_the_operator_page(
     assert browser.find_element(By.ID, "sign-in-error").text == (
         "you signed in, but your account is in no role of this server: ask its operator")
     assert browser.get_cookie(SESSION_COOKIE) is None
+
+
+def test_a_person_signs_in_through_mcp_remote_as_printed_for_claude_desktop(
+    signed_in_server: Serve, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """The Claude Desktop entry printed with sign-in on, run as Claude Desktop runs it: mcp-remote
+    meets the 401, discovers this server's sign-in, registers, opens the browser (here: tells the
+    test, whose Chromium signs alice in), takes the code at its loopback callback, and then
+    proxies the desktop app's calls with its token."""
+    server, _ = signed_in_server()
+    entry = json.loads(render_client_config("claude-desktop", url=server.url, secret="unused",
+                                            stdio_command=["nmap-mcp", "--stdio"], sign_in=True))["mcpServers"]["nmap"]
+    opened = tmp_path / "opened-url"
+    opener = tmp_path / "open-browser"
+    opener.write_text(f'#!/bin/sh\nprintf "%s" "$1" > {shlex.quote(str(opened))}\n')
+    opener.chmod(0o755)
+    # Its OAuth state goes to HOME; xdg-open, with no desktop, hands the URL to $BROWSER.
+    environment = {**os.environ, "HOME": str(tmp_path), "BROWSER": str(opener), "DISPLAY": ""}
+    with (tmp_path / "mcp-remote.log").open("w") as log, subprocess.Popen(
+            [entry["command"], *entry["args"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            env=environment, text=True, start_new_session=True) as mcp_remote:
+        try:
+            lines = LineReader(mcp_remote)
+            send(mcp_remote, INITIALIZE)
+            assert wait_until(opened.exists, 240, 0.2), (tmp_path / "mcp-remote.log").read_text()
+            browser.get(opened.read_text())
+            browse_through_sign_in(browser, "alice", lambda: "/oauth/callback" in browser.current_url)
+            assert lines.next(120)["result"]["serverInfo"]["name"] == "nmap-mcp"
+            send(mcp_remote, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+            send(mcp_remote, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                              "params": {"name": "list_tasks", "arguments": {}}})
+            listed = lines.next(120)
+        finally:
+            os.killpg(mcp_remote.pid, signal.SIGKILL)
+    assert listed["id"] == 2 and listed["result"]["structuredContent"] == {"tasks": []}, listed
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert any(entry.get("token") == "alice@example.test" and entry.get("tool") == "list_tasks" for entry in audit)
+
+
+INITIALIZE = {"jsonrpc": "2.0", "method": "initialize", "id": 1, "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "claude-ai", "version": "0.1.0"}}}
+
+
+def send(process: subprocess.Popen[str], message: dict[str, object]) -> None:
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(message) + "\n")
+    process.stdin.flush()
+
+
+class LineReader:
+    """The JSON-RPC messages a stdio process writes, one per line, read by a thread of its own."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self._lines: queue.Queue[str] = queue.Queue()
+        assert process.stdout is not None
+        stdout = process.stdout
+        threading.Thread(target=lambda: [self._lines.put(line) for line in stdout], daemon=True).start()
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(self._lines.get(timeout=timeout))
+        return message
