@@ -171,6 +171,9 @@ class RoleConfig(Grant):
     email_domains: list[str] = Field(default_factory=list)
     # Whether the role's people see every caller's tasks on the operator page (/ui).
     ui_admin: bool = False
+    # Whether the role's people see each other's tasks (a team sees its scans): list_tasks,
+    # get_task_status, get_task_result, diff_scans and /ui show them; only the owner cancels.
+    team_tasks: bool = False
 
     @field_validator("emails", "email_domains")
     @classmethod

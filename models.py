@@ -589,6 +589,7 @@ class TaskState(BaseModel):
     message: str | None = None
     error: str | None = None
     progress: Progress | None = None
+    owner: str | None = Field(default=None, description="Who started it, when a teammate did (roles with team_tasks)")
 
 
 class TaskAnswer(TaskState):

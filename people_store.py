@@ -27,6 +27,10 @@ class PeopleStore:
     async def role_of(self, owner: str) -> str | None:
         return await self._db.run(self._role_of, owner)
 
+    async def members(self, role: str) -> list[str]:
+        """The people in `role`, by email."""
+        return await self._db.run(self._members, role)
+
     def _record(self, owner: str, name: str, role: str) -> None:
         values = {"name": name[:200], "role": role}
         try:
@@ -41,6 +45,10 @@ class PeopleStore:
     def _forget(self, owner: str) -> None:
         with self._db.writing() as conn:
             conn.execute(delete(people).where(people.c.owner == owner))
+
+    def _members(self, role: str) -> list[str]:
+        with self._db.reading() as conn:
+            return list(conn.execute(select(people.c.owner).where(people.c.role == role)).scalars())
 
     def _role_of(self, owner: str) -> str | None:
         with self._db.reading() as conn:

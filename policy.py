@@ -88,6 +88,7 @@ class Policy:
         for key, spec in grants.items():
             self.tool_scopes[key] = None if spec.tools is None else frozenset(spec.tools)
         self._admins = {ROLE_KEY + name for name, role in settings.roles.items() if role.ui_admin}
+        self._team_roles = frozenset(name for name, role in settings.roles.items() if role.team_tasks)
         self._admins.update(settings.ui_admin_tokens)
         # People who signed in (by email) and their role, as this process last learnt it.
         self.people = people or RoleBook()
@@ -104,6 +105,11 @@ class Policy:
             return owner
         role = self.people.role_of(owner)
         return NOBODY if role is None else ROLE_KEY + role
+
+    def team(self, owner: str) -> str | None:
+        """The role whose people's tasks `owner` sees (their own role, where it has team_tasks)."""
+        role = self.people.role_of(owner) if "@" in owner else None
+        return role if role in self._team_roles else None
 
     def ui_admin(self, owner: str) -> bool:
         """Whether `owner` sees every caller's tasks on the operator page."""

@@ -266,12 +266,13 @@ class ScanService:
 
     async def present(
         self, record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0,
-        limit: int = DEFAULT_PAGE, note: str | None = None, port_offset: int = 0,
+        limit: int = DEFAULT_PAGE, note: str | None = None, port_offset: int = 0, caller: str | None = None,
     ) -> TaskAnswer:
         """Shape a task for the caller: a page of its result (partial while it runs), `note`
         first in its message; the whole answer fits max_answer_bytes on the wire. `port_offset`
-        ports of the page's first host are left out (the rest of a host a page cut)."""
-        shown = answer(record)
+        ports of the page's first host are left out (the rest of a host a page cut). A task
+        of someone other than `caller` names its owner."""
+        shown = answer(record, caller)
         base = (with_message(shown, note) if note else shown).model_copy(update={"format": fmt})
         cap = self._settings.max_answer_bytes
         if fmt == "xml":
@@ -294,18 +295,30 @@ class ScanService:
     # ---- tasks ---------------------------------------------------------------------------
 
     async def status(self, owner: str, task_id: str) -> TaskState:
-        return state(await self._tasks.get(task_id, owner))
+        return state(await self._tasks.get(task_id, await self._reader(owner, task_id)), owner)
 
     async def result(
         self, owner: str, task_id: str, fmt: str = "json", view: str = "summary", offset: int = 0,
         limit: int = DEFAULT_PAGE, port_offset: int = 0,
     ) -> TaskAnswer:
-        record = await self._tasks.get(task_id, owner, with_result=True)
-        return await self.present(record, fmt, view, offset, limit, port_offset=port_offset)
+        record = await self._tasks.get(task_id, await self._reader(owner, task_id), with_result=True)
+        return await self.present(record, fmt, view, offset, limit, port_offset=port_offset, caller=owner)
+
+    async def _reader(self, caller: str, task_id: str) -> str:
+        """Whose task `task_id` the caller reads: their own, or a teammate's where their role
+        shares its tasks (team_tasks). Anyone else's id stays not found, as before."""
+        team = self.policy.team(caller)
+        if team is None:
+            return caller
+        owner = await self._tasks.owner_of(task_id)
+        if owner is None or owner == caller:
+            return caller
+        await self.policy.people.refresh(owner)
+        return owner if self.policy.people.role_of(owner) == team else caller
 
     async def diff(self, owner: str, task_a: str, task_b: str) -> ScanDiff:
-        first = await self._tasks.get(task_a, owner, with_result=True)
-        second = await self._tasks.get(task_b, owner, with_result=True)
+        first = await self._tasks.get(task_a, await self._reader(owner, task_a), with_result=True)
+        second = await self._tasks.get(task_b, await self._reader(owner, task_b), with_result=True)
         for record in (first, second):
             if record.result is None:
                 raise NotComparable(f"task {record.id} has no result to compare (it is {record.status.value})")
@@ -313,7 +326,10 @@ class ScanService:
         return capped_diff(diff, self._settings.max_answer_bytes)
 
     async def list_tasks(self, owner: str, status: TaskStatus | None, limit: int) -> TaskList:
-        return TaskList(tasks=[state(record) for record in await self._tasks.recent(owner, status, limit)])
+        """The caller's most recent tasks, and their teammates' where their role shares them."""
+        team = self.policy.team(owner)
+        owners = owner if team is None else sorted({owner, *await self._stores.people.members(team)})
+        return TaskList(tasks=[state(record, owner) for record in await self._tasks.recent(owners, status, limit)])
 
     async def list_all_tasks(self, status: TaskStatus | None, limit: int) -> list[tuple[str, TaskState]]:
         """Every token's most recent tasks, newest first, each with its owner (for operators)."""

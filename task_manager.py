@@ -237,8 +237,10 @@ class TaskManager:
         the task has none."""
         return await self._db.run(self._select_raw, task_id, owner)
 
-    async def recent(self, owner: str | None, status: TaskStatus | None, limit: int) -> list[TaskRecord]:
-        """The owner's most recent tasks (with owner None every owner's, for operators), newest first."""
+    async def recent(self, owner: str | Sequence[str] | None, status: TaskStatus | None,
+                     limit: int) -> list[TaskRecord]:
+        """The most recent tasks of the owner (or of each owner listed; with None every owner's,
+        for operators), newest first."""
         rows = await self._db.run(self._select_recent, owner, status, limit)
         return [TaskRecord.from_row(row._mapping) for row in rows]
 
@@ -338,10 +340,21 @@ class TaskManager:
             reports = [zlib.decompress(part) for part in parts if part is not None]
         return b"".join(reports) if reports else None
 
-    def _select_recent(self, owner: str | None, status: TaskStatus | None, limit: int) -> list[Row[Any]]:
+    async def owner_of(self, task_id: str) -> str | None:
+        """Who started the task `task_id`; None when there is no such task."""
+        return await self._db.run(self._select_owner, task_id)
+
+    def _select_owner(self, task_id: str) -> str | None:
+        with self._db.reading() as conn:
+            return conn.execute(select(tasks.c.owner).where(tasks.c.id == task_id)).scalar_one_or_none()
+
+    def _select_recent(self, owner: str | Sequence[str] | None, status: TaskStatus | None,
+                       limit: int) -> list[Row[Any]]:
         query = select(*TASK_SUMMARY).where(tasks.c.parent_id.is_(None))
-        if owner is not None:
+        if isinstance(owner, str):
             query = query.where(tasks.c.owner == owner)
+        elif owner is not None:
+            query = query.where(tasks.c.owner.in_(list(owner)))
         if status is not None:
             query = query.where(tasks.c.status == status.value)
         query = query.order_by(tasks.c.created_at.desc()).limit(limit)

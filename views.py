@@ -56,13 +56,14 @@ POLL_HINT = (
 )
 
 
-def answer(record: TaskRecord) -> TaskAnswer:
+def answer(record: TaskRecord, caller: str | None = None) -> TaskAnswer:
     """A task's state, the answer a result is then put in."""
-    return TaskAnswer(**dict(state(record)))
+    return TaskAnswer(**dict(state(record, caller)))
 
 
-def state(record: TaskRecord) -> TaskState:
-    """A task's state without its result; unfinished tasks say how to poll."""
+def state(record: TaskRecord, caller: str | None = None) -> TaskState:
+    """A task's state without its result; unfinished tasks say how to poll. Shown to `caller`,
+    a task someone else started (a teammate's) names its owner."""
     message = None
     if not record.status.finished:
         done = f" ({record.progress.phase}, {record.progress.percent:.0f}%)" if record.progress else ""
@@ -80,6 +81,7 @@ def state(record: TaskRecord) -> TaskState:
         message=message,
         error=record.error,
         progress=record.progress,
+        owner=record.owner if caller is not None and record.owner != caller else None,
     )
 
 

@@ -45,6 +45,8 @@ PEOPLE = {
     "bob": {"email": "bob@example.test", "name": "Bob Scanner", "groups": ["scanners"]},
     "carol": {"email": "carol@example.test", "name": "Carol Auditor", "groups": ["auditors"]},
     "mallory": {"email": "mallory@elsewhere.test", "name": "Mallory", "groups": []},
+    "erin": {"email": "erin@example.test", "name": "Erin Blue", "groups": ["blue-team"]},
+    "frank": {"email": "frank@example.test", "name": "Frank Blue", "groups": ["blue-team"]},
 }
 STARTED_SECONDS = 60
 

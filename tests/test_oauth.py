@@ -34,6 +34,7 @@ pytestmark = pytest.mark.anyio
 ROLES = {
     "scanners": {"groups": ["scanners"], "allowed_targets": ["127.0.0.0/8"]},
     "auditors": {"groups": ["auditors"], "tools": ["list_tasks", "get_task_status", "get_task_result"]},
+    "blue": {"groups": ["blue-team"], "allowed_targets": ["127.0.0.0/8"], "team_tasks": True},
 }
 
 Serve = Callable[..., tuple[LiveServer, OpenIdProvider]]
@@ -290,3 +291,32 @@ class LineReader:
     def next(self, timeout: float) -> dict[str, Any]:
         message: dict[str, Any] = json.loads(self._lines.get(timeout=timeout))
         return message
+
+
+async def test_a_team_role_sees_its_people_s_scans_and_no_one_else_s(
+    signed_in_server: Serve, browser: webdriver.Chrome, listeners: Listeners
+) -> None:
+    """Role `blue` has team_tasks: erin and frank read each other's tasks (listed with their
+    owner), only the owner cancels, and alice (scanners) still sees none of them."""
+    server, _ = signed_in_server()
+    [port] = listeners.open_free_top_ports(1)
+    people = {}
+    for login in ("erin", "frank", "alice"):
+        browser.delete_all_cookies()
+        people[login] = sign_in(browser, base_of(server), server.url, login).access_token
+    erin, frank, alice = people["erin"], people["frank"], people["alice"]
+    scanned = await call_tool(server.url, erin, "custom_scan", {"command": f"-sT -n -Pn -p {port} 127.0.0.1",
+                                                                 "timeout": 60})
+    task_id = (scanned.structured_content or {})["task_id"]
+    listed = (await call_tool(server.url, frank, "list_tasks", {})).structured_content or {}
+    assert [(t["task_id"], t["owner"]) for t in listed["tasks"]] == [(task_id, "erin@example.test")]
+    result = (await call_tool(server.url, frank, "get_task_result", {"task_id": task_id})).structured_content or {}
+    assert result["status"] == "completed" and result["owner"] == "erin@example.test"
+    assert [p["port"] for h in result["result"]["hosts"] for p in h["ports"]] == [port]
+    own = (await call_tool(server.url, erin, "get_task_status", {"task_id": task_id})).structured_content or {}
+    assert own["owner"] is None, "her own task names no owner"
+    cancelled = await call_tool(server.url, frank, "cancel_task", {"task_id": task_id})
+    assert cancelled.is_error and cancelled.content[0].text.startswith("not_found")  # type: ignore[union-attr]
+    assert (await call_tool(server.url, alice, "list_tasks", {})).structured_content == {"tasks": []}
+    outsider = await call_tool(server.url, alice, "get_task_result", {"task_id": task_id})
+    assert outsider.is_error and outsider.content[0].text.startswith("not_found")  # type: ignore[union-attr]
