@@ -40,6 +40,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from throttle import FailedTokenThrottle, client_address
 
 # Parameter names are compared lower-case, without '-' and '_' (`Access-Token` is `accesstoken`).
+# A JSON Web Token: header, claims and signature, each base64url (RFC 7519).
+JWT_SHAPE = re.compile(rb"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # The value of these is a token: the first becomes the request's Bearer token.
 TOKEN_PARAMETERS = frozenset({"token", "accesstoken"})
 # These, and names holding one of SECRET_WORDS, look like a secret's: removed from every URL
@@ -148,9 +150,13 @@ class EdgeMiddleware:
         reason = refusal_reason(bool(url_token), sent_header, self.allow_query_token)
         endpoint = "mcp" if scope["path"] == self.mcp_path else "other"
 
+        # Only a token that was checked and refused is a failed attempt; with sign-in on, a
+        # signed token (a JWT: this server's, expired or from before a restart) is no guess at
+        # an API key, and the client that sent it refreshes it after the 401 a 429 would hide.
+        counted = reason == WRONG_TOKEN and not (self.oauth and _bearer_is_jwt(scope))
+
         def refusal() -> Response:
-            # Only a token that was checked and refused is a failed attempt.
-            wait = self.throttle.refused(client_address(scope)) if reason == WRONG_TOKEN else None
+            wait = self.throttle.refused(client_address(scope)) if counted else None
             self.on_refused(endpoint, REASON_NAMES[reason], wait is not None)
             return too_many_refused(wait) if wait is not None else unauthorized(reason, oauth=self.oauth)
 
@@ -300,6 +306,12 @@ def _path_without_secrets(path: str) -> Cleaned:
 
 def _has_authorization(scope: Scope) -> bool:
     return any(name.lower() == b"authorization" for name, _ in scope["headers"])
+
+
+def _bearer_is_jwt(scope: Scope) -> bool:
+    """Whether the request's Bearer token has a JWT's shape: three base64url parts."""
+    value = next((value for name, value in scope["headers"] if name.lower() == b"authorization"), b"")
+    return JWT_SHAPE.fullmatch(value.removeprefix(b"Bearer ").strip()) is not None
 
 
 def _replacing(send: Send, statuses: frozenset[int], answer: Callable[[], Response],

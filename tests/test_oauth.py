@@ -320,3 +320,12 @@ async def test_a_team_role_sees_its_people_s_scans_and_no_one_else_s(
     assert (await call_tool(server.url, alice, "list_tasks", {})).structured_content == {"tasks": []}
     outsider = await call_tool(server.url, alice, "get_task_result", {"task_id": task_id})
     assert outsider.is_error and outsider.content[0].text.startswith("not_found")  # type: ignore[union-attr]
+
+
+async def test_an_expired_sign_in_is_no_guess_at_an_api_key(signed_in_server: Serve) -> None:
+    """With sign-in on, a refused JWT (expired, or from before a restart) gets 401 each time,
+    so its client refreshes; refused API keys from the same address are still throttled."""
+    server, _ = signed_in_server(failed_token_limit=1, failed_token_window_seconds=600)
+    stale = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    assert [post_tools_list(server, stale).status_code for _ in range(3)] == [401, 401, 401]
+    assert [post_tools_list(server, "not-a-key-" + "x" * 30).status_code for _ in range(2)] == [401, 429]
