@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, TimeoutException
+from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.expected_conditions import staleness_of
@@ -189,10 +189,11 @@ def browse_through_sign_in(browser: webdriver.Chrome, login: str, done: Any) -> 
     page (allow), the provider's login form (`login`, any password) and its consent page."""
 
     def finished() -> bool:
-        # `done` may look for an element of the page the sign-in ends on: elsewhere it is not there.
+        # `done` may look for an element of the page the sign-in ends on: elsewhere it is not
+        # there, or the page may go while it reads.
         try:
             return bool(done())
-        except NoSuchElementException:
+        except WebDriverException:
             return False
 
     def step(driver: webdriver.Chrome) -> bool:
@@ -211,7 +212,9 @@ def browse_through_sign_in(browser: webdriver.Chrome, login: str, done: Any) -> 
         return False
 
     try:
-        WebDriverWait(browser, 60, poll_frequency=0.3).until(step)
+        # A page that goes while a step reads it (a redirect mid-read) fails that read: the
+        # next poll reads the new page.
+        WebDriverWait(browser, 60, poll_frequency=0.3, ignored_exceptions=(WebDriverException,)).until(step)
     except TimeoutException as e:
         page = re.sub(r"<style.*?</style>|<svg.*?</svg>|\s+", " ", browser.page_source, flags=re.S)[:3000]
         raise AssertionError(f"the sign-in never finished; the browser is at {browser.current_url}: {page}") from e
