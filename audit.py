@@ -16,12 +16,20 @@ written (full disk, permissions), scan tools refuse with `unavailable: audit log
 unless `audit_fail_open`; that refusal is logged at most once a minute, not once per call, and
 /healthz says so (Auditor.health). The first line written again is preceded by a `resumed`
 line: since when lines were lost, and how many.
+
+The lines are hash-chained: each carries `prev`, the SHA-256 of the whole line before it (the
+first, of nothing: GENESIS), set under the same flock as its append, so processes sharing the
+file chain into one sequence. `verify_chain` (`nmap-mcp --verify-audit`) finds a line edited or
+removed anywhere before the last: the next line's `prev` no longer matches. Cutting lines off
+the end leaves a shorter chain that verifies; the last line's hash, which the check prints, is
+what a report cites to pin the log as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +62,8 @@ RETRY_SECONDS = 5.0
 # A torn last line is looked for backwards from the file's end, this many bytes at a time.
 TAIL_CHUNK = 4096
 _current: ContextVar[AuditedCall | None] = ContextVar("audited_call", default=None)
+# The `prev` of a chain's first line.
+GENESIS = "0" * 64
 
 
 def queued(**facts: Any) -> None:
@@ -98,7 +108,7 @@ class AuditLog:
 
     def write(self, record: dict[str, Any]) -> bool:
         with self._lock:
-            if self._append(_line(record)):
+            if self._append([record]):
                 return True
             self._unwritten += 1
             return False
@@ -113,17 +123,17 @@ class AuditLog:
             return f"the audit log's disk is {disk}"
         with self._lock:
             if self._failing_since is not None and time.monotonic() - self._tried_at >= RETRY_SECONDS:
-                self._append(b"")
+                self._append([])
             return None if self._failing_since is None else "the audit log cannot be written"
 
-    def _append(self, line: bytes) -> bool:
-        """Append `line`, after the `resumed` line when lines were lost; False, and the file as
-        it was, when that cannot be done."""
+    def _append(self, records: list[dict[str, Any]]) -> bool:
+        """Append `records`, after the `resumed` line when lines were lost; False, and the file
+        as it was, when that cannot be done."""
         if self._failing_since is not None:
             self._tried_at = time.monotonic()
-            line = _line({"time": _now(), "event": "resumed", "call": None, "token": None, "tool": None,
-                          "since": _iso(self._failing_since), "unwritten": self._unwritten}) + line
-        if not (self._open() and self._written(line)):
+            records = [{"time": _now(), "event": "resumed", "call": None, "token": None, "tool": None,
+                        "since": _iso(self._failing_since), "unwritten": self._unwritten}, *records]
+        if not (self._open() and self._written(records)):
             self._failing_since = self._failing_since or datetime.now(UTC)
             return False
         if self._failing_since is not None:
@@ -132,13 +142,20 @@ class AuditLog:
             self._failing_since, self._unwritten = None, 0
         return True
 
-    def _written(self, line: bytes) -> bool:
-        """One write(2) of `line` under the file's flock, after cutting a torn last line off; a
-        short write (the disk filled up midway) is cut off again at once."""
+    def _written(self, records: list[dict[str, Any]]) -> bool:
+        """One write(2) of `records`' lines, chained to the file's last line, under the file's
+        flock, after cutting a torn last line off; a short write (the disk filled up midway) is
+        cut off again at once."""
         assert self._fd is not None
         try:
             with _locked(self._fd):
                 end = self._whole_end()
+                prev = self._last_line_hash(end)
+                lines = []
+                for record in records:
+                    lines.append(_line({**record, "prev": prev}))
+                    prev = hashlib.sha256(lines[-1]).hexdigest()
+                line = b"".join(lines)
                 written = os.write(self._fd, line)
                 if written < len(line):
                     os.ftruncate(self._fd, end)
@@ -163,6 +180,19 @@ class AuditLog:
             logger.warning("the audit log %s ended in a torn line: its %d bytes were cut off", self.path, size - end)
         return end
 
+    def _last_line_hash(self, end: int) -> str:
+        """The SHA-256 of the whole line that ends at `end` (GENESIS for an empty file)."""
+        assert self._fd is not None
+        start = end - 1
+        while start > 0:
+            chunk_start = max(start - TAIL_CHUNK, 0)
+            newline = os.pread(self._fd, start - chunk_start, chunk_start).rfind(b"\n")
+            if newline >= 0:
+                start = chunk_start + newline + 1
+                break
+            start = chunk_start
+        return hashlib.sha256(os.pread(self._fd, end - max(start, 0), max(start, 0))).hexdigest() if end else GENESIS
+
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
@@ -178,6 +208,30 @@ def _locked(fd: int) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def verify_chain(path: Path) -> tuple[int, str, list[str]]:
+    """Check the hash chain of the audit log at `path`: how many lines, the hash of the last
+    one (GENESIS for an empty log), and every break in words (a line whose `prev` is not the
+    hash of the line before it: that line, or one between, was edited or removed). Lines from
+    before the chain (no `prev`, written by an older nmap-mcp) are counted, not checked."""
+    problems: list[str] = []
+    prev, count, chained = GENESIS, 0, False
+    with path.open("rb") as log:
+        for count, line in enumerate(log, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                problems.append(f"line {count} is not JSON")
+                record = {}
+            stated = record.get("prev") if isinstance(record, dict) else None
+            chained = chained or stated is not None
+            if chained and stated != prev:
+                problems.append(f"line {count}: its prev does not match line {count - 1}: line {count - 1} was "
+                                "edited, or lines were removed before it" if count > 1 else
+                                "line 1 does not start the chain: lines were removed before it")
+            prev = hashlib.sha256(line).hexdigest()
+    return count, prev, problems
 
 
 def _line(record: dict[str, Any]) -> bytes:

@@ -39,7 +39,7 @@ from starlette.types import ASGIApp
 
 from api_keys import config_line, expiry_notes, secret_sha256
 from argv_check import ArgvCheck
-from audit import AuditLog, AuditMiddleware, Auditor
+from audit import AuditLog, AuditMiddleware, Auditor, verify_chain
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
 from client_configs import (
     CLIENTS,
@@ -445,6 +445,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "entry of the config, and exit")
     parser.add_argument("--new", action="store_true",
                         help="with --hash-token: make a fresh secret and print it, this once, with its line")
+    parser.add_argument("--verify-audit", action="store_true",
+                        help="check the hash chain of the config's audit log, print its length and last hash, "
+                             "and exit 1 if a line was edited or removed")
     parser.add_argument("--print-config", metavar="CLIENT", choices=CLIENTS,
                         help=f"print one MCP client's configuration and exit: {', '.join(CLIENTS)}; with "
                              "--stdio only the entry that starts nmap-mcp over stdio (where no server runs)")
@@ -479,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"secret is in {token_file.resolve()} (mode 0600) and nowhere else: copy it into your clients, "
                   "then delete that file", file=sys.stderr)
         settings = load_settings(config_path)
+        if args.verify_audit:
+            return verify_audit(Path(settings.audit_log))
         if args.print_config:
             return print_config(args, settings, config_path)
         nmap_path = find_nmap(settings.nmap_path)
@@ -510,6 +515,21 @@ def init(config_path: Path, *, force: bool) -> int:
     print(f"wrote {config_path.resolve()} with a new token; edit it, then run: {rerun_command(config_path)}",
           file=sys.stderr)
     return 0
+
+
+def verify_audit(path: Path) -> int:
+    """`--verify-audit`: the audit log's hash chain checked (audit.verify_chain); the count and
+    the last line's hash on stdout, every break on stderr."""
+    try:
+        count, last, problems = verify_chain(path)
+    except OSError as e:
+        print(f"error: cannot read the audit log {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"{path}: {problem}", file=sys.stderr)
+    verdict = f"{len(problems)} break{'s' * (len(problems) != 1)}" if problems else "chain intact"
+    print(f"{path}: {count} lines, {verdict}; last line's SHA-256 {last}")
+    return 1 if problems else 0
 
 
 def hash_token(*, new: bool) -> int:
