@@ -167,14 +167,7 @@ class AuditLog:
         """The file's size once a torn last line (no newline at its end) is cut off."""
         assert self._fd is not None
         size = os.fstat(self._fd).st_size
-        end = size
-        while end > 0:
-            start = max(end - TAIL_CHUNK, 0)
-            newline = os.pread(self._fd, end - start, start).rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
+        end = self._after_last_newline(size)
         if end < size:
             os.ftruncate(self._fd, end)
             logger.warning("the audit log %s ended in a torn line: its %d bytes were cut off", self.path, size - end)
@@ -183,15 +176,23 @@ class AuditLog:
     def _last_line_hash(self, end: int) -> str:
         """The SHA-256 of the whole line that ends at `end` (GENESIS for an empty file)."""
         assert self._fd is not None
-        start = end - 1
-        while start > 0:
-            chunk_start = max(start - TAIL_CHUNK, 0)
-            newline = os.pread(self._fd, start - chunk_start, chunk_start).rfind(b"\n")
+        if end == 0:
+            return GENESIS
+        start = self._after_last_newline(end - 1)  # before the line's own newline
+        return hashlib.sha256(os.pread(self._fd, end - start, start)).hexdigest()
+
+    def _after_last_newline(self, before: int) -> int:
+        """Where the line after the file's last newline before offset `before` starts (0 when
+        there is none), read backwards TAIL_CHUNK bytes at a time."""
+        assert self._fd is not None
+        end = before
+        while end > 0:
+            start = max(end - TAIL_CHUNK, 0)
+            newline = os.pread(self._fd, end - start, start).rfind(b"\n")
             if newline >= 0:
-                start = chunk_start + newline + 1
-                break
-            start = chunk_start
-        return hashlib.sha256(os.pread(self._fd, end - max(start, 0), max(start, 0))).hexdigest() if end else GENESIS
+                return start + newline + 1
+            end = start
+        return 0
 
     def close(self) -> None:
         with self._lock:

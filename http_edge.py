@@ -150,12 +150,11 @@ class EdgeMiddleware:
         reason = refusal_reason(bool(url_token), sent_header, self.allow_query_token)
         endpoint = "mcp" if scope["path"] == self.mcp_path else "other"
 
-        # Only a token that was checked and refused is a failed attempt; with sign-in on, a
-        # signed token (a JWT: this server's, expired or from before a restart) is no guess at
-        # an API key, and the client that sent it refreshes it after the 401 a 429 would hide.
-        counted = reason == WRONG_TOKEN and not (self.oauth and _bearer_is_jwt(scope))
-
         def refusal() -> Response:
+            # Only a token that was checked and refused is a failed attempt; with sign-in on, a
+            # signed token (a JWT: this server's, expired or from before a restart) is no guess at
+            # an API key, and the client that sent it refreshes it after the 401 a 429 would hide.
+            counted = reason == WRONG_TOKEN and not (self.oauth and _bearer_is_jwt(scope))
             wait = self.throttle.refused(client_address(scope)) if counted else None
             self.on_refused(endpoint, REASON_NAMES[reason], wait is not None)
             return too_many_refused(wait) if wait is not None else unauthorized(reason, oauth=self.oauth)

@@ -20,6 +20,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.types import CallToolResult
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -63,8 +64,7 @@ async def test_a_person_signs_in_scans_and_api_keys_still_work(
     server, _ = signed_in_server()
     [port] = listeners.open_free_top_ports(1)
     alice = sign_in(browser, base_of(server), server.url, "alice")
-    scanned = await call_tool(server.url, alice.access_token, "custom_scan",
-                              {"command": f"-sT -n -Pn -p {port} 127.0.0.1", "timeout": 60})
+    scanned = await scan_port(server, alice.access_token, port)
     assert not scanned.is_error, scanned
     answer = scanned.structured_content or {}
     assert answer["status"] == "completed"
@@ -84,8 +84,7 @@ async def test_each_person_owns_their_tasks_and_a_role_bounds_their_tools(
     bob = sign_in(browser, base_of(server), server.url, "bob")
     browser.delete_all_cookies()
     carol = sign_in(browser, base_of(server), server.url, "carol")
-    scanned = await call_tool(server.url, alice.access_token, "custom_scan",
-                              {"command": f"-sT -n -Pn -p {port} 127.0.0.1", "timeout": 60})
+    scanned = await scan_port(server, alice.access_token, port)
     task_id = (scanned.structured_content or {})["task_id"]
     for person in (bob, carol):
         assert (await call_tool(server.url, person.access_token, "list_tasks", {})).structured_content == {"tasks": []}
@@ -152,6 +151,12 @@ async def test_no_log_line_holds_an_oauth_token_or_an_api_key(
     assert "eyJ" not in logs, "a JWT (this server's or the provider's) reached a log"
 
 
+async def scan_port(server: LiveServer, token: str, port: int) -> CallToolResult:
+    """A connect scan of one loopback port, waited for (60 s at most), with `token`."""
+    return await call_tool(server.url, token, "custom_scan",
+                           {"command": f"-sT -n -Pn -p {port} 127.0.0.1", "timeout": 60})
+
+
 def refresh(server: LiveServer, person: SignedIn, token: str | None = None) -> httpx.Response:
     return httpx.post(base_of(server) + "/token", timeout=10, data={
         "grant_type": "refresh_token", "refresh_token": token or person.tokens["refresh_token"],
@@ -199,10 +204,9 @@ async def test_a_person_signs_in_to_the_operator_page_with_a_cookie_no_script_re
     server, _ = signed_in_server()
     [port] = listeners.open_free_top_ports(1)
     alice = sign_in(browser, base_of(server), server.url, "alice")
-    scanned = await call_tool(server.url, alice.access_token, "custom_scan",
-                              {"command": f"-sT -n -Pn -p {port} 127.0.0.1", "timeout": 60})
+    scanned = await scan_port(server, alice.access_token, port)
     assert (scanned.structured_content or {})["status"] == "completed"
-    await call_tool(server.url, SECRETS["bob"], "custom_scan", {"command": f"-sT -n -Pn -p {port} 127.0.0.1"})
+    await scan_port(server, SECRETS["bob"], port)
     browser.delete_all_cookies()
     browser.get(base_of(server) + "/ui")
     wait = WebDriverWait(browser, 30)
@@ -305,8 +309,7 @@ async def test_a_team_role_sees_its_people_s_scans_and_no_one_else_s(
         browser.delete_all_cookies()
         people[login] = sign_in(browser, base_of(server), server.url, login).access_token
     erin, frank, alice = people["erin"], people["frank"], people["alice"]
-    scanned = await call_tool(server.url, erin, "custom_scan", {"command": f"-sT -n -Pn -p {port} 127.0.0.1",
-                                                                 "timeout": 60})
+    scanned = await scan_port(server, erin, port)
     task_id = (scanned.structured_content or {})["task_id"]
     listed = (await call_tool(server.url, frank, "list_tasks", {})).structured_content or {}
     assert [(t["task_id"], t["owner"]) for t in listed["tasks"]] == [(task_id, "erin@example.test")]
