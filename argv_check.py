@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engagement_store import EngagementNotFound, EngagementStore
+from engagements import EngagementRefused, ScopedTarget, check_kind, check_member, check_scope, check_time
 from models import TaskRecord
 from nmap_options import CommandError, parse_command
 from policy import Policy
@@ -44,11 +47,14 @@ class ArgvCheck:
     privileged: bool
     # The networks of this worker's pool; None when the server has no pools (one pool reaches all).
     pool_networks: tuple[IPNetwork, ...] | None
+    # Where the engagements a task names are read from (None: a check without engagements).
+    engagements: EngagementStore | None = None
 
     @classmethod
-    def of_worker(cls, nmap_path: str, policy: Policy, *, privileged: bool, pool: str) -> ArgvCheck:
+    def of_worker(cls, nmap_path: str, policy: Policy, *, privileged: bool, pool: str,
+                  engagements: EngagementStore | None = None) -> ArgvCheck:
         """The check of a worker in `pool` (one missing from configured pools reaches nothing)."""
-        return cls(nmap_path, policy, privileged, policy.pools.get(pool, ()) if policy.pools else None)
+        return cls(nmap_path, policy, privileged, policy.pools.get(pool, ()) if policy.pools else None, engagements)
 
     async def argv_to_run(self, record: TaskRecord) -> list[str]:
         """The argv to run for `record`: its stored argv, with this worker's nmap, once every
@@ -66,11 +72,37 @@ class ArgvCheck:
         except TargetError as e:
             raise TaskRefused(f"its targets are not allowed here: {e}") from e
         self._check_pool(resolved.networks)
+        await self._check_engagement(record, resolved.nmap_targets, resolved.networks, parsed.options)
         expected = build_argv(self.nmap_path, parsed.options, resolved.nmap_targets, ipv6=resolved.ipv6,
                               privileged=self.privileged)
         if expected[1:] != record.argv[1:]:
             raise TaskRefused(_first_difference(record.argv, expected))
         return expected
+
+    async def _check_engagement(self, record: TaskRecord, targets: Sequence[str],
+                                networks: Sequence[Sequence[IPNetwork]], options: Sequence[str]) -> None:
+        """The task's engagement, read again, allows it now: its owner, the time (no scan
+        starts after its window closed), its kind and options, its addresses and exclusions
+        (nmap must be told to skip each exclusion cutting into them); and a server that
+        requires engagements runs no task without one."""
+        if record.engagement is None or self.engagements is None:
+            if self.policy.require_engagement:
+                raise TaskRefused("it names no engagement, and every scan here runs under one")
+            return
+        try:
+            engagement = await self.engagements.get(record.engagement)
+            name, rules = engagement.name, engagement.rules
+            check_member(name, rules, record.owner, self.policy.role(record.owner))
+            check_time(name, rules, time.time())
+            check_kind(name, rules, record.kind, options)
+            cutting = check_scope(name, rules, [ScopedTarget(target, None, tuple(covered))
+                                                for target, covered in zip(targets, networks, strict=True)],
+                                  names_unknown=True)
+        except (EngagementRefused, EngagementNotFound) as e:
+            raise TaskRefused(f"its engagement refuses it: {e}") from e
+        told = set(options[options.index("--exclude") + 1].split(",")) if "--exclude" in options else set()
+        if missing := [str(network) for network in cutting if str(network) not in told]:
+            raise TaskRefused(f"its argv does not exclude {', '.join(missing)}, which its engagement excludes")
 
     def _check_pool(self, networks: Sequence[Sequence[IPNetwork]]) -> None:
         if self.pool_networks is None:

@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from api_keys import ApiKey, secret_sha256
+from engagements import ENGAGEMENT_NAME, EngagementRules
 from nse_policy import DEFAULT_CATEGORIES, EXCLUDED_CATEGORIES
 from targets import parse_networks
 from webhooks import NEVER_REACHED, Rules, WebhookRefused, check_prefixes, endpoint, in_deny_list
@@ -107,6 +108,10 @@ class Grant(BaseModel):
     resolve_names: bool | None = None
     # This token's own limits, key by key; the server's `limits` fill the rest.
     limits: Limits = Field(default_factory=Limits)
+    # The engagement its scans run under when a call names none (engagements.py).
+    engagement: str | None = Field(default=None, pattern=ENGAGEMENT_NAME)
+    # Whether it may create engagements (create_engagement): an operator's, never an agent's.
+    manage_engagements: bool = False
 
     @field_validator("allowed_targets")
     @classmethod
@@ -279,6 +284,11 @@ class Settings(BaseSettings):
     result_freshness_seconds: int = Field(default=300, ge=0, le=86_400)
     # Finished tasks and inventory rows older than this are deleted; 0 keeps everything.
     retention_days: int = Field(default=30, ge=0, le=36_500)
+    # Rules of engagement by name (engagements.py), written to the database at start; more
+    # can be made with create_engagement.
+    engagements: dict[str, EngagementRules] = Field(default_factory=dict)
+    # Every scan must run under an engagement (named by the call, or its token's default).
+    require_engagement: bool = False
     # No schedule (schedule_scan) runs more often than this.
     min_schedule_seconds: int = Field(default=60, ge=1, le=86_400)
     # URL prefixes a schedule's webhook may point at (scheme, host, port and path prefix, e.g.
@@ -339,6 +349,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"pool {name!r} lists no networks")
             parse_networks(networks)
         return pools
+
+    @field_validator("engagements")
+    @classmethod
+    def _engagement_names(cls, values: dict[str, EngagementRules]) -> dict[str, EngagementRules]:
+        for name in values:
+            if not re.match(ENGAGEMENT_NAME, name):
+                raise ValueError(f"engagement name {name[:64]!r} may hold only lower-case letters, digits, "
+                                 "'_', '.' and '-'")
+        return values
 
     @field_validator("webhook_allowed_urls")
     @classmethod

@@ -24,6 +24,8 @@ from fastmcp.tools.base import ToolResult
 from pydantic import ValidationError
 
 from db import DatabaseUnavailable
+from engagement_store import EngagementExists, EngagementNotFound
+from engagements import EngagementRefused
 from inventory import InventoryQueryError
 from limits import QueueFull, RateLimited
 from nmap_options import CommandError
@@ -55,6 +57,10 @@ CODES: dict[type[Exception], str] = {
     ScheduleNotFound: "not_found",
     TooManySchedules: "rate_limited",
     WebhookRefused: "invalid_webhook",
+    EngagementNotFound: "not_found",
+    EngagementExists: "already_exists",
+    # Its own code: outside_scope, excluded, outside_window, engagement_not_started, ... (engagements.py).
+    EngagementRefused: "engagement",
 }
 # FastMCP logs the traceback of a FastMCPError at the error's own log_level: below DEBUG, the
 # lowest level `log_level` allows, it is never written.
@@ -80,6 +86,8 @@ def invalid_params(message: str) -> ArgumentsRefused:
 
 def code_of(error: Exception) -> str | None:
     """The stable code of an error a caller can act on; None for any other error."""
+    if isinstance(error, EngagementRefused):
+        return error.code
     return next((code for kind, code in CODES.items() if isinstance(error, kind)), None)
 
 

@@ -109,6 +109,8 @@ tasks = Table(
     # forced it past a recent result (rescan).
     Column("address_count", Integer, nullable=False, server_default="0"),
     Column("forced", Boolean, nullable=False, server_default=false()),
+    # The engagement (engagements.py) the scan ran under; NULL: none.
+    Column("engagement", String(64)),
     Index("ix_tasks_status_pool_created", "status", "pool", "created_at"),
     # A token's tasks by age, carrying what the limits count: the usage check at every submit
     # reads this index alone (rows hold results and XML; reading them made a submit cost 4.7 ms
@@ -118,6 +120,7 @@ tasks = Table(
     # (its nmap runs) reads it alone.
     Index("ix_tasks_owner_status_created", "owner", "status", "created_at", "parent_id", "shard_count"),
     Index("ix_tasks_parent", "parent_id"),
+    Index("ix_tasks_engagement_created", "engagement", "created_at"),
     Index("ux_tasks_dedupe_key", "dedupe_key", unique=True),
 )
 
@@ -225,6 +228,8 @@ schedules = Table(
     Column("webhook_url", Text),
     # The key of the webhook's HMAC-SHA256 signature, shown to the caller once at creation.
     Column("webhook_secret", String(64)),
+    # The engagement its runs scan under: a run due while it allows no scans waits for its next window.
+    Column("engagement", String(64)),
     Index("ix_schedules_next_run", "next_run_at"),
     Index("ix_schedules_owner_created", "owner", "created_at"),
 )
@@ -270,6 +275,17 @@ people = Table(
     Column("name", String(200), nullable=False),
     Column("role", String(64), nullable=False),
 )
+# Engagements (engagements.py): rules of engagement scans run under, as JSON (EngagementRules),
+# made by an operator's tool call or read from the config at start (source `config`).
+engagements = Table(
+    "engagements",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("rules", Text, nullable=False),
+    Column("created_by", String(320), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("source", String(16), nullable=False),
+)
 # A task's columns without its nmap XML, and without its result too: what most reads need.
 TASK_WITH_RESULT = [c for c in tasks.c if c.name != "raw_xml"]
 TASK_SUMMARY = [c for c in TASK_WITH_RESULT if c.name != "result"]
@@ -299,6 +315,7 @@ class TaskRecord:
     shard_count: int = 0
     progress: Progress | None = None
     result: ScanResult | None = None
+    engagement: str | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -327,6 +344,7 @@ class TaskRecord:
             shard_count=data.get("shard_count") or 0,
             progress=Progress.model_validate_json(progress) if progress else None,
             result=stored_result(result) if result else None,
+            engagement=data.get("engagement"),
         )
 
 
@@ -590,6 +608,7 @@ class TaskState(BaseModel):
     error: str | None = None
     progress: Progress | None = None
     owner: str | None = Field(default=None, description="Who started it, when a teammate did (roles with team_tasks)")
+    engagement: str | None = None
 
 
 class TaskAnswer(TaskState):

@@ -19,6 +19,9 @@ DEFAULT_POOL = "default"
 # does not know: no tools. Token names hold no '@', so neither is ever a token's.
 ROLE_KEY = "@role:"
 NOBODY = "@nobody"
+# Tools only a grant with manage_engagements may see and call: rules of engagement are an
+# operator's, never set by the agent they bind.
+MANAGER_TOOLS = frozenset({"create_engagement"})
 # Every route besides the tools themselves to what the tools show (tasks, results, the
 # inventory, schedules, pools), with the tools whose data it shows or whose act it does: a token
 # restricted by `tools` may use a route only when it may use every one of them, so that no route
@@ -90,6 +93,9 @@ class Policy:
         self._admins = {ROLE_KEY + name for name, role in settings.roles.items() if role.ui_admin}
         self._team_roles = frozenset(name for name, role in settings.roles.items() if role.team_tasks)
         self._admins.update(settings.ui_admin_tokens)
+        self.require_engagement = settings.require_engagement
+        self._default_engagements = {key: spec.engagement for key, spec in grants.items() if spec.engagement}
+        self._managers = frozenset(key for key, spec in grants.items() if spec.manage_engagements)
         # People who signed in (by email) and their role, as this process last learnt it.
         self.people = people or RoleBook()
         self._token_names = sorted(settings.named_tokens())
@@ -117,8 +123,19 @@ class Policy:
 
     def may(self, owner: str, route: str) -> bool:
         """Whether `owner` may use `route`: a tool, or a route of ROUTE_TOOLS (all its tools)."""
-        scope = self.tool_scopes.get(self._key(owner))
+        key = self._key(owner)
+        if route in MANAGER_TOOLS and key not in self._managers:
+            return False
+        scope = self.tool_scopes.get(key)
         return scope is None or ROUTE_TOOLS.get(route, frozenset({route})) <= scope
+
+    def role(self, owner: str) -> str | None:
+        """The role of a person who signed in (as this process last learnt it); None for a token."""
+        return self.people.role_of(owner) if "@" in owner else None
+
+    def default_engagement(self, owner: str) -> str | None:
+        """The engagement `owner`'s scans run under when a call names none."""
+        return self._default_engagements.get(self._key(owner))
 
     def require(self, owner: str, route: str) -> None:
         """Forbidden, naming the tools it lacks, unless `owner` may use `route`."""

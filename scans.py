@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import shlex
 import time
@@ -23,6 +24,17 @@ import audit
 from config import Settings
 from db import DatabaseUnavailable
 from disk_space import disk_problem
+from engagements import (
+    Engagement,
+    EngagementRefused,
+    ScopedTarget,
+    check_kind,
+    check_member,
+    check_scope,
+    check_time,
+    opening,
+    with_exclusions,
+)
 from inventory import HostQuery, parse_network, parse_since
 from models import (
     InventoryPage,
@@ -75,6 +87,12 @@ CANCEL_WAIT_SECONDS = 5.0
 _submitted: ContextVar[list[TaskRecord] | None] = ContextVar("submitted_scans", default=None)
 
 
+def scoped(resolved: ResolvedTargets) -> list[ScopedTarget]:
+    """The resolved targets as an engagement's scope sees them: each with the name it was given as."""
+    return [ScopedTarget(target, resolved.hostnames.get(target), tuple(networks))
+            for target, networks in zip(resolved.nmap_targets, resolved.networks, strict=True)]
+
+
 class ShuttingDown(RuntimeError):
     """The server is shutting down and takes no new scans."""
 
@@ -94,14 +112,19 @@ class ScanRequest:
     shareable: bool
     # A scanner pool the caller asked for; None: routed by the targets' addresses.
     pool: str | None = None
+    # The engagement the caller named; None: its token's or role's default, if any.
+    engagement: str | None = None
 
 
 class CheckedScan(NamedTuple):
-    """A request that passed every check: its targets resolved, its argv and its pool."""
+    """A request that passed every check: its targets resolved, its argv, its pool, and the
+    engagement it runs under with when that engagement's window closes."""
 
     resolved: ResolvedTargets
     argv: list[str]
     pool: str
+    engagement: str | None = None
+    closes_at: float | None = None
 
 
 @contextlib.contextmanager
@@ -176,26 +199,29 @@ class ScanService:
 
     # ---- building requests ---------------------------------------------------------------
 
-    def quick(self, target: str, pool: str | None = None, *, skip_host_discovery: bool = False) -> ScanRequest:
+    def quick(self, target: str, pool: str | None = None, *, skip_host_discovery: bool = False,
+              engagement: str | None = None) -> ScanRequest:
         options = scan_options(ScanKind.QUICK, privileged=self._settings.privileged,
                                skip_host_discovery=skip_host_discovery)
-        return ScanRequest(ScanKind.QUICK, options, [target], shareable=True, pool=pool)
+        return ScanRequest(ScanKind.QUICK, options, [target], shareable=True, pool=pool, engagement=engagement)
 
-    def full(self, target: str, pool: str | None = None, *, skip_host_discovery: bool = False) -> ScanRequest:
+    def full(self, target: str, pool: str | None = None, *, skip_host_discovery: bool = False,
+             engagement: str | None = None) -> ScanRequest:
         options = scan_options(ScanKind.FULL, privileged=self._settings.privileged,
                                skip_host_discovery=skip_host_discovery)
-        return ScanRequest(ScanKind.FULL, options, [target], shareable=True, pool=pool)
+        return ScanRequest(ScanKind.FULL, options, [target], shareable=True, pool=pool, engagement=engagement)
 
-    def custom(self, command: str, pool: str | None = None) -> ScanRequest:
+    def custom(self, command: str, pool: str | None = None, *, engagement: str | None = None) -> ScanRequest:
         """custom_scan's command, checked against the allowlist (CommandError if refused)."""
         parsed = parse_command(command, self.policy.scripts, privileged=self._settings.privileged)
         if "--host-timeout" not in parsed.options:
             parsed.add_default("--host-timeout", f"{self._settings.custom_host_timeout}s")
-        return ScanRequest(ScanKind.CUSTOM, parsed.options, parsed.targets, shareable=False, pool=pool)
+        return ScanRequest(ScanKind.CUSTOM, parsed.options, parsed.targets, shareable=False, pool=pool,
+                           engagement=engagement)
 
-    def typed(self, spec: TypedScan, pool: str | None = None) -> ScanRequest:
+    def typed(self, spec: TypedScan, pool: str | None = None, *, engagement: str | None = None) -> ScanRequest:
         """The typed scan tool's request: exactly custom_scan's for the command it means."""
-        return self.custom(spec.command(), pool)
+        return self.custom(spec.command(), pool, engagement=engagement)
 
     async def nmap_version(self) -> NmapVersion:
         """The nmap that runs scans, what it was built with, and what this server lets it do."""
@@ -208,15 +234,40 @@ class ScanService:
 
     # ---- running them --------------------------------------------------------------------
 
-    async def check(self, owner: str, request: ScanRequest) -> CheckedScan:
-        """Every check `scan` makes before it queues anything (targets against the caller's
-        policy, the argv, the pool), raising what it would raise; nothing is queued."""
+    async def check(self, owner: str, request: ScanRequest, *, any_hour: bool = False) -> CheckedScan:
+        """Every check `scan` makes before it queues anything (the engagement's rules, targets
+        against the caller's policy and the engagement's scope, the argv, the pool), raising
+        what it would raise; nothing is queued. Rules that need no DNS come first. With
+        `any_hour` (a schedule's, whose runs wait for the windows) only an engagement that
+        ended is refused for its time."""
+        engagement = await self._engagement(owner, request)
+        closes_at = None
+        if engagement is not None:
+            check_member(engagement.name, engagement.rules, owner, self.policy.role(owner))
+            if not any_hour or opening(engagement.rules, time.time()).code == "engagement_ended":
+                closes_at = check_time(engagement.name, engagement.rules, time.time()).closes_at
+            check_kind(engagement.name, engagement.rules, request.kind, request.options)
         resolved = await resolve_targets(request.targets, self.policy.targets(owner),
                                          partial(self.resolver.addresses, owner))
-        argv = build_argv(self._nmap, request.options, resolved.nmap_targets, ipv6=resolved.ipv6,
+        options = request.options
+        if engagement is not None:
+            cutting = check_scope(engagement.name, engagement.rules, scoped(resolved))
+            options = with_exclusions(options, cutting)
+        argv = build_argv(self._nmap, options, resolved.nmap_targets, ipv6=resolved.ipv6,
                           privileged=self._settings.privileged)
         pool = self.policy.route(list(zip(resolved.nmap_targets, resolved.networks, strict=True)), request.pool)
-        return CheckedScan(resolved, argv, pool)
+        return CheckedScan(resolved, argv, pool, engagement.name if engagement else None, closes_at)
+
+    async def _engagement(self, owner: str, request: ScanRequest) -> Engagement | None:
+        """The engagement the scan runs under: the one it names, else its caller's default;
+        EngagementRefused when there is none and this server requires one."""
+        name = request.engagement or self.policy.default_engagement(owner)
+        if name is None:
+            if self.policy.require_engagement:
+                raise EngagementRefused("engagement_required", "every scan on this server runs under an engagement: "
+                                                               "name one (list_engagements shows yours)")
+            return None
+        return await self._stores.engagements.get(name)
 
     async def scan(
         self, owner: str, request: ScanRequest, *, timeout_s: float, rescan: bool = False,
@@ -230,13 +281,13 @@ class ScanService:
         A `schedule_run` (a run of a schedule) is linked to the task that queues it."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down; retry in a moment")
-        resolved, argv, pool = await self.check(owner, request)
+        resolved, argv, pool, engagement, closes_at = await self.check(owner, request)
         share = request.shareable and not rescan
         shards = shard(argv, resolved.networks, self._settings.shard_addresses) \
             if resolved.address_count > self._settings.shard_addresses else []
         submit = partial(
-            self._tasks.submit, owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds,
-            pool=pool, share=share,
+            self._tasks.submit, owner, request.kind, " ".join(request.targets), argv, self._time_limit(closes_at),
+            pool=pool, share=share, engagement=engagement,
             fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
             shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
             forced=request.shareable and rescan, schedule_run=schedule_run,
@@ -263,6 +314,12 @@ class ScanService:
         except DatabaseUnavailable:
             return with_message(answer(record), "The task database stopped answering while the call waited; "
                                                 "the scan is queued. Ask get_task_status later.")
+
+    def _time_limit(self, closes_at: float | None) -> int:
+        """A scan's time limit: the server's, cut to end when its engagement's window closes."""
+        if closes_at is None:
+            return self._settings.max_scan_seconds
+        return max(1, min(self._settings.max_scan_seconds, math.floor(closes_at - time.time())))
 
     async def present(
         self, record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0,

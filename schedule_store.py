@@ -50,6 +50,7 @@ class ScheduleRecord:
     next_run_at: float
     webhook_url: str | None
     webhook_secret: str | None
+    engagement: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,11 @@ class ScheduleStore:
         """Fire the schedule's due time: a new pending run, and `following` as its next run time.
         None when this process no longer holds the lease or the due time was fired already."""
         return await self._db.run(self._claim_run, schedule, following, lease, holder)
+
+    async def postpone(self, schedule: ScheduleRecord, until: float, lease: str, holder: str) -> bool:
+        """Move a due schedule's next run time to `until` without a run (its engagement allows
+        no scans now); False when this process no longer holds the lease or another moved it."""
+        return await self._db.run(self._postpone, schedule, until, lease, holder)
 
     async def previous_completed_run(self, run: RunRecord) -> RunRecord | None:
         """The latest run of the same schedule, due before `run`, whose scan completed."""
@@ -243,18 +249,17 @@ class ScheduleStore:
                              {row.id: _schedule(row) for row in owners}, next_due)
 
     def _claim_run(self, schedule: ScheduleRecord, following: float, lease: str, holder: str) -> str | None:
-        now = time.time()
         run_id = str(uuid.uuid4())
-        ours = (leases.c.name == lease) & (leases.c.holder == holder) & (leases.c.expires_at > now)
-        due = (schedules.c.id == schedule.id) & (schedules.c.next_run_at == schedule.next_run_at)
         with self._db.writing() as conn:
-            if conn.execute(select(leases.c.name).where(ours)).first() is None:
-                return None
-            if not conn.execute(update(schedules).where(due).values(next_run_at=following)).rowcount:
+            if not _move_due(conn, schedule, following, lease, holder):
                 return None
             conn.execute(insert(schedule_runs).values(id=run_id, schedule_id=schedule.id, due_at=schedule.next_run_at,
                                                       status="pending", webhook_attempts=0))
         return run_id
+
+    def _postpone(self, schedule: ScheduleRecord, until: float, lease: str, holder: str) -> bool:
+        with self._db.writing() as conn:
+            return _move_due(conn, schedule, until, lease, holder)
 
     def _select_previous_run(self, run: RunRecord) -> RunRecord | None:
         runs = schedule_runs.c
@@ -290,6 +295,16 @@ class ScheduleStore:
 
 def _count_of(conn: Connection, owner: str) -> int:
     return conn.execute(select(func.count()).select_from(schedules).where(schedules.c.owner == owner)).scalar_one()
+
+
+def _move_due(conn: Connection, schedule: ScheduleRecord, following: float, lease: str, holder: str) -> bool:
+    """Fenced by the lease: move the schedule's next run time from the due time it was read
+    with to `following`; False when the lease is not ours or the due time moved already."""
+    ours = (leases.c.name == lease) & (leases.c.holder == holder) & (leases.c.expires_at > time.time())
+    due = (schedules.c.id == schedule.id) & (schedules.c.next_run_at == schedule.next_run_at)
+    if conn.execute(select(leases.c.name).where(ours)).first() is None:
+        return False
+    return bool(conn.execute(update(schedules).where(due).values(next_run_at=following)).rowcount)
 
 
 def _schedule(row: Row[Any]) -> ScheduleRecord:

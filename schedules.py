@@ -48,6 +48,8 @@ from audit import Auditor
 from change_feed import wait_set
 from config import Settings
 from db import DatabaseUnavailable
+from engagement_store import EngagementNotFound
+from engagements import EngagementRefused, opening
 from limits import QueueFull, RateLimited
 from models import (
     ScanDiff,
@@ -96,7 +98,8 @@ class ScheduleForbidden(PermissionError):
 
 
 # Why a run's scan may be refused although its schedule was accepted (the policy changed since).
-REFUSED = (TargetError, CommandError, NoPool, QueueFull, RateLimited, ScheduleForbidden)
+REFUSED = (TargetError, CommandError, NoPool, QueueFull, RateLimited, ScheduleForbidden, EngagementRefused,
+           EngagementNotFound)
 
 
 @dataclass(frozen=True)
@@ -143,19 +146,22 @@ class Schedules:
         self._service = service
         self._settings = settings
 
-    def request(self, kind: ScanKind, spec: str) -> ScanRequest:
-        """The scan a run of a schedule asks for: a quick or full scan of `spec`, or the custom command `spec`."""
+    def request(self, kind: ScanKind, spec: str, engagement: str | None = None) -> ScanRequest:
+        """The scan a run of a schedule asks for: a quick or full scan of `spec`, or the custom
+        command `spec`, under `engagement`."""
         if kind is ScanKind.CUSTOM:
-            return self._service.custom(spec)
-        return self._service.quick(spec) if kind is ScanKind.QUICK else self._service.full(spec)
+            return self._service.custom(spec, engagement=engagement)
+        build = self._service.quick if kind is ScanKind.QUICK else self._service.full
+        return build(spec, engagement=engagement)
 
     async def create(self, owner: str, kind: ScanKind, target: str | None, command: str | None, every: str,
-                     webhook_url: str | None) -> ScheduleCreated:
-        """Check the schedule as its scan tool would check the same call, then store it."""
+                     webhook_url: str | None, engagement: str | None = None) -> ScheduleCreated:
+        """Check the schedule as its scan tool would check the same call (at any hour: its runs
+        wait for the engagement's windows), then store it."""
         spec = self._spec(kind, target, command)
         if not self._service.policy.may(owner, SCAN_TOOLS[kind]):
             raise ScheduleForbidden(f"this token may not use {SCAN_TOOLS[kind]}, so it may not schedule it")
-        await self._service.check(owner, self.request(kind, spec))
+        checked = await self._service.check(owner, self.request(kind, spec, engagement), any_hour=True)
         cadence, now = parse_every(every), time.time()
         if (gap := cadence.shortest_gap(now)) < self._settings.min_schedule_seconds:
             raise ScheduleError(f"'every' {cadence.text!r} runs {gap:g} s apart; this server runs a schedule at most "
@@ -168,6 +174,7 @@ class Schedules:
         await self._store.create({
             "id": schedule_id, "owner": owner, "kind": kind.value, "spec": spec, "every": cadence.text,
             "created_at": now, "next_run_at": first, "webhook_url": webhook_url, "webhook_secret": secret,
+            "engagement": checked.engagement,
         }, self._service.policy.limits(owner).schedules)
         note = " Keep webhook_secret: it verifies the webhook's signature and is not shown again." if secret else ""
         return ScheduleCreated(schedule_id=schedule_id, next_run_at=first, webhook_secret=secret,
@@ -248,6 +255,7 @@ class Scheduler:
         self.holder = str(uuid.uuid4())
         self._name = f"{name} pid {os.getpid()}"
         self._store = stores.schedules
+        self._stores = stores
         self._tasks = stores.tasks
         self._feed = stores.feed
         self._schedules = schedules
@@ -322,10 +330,31 @@ class Scheduler:
         return min(TICK_SECONDS, max(until_due_s, MIN_PAUSE_SECONDS))
 
     async def _fire(self, schedule: ScheduleRecord) -> None:
-        following = parse_every(schedule.every).next_after(schedule.created_at, time.time())
+        now = time.time()
+        following = parse_every(schedule.every).next_after(schedule.created_at, now)
+        if schedule.engagement is not None:
+            closed = await self._closed_until(schedule, now)
+            if closed is not None:
+                await self._store.postpone(schedule, following if math.isinf(closed) else closed,
+                                           SCHEDULER_LEASE, self.holder)
+                return
         run_id = await self._store.claim_run(schedule, following, SCHEDULER_LEASE, self.holder)
         if run_id is not None:
             await self._submit(run_id, schedule)
+
+    async def _closed_until(self, schedule: ScheduleRecord, now: float) -> float | None:
+        """None while the schedule's engagement allows scans; else when it next does (the due
+        run waits for it: a window's opening runs it once), inf when it never will again (the
+        schedule then only keeps its cadence, and its runs' refusals are not recorded)."""
+        assert schedule.engagement is not None
+        try:
+            rules = (await self._stores.engagements.get(schedule.engagement)).rules
+        except EngagementNotFound:
+            return None  # the run is refused, and says why
+        state = opening(rules, now)
+        if state.open:
+            return None
+        return math.inf if state.opens_at is None else state.opens_at
 
     async def _submit(self, run_id: str, schedule: ScheduleRecord) -> None:
         """Queue the run's scan as a normal task of the schedule's owner, linked to the run."""
@@ -333,8 +362,8 @@ class Scheduler:
         try:
             with self._auditor.call(schedule.owner, "schedule_run", facts, scans=True), without_waiting():
                 await self._may_still_scan(schedule)
-                await self._service.scan(schedule.owner, self._schedules.request(schedule.kind, schedule.spec),
-                                         timeout_s=0, rescan=True, schedule_run=run_id)
+                request = self._schedules.request(schedule.kind, schedule.spec, schedule.engagement)
+                await self._service.scan(schedule.owner, request, timeout_s=0, rescan=True, schedule_run=run_id)
         except (RunAlreadyQueued, ShuttingDown):
             return  # queued by another process already, or left for the next holder
         except (*REFUSED, ToolError) as e:

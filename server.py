@@ -65,6 +65,7 @@ from config import (
 )
 from dashboard import register_dashboard
 from db import shown_url
+from engagement_tools import EngagementBook, register_engagement_tools
 from errors import PromptArgumentCheck, ToolErrorMiddleware
 from http_edge import JsonRpcBodyCheck, edge_app
 from logs import LogContext, configure_logging
@@ -141,7 +142,8 @@ class Runtime:
         stdio = role is Role.STDIO
         self.worker = None if role is Role.API else Worker(
             self.stores.workers,
-            ArgvCheck.of_worker(nmap_path, policy, privileged=settings.privileged, pool=settings.pool),
+            ArgvCheck.of_worker(nmap_path, policy, privileged=settings.privileged, pool=settings.pool,
+                                engagements=self.stores.engagements),
             name=(settings.worker_name or socket.gethostname()) + (" stdio" if stdio else ""),
             owner=settings.stdio_caller if stdio else None,
             pool=settings.pool,
@@ -159,10 +161,12 @@ class Runtime:
         # Watches every background loop of the process; one that dies stops the process.
         self.supervisor = Supervisor()
         self._retention_days = settings.retention_days
+        self._engagements = settings.engagements
         self._drained = False
 
     async def start(self) -> None:
         await self.stores.start(self.supervisor)
+        await self.stores.engagements.load_config(self._engagements)
         self.supervisor.start("lease-reaper", resolve_expired_forever(
             self.stores.workers, self.stores.db, max(self.stores.lease_seconds / 4, 0.5)))
         self.supervisor.start("retention", purge_forever(self.stores, self._retention_days))
@@ -227,6 +231,8 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
         strict_input_validation=True,
     )
     schemas = register_tools(mcp, runtime.service, settings, identify, runtime.schedules)
+    register_engagement_tools(mcp, schemas, EngagementBook(runtime.stores.engagements, runtime.service.policy),
+                              identify)
     register_resources(mcp, runtime.service, identify, privileged=settings.privileged,
                        categories=tuple(settings.script_categories))
     runtime.metrics.known_tools(schemas)

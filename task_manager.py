@@ -58,7 +58,8 @@ _FRESH_TWIN = (
     select(*TASK_SUMMARY)
     .where(tasks.c.owner == _P["owner"], tasks.c.kind == bindparam("p_kind"), tasks.c.argv == bindparam("p_argv"),
            tasks.c.status == TaskStatus.COMPLETED.value, tasks.c.finished_at >= bindparam("p_fresh_since"),
-           tasks.c.parent_id.is_(None))
+           tasks.c.parent_id.is_(None),
+           tasks.c.engagement.is_not_distinct_from(bindparam("p_engagement", type_=tasks.c.engagement.type)))
     .order_by(tasks.c.finished_at.desc())
     .limit(1)
 )
@@ -86,9 +87,11 @@ class Submitted(NamedTuple):
     claimed: TaskRecord | None = None
 
 
-def dedupe_key(owner: str, kind: ScanKind, argv: Sequence[str]) -> str:
-    """Identical calls: the same caller, tool and canonical nmap argv."""
-    return hashlib.sha256(json.dumps([owner, kind.value, list(argv)]).encode()).hexdigest()
+def dedupe_key(owner: str, kind: ScanKind, argv: Sequence[str], engagement: str | None = None) -> str:
+    """Identical calls: the same caller, tool, canonical nmap argv and engagement (a scan
+    under one engagement is no evidence for another)."""
+    called = [owner, kind.value, list(argv)] + ([engagement] if engagement else [])
+    return hashlib.sha256(json.dumps(called).encode()).hexdigest()
 
 
 class TaskManager:
@@ -126,6 +129,7 @@ class TaskManager:
         forced: bool = False,
         schedule_run: str | None = None,
         claim_for: WorkerInfo | None = None,
+        engagement: str | None = None,
     ) -> Submitted:
         """Queue a scan (as shards when given), or with `share` return the caller's identical
         scan already queued or running, or completed since `fresh_since`. QueueFull when the
@@ -140,8 +144,8 @@ class TaskManager:
             "id": str(uuid.uuid4()), "owner": owner, "kind": kind.value, "target": target,
             "argv": json.dumps(list(argv)), "status": TaskStatus.QUEUED.value, "created_at": time.time(),
             "time_limit": time_limit, "pool": pool, "shard_count": len(shards), "parent_id": None,
-            "dedupe_key": dedupe_key(owner, kind, argv) if share else None,
-            "address_count": address_count, "forced": forced,
+            "dedupe_key": dedupe_key(owner, kind, argv, engagement) if share else None,
+            "address_count": address_count, "forced": forced, "engagement": engagement,
         }
         row, reused, claimed, left_queued = await self._db.run(
             self._submit, values, fresh_since, shards, limits, schedule_run, claim_for)
@@ -387,7 +391,8 @@ def _select_shareable(conn: Connection, values: dict[str, Any], fresh_since: flo
     if active is not None or fresh_since is None:
         return active
     return conn.execute(_FRESH_TWIN, {"p_owner": values["owner"], "p_kind": values["kind"],
-                                      "p_argv": values["argv"], "p_fresh_since": fresh_since}).first()
+                                      "p_argv": values["argv"], "p_fresh_since": fresh_since,
+                                      "p_engagement": values["engagement"]}).first()
 
 
 def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[str, Any]]:

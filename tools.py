@@ -73,6 +73,7 @@ PoolName = Annotated[
     Field(description="Scanner pool to run in (list_workers shows them); default: the pool that reaches the target",
           pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
 ]
+EngagementName = Annotated[str | None, Field(max_length=64, description="Engagement to run under; default: yours")]
 SkipHostDiscovery = Annotated[bool, Field(description=(
     "Skip host discovery (-Pn): scan every target as up, also a host whose firewall drops nmap's ping probes "
     "and so looks down. Slower on ranges with few hosts"))]
@@ -97,7 +98,7 @@ _SCAN_ANNOTATIONS = ToolAnnotations(
 _CANCEL_ANNOTATIONS = ToolAnnotations(
     read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
 )
-_READ_ANNOTATIONS = ToolAnnotations(
+READ_ANNOTATIONS = ToolAnnotations(
     read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
 )
 
@@ -190,9 +191,10 @@ def register_tools(
         rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
         pool: PoolName = None,
         skip_host_discovery: SkipHostDiscovery = False,
+        engagement: EngagementName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            request = scans.quick(target, pool, skip_host_discovery=skip_host_discovery)
+            request = scans.quick(target, pool, skip_host_discovery=skip_host_discovery, engagement=engagement)
             return await scans.scan(caller(), request, timeout_s=timeout, rescan=rescan,
                                     on_progress=progress_reporter(ctx))
 
@@ -205,9 +207,10 @@ def register_tools(
         rescan: Annotated[bool, Field(description="Scan again even if a recent result exists")] = False,
         pool: PoolName = None,
         skip_host_discovery: SkipHostDiscovery = False,
+        engagement: EngagementName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            request = scans.full(target, pool, skip_host_discovery=skip_host_discovery)
+            request = scans.full(target, pool, skip_host_discovery=skip_host_discovery, engagement=engagement)
             return await scans.scan(caller(), request, timeout_s=timeout, rescan=rescan,
                                     on_progress=progress_reporter(ctx))
 
@@ -219,9 +222,10 @@ def register_tools(
         ctx: Context,
         timeout: Annotated[int, Field(ge=5, le=600, description=WAIT_TEXT)] = default_wait,
         pool: PoolName = None,
+        engagement: EngagementName = None,
     ) -> TaskAnswer:
         with tool_errors():
-            return await scans.scan(caller(), scans.custom(command, pool), timeout_s=timeout,
+            return await scans.scan(caller(), scans.custom(command, pool, engagement=engagement), timeout_s=timeout,
                                       on_progress=progress_reporter(ctx))
 
     async def scan(
@@ -241,12 +245,13 @@ def register_tools(
         timing: Annotated[Literal["T2", "T3", "T4"], Field(description="T2 polite, T3 normal, T4 fast")] = "T3",
         timeout: Annotated[int, Field(ge=5, le=600, description=WAIT_TEXT)] = default_wait,
         pool: PoolName = None,
+        engagement: EngagementName = None,
     ) -> TaskAnswer:
         given = targets if isinstance(targets, str) else tuple(targets)
         spec = TypedScan(given, scan_type, ports, top_ports, service_versions, os_detection, tuple(scripts or ()),
                          skip_host_discovery, timing)
         with tool_errors():
-            return await scans.scan(caller(), scans.typed(spec, pool), timeout_s=timeout,
+            return await scans.scan(caller(), scans.typed(spec, pool, engagement=engagement), timeout_s=timeout,
                                     on_progress=progress_reporter(ctx))
 
     # The categories this server allows, as an enum a model can pick from: known only now,
@@ -257,7 +262,7 @@ def register_tools(
     inlined_tool(mcp, schemas, description=scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS,
                  target_text=True, shape=None if settings.privileged else unprivileged_scan)(scan)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS)
     async def nmap_version() -> NmapVersion:
         """The nmap that runs the scans: its version, platform and libraries, whether raw-packet
         scans (syn, udp, OS detection) are allowed here, the script categories scans may use,
@@ -265,14 +270,14 @@ def register_tools(
         with tool_errors():
             return await scans.nmap_version()
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS)
     async def get_task_status(task_id: TaskId) -> TaskState:
         """State, timings and progress (percent, phase, seconds left) of one of your scan
         tasks, without the result. Instant."""
         with tool_errors():
             return await scans.status(caller(), task_id)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS, target_text=True)
     async def get_task_result(
         task_id: TaskId,
         format: Annotated[Literal["json", "xml", "csv"], Field(
@@ -294,14 +299,14 @@ def register_tools(
         with tool_errors():
             return await scans.result(caller(), task_id, format, view, offset, limit, port_offset)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS, target_text=True)
     async def diff_scans(task_a: TaskId, task_b: TaskId) -> ScanDiff:
         """What changed between two of your finished scans (a: before, b: after): hosts
         that came up or went down, ports opened or closed, services or versions changed."""
         with tool_errors():
             return await scans.diff(caller(), task_a, task_b)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS)
     async def list_tasks(
         status: Annotated[TaskStatus | None, Field(description="Only tasks in this state")] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="At most this many tasks")] = 20,
@@ -316,7 +321,7 @@ def register_tools(
         with tool_errors():
             return await scans.cancel(caller(), task_id)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS, target_text=True)
     async def find_hosts(
         network: Network = None,
         port: Annotated[int | None, Field(ge=1, le=65535, description="Only hosts with this port")] = None,
@@ -353,7 +358,7 @@ def register_tools(
                        "seen_since": seen_since, "changed_since": changed_since}
             return await scans.find_hosts(caller(), filters, limit=limit, offset=offset, port_offset=port_offset)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS, target_text=True)
     async def top_values(
         field: Annotated[Literal["port", "service", "product", "version", "os", "status"], Field(
             description="What to count: open ports, services, products, product versions, OS guesses, host status")],
@@ -367,7 +372,7 @@ def register_tools(
         with tool_errors():
             return await scans.top_values(caller(), field, limit=limit, network=network, seen_since=seen_since)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS)
     async def get_limits() -> LimitsAnswer:
         """Your token's limits (scans per minute, concurrent scans, addresses per day, forced
         rescans per hour, schedules) and how much of each you use now. A scan or schedule past
@@ -375,7 +380,7 @@ def register_tools(
         with tool_errors():
             return await scans.limits(caller())
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS)
     async def list_workers() -> WorkerList:
         """Scanner pools: the networks each reaches, its workers (alive, capacity, running,
         last heartbeat) and how many tasks wait in its queue. Instant."""
@@ -394,11 +399,12 @@ def register_tools(
             "custom: nmap options and targets, as custom_scan takes them"))] = None,
         webhook_url: Annotated[str | None, Field(max_length=2000, description=(
             "Where changes are POSTed; must fall under a URL this server allows"))] = None,
+        engagement: EngagementName = None,
     ) -> ScheduleCreated:
         with tool_errors():
-            return await schedules.create(caller(), ScanKind(kind), target, command, every, webhook_url)
+            return await schedules.create(caller(), ScanKind(kind), target, command, every, webhook_url, engagement)
 
-    @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS, target_text=True)
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS, target_text=True)
     async def list_schedules(
         limit: Annotated[int, Field(ge=1, le=100, description="At most this many schedules")] = 100,
         offset: Annotated[int, Field(ge=0, description="First schedule of the page")] = 0,

@@ -82,6 +82,7 @@ def state(record: TaskRecord, caller: str | None = None) -> TaskState:
         error=record.error,
         progress=record.progress,
         owner=record.owner if caller is not None and record.owner != caller else None,
+        engagement=record.engagement,
     )
 
 

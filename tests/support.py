@@ -542,8 +542,9 @@ async def call(client: fastmcp.Client, name: str, arguments: dict[str, Any]) -> 
     return await client.call_tool(name, arguments, raise_on_error=False)  # type: ignore[return-value]
 
 
-async def answer_of(client: fastmcp.Client, name: str, **arguments: Any) -> dict[str, Any]:
-    """The structured answer of a tool call that must succeed, through an in-memory client."""
+async def answer_of(client: fastmcp.Client, name: str, /, **arguments: Any) -> dict[str, Any]:
+    """The structured answer of a tool call that must succeed, through an in-memory client
+    (positional-only: a tool may take an argument called `name`)."""
     result = await call(client, name, arguments)
     assert not result.is_error, error_text(result)
     assert result.structured_content is not None
