@@ -19,8 +19,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from approval_store import ApprovalStore
 from engagement_store import EngagementNotFound, EngagementStore
-from engagements import EngagementRefused, ScopedTarget, check_kind, check_member, check_scope, check_time
+from engagements import (
+    EngagementRefused,
+    EngagementRules,
+    ScopedTarget,
+    approval_reasons,
+    check_kind,
+    check_member,
+    check_scope,
+    check_time,
+)
 from models import TaskRecord
 from nmap_options import CommandError, parse_command
 from policy import Policy
@@ -47,14 +57,17 @@ class ArgvCheck:
     privileged: bool
     # The networks of this worker's pool; None when the server has no pools (one pool reaches all).
     pool_networks: tuple[IPNetwork, ...] | None
-    # Where the engagements a task names are read from (None: a check without engagements).
+    # Where the engagements a task names, and their approvals, are read from (None: a check
+    # without engagements).
     engagements: EngagementStore | None = None
+    approvals: ApprovalStore | None = None
 
     @classmethod
     def of_worker(cls, nmap_path: str, policy: Policy, *, privileged: bool, pool: str,
-                  engagements: EngagementStore | None = None) -> ArgvCheck:
+                  engagements: EngagementStore | None = None, approvals: ApprovalStore | None = None) -> ArgvCheck:
         """The check of a worker in `pool` (one missing from configured pools reaches nothing)."""
-        return cls(nmap_path, policy, privileged, policy.pools.get(pool, ()) if policy.pools else None, engagements)
+        return cls(nmap_path, policy, privileged, policy.pools.get(pool, ()) if policy.pools else None, engagements,
+                   approvals)
 
     async def argv_to_run(self, record: TaskRecord) -> list[str]:
         """The argv to run for `record`: its stored argv, with this worker's nmap, once every
@@ -103,6 +116,24 @@ class ArgvCheck:
         told = set(options[options.index("--exclude") + 1].split(",")) if "--exclude" in options else set()
         if missing := [str(network) for network in cutting if str(network) not in told]:
             raise TaskRefused(f"its argv does not exclude {', '.join(missing)}, which its engagement excludes")
+        await self._check_approval(record, rules, options, sum(n.num_addresses for c in networks for n in c))
+
+    async def _check_approval(self, record: TaskRecord, rules: EngagementRules, options: Sequence[str],
+                              addresses: int) -> None:
+        """A task whose engagement wants a person's yes for it runs only once one was given: its
+        approval, if it has one, must be approved, and a task the rules would hold (all but the
+        first-scan-of-a-network rule, which the inventory decided at submission) must have one."""
+        if self.approvals is None or rules.approval is None:
+            return
+        approval = await self.approvals.of_task(record.parent_id or record.id)
+        if approval is not None:
+            if approval.decision != "approved":
+                raise TaskRefused(f"its approval is {approval.decision or 'still pending'}")
+            return
+        catalog = self.policy.scripts.catalog
+        if reasons := approval_reasons(rules, options, addresses, time.time(),
+                                       lambda pick: catalog.get(pick, frozenset()), []):
+            raise TaskRefused(f"its engagement wants a person's yes first ({'; '.join(reasons)}), and none was given")
 
     def _check_pool(self, networks: Sequence[Sequence[IPNetwork]]) -> None:
         if self.pool_networks is None:

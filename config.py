@@ -112,6 +112,8 @@ class Grant(BaseModel):
     engagement: str | None = Field(default=None, pattern=ENGAGEMENT_NAME)
     # Whether it may create engagements (create_engagement): an operator's, never an agent's.
     manage_engagements: bool = False
+    # Whether it may approve or deny other callers' scans that wait for approval (approvals.py).
+    approve_scans: bool = False
 
     @field_validator("allowed_targets")
     @classmethod

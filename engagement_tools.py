@@ -1,17 +1,19 @@
 """The engagement tools: list_engagements and get_engagement for every caller (the ones it
-may scan under), create_engagement for operators (a grant with manage_engagements; it is
-neither listed nor callable for anyone else, policy.MANAGER_TOOLS)."""
+may scan under), create_engagement for operators (a grant with manage_engagements), and
+list_approvals and decide_approval for approvers (a grant with approve_scans). Neither kind
+is listed or callable for anyone else (policy.MANAGER_TOOLS, policy.APPROVER_TOOLS)."""
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastmcp import FastMCP
 from fastmcp.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
+from approvals import ApprovalDesk, ApprovalInfo, ApprovalList
 from auth import Identify
 from engagement_store import EngagementNotFound, EngagementStore
 from engagements import (
@@ -26,7 +28,7 @@ from engagements import (
 )
 from errors import tool_errors
 from policy import Policy
-from tools import READ_ANNOTATIONS, inlined_tool
+from tools import READ_ANNOTATIONS, TASK_ID, inlined_tool
 
 EngagementName = Annotated[str, Field(pattern=ENGAGEMENT_NAME, description="The engagement's name")]
 
@@ -60,7 +62,7 @@ class EngagementBook:
 
 
 def register_engagement_tools(mcp: FastMCP, schemas: dict[str, dict[str, Any]], book: EngagementBook,
-                              identify: Identify) -> None:
+                              desk: ApprovalDesk, identify: Identify) -> None:
     """Add the engagement tools to `mcp`, acting for the caller `identify` names."""
 
     def caller() -> str:
@@ -91,3 +93,21 @@ def register_engagement_tools(mcp: FastMCP, schemas: dict[str, dict[str, Any]], 
         (dates), and the tokens and roles that may scan under it. Names are never reused."""
         with tool_errors():
             return await book.create(caller(), name, rules)
+
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS, target_text=True)
+    async def list_approvals() -> ApprovalList:
+        """Scans waiting for an approver's yes (approvers only), oldest first: who asked, under
+        which engagement, the exact nmap argv, why it needs approval, and until when. Instant."""
+        with tool_errors():
+            return await desk.pending(caller())
+
+    @inlined_tool(mcp, schemas, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                                            idempotent_hint=False, open_world_hint=True))
+    async def decide_approval(
+        task_id: Annotated[str, Field(pattern=TASK_ID, description="The task_id list_approvals shows")],
+        decision: Annotated[Literal["approve", "deny"], Field(description="approve: it runs; deny: it ends denied")],
+        reason: Annotated[str, Field(min_length=1, max_length=500, description="Why; kept with the decision")],
+    ) -> ApprovalInfo:
+        """Approve or deny a scan waiting for approval (approvers only; never your own scan)."""
+        with tool_errors():
+            return await desk.decide(caller(), task_id, decision, reason)

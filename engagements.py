@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as wall_time
@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models import ScanKind
+from nmap_options import ALLOWED_OPTIONS
 from targets import IPNetwork
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -40,6 +41,8 @@ _SCOPE_NAME = re.compile(rf"^(\*\.)?(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 # Options every scan may carry whatever an engagement's `options` say: the scan type the
 # server picks when none is given, and what the server itself adds.
 SERVER_OPTIONS = frozenset({"-sT", "-sS", "-n", "--host-timeout", "--exclude"})
+# What nmap can only do with raw packets (nmap_options marks them privileged).
+RAW_PACKET_OPTIONS = frozenset(name for name, option in ALLOWED_OPTIONS.items() if option.privileged)
 # How far ahead the next window is looked for: every weekly pattern repeats within a week.
 _DAYS_AHEAD = 8
 
@@ -82,6 +85,26 @@ class Window(BaseModel):
         return f"{days} {self.start:%H:%M}-{self.end:%H:%M}"
 
 
+class ApprovalRules(BaseModel):
+    """Which scans of an engagement wait for a person's yes (approvals.py): any one rule that
+    matches is enough, and each that matches is named to the approver."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A scan of more addresses than this.
+    addresses_over: int | None = Field(default=None, ge=1)
+    # Raw-packet scans: SYN, UDP, OS detection, traceroute.
+    raw_packets: bool = False
+    # Picking scripts of these NSE categories.
+    script_categories: list[str] = Field(default_factory=list)
+    # Business hours (in the engagement's zone): a scan outside all of them waits for approval.
+    business_hours: list[Window] = Field(default_factory=list, max_length=32)
+    # The first scan of a network (a /24, or /64 for IPv6) in which the caller's inventory holds no host yet.
+    new_networks: bool = False
+    # An approval not given within this long is denied.
+    expires_after_seconds: int = Field(default=3600, ge=5, le=7 * 86_400)
+
+
 class EngagementRules(BaseModel):
     """What an engagement allows; see the module docstring."""
 
@@ -108,6 +131,8 @@ class EngagementRules(BaseModel):
     # Token names (or people's emails) and roles that may scan under it.
     tokens: list[str] = Field(default_factory=list)
     roles: list[str] = Field(default_factory=list)
+    # Which scans need a person's yes first; None: none do.
+    approval: ApprovalRules | None = None
 
     @field_validator("scope")
     @classmethod
@@ -277,6 +302,38 @@ def check_kind(name: str, rules: EngagementRules, kind: ScanKind, options: Seque
             raise EngagementRefused("not_allowed", f"engagement {name!r} allows scripts of the categories "
                                                    f"{', '.join(rules.script_categories) or '(none)'} only, "
                                                    f"not {', '.join(picks)}")
+
+
+def approval_reasons(rules: EngagementRules, options: Sequence[str], addresses: int, now: float,
+                     categories_of: Callable[[str], frozenset[str]], new_networks: Sequence[str]) -> list[str]:
+    """Why a scan of the engagement needs a person's yes (empty: it does not): each of its
+    approval rules the scan matches, in words an approver reads. `new_networks` are the
+    networks of the scan in which the caller's inventory holds no host yet."""
+    approval = rules.approval
+    if approval is None:
+        return []
+    reasons = []
+    if approval.addresses_over is not None and addresses > approval.addresses_over:
+        reasons.append(f"it covers {addresses} addresses, more than {approval.addresses_over}")
+    raw = sorted({word for word in options if word in RAW_PACKET_OPTIONS})
+    if approval.raw_packets and raw:
+        reasons.append(f"it sends raw packets ({', '.join(raw)})")
+    asked = {pick: ({pick} | categories_of(pick)) & set(approval.script_categories) for pick in script_picks(options)}
+    if risky := sorted(pick for pick, categories in asked.items() if categories):
+        reasons.append(f"it runs scripts of the categories {', '.join(approval.script_categories)} "
+                       f"({', '.join(risky)})")
+    if approval.business_hours and not _inside(approval.business_hours, rules.zone(), now):
+        hours = "; ".join(window.described() for window in approval.business_hours)
+        reasons.append(f"it runs outside business hours ({hours}, {rules.timezone})")
+    if approval.new_networks and new_networks:
+        reasons.append(f"it is the first scan of {', '.join(new_networks)}")
+    return reasons
+
+
+def _inside(windows: Sequence[Window], zone: ZoneInfo, now: float) -> bool:
+    today = datetime.fromtimestamp(now, zone).date()
+    spans = (window.spans(today + timedelta(days=offset), zone) for offset in (-1, 0) for window in windows)
+    return any(span[0] <= now < span[1] for span in spans if span is not None)
 
 
 def script_picks(options: Sequence[str]) -> list[str]:

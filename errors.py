@@ -23,6 +23,7 @@ from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools.base import ToolResult
 from pydantic import ValidationError
 
+from approval_store import ApprovalDecided, ApprovalNotFound, OwnApproval
 from db import DatabaseUnavailable
 from engagement_store import EngagementExists, EngagementNotFound
 from engagements import EngagementRefused
@@ -59,6 +60,9 @@ CODES: dict[type[Exception], str] = {
     WebhookRefused: "invalid_webhook",
     EngagementNotFound: "not_found",
     EngagementExists: "already_exists",
+    ApprovalNotFound: "not_found",
+    ApprovalDecided: "already_decided",
+    OwnApproval: "forbidden",
     # Its own code: outside_scope, excluded, outside_window, engagement_not_started, ... (engagements.py).
     EngagementRefused: "engagement",
 }

@@ -26,6 +26,7 @@ from models import (
     inventory_hosts,
     inventory_ports,
 )
+from targets import IPNetwork
 
 T = TypeVar("T")
 # Rows written (and addresses looked up) per statement: far below SQLite's limit of bound parameters.
@@ -99,6 +100,18 @@ class InventoryStore:
                          offset: int) -> tuple[list[InventoryHost], int]:
         """A page of the owner's inventory hosts matching `query`, and how many match in all."""
         return await self._db.run(self._find_hosts, owner, query, limit, offset)
+
+    async def unseen(self, owner: str, networks: Sequence[IPNetwork]) -> list[IPNetwork]:
+        """Those of `networks` in which the owner's inventory holds no host at all."""
+        return await self._db.run(self._unseen, owner, list(networks))
+
+    def _unseen(self, owner: str, networks: list[IPNetwork]) -> list[IPNetwork]:
+        hosts = inventory_hosts.c
+        with self._db.reading() as conn:
+            return [network for network in networks if conn.execute(
+                select(hosts.address).where(hosts.owner == owner,
+                                            hosts.address_key.between(*network_bounds(network))).limit(1)
+            ).first() is None]
 
     async def top_values(self, owner: str, field: str, query: HostQuery, limit: int) -> list[ValueCount]:
         """The owner's most common values of `field` (port, service, product, version, os, status)."""

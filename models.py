@@ -31,25 +31,30 @@ from untrusted import reads_like_instructions
 class TaskStatus(enum.StrEnum):
     """Lifecycle of a scan task.
 
+    awaiting_approval -> queued | denied | cancelled   (a person approves, denies, or nobody
+                                                         does in time: denied)
     queued -> running -> completed | failed | cancelled | interrupted
     queued -> cancelled
     running -> queued        (claimed, but its worker died before nmap started: run it later)
     running -> interrupted   (nmap had started when its worker died or shut down; never re-run)
     """
 
+    AWAITING_APPROVAL = "awaiting_approval"
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
+    DENIED = "denied"
 
     @property
     def finished(self) -> bool:
-        return self not in (TaskStatus.QUEUED, TaskStatus.RUNNING)
+        return self.value not in ACTIVE_STATUSES
 
 
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.AWAITING_APPROVAL: frozenset({TaskStatus.QUEUED, TaskStatus.DENIED, TaskStatus.CANCELLED}),
     TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
     TaskStatus.RUNNING: frozenset(
         {TaskStatus.QUEUED, TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED}
@@ -58,8 +63,9 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.FAILED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
     TaskStatus.INTERRUPTED: frozenset(),
+    TaskStatus.DENIED: frozenset(),
 }
-ACTIVE_STATUSES = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+ACTIVE_STATUSES = (TaskStatus.AWAITING_APPROVAL.value, TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
 
 
 class ScanKind(enum.StrEnum):
@@ -285,6 +291,25 @@ engagements = Table(
     Column("created_by", String(320), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("source", String(16), nullable=False),
+)
+# Approvals (approvals.py): a scan its engagement says a person must approve first, and what
+# became of it. decision: NULL while pending, then approved | denied | expired.
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("task_id", String(36), primary_key=True),
+    Column("engagement", String(64), nullable=False),
+    Column("requested_by", String(320), nullable=False),
+    # Why it needs a person's yes (JSON list of sentences), and what its requester said.
+    Column("reasons", Text, nullable=False),
+    Column("justification", Text),
+    Column("requested_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("decision", String(16)),
+    Column("decided_by", String(320)),
+    Column("decided_at", Float),
+    Column("decision_reason", Text),
+    Index("ix_approvals_pending", "decision", "expires_at"),
 )
 # A task's columns without its nmap XML, and without its result too: what most reads need.
 TASK_WITH_RESULT = [c for c in tasks.c if c.name != "raw_xml"]

@@ -22,6 +22,8 @@ NOBODY = "@nobody"
 # Tools only a grant with manage_engagements may see and call: rules of engagement are an
 # operator's, never set by the agent they bind.
 MANAGER_TOOLS = frozenset({"create_engagement"})
+# Tools only a grant with approve_scans may see and call.
+APPROVER_TOOLS = frozenset({"list_approvals", "decide_approval"})
 # Every route besides the tools themselves to what the tools show (tasks, results, the
 # inventory, schedules, pools), with the tools whose data it shows or whose act it does: a token
 # restricted by `tools` may use a route only when it may use every one of them, so that no route
@@ -96,6 +98,7 @@ class Policy:
         self.require_engagement = settings.require_engagement
         self._default_engagements = {key: spec.engagement for key, spec in grants.items() if spec.engagement}
         self._managers = frozenset(key for key, spec in grants.items() if spec.manage_engagements)
+        self._approvers = frozenset(key for key, spec in grants.items() if spec.approve_scans)
         # People who signed in (by email) and their role, as this process last learnt it.
         self.people = people or RoleBook()
         self._token_names = sorted(settings.named_tokens())
@@ -124,7 +127,8 @@ class Policy:
     def may(self, owner: str, route: str) -> bool:
         """Whether `owner` may use `route`: a tool, or a route of ROUTE_TOOLS (all its tools)."""
         key = self._key(owner)
-        if route in MANAGER_TOOLS and key not in self._managers:
+        if (route in MANAGER_TOOLS and key not in self._managers) or (route in APPROVER_TOOLS
+                                                                       and key not in self._approvers):
             return False
         scope = self.tool_scopes.get(key)
         return scope is None or ROUTE_TOOLS.get(route, frozenset({route})) <= scope

@@ -28,6 +28,7 @@ from engagements import (
     Engagement,
     EngagementRefused,
     ScopedTarget,
+    approval_reasons,
     check_kind,
     check_member,
     check_scope,
@@ -60,7 +61,8 @@ from resolver import HostResolver
 from scanner import NmapBuild, build_argv, nmap_build, scan_options
 from sharding import shard
 from stores import Stores
-from targets import ResolvedTargets, resolve_targets, split_targets
+from targets import IPNetwork, ResolvedTargets, resolve_targets, split_targets
+from task_manager import ApprovalRequest
 from views import (
     answer,
     capped_diff,
@@ -85,6 +87,16 @@ CANCEL_WAIT_SECONDS = 5.0
 # Set, for one call, by a front door that answers with a task handle instead of waiting (the
 # MCP Tasks extension, mcp_tasks.py): scan() then returns as soon as its task is queued.
 _submitted: ContextVar[list[TaskRecord] | None] = ContextVar("submitted_scans", default=None)
+
+
+def surrounding(resolved: ResolvedTargets) -> list[IPNetwork]:
+    """The networks a scan reaches, each widened to its /24 (IPv4) or /64 (IPv6): the unit in
+    which an engagement's approval rule `new_networks` asks whether a network was scanned before."""
+    widened: dict[IPNetwork, None] = {}
+    for network in (n for covered in resolved.networks for n in covered):
+        prefix = 24 if network.version == 4 else 64
+        widened[network if network.prefixlen <= prefix else network.supernet(new_prefix=prefix)] = None
+    return list(widened)
 
 
 def scoped(resolved: ResolvedTargets) -> list[ScopedTarget]:
@@ -125,6 +137,8 @@ class CheckedScan(NamedTuple):
     pool: str
     engagement: str | None = None
     closes_at: float | None = None
+    # The approval it must wait for (its engagement's approval rules matched); None: none.
+    approval: ApprovalRequest | None = None
 
 
 @contextlib.contextmanager
@@ -256,7 +270,22 @@ class ScanService:
         argv = build_argv(self._nmap, options, resolved.nmap_targets, ipv6=resolved.ipv6,
                           privileged=self._settings.privileged)
         pool = self.policy.route(list(zip(resolved.nmap_targets, resolved.networks, strict=True)), request.pool)
-        return CheckedScan(resolved, argv, pool, engagement.name if engagement else None, closes_at)
+        if engagement is None:
+            return CheckedScan(resolved, argv, pool)
+        approval = await self._approval(owner, engagement, options, resolved)
+        return CheckedScan(resolved, argv, pool, engagement.name, closes_at, approval)
+
+    async def _approval(self, owner: str, engagement: Engagement, options: list[str],
+                        resolved: ResolvedTargets) -> ApprovalRequest | None:
+        """The approval a scan must wait for, when its engagement's approval rules match it."""
+        rules = engagement.rules.approval
+        if rules is None:
+            return None
+        unseen = await self._stores.inventory.unseen(owner, surrounding(resolved)) if rules.new_networks else []
+        reasons = approval_reasons(engagement.rules, options, resolved.address_count, time.time(),
+                                   lambda pick: self.policy.scripts.catalog.get(pick, frozenset()),
+                                   [str(network) for network in unseen])
+        return ApprovalRequest(engagement.name, reasons, rules.expires_after_seconds) if reasons else None
 
     async def _engagement(self, owner: str, request: ScanRequest) -> Engagement | None:
         """The engagement the scan runs under: the one it names, else its caller's default;
@@ -281,13 +310,13 @@ class ScanService:
         A `schedule_run` (a run of a schedule) is linked to the task that queues it."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down; retry in a moment")
-        resolved, argv, pool, engagement, closes_at = await self.check(owner, request)
+        resolved, argv, pool, engagement, closes_at, approval = await self.check(owner, request)
         share = request.shareable and not rescan
         shards = shard(argv, resolved.networks, self._settings.shard_addresses) \
             if resolved.address_count > self._settings.shard_addresses else []
         submit = partial(
             self._tasks.submit, owner, request.kind, " ".join(request.targets), argv, self._time_limit(closes_at),
-            pool=pool, share=share, engagement=engagement,
+            pool=pool, share=share, engagement=engagement, approval=approval,
             fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
             shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
             forced=request.shareable and rescan, schedule_run=schedule_run,
@@ -301,6 +330,10 @@ class ScanService:
         if submitted is not None:
             submitted.append(record)
             return answer(record)
+        if record.status is TaskStatus.AWAITING_APPROVAL:
+            shown = answer(record)
+            why = f" Why: {'; '.join(approval.reasons)}." if approval is not None else ""
+            return shown.model_copy(update={"message": f"{shown.message}{why}"})
         # Capped so that the answer, with its task id, arrives before the caller's client gives up.
         wait_s = min(timeout_s, self._settings.max_call_wait_seconds)
         try:

@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from api_keys import config_line, expiry_notes, secret_sha256
+from approvals import ApprovalDesk, expire_forever
 from argv_check import ArgvCheck
 from audit import AuditLog, AuditMiddleware, Auditor, verify_chain
 from auth import NamedTokenVerifier, ToolScopeMiddleware, token_name
@@ -143,7 +144,7 @@ class Runtime:
         self.worker = None if role is Role.API else Worker(
             self.stores.workers,
             ArgvCheck.of_worker(nmap_path, policy, privileged=settings.privileged, pool=settings.pool,
-                                engagements=self.stores.engagements),
+                                engagements=self.stores.engagements, approvals=self.stores.approvals),
             name=(settings.worker_name or socket.gethostname()) + (" stdio" if stdio else ""),
             owner=settings.stdio_caller if stdio else None,
             pool=settings.pool,
@@ -170,6 +171,7 @@ class Runtime:
         self.supervisor.start("lease-reaper", resolve_expired_forever(
             self.stores.workers, self.stores.db, max(self.stores.lease_seconds / 4, 0.5)))
         self.supervisor.start("retention", purge_forever(self.stores, self._retention_days))
+        self.supervisor.start("approval-expiry", expire_forever(self.stores.approvals, self.auditor))
         if self.worker is not None:
             await self.worker.start(self.supervisor)
         await self.scheduler.start(self.supervisor)
@@ -232,7 +234,7 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
     )
     schemas = register_tools(mcp, runtime.service, settings, identify, runtime.schedules)
     register_engagement_tools(mcp, schemas, EngagementBook(runtime.stores.engagements, runtime.service.policy),
-                              identify)
+                              ApprovalDesk(runtime.stores.approvals, runtime.service.policy), identify)
     register_resources(mcp, runtime.service, identify, privileged=settings.privileged,
                        categories=tuple(settings.script_categories))
     runtime.metrics.known_tools(schemas)

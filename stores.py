@@ -10,6 +10,7 @@ and a store per aggregate. SQL lives only in these modules (tests/test_layers.py
 - schedule_store.py: schedules, their runs and webhooks, the scheduler's lease
 - people_store.py: the people who signed in and their roles
 - engagement_store.py: the engagements scans run under
+- approval_store.py: scans that wait for a person's yes, and the decisions
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from approval_store import ApprovalStore
 from change_feed import ChangeFeed
 from db import Database, create_db_engine
 from engagement_store import EngagementStore
@@ -42,6 +44,7 @@ class Stores:
     usage: UsageStore
     people: PeopleStore
     engagements: EngagementStore
+    approvals: ApprovalStore
 
     @classmethod
     def open(cls, url: str, *, max_queued: int, lease_seconds: float = 30.0, timeout_s: float = 5.0,
@@ -60,6 +63,7 @@ class Stores:
             usage=UsageStore(db),
             people=PeopleStore(db),
             engagements=EngagementStore(db),
+            approvals=ApprovalStore(db, feed),
         )
 
     @property

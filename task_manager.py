@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import BindParameter, Connection, bindparam, func, insert, select, update
 from sqlalchemy.engine import Row
 
+from approval_store import request_in
 from change_feed import POLL_SECONDS, ChangeFeed, first_of, queue_key
 from config import Limits
 from db import SUBMIT_LOCK, Database
@@ -78,6 +79,14 @@ class TaskAlreadyFinished(RuntimeError):
     """The task finished before it could be cancelled."""
 
 
+class ApprovalRequest(NamedTuple):
+    """A new task that waits for a person's yes: its engagement, why, and for how long."""
+
+    engagement: str
+    reasons: list[str]
+    expires_after_s: float
+
+
 class Submitted(NamedTuple):
     """What `submit` did: the caller's task, whether it was an identical one reused, and the
     queued task it leased to `claim_for` (the pool's oldest: the new one, or an older one)."""
@@ -130,6 +139,7 @@ class TaskManager:
         schedule_run: str | None = None,
         claim_for: WorkerInfo | None = None,
         engagement: str | None = None,
+        approval: ApprovalRequest | None = None,
     ) -> Submitted:
         """Queue a scan (as shards when given), or with `share` return the caller's identical
         scan already queued or running, or completed since `fresh_since`. QueueFull when the
@@ -139,16 +149,20 @@ class TaskManager:
 
         With `claim_for`, a worker of this process with a free slot, the same transaction
         also claims the pool's oldest queued task for it, as its claim loop would have: no
-        second transaction, and no wake-up of any worker when nothing is left queued."""
+        second transaction, and no wake-up of any worker when nothing is left queued.
+
+        With `approval` the task (and its shards) waits in awaiting_approval, its approval
+        request written in the same transaction (approval_store)."""
+        status = TaskStatus.QUEUED if approval is None else TaskStatus.AWAITING_APPROVAL
         values = {
             "id": str(uuid.uuid4()), "owner": owner, "kind": kind.value, "target": target,
-            "argv": json.dumps(list(argv)), "status": TaskStatus.QUEUED.value, "created_at": time.time(),
+            "argv": json.dumps(list(argv)), "status": status.value, "created_at": time.time(),
             "time_limit": time_limit, "pool": pool, "shard_count": len(shards), "parent_id": None,
             "dedupe_key": dedupe_key(owner, kind, argv, engagement) if share else None,
             "address_count": address_count, "forced": forced, "engagement": engagement,
         }
         row, reused, claimed, left_queued = await self._db.run(
-            self._submit, values, fresh_since, shards, limits, schedule_run, claim_for)
+            self._submit, values, fresh_since, shards, limits, schedule_run, claim_for, approval)
         if left_queued:
             self.feed.publish(queue_key(pool))
         return Submitted(TaskRecord.from_row(row), reused, claimed)
@@ -263,6 +277,7 @@ class TaskManager:
     def _submit(
         self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard],
         limits: Limits | None, schedule_run: str | None, claim_for: WorkerInfo | None,
+        approval: ApprovalRequest | None,
     ) -> tuple[Mapping[Any, Any], bool, TaskRecord | None, bool]:
         """(the task's row, reused, the task claimed for `claim_for`, whether a task this
         submission queued is still queued)."""
@@ -279,12 +294,15 @@ class TaskManager:
             rows = [values, *_shard_rows(values, shards)]
             conn.execute(_INSERT_TASKS, rows)
             add_usage(conn, self._db.dialect, values)
+            if approval is not None:
+                request_in(conn, values["id"], approval.engagement, values["owner"], approval.reasons,
+                           values["created_at"], approval.expires_after_s)
             claimed = claim_in(conn, claim_for, values["pool"], 1, values["created_at"],
                                self._lease_seconds) if claim_for else []
             # What this submission queued (its task, or its shards: a parent is never claimed)
             # is still queued unless the claim took the one task it queued.
             took_own = bool(claimed) and claimed[0].id in {row["id"] for row in rows}
-            left_queued = len(shards) > 1 or not took_own
+            left_queued = approval is None and (len(shards) > 1 or not took_own)
             if left_queued:
                 self.feed.notify(conn, queue_key(values["pool"]))
         return (values | {"started_at": None, "finished_at": None, "error": None}, False,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the lint and type gate and the whole test suite on a fresh machine: installs nmap,
 # PostgreSQL, Chromium with its chromedriver, Node.js 20 or newer with the test OpenID
-# provider (tests/oidc), git and, for the tests that need root, iproute2
+# provider (tests/oidc), git, libfaketime and, for the tests that need root, iproute2
 # when missing (as root; otherwise says what to install), keeps .venv in step with
 # requirements-dev.txt, runs ruff and mypy, then runs pytest against the machine's PostgreSQL
 # when it can be used as it is, else against a private cluster started for this run
@@ -23,7 +23,7 @@ if [ "${1:-}" = --fast ]; then
 fi
 needs=(python nmap sandbox git)
 if ! $fast; then
-  needs+=(postgresql chromium npm)
+  needs+=(postgresql chromium npm faketime)
   # The tests that need root are skipped under any other user, who needs nothing for them.
   if [ "$(id -u)" -eq 0 ]; then
     needs+=(root-tests)

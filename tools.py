@@ -40,13 +40,8 @@ from untrusted import UNTRUSTED_HINT
 
 ToolFunction = Callable[..., Awaitable[Any]]
 
-TaskId = Annotated[
-    str,
-    Field(
-        description="The task_id a scan tool returned",
-        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
-    ),
-]
+TASK_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+TaskId = Annotated[str, Field(description="The task_id a scan tool returned", pattern=TASK_ID)]
 Target = Annotated[
     str,
     Field(

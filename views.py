@@ -33,6 +33,7 @@ from models import (
     TaskAnswer,
     TaskRecord,
     TaskState,
+    TaskStatus,
     VersionChange,
 )
 from untrusted import reads_like_instructions, suspicious_note
@@ -56,6 +57,12 @@ POLL_HINT = (
 )
 
 
+# A scan its engagement says a person must approve first (approvals.py).
+AWAITING_HINT = ("Scan awaiting approval: its engagement wants a person's yes first, which an approver gives (or "
+                 "refuses) in /ui or with decide_approval; nothing runs until then. Call get_task_status with "
+                 "task_id {id} later: it is queued once approved, denied otherwise.")
+
+
 def answer(record: TaskRecord, caller: str | None = None) -> TaskAnswer:
     """A task's state, the answer a result is then put in."""
     return TaskAnswer(**dict(state(record, caller)))
@@ -65,7 +72,9 @@ def state(record: TaskRecord, caller: str | None = None) -> TaskState:
     """A task's state without its result; unfinished tasks say how to poll. Shown to `caller`,
     a task someone else started (a teammate's) names its owner."""
     message = None
-    if not record.status.finished:
+    if record.status is TaskStatus.AWAITING_APPROVAL:
+        message = AWAITING_HINT.format(id=record.id)
+    elif not record.status.finished:
         done = f" ({record.progress.phase}, {record.progress.percent:.0f}%)" if record.progress else ""
         message = f"Scan {record.status.value}{done}. " + POLL_HINT.format(id=record.id)
     return TaskState(

@@ -46,7 +46,8 @@ package_for() {
 # util-linux programs the server runs nmap under), postgresql, chromium (the browser and its
 # driver, for the operator page's browser test), npm (Node.js and npm, for the tests that run
 # an OpenID provider and mcp-remote), root-tests (what the tests that need root run:
-# network namespaces, other users, mounts) and git (tests list the checkout's files).
+# network namespaces, other users, mounts), git (tests list the checkout's files) and faketime
+# (libfaketime: a server process whose clock a test sets, for engagements' time windows).
 missing_packages() {
   local need
   for need in "$@"; do
@@ -67,6 +68,7 @@ missing_packages() {
         package_for mount mount umount
         package_for nftables nft ;;
       git) package_for git git ;;
+      faketime) package_for faketime faketime ;;
       npm) command -v npm >/dev/null 2>&1 || echo nodejs npm ;;
     esac
   done

@@ -278,8 +278,9 @@ def test_an_engagement_in_the_config_is_json_the_operator_can_write(tmp_path: Pa
     assert json.loads(rules.model_dump_json())["windows"][0]["start"] == "22:00:00"
 
 
-# libfaketime (Debian's faketime): the process it is preloaded into reads the clock the test sets.
-FAKETIME_LIBRARY = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+# libfaketime (Debian's faketime, which test.sh installs): the process it is preloaded into
+# reads the clock the test sets. Its directory names the machine's architecture.
+FAKETIME_LIBRARY = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), Path("libfaketime.so.1"))
 
 
 @pytest.mark.server

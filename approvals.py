@@ -1,0 +1,93 @@
+"""Approvals: scans an engagement says a person must approve first (engagements.ApprovalRules),
+decided by an approver (a grant with approve_scans) in /ui or with decide_approval. Nobody
+decides their own scan; a request nobody decides in time is denied; every decision is audited
+with the approver's name (a tool's call by the audit middleware, /ui's by the dashboard)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Literal
+
+from pydantic import BaseModel
+
+from approval_store import ApprovalRecord, ApprovalStore
+from audit import Auditor
+from db import DatabaseUnavailable
+from engagements import iso_utc
+from policy import Forbidden, Policy
+
+logger = logging.getLogger(__name__)
+Decision = Literal["approve", "deny"]
+RECORDED = {"approve": "approved", "deny": "denied"}
+# At most this many pending approvals in one answer.
+PENDING_LIMIT = 100
+# How often each process denies the approvals nobody decided in time.
+EXPIRY_CHECK_SECONDS = 2.0
+
+
+class ApprovalInfo(BaseModel):
+    """A scan that waits (or waited) for a person's yes: what it would run, why it needs one."""
+
+    task_id: str
+    engagement: str
+    requested_by: str
+    kind: str
+    target: str
+    argv: list[str]
+    pool: str
+    reasons: list[str]
+    justification: str | None = None
+    requested_at: str
+    expires_at: str
+    decision: str | None = None
+    decided_by: str | None = None
+    decision_reason: str | None = None
+
+
+class ApprovalList(BaseModel):
+    """The scans waiting for an approver, oldest first."""
+
+    approvals: list[ApprovalInfo]
+
+
+def shown(record: ApprovalRecord) -> ApprovalInfo:
+    return ApprovalInfo(
+        task_id=record.task_id, engagement=record.engagement, requested_by=record.requested_by, kind=record.kind,
+        target=record.target, argv=record.argv[1:], pool=record.pool, reasons=record.reasons,
+        justification=record.justification, requested_at=iso_utc(record.requested_at) or "",
+        expires_at=iso_utc(record.expires_at) or "", decision=record.decision, decided_by=record.decided_by,
+        decision_reason=record.decision_reason)
+
+
+class ApprovalDesk:
+    """What approvers see and do."""
+
+    def __init__(self, store: ApprovalStore, policy: Policy) -> None:
+        self._store = store
+        self._policy = policy
+
+    async def pending(self, approver: str) -> ApprovalList:
+        self._policy.require(approver, "list_approvals")
+        return ApprovalList(approvals=[shown(record) for record in await self._store.pending(PENDING_LIMIT)])
+
+    async def decide(self, approver: str, task_id: str, decision: Decision, reason: str) -> ApprovalInfo:
+        """Approve or deny a waiting scan as `approver`; the task runs or ends denied."""
+        if not self._policy.may(approver, "decide_approval"):
+            raise Forbidden("only an approver (a grant with approve_scans) decides approvals")
+        return shown(await self._store.decide(task_id, approver, RECORDED[decision], reason))
+
+
+async def expire_forever(store: ApprovalStore, auditor: Auditor, interval_s: float = EXPIRY_CHECK_SECONDS) -> None:
+    """Deny, every `interval_s`, the approvals nobody decided in time; each is audited as the
+    server's `expire_approval` (a decision, though no person's)."""
+    while True:
+        try:
+            denied = await store.expire()
+        except DatabaseUnavailable:
+            denied = []
+        for task_id in denied:
+            logger.info("task %s: its approval expired, the scan is denied", task_id)
+            with auditor.call(None, "expire_approval", {"task_id": task_id}, scans=False):
+                pass
+        await asyncio.sleep(interval_s)

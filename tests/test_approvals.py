@@ -1,0 +1,144 @@
+"""Approvals: scans an engagement says a person must approve first, decided by an approver
+with decide_approval (and in /ui, tests/test_dashboard.py), denied when nobody decides in time,
+every decision audited with who made it; real nmap on loopback."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from argv_check import ArgvCheck, TaskRefused
+from config import Settings
+from engagements import EngagementRules, approval_reasons
+from models import ScanKind, TaskRecord, TaskStatus
+from policy import Policy
+from scanner import build_argv
+from stores import Stores
+from task_manager import ApprovalRequest
+from tests.conftest import OpenClient
+from tests.nodes import opened_stores
+from tests.support import SECRETS, answer_of, call, error_text, finished
+
+pytestmark = pytest.mark.anyio
+NET = "127.0.23.0/24"
+NMAP = "/usr/bin/nmap"
+CATALOG = {"http-title": frozenset({"default", "safe", "discovery"}), "ssl-enum-ciphers": frozenset({"intrusive"})}
+
+
+def reasons(approval: dict[str, Any], options: list[str], addresses: int = 1, now: float | None = None,
+            new: list[str] | None = None) -> list[str]:
+    rules = EngagementRules(scope=[NET], timezone="UTC", approval=approval)
+    return approval_reasons(rules, options, addresses, now or time.time(), lambda pick: CATALOG.get(pick, frozenset()),
+                            new or [])
+
+
+def test_each_approval_rule_names_what_it_matched() -> None:
+    assert reasons({}, ["-sT", "-p", "80"], 300) == []
+    assert reasons({"addresses_over": 256}, ["-sT"], 300) == ["it covers 300 addresses, more than 256"]
+    assert reasons({"raw_packets": True}, ["-sS", "-sU", "-p", "53"]) == ["it sends raw packets (-sS, -sU)"]
+    assert reasons({"raw_packets": True}, ["-sT"]) == []
+    picked = ["-sT", "--script=(discovery or http-title) and (default or safe) and not (brute)"]
+    assert reasons({"script_categories": ["discovery"]}, picked) == [
+        "it runs scripts of the categories discovery (discovery, http-title)"]
+    assert reasons({"script_categories": ["vuln"]}, picked) == []
+    monday_noon, monday_night = 1_799_064_000.0, 1_799_096_400.0  # 2027-01-04 12:00 and 21:00 UTC
+    office = {"business_hours": [{"days": ["mon", "tue", "wed", "thu", "fri"], "start": "08:00", "end": "18:00"}]}
+    assert reasons(office, ["-sT"], now=monday_noon) == []
+    assert reasons(office, ["-sT"], now=monday_night) == [
+        "it runs outside business hours (mon,tue,wed,thu,fri 08:00-18:00, UTC)"]
+    assert reasons({"new_networks": True}, ["-sT"], new=["127.0.23.0/24"]) == ["it is the first scan of 127.0.23.0/24"]
+
+
+def approval_config(**approval: Any) -> dict[str, Any]:
+    tokens = {"alice": {"secret": SECRETS["alice"], "engagement": "lab", "approve_scans": True},
+              "bob": {"secret": SECRETS["bob"], "approve_scans": True},
+              "carol": {"secret": "carol-secret-" + "c" * 24}}
+    lab = {"scope": [NET], "tokens": ["alice", "carol"], "approval": approval}
+    return {"tokens": tokens, "engagements": {"lab": lab}}
+
+
+async def test_an_approver_approves_or_denies_and_the_task_runs_or_ends_denied(
+        in_memory: OpenClient, tmp_path: Path) -> None:
+    config = approval_config(addresses_over=2)
+    async with in_memory(**config) as alice, in_memory("bob", **config) as bob, in_memory("carol", **config) as carol:
+        small = await answer_of(alice, "custom_scan", command="-Pn -p 1 127.0.23.1", timeout=30)
+        assert small["status"] == "completed"
+        waiting = await answer_of(alice, "custom_scan", command="-Pn -p 1 127.0.23.0/30", timeout=30)
+        assert waiting["status"] == "awaiting_approval", waiting
+        assert waiting["message"].endswith("Why: it covers 4 addresses, more than 2.")
+        other = await answer_of(alice, "custom_scan", command="-Pn -p 2 127.0.23.0/30", timeout=30)
+        # carol has no approve_scans: the approvers' tools are neither listed nor callable for her.
+        assert not {"list_approvals", "decide_approval"} & {tool.name for tool in await carol.list_tools()}
+        assert error_text(await call(carol, "list_approvals", {})) == "forbidden: this token may not use list_approvals"
+        [first, second] = (await answer_of(bob, "list_approvals"))["approvals"]
+        assert first["task_id"] == waiting["task_id"] and second["task_id"] == other["task_id"]
+        assert first["requested_by"] == "alice" and first["engagement"] == "lab" and first["reasons"] == [
+            "it covers 4 addresses, more than 2"]
+        assert first["argv"][:4] == ["-sT", "-Pn", "-p", "1"] and first["argv"][-1] == "127.0.23.0/30"
+        own = await call(alice, "decide_approval", {"task_id": waiting["task_id"], "decision": "approve",
+                                                    "reason": "mine"})
+        assert error_text(own) == "forbidden: nobody approves or denies their own scan; another approver decides"
+        approved = await answer_of(bob, "decide_approval", task_id=waiting["task_id"], decision="approve",
+                                   reason="in the plan for today")
+        assert approved["decision"] == "approved" and approved["decided_by"] == "bob"
+        denied = await answer_of(bob, "decide_approval", task_id=other["task_id"], decision="deny",
+                                 reason="port 2 is out of the plan")
+        assert denied["decision"] == "denied"
+        again = await call(bob, "decide_approval", {"task_id": other["task_id"], "decision": "approve", "reason": "x"})
+        assert error_text(again) == "already_decided: task " + other["task_id"] + " was denied already by bob"
+        ran = await finished(alice, waiting["task_id"])
+        assert ran["status"] == "completed" and len(ran["result"]["hosts"]) == 4
+        refused = await answer_of(alice, "get_task_status", task_id=other["task_id"])
+        assert refused["status"] == "denied" and refused["error"] == "denied by bob: port 2 is out of the plan"
+        assert (await answer_of(bob, "list_approvals"))["approvals"] == []
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    decisions = [(line["token"], line["arguments"]) for line in lines
+                 if line.get("tool") == "decide_approval" and line["event"] == "accepted"]
+    assert ("bob", {"task_id": waiting["task_id"], "decision": "approve", "reason": "in the plan for today"}) \
+        in decisions
+
+
+async def test_an_approval_nobody_gives_in_time_is_denied(in_memory: OpenClient, tmp_path: Path) -> None:
+    config = approval_config(addresses_over=2, expires_after_seconds=5)
+    async with in_memory(**config) as alice:
+        waiting = await answer_of(alice, "custom_scan", command="-Pn -p 1 127.0.23.0/30", timeout=30)
+        deadline = time.monotonic() + 30
+        while (shown := await answer_of(alice, "get_task_status", task_id=waiting["task_id"]))["status"] != "denied":
+            assert time.monotonic() < deadline and shown["status"] == "awaiting_approval", shown
+            await anyio.sleep(0.2)
+    assert shown["error"] == "no approver decided within 5 s"
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [line["arguments"] for line in lines if line.get("tool") == "expire_approval"
+            and line["event"] == "accepted"] == [{"task_id": waiting["task_id"]}]
+
+
+async def test_a_worker_runs_no_task_its_engagement_holds_for_approval(tmp_path: Path) -> None:
+    """The database is no trust boundary: a row moved to queued past its approval (or written
+    without one) is refused by the worker that claims it, before nmap starts."""
+    settings = Settings(tokens={"alice": {"secret": SECRETS["alice"]}}, allow_loopback=True)
+    lab = EngagementRules(scope=[NET], tokens=["alice"], approval={"addresses_over": 2})
+    argv = build_argv(NMAP, ["-sT", "-p", "1"], ["127.0.23.0/30"], ipv6=False, privileged=False)
+    async with opened_stores(f"sqlite:///{tmp_path / 'tasks.db'}", max_queued=10) as stores:
+        await stores.engagements.load_config({"lab": lab})
+        check = ArgvCheck.of_worker(NMAP, Policy(settings, NMAP), privileged=False, pool="default",
+                                    engagements=stores.engagements, approvals=stores.approvals)
+        unasked = replace(await queued_task(stores, argv), engagement="lab")
+        with pytest.raises(TaskRefused, match=r"wants a person's yes first \(it covers 4 addresses, more than 2\)"):
+            await check.argv_to_run(unasked)
+        asked = await stores.tasks.submit("alice", ScanKind.CUSTOM, "127.0.23.0/30", argv, 60, engagement="lab",
+                                          approval=ApprovalRequest("lab", ["it covers 4 addresses"], 60))
+        assert asked.record.status is TaskStatus.AWAITING_APPROVAL
+        with pytest.raises(TaskRefused, match="its approval is still pending"):
+            await check.argv_to_run(asked.record)
+        await stores.approvals.decide(asked.record.id, "bob", "approved", "fine")
+        assert await check.argv_to_run(asked.record) == argv
+
+
+async def queued_task(stores: Stores, argv: list[str]) -> TaskRecord:
+    return (await stores.tasks.submit("alice", ScanKind.CUSTOM, argv[-1], argv, 60)).record
