@@ -9,6 +9,7 @@ and a store per aggregate. SQL lives only in these modules (tests/test_layers.py
 - inventory_store.py: the inventory across scans
 - schedule_store.py: schedules, their runs and webhooks, the scheduler's lease
 - people_store.py: the people who signed in and their roles
+- evidence_store.py: tasks read as evidence (what ran, when, the hashes of what it produced)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from change_feed import ChangeFeed
 from db import Database, create_db_engine
+from evidence_store import EvidenceStore
 from inventory_store import InventoryStore
 from limits import UsageStore
 from people_store import PeopleStore
@@ -39,6 +41,7 @@ class Stores:
     inventory: InventoryStore
     usage: UsageStore
     people: PeopleStore
+    evidence: EvidenceStore
 
     @classmethod
     def open(cls, url: str, *, max_queued: int, lease_seconds: float = 30.0, timeout_s: float = 5.0,
@@ -56,6 +59,7 @@ class Stores:
             inventory=InventoryStore(db),
             usage=UsageStore(db),
             people=PeopleStore(db),
+            evidence=EvidenceStore(db),
         )
 
     @property
