@@ -48,13 +48,15 @@ class NothingMatches(LookupError):
 
 @dataclass(frozen=True)
 class Exported:
-    """What an export wrote: how many tasks and files, the archive's SHA-256, and the runs
-    whose XML no longer has the SHA-256 its worker recorded (the archive keeps what is stored)."""
+    """What an export wrote: how many tasks and files, the archive's SHA-256, the runs whose
+    XML no longer has the SHA-256 its worker recorded (the archive keeps what is stored), and
+    the task ids asked for that no task of the filter has."""
 
     tasks: int
     files: int
     sha256: str
     altered: list[str]
+    missing: list[str]
 
 
 async def export_evidence(store: EvidenceStore, audit_log: Path, chosen: EvidenceFilter, out: Path, *,
@@ -77,7 +79,7 @@ async def export_evidence(store: EvidenceStore, audit_log: Path, chosen: Evidenc
         files.add(MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
         files.add(SUMS, "".join(f"{digest}  {name}\n" for name, digest in sorted(files.sums.items())).encode())
         digest = write_archive(out, files, int(now))
-    return Exported(len(task_ids), len(files.sums), digest, altered)
+    return Exported(len(task_ids), len(files.sums), digest, altered, sorted(set(chosen.task_ids) - set(task_ids)))
 
 
 async def stage_task(store: EvidenceStore, task_id: str, files: Files) -> tuple[dict[str, Any], list[str]]:

@@ -572,13 +572,13 @@ def export_evidence_of(settings: Settings, args: argparse.Namespace) -> int:
     config's database and audit log; its size and SHA-256 on stdout."""
     chosen = EvidenceFilter(tuple(args.task), args.owner, args.since, args.until)
     out: Path = args.export_evidence
+    if out.exists():  # said before any work; the archive's O_EXCL open is the guarantee
+        print(f"error: {out} exists: the export writes a new file; name another", file=sys.stderr)
+        return 2
     try:
         with opened_evidence(settings.effective_database_url(), settings.database_timeout_seconds) as store:
             exported = asyncio.run(export_evidence(store, Path(settings.audit_log), chosen, out,
                                                    server_version=VERSION, now=time.time()))
-    except FileExistsError:
-        print(f"error: {out} exists: the export writes a new file; name another", file=sys.stderr)
-        return 2
     except (NothingMatches, NoDatabase) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -589,6 +589,8 @@ def export_evidence_of(settings: Settings, args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"error: cannot read the audit log {settings.audit_log} or write {out}: {e.strerror}", file=sys.stderr)
         return 2
+    for task_id in exported.missing:
+        print(f"warning: no task {task_id} meets the other conditions: it is not in the archive", file=sys.stderr)
     for run in exported.altered:
         print(f"warning: the XML of run {run} is not what its worker recorded (raw_xml_sha256): exported as "
               "stored; --verify-evidence names it", file=sys.stderr)

@@ -214,9 +214,13 @@ async def test_verify_evidence_names_what_an_edit_changed(
     async with in_memory() as alice:
         done = await answer_of(alice, "quick_scan", target=HOST)
     out = tmp_path / "one.tar.gz"
+    unknown = "00000000-0000-4000-8000-000000000000"
     chosen = server_command("-c", str(tmp_path / "in-memory-0.json"), "--export-evidence", str(out),
-                            "--task", done["task_id"], "--since", "2026-01-01")
-    assert chosen.returncode == 0, chosen.stderr
+                            "--task", done["task_id"], "--task", unknown, "--since", "2026-01-01")
+    assert chosen.returncode == 0
+    assert chosen.stderr == f"warning: no task {unknown} meets the other conditions: it is not in the archive\n"
+    assert json.loads(members(out)["manifest.json"])["filter"] == {
+        "task_ids": sorted([done["task_id"], unknown]), "since": "2026-01-01T00:00:00.000000+00:00"}
     intact = server_command("--verify-evidence", str(out))
     assert (intact.returncode, intact.stderr) == (0, "") and intact.stdout.endswith(" files, intact\n")
     files = members(out)
@@ -247,6 +251,9 @@ async def test_an_export_that_matches_nothing_writes_nothing(in_memory: OpenClie
                              "--owner", "alice", "--until", "2026-01-01T00:00:00Z")
     assert refused.returncode == 2 and refused.stderr == "error: no task matches the filter; nothing was written\n"
     assert not out.exists()
+    config = tmp_path / "in-memory-0.json"
+    again = server_command("-c", str(config), "--export-evidence", str(config))
+    assert again.returncode == 2 and again.stderr.startswith(f"error: {config} exists: the export writes a new file")
     misused = server_command("--owner", "alice")
     assert misused.returncode == 2 and "--task, --owner, --since and --until go with --export-evidence" in (
         misused.stderr)
