@@ -7,9 +7,9 @@ import enum
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, WithJsonSchema, model_validator
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -104,6 +104,13 @@ tasks = Table(
     Column("progress", Text),
     Column("result", Text),
     Column("raw_xml", LargeBinary),
+    # Evidence of the XML as nmap wrote it (raw_xml uncompressed): its SHA-256 and size, taken
+    # by the worker as it records the verdict; and the nmap that ran, as it said at the worker's
+    # start (`nmap --version`). NULL for a sharded parent (its shards have them) and older tasks.
+    Column("raw_xml_sha256", String(64)),
+    Column("raw_xml_size", Integer),
+    Column("nmap_version", String(64)),
+    Column("nmap_platform", String(128)),
     Column("error", Text),
     # Set while an identical call may share this task (queued or running); unique, so two
     # simultaneous identical calls get one task whichever process they reach.
@@ -386,14 +393,17 @@ class ScanOutcome:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """A scan worker: a random id (never a pid), a human name, its pool and capacity, and the
-    one owner whose tasks it runs (None: every owner's)."""
+    """A scan worker: a random id (never a pid), a human name, its pool and capacity, the
+    one owner whose tasks it runs (None: every owner's), and the nmap it runs."""
 
     id: str
     name: str
     pool: str
     capacity: int
     owner: str | None = None
+    # The nmap it runs, as `nmap --version` told it at its start (None: it could not tell).
+    nmap_version: str | None = None
+    nmap_platform: str | None = None
 
 
 class ScriptOutput(BaseModel):
@@ -644,6 +654,50 @@ class TaskAnswer(TaskState):
     content: str | None = Field(default=None, description="The xml or csv text when format is not json")
     page: Page | None = None
     truncated: bool = Field(default=False, description="True when more is left than fits; see page")
+
+
+class RunEvidence(BaseModel):
+    """What one nmap run of a task was and produced: the task's own, or one shard's."""
+
+    task_id: str
+    status: TaskStatus
+    target: str
+    argv: list[str]
+    pool: str
+    worker: str | None
+    worker_id: str | None
+    nmap_version: str | None
+    nmap_platform: str | None
+    started_at: str | None
+    finished_at: str | None
+    started_at_epoch: float | None
+    finished_at_epoch: float | None
+    raw_xml_sha256: str | None
+    raw_xml_bytes: int | None
+
+
+# Advertised in short (no enum docstrings, runs without their fields' schemas): the whole
+# listing must stay small (tests/test_tool_schemas.py).
+RUNS_SCHEMA = {"type": "array", "items": {"type": "object"}, "description": (
+    "Each nmap run (the task, or its shards in xml order): task_id, status, target, argv, pool, worker, worker_id, "
+    "nmap_version, nmap_platform, started_at, finished_at (UTC ISO 8601), *_epoch, raw_xml_sha256, raw_xml_bytes")}
+
+
+def _plain_enum(kind: type[enum.StrEnum]) -> WithJsonSchema:
+    return WithJsonSchema({"type": "string", "enum": [member.value for member in kind]})
+
+
+class TaskEvidence(BaseModel):
+    """One task as a report cites it: what ran, when, and the hashes of what it produced."""
+
+    task_id: str
+    owner: str
+    kind: Annotated[ScanKind, _plain_enum(ScanKind)]
+    status: Annotated[TaskStatus, _plain_enum(TaskStatus)]
+    target: str
+    created_at: str
+    result_sha256: str | None = Field(description="SHA-256 of the stored JSON result (UTF-8)")
+    runs: Annotated[list[RunEvidence], WithJsonSchema(RUNS_SCHEMA)]
 
 
 class TaskList(BaseModel):

@@ -47,6 +47,7 @@ from models import (
     ScanDiff,
     ScanKind,
     TaskAnswer,
+    TaskEvidence,
     TaskList,
     TaskRecord,
     TaskState,
@@ -386,6 +387,10 @@ class ScanService:
 
     async def status(self, owner: str, task_id: str) -> TaskState:
         return state(await self._tasks.get(task_id, await self._reader(owner, task_id)), owner)
+
+    async def evidence(self, owner: str, task_id: str) -> TaskEvidence:
+        """What ran for a task the caller may read, when, and the hashes of what it produced."""
+        return await self._stores.evidence.task(task_id, await self._reader(owner, task_id))
 
     async def result(
         self, owner: str, task_id: str, fmt: str = "json", view: str = "summary", offset: int = 0,

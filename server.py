@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,9 +66,12 @@ from config import (
     write_new_config,
 )
 from dashboard import register_dashboard
-from db import shown_url
+from db import DatabaseUnavailable, shown_url
 from engagement_tools import EngagementBook, register_engagement_tools
 from errors import PromptArgumentCheck, ToolErrorMiddleware
+from evidence import NothingMatches, UnreadableArchive, export_evidence, verify_archive
+from evidence_store import EvidenceFilter, NoDatabase
+from evidence_store import opened as opened_evidence
 from http_edge import JsonRpcBodyCheck, edge_app
 from logs import LogContext, configure_logging
 from mcp_tasks import ScanTasks
@@ -456,6 +460,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verify-audit", action="store_true",
                         help="check the hash chain of the config's audit log, print its length and last hash, "
                              "and exit 1 if a line was edited or removed")
+    evidence = parser.add_argument_group("evidence", "an archive of tasks' evidence a report can cite")
+    evidence.add_argument("--export-evidence", metavar="OUT.tar.gz", type=Path,
+                          help="write the evidence of the tasks chosen by --task, --owner, --since and --until (all "
+                               "that are given must hold) to a new archive, and exit")
+    evidence.add_argument("--task", metavar="ID", action="append", default=[], help="this task (repeatable)")
+    evidence.add_argument("--owner", metavar="NAME", help="the tasks of this token or person")
+    evidence.add_argument("--since", metavar="ISO", type=moment, help="tasks created at or after (UTC unless given)")
+    evidence.add_argument("--until", metavar="ISO", type=moment, help="tasks created before (UTC unless given)")
+    evidence.add_argument("--verify-evidence", metavar="ARCHIVE", type=Path,
+                          help="check an archive --export-evidence wrote and exit 1 naming what differs")
     parser.add_argument("--print-config", metavar="CLIENT", choices=CLIENTS,
                         help=f"print one MCP client's configuration and exit: {', '.join(CLIENTS)}; with "
                              "--stdio only the entry that starts nmap-mcp over stdio (where no server runs)")
@@ -470,7 +484,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.new and not args.hash_token:
         parser.error("--new goes with --hash-token")
+    if (args.task or args.owner or args.since is not None or args.until is not None) and not args.export_evidence:
+        parser.error("--task, --owner, --since and --until go with --export-evidence")
     return args
+
+
+def moment(text: str) -> float:
+    """An ISO 8601 date or time as Unix seconds (UTC when it names no offset), for argparse."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time (2026-12-01, "
+                                         "2026-12-01T08:00:00Z)") from e
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     config_path: Path = args.config or DEFAULT_CONFIG_PATH
     if args.hash_token:
         return hash_token(new=args.new)
+    if args.verify_evidence:
+        return verify_evidence(args.verify_evidence)
     try:
         if args.init:
             return init(config_path, force=args.force)
@@ -492,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(config_path)
         if args.verify_audit:
             return verify_audit(Path(settings.audit_log))
+        if args.export_evidence:
+            return export_evidence_of(settings, args)
         if args.print_config:
             return print_config(args, settings, config_path)
         nmap_path = find_nmap(settings.nmap_path)
@@ -533,11 +563,58 @@ def verify_audit(path: Path) -> int:
     except OSError as e:
         print(f"error: cannot read the audit log {path}: {e.strerror}", file=sys.stderr)
         return 2
+    return reported(path, problems, f"{count} lines, {{}}; last line's SHA-256 {last}", "break", "chain intact")
+
+
+def reported(path: Path, problems: list[str], summary: str, flaw: str, intact: str) -> int:
+    """A check's findings: each problem on stderr, then `summary` with its verdict on stdout;
+    the exit code, 1 when a problem was found."""
     for problem in problems:
         print(f"{path}: {problem}", file=sys.stderr)
-    verdict = f"{len(problems)} break{'s' * (len(problems) != 1)}" if problems else "chain intact"
-    print(f"{path}: {count} lines, {verdict}; last line's SHA-256 {last}")
+    print(f"{path}: " + summary.format(f"{len(problems)} {flaw}{'s' * (len(problems) != 1)}" if problems else intact))
     return 1 if problems else 0
+
+
+def export_evidence_of(settings: Settings, args: argparse.Namespace) -> int:
+    """`--export-evidence OUT`: the archive of the chosen tasks (evidence.py), read from the
+    config's database and audit log; its size and SHA-256 on stdout."""
+    chosen = EvidenceFilter(tuple(args.task), args.owner, args.since, args.until)
+    out: Path = args.export_evidence
+    if out.exists():  # said before any work; the archive's O_EXCL open is the guarantee
+        print(f"error: {out} exists: the export writes a new file; name another", file=sys.stderr)
+        return 2
+    try:
+        with opened_evidence(settings.effective_database_url(), settings.database_timeout_seconds) as store:
+            exported = asyncio.run(export_evidence(store, Path(settings.audit_log), chosen, out,
+                                                   server_version=VERSION, now=time.time()))
+    except (NothingMatches, NoDatabase) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DatabaseUnavailable:
+        print("error: the task database cannot be read: is it reachable, and has a server of this version started "
+              "on it once (to bring its schema up to date)?", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot read the audit log {settings.audit_log} or write {out}: {e.strerror}", file=sys.stderr)
+        return 2
+    for task_id in exported.missing:
+        print(f"warning: no task {task_id} meets the other conditions: it is not in the archive", file=sys.stderr)
+    for run in exported.altered:
+        print(f"warning: the XML of run {run} is not what its worker recorded (raw_xml_sha256): exported as "
+              "stored; --verify-evidence names it", file=sys.stderr)
+    print(f"{out}: {exported.tasks} task{'s' * (exported.tasks != 1)}, {exported.files} files; "
+          f"SHA-256 {exported.sha256}")
+    return 0
+
+
+def verify_evidence(path: Path) -> int:
+    """`--verify-evidence ARCHIVE`: every difference on stderr, the verdict on stdout."""
+    try:
+        files, problems = verify_archive(path)
+    except UnreadableArchive as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return reported(path, problems, f"{files} files, {{}}", "difference", "intact")
 
 
 def hash_token(*, new: bool) -> int:

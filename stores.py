@@ -11,6 +11,7 @@ and a store per aggregate. SQL lives only in these modules (tests/test_layers.py
 - people_store.py: the people who signed in and their roles
 - engagement_store.py: the engagements scans run under
 - approval_store.py: scans that wait for a person's yes, and the decisions
+- evidence_store.py: tasks read as evidence (what ran, when, the hashes of what it produced)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from approval_store import ApprovalStore
 from change_feed import ChangeFeed
 from db import Database, create_db_engine
 from engagement_store import EngagementStore
+from evidence_store import EvidenceStore
 from inventory_store import InventoryStore
 from limits import UsageStore
 from people_store import PeopleStore
@@ -45,6 +47,7 @@ class Stores:
     people: PeopleStore
     engagements: EngagementStore
     approvals: ApprovalStore
+    evidence: EvidenceStore
 
     @classmethod
     def open(cls, url: str, *, max_queued: int, lease_seconds: float = 30.0, timeout_s: float = 5.0,
@@ -64,6 +67,7 @@ class Stores:
             people=PeopleStore(db),
             engagements=EngagementStore(db),
             approvals=ApprovalStore(db, feed),
+            evidence=EvidenceStore(db),
         )
 
     @property

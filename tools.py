@@ -26,6 +26,7 @@ from models import (
     ScheduleDeleted,
     ScheduleList,
     TaskAnswer,
+    TaskEvidence,
     TaskList,
     TaskState,
     TaskStatus,
@@ -271,6 +272,12 @@ def register_tools(
         tasks, without the result. Instant."""
         with tool_errors():
             return await scans.status(caller(), task_id)
+
+    @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS)
+    async def get_task_evidence(task_id: TaskId) -> TaskEvidence:
+        """For a report: what ran for one of your tasks, when, and SHA-256 of what it produced. Instant."""
+        with tool_errors():
+            return await scans.evidence(caller(), task_id)
 
     @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS, target_text=True)
     async def get_task_result(

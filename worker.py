@@ -38,7 +38,7 @@ from db import SLOW_CALL_SECONDS, Database, DatabaseUnavailable
 from metrics import Metrics
 from models import HostDetail, Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
 from nmap_report import ReportParser, clean_text, with_versions
-from scanner import run_nmap, run_problem, scanned_addresses, version_argv
+from scanner import nmap_build, run_nmap, run_problem, scanned_addresses, version_argv
 from supervisor import Supervisor
 from task_manager import Submitted
 from task_progress import DISCOVERY, VERSION_DETECTION, TaskProgress
@@ -87,7 +87,10 @@ class Worker:
         self._context = contextvars.copy_context()
 
     async def start(self, supervisor: Supervisor) -> None:
-        """Join the workers table and start claiming, `supervisor` watching the loops."""
+        """Learn which nmap this worker runs (each task it starts records it), join the
+        workers table and start claiming, `supervisor` watching the loops."""
+        version, platform = await nmap_identity(self._check.nmap_path, self._sandbox)
+        self.info = replace(self.info, nmap_version=version, nmap_platform=platform)
         await self._store.register(self.info)
         self._loops = [supervisor.start("claim", self._claim_loop()),
                        supervisor.start("heartbeat", self._heartbeat_loop())]
@@ -199,7 +202,7 @@ class Worker:
             await self._record(record, failure(f"refused by the worker: {e}"))
             return
         try:
-            if not await self._store.mark_started(record, self.info.id):
+            if not await self._store.mark_started(record, self.info):
                 return  # cancelled between claim and start: nmap never ran
         except DatabaseUnavailable:
             # nmap has not started: when the lease expires the task is simply queued again.
@@ -327,6 +330,17 @@ class Worker:
             self._store.feed.publish(*lost)
             slow = time.monotonic() - started > SLOW_CALL_SECONDS
             pause_s = min(RENEW_AGAIN_SECONDS, self._store.lease_seconds / 3) if slow else self._store.lease_seconds / 3
+
+
+async def nmap_identity(nmap_path: str, sandbox: Sequence[str]) -> tuple[str | None, str | None]:
+    """The version and platform `nmap --version` gives, run as scans run (None for what it
+    did not tell): what every task a worker starts records as the nmap that ran it."""
+    try:
+        build = await nmap_build(nmap_path, sandbox)
+    except (OSError, TimeoutError) as e:
+        logger.warning("cannot learn nmap's version from %s (%s); tasks record it as unknown", nmap_path, e)
+        return None, None
+    return build["nmap_version"] or None, build["platform"] or None
 
 
 # ---- how a scan ends: the one place its verdict is made -----------------------------------

@@ -9,6 +9,7 @@ started, interrupted if it had.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import zlib
@@ -187,9 +188,10 @@ class WorkerStore:
         `worker`; fewer (or none) when the queue holds fewer."""
         return await self._db.run(self._claim, worker, pool, limit)
 
-    async def mark_started(self, record: TaskRecord, worker_id: str) -> bool:
-        """Record that nmap is about to start; False when the task is no longer ours."""
-        return await self._db.run(self._mark_started, record, worker_id)
+    async def mark_started(self, record: TaskRecord, worker: WorkerInfo) -> bool:
+        """Record that the worker's nmap is about to start (when, and which nmap); False when
+        the task is no longer ours."""
+        return await self._db.run(self._mark_started, record, worker)
 
     async def release(self, record: TaskRecord, worker_id: str) -> None:
         """Give back a task we claimed but never started: it is queued again."""
@@ -253,12 +255,14 @@ class WorkerStore:
             self._db.relaxed_commit(conn)
             return claim_in(conn, worker, pool, limit, time.time(), self.lease_seconds)
 
-    def _mark_started(self, record: TaskRecord, worker_id: str) -> bool:
+    def _mark_started(self, record: TaskRecord, worker: WorkerInfo) -> bool:
         """Not notified either, for the reason `_claim` gives."""
         now = time.time()
         with self._db.writing() as conn:
-            started = conn.execute(_UPDATE_RUNNING_OURS,
-                                   {"p_id": record.id, "p_worker": worker_id, "started_at": now}).rowcount == 1
+            started = conn.execute(_UPDATE_RUNNING_OURS, {
+                "p_id": record.id, "p_worker": worker.id, "started_at": now,
+                "nmap_version": worker.nmap_version, "nmap_platform": worker.nmap_platform,
+            }).rowcount == 1
             if started and record.parent_id:
                 conn.execute(_MARK_PARENT_STARTED, {"p_parent": record.parent_id, "started_at": now})
         return started
@@ -297,9 +301,13 @@ class WorkerStore:
         The inventory is folded in the same transaction; should the database refuse what
         the fold writes, the verdict is written again without it (a savepoint around the fold
         cost every scan two statements more, for a failure that is a bug)."""
+        raw = outcome.raw_xml
         found = {
             "result": None if outcome.result is None else outcome.result.model_dump_json(),
-            "raw_xml": zlib.compress(outcome.raw_xml) if outcome.raw_xml else None,
+            "raw_xml": zlib.compress(raw) if raw else None,
+            # The evidence of nmap's exact bytes, as get_task_result's xml gives them back.
+            "raw_xml_sha256": hashlib.sha256(raw).hexdigest() if raw else None,
+            "raw_xml_size": len(raw) if raw else None,
         }
         try:
             return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=True)

@@ -106,8 +106,9 @@ def nmap_wrapper(tmp_path: Path) -> NmapWrapper:
     path.write_text(
         f"#!{sys.executable}\n"
         "import os, sys, time\n"
-        f"open(os.path.join({str(starts)!r}, str(os.getpid())), 'x').close()\n"
-        f"time.sleep(float(open({str(delay_file)!r}).read()))\n"
+        "if sys.argv[1:] != ['--version']:\n"
+        f"    open(os.path.join({str(starts)!r}, str(os.getpid())), 'x').close()\n"
+        f"    time.sleep(float(open({str(delay_file)!r}).read()))\n"
         f"os.execv({REAL_NMAP!r}, [{REAL_NMAP!r}, *sys.argv[1:]])\n"
     )
     path.chmod(0o755)

@@ -276,11 +276,11 @@ class Listeners:
         self.sockets[port] = sock
         return True
 
-    def open_free_top_ports(self, count: int) -> list[int]:
-        """Listen on `count` ports from nmap's top 100 that are free here, 1024-32767."""
+    def open_free_top_ports(self, count: int, host: str = "127.0.0.1") -> list[int]:
+        """Listen on `count` ports from nmap's top 100 that are free on `host`, 1024-32767."""
         opened = []
         for port in top_ports(100):
-            if 1024 <= port < 32768 and self.open(port):
+            if 1024 <= port < 32768 and self.open(port, host):
                 opened.append(port)
             if len(opened) == count:
                 return opened
@@ -312,7 +312,8 @@ class Listeners:
 
 @dataclass
 class NmapWrapper:
-    """An nmap stand-in that records each start, optionally waits, then execs real nmap.
+    """An nmap stand-in that records each start of a scan, optionally waits, then execs real
+    nmap (`nmap --version`, which every worker runs once as it starts, at once and unrecorded).
 
     nmap runs with a zero file-size limit, so each start is recorded as an empty file
     named after its pid: creating a file needs no bytes.

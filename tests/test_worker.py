@@ -394,7 +394,7 @@ async def test_a_big_verdict_is_written_however_long_its_inventory_fold_takes(
     await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.0/16", argv, 60)
     worker = WorkerInfo(id="big", name="big", pool="default", capacity=1)
     [claimed] = await node.stores.workers.claim(worker, "default", 1)
-    assert await node.stores.workers.mark_started(claimed, worker.id)
+    assert await node.stores.workers.mark_started(claimed, worker)
     outcome = ScanOutcome(TaskStatus.COMPLETED, big_result(5000), None, b"")
     node.stores.db.timeout_s = 0.2
     started = time.monotonic()

@@ -1,0 +1,165 @@
+"""The evidence of tasks, read-only: for one task, or every task a filter chooses, what ran
+(the exact argv, pool, worker, nmap), when, and the hashes of what it produced; and, for an
+export (evidence.py), the stored result and nmap's XML themselves.
+
+A task's runs are itself, or for a sharded task its shards (read in the same connection), in
+the order get_task_result's xml joins their reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, overload
+
+from sqlalchemy import ColumnElement, Connection, select
+from sqlalchemy.engine import make_url
+
+from db import Database, create_db_engine
+from models import RunEvidence, ScanKind, TaskEvidence, TaskStatus, tasks
+from task_manager import TaskNotFound
+
+_RUN_COLUMNS = [tasks.c[name] for name in (
+    "id", "owner", "kind", "status", "target", "argv", "pool", "worker_id", "worker_name", "nmap_version",
+    "nmap_platform", "created_at", "started_at", "finished_at", "raw_xml_sha256", "raw_xml_size")]
+
+
+@dataclass(frozen=True)
+class EvidenceFilter:
+    """Which top-level tasks an export holds: those that meet every condition given (none
+    given: every task). Times are Unix seconds of the tasks' creation, `until` excluded."""
+
+    task_ids: tuple[str, ...] = ()
+    owner: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def described(self) -> dict[str, Any]:
+        """The conditions given, as a manifest names them (times in UTC, ISO 8601)."""
+        shown: dict[str, Any] = {"task_ids": sorted(self.task_ids), "owner": self.owner,
+                                 "since": utc(self.since), "until": utc(self.until)}
+        return {name: value for name, value in shown.items() if value}
+
+
+@dataclass(frozen=True)
+class TaskBundle:
+    """A task's evidence with what it cites: its stored result (JSON) and each run's XML, by run id."""
+
+    evidence: TaskEvidence
+    result: str | None
+    raw_xml: dict[str, bytes] = field(default_factory=dict)
+
+
+class NoDatabase(LookupError):
+    """The SQLite file named holds no database (an export creates none)."""
+
+
+@contextlib.contextmanager
+def opened(url: str, timeout_s: float) -> Iterator[EvidenceStore]:
+    """An evidence store of its own on the database at `url`, for a command that reads it
+    and exits; the schema is taken as it is (a server of this version has made it so)."""
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if database and database != ":memory:" and not Path(database).exists():
+        raise NoDatabase(f"no task database at {database}")
+    db = Database(create_db_engine(url, timeout_s), timeout_s=timeout_s)
+    try:
+        yield EvidenceStore(db)
+    finally:
+        db.close()
+
+
+class EvidenceStore:
+    """Reads of tasks as evidence; it writes nothing."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def task(self, task_id: str, owner: str) -> TaskEvidence:
+        """The owner's task's evidence; TaskNotFound for a missing id and another owner's alike."""
+        return (await self._db.run(self._read, task_id, owner, False)).evidence
+
+    async def bundle(self, task_id: str) -> TaskBundle:
+        """Any owner's task with its result and nmap's XML (parsing nothing): for an export."""
+        return await self._db.run(self._read, task_id, None, True, deadline=False)
+
+    async def matching(self, chosen: EvidenceFilter) -> list[str]:
+        """The ids of the top-level tasks `chosen` names, oldest first."""
+        return await self._db.run(self._select_matching, chosen)
+
+    def _read(self, task_id: str, owner: str | None, with_raw: bool) -> TaskBundle:
+        raw = [tasks.c.raw_xml] if with_raw else []
+        mine = (tasks.c.id == task_id) & tasks.c.parent_id.is_(None)
+        if owner is not None:
+            mine &= tasks.c.owner == owner
+        with self._db.reading() as conn:
+            row = conn.execute(select(*_RUN_COLUMNS, tasks.c.shard_count, tasks.c.result, *raw).where(mine)).first()
+            if row is None:
+                raise TaskNotFound(f"no task {task_id!r}")
+            shards = _shard_rows(conn, task_id, raw) if row.shard_count else []
+        runs = shards or [row]
+        return TaskBundle(
+            evidence=TaskEvidence(task_id=row.id, owner=row.owner, kind=ScanKind(row.kind),
+                                  status=TaskStatus(row.status), target=row.target, created_at=utc(row.created_at),
+                                  result_sha256=_sha256_text(row.result),
+                                  runs=[_run(run._mapping) for run in runs]),
+            result=row.result,
+            raw_xml={run.id: zlib.decompress(run.raw_xml) for run in runs if with_raw and run.raw_xml is not None},
+        )
+
+    def _select_matching(self, chosen: EvidenceFilter) -> list[str]:
+        query = select(tasks.c.id).where(tasks.c.parent_id.is_(None), *_conditions(chosen))
+        with self._db.reading() as conn:
+            return list(conn.execute(query.order_by(tasks.c.created_at, tasks.c.id)).scalars())
+
+
+def _conditions(chosen: EvidenceFilter) -> list[ColumnElement[bool]]:
+    """The filter's conditions; a new way to choose tasks is one more here."""
+    conditions: list[ColumnElement[bool]] = []
+    if chosen.task_ids:
+        conditions.append(tasks.c.id.in_(chosen.task_ids))
+    if chosen.owner is not None:
+        conditions.append(tasks.c.owner == chosen.owner)
+    if chosen.since is not None:
+        conditions.append(tasks.c.created_at >= chosen.since)
+    if chosen.until is not None:
+        conditions.append(tasks.c.created_at < chosen.until)
+    return conditions
+
+
+def _shard_rows(conn: Connection, parent_id: str, raw: Sequence[Any]) -> list[Any]:
+    """A sharded task's shards, in the order task_manager joins their XML."""
+    return list(conn.execute(select(*_RUN_COLUMNS, *raw).where(tasks.c.parent_id == parent_id)
+                             .order_by(tasks.c.created_at)).all())
+
+
+def _run(row: Mapping[str, Any]) -> RunEvidence:
+    return RunEvidence(
+        task_id=row["id"], status=TaskStatus(row["status"]), target=row["target"], argv=json.loads(row["argv"]),
+        pool=row["pool"], worker=row["worker_name"], worker_id=row["worker_id"], nmap_version=row["nmap_version"],
+        nmap_platform=row["nmap_platform"], started_at=utc(row["started_at"]), finished_at=utc(row["finished_at"]),
+        started_at_epoch=row["started_at"], finished_at_epoch=row["finished_at"],
+        raw_xml_sha256=row["raw_xml_sha256"], raw_xml_bytes=row["raw_xml_size"],
+    )
+
+
+def _sha256_text(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
+
+
+@overload
+def utc(epoch: float) -> str: ...
+
+
+@overload
+def utc(epoch: float | None) -> str | None: ...
+
+
+def utc(epoch: float | None) -> str | None:
+    """Unix seconds as UTC in ISO 8601 (microseconds, +00:00); None stays None."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
