@@ -38,6 +38,8 @@ FORMAT = "nmap-mcp-evidence/1"
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 AUDIT_LINES = "audit.jsonl"
+# Calls that act on a task they name in their `task_id` argument: their lines are its evidence too.
+ACTING_ON_TASKS = frozenset({"cancel_task", "decide_approval", "expire_approval"})
 # Files are hashed and copied this many bytes at a time.
 CHUNK = 1 << 20
 
@@ -76,6 +78,9 @@ async def export_evidence(store: EvidenceStore, audit_log: Path, chosen: Evidenc
         manifest = {"format": FORMAT, "server_version": server_version, "exported_at": utc(now),
                     "exported_at_epoch": int(now), "filter": chosen.described(), "tasks": evidence,
                     "audit": audit, "files": dict(sorted(files.sums.items()))}
+        if chosen.engagement is not None:
+            # The rules the tasks were checked against, as stored at export.
+            manifest["engagement"] = await store.engagement(chosen.engagement)
         files.add(MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
         files.add(SUMS, "".join(f"{digest}  {name}\n" for name, digest in sorted(files.sums.items())).encode())
         digest = write_archive(out, files, int(now))
@@ -140,12 +145,13 @@ def concerning(audit_log: Path, count: int, task_ids: set[str]) -> Iterator[tupl
 
 
 def _concerns(record: dict[str, Any], task_ids: set[str]) -> bool:
-    """Whether an audit line says a call queued (or reused) one of `task_ids`, or asked to cancel one."""
+    """Whether an audit line says a call queued (or reused) one of `task_ids`, or acted on one:
+    asked to cancel it, approved or denied it, or let its approval expire."""
     if record.get("event") == "queued":
         return _named(record.get("task_id"), task_ids)
     arguments = record.get("arguments")
-    return record.get("tool") == "cancel_task" and isinstance(arguments, dict) and _named(arguments.get("task_id"),
-                                                                                          task_ids)
+    return record.get("tool") in ACTING_ON_TASKS and isinstance(arguments, dict) and _named(
+        arguments.get("task_id"), task_ids)
 
 
 def _named(value: object, task_ids: set[str]) -> bool:

@@ -22,7 +22,7 @@ from sqlalchemy import ColumnElement, Connection, select
 from sqlalchemy.engine import make_url
 
 from db import Database, create_db_engine
-from models import RunEvidence, ScanKind, TaskEvidence, TaskStatus, tasks
+from models import ApprovalEvidence, RunEvidence, ScanKind, TaskEvidence, TaskStatus, approvals, engagements, tasks
 from task_manager import TaskNotFound
 
 _RUN_COLUMNS = [tasks.c[name] for name in (
@@ -39,11 +39,12 @@ class EvidenceFilter:
     owner: str | None = None
     since: float | None = None
     until: float | None = None
+    engagement: str | None = None
 
     def described(self) -> dict[str, Any]:
         """The conditions given, as a manifest names them (times in UTC, ISO 8601)."""
         shown: dict[str, Any] = {"task_ids": sorted(self.task_ids), "owner": self.owner,
-                                 "since": utc(self.since), "until": utc(self.until)}
+                                 "since": utc(self.since), "until": utc(self.until), "engagement": self.engagement}
         return {name: value for name, value in shown.items() if value}
 
 
@@ -98,19 +99,34 @@ class EvidenceStore:
         if owner is not None:
             mine &= tasks.c.owner == owner
         with self._db.reading() as conn:
-            row = conn.execute(select(*_RUN_COLUMNS, tasks.c.shard_count, tasks.c.result, *raw).where(mine)).first()
+            row = conn.execute(select(*_RUN_COLUMNS, tasks.c.shard_count, tasks.c.result, tasks.c.engagement, *raw)
+                               .where(mine)).first()
             if row is None:
                 raise TaskNotFound(f"no task {task_id!r}")
             shards = _shard_rows(conn, task_id, raw) if row.shard_count else []
+            approval = conn.execute(select(approvals).where(approvals.c.task_id == task_id)).first()
         runs = shards or [row]
         return TaskBundle(
             evidence=TaskEvidence(task_id=row.id, owner=row.owner, kind=ScanKind(row.kind),
                                   status=TaskStatus(row.status), target=row.target, created_at=utc(row.created_at),
                                   result_sha256=_sha256_text(row.result),
-                                  runs=[_run(run._mapping) for run in runs]),
+                                  runs=[_run(run._mapping) for run in runs], engagement=row.engagement,
+                                  approval=None if approval is None else _approval(approval._mapping)),
             result=row.result,
             raw_xml={run.id: zlib.decompress(run.raw_xml) for run in runs if with_raw and run.raw_xml is not None},
         )
+
+    async def engagement(self, name: str) -> dict[str, Any] | None:
+        """An engagement as stored (its rules as the server checked them), for an export of it."""
+        return await self._db.run(self._select_engagement, name)
+
+    def _select_engagement(self, name: str) -> dict[str, Any] | None:
+        with self._db.reading() as conn:
+            row = conn.execute(select(engagements).where(engagements.c.name == name)).first()
+        if row is None:
+            return None
+        return {"name": row.name, "rules": json.loads(row.rules), "created_by": row.created_by,
+                "created_at": utc(row.created_at), "source": row.source}
 
     def _select_matching(self, chosen: EvidenceFilter) -> list[str]:
         query = select(tasks.c.id).where(tasks.c.parent_id.is_(None), *_conditions(chosen))
@@ -129,6 +145,8 @@ def _conditions(chosen: EvidenceFilter) -> list[ColumnElement[bool]]:
         conditions.append(tasks.c.created_at >= chosen.since)
     if chosen.until is not None:
         conditions.append(tasks.c.created_at < chosen.until)
+    if chosen.engagement is not None:
+        conditions.append(tasks.c.engagement == chosen.engagement)
     return conditions
 
 
@@ -163,3 +181,9 @@ def utc(epoch: float | None) -> str | None: ...
 def utc(epoch: float | None) -> str | None:
     """Unix seconds as UTC in ISO 8601 (microseconds, +00:00); None stays None."""
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
+
+
+def _approval(row: Mapping[Any, Any]) -> ApprovalEvidence:
+    return ApprovalEvidence(decision=row["decision"], decided_by=row["decided_by"], decided_at=utc(row["decided_at"]),
+                            decision_reason=row["decision_reason"], reasons=json.loads(row["reasons"]),
+                            justification=row["justification"])

@@ -687,6 +687,17 @@ def _plain_enum(kind: type[enum.StrEnum]) -> WithJsonSchema:
     return WithJsonSchema({"type": "string", "enum": [member.value for member in kind]})
 
 
+class ApprovalEvidence(BaseModel):
+    """Who let a held scan run (or not), when, and why it was held."""
+
+    decision: str | None
+    decided_by: str | None
+    decided_at: str | None
+    decision_reason: str | None
+    reasons: list[str]
+    justification: str | None
+
+
 class TaskEvidence(BaseModel):
     """One task as a report cites it: what ran, when, and the hashes of what it produced."""
 
@@ -698,6 +709,9 @@ class TaskEvidence(BaseModel):
     created_at: str
     result_sha256: str | None = Field(description="SHA-256 of the stored JSON result (UTF-8)")
     runs: Annotated[list[RunEvidence], WithJsonSchema(RUNS_SCHEMA)]
+    engagement: str | None = None
+    approval: ApprovalEvidence | None = None
+
 
 
 class TaskList(BaseModel):

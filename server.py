@@ -462,10 +462,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "and exit 1 if a line was edited or removed")
     evidence = parser.add_argument_group("evidence", "an archive of tasks' evidence a report can cite")
     evidence.add_argument("--export-evidence", metavar="OUT.tar.gz", type=Path,
-                          help="write the evidence of the tasks chosen by --task, --owner, --since and --until (all "
-                               "that are given must hold) to a new archive, and exit")
+                          help="write the evidence of the tasks chosen by --task, --owner, --engagement, --since and "
+                               "--until (all that are given must hold) to a new archive, and exit")
     evidence.add_argument("--task", metavar="ID", action="append", default=[], help="this task (repeatable)")
     evidence.add_argument("--owner", metavar="NAME", help="the tasks of this token or person")
+    evidence.add_argument("--engagement", metavar="NAME",
+                          help="the tasks of this engagement (the archive holds its rules too)")
     evidence.add_argument("--since", metavar="ISO", type=moment, help="tasks created at or after (UTC unless given)")
     evidence.add_argument("--until", metavar="ISO", type=moment, help="tasks created before (UTC unless given)")
     evidence.add_argument("--verify-evidence", metavar="ARCHIVE", type=Path,
@@ -484,8 +486,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.new and not args.hash_token:
         parser.error("--new goes with --hash-token")
-    if (args.task or args.owner or args.since is not None or args.until is not None) and not args.export_evidence:
-        parser.error("--task, --owner, --since and --until go with --export-evidence")
+    chosen = (args.task, args.owner, args.engagement, args.since, args.until)
+    if any(value is not None and value != [] for value in chosen) and not args.export_evidence:
+        parser.error("--task, --owner, --engagement, --since and --until go with --export-evidence")
     return args
 
 
@@ -578,7 +581,7 @@ def reported(path: Path, problems: list[str], summary: str, flaw: str, intact: s
 def export_evidence_of(settings: Settings, args: argparse.Namespace) -> int:
     """`--export-evidence OUT`: the archive of the chosen tasks (evidence.py), read from the
     config's database and audit log; its size and SHA-256 on stdout."""
-    chosen = EvidenceFilter(tuple(args.task), args.owner, args.since, args.until)
+    chosen = EvidenceFilter(tuple(args.task), args.owner, args.since, args.until, args.engagement)
     out: Path = args.export_evidence
     if out.exists():  # said before any work; the archive's O_EXCL open is the guarantee
         print(f"error: {out} exists: the export writes a new file; name another", file=sys.stderr)

@@ -5,6 +5,8 @@ every decision audited with who made it; real nmap on loopback."""
 from __future__ import annotations
 
 import json
+import sys
+import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +25,7 @@ from stores import Stores
 from task_manager import ApprovalRequest
 from tests.conftest import OpenClient
 from tests.nodes import opened_stores
-from tests.support import SECRETS, answer_of, call, error_text, finished
+from tests.support import ROOT, SECRETS, answer_of, call, error_text, finished
 
 pytestmark = pytest.mark.anyio
 NET = "127.0.23.0/24"
@@ -142,3 +144,33 @@ async def test_a_worker_runs_no_task_its_engagement_holds_for_approval(tmp_path:
 
 async def queued_task(stores: Stores, argv: list[str]) -> TaskRecord:
     return (await stores.tasks.submit("alice", ScanKind.CUSTOM, argv[-1], argv, 60)).record
+
+
+async def test_an_engagement_s_export_holds_its_rules_its_tasks_and_their_approvals(
+        in_memory: OpenClient, tmp_path: Path) -> None:
+    config = approval_config(addresses_over=2)
+    async with in_memory(**config) as alice, in_memory("bob", **config) as bob:
+        plain = await answer_of(alice, "custom_scan", command="-Pn -p 1 127.0.23.1", timeout=30)
+        held = await answer_of(alice, "custom_scan", command="-Pn -p 1 127.0.23.0/30", timeout=30)
+        await answer_of(bob, "decide_approval", task_id=held["task_id"], decision="approve", reason="planned")
+        await finished(alice, held["task_id"])
+        evidence = await answer_of(alice, "get_task_evidence", task_id=held["task_id"])
+    assert evidence["engagement"] == "lab"
+    assert evidence["approval"] | {"decided_at": None} == {
+        "decision": "approved", "decided_by": "bob", "decided_at": None, "decision_reason": "planned",
+        "reasons": ["it covers 4 addresses, more than 2"], "justification": None}
+    out = tmp_path / "lab.tar.gz"
+    exported = await anyio.run_process([sys.executable, str(ROOT / "server.py"), "-c",
+                                        str(tmp_path / "in-memory-0.json"), "--export-evidence", str(out),
+                                        "--engagement", "lab"], check=False)
+    assert exported.returncode == 0, exported.stderr.decode()
+    with tarfile.open(out, "r:gz") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["filter"] == {"engagement": "lab"}
+    assert manifest["engagement"]["rules"]["approval"] == {"addresses_over": 2}
+    assert [task["task_id"] for task in manifest["tasks"]] == [plain["task_id"], held["task_id"]]
+    assert manifest["tasks"][1]["approval"]["decided_by"] == "bob"
+    audited = [json.loads(line) for line in files["audit.jsonl"].splitlines()]
+    assert {(line["tool"], line["token"]) for line in audited if line["event"] == "accepted"} == {
+        ("custom_scan", "alice"), ("decide_approval", "bob")}

@@ -255,8 +255,8 @@ async def test_an_export_that_matches_nothing_writes_nothing(in_memory: OpenClie
     again = server_command("-c", str(config), "--export-evidence", str(config))
     assert again.returncode == 2 and again.stderr.startswith(f"error: {config} exists: the export writes a new file")
     misused = server_command("--owner", "alice")
-    assert misused.returncode == 2 and "--task, --owner, --since and --until go with --export-evidence" in (
-        misused.stderr)
+    assert misused.returncode == 2
+    assert "--task, --owner, --engagement, --since and --until go with --export-evidence" in misused.stderr
 
 
 async def test_an_export_is_the_same_bytes_for_the_same_tasks_and_moment(
