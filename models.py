@@ -109,11 +109,13 @@ tasks = Table(
     # forced it past a recent result (rescan).
     Column("address_count", Integer, nullable=False, server_default="0"),
     Column("forced", Boolean, nullable=False, server_default=false()),
+    # The probes it sends (addresses x ports per address, impact.probes): probes_per_day counts them.
+    Column("probe_count", BigInteger, nullable=False, server_default="0"),
     Index("ix_tasks_status_pool_created", "status", "pool", "created_at"),
     # A token's tasks by age, carrying what the limits count: the usage check at every submit
     # reads this index alone (rows hold results and XML; reading them made a submit cost 4.7 ms
     # once the token had 1,200 tasks of the day, and it grew with every scan).
-    Index("ix_tasks_owner_created", "owner", "created_at", "parent_id", "address_count", "forced"),
+    Index("ix_tasks_owner_created", "owner", "created_at", "parent_id", "address_count", "forced", "probe_count"),
     # A token's queued and running tasks; with parent_id and shard_count the concurrency count
     # (its nmap runs) reads it alone.
     Index("ix_tasks_owner_status_created", "owner", "status", "created_at", "parent_id", "shard_count"),
@@ -144,6 +146,7 @@ usage_minutes = Table(
     Column("scans", Integer, nullable=False),
     Column("addresses", BigInteger, nullable=False),
     Column("rescans", Integer, nullable=False),
+    Column("probes", BigInteger, nullable=False, server_default="0"),
     sqlite_with_rowid=False,
 )
 
@@ -763,6 +766,7 @@ class LimitsAnswer(BaseModel):
 
     token: str
     limits: list[LimitUsage]
+    max_rate: int = Field(description="Packets per second each of your nmap runs may send (--max-rate)")
 
 class ScheduleCreated(BaseModel):
     """What schedule_scan answers."""

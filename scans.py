@@ -23,6 +23,7 @@ import audit
 from config import Settings
 from db import DatabaseUnavailable
 from disk_space import disk_problem
+from impact import probes, rated
 from inventory import HostQuery, parse_network, parse_since
 from models import (
     InventoryPage,
@@ -209,11 +210,13 @@ class ScanService:
     # ---- running them --------------------------------------------------------------------
 
     async def check(self, owner: str, request: ScanRequest) -> CheckedScan:
-        """Every check `scan` makes before it queues anything (targets against the caller's
-        policy, the argv, the pool), raising what it would raise; nothing is queued."""
+        """Every check `scan` makes before it queues anything (the caller's rate cap, targets
+        against the caller's policy, the argv, the pool), raising what it would raise; nothing
+        is queued."""
+        options = rated(request.options, self.policy.max_rate(owner), built_in=request.shareable)
         resolved = await resolve_targets(request.targets, self.policy.targets(owner),
                                          partial(self.resolver.addresses, owner))
-        argv = build_argv(self._nmap, request.options, resolved.nmap_targets, ipv6=resolved.ipv6,
+        argv = build_argv(self._nmap, options, resolved.nmap_targets, ipv6=resolved.ipv6,
                           privileged=self._settings.privileged)
         pool = self.policy.route(list(zip(resolved.nmap_targets, resolved.networks, strict=True)), request.pool)
         return CheckedScan(resolved, argv, pool)
@@ -239,7 +242,7 @@ class ScanService:
             pool=pool, share=share,
             fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
             shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
-            forced=request.shareable and rescan, schedule_run=schedule_run,
+            probe_count=probes(argv), forced=request.shareable and rescan, schedule_run=schedule_run,
         )
         if self._worker is not None and self._worker.info.pool == pool:
             record, reused, _ = await self._worker.hand_over(lambda worker: submit(claim_for=worker))
@@ -373,8 +376,9 @@ class ScanService:
         windows = {"scans_per_minute": "the last minute",
                    "concurrent_scans": "nmap runs queued or running now (a shard is one)",
                    "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour",
-                   "schedules": "schedules existing now"}
-        return LimitsAnswer(token=owner, limits=[
+                   "schedules": "schedules existing now",
+                   "probes_per_day": "the last 24 hours; a scan's probes are its addresses x ports"}
+        return LimitsAnswer(token=owner, max_rate=self.policy.max_rate(owner), limits=[
             LimitUsage(name=name, limit=getattr(limits, name), used=used[name], window=window)
             for name, window in windows.items()])
 

@@ -123,6 +123,7 @@ class TaskManager:
         shards: Sequence[Shard] = (),
         limits: Limits | None = None,
         address_count: int = 0,
+        probe_count: int = 0,
         forced: bool = False,
         schedule_run: str | None = None,
         claim_for: WorkerInfo | None = None,
@@ -141,7 +142,7 @@ class TaskManager:
             "argv": json.dumps(list(argv)), "status": TaskStatus.QUEUED.value, "created_at": time.time(),
             "time_limit": time_limit, "pool": pool, "shard_count": len(shards), "parent_id": None,
             "dedupe_key": dedupe_key(owner, kind, argv) if share else None,
-            "address_count": address_count, "forced": forced,
+            "address_count": address_count, "probe_count": probe_count, "forced": forced,
         }
         row, reused, claimed, left_queued = await self._db.run(
             self._submit, values, fresh_since, shards, limits, schedule_run, claim_for)

@@ -370,8 +370,9 @@ def register_tools(
     @inlined_tool(mcp, schemas, annotations=_READ_ANNOTATIONS)
     async def get_limits() -> LimitsAnswer:
         """Your token's limits (scans per minute, concurrent scans, addresses per day, forced
-        rescans per hour, schedules) and how much of each you use now. A scan or schedule past
-        one is refused with rate_limited, saying when to retry or what to delete. Instant."""
+        rescans per hour, schedules, probes per day: addresses x ports) and how much of each you
+        use now, and max_rate, the packets per second each nmap run may send. A scan or schedule
+        past one is refused with rate_limited, saying when to retry or what to delete. Instant."""
         with tool_errors():
             return await scans.limits(caller())
 

@@ -1,0 +1,101 @@
+"""A scan's impact, without I/O: the probes an argv sends (addresses x ports per address), which
+the probes_per_day budget counts, and the packet rate every argv is capped at (--max-rate).
+
+Both read the canonical options the server writes (nmap_options.parse_command, scanner.scan_options),
+never a caller's spelling: an option's value is the word after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nmap_options import ALLOWED_OPTIONS, CommandError, ParsedCommand
+from scanner import scanned_addresses
+
+# nmap's own choice when a scan names no ports: its 1,000 most common of each protocol scanned.
+DEFAULT_PORTS = 1000
+FAST_PORTS = 100  # -F
+ALL_PORTS = 65535
+_TCP_TYPES = frozenset({"-sT", "-sS"})
+
+
+def option_values(options: Sequence[str]) -> dict[str, str | None]:
+    """Each option of canonical `options` with its value (None for a flag)."""
+    values: dict[str, str | None] = {}
+    words = iter(options)
+    for word in words:
+        option = ALLOWED_OPTIONS.get(word)
+        values[word] = next(words, None) if option is not None and option.value is not None else None
+    return values
+
+
+def ports_per_address(options: Sequence[str]) -> int:
+    """The ports nmap probes on each address for these options: a ping scan (-sn) probes once;
+    else -p counted exactly (ranges, T:/U: prefixes, for each protocol scanned, less
+    --exclude-ports), --top-ports N or -F of each protocol, and nmap's default 1,000 otherwise."""
+    given = option_values(options)
+    if "-sn" in given:
+        return 1
+    protocols = ("tcp",) * bool(_TCP_TYPES & given.keys()) + ("udp",) * ("-sU" in given)
+    if (spec := given.get("-p")) is not None:
+        excluded = port_sets(given.get("--exclude-ports") or "")
+        listed = port_sets(spec)
+        return sum(len(listed[protocol] - excluded[protocol]) for protocol in protocols)
+    if (top := given.get("--top-ports")) is not None:
+        return int(top) * len(protocols)
+    return (FAST_PORTS if "-F" in given else DEFAULT_PORTS) * len(protocols)
+
+
+def port_sets(spec: str) -> dict[str, set[int]]:
+    """The ports of an nmap port list, by protocol: a T: or U: prefix holds for the items after it
+    until the next one; items before any prefix are ports of both. An open range runs from 1 or
+    to 65535 (port_spec has checked the list)."""
+    ports: dict[str, set[int]] = {"tcp": set(), "udp": set()}
+    protocols: tuple[str, ...] = ("tcp", "udp")
+    for item in filter(None, spec.split(",")):
+        prefix, _, span = item.rpartition(":")
+        if prefix:
+            protocols = ("tcp",) if prefix == "T" else ("udp",)
+        low, dash, high = span.partition("-")
+        first = int(low) if low else 1
+        last = (int(high) if high else ALL_PORTS) if dash else first
+        for protocol in protocols:
+            ports[protocol].update(range(first, last + 1))
+    return ports
+
+
+def probes(argv: Sequence[str]) -> int:
+    """The probes an argv the server built sends: its addresses times the ports of each."""
+    end = list(argv).index("--") if "--" in argv else len(argv)
+    return scanned_addresses(argv) * ports_per_address(argv[1:end])
+
+
+def rated(options: Sequence[str], cap: int, *, built_in: bool) -> list[str]:
+    """`options` under a rate cap of `cap` packets per second: the caller's own --max-rate when
+    it is not above the cap (CommandError when it is), else `--max-rate cap`. A --min-rate above
+    that rate is lowered to it in a built-in scan (full_scan's floor of 1000) and refused in the
+    caller's own command (nmap itself refuses a minimum above the maximum)."""
+    parsed = ParsedCommand(options=list(options))
+    given = option_values(options)
+    own = given.get("--max-rate")
+    if own is None:
+        parsed.add_default("--max-rate", str(cap))
+    elif float(own) > cap:
+        raise CommandError(f"'--max-rate {own}' is above this token's cap of {cap} packets per second; "
+                           f"give at most --max-rate {cap}, or leave it out to get {cap}")
+    rate = float(own) if own is not None else cap
+    floor = given.get("--min-rate")
+    if floor is not None and float(floor) > rate:
+        if not built_in:
+            raise CommandError(f"'--min-rate {floor}' is above the {rate:g} packets per second this scan may "
+                               f"send (--max-rate); give at most --min-rate {rate:g}")
+        at = parsed.options.index("--min-rate") + 1
+        parsed.options[at] = f"{rate:g}"
+    return parsed.options
+
+
+def max_rate_of(argv: Sequence[str]) -> float | None:
+    """The --max-rate an argv carries (among its options, before `--`); None without one."""
+    end = list(argv).index("--") if "--" in argv else len(argv)
+    value = option_values(argv[1:end]).get("--max-rate")
+    return None if value is None else float(value)

@@ -1,0 +1,34 @@
+"""Probe budgets (issue 23): each task's probes (addresses x ports per address), and each
+token's probes per minute of usage, which probes_per_day sums; the index the usage check reads
+carries them too. Tasks from before count 0 probes.
+
+Revision ID: 0011
+Revises: 0010
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0011"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("tasks", sa.Column("probe_count", sa.BigInteger, nullable=False, server_default="0"))
+    op.add_column("usage_minutes", sa.Column("probes", sa.BigInteger, nullable=False, server_default="0"))
+    op.drop_index("ix_tasks_owner_created", table_name="tasks")
+    op.create_index("ix_tasks_owner_created", "tasks",
+                    ["owner", "created_at", "parent_id", "address_count", "forced", "probe_count"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_tasks_owner_created", table_name="tasks")
+    op.create_index("ix_tasks_owner_created", "tasks", ["owner", "created_at", "parent_id", "address_count", "forced"])
+    with op.batch_alter_table("usage_minutes") as batch:
+        batch.drop_column("probes")
+    with op.batch_alter_table("tasks") as batch:
+        batch.drop_column("probe_count")
