@@ -7,7 +7,7 @@ import enum
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import (
@@ -121,6 +121,9 @@ tasks = Table(
     Index("ix_tasks_owner_status_created", "owner", "status", "created_at", "parent_id", "shard_count"),
     Index("ix_tasks_parent", "parent_id"),
     Index("ux_tasks_dedupe_key", "dedupe_key", unique=True),
+    # The fleet's finished scans of a kind in a pool, newest first, with what plan_scan's
+    # estimate reads of them (task_manager.TaskManager.history).
+    Index("ix_tasks_history", "kind", "pool", "status", "finished_at", "parent_id", "started_at", "probe_count"),
 )
 
 # Hosts a running scan has finished, written as nmap reports them: partial results (and
@@ -662,6 +665,45 @@ class PoolOverview(BaseModel):
     workers: list[WorkerStatus]
 
 
+class PlanEstimate(BaseModel):
+    """How long a planned scan may take and what it sends, from this fleet's own history."""
+
+    duration_s: float | None = Field(description="null without history")
+    min_duration_s: float = Field(description="Its packets at its max_rate")
+    packets: int = Field(description="Probes to the targets, host discovery's included: a lower bound")
+    based_on: int = Field(description="Past scans the duration rests on")
+    method: str
+
+
+class PlannedScan(BaseModel):
+    """The scan a plan would run: what, where, how big and how long."""
+
+    argv: list[str]
+    pool: str
+    workers_alive: int
+    capacity: int
+    running: int
+    queued: int
+    shards: int
+    addresses: int
+    ports_per_address: int
+    probes: int
+    max_rate: float
+    reuses_task: str | None
+    estimate: PlanEstimate
+
+
+class ScanPlan(BaseModel):
+    """What a scan tool would do with its arguments now, without doing it (plan_scan): the
+    verdict, and the scan unless a check refused it before its argv was known."""
+
+    tool: str
+    verdict: Literal["allowed", "refused"]
+    code: str | None = None
+    reason: str | None = None
+    scan: PlannedScan | None = None
+
+
 class WorkerList(BaseModel):
     """Every pool with its workers."""
 
@@ -766,7 +808,7 @@ class LimitsAnswer(BaseModel):
 
     token: str
     limits: list[LimitUsage]
-    max_rate: int = Field(description="Packets per second each of your nmap runs may send (--max-rate)")
+    max_rate: int
 
 class ScheduleCreated(BaseModel):
     """What schedule_scan answers."""

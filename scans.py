@@ -17,23 +17,26 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import audit
 from config import Settings
 from db import DatabaseUnavailable
 from disk_space import disk_problem
-from impact import probes, rated
+from impact import estimate, max_rate_of, options_of, ports_per_address, probes, rated
 from inventory import HostQuery, parse_network, parse_since
+from limits import QueueFull, RateLimited
 from models import (
     InventoryPage,
     LimitsAnswer,
     LimitUsage,
     NmapVersion,
+    PlannedScan,
     PoolOverview,
     Progress,
     ScanDiff,
     ScanKind,
+    ScanPlan,
     TaskAnswer,
     TaskList,
     TaskRecord,
@@ -47,7 +50,7 @@ from nmap_options import parse_command
 from policy import Policy
 from resolver import HostResolver
 from scanner import NmapBuild, build_argv, nmap_build, scan_options
-from sharding import shard
+from sharding import Shard, shard
 from stores import Stores
 from targets import ResolvedTargets, resolve_targets, split_targets
 from views import (
@@ -66,6 +69,7 @@ from views import (
     with_requested_names,
 )
 from worker import Worker
+from worker_store import PoolStatus
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
 DEFAULT_PAGE = 50
@@ -74,6 +78,11 @@ CANCEL_WAIT_SECONDS = 5.0
 # Set, for one call, by a front door that answers with a task handle instead of waiting (the
 # MCP Tasks extension, mcp_tasks.py): scan() then returns as soon as its task is queued.
 _submitted: ContextVar[list[TaskRecord] | None] = ContextVar("submitted_scans", default=None)
+# Set by plan_scan while a scan tool turns its arguments into a request: scan() then raises
+# Captured with it, before any check.
+_capturing: ContextVar[bool] = ContextVar("capturing_scans", default=False)
+# How many of the fleet's last similar scans plan_scan's estimate reads.
+HISTORY_SCANS = 50
 
 
 class ShuttingDown(RuntimeError):
@@ -82,6 +91,15 @@ class ShuttingDown(RuntimeError):
 
 class NotComparable(ValueError):
     """diff_scans was given a task without a result."""
+
+
+class Captured(Exception):
+    """What a scan tool asked `scan` for, under `capturing()`: nothing was checked or queued."""
+
+    def __init__(self, request: ScanRequest, rescan: bool) -> None:
+        super().__init__(request.kind.value)
+        self.request = request
+        self.rescan = rescan
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,18 @@ def without_waiting() -> Iterator[list[TaskRecord]]:
         yield submitted
     finally:
         _submitted.reset(reset)
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[None]:
+    """Within the block, `ScanService.scan` raises Captured with the request it was given,
+    before any check: a scan tool run here validates its arguments and builds its request
+    exactly as when it is called, and scans nothing (plan_scan)."""
+    reset = _capturing.set(True)
+    try:
+        yield
+    finally:
+        _capturing.reset(reset)
 
 
 SCAN_TYPES = {"connect": "-sT", "syn": "-sS", "udp": "-sU", "ping": "-sn"}
@@ -229,21 +259,17 @@ class ScanService:
         configured max_call_wait_seconds), present it.
 
         Once the scan is queued the answer always carries its task id, even when the wait
-        after it fails or the server shuts down. Under `without_waiting()` it does not wait.
-        A `schedule_run` (a run of a schedule) is linked to the task that queues it."""
+        after it fails or the server shuts down. Under `without_waiting()` it does not wait;
+        under `capturing()` it raises Captured at once. A `schedule_run` (a run of a schedule)
+        is linked to the task that queues it."""
+        if _capturing.get():
+            raise Captured(request, rescan)
         if not self.accepting:
             raise ShuttingDown("the server is shutting down; retry in a moment")
-        resolved, argv, pool = await self.check(owner, request)
-        share = request.shareable and not rescan
-        shards = shard(argv, resolved.networks, self._settings.shard_addresses) \
-            if resolved.address_count > self._settings.shard_addresses else []
-        submit = partial(
-            self._tasks.submit, owner, request.kind, " ".join(request.targets), argv, self._settings.max_scan_seconds,
-            pool=pool, share=share,
-            fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
-            shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
-            probe_count=probes(argv), forced=request.shareable and rescan, schedule_run=schedule_run,
-        )
+        checked = await self.check(owner, request)
+        resolved, argv, pool = checked
+        submit = partial(self._tasks.submit, **self._submission(owner, request, checked, rescan),
+                         schedule_run=schedule_run)
         if self._worker is not None and self._worker.info.pool == pool:
             record, reused, _ = await self._worker.hand_over(lambda worker: submit(claim_for=worker))
         else:
@@ -266,6 +292,55 @@ class ScanService:
         except DatabaseUnavailable:
             return with_message(answer(record), "The task database stopped answering while the call waited; "
                                                 "the scan is queued. Ask get_task_status later.")
+
+    def _submission(self, owner: str, request: ScanRequest, checked: CheckedScan, rescan: bool) -> dict[str, Any]:
+        """The arguments of the task store's submit (and trial) for a checked scan."""
+        share = request.shareable and not rescan
+        return {
+            "owner": owner, "kind": request.kind, "target": " ".join(request.targets), "argv": checked.argv,
+            "time_limit": self._settings.max_scan_seconds, "pool": checked.pool, "share": share,
+            "fresh_since": time.time() - self._settings.result_freshness_seconds if share else None,
+            "shards": self._shards(checked), "limits": self.policy.limits(owner),
+            "address_count": checked.resolved.address_count, "probe_count": probes(checked.argv),
+            "forced": request.shareable and rescan,
+        }
+
+    def _shards(self, checked: CheckedScan) -> list[Shard]:
+        """A scan of more than shard_addresses addresses, in shards; none for a smaller one."""
+        if checked.resolved.address_count <= self._settings.shard_addresses:
+            return []
+        return shard(checked.argv, checked.resolved.networks, self._settings.shard_addresses)
+
+    async def plan(self, owner: str, tool: str, request: ScanRequest, *,
+                   rescan: bool = False) -> tuple[ScanPlan, Exception | None]:
+        """What `scan` would do with `request` now, with nothing queued or counted: every check
+        it makes (raising what they raise), and its limits and the queue as the refusal they
+        would be now (None when the scan would run), beside the plan: the argv, the pool and its
+        workers, the size and an estimate from the fleet's history of this kind in this pool."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down; retry in a moment")
+        checked = await self.check(owner, request)
+        submission = self._submission(owner, request, checked, rescan)
+        refusal: Exception | None = None
+        reused = None
+        try:
+            reused = await self._tasks.trial(**submission)
+        except (RateLimited, QueueFull) as e:
+            refusal = e
+        pool = await self._pool(checked.pool)
+        alive = [worker for worker in pool.workers if worker.alive]
+        similar = f"{request.kind.value} scans in pool '{checked.pool}'"
+        history = await self._tasks.history(request.kind, checked.pool, HISTORY_SCANS)
+        rate = max_rate_of(checked.argv)
+        assert rate is not None  # check() gives every argv one
+        return ScanPlan(tool=tool, verdict="allowed" if refusal is None else "refused", scan=PlannedScan(
+            argv=checked.argv, pool=checked.pool, workers_alive=len(alive),
+            capacity=sum(worker.capacity for worker in alive), running=sum(worker.running for worker in alive),
+            queued=pool.queued, shards=max(len(submission["shards"]), 1), addresses=checked.resolved.address_count,
+            ports_per_address=ports_per_address(options_of(checked.argv)), probes=submission["probe_count"],
+            max_rate=rate, reuses_task=reused.id if reused is not None else None,
+            estimate=estimate(checked.argv, history, similar),
+        )), refusal
 
     async def present(
         self, record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0,
@@ -384,17 +459,21 @@ class ScanService:
 
     async def workers(self) -> WorkerList:
         """Every pool (configured, or with workers or queued tasks) with its workers."""
-        seen = {status.pool: status for status in await self._stores.workers.pools(self._stores.lease_seconds)}
+        seen = await self._pool_statuses()
         names = sorted({*self.policy.pools, *seen, *( [self._worker.info.pool] if self._worker else [])})
-        overviews = []
-        for name in names:
-            status = seen.get(name)
-            workers = [WorkerStatus(**w) for w in status.workers] if status else []
-            overviews.append(PoolOverview(
-                pool=name, networks=[str(n) for n in self.policy.pools.get(name, ())],
-                queued=status.queued if status else 0, workers_alive=sum(w.alive for w in workers), workers=workers,
-            ))
-        return WorkerList(pools=overviews)
+        return WorkerList(pools=[self._overview(name, seen.get(name)) for name in names])
+
+    async def _pool(self, name: str) -> PoolOverview:
+        return self._overview(name, (await self._pool_statuses()).get(name))
+
+    async def _pool_statuses(self) -> dict[str, PoolStatus]:
+        return {status.pool: status for status in await self._stores.workers.pools(self._stores.lease_seconds)}
+
+    def _overview(self, name: str, status: PoolStatus | None) -> PoolOverview:
+        workers = [WorkerStatus(**w) for w in status.workers] if status else []
+        return PoolOverview(pool=name, networks=[str(n) for n in self.policy.pools.get(name, ())],
+                            queued=status.queued if status else 0, workers_alive=sum(w.alive for w in workers),
+                            workers=workers)
 
     async def health(self) -> str | None:
         """None when scans can run; else what is wrong, in words that reveal no configuration."""

@@ -31,7 +31,7 @@ from tests.support import (
 pytestmark = pytest.mark.anyio
 UNKNOWN_TASK = "00000000-0000-4000-8000-000000000000"
 READ_ONLY_TOOLS = {"get_task_status", "get_task_result", "list_tasks", "diff_scans", "list_workers", "find_hosts",
-                   "top_values", "nmap_version", "get_limits", "list_schedules"}
+                   "top_values", "nmap_version", "get_limits", "list_schedules", "plan_scan"}
 SCAN_TOOLS = {"quick_scan", "full_scan", "custom_scan", "scan", "schedule_scan"}
 DESTRUCTIVE_TOOLS = {"cancel_task", "delete_schedule"}
 

@@ -1,6 +1,7 @@
 """Probe budgets (issue 23): each task's probes (addresses x ports per address), and each
 token's probes per minute of usage, which probes_per_day sums; the index the usage check reads
-carries them too. Tasks from before count 0 probes.
+carries them too. Tasks from before count 0 probes. And the index plan_scan's estimate reads:
+the fleet's finished scans of a kind in a pool, newest first.
 
 Revision ID: 0011
 Revises: 0010
@@ -23,9 +24,12 @@ def upgrade() -> None:
     op.drop_index("ix_tasks_owner_created", table_name="tasks")
     op.create_index("ix_tasks_owner_created", "tasks",
                     ["owner", "created_at", "parent_id", "address_count", "forced", "probe_count"])
+    op.create_index("ix_tasks_history", "tasks",
+                    ["kind", "pool", "status", "finished_at", "parent_id", "started_at", "probe_count"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_tasks_history", table_name="tasks")
     op.drop_index("ix_tasks_owner_created", table_name="tasks")
     op.create_index("ix_tasks_owner_created", "tasks", ["owner", "created_at", "parent_id", "address_count", "forced"])
     with op.batch_alter_table("usage_minutes") as batch:
