@@ -31,6 +31,7 @@ from engagements import (
     check_scope,
     check_time,
 )
+from impact import max_rate_of
 from models import TaskRecord
 from nmap_options import CommandError, parse_command
 from policy import Policy
@@ -90,6 +91,7 @@ class ArgvCheck:
                               privileged=self.privileged)
         if expected[1:] != record.argv[1:]:
             raise TaskRefused(_first_difference(record.argv, expected))
+        self._check_rate(record)
         return expected
 
     async def _check_engagement(self, record: TaskRecord, targets: Sequence[str],
@@ -134,6 +136,14 @@ class ArgvCheck:
         if reasons := approval_reasons(rules, options, addresses, time.time(),
                                        lambda pick: catalog.get(pick, frozenset()), []):
             raise TaskRefused(f"its engagement wants a person's yes first ({'; '.join(reasons)}), and none was given")
+
+    def _check_rate(self, record: TaskRecord) -> None:
+        """Every argv the server builds carries --max-rate, at most its owner's cap."""
+        rate, cap = max_rate_of(record.argv), self.policy.max_rate(record.owner)
+        if rate is None:
+            raise TaskRefused(f"its argv has no --max-rate; its owner's scans send at most {cap} packets per second")
+        if rate > cap:
+            raise TaskRefused(f"its --max-rate {rate:g} is above its owner's cap of {cap} packets per second")
 
     def _check_pool(self, networks: Sequence[Sequence[IPNetwork]]) -> None:
         if self.pool_networks is None:

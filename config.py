@@ -86,11 +86,21 @@ class Limits(BaseModel):
     rescans_per_hour: int | None = Field(default=None, ge=1, le=100_000)
     # Schedules (schedule_scan) the token has at once: each runs scans for ever.
     schedules: int | None = Field(default=None, ge=1, le=100_000)
+    # Probes (addresses x ports per address, impact.probes) of the scans of one day.
+    probes_per_day: int | None = Field(default=None, ge=1, le=10**13)
+    # Packets per second each of its nmap runs may send (--max-rate, which every argv carries).
+    max_rate: int | None = Field(default=None, ge=1, le=100_000)
 
 
-# Generous: they stop a runaway agent, not a busy team.
+# Generous: they stop a runaway agent, not a busy team. A billion probes a day is 59 full scans
+# of a /24 (16.8 million probes each), 15,000 of one host or 10 million quick scans of one host:
+# a team's day, while an agent running full scans back to back at scans_per_minute passes it
+# within hours. 50,000 packets per second never slows a built-in scan on a LAN, where nmap's own
+# congestion control at -T4 stays far below it (all ports of a LAN host in 5-20 s, at most some
+# 13,000 a second); only loopback is faster (all ports in 0.43 s uncapped, 1.34 s at the cap,
+# measured with nmap 7.93), and one nmap run stays under about 30 Mbit/s of connection attempts.
 DEFAULT_LIMITS = Limits(scans_per_minute=60, concurrent_scans=20, addresses_per_day=65_536, rescans_per_hour=120,
-                        schedules=50)
+                        schedules=50, probes_per_day=1_000_000_000, max_rate=50_000)
 
 
 class Grant(BaseModel):

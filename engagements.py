@@ -40,7 +40,7 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _SCOPE_NAME = re.compile(rf"^(\*\.)?(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 # Options every scan may carry whatever an engagement's `options` say: the scan type the
 # server picks when none is given, and what the server itself adds.
-SERVER_OPTIONS = frozenset({"-sT", "-sS", "-n", "--host-timeout", "--exclude"})
+SERVER_OPTIONS = frozenset({"-sT", "-sS", "-n", "--host-timeout", "--exclude", "--max-rate"})
 # What nmap can only do with raw packets (nmap_options marks them privileged).
 RAW_PACKET_OPTIONS = frozenset(name for name, option in ALLOWED_OPTIONS.items() if option.privileged)
 # How far ahead the next window is looked for: every weekly pattern repeats within a week.

@@ -116,15 +116,19 @@ class ToolErrorMiddleware(Middleware):
             # FastMCP's own mask ("Error calling tool 'x'"); it has logged the traceback.
             raise ToolError("internal_error: the tool failed unexpectedly; the server log has the details") from e
         except ArgumentsRefused as e:
-            if not isinstance(e.__cause__, ValidationError):
-                raise ToolError("invalid_argument: the arguments do not fit the tool's input schema") from e
-            schema = self._schemas.get(name, {})
-            raise ToolError("invalid_argument: " + describe_invalid_arguments(e.__cause__, name, schema)) from e
+            raise arguments_refused(e, name, self._schemas.get(name, {})) from e
         except NotFoundError as e:
             raise ToolError(f"not_found: there is no tool {_echo(name)!r}; tools/list names them") from e
         except Exception as e:
             logger.exception("tool %s failed", name)
             raise ToolError("internal_error: the tool failed unexpectedly; the server log has the details") from e
+
+
+def arguments_refused(error: ArgumentsRefused, tool: str, schema: Mapping[str, Any]) -> ToolError:
+    """The coded tool error for arguments `tool`'s schema refused."""
+    if not isinstance(error.__cause__, ValidationError):
+        return ToolError("invalid_argument: the arguments do not fit the tool's input schema")
+    return ToolError("invalid_argument: " + describe_invalid_arguments(error.__cause__, tool, schema))
 
 
 class PromptArgumentCheck(Middleware):

@@ -1,7 +1,7 @@
 """What a submission may use: the per-token limits (usage windows counted per minute) and the
 queue's bound, checked inside the submitting transaction.
 
-Each top-level task adds its scan, addresses and forced rescan to its owner's minute in
+Each top-level task adds its scan, addresses, probes and forced rescan to its owner's minute in
 `usage_minutes`; a window's usage is the minutes after its first one plus the part of that
 first minute inside the window, read from the tasks themselves (see `usage_params`), so counts
 are exact and none of it grows with the tasks of a window.
@@ -21,7 +21,12 @@ from models import TaskStatus, tasks, usage_minutes
 # What each limit counts over, in seconds (None: what is queued or running now).
 LIMIT_WINDOWS: dict[str, float | None] = {
     "scans_per_minute": 60.0, "concurrent_scans": None, "addresses_per_day": 86_400.0, "rescans_per_hour": 3600.0,
+    "probes_per_day": 86_400.0,
 }
+# The limits that weigh each scan by a column of its task (the others count scans), with what
+# a refusal of one scan that alone passes the limit says of it and asks for instead.
+WEIGHTS = {"addresses_per_day": ("address_count", "covers {} addresses", "a smaller range"),
+           "probes_per_day": ("probe_count", "sends {} probes (addresses x ports)", "fewer addresses or ports")}
 
 
 class QueueFull(RuntimeError):
@@ -66,6 +71,8 @@ USAGE = select(
     _windowed(usage_minutes.c.addresses, func.coalesce(func.sum(tasks.c.address_count), 0), "day")
     .label("addresses_per_day"),
     _windowed(usage_minutes.c.rescans, func.count(), "hour", tasks.c.forced.is_(True)).label("rescans_per_hour"),
+    _windowed(usage_minutes.c.probes, func.coalesce(func.sum(tasks.c.probe_count), 0), "day")
+    .label("probes_per_day"),
 )
 # A submit checked against limits reads the usage and the queue's length in one statement.
 USAGE_AND_WAITING = USAGE.add_columns(_COUNT_WAITING.scalar_subquery().label("waiting"))
@@ -74,7 +81,7 @@ USAGE_AND_WAITING = USAGE.add_columns(_COUNT_WAITING.scalar_subquery().label("wa
 def _add_usage(dialect: str) -> Any:
     statement = DIALECT_INSERTS[dialect](usage_minutes)
     return statement.on_conflict_do_update(index_elements=["owner", "minute"], set_={
-        name: usage_minutes.c[name] + statement.excluded[name] for name in ("scans", "addresses", "rescans")})
+        name: usage_minutes.c[name] + statement.excluded[name] for name in ("scans", "addresses", "rescans", "probes")})
 
 
 # A new top-level task's part of its owner's usage, added to its minute.
@@ -110,15 +117,16 @@ def add_usage(conn: Connection, dialect: str, values: dict[str, Any]) -> None:
     """Count a new top-level task (a row's `values`) in its owner's minute."""
     conn.execute(_ADD_USAGE[dialect], {
         "owner": values["owner"], "minute": int(values["created_at"] // 60), "scans": 1,
-        "addresses": values["address_count"], "rescans": int(values["forced"])})
+        "addresses": values["address_count"], "rescans": int(values["forced"]), "probes": values["probe_count"]})
 
 
 def _check_limits(conn: Connection, values: dict[str, Any], limits: Limits, usage: dict[str, int],
                   nmap_runs: int) -> None:
     owner = values["owner"]
     # What the new task adds to each limit's count: its nmap runs (its shards), one scan, its
-    # addresses, and one rescan when forced.
-    adds = {"concurrent_scans": nmap_runs, "scans_per_minute": 1, "addresses_per_day": values["address_count"]}
+    # addresses and probes, and one rescan when forced.
+    adds = {"concurrent_scans": nmap_runs, "scans_per_minute": 1, "addresses_per_day": values["address_count"],
+            "probes_per_day": values["probe_count"]}
     if values["forced"]:
         adds["rescans_per_hour"] = 1
     passed = [(name, limit) for name, more in adds.items()
@@ -127,9 +135,10 @@ def _check_limits(conn: Connection, values: dict[str, Any], limits: Limits, usag
         return
     name, limit = passed[0]
     label = name.replace("_per_", " per ").replace("_", " ")
-    if name == "addresses_per_day" and values["address_count"] > limit:
-        raise RateLimited(f"this scan covers {values['address_count']} addresses, more than the {limit} "
-                          f"addresses per day of token '{owner}'; scan a smaller range")
+    if name in WEIGHTS and values[WEIGHTS[name][0]] > limit:
+        column, size, smaller = WEIGHTS[name]
+        raise RateLimited(f"this scan {size.format(values[column])}, more than the {limit} {label} of "
+                          f"token '{owner}'; scan {smaller}")
     if name == "concurrent_scans" and nmap_runs > limit:
         raise RateLimited(f"this scan runs as {nmap_runs} nmap processes (one per shard), more than the {limit} "
                           f"concurrent scans of token '{owner}'; scan a smaller range")
@@ -137,7 +146,8 @@ def _check_limits(conn: Connection, values: dict[str, Any], limits: Limits, usag
         raise RateLimited(f"{limit} concurrent scans for token '{owner}'; retry when one of them has finished "
                           "(list_tasks shows them)")
     wait_s = _retry_after(conn, name, limit, values)
-    raise RateLimited(f"{limit} {label} for token '{owner}'; retry in {max(1, round(wait_s))} s")
+    this_scan = f" (this scan sends {values['probe_count']})" if name == "probes_per_day" else ""
+    raise RateLimited(f"{limit} {label} for token '{owner}'{this_scan}; retry in {max(1, round(wait_s))} s")
 
 
 def _usage_in(conn: Connection, owner: str, now: float, statement: Any = USAGE) -> dict[str, int]:
@@ -153,10 +163,11 @@ def _retry_after(conn: Connection, name: str, limit: int, values: dict[str, Any]
     counted = (tasks.c.owner == owner) & tasks.c.parent_id.is_(None) & (tasks.c.created_at > now - window)
     if name == "rescans_per_hour":
         counted &= tasks.c.forced.is_(True)
-    rows = conn.execute(select(tasks.c.created_at, tasks.c.address_count).where(counted)
+    column = WEIGHTS[name][0] if name in WEIGHTS else None
+    rows = conn.execute(select(tasks.c.created_at, tasks.c.address_count, tasks.c.probe_count).where(counted)
                         .order_by(tasks.c.created_at)).all()
-    weight = [row.address_count if name == "addresses_per_day" else 1 for row in rows]
-    need = sum(weight) + (values["address_count"] if name == "addresses_per_day" else 1) - limit
+    weight = [row._mapping[column] if column else 1 for row in rows]
+    need = sum(weight) + (values[column] if column else 1) - limit
     for row, amount in zip(rows, weight, strict=True):
         need -= amount
         if need <= 0:
@@ -172,7 +183,7 @@ class UsageStore:
 
     async def usage(self, owner: str) -> dict[str, int]:
         """What the caller's limits count now: scans running or queued, in the last minute,
-        addresses in the last day, forced rescans in the last hour."""
+        addresses and probes in the last day, forced rescans in the last hour."""
         return await self._db.run(self._usage, owner)
 
     def _usage(self, owner: str) -> dict[str, int]:

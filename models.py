@@ -7,7 +7,7 @@ import enum
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, Field, WithJsonSchema, model_validator
 from sqlalchemy import (
@@ -124,17 +124,22 @@ tasks = Table(
     Column("forced", Boolean, nullable=False, server_default=false()),
     # The engagement (engagements.py) the scan ran under; NULL: none.
     Column("engagement", String(64)),
+    # The probes it sends (addresses x ports per address, impact.probes): probes_per_day counts them.
+    Column("probe_count", BigInteger, nullable=False, server_default="0"),
     Index("ix_tasks_status_pool_created", "status", "pool", "created_at"),
     # A token's tasks by age, carrying what the limits count: the usage check at every submit
     # reads this index alone (rows hold results and XML; reading them made a submit cost 4.7 ms
     # once the token had 1,200 tasks of the day, and it grew with every scan).
-    Index("ix_tasks_owner_created", "owner", "created_at", "parent_id", "address_count", "forced"),
+    Index("ix_tasks_owner_created", "owner", "created_at", "parent_id", "address_count", "forced", "probe_count"),
     # A token's queued and running tasks; with parent_id and shard_count the concurrency count
     # (its nmap runs) reads it alone.
     Index("ix_tasks_owner_status_created", "owner", "status", "created_at", "parent_id", "shard_count"),
     Index("ix_tasks_parent", "parent_id"),
     Index("ix_tasks_engagement_created", "engagement", "created_at"),
     Index("ux_tasks_dedupe_key", "dedupe_key", unique=True),
+    # The fleet's finished scans of a kind in a pool, newest first, with what plan_scan's
+    # estimate reads of them (task_manager.TaskManager.history).
+    Index("ix_tasks_history", "kind", "pool", "status", "finished_at", "parent_id", "started_at", "probe_count"),
 )
 
 # Hosts a running scan has finished, written as nmap reports them: partial results (and
@@ -160,6 +165,7 @@ usage_minutes = Table(
     Column("scans", Integer, nullable=False),
     Column("addresses", BigInteger, nullable=False),
     Column("rescans", Integer, nullable=False),
+    Column("probes", BigInteger, nullable=False, server_default="0"),
     sqlite_with_rowid=False,
 )
 
@@ -771,6 +777,48 @@ class PoolOverview(BaseModel):
     workers: list[WorkerStatus]
 
 
+class PlanEstimate(BaseModel):
+    """How long a planned scan may take and what it sends, from this fleet's own history."""
+
+    duration_s: float | None = Field(description="null without history")
+    min_duration_s: float = Field(description="Its packets at its max_rate")
+    packets: int = Field(description="Probes to the targets, host discovery's included: a lower bound")
+    based_on: int = Field(description="Past scans the duration rests on")
+    method: str
+
+
+class PlannedScan(BaseModel):
+    """The scan a plan would run: what, where, how big and how long."""
+
+    argv: list[str]
+    pool: str
+    workers_alive: int
+    capacity: int
+    running: int
+    queued: int
+    shards: int
+    addresses: int
+    ports_per_address: int
+    probes: int
+    max_rate: float
+    reuses_task: str | None
+    estimate: PlanEstimate
+
+
+class ScanPlan(BaseModel):
+    """What a scan tool would do with its arguments now, without doing it (plan_scan): the
+    verdict, and the scan unless a check refused it before its argv was known."""
+
+    tool: str
+    verdict: Literal["allowed", "refused"]
+    code: str | None = None
+    reason: str | None = None
+    engagement: str | None = None
+    window_closes_at: str | None = Field(default=None, description="When its engagement's window closes (UTC)")
+    approval_needed: list[str] | None = Field(default=None, description="Why a person must approve it first")
+    scan: PlannedScan | None = None
+
+
 class WorkerList(BaseModel):
     """Every pool with its workers."""
 
@@ -875,6 +923,7 @@ class LimitsAnswer(BaseModel):
 
     token: str
     limits: list[LimitUsage]
+    max_rate: int
 
 class ScheduleCreated(BaseModel):
     """What schedule_scan answers."""

@@ -157,6 +157,13 @@ class Policy:
         return Limits(**{key: next(getattr(layer, key) for layer in layers if getattr(layer, key) is not None)
                          for key in Limits.model_fields})
 
+    def max_rate(self, owner: str) -> int:
+        """The packets per second each nmap run of the caller may send (its limits' max_rate,
+        which DEFAULT_LIMITS always sets)."""
+        rate = self.limits(owner).max_rate
+        assert rate is not None
+        return rate
+
     def targets(self, owner: str) -> TargetPolicy:
         """The target policy of the caller's scans: the server's, narrowed for its token."""
         return self._targets.get(self._key(owner), self._base)

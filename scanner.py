@@ -112,14 +112,17 @@ def scanned_addresses(argv: Sequence[str]) -> int:
 
 def version_argv(discovery_argv: Sequence[str], discovery: ScanResult) -> list[str] | None:
     """The second phase of a full scan: -sV on each port discovery found open, on the hosts
-    that have them, with the first phase's scan type and privileges; None when none is open."""
+    that have them, with the first phase's scan type, rate cap (--max-rate) and privileges;
+    None when none is open."""
     open_ports = sorted({(p.protocol, p.port) for h in discovery.hosts for p in h.ports if p.state == "open"})
     hosts = [h.address for h in discovery.hosts if any(p.state == "open" for p in h.ports)]
     if not hosts:
         return None
     ports = ",".join(f"{'U' if protocol == 'udp' else 'T'}:{port}" for protocol, port in open_ports)
     privileged = "--privileged" in discovery_argv
-    return build_argv(discovery_argv[0], [discovery_argv[1], *VERSION_OPTIONS, "-p", ports], hosts,
+    at = discovery_argv.index("--max-rate") if "--max-rate" in discovery_argv else len(discovery_argv)
+    rate = list(discovery_argv[at:at + 2])
+    return build_argv(discovery_argv[0], [discovery_argv[1], *VERSION_OPTIONS, "-p", ports, *rate], hosts,
                       ipv6="-6" in discovery_argv, privileged=privileged)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import audit
 from config import Settings
@@ -33,19 +33,24 @@ from engagements import (
     check_member,
     check_scope,
     check_time,
+    iso_utc,
     opening,
     with_exclusions,
 )
+from impact import estimate, max_rate_of, options_of, ports_per_address, probes, rated
 from inventory import HostQuery, parse_network, parse_since
+from limits import QueueFull, RateLimited
 from models import (
     InventoryPage,
     LimitsAnswer,
     LimitUsage,
     NmapVersion,
+    PlannedScan,
     PoolOverview,
     Progress,
     ScanDiff,
     ScanKind,
+    ScanPlan,
     TaskAnswer,
     TaskEvidence,
     TaskList,
@@ -60,7 +65,7 @@ from nmap_options import parse_command
 from policy import Policy
 from resolver import HostResolver
 from scanner import NmapBuild, build_argv, nmap_build, scan_options
-from sharding import shard
+from sharding import Shard, shard
 from stores import Stores
 from targets import IPNetwork, ResolvedTargets, resolve_targets, split_targets
 from task_manager import ApprovalRequest
@@ -80,6 +85,7 @@ from views import (
     with_requested_names,
 )
 from worker import Worker
+from worker_store import PoolStatus
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
 DEFAULT_PAGE = 50
@@ -88,6 +94,11 @@ CANCEL_WAIT_SECONDS = 5.0
 # Set, for one call, by a front door that answers with a task handle instead of waiting (the
 # MCP Tasks extension, mcp_tasks.py): scan() then returns as soon as its task is queued.
 _submitted: ContextVar[list[TaskRecord] | None] = ContextVar("submitted_scans", default=None)
+# Set by plan_scan while a scan tool turns its arguments into a request: scan() then raises
+# Captured with it, before any check.
+_capturing: ContextVar[bool] = ContextVar("capturing_scans", default=False)
+# How many of the fleet's last similar scans plan_scan's estimate reads.
+HISTORY_SCANS = 50
 
 
 def surrounding(resolved: ResolvedTargets) -> list[IPNetwork]:
@@ -112,6 +123,15 @@ class ShuttingDown(RuntimeError):
 
 class NotComparable(ValueError):
     """diff_scans was given a task without a result."""
+
+
+class Captured(Exception):
+    """What a scan tool asked `scan` for, under `capturing()`: nothing was checked or queued."""
+
+    def __init__(self, request: ScanRequest, rescan: bool) -> None:
+        super().__init__(request.kind.value)
+        self.request = request
+        self.rescan = rescan
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,18 @@ def without_waiting() -> Iterator[list[TaskRecord]]:
         yield submitted
     finally:
         _submitted.reset(reset)
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[None]:
+    """Within the block, `ScanService.scan` raises Captured with the request it was given,
+    before any check: a scan tool run here validates its arguments and builds its request
+    exactly as when it is called, and scans nothing (plan_scan)."""
+    reset = _capturing.set(True)
+    try:
+        yield
+    finally:
+        _capturing.reset(reset)
 
 
 SCAN_TYPES = {"connect": "-sT", "syn": "-sS", "udp": "-sU", "ping": "-sn"}
@@ -250,11 +282,11 @@ class ScanService:
     # ---- running them --------------------------------------------------------------------
 
     async def check(self, owner: str, request: ScanRequest, *, any_hour: bool = False) -> CheckedScan:
-        """Every check `scan` makes before it queues anything (the engagement's rules, targets
-        against the caller's policy and the engagement's scope, the argv, the pool), raising
-        what it would raise; nothing is queued. Rules that need no DNS come first. With
-        `any_hour` (a schedule's, whose runs wait for the windows) only an engagement that
-        ended is refused for its time."""
+        """Every check `scan` makes before it queues anything (the engagement's rules, the
+        caller's rate cap, targets against the caller's policy and the engagement's scope, the
+        argv, the pool), raising what it would raise; nothing is queued. Rules that need no DNS
+        come first. With `any_hour` (a schedule's, whose runs wait for the windows) only an
+        engagement that ended is refused for its time."""
         engagement = await self._engagement(owner, request)
         closes_at = None
         if engagement is not None:
@@ -262,9 +294,9 @@ class ScanService:
             if not any_hour or opening(engagement.rules, time.time()).code == "engagement_ended":
                 closes_at = check_time(engagement.name, engagement.rules, time.time()).closes_at
             check_kind(engagement.name, engagement.rules, request.kind, request.options)
+        options = rated(request.options, self.policy.max_rate(owner), built_in=request.shareable)
         resolved = await resolve_targets(request.targets, self.policy.targets(owner),
                                          partial(self.resolver.addresses, owner))
-        options = request.options
         if engagement is not None:
             cutting = check_scope(engagement.name, engagement.rules, scoped(resolved))
             options = with_exclusions(options, cutting)
@@ -307,21 +339,17 @@ class ScanService:
         configured max_call_wait_seconds), present it.
 
         Once the scan is queued the answer always carries its task id, even when the wait
-        after it fails or the server shuts down. Under `without_waiting()` it does not wait.
-        A `schedule_run` (a run of a schedule) is linked to the task that queues it."""
+        after it fails or the server shuts down. Under `without_waiting()` it does not wait;
+        under `capturing()` it raises Captured at once. A `schedule_run` (a run of a schedule)
+        is linked to the task that queues it."""
+        if _capturing.get():
+            raise Captured(request, rescan)
         if not self.accepting:
             raise ShuttingDown("the server is shutting down; retry in a moment")
-        resolved, argv, pool, engagement, closes_at, approval = await self.check(owner, request)
-        share = request.shareable and not rescan
-        shards = shard(argv, resolved.networks, self._settings.shard_addresses) \
-            if resolved.address_count > self._settings.shard_addresses else []
-        submit = partial(
-            self._tasks.submit, owner, request.kind, " ".join(request.targets), argv, self._time_limit(closes_at),
-            pool=pool, share=share, engagement=engagement, approval=approval,
-            fresh_since=time.time() - self._settings.result_freshness_seconds if share else None,
-            shards=shards, limits=self.policy.limits(owner), address_count=resolved.address_count,
-            forced=request.shareable and rescan, schedule_run=schedule_run,
-        )
+        checked = await self.check(owner, request)
+        resolved, argv, pool, approval = checked.resolved, checked.argv, checked.pool, checked.approval
+        submit = partial(self._tasks.submit, **self._submission(owner, request, checked, rescan),
+                         schedule_run=schedule_run, approval=approval)
         if self._worker is not None and self._worker.info.pool == pool:
             record, reused, _ = await self._worker.hand_over(lambda worker: submit(claim_for=worker))
         else:
@@ -354,6 +382,58 @@ class ScanService:
         if closes_at is None:
             return self._settings.max_scan_seconds
         return max(1, min(self._settings.max_scan_seconds, math.floor(closes_at - time.time())))
+
+    def _submission(self, owner: str, request: ScanRequest, checked: CheckedScan, rescan: bool) -> dict[str, Any]:
+        """The arguments of the task store's submit (and trial) for a checked scan."""
+        share = request.shareable and not rescan
+        return {
+            "owner": owner, "kind": request.kind, "target": " ".join(request.targets), "argv": checked.argv,
+            "time_limit": self._time_limit(checked.closes_at), "pool": checked.pool, "share": share,
+            "fresh_since": time.time() - self._settings.result_freshness_seconds if share else None,
+            "shards": self._shards(checked), "limits": self.policy.limits(owner),
+            "address_count": checked.resolved.address_count, "probe_count": probes(checked.argv),
+            "forced": request.shareable and rescan, "engagement": checked.engagement,
+        }
+
+    def _shards(self, checked: CheckedScan) -> list[Shard]:
+        """A scan of more than shard_addresses addresses, in shards; none for a smaller one."""
+        if checked.resolved.address_count <= self._settings.shard_addresses:
+            return []
+        return shard(checked.argv, checked.resolved.networks, self._settings.shard_addresses)
+
+    async def plan(self, owner: str, tool: str, request: ScanRequest, *,
+                   rescan: bool = False) -> tuple[ScanPlan, Exception | None]:
+        """What `scan` would do with `request` now, with nothing queued or counted: every check
+        it makes (raising what they raise), and its limits and the queue as the refusal they
+        would be now (None when the scan would run), beside the plan: the argv, the pool and its
+        workers, the size and an estimate from the fleet's history of this kind in this pool."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down; retry in a moment")
+        checked = await self.check(owner, request)
+        submission = self._submission(owner, request, checked, rescan)
+        refusal: Exception | None = None
+        reused = None
+        try:
+            reused = await self._tasks.trial(**submission)
+        except (RateLimited, QueueFull) as e:
+            refusal = e
+        pool = await self._pool(checked.pool)
+        alive = [worker for worker in pool.workers if worker.alive]
+        similar = f"{request.kind.value} scans in pool '{checked.pool}'"
+        history = await self._tasks.history(request.kind, checked.pool, HISTORY_SCANS)
+        rate = max_rate_of(checked.argv)
+        assert rate is not None  # check() gives every argv one
+        return ScanPlan(
+            tool=tool, verdict="allowed" if refusal is None else "refused", engagement=checked.engagement,
+            window_closes_at=iso_utc(checked.closes_at),
+            approval_needed=checked.approval.reasons if checked.approval else None, scan=PlannedScan(
+            argv=checked.argv, pool=checked.pool, workers_alive=len(alive),
+            capacity=sum(worker.capacity for worker in alive), running=sum(worker.running for worker in alive),
+            queued=pool.queued, shards=max(len(submission["shards"]), 1), addresses=checked.resolved.address_count,
+            ports_per_address=ports_per_address(options_of(checked.argv)), probes=submission["probe_count"],
+            max_rate=rate, reuses_task=reused.id if reused is not None else None,
+            estimate=estimate(checked.argv, history, similar),
+        )), refusal
 
     async def present(
         self, record: TaskRecord, fmt: str = "json", view: str = "summary", offset: int = 0,
@@ -468,24 +548,29 @@ class ScanService:
         windows = {"scans_per_minute": "the last minute",
                    "concurrent_scans": "nmap runs queued or running now (a shard is one)",
                    "addresses_per_day": "the last 24 hours", "rescans_per_hour": "the last hour",
-                   "schedules": "schedules existing now"}
-        return LimitsAnswer(token=owner, limits=[
+                   "schedules": "schedules existing now",
+                   "probes_per_day": "the last 24 hours; a scan's probes are its addresses x ports"}
+        return LimitsAnswer(token=owner, max_rate=self.policy.max_rate(owner), limits=[
             LimitUsage(name=name, limit=getattr(limits, name), used=used[name], window=window)
             for name, window in windows.items()])
 
     async def workers(self) -> WorkerList:
         """Every pool (configured, or with workers or queued tasks) with its workers."""
-        seen = {status.pool: status for status in await self._stores.workers.pools(self._stores.lease_seconds)}
+        seen = await self._pool_statuses()
         names = sorted({*self.policy.pools, *seen, *( [self._worker.info.pool] if self._worker else [])})
-        overviews = []
-        for name in names:
-            status = seen.get(name)
-            workers = [WorkerStatus(**w) for w in status.workers] if status else []
-            overviews.append(PoolOverview(
-                pool=name, networks=[str(n) for n in self.policy.pools.get(name, ())],
-                queued=status.queued if status else 0, workers_alive=sum(w.alive for w in workers), workers=workers,
-            ))
-        return WorkerList(pools=overviews)
+        return WorkerList(pools=[self._overview(name, seen.get(name)) for name in names])
+
+    async def _pool(self, name: str) -> PoolOverview:
+        return self._overview(name, (await self._pool_statuses()).get(name))
+
+    async def _pool_statuses(self) -> dict[str, PoolStatus]:
+        return {status.pool: status for status in await self._stores.workers.pools(self._stores.lease_seconds)}
+
+    def _overview(self, name: str, status: PoolStatus | None) -> PoolOverview:
+        workers = [WorkerStatus(**w) for w in status.workers] if status else []
+        return PoolOverview(pool=name, networks=[str(n) for n in self.policy.pools.get(name, ())],
+                            queued=status.queued if status else 0, workers_alive=sum(w.alive for w in workers),
+                            workers=workers)
 
     async def health(self) -> str | None:
         """None when scans can run; else what is wrong, in words that reveal no configuration."""

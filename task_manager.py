@@ -53,6 +53,14 @@ READ_BATCH = 500
 # ---- the statements every call runs, built once (see worker_store.py for why) -------------
 _P: dict[str, BindParameter[str]] = {name: bindparam(f"p_{name}") for name in ("id", "owner")}
 _TAKE_SUBMIT_LOCK = select(func.pg_advisory_xact_lock(SUBMIT_LOCK))
+# The fleet's last completed top-level scans of a kind in a pool, read from ix_tasks_history alone.
+HISTORY = (
+    select(tasks.c.probe_count, (tasks.c.finished_at - tasks.c.started_at).label("seconds"))
+    .where(tasks.c.kind == bindparam("p_kind"), tasks.c.pool == bindparam("p_pool"),
+           tasks.c.status == TaskStatus.COMPLETED.value, tasks.c.parent_id.is_(None), tasks.c.probe_count > 0,
+           tasks.c.started_at.is_not(None))
+    .order_by(tasks.c.finished_at.desc()).limit(bindparam("p_limit"))
+)
 # A shareable scan's twin: the same call queued or running, or completed recently enough.
 _ACTIVE_TWIN = select(*TASK_SUMMARY).where(tasks.c.dedupe_key == bindparam("p_dedupe_key"))
 _FRESH_TWIN = (
@@ -135,6 +143,7 @@ class TaskManager:
         shards: Sequence[Shard] = (),
         limits: Limits | None = None,
         address_count: int = 0,
+        probe_count: int = 0,
         forced: bool = False,
         schedule_run: str | None = None,
         claim_for: WorkerInfo | None = None,
@@ -153,19 +162,40 @@ class TaskManager:
 
         With `approval` the task (and its shards) waits in awaiting_approval, its approval
         request written in the same transaction (approval_store)."""
-        status = TaskStatus.QUEUED if approval is None else TaskStatus.AWAITING_APPROVAL
-        values = {
-            "id": str(uuid.uuid4()), "owner": owner, "kind": kind.value, "target": target,
-            "argv": json.dumps(list(argv)), "status": status.value, "created_at": time.time(),
-            "time_limit": time_limit, "pool": pool, "shard_count": len(shards), "parent_id": None,
-            "dedupe_key": dedupe_key(owner, kind, argv, engagement) if share else None,
-            "address_count": address_count, "forced": forced, "engagement": engagement,
-        }
+        values = _task_values(owner, kind, target, argv, time_limit, pool=pool, share=share, shards=shards,
+                              address_count=address_count, probe_count=probe_count, forced=forced,
+                              engagement=engagement, awaiting=approval is not None)
         row, reused, claimed, left_queued = await self._db.run(
             self._submit, values, fresh_since, shards, limits, schedule_run, claim_for, approval)
         if left_queued:
             self.feed.publish(queue_key(pool))
         return Submitted(TaskRecord.from_row(row), reused, claimed)
+
+    async def trial(
+        self, owner: str, kind: ScanKind, target: str, argv: Sequence[str], time_limit: int, *,
+        pool: str = "default", share: bool = False, fresh_since: float | None = None, shards: Sequence[Shard] = (),
+        limits: Limits | None = None, address_count: int = 0, probe_count: int = 0, forced: bool = False,
+        engagement: str | None = None,
+    ) -> TaskRecord | None:
+        """What `submit` with these arguments would do now, without writing anything: the task
+        it would reuse, or None when it would queue a new one; RateLimited or QueueFull as
+        `submit` would raise them."""
+        values = _task_values(owner, kind, target, argv, time_limit, pool=pool, share=share, shards=shards,
+                              address_count=address_count, probe_count=probe_count, forced=forced,
+                              engagement=engagement)
+        row = await self._db.run(self._trial, values, fresh_since, shards, limits)
+        return None if row is None else TaskRecord.from_row(row)
+
+    async def history(self, kind: ScanKind, pool: str, limit: int) -> list[tuple[int, float]]:
+        """(probes, seconds from start to end) of the fleet's last `limit` completed top-level
+        scans of `kind` in `pool`, newest first: what plan_scan estimates from. Only counts and
+        times, nothing of whose scans they were or where they went."""
+        return await self._db.run(self._history, kind, pool, limit)
+
+    def _history(self, kind: ScanKind, pool: str, limit: int) -> list[tuple[int, float]]:
+        with self._db.reading() as conn:
+            rows = conn.execute(HISTORY, {"p_kind": kind.value, "p_pool": pool, "p_limit": limit}).all()
+        return [(int(row.probe_count), float(row.seconds)) for row in rows]
 
     async def get(self, task_id: str, owner: str, *, with_result: bool = False) -> TaskRecord:
         """The caller's task; TaskNotFound for a missing id and for another owner's id alike.
@@ -284,11 +314,9 @@ class TaskManager:
         with self._db.writing() as conn:
             if self._db.postgres:
                 conn.execute(_TAKE_SUBMIT_LOCK)
-            if values["dedupe_key"] is not None:
-                shared = _select_shareable(conn, values, fresh_since)
-                if shared is not None:
-                    return shared._mapping, True, None, False
-            check_submission(conn, values, limits, max_queued=self._max_queued, new_tasks=max(len(shards), 1))
+            shared = _admit(conn, values, fresh_since, shards, limits, self._max_queued)
+            if shared is not None:
+                return shared._mapping, True, None, False
             if schedule_run is not None:
                 link_run(conn, schedule_run, values["id"])
             rows = [values, *_shard_rows(values, shards)]
@@ -307,6 +335,12 @@ class TaskManager:
                 self.feed.notify(conn, queue_key(values["pool"]))
         return (values | {"started_at": None, "finished_at": None, "error": None}, False,
                 claimed[0] if claimed else None, left_queued)
+
+    def _trial(self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard],
+               limits: Limits | None) -> Mapping[Any, Any] | None:
+        with self._db.reading() as conn:
+            shared = _admit(conn, values, fresh_since, shards, limits, self._max_queued)
+        return None if shared is None else shared._mapping
 
     async def _read_whole(self, task_id: str, owner: str) -> TaskRecord:
         """One task with its result (which only a finished task has). The database answers
@@ -402,6 +436,34 @@ class TaskManager:
             self.feed.notify(conn, task_id, *shard_ids)
         stopped = replace(record, status=TaskStatus.CANCELLED, finished_at=now, error="cancelled", progress=None)
         return stopped, shard_ids
+
+
+def _task_values(
+    owner: str, kind: ScanKind, target: str, argv: Sequence[str], time_limit: int, *, pool: str, share: bool,
+    shards: Sequence[Shard], address_count: int, probe_count: int, forced: bool, engagement: str | None = None,
+    awaiting: bool = False,
+) -> dict[str, Any]:
+    """The row of a new top-level task (`awaiting`: it waits for a person's yes)."""
+    status = TaskStatus.AWAITING_APPROVAL if awaiting else TaskStatus.QUEUED
+    return {
+        "id": str(uuid.uuid4()), "owner": owner, "kind": kind.value, "target": target,
+        "argv": json.dumps(list(argv)), "status": status.value, "created_at": time.time(),
+        "time_limit": time_limit, "pool": pool, "shard_count": len(shards), "parent_id": None,
+        "dedupe_key": dedupe_key(owner, kind, argv, engagement) if share else None,
+        "address_count": address_count, "probe_count": probe_count, "forced": forced, "engagement": engagement,
+    }
+
+
+def _admit(conn: Connection, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard],
+           limits: Limits | None, max_queued: int) -> Row[Any] | None:
+    """The task a new one (`values`) shares, when it may share one; else None once it passes
+    the owner's limits and the queue's bound (RateLimited, QueueFull otherwise)."""
+    if values["dedupe_key"] is not None:
+        shared = _select_shareable(conn, values, fresh_since)
+        if shared is not None:
+            return shared
+    check_submission(conn, values, limits, max_queued=max_queued, new_tasks=max(len(shards), 1))
+    return None
 
 
 def _select_shareable(conn: Connection, values: dict[str, Any], fresh_since: float | None) -> Row[Any] | None:

@@ -8,13 +8,16 @@ from typing import Annotated, Any, Literal
 
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
+from fastmcp.exceptions import ValidationError as ArgumentsRefused
 from fastmcp.tools.function_tool import FunctionTool
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from auth import Identify
 from config import Settings
-from errors import tool_errors
+from engagement_store import EngagementNotFound
+from engagements import EngagementRefused
+from errors import arguments_refused, code_of, tool_errors
 from models import (
     InventoryPage,
     LimitsAnswer,
@@ -22,6 +25,7 @@ from models import (
     Progress,
     ScanDiff,
     ScanKind,
+    ScanPlan,
     ScheduleCreated,
     ScheduleDeleted,
     ScheduleList,
@@ -33,13 +37,18 @@ from models import (
     TopValues,
     WorkerList,
 )
-from nmap_options import MAX_COMMAND_LENGTH
-from scans import DEFAULT_PAGE, ScanService, TypedScan
+from nmap_options import MAX_COMMAND_LENGTH, CommandError
+from policy import Forbidden, NoPool
+from scans import DEFAULT_PAGE, Captured, ScanRequest, ScanService, ShuttingDown, TypedScan, capturing
 from schedules import Schedules
+from targets import TargetError
 from tool_schemas import input_schema, output_schema, with_choices, without_properties
 from untrusted import UNTRUSTED_HINT
 
 ToolFunction = Callable[..., Awaitable[Any]]
+ScanTool = Literal["quick_scan", "full_scan", "custom_scan", "scan"]
+# What a scan's own checks refuse it for: plan_scan answers them as a refused plan, not an error.
+SCAN_REFUSALS = (TargetError, CommandError, NoPool, Forbidden, ShuttingDown, EngagementRefused, EngagementNotFound)
 
 TASK_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 TaskId = Annotated[str, Field(description="The task_id a scan tool returned", pattern=TASK_ID)]
@@ -143,6 +152,11 @@ UNPRIVILEGED_SCAN_TYPES = ("scan_type connect (TCP) or ping (find hosts, no port
 # What an unprivileged server always refuses (nmap needs raw packets for them), so never offers.
 RAW_PACKET_SCAN_TYPES = ("syn", "udp")
 RAW_PACKET_PARAMETERS = ("os_detection",)
+
+PLAN_SCAN_DESCRIPTION = """Dry run of a scan tool's `arguments` (checked as that tool checks them): the verdict
+and the code and reason the call would get now (rate_limited included), the exact argv, pool
+and workers, probes (addresses x ports_per_address), and an estimate from completed scans of
+that kind in that pool (based_on: how many). Nothing is queued or counted. Instant."""
 
 SCHEDULE_SCAN_DESCRIPTION = """Run a scan again and again, and hear what changed.
 
@@ -257,6 +271,15 @@ def register_tools(
         max_length=8, description="NSE script categories to run")]
     inlined_tool(mcp, schemas, description=scan_description(settings.privileged), annotations=_SCAN_ANNOTATIONS,
                  target_text=True, shape=None if settings.privileged else unprivileged_scan)(scan)
+
+    @inlined_tool(mcp, schemas, description=PLAN_SCAN_DESCRIPTION, annotations=READ_ANNOTATIONS)
+    async def plan_scan(
+        tool: ScanTool,
+        arguments: Annotated[dict[str, Any], Field(description="What that tool takes")],
+    ) -> ScanPlan:
+        owner = caller()
+        with tool_errors():
+            return await plan_of(mcp, scans, owner, tool, arguments, schemas.get(tool, {}))
 
     @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS)
     async def nmap_version() -> NmapVersion:
@@ -377,8 +400,9 @@ def register_tools(
     @inlined_tool(mcp, schemas, annotations=READ_ANNOTATIONS)
     async def get_limits() -> LimitsAnswer:
         """Your token's limits (scans per minute, concurrent scans, addresses per day, forced
-        rescans per hour, schedules) and how much of each you use now. A scan or schedule past
-        one is refused with rate_limited, saying when to retry or what to delete. Instant."""
+        rescans per hour, schedules, probes per day) and how much of each you use now, and the
+        packets per second of each nmap run (max_rate). A scan or schedule past one is refused
+        with rate_limited, saying when to retry or what to delete. Instant."""
         with tool_errors():
             return await scans.limits(caller())
 
@@ -424,6 +448,40 @@ def register_tools(
             return await schedules.delete(caller(), schedule_id)
 
     return schemas
+
+
+async def plan_of(mcp: FastMCP, scans: ScanService, owner: str, tool: str, arguments: dict[str, Any],
+                  schema: dict[str, Any]) -> ScanPlan:
+    """plan_scan's answer: the scan `tool` would run for `arguments`, or why it would be refused."""
+    if not scans.policy.may(owner, tool):
+        return ScanPlan(tool=tool, verdict="refused", code="forbidden", reason=f"this token may not use {tool}")
+    try:
+        request, rescan = await requested_scan(mcp, tool, arguments, schema)
+        plan, refusal = await scans.plan(owner, tool, request, rescan=rescan)
+    except ToolError as e:  # the tool's own refusal of its arguments, coded as a call gets it
+        code, _, reason = str(e).partition(": ")
+        return ScanPlan(tool=tool, verdict="refused", code=code, reason=reason)
+    except SCAN_REFUSALS as e:
+        return ScanPlan(tool=tool, verdict="refused", code=code_of(e), reason=str(e))
+    if refusal is None:
+        return plan
+    return plan.model_copy(update={"verdict": "refused", "code": code_of(refusal), "reason": str(refusal)})
+
+
+async def requested_scan(mcp: FastMCP, tool: str, arguments: dict[str, Any],
+                         schema: dict[str, Any]) -> tuple[ScanRequest, bool]:
+    """The request (and rescan) scan `tool` builds from `arguments`: the tool itself runs, with
+    FastMCP's validation of its arguments, up to the point where it would scan."""
+    found = await mcp.get_tool(tool)
+    assert isinstance(found, FunctionTool)
+    try:
+        with capturing():
+            await found.run(arguments)
+    except Captured as e:
+        return e.request, e.rescan
+    except ArgumentsRefused as e:
+        raise arguments_refused(e, tool, schema) from e
+    raise RuntimeError(f"{tool} returned without asking for a scan")
 
 
 def inlined_tool(

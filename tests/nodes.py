@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import event
 
 from argv_check import ArgvCheck
-from config import Settings
+from config import DEFAULT_LIMITS, Settings
 from models import ScanKind, ScanResult, TaskRecord
 from nmap_report import ReportParser
 from policy import Policy
@@ -102,8 +102,12 @@ def big_result(hosts: int) -> ScanResult:
                                      "open_ports": open_ports})
 
 
+# The rate cap every argv the server builds carries, which a worker requires (argv_check).
+RATED = ["--max-rate", str(DEFAULT_LIMITS.max_rate)]
+
+
 def argv_for(nmap: NmapWrapper, port: int, target: str = "127.0.0.1") -> list[str]:
-    return build_argv(str(nmap.path), ["-sT", "-p", str(port)], [target], ipv6=False, privileged=False)
+    return build_argv(str(nmap.path), ["-sT", "-p", str(port), *RATED], [target], ipv6=False, privileged=False)
 
 
 async def submit(tasks: TaskManager, nmap: NmapWrapper, port: int, owner: str = "alice", limit: int = 120,

@@ -125,7 +125,7 @@ async def test_a_worker_runs_no_task_its_engagement_holds_for_approval(tmp_path:
     without one) is refused by the worker that claims it, before nmap starts."""
     settings = Settings(tokens={"alice": {"secret": SECRETS["alice"]}}, allow_loopback=True)
     lab = EngagementRules(scope=[NET], tokens=["alice"], approval={"addresses_over": 2})
-    argv = build_argv(NMAP, ["-sT", "-p", "1"], ["127.0.23.0/30"], ipv6=False, privileged=False)
+    argv = build_argv(NMAP, ["-sT", "-p", "1", "--max-rate", "50000"], ["127.0.23.0/30"], ipv6=False, privileged=False)
     async with opened_stores(f"sqlite:///{tmp_path / 'tasks.db'}", max_queued=10) as stores:
         await stores.engagements.load_config({"lab": lab})
         check = ArgvCheck.of_worker(NMAP, Policy(settings, NMAP), privileged=False, pool="default",
@@ -174,3 +174,15 @@ async def test_an_engagement_s_export_holds_its_rules_its_tasks_and_their_approv
     audited = [json.loads(line) for line in files["audit.jsonl"].splitlines()]
     assert {(line["tool"], line["token"]) for line in audited if line["event"] == "accepted"} == {
         ("custom_scan", "alice"), ("decide_approval", "bob")}
+
+
+async def test_plan_scan_names_the_engagement_and_whether_a_person_must_approve(in_memory: OpenClient) -> None:
+    async with in_memory(**approval_config(addresses_over=2)) as alice:
+        held = await answer_of(alice, "plan_scan", tool="custom_scan", arguments={"command": "-Pn -p 1 127.0.23.0/30"})
+        plain = await answer_of(alice, "plan_scan", tool="quick_scan", arguments={"target": "127.0.23.1"})
+        outside = await answer_of(alice, "plan_scan", tool="quick_scan", arguments={"target": "127.0.0.1"})
+        assert (await answer_of(alice, "list_tasks"))["tasks"] == []
+    assert held["verdict"] == "allowed" and held["engagement"] == "lab"
+    assert held["approval_needed"] == ["it covers 4 addresses, more than 2"] and held["window_closes_at"] is None
+    assert plain["verdict"] == "allowed" and plain["engagement"] == "lab" and plain.get("approval_needed") is None
+    assert outside["verdict"] == "refused" and outside["code"] == "outside_scope"

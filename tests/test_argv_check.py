@@ -118,7 +118,7 @@ def test_every_hostile_command_written_straight_into_an_argv_is_refused(command:
     (lambda _: ["/usr/bin/touch", "/tmp/x"], "no '--'"),
     (lambda argv: [*argv[:-1], "localhost"], "not an address or network"),
     (lambda argv: [*argv[:-1], "127.0.0.0/8"], "more than 256 addresses"),
-    (lambda argv: [a.replace(" or broadcast", "") for a in argv], "word 6 is '--script="),
+    (lambda argv: [a.replace(" or broadcast", "") for a in argv], "word 8 is '--script="),
     (lambda argv: [*argv[:4], "--datadir", "/tmp", *argv[4:]], "not allowed here"),
     (lambda argv: [a for a in argv if a != "-n"], "server's own flags"),
     (lambda argv: [a for a in argv if a != "--unprivileged"], "word"),
@@ -179,3 +179,19 @@ async def test_rows_written_past_the_api_never_start_a_program(
     assert [p.port for p in ran.result.hosts[0].ports] == [port]
     assert not planted.exists()
     assert len(nmap_wrapper.pids()) == 1, "only the honest row started nmap, the worker's own"
+
+
+def test_an_argv_without_the_owner_s_rate_cap_is_refused(stores: Stores) -> None:
+    """Every argv the API builds carries --max-rate, at most its owner's cap: a row with none,
+    or with more than the owner may send, is refused (the row's owner is looked up, not the API's)."""
+    argv = api_argv(stores, "-p 1001 127.0.0.1")
+    at = argv.index("--max-rate")
+    assert argv[at + 1] == "50000"
+    with pytest.raises(TaskRefused, match="its argv has no --max-rate; its owner's scans send at most 50000"):
+        asyncio.run(check_of().argv_to_run(record_of([*argv[:at], *argv[at + 2:]])))
+    with pytest.raises(TaskRefused, match="its --max-rate 60000 is above its owner's cap of 50000 packets per second"):
+        asyncio.run(check_of().argv_to_run(record_of([*argv[:at + 1], "60000", *argv[at + 2:]])))
+    slow = check_of(tokens={"alice": {"secret": "s" * 32, "limits": {"max_rate": 100}}})
+    with pytest.raises(TaskRefused, match="above its owner's cap of 100 packets"):
+        asyncio.run(slow.argv_to_run(record_of(argv)))
+    assert asyncio.run(slow.argv_to_run(record_of(argv, owner="bob"))) == argv

@@ -143,8 +143,8 @@ async def test_audit_record_of_an_allowed_call(in_memory: OpenClient, listeners:
     assert record["verdict"] == "allowed" and record["reason"] is None and record["token"] == "alice"
     assert record["targets"] == ["127.0.0.1"] and record["task_id"] == answer["task_id"]
     argv = record["argv"]
-    assert argv[1:] == ["-sT", "-p", str(p1), "--open", "--host-timeout", "900000ms", "-n", "-v", "-oX",
-                        "/proc/self/fd/0", "--stats-every", "2s", "--unprivileged", "--", "127.0.0.1"]
+    assert argv[1:] == ["-sT", "-p", str(p1), "--open", "--host-timeout", "900000ms", "--max-rate", "50000", "-n", "-v",
+                        "-oX", "/proc/self/fd/0", "--stats-every", "2s", "--unprivileged", "--", "127.0.0.1"]
     assert record["duration_ms"] > 0 and record["time"].endswith("+00:00")
 
 

@@ -349,7 +349,7 @@ async def test_a_worker_reads_the_engagement_again_before_nmap_starts(tmp_path: 
         await stores.engagements.load_config(rules)
         check = ArgvCheck.of_worker(NMAP, Policy(settings, NMAP), privileged=False, pool="default",
                                     engagements=stores.engagements)
-        scan = ["-sT", "-p", "1"]
+        scan = ["-sT", "-p", "1", "--max-rate", "50000"]
         fine = stored_task([*scan, "--exclude", "127.0.23.2/32"], "127.0.23.0/30", "lab")
         assert await check.argv_to_run(fine) == fine.argv
         refusals = {

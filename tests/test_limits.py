@@ -42,9 +42,9 @@ async def make_store(database_url: str) -> AsyncIterator[MakeStore]:
 
 
 async def submit(stores: Stores, limits: Limits, owner: str = "alice", addresses: int = 1,
-                 forced: bool = False) -> None:
+                 forced: bool = False, probes: int = 1) -> None:
     await stores.tasks.submit(owner, ScanKind.QUICK, "127.0.0.1", ARGV, 60, limits=limits, address_count=addresses,
-                             forced=forced)
+                             forced=forced, probe_count=probes)
 
 
 def retry_seconds(error: RateLimited, window: int) -> int:
@@ -94,6 +94,22 @@ async def test_addresses_per_day_and_forced_rescans(make_store: MakeStore) -> No
     await submit(store, limits, owner="bob")
 
 
+async def test_probes_per_day_weigh_each_scan_by_its_addresses_x_ports(make_store: MakeStore) -> None:
+    first, second = await make_store(), await make_store()
+    limits = WIDE.model_copy(update={"probes_per_day": 1000})
+    await submit(first, limits, probes=600)
+    await submit(second, limits, probes=300)
+    refused = r"^1000 probes per day for token 'alice' \(this scan sends 200\); retry in \d+ s$"
+    with pytest.raises(RateLimited, match=refused) as waited:
+        await submit(first, limits, probes=200)
+    assert retry_seconds(waited.value, 86_400) > 86_000
+    await submit(first, limits, probes=100)
+    with pytest.raises(RateLimited, match=r"^this scan sends 1500 probes \(addresses x ports\), more than the 1000 "
+                                          r"probes per day of token 'bob'; scan fewer addresses or ports$"):
+        await submit(second, limits, owner="bob", probes=1500)
+    assert (await second.usage.usage("alice"))["probes_per_day"] == 1000
+
+
 async def test_a_window_counts_exactly_the_tasks_since_its_start(
     make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,10 +122,11 @@ async def test_a_window_counts_exactly_the_tasks_since_its_start(
     monkeypatch.setattr(time, "time", lambda: clock["now"])
     for age, addresses in ((86_405, 1000), (86_395, 100), (3605, 10), (3595, 1), (65, 0), (55, 0)):
         clock["now"] = now - age
-        await submit(store, WIDE, addresses=addresses, forced=True)
+        await submit(store, WIDE, addresses=addresses, forced=True, probes=addresses * 7)
     clock["now"] = now
     used = await store.usage.usage("alice")
     assert used["addresses_per_day"] == 111 and used["rescans_per_hour"] == 3 and used["scans_per_minute"] == 1
+    assert used["probes_per_day"] == 777
 
 
 async def test_a_token_s_own_limits_through_its_tools(in_memory: OpenClient) -> None:
@@ -126,6 +143,25 @@ async def test_a_token_s_own_limits_through_its_tools(in_memory: OpenClient) -> 
     assert shown["token"] == "bob" and by_name["scans_per_minute"] == {
         "name": "scans_per_minute", "limit": 1, "used": 1, "window": "the last minute"}
     assert by_name["concurrent_scans"]["limit"] == 5 and by_name["addresses_per_day"]["limit"] == 65_536
+    assert by_name["probes_per_day"] == {"name": "probes_per_day", "limit": 1_000_000_000, "used": 1, "window": (
+        "the last 24 hours; a scan's probes are its addresses x ports")} and shown["max_rate"] == 50_000
+
+
+async def test_probe_budget_and_rate_cap_through_the_tools(in_memory: OpenClient) -> None:
+    """A token's probes_per_day counts each scan's addresses x ports; its max_rate caps the
+    --max-rate of custom_scan, and a lower one of its own is kept."""
+    tokens = {"bob": {"secret": SECRETS["bob"], "limits": {"probes_per_day": 150, "max_rate": 2000}}}
+    async with in_memory("bob", tokens=tokens) as bob:
+        assert not (await call(bob, "custom_scan", {"command": "-p 1-100 --max-rate 1000 127.0.21.1"})).is_error
+        refused = await call(bob, "custom_scan", {"command": "-p 1-30 127.0.21.2-3"})
+        assert re.fullmatch(r"rate_limited: 150 probes per day for token 'bob' \(this scan sends 60\); retry in \d+ s",
+                            error_text(refused))
+        too_fast = await call(bob, "custom_scan", {"command": "-p 1 --max-rate 2001 127.0.21.1"})
+        assert error_text(too_fast) == ("invalid_command: '--max-rate 2001' is above this token's cap of 2000 "
+                                        "packets per second; give at most --max-rate 2000, or leave it out to get 2000")
+        shown = await answer_of(bob, "get_limits")
+    assert {entry["name"]: entry["used"] for entry in shown["limits"]}["probes_per_day"] == 100
+    assert shown["max_rate"] == 2000
 
 
 def test_the_usage_check_of_every_submit_reads_no_task_row(tmp_path: Path) -> None:
@@ -144,9 +180,9 @@ def test_the_usage_check_of_every_submit_reads_no_task_row(tmp_path: Path) -> No
                            if row[-1].startswith(("SEARCH", "SCAN")) and row[-1] != "SCAN CONSTANT ROW"]
     engine.dispose()
     task_reads = [step for step in plans["usage"] if step.startswith("SEARCH tasks")]
-    assert len(task_reads) == 5 and all("USING COVERING INDEX" in step for step in task_reads), plans
+    assert len(task_reads) == 6 and all("USING COVERING INDEX" in step for step in task_reads), plans
     assert [step for step in plans["usage"] if step not in task_reads] == [
-        "SEARCH usage_minutes USING PRIMARY KEY (owner=? AND minute>?)"] * 3, plans
+        "SEARCH usage_minutes USING PRIMARY KEY (owner=? AND minute>?)"] * 4, plans
     assert plans["submit"] == [*plans["usage"], "SEARCH tasks USING INDEX ix_tasks_status_pool_created (status=?)"], \
         plans
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.anyio
 UNKNOWN_TASK = "00000000-0000-4000-8000-000000000000"
 READ_ONLY_TOOLS = {"get_task_status", "get_task_evidence", "get_task_result", "list_tasks", "diff_scans",
                    "list_workers", "find_hosts", "top_values", "nmap_version", "get_limits", "list_schedules",
-                   "list_engagements", "get_engagement"}
+                   "list_engagements", "get_engagement", "plan_scan"}
 SCAN_TOOLS = {"quick_scan", "full_scan", "custom_scan", "scan", "schedule_scan"}
 DESTRUCTIVE_TOOLS = {"cancel_task", "delete_schedule"}
 

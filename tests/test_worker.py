@@ -19,7 +19,7 @@ from nmap_report import ReportParser, with_versions
 from scanner import build_argv
 from sharding import Shard
 from task_manager import Submitted, TaskAlreadyFinished
-from tests.nodes import MakeNode, argv_for, big_result, submit, wait_for
+from tests.nodes import RATED, MakeNode, argv_for, big_result, submit, wait_for
 from tests.support import Listeners, NmapWrapper, own_user_sandbox, process_alive
 from worker import PhaseEnd, Worker, judge
 
@@ -246,8 +246,8 @@ async def test_finishing_is_a_guarded_transition(make_node: MakeNode, nmap_wrapp
 
 async def test_time_limit_keeps_the_hosts_finished_so_far(make_node: MakeNode, nmap_wrapper: NmapWrapper) -> None:
     node = await make_node()
-    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-100", "--scan-delay", "10ms", "--max-hostgroup", "1"],
-                      ["127.0.0.1-8"], ipv6=False, privileged=False)
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-100", "--scan-delay", "10ms", "--max-hostgroup", "1",
+                                                *RATED], ["127.0.0.1-8"], ipv6=False, privileged=False)
     record = (await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)).record
     final = await node.tasks.wait(record.id, "alice", timeout_s=30)
     assert final.status is TaskStatus.FAILED and "time limit of 3 s" in (final.error or "")
@@ -262,8 +262,8 @@ async def test_progress_and_finished_hosts_are_readable_from_another_process(
     """What a scan has found so far lives in the database, not in the worker's memory."""
     runner = await make_node()
     reader = await make_node(worker=False)
-    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-200", "--scan-delay", "10ms", "--max-hostgroup", "1"],
-                      ["127.0.0.1-8"], ipv6=False, privileged=False)
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-200", "--scan-delay", "10ms", "--max-hostgroup", "1",
+                                                *RATED], ["127.0.0.1-8"], ipv6=False, privileged=False)
     record = (await reader.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 120)).record
     deadline = time.monotonic() + 30
     partial = None
@@ -288,8 +288,8 @@ async def test_a_completed_task_clears_its_live_rows(
     database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper
 ) -> None:
     node = await make_node()
-    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-50", "--scan-delay", "10ms", "--max-hostgroup", "1"],
-                      ["127.0.0.1-3"], ipv6=False, privileged=False)
+    argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-50", "--scan-delay", "10ms", "--max-hostgroup", "1",
+                                                *RATED], ["127.0.0.1-3"], ipv6=False, privileged=False)
     record = (await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-3", argv, 120)).record
     engine = create_db_engine(database_url)
     live = select(task_hosts).where(task_hosts.c.task_id == record.id)
