@@ -133,6 +133,8 @@ class EngagementRules(BaseModel):
     roles: list[str] = Field(default_factory=list)
     # Which scans need a person's yes first; None: none do.
     approval: ApprovalRules | None = None
+    # Probes (addresses x ports) all its scans may send in 24 hours, whoever sends them; None: no budget.
+    probes_per_day: int | None = Field(default=None, ge=1)
 
     @field_validator("scope")
     @classmethod

@@ -150,6 +150,31 @@ def _check_limits(conn: Connection, values: dict[str, Any], limits: Limits, usag
     raise RateLimited(f"{limit} {label} for token '{owner}'{this_scan}; retry in {max(1, round(wait_s))} s")
 
 
+def check_engagement_probes(conn: Connection, values: dict[str, Any], budget: int) -> None:
+    """In the submitting transaction: RateLimited if the new task (a row's `values`) would pass
+    its engagement's probes per day, counting every member's scans of the last 24 hours."""
+    engagement, now, probes = values["engagement"], values["created_at"], values["probe_count"]
+    if probes > budget:
+        raise RateLimited(f"this scan sends {probes} probes (addresses x ports), more than the {budget} probes per "
+                          f"day of engagement '{engagement}'; scan fewer addresses or ports")
+    day = LIMIT_WINDOWS["probes_per_day"]
+    assert day is not None
+    counted = (tasks.c.engagement == engagement) & tasks.c.parent_id.is_(None) & (tasks.c.created_at > now - day)
+    rows = conn.execute(select(tasks.c.created_at, tasks.c.probe_count).where(counted)
+                        .order_by(tasks.c.created_at)).all()
+    need = sum(row.probe_count for row in rows) + probes - budget
+    if need <= 0:
+        return
+    wait_s = day
+    for row in rows:
+        need -= row.probe_count
+        if need <= 0:
+            wait_s = row.created_at + day - now
+            break
+    raise RateLimited(f"{budget} probes per day for engagement '{engagement}' (this scan sends {probes}); "
+                      f"retry in {max(1, round(wait_s))} s")
+
+
 def _usage_in(conn: Connection, owner: str, now: float, statement: Any = USAGE) -> dict[str, int]:
     row = conn.execute(statement, usage_params(owner, now)).one()
     return {name: int(value) for name, value in row._mapping.items()}

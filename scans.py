@@ -160,6 +160,8 @@ class CheckedScan(NamedTuple):
     closes_at: float | None = None
     # The approval it must wait for (its engagement's approval rules matched); None: none.
     approval: ApprovalRequest | None = None
+    # Its engagement's probes per day (all its members' scans together); None: no budget.
+    engagement_probes: int | None = None
 
 
 @contextlib.contextmanager
@@ -306,7 +308,7 @@ class ScanService:
         if engagement is None:
             return CheckedScan(resolved, argv, pool)
         approval = await self._approval(owner, engagement, options, resolved)
-        return CheckedScan(resolved, argv, pool, engagement.name, closes_at, approval)
+        return CheckedScan(resolved, argv, pool, engagement.name, closes_at, approval, engagement.rules.probes_per_day)
 
     async def _approval(self, owner: str, engagement: Engagement, options: list[str],
                         resolved: ResolvedTargets) -> ApprovalRequest | None:
@@ -393,6 +395,7 @@ class ScanService:
             "shards": self._shards(checked), "limits": self.policy.limits(owner),
             "address_count": checked.resolved.address_count, "probe_count": probes(checked.argv),
             "forced": request.shareable and rescan, "engagement": checked.engagement,
+            "engagement_probes": checked.engagement_probes,
         }
 
     def _shards(self, checked: CheckedScan) -> list[Shard]:

@@ -25,7 +25,7 @@ from approval_store import request_in
 from change_feed import POLL_SECONDS, ChangeFeed, first_of, queue_key
 from config import Limits
 from db import SUBMIT_LOCK, Database
-from limits import add_usage, check_submission
+from limits import add_usage, check_engagement_probes, check_submission
 from models import (
     ACTIVE_STATUSES,
     TASK_SUMMARY,
@@ -148,6 +148,7 @@ class TaskManager:
         schedule_run: str | None = None,
         claim_for: WorkerInfo | None = None,
         engagement: str | None = None,
+        engagement_probes: int | None = None,
         approval: ApprovalRequest | None = None,
     ) -> Submitted:
         """Queue a scan (as shards when given), or with `share` return the caller's identical
@@ -166,7 +167,7 @@ class TaskManager:
                               address_count=address_count, probe_count=probe_count, forced=forced,
                               engagement=engagement, awaiting=approval is not None)
         row, reused, claimed, left_queued = await self._db.run(
-            self._submit, values, fresh_since, shards, limits, schedule_run, claim_for, approval)
+            self._submit, values, fresh_since, shards, limits, schedule_run, claim_for, approval, engagement_probes)
         if left_queued:
             self.feed.publish(queue_key(pool))
         return Submitted(TaskRecord.from_row(row), reused, claimed)
@@ -175,7 +176,7 @@ class TaskManager:
         self, owner: str, kind: ScanKind, target: str, argv: Sequence[str], time_limit: int, *,
         pool: str = "default", share: bool = False, fresh_since: float | None = None, shards: Sequence[Shard] = (),
         limits: Limits | None = None, address_count: int = 0, probe_count: int = 0, forced: bool = False,
-        engagement: str | None = None,
+        engagement: str | None = None, engagement_probes: int | None = None,
     ) -> TaskRecord | None:
         """What `submit` with these arguments would do now, without writing anything: the task
         it would reuse, or None when it would queue a new one; RateLimited or QueueFull as
@@ -183,7 +184,7 @@ class TaskManager:
         values = _task_values(owner, kind, target, argv, time_limit, pool=pool, share=share, shards=shards,
                               address_count=address_count, probe_count=probe_count, forced=forced,
                               engagement=engagement)
-        row = await self._db.run(self._trial, values, fresh_since, shards, limits)
+        row = await self._db.run(self._trial, values, fresh_since, shards, limits, engagement_probes)
         return None if row is None else TaskRecord.from_row(row)
 
     async def history(self, kind: ScanKind, pool: str, limit: int) -> list[tuple[int, float]]:
@@ -307,14 +308,14 @@ class TaskManager:
     def _submit(
         self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard],
         limits: Limits | None, schedule_run: str | None, claim_for: WorkerInfo | None,
-        approval: ApprovalRequest | None,
+        approval: ApprovalRequest | None, engagement_probes: int | None,
     ) -> tuple[Mapping[Any, Any], bool, TaskRecord | None, bool]:
         """(the task's row, reused, the task claimed for `claim_for`, whether a task this
         submission queued is still queued)."""
         with self._db.writing() as conn:
             if self._db.postgres:
                 conn.execute(_TAKE_SUBMIT_LOCK)
-            shared = _admit(conn, values, fresh_since, shards, limits, self._max_queued)
+            shared = _admit(conn, values, fresh_since, shards, limits, self._max_queued, engagement_probes)
             if shared is not None:
                 return shared._mapping, True, None, False
             if schedule_run is not None:
@@ -337,9 +338,9 @@ class TaskManager:
                 claimed[0] if claimed else None, left_queued)
 
     def _trial(self, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard],
-               limits: Limits | None) -> Mapping[Any, Any] | None:
+               limits: Limits | None, engagement_probes: int | None) -> Mapping[Any, Any] | None:
         with self._db.reading() as conn:
-            shared = _admit(conn, values, fresh_since, shards, limits, self._max_queued)
+            shared = _admit(conn, values, fresh_since, shards, limits, self._max_queued, engagement_probes)
         return None if shared is None else shared._mapping
 
     async def _read_whole(self, task_id: str, owner: str) -> TaskRecord:
@@ -455,14 +456,17 @@ def _task_values(
 
 
 def _admit(conn: Connection, values: dict[str, Any], fresh_since: float | None, shards: Sequence[Shard],
-           limits: Limits | None, max_queued: int) -> Row[Any] | None:
+           limits: Limits | None, max_queued: int, engagement_probes: int | None) -> Row[Any] | None:
     """The task a new one (`values`) shares, when it may share one; else None once it passes
-    the owner's limits and the queue's bound (RateLimited, QueueFull otherwise)."""
+    the owner's limits, its engagement's probes per day and the queue's bound (RateLimited,
+    QueueFull otherwise)."""
     if values["dedupe_key"] is not None:
         shared = _select_shareable(conn, values, fresh_since)
         if shared is not None:
             return shared
     check_submission(conn, values, limits, max_queued=max_queued, new_tasks=max(len(shards), 1))
+    if engagement_probes is not None:
+        check_engagement_probes(conn, values, engagement_probes)
     return None
 
 

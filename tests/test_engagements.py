@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -367,3 +368,21 @@ async def test_a_worker_reads_the_engagement_again_before_nmap_starts(tmp_path: 
             with pytest.raises(TaskRefused) as refused:
                 await check.argv_to_run(record)
             assert str(refused.value).startswith(reason), (reason, str(refused.value))
+
+
+async def test_an_engagement_s_probe_budget_counts_every_member_s_scans(in_memory: OpenClient) -> None:
+    lab = {"scope": [NET], "tokens": ["alice", "bob"], "probes_per_day": 100}
+    config = engagement_config(lab=lab)
+    config["tokens"]["bob"]["engagement"] = "lab"
+    async with in_memory(**config) as alice, in_memory("bob", **config) as bob:
+        first = await answer_of(alice, "custom_scan", command="-Pn -p 1-60 127.0.23.1", timeout=30)
+        assert first["status"] == "completed"
+        over = await call(bob, "custom_scan", {"command": "-Pn -p 1-60 127.0.23.2"})
+        assert re.fullmatch(r"rate_limited: 100 probes per day for engagement 'lab' \(this scan sends 60\); "
+                            r"retry in \d+ s", error_text(over)), error_text(over)
+        whole = await call(bob, "custom_scan", {"command": "-Pn -p 1-101 127.0.23.2"})
+        assert error_text(whole) == ("rate_limited: this scan sends 101 probes (addresses x ports), more than the 100 "
+                                     "probes per day of engagement 'lab'; scan fewer addresses or ports")
+        assert not (await call(bob, "custom_scan", {"command": "-Pn -p 1-40 127.0.23.2"})).is_error
+        plan = await answer_of(bob, "plan_scan", tool="custom_scan", arguments={"command": "-Pn -p 1 127.0.23.3"})
+        assert plan["verdict"] == "refused" and plan["code"] == "rate_limited"
