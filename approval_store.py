@@ -21,7 +21,8 @@ from change_feed import ChangeFeed, queue_key
 from db import Database
 from models import TaskStatus, approvals, tasks
 
-# How a decision is recorded, and the task status it leads to.
+# How a decision is recorded, and the task status it leads to (a cancelled task's approval is
+# `withdrawn`, see withdraw_in).
 DECISIONS = {"approved": TaskStatus.QUEUED, "denied": TaskStatus.DENIED, "expired": TaskStatus.DENIED}
 
 
@@ -64,6 +65,12 @@ def request_in(conn: Connection, task_id: str, engagement: str, owner: str, reas
     conn.execute(insert(approvals).values(
         task_id=task_id, engagement=engagement, requested_by=owner, reasons=json.dumps(reasons),
         requested_at=now, expires_at=now + expires_after_s))
+
+
+def withdraw_in(conn: Connection, task_id: str, now: float) -> None:
+    """In the transaction that cancels a task: its pending approval, if any, is withdrawn."""
+    conn.execute(update(approvals).where(approvals.c.task_id == task_id, approvals.c.decision.is_(None))
+                 .values(decision="withdrawn", decided_at=now, decision_reason="cancelled by its requester"))
 
 
 _WITH_TASK = select(approvals, tasks.c.kind, tasks.c.target, tasks.c.argv, tasks.c.pool).join(

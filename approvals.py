@@ -6,10 +6,13 @@ with the approver's name (a tool's call by the audit middleware, /ui's by the da
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel
+import mcp_types
+from pydantic import BaseModel, ValidationError
 
 from approval_store import ApprovalRecord, ApprovalStore
 from audit import Auditor
@@ -24,6 +27,38 @@ RECORDED = {"approve": "approved", "deny": "denied"}
 PENDING_LIMIT = 100
 # How often each process denies the approvals nobody decided in time.
 EXPIRY_CHECK_SECONDS = 2.0
+
+
+# The key of the one input request a held scan makes of its requester (2026-07-28 clients).
+APPROVAL_INPUT = "approval"
+JUSTIFICATION_SCHEMA = {
+    "type": "object",
+    "properties": {"justification": {"type": "string", "title": "Why this scan is needed", "maxLength": 500}},
+    "required": ["justification"],
+}
+
+
+def input_request(held: str) -> mcp_types.InputRequests:
+    """What a held scan asks of its requester: their reason, for the approvers (`held` says
+    what holds it); declining withdraws the scan."""
+    message = f"{held} Give the approvers your reason for it, or decline to withdraw the scan."
+    return {APPROVAL_INPUT: mcp_types.ElicitRequest(params=mcp_types.ElicitRequestFormParams(
+        message=message, requested_schema=JUSTIFICATION_SCHEMA))}
+
+
+def reply_of(responses: Mapping[str, object] | None) -> tuple[bool, str | None]:
+    """(whether the requester keeps the scan, their reason) from their answer, as a client's
+    retry carries it or as JSON (tasks/update); no answer, or one unreadable, keeps it."""
+    response = (responses or {}).get(APPROVAL_INPUT)
+    if isinstance(response, dict):
+        with contextlib.suppress(ValidationError):
+            response = mcp_types.ElicitResult.model_validate(response)
+    if not isinstance(response, mcp_types.ElicitResult):
+        return True, None
+    if response.action != "accept":
+        return False, None
+    text = (response.content or {}).get("justification")
+    return True, str(text)[:500] if text else None
 
 
 class ApprovalInfo(BaseModel):

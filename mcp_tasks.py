@@ -41,6 +41,7 @@ from mcp_types.jsonrpc import HEADER_MISMATCH, MISSING_REQUIRED_CLIENT_CAPABILIT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
+from approvals import input_request
 from audit import Auditor
 from auth import Identify
 from db import DatabaseUnavailable
@@ -48,10 +49,13 @@ from models import TaskAnswer, TaskState, TaskStatus
 from policy import Forbidden
 from scans import ScanService, without_waiting
 from task_manager import TaskAlreadyFinished, TaskNotFound
-from views import state
+from views import held, state
 
 McpTaskStatus = Literal["working", "input_required", "completed", "failed", "cancelled"]
 MCP_STATUS: dict[TaskStatus, McpTaskStatus] = {
+    # Held for a person's yes: the requester is asked for their reason (tasks/update answers);
+    # once they gave it, the task is `working` while an approver decides (`held_state`).
+    TaskStatus.AWAITING_APPROVAL: "input_required",
     TaskStatus.QUEUED: "working",
     TaskStatus.RUNNING: "working",
     TaskStatus.COMPLETED: "completed",
@@ -60,6 +64,7 @@ MCP_STATUS: dict[TaskStatus, McpTaskStatus] = {
     TaskStatus.FAILED: "completed",
     TaskStatus.INTERRUPTED: "completed",
     TaskStatus.CANCELLED: "cancelled",
+    TaskStatus.DENIED: "completed",
 }
 # A poll is one keyed read; scans take seconds to hours, so once a second is plenty.
 POLL_INTERVAL_MS = 1000
@@ -97,11 +102,13 @@ class CreateTaskResult(McpTask):
 
 
 class GetTaskResult(McpTask):
-    """`tasks/get`: the task, with the tool's result once completed or the error once failed."""
+    """`tasks/get`: the task, with the tool's result once completed or the error once failed,
+    and what it asks of its requester while input_required."""
 
     result_type: Literal["complete"] = Field(default="complete", serialization_alias="resultType")
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    input_requests: dict[str, Any] | None = Field(default=None, serialization_alias="inputRequests")
 
 
 class TaskParams(mcp_types.RequestParams):
@@ -113,7 +120,7 @@ class TaskParams(mcp_types.RequestParams):
 
 
 class UpdateTaskParams(TaskParams):
-    """`tasks/update` answers a task's input requests (ours never ask for input)."""
+    """`tasks/update` answers a task's input requests (a held scan asks its requester's reason)."""
 
     input_responses: dict[str, Any] = Field(alias="inputResponses")
 
@@ -166,14 +173,30 @@ class ScanTasks(ServerExtension):
                 self._service.policy.require(owner, "tasks/get (completed)")
                 shown = await self._service.result(owner, params.task_id)
                 return GetTaskResult(**task_fields(shown), result=tool_result(shown))
+            if shown.status is TaskStatus.AWAITING_APPROVAL:
+                return await self._held(owner, shown)
         return GetTaskResult(**task_fields(shown))
 
+    async def _held(self, owner: str, shown: TaskState) -> GetTaskResult:
+        """A held scan: input_required with its request until its requester gave a reason,
+        then working while an approver decides."""
+        hold = await self._service.hold_of(owner, shown.task_id)
+        if hold is not None and hold.justification is None:
+            asking = held(shown, hold.reasons)
+            requests = {key: request.model_dump(by_alias=True, mode="json", exclude_none=True)
+                        for key, request in input_request(asking.message or "").items()}
+            return GetTaskResult(**task_fields(asking), input_requests=requests)
+        waiting = task_fields(shown) | {"status": "working",
+                                        "status_message": "waiting for an approver to approve or deny the scan"}
+        return GetTaskResult(**waiting)
+
     async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
-        # Scans never ask for input, so no response matches an outstanding request: each is ignored.
+        # A held scan's requester answers with their reason (or declines, withdrawing it); any
+        # other response matches no outstanding request and is ignored.
         owner = self._caller(ctx, params.task_id)
         with protocol_errors():
             self._service.policy.require(owner, "tasks/update")
-            await self._service.status(owner, params.task_id)
+            await self._service.answer_hold(owner, params.task_id, params.input_responses)
         return ACKNOWLEDGED
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskParams) -> dict[str, Any]:
@@ -239,6 +262,8 @@ def status_message(shown: TaskState) -> str | None:
     """Where the scan is, in words: its queue, nmap's phase and percent, or why it ended."""
     if shown.status is TaskStatus.QUEUED:
         return f"queued: waiting for a worker of pool {shown.pool!r}"
+    if shown.status is TaskStatus.AWAITING_APPROVAL:
+        return shown.message
     if shown.status is TaskStatus.RUNNING:
         if shown.progress is None:
             return "running: no progress reported by nmap yet"

@@ -21,6 +21,8 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import audit
+from approval_store import ApprovalRecord
+from approvals import reply_of
 from config import Settings
 from db import DatabaseUnavailable
 from disk_space import disk_problem
@@ -68,7 +70,7 @@ from scanner import NmapBuild, build_argv, nmap_build, scan_options
 from sharding import Shard, shard
 from stores import Stores
 from targets import IPNetwork, ResolvedTargets, resolve_targets, split_targets
-from task_manager import ApprovalRequest
+from task_manager import ApprovalRequest, TaskAlreadyFinished
 from views import (
     answer,
     capped_diff,
@@ -76,6 +78,7 @@ from views import (
     csv_page,
     diff_results,
     down_hint,
+    held,
     inventory_page,
     json_page,
     reuse_note,
@@ -362,9 +365,7 @@ class ScanService:
             submitted.append(record)
             return answer(record)
         if record.status is TaskStatus.AWAITING_APPROVAL:
-            shown = answer(record)
-            why = f" Why: {'; '.join(approval.reasons)}." if approval is not None else ""
-            return shown.model_copy(update={"message": f"{shown.message}{why}"})
+            return held(answer(record), approval.reasons if approval is not None else [])
         # Capped so that the answer, with its task id, arrives before the caller's client gives up.
         wait_s = min(timeout_s, self._settings.max_call_wait_seconds)
         try:
@@ -512,6 +513,27 @@ class ScanService:
     async def list_all_tasks(self, status: TaskStatus | None, limit: int) -> list[tuple[str, TaskState]]:
         """Every token's most recent tasks, newest first, each with its owner (for operators)."""
         return [(record.owner, state(record)) for record in await self._tasks.recent(None, status, limit)]
+
+    async def answer_hold(self, owner: str, task_id: str, responses: Mapping[str, object] | None) -> TaskAnswer:
+        """The requester's answer to what their held scan asked of them (approvals.input_request):
+        their reason goes to the approvers; a decline withdraws (cancels) the scan."""
+        keep, reason = reply_of(responses)
+        record = await self._tasks.get(task_id, owner)
+        if record.status is not TaskStatus.AWAITING_APPROVAL:
+            return answer(record)
+        if not keep:
+            with contextlib.suppress(TaskAlreadyFinished):
+                await self.cancel(owner, task_id)
+            return with_message(answer(await self._tasks.get(task_id, owner)), "You withdrew the scan.")
+        if reason is None:
+            return answer(record)
+        await self._stores.approvals.justify(task_id, owner, reason)
+        return with_message(answer(record), "The approvers have your reason.")
+
+    async def hold_of(self, owner: str, task_id: str) -> ApprovalRecord | None:
+        """The approval the caller's task waits (or waited) for; None when it needed none."""
+        await self._tasks.get(task_id, owner)
+        return await self._stores.approvals.of_task(task_id)
 
     async def cancel(self, owner: str, task_id: str) -> TaskState:
         """Cancel a queued or running scan; when this process runs it, wait until nmap stopped."""

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import BindParameter, Connection, bindparam, func, insert, select, update
 from sqlalchemy.engine import Row
 
-from approval_store import request_in
+from approval_store import request_in, withdraw_in
 from change_feed import POLL_SECONDS, ChangeFeed, first_of, queue_key
 from config import Limits
 from db import SUBMIT_LOCK, Database
@@ -433,6 +433,8 @@ class TaskManager:
             active = tasks.c.status.in_(ACTIVE_STATUSES)
             conn.execute(update(tasks).where((tasks.c.id == task_id) | (tasks.c.parent_id == task_id), active)
                          .values(**cancelled))
+            if record.status is TaskStatus.AWAITING_APPROVAL:
+                withdraw_in(conn, task_id, now)
             shard_ids = _shard_ids(conn, record)
             self.feed.notify(conn, task_id, *shard_ids)
         stopped = replace(record, status=TaskStatus.CANCELLED, finished_at=now, error="cancelled", progress=None)

@@ -11,13 +11,17 @@ from fastmcp.exceptions import ToolError
 from fastmcp.exceptions import ValidationError as ArgumentsRefused
 from fastmcp.tools.function_tool import FunctionTool
 from mcp.types import ToolAnnotations
+from mcp_types import InputRequiredResult
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import Field
 
+from approvals import input_request
 from auth import Identify
 from config import Settings
 from engagement_store import EngagementNotFound
 from engagements import EngagementRefused
 from errors import arguments_refused, code_of, tool_errors
+from mcp_tasks import opted_in
 from models import (
     InventoryPage,
     LimitsAnswer,
@@ -187,6 +191,21 @@ def register_tools(
             raise ToolError("unauthenticated: this tool needs a valid token")
         return name
 
+    async def scanned(ctx: Context, request: Callable[[], ScanRequest], timeout_s: int,
+                      rescan: bool = False) -> TaskAnswer | InputRequiredResult:
+        """A scan tool's answer. When its engagement holds the scan for a person's yes, a
+        2026-07-28 client that can show a form is asked for the requester's reason (an
+        input_required result naming the held task); its retry carrying the answer passes the
+        reason to the approvers (or, declined, withdraws the scan) and queues nothing new."""
+        owner = caller()
+        if ctx.request_state is not None:
+            return await scans.answer_hold(owner, ctx.request_state, ctx.input_responses)
+        shown = await scans.scan(owner, request(), timeout_s=timeout_s, rescan=rescan,
+                                 on_progress=progress_reporter(ctx))
+        if shown.status is TaskStatus.AWAITING_APPROVAL and shows_forms(ctx):
+            return InputRequiredResult(input_requests=input_request(shown.message or ""), request_state=shown.task_id)
+        return shown
+
     default_wait = settings.sync_timeout
     fresh = settings.result_freshness_seconds
 
@@ -202,11 +221,10 @@ def register_tools(
         pool: PoolName = None,
         skip_host_discovery: SkipHostDiscovery = False,
         engagement: EngagementName = None,
-    ) -> TaskAnswer:
+    ) -> TaskAnswer | InputRequiredResult:
         with tool_errors():
-            request = scans.quick(target, pool, skip_host_discovery=skip_host_discovery, engagement=engagement)
-            return await scans.scan(caller(), request, timeout_s=timeout, rescan=rescan,
-                                    on_progress=progress_reporter(ctx))
+            return await scanned(ctx, lambda: scans.quick(target, pool, skip_host_discovery=skip_host_discovery,
+                                                          engagement=engagement), timeout, rescan)
 
     @inlined_tool(mcp, schemas, description=FULL_SCAN_DESCRIPTION.format(fresh=fresh,
                   version=settings.version_detection_seconds), annotations=_SCAN_ANNOTATIONS, target_text=True)
@@ -218,11 +236,10 @@ def register_tools(
         pool: PoolName = None,
         skip_host_discovery: SkipHostDiscovery = False,
         engagement: EngagementName = None,
-    ) -> TaskAnswer:
+    ) -> TaskAnswer | InputRequiredResult:
         with tool_errors():
-            request = scans.full(target, pool, skip_host_discovery=skip_host_discovery, engagement=engagement)
-            return await scans.scan(caller(), request, timeout_s=timeout, rescan=rescan,
-                                    on_progress=progress_reporter(ctx))
+            return await scanned(ctx, lambda: scans.full(target, pool, skip_host_discovery=skip_host_discovery,
+                                                         engagement=engagement), timeout, rescan)
 
     @inlined_tool(mcp, schemas, description=CUSTOM_SCAN_DESCRIPTION, annotations=_SCAN_ANNOTATIONS, target_text=True)
     async def custom_scan(
@@ -233,10 +250,9 @@ def register_tools(
         timeout: Annotated[int, Field(ge=5, le=600, description=WAIT_TEXT)] = default_wait,
         pool: PoolName = None,
         engagement: EngagementName = None,
-    ) -> TaskAnswer:
+    ) -> TaskAnswer | InputRequiredResult:
         with tool_errors():
-            return await scans.scan(caller(), scans.custom(command, pool, engagement=engagement), timeout_s=timeout,
-                                      on_progress=progress_reporter(ctx))
+            return await scanned(ctx, lambda: scans.custom(command, pool, engagement=engagement), timeout)
 
     async def scan(
         targets: Annotated[TargetText | TargetList, Field(description=(
@@ -256,13 +272,12 @@ def register_tools(
         timeout: Annotated[int, Field(ge=5, le=600, description=WAIT_TEXT)] = default_wait,
         pool: PoolName = None,
         engagement: EngagementName = None,
-    ) -> TaskAnswer:
+    ) -> TaskAnswer | InputRequiredResult:
         given = targets if isinstance(targets, str) else tuple(targets)
         spec = TypedScan(given, scan_type, ports, top_ports, service_versions, os_detection, tuple(scripts or ()),
                          skip_host_discovery, timing)
         with tool_errors():
-            return await scans.scan(caller(), scans.typed(spec, pool, engagement=engagement), timeout_s=timeout,
-                                    on_progress=progress_reporter(ctx))
+            return await scanned(ctx, lambda: scans.typed(spec, pool, engagement=engagement), timeout)
 
     # The categories this server allows, as an enum a model can pick from: known only now,
     # so the annotation is set here (a name local to this function cannot be resolved later).
@@ -524,6 +539,18 @@ def unprivileged_scan(schema: dict[str, Any]) -> dict[str, Any]:
     runnable = [kind for kind in schema["properties"]["scan_type"]["enum"] if kind not in RAW_PACKET_SCAN_TYPES]
     return with_choices(without_properties(schema, RAW_PACKET_PARAMETERS), "scan_type", runnable,
                         "connect (TCP) or ping (find hosts, no ports)")
+
+
+def shows_forms(ctx: Context) -> bool:
+    """Whether the client of this call can be asked for input in the call's own answer: a
+    2026-07-28 client that shows form elicitations, without MCP Tasks (whose task carries its
+    input requests instead, mcp_tasks.py)."""
+    request = ctx.request_context
+    if request is None or request.protocol_version not in MODERN_PROTOCOL_VERSIONS or opted_in(ctx):
+        return False
+    capabilities = ctx.session.client_capabilities
+    elicitation = capabilities.elicitation if capabilities is not None else None
+    return elicitation is not None and (elicitation.form is not None or elicitation.url is None)
 
 
 def progress_reporter(ctx: Context) -> Callable[[Progress], Awaitable[None]]:

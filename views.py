@@ -57,10 +57,18 @@ POLL_HINT = (
 )
 
 
+Shown = TypeVar("Shown", bound=TaskState)
 # A scan its engagement says a person must approve first (approvals.py).
 AWAITING_HINT = ("Scan awaiting approval: its engagement wants a person's yes first, which an approver gives (or "
                  "refuses) in /ui or with decide_approval; nothing runs until then. Call get_task_status with "
                  "task_id {id} later: it is queued once approved, denied otherwise.")
+
+
+def held(shown: Shown, reasons: Sequence[str]) -> Shown:
+    """A held scan's answer, saying why its engagement holds it (when `reasons` are known)."""
+    if not reasons:
+        return shown
+    return shown.model_copy(update={"message": f"{shown.message} Why: {'; '.join(reasons)}."})
 
 
 def answer(record: TaskRecord, caller: str | None = None) -> TaskAnswer:

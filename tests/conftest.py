@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,18 +185,21 @@ def in_memory(tmp_path: Path, nmap_wrapper: NmapWrapper) -> OpenClient:
     and limits apply: the server's stdio_caller), without HTTP or a secret. Its server runs its
     worker and scans with real nmap (the wrapper); the servers of one test share a SQLite
     database and an audit log (tmp_path/audit.jsonl), as processes of one service do. With
-    `tasks=True` the client declares the MCP Tasks extension (fastmcp_tasks imported)."""
+    `tasks=True` the client declares the MCP Tasks extension (fastmcp_tasks imported); with an
+    `elicitation` handler it shows forms (elicitation), answered by the handler."""
     opened = itertools.count()
 
     @contextlib.asynccontextmanager
     async def open_client(caller: str = "alice", *, mode: str = "auto", tasks: bool = False,
+                          elicitation: Callable[..., Awaitable[Any]] | None = None,
                           **overrides: object) -> AsyncIterator[Client]:
         index = next(opened)
         values = {"nmap_path": str(nmap_wrapper.path), "audit_log": str(tmp_path / "audit.jsonl"),
                   "worker_name": f"{caller}-{index}"} | overrides
         config = write_config(tmp_path / f"in-memory-{index}.json", stdio_caller=caller, **values)
         mcp, runtime = create_server(load_settings(config), str(values["nmap_path"]), role=Role.STDIO)
-        async with (Client if tasks else ToolClient)(mcp, mode=mode) as client:  # type: ignore[arg-type]
+        kind = Client if tasks else ToolClient
+        async with kind(mcp, mode=mode, elicitation_handler=elicitation) as client:  # type: ignore[arg-type]
             yield client
         assert runtime.supervisor.failure is None
 

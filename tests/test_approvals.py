@@ -4,6 +4,7 @@ every decision audited with who made it; real nmap on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import tarfile
@@ -14,6 +15,8 @@ from typing import Any
 
 import anyio
 import pytest
+from fastmcp_tasks import call_tool_task
+from mcp_types import ElicitResult
 
 from argv_check import ArgvCheck, TaskRefused
 from config import Settings
@@ -186,3 +189,65 @@ async def test_plan_scan_names_the_engagement_and_whether_a_person_must_approve(
     assert held["approval_needed"] == ["it covers 4 addresses, more than 2"] and held["window_closes_at"] is None
     assert plain["verdict"] == "allowed" and plain["engagement"] == "lab" and plain.get("approval_needed") is None
     assert outside["verdict"] == "refused" and outside["code"] == "outside_scope"
+
+
+class Requester:
+    """A person at a 2026-07-28 client that shows forms: what the server asked, and their answer."""
+
+    def __init__(self, answer: dict[str, Any] | None) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    async def __call__(self, message: str, _response_type: Any, _params: Any, _context: Any) -> Any:
+        self.asked.append(message)
+        if self.answer is None:
+            return ElicitResult(action="decline")
+        return self.answer
+
+
+async def test_a_2026_07_28_client_is_asked_for_its_reason_in_the_call_s_own_answer(in_memory: OpenClient) -> None:
+    """The scan tool answers input_required (multi round-trip); the client's retry, carrying the
+    person's reason, queues nothing new: the reason reaches the approvers. A declined form
+    withdraws the scan."""
+    config = approval_config(addresses_over=2)
+    giving, declining = Requester({"justification": "quarterly sweep, ticket SEC-1"}), Requester(None)
+    async with in_memory(**config, mode="2026-07-28", elicitation=giving) as alice, \
+            in_memory(**config, mode="2026-07-28", elicitation=declining) as alice_again, \
+            in_memory("bob", **config) as bob:
+        kept = await answer_of(alice, "custom_scan", command="-Pn -p 1 127.0.23.0/30", timeout=30)
+        withdrawn = await answer_of(alice_again, "custom_scan", command="-Pn -p 2 127.0.23.0/30", timeout=30)
+        [pending] = (await answer_of(bob, "list_approvals"))["approvals"]
+        tasks = (await answer_of(alice, "list_tasks"))["tasks"]
+    assert len(giving.asked) == len(declining.asked) == 1
+    assert "it covers 4 addresses, more than 2" in giving.asked[0]
+    assert giving.asked[0].endswith("or decline to withdraw the scan.")
+    assert kept["status"] == "awaiting_approval" and kept["message"].startswith("The approvers have your reason.")
+    assert pending["task_id"] == kept["task_id"] and pending["justification"] == "quarterly sweep, ticket SEC-1"
+    assert withdrawn["status"] == "cancelled" and withdrawn["message"] == "You withdrew the scan."
+    assert sorted(task["status"] for task in tasks) == ["awaiting_approval", "cancelled"], "no scan queued twice"
+
+
+async def test_a_tasks_client_sees_its_task_input_required_then_working_then_completed(
+        in_memory: OpenClient) -> None:
+    config = approval_config(addresses_over=2)
+    person = Requester({"justification": "needed for the audit"})
+    async with in_memory(**config, mode="2026-07-28", tasks=True, elicitation=person) as alice, \
+            in_memory("bob", **config) as bob:
+        task = await call_tool_task(alice, "custom_scan", {"command": "-Pn -p 1 127.0.23.0/30"})
+        assert task.create_result.status == "input_required"
+        held = await task.status()
+        assert held.status == "input_required" and "it covers 4 addresses" in (held.status_message or "")
+        assert set(held.input_requests or {}) == {"approval"}
+        # result() answers the form (tasks/update), then polls until the task ends.
+        driving = asyncio.create_task(task.result())
+        deadline = time.monotonic() + 30
+        while not (pending := (await answer_of(bob, "list_approvals"))["approvals"])[0].get("justification"):
+            assert time.monotonic() < deadline and not driving.done()
+            await anyio.sleep(0.1)
+        assert pending[0]["justification"] == "needed for the audit" and len(person.asked) == 1
+        waiting = await task.status()
+        assert waiting.status == "working"
+        assert waiting.status_message == "waiting for an approver to approve or deny the scan"
+        await answer_of(bob, "decide_approval", task_id=task.task_id, decision="approve", reason="ok")
+        result = await driving
+    assert result.structured_content is not None and result.structured_content["status"] == "completed"
