@@ -9,6 +9,7 @@ import json
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ from policy import Policy
 from scanner import build_argv
 from stores import Stores
 from task_manager import ApprovalRequest
-from tests.conftest import OpenClient
+from tests.conftest import OpenClient, ToolClient
 from tests.nodes import opened_stores
-from tests.support import ROOT, SECRETS, answer_of, call, error_text, finished
+from tests.support import ROOT, SECRETS, LiveServer, answer_of, call, error_text, finished
 
 pytestmark = pytest.mark.anyio
 NET = "127.0.23.0/24"
@@ -251,3 +252,19 @@ async def test_a_tasks_client_sees_its_task_input_required_then_working_then_com
         await answer_of(bob, "decide_approval", task_id=task.task_id, decision="approve", reason="ok")
         result = await driving
     assert result.structured_content is not None and result.structured_content["status"] == "completed"
+
+
+@pytest.mark.server
+async def test_the_reason_round_trip_over_http_with_a_2026_07_28_client(
+        live_server: Callable[..., LiveServer]) -> None:
+    """The same round trip through a real server process: the sealed request_state crosses
+    the wire and back, and the retry reaches the held task."""
+    server = live_server(**approval_config(addresses_over=2))
+    person = Requester({"justification": "over HTTP"})
+    # ToolClient: without MCP Tasks (which this module's import of fastmcp_tasks would turn on).
+    async with ToolClient(server.url, auth=SECRETS["alice"], mode="2026-07-28", elicitation_handler=person) as alice:
+        kept = (await alice.call_tool("custom_scan", {"command": "-Pn -p 1 127.0.23.0/30"})).structured_content
+    async with ToolClient(server.url, auth=SECRETS["bob"]) as bob:
+        [pending] = (await bob.call_tool("list_approvals", {})).structured_content["approvals"]
+    assert kept is not None and kept["status"] == "awaiting_approval" and len(person.asked) == 1
+    assert pending["task_id"] == kept["task_id"] and pending["justification"] == "over HTTP"
