@@ -30,6 +30,8 @@ from engagements import (
     check_member,
     check_scope,
     check_time,
+    opening,
+    time_left,
 )
 from impact import max_rate_of
 from models import TaskRecord
@@ -93,6 +95,18 @@ class ArgvCheck:
             raise TaskRefused(_first_difference(record.argv, expected))
         self._check_rate(record)
         return expected
+
+    async def time_limit(self, record: TaskRecord) -> int:
+        """The task's time limit from now: its own, cut to end when its engagement's window
+        closes (a task that waited in the queue gets what is left of the window, not what was
+        left when it was submitted)."""
+        if record.engagement is None or self.engagements is None:
+            return record.time_limit
+        try:
+            closes_at = opening((await self.engagements.get(record.engagement)).rules, time.time()).closes_at
+        except EngagementNotFound:
+            return record.time_limit
+        return record.time_limit if closes_at is None else time_left(record.time_limit, closes_at)
 
     async def _check_engagement(self, record: TaskRecord, targets: Sequence[str],
                                 networks: Sequence[Sequence[IPNetwork]], options: Sequence[str]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -274,6 +275,11 @@ def check_time(name: str, rules: EngagementRules, now: float) -> Opening:
 def is_member(rules: EngagementRules, owner: str, role: str | None) -> bool:
     """Whether `owner` (a token's name or a person's email, in `role`) may scan under `rules`."""
     return owner in rules.tokens or owner == rules.owner or (role is not None and role in rules.roles)
+
+
+def time_left(limit_s: int, closes_at: float) -> int:
+    """A scan's time limit in whole seconds from now: `limit_s`, or less when its window closes sooner."""
+    return max(1, min(limit_s, math.floor(closes_at - time.time())))
 
 
 def check_member(name: str, rules: EngagementRules, owner: str, role: str | None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import shlex
 import time
@@ -37,6 +36,7 @@ from engagements import (
     check_time,
     iso_utc,
     opening,
+    time_left,
     with_exclusions,
 )
 from impact import estimate, max_rate_of, options_of, ports_per_address, probes, rated
@@ -384,7 +384,7 @@ class ScanService:
         """A scan's time limit: the server's, cut to end when its engagement's window closes."""
         if closes_at is None:
             return self._settings.max_scan_seconds
-        return max(1, min(self._settings.max_scan_seconds, math.floor(closes_at - time.time())))
+        return time_left(self._settings.max_scan_seconds, closes_at)
 
     def _submission(self, owner: str, request: ScanRequest, checked: CheckedScan, rescan: bool) -> dict[str, Any]:
         """The arguments of the task store's submit (and trial) for a checked scan."""

@@ -196,7 +196,8 @@ class Worker:
             await self._store.release(record, self.info.id)
             return
         try:
-            record = replace(record, argv=await self._check.argv_to_run(record))
+            record = replace(record, argv=await self._check.argv_to_run(record),
+                             time_limit=await self._check.time_limit(record))
         except TaskRefused as e:
             logger.error("task %s refused, nmap not started: %s", record.id, e)
             await self._record(record, failure(f"refused by the worker: {e}"))

@@ -9,6 +9,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -386,3 +387,18 @@ async def test_an_engagement_s_probe_budget_counts_every_member_s_scans(in_memor
         assert not (await call(bob, "custom_scan", {"command": "-Pn -p 1-40 127.0.23.2"})).is_error
         plan = await answer_of(bob, "plan_scan", tool="custom_scan", arguments={"command": "-Pn -p 1 127.0.23.3"})
         assert plan["verdict"] == "refused" and plan["code"] == "rate_limited"
+
+
+async def test_a_task_that_waited_in_the_queue_gets_what_is_left_of_its_window(tmp_path: Path) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    closing = EngagementRules(scope=[NET], tokens=["alice"], windows=[
+        utc_window(now - timedelta(minutes=5), now + timedelta(seconds=40))])
+    settings = Settings(tokens={"alice": {"secret": SECRETS["alice"]}}, allow_loopback=True)
+    async with opened_stores(f"sqlite:///{tmp_path / 'tasks.db'}", max_queued=10) as stores:
+        await stores.engagements.load_config({"lab": closing, "open": EngagementRules(scope=[NET])})
+        check = ArgvCheck.of_worker(NMAP, Policy(settings, NMAP), privileged=False, pool="default",
+                                    engagements=stores.engagements)
+        queued = stored_task(["-sT", "-p", "1", "--max-rate", "50000"], "127.0.23.1", "lab")
+        assert 30 <= await check.time_limit(queued) <= 40 < queued.time_limit
+        assert await check.time_limit(replace(queued, engagement="open")) == queued.time_limit
+        assert await check.time_limit(replace(queued, engagement=None)) == queued.time_limit
