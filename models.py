@@ -964,6 +964,7 @@ class ScheduleInfo(BaseModel):
     created_at: float
     next_run_at: float
     webhook: str | None = Field(default=None, description="The webhook's scheme, host and path (its query hidden)")
+    engagement: str | None = None
     last_run: ScheduleRun | None = None
     last_change: ScheduleChange | None = None
 

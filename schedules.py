@@ -222,6 +222,7 @@ def describe(state: ScheduleState, cap: int) -> ScheduleInfo:
         command=schedule.spec if custom else None, every=schedule.every, created_at=schedule.created_at,
         next_run_at=schedule.next_run_at,
         webhook=webhooks.shown(schedule.webhook_url) if schedule.webhook_url else None,
+        engagement=schedule.engagement,
         last_run=None if run is None else ScheduleRun(due_at=run.due_at, task_id=run.task_id, error=run.error,
                                                       status=state.last_task_status or run.status),
         last_change=None if change is None or change.diff is None else ScheduleChange(

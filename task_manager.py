@@ -36,6 +36,7 @@ from models import (
     TaskRecord,
     TaskStatus,
     WorkerInfo,
+    approvals,
     stored_host,
     stored_result,
     task_hosts,
@@ -531,5 +532,6 @@ def _delete_finished_tasks(conn: Connection, before: float, batch: int) -> int:
     family = (tasks.c.id.in_(old)) | (tasks.c.parent_id.in_(old))
     ids = conn.execute(select(tasks.c.id).where(family)).scalars().all()
     conn.execute(task_hosts.delete().where(task_hosts.c.task_id.in_(ids)))
+    conn.execute(approvals.delete().where(approvals.c.task_id.in_(old)))
     conn.execute(tasks.delete().where(family))
     return len(old)

@@ -268,3 +268,14 @@ async def test_the_reason_round_trip_over_http_with_a_2026_07_28_client(
         [pending] = (await bob.call_tool("list_approvals", {})).structured_content["approvals"]
     assert kept is not None and kept["status"] == "awaiting_approval" and len(person.asked) == 1
     assert pending["task_id"] == kept["task_id"] and pending["justification"] == "over HTTP"
+
+
+async def test_retention_deletes_a_finished_task_s_approval_with_it(tmp_path: Path) -> None:
+    argv = build_argv(NMAP, ["-sT", "-p", "1", "--max-rate", "50000"], ["127.0.23.1"], ipv6=False, privileged=False)
+    async with opened_stores(f"sqlite:///{tmp_path / 'tasks.db'}", max_queued=10) as stores:
+        held = await stores.tasks.submit("alice", ScanKind.CUSTOM, "127.0.23.1", argv, 60, engagement="lab",
+                                         approval=ApprovalRequest("lab", ["a reason"], 60))
+        await stores.approvals.decide(held.record.id, "bob", "denied", "no")
+        assert await stores.approvals.of_task(held.record.id) is not None
+        assert await stores.tasks.purge(time.time() + 1) == 1
+        assert await stores.approvals.of_task(held.record.id) is None

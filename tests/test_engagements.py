@@ -267,6 +267,7 @@ async def test_a_schedule_s_run_waits_for_its_engagement_s_window(in_memory: Ope
                 break
             await anyio.sleep(0.05)
         assert listed is not None and listed["next_run_at"] == start.timestamp(), listed
+        assert listed["engagement"] == "lab"
         assert listed.get("last_run") is None and (await answer_of(alice, "list_tasks"))["tasks"] == []
 
 
