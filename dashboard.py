@@ -1,4 +1,4 @@
-"""The operator page under /ui: a static page over a small read-only JSON API.
+"""The operator page under /ui: a static page over a small JSON API that reads, but for an approver's decision.
 
 The page's own files (dashboard_assets/: HTML, JS, CSS) hold no data and are served to
 anyone. Every answer under /ui/api/ needs one of the MCP tokens as a Bearer header; the page
@@ -65,6 +65,8 @@ HTTP_STATUS = {"forbidden": 403, "not_found": 404, "not_comparable": 409, "alrea
 # A decision's body is a few hundred bytes; a longer POST is refused unread.
 MAX_POSTED_BYTES = 4096
 DEFAULT_PORTS = {"http": 80, "https": 443}
+CROSS_ORIGIN = ("a decision is sent by the operator page itself: this request's Origin is missing or is not "
+                "this server's")
 
 
 class BadRequest(ValueError):
@@ -348,10 +350,6 @@ def api_route(mcp: FastMCP, dashboard: Dashboard, identify: Identify,
     return register
 
 
-CROSS_ORIGIN = ("a decision is sent by the operator page itself: this request's Origin is missing or is not "
-                "this server's")
-
-
 def same_origin(request: Request, public_url: str | None) -> bool:
     """Whether a state-changing request comes from the page: its Origin (which browsers send
     with every POST and no page script can set) is the origin the request was sent to, or
@@ -390,7 +388,7 @@ async def arguments_of(request: Request) -> dict[str, Any]:
         raise BadRequest("send a JSON object as application/json") from e
     if not isinstance(body, dict):
         raise BadRequest("send a JSON object as application/json")
-    return {**request.path_params, **body}
+    return {**body, **request.path_params}
 
 
 def decision_of(body: object) -> DecisionRequest:
