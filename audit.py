@@ -276,9 +276,11 @@ class Auditor:
 
     @contextlib.contextmanager
     def call(self, token: str | None, tool: str, arguments: dict[str, Any] | None, *, scans: bool,
-             via: str | None = None) -> Iterator[None]:
+             via: str | None = None, refusal: Callable[[Exception], str | None] | None = None) -> Iterator[None]:
         """Audit what runs in the block; `scans`: it may start a scan; `via`: the route that
-        stands for `tool` (policy.ROUTE_TOOLS), when it is not the tool's own call."""
+        stands for `tool` (policy.ROUTE_TOOLS), when it is not the tool's own call; `refusal`:
+        the words, as the tool would give them, of an error of the block that is a refusal (a
+        route's own errors are no ToolError), None for a failure."""
         call = AuditedCall(self._log, token, tool, via)
         started = time.perf_counter()
         verdict, reason = "allowed", None
@@ -295,7 +297,8 @@ class Auditor:
             verdict, reason = "error" if str(e).startswith("internal_error:") else "refused", str(e)
             raise
         except Exception as e:
-            verdict, reason = "error", type(e).__name__
+            words = refusal(e) if refusal else None
+            verdict, reason = ("refused", words) if words else ("error", type(e).__name__)
             raise
         finally:
             _current.reset(reset)

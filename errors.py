@@ -95,6 +95,12 @@ def code_of(error: Exception) -> str | None:
     return next((code for kind, code in CODES.items() if isinstance(error, kind)), None)
 
 
+def coded(error: Exception) -> str | None:
+    """What a tool says of an error a caller can act on, `code: words`; None for any other error."""
+    code = code_of(error)
+    return None if code is None else f"{code}: {error}"
+
+
 class ToolErrorMiddleware(Middleware):
     """Arguments refused by a tool's schema, unknown tools and unexpected failures, as coded
     tool errors. `schemas` maps each tool to its input schema, for the bounds it states."""

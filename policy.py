@@ -47,10 +47,12 @@ ROUTE_TOOLS: Mapping[str, frozenset[str]] = {
     "/ui#diff": frozenset({"list_tasks", "diff_scans"}),
     "/ui#schedules": frozenset({"list_schedules"}),
     "/ui#inventory": frozenset({"find_hosts"}),
+    "/ui#approvals": frozenset({"list_approvals"}),
     "/ui/api/overview": frozenset(),  # only the sections the token may see, each checked above
     "/ui/api/tasks/{task_id}": frozenset({"get_task_result"}),
     "/ui/api/diff": frozenset({"diff_scans"}),
     "/ui/api/hosts": frozenset({"find_hosts"}),
+    "/ui/api/approvals/{task_id}": frozenset({"decide_approval"}),  # POST: approve or deny
 }
 
 
@@ -127,11 +129,13 @@ class Policy:
     def may(self, owner: str, route: str) -> bool:
         """Whether `owner` may use `route`: a tool, or a route of ROUTE_TOOLS (all its tools)."""
         key = self._key(owner)
-        if (route in MANAGER_TOOLS and key not in self._managers) or (route in APPROVER_TOOLS
-                                                                       and key not in self._approvers):
+        tools = ROUTE_TOOLS.get(route, frozenset({route}))
+        # A route that stands for a manager's or an approver's tool needs that grant as the tool does.
+        if (tools & MANAGER_TOOLS and key not in self._managers) or (tools & APPROVER_TOOLS
+                                                                     and key not in self._approvers):
             return False
         scope = self.tool_scopes.get(key)
-        return scope is None or ROUTE_TOOLS.get(route, frozenset({route})) <= scope
+        return scope is None or tools <= scope
 
     def role(self, owner: str) -> str | None:
         """The role of a person who signed in (as this process last learnt it); None for a token."""

@@ -65,7 +65,7 @@ from config import (
     write_first_config,
     write_new_config,
 )
-from dashboard import register_dashboard
+from dashboard import Dashboard, register_dashboard
 from db import DatabaseUnavailable, shown_url
 from engagement_tools import EngagementBook, register_engagement_tools
 from errors import PromptArgumentCheck, ToolErrorMiddleware
@@ -237,8 +237,9 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
         strict_input_validation=True,
     )
     schemas = register_tools(mcp, runtime.service, settings, identify, runtime.schedules)
+    desk = ApprovalDesk(runtime.stores.approvals, runtime.service.policy)
     register_engagement_tools(mcp, schemas, EngagementBook(runtime.stores.engagements, runtime.service.policy),
-                              ApprovalDesk(runtime.stores.approvals, runtime.service.policy), identify)
+                              desk, identify)
     register_resources(mcp, runtime.service, identify, privileged=settings.privileged,
                        categories=tuple(settings.script_categories))
     runtime.metrics.known_tools(schemas)
@@ -246,7 +247,8 @@ def create_server(settings: Settings, nmap_path: str, *, role: Role = Role.ALL) 
     mcp.add_middleware(PromptArgumentCheck())
     tune_low_level_server(mcp, schemas)
     if not stdio:
-        register_dashboard(mcp, runtime.service, identify, runtime.schedules)
+        register_dashboard(mcp, Dashboard(runtime.service, runtime.schedules, desk, runtime.auditor), identify,
+                           settings.oauth.base_url if settings.oauth else None)
     if isinstance(auth, MultiAuth) and isinstance(auth.server, OAuthProxy) and settings.oauth is not None:
         UiSignIn(auth.server, settings.oauth, settings.oauth.base_url.rstrip("/") + settings.path).register(mcp)
     mcp.add_extension(ScanTasks(runtime.service, identify, runtime.auditor))

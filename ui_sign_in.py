@@ -10,7 +10,8 @@ token in a session cookie: HttpOnly (no script reads it), SameSite=Strict (no ot
 page sends it), Secure when base_url is https, Path=/ui, and no longer-lived than the token
 or an hour. `SessionCookieBearer` turns that cookie into the Bearer header of /ui/api/
 requests that carry no header of their own, so the page's API checks a person exactly as it
-checks a token. /ui/api/ only reads; /ui/sign-out only forgets the cookie.
+checks a token. /ui/api/ only reads, but for an approver's decision, a POST dashboard.py takes
+only from the page's own origin; /ui/sign-out only forgets the cookie.
 """
 
 from __future__ import annotations

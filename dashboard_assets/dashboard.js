@@ -3,8 +3,9 @@
 // the team's provider (ui_sign_in.py), the browser sends the HttpOnly session the server set,
 // which no script here can read. Then it draws the overview's
 // sections every REFRESH_MS. Every value goes into the page as text (text nodes, never
-// HTML): hostnames, banners and versions are whatever the scanned hosts said. What the API
-// keeps under `untrusted` (the targets' own text) is drawn apart, by targetText().
+// HTML): hostnames, banners and versions are whatever the scanned hosts said, a requester's
+// justification whatever they wrote. What the API keeps under `untrusted` (the targets' own
+// text) is drawn apart, by targetText(). Its one change is an approver's decision (decide()).
 "use strict";
 
 const TOKEN_KEY = "nmap-mcp-token";
@@ -12,7 +13,7 @@ const REFRESH_MS = 2000;
 // Each overview section is drawn into its own <section> by the renderer of its name:
 // renderer(data, body, viewer), where body keeps what the renderer put there last time.
 const RENDERERS = {
-  pools: renderPools, running: renderRunning, recent: renderRecent, diff: renderDiff, schedules: renderSchedules,
+  approvals: renderApprovals, pools: renderPools, running: renderRunning, recent: renderRecent, diff: renderDiff, schedules: renderSchedules,
   inventory: renderInventory,
 };
 // The inventory search's filters: find_hosts' argument, its label, an example.
@@ -51,10 +52,17 @@ function table(headings, rows) {
     el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((cell) => el("td", {}, cell))))));
 }
 
-async function api(path) {
+// GET `path`, or POST `sent` to it as JSON; the answer's JSON, or an Error with its words.
+async function api(path, sent) {
   const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = token ? { Authorization: "Bearer " + token } : {};
+  if (sent !== undefined) {
+    headers["Content-Type"] = "application/json";
+  }
   const response = await fetch(path, {
-    headers: token ? { Authorization: "Bearer " + token } : {},
+    method: sent === undefined ? "GET" : "POST",
+    headers,
+    body: sent === undefined ? undefined : JSON.stringify(sent),
     cache: "no-store",
     credentials: token ? "omit" : "same-origin",
   });
@@ -204,6 +212,90 @@ function progressOf(task) {
   return el("span", {},
     el("progress", { max: "100", value: String(progress.percent) }),
     progress.phase + " " + progress.percent.toFixed(0) + "%" + left);
+}
+
+// The scans waiting for the viewer's decision. A row stays while its scan waits, so that a
+// reason being typed survives the refreshes; what is said of it is drawn anew each time.
+function renderApprovals(data, body) {
+  if (!body.firstChild) {
+    body.append(el("p", { id: "approvals-notice", role: "status" }),
+      el("p", { id: "approvals-none", class: "muted" }, "No scan waits for approval."),
+      el("div", { id: "approvals-list" }));
+  }
+  const list = $("approvals-list");
+  const rows = new Map([...list.children].map((node) => [node.dataset.task, node]));
+  const waiting = new Set(data.approvals.map((approval) => approval.task_id));
+  rows.forEach((node, taskId) => waiting.has(taskId) || node.remove());
+  data.approvals.forEach((approval, index) => {
+    const row = rows.get(approval.task_id) || approvalRow(approval);
+    row.firstChild.replaceWith(approvalText(approval));
+    if (list.children[index] !== row) {
+      list.insertBefore(row, list.children[index] || null);
+    }
+  });
+  $("approvals-none").hidden = data.approvals.length > 0;
+}
+
+function approvalRow(approval) {
+  const reason = el("input", { id: "reason-" + approval.task_id, class: "reason", maxlength: "500",
+    spellcheck: "false", placeholder: "kept with the decision" });
+  const buttons = ["approve", "deny"].map((decision) => el("button",
+    { id: decision + "-" + approval.task_id, type: "button" }, decision === "approve" ? "Approve" : "Deny"));
+  buttons.forEach((button, index) => button.addEventListener("click",
+    () => decide(approval, index ? "deny" : "approve", reason, buttons)));
+  return el("div", { class: "approval", "data-task": approval.task_id }, el("div"),
+    el("p", {}, el("label", {}, "reason ", reason), " ", buttons[0], " ", buttons[1]));
+}
+
+// What a waiting scan would run and why it waits: the requester's words as they wrote them.
+function approvalText(approval) {
+  return el("div", {},
+    el("h3", {}, approval.requested_by + ": " + approval.kind + " ", el("span", { class: "address" }, approval.target),
+      " under " + approval.engagement),
+    el("p", {}, "nmap ", el("code", { class: "argv" }, approval.argv.map(shellWord).join(" ")),
+      " (pool " + approval.pool + ")"),
+    el("ul", {}, approval.reasons.map((why) => el("li", {}, "waits because " + why))),
+    approval.justification ? el("p", {}, approval.requested_by + " says: ",
+      el("q", { class: "justification" }, approval.justification)) : null,
+    el("p", { class: "muted" }, "requested " + whenIso(approval.requested_at) + ", denied unless decided by "
+      + whenIso(approval.expires_at) + " (task " + approval.task_id.slice(0, 8) + ")"));
+}
+
+// An argument as a shell would need it, so that the argv reads back exactly.
+function shellWord(word) {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : "'" + word.replace(/'/g, "'\\''") + "'";
+}
+
+function whenIso(text) {
+  return text ? new Date(text).toLocaleString() : "";
+}
+
+async function decide(approval, decision, field, buttons) {
+  const reason = field.value.trim();
+  const which = approval.requested_by + "'s " + approval.kind + " " + approval.target + " (task "
+    + approval.task_id.slice(0, 8) + ")";
+  const notice = $("approvals-notice");
+  if (!reason) {
+    notice.className = "error";
+    notice.textContent = "Give a reason to " + decision + " " + which + ": it is kept with the decision.";
+    field.focus();
+    return;
+  }
+  buttons.forEach((button) => { button.disabled = true; });
+  try {
+    const answer = await api("/ui/api/approvals/" + encodeURIComponent(approval.task_id), { decision, reason });
+    notice.className = "";
+    notice.textContent = "You " + answer.decision + " " + which + ": " + answer.decision_reason;
+  } catch (error) {
+    if (error instanceof Unauthorized) {
+      return;
+    }
+    notice.className = "error";
+    notice.textContent = "Could not " + decision + " " + which + ": " + error.message;
+  } finally {
+    buttons.forEach((button) => { button.disabled = false; });
+  }
+  refresh();
 }
 
 function renderPools(data, body) {

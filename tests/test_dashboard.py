@@ -5,6 +5,7 @@ driven through chromedriver by Selenium). Every scan targets 127.0.0.0/8."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from dashboard import CONTENT_SECURITY_POLICY
+from tests.nodes import opened_stores
 from tests.support import (
     ALICE,
     BOB,
@@ -355,3 +357,205 @@ async def test_the_page_in_a_browser_shows_tasks_ports_pools_progress_and_a_diff
     assert not [line for line in console if "Content Security Policy" in line], console
     await call_tool(server.url, ALICE, "cancel_task", {"task_id": running["task_id"]})
     assert all(secret not in server.log_text() for secret in SECRETS.values())
+
+
+# Approvals (docs/engagements.md): alice's scans of more than 2 addresses wait for an approver; bob approves.
+LAB = "127.0.24.0/24"
+HELD = "127.0.24.0/30"
+JUSTIFICATION = "ticket SEC-7 <script>alert(3)</script><b>bold</b>"
+
+
+def approvals_config(tmp_path: Path) -> dict[str, Any]:
+    """alice scans under lab; bob approves (and may scan under it too: his own scan he may not
+    approve); neither is a ui admin. The audit log is the test's to read."""
+    tokens = {"alice": {"secret": ALICE, "engagement": "lab"},
+              "bob": {"secret": BOB, "engagement": "lab", "approve_scans": True}}
+    lab = {"scope": [LAB], "tokens": ["alice", "bob"], "approval": {"addresses_over": 2}}
+    return {"tokens": tokens, "engagements": {"lab": lab}, "audit_log": str(tmp_path / "audit.jsonl"),
+            "worker_name": "dash-worker"}
+
+
+async def decide(server: LiveServer, task_id: str, body: object, token: str | None = BOB,
+                 origin: str | None = "own") -> httpx.Response:
+    """The page's POST of a decision, with bob's token and the page's Origin unless told otherwise."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if origin is not None:
+        headers["Origin"] = base(server) if origin == "own" else origin
+    async with httpx.AsyncClient(timeout=10) as http:
+        return await http.post(f"{base(server)}/ui/api/approvals/{task_id}", json=body, headers=headers)
+
+
+async def task_status(server: LiveServer, task_id: str, token: str = ALICE) -> dict[str, Any]:
+    result = await call_tool(server.url, token, "get_task_status", {"task_id": task_id})
+    assert not result.is_error, result.content
+    return result.structured_content
+
+
+async def until_finished(server: LiveServer, task_id: str) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + 60
+    while (state := await task_status(server, task_id))["status"] in ("awaiting_approval", "queued", "running"):
+        assert asyncio.get_running_loop().time() < deadline, state
+        await asyncio.sleep(0.3)
+    return state
+
+
+def approval_row(driver: webdriver.Chrome, task_id: str) -> str:
+    return text_of(driver, f".approval[data-task='{task_id}']")
+
+
+def notice(driver: webdriver.Chrome) -> str:
+    return text_of(driver, "#approvals-notice")
+
+
+@pytest.mark.anyio
+async def test_an_approver_approves_and_denies_in_the_page_and_each_decision_is_audited_as_theirs(
+    live_server: StartServer, listeners: Listeners, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    port = free_port("127.0.24.1")
+    assert listeners.open(port, host="127.0.24.1")
+    why_not = f"port {port + 1} is out of the plan"
+    server = live_server(**approvals_config(tmp_path))
+    approved = await scan(server, ALICE, f"-Pn -p {port} {HELD}")
+    denied = await scan(server, ALICE, f"-Pn -p {port + 1} {HELD}")
+    assert {approved["status"], denied["status"]} == {"awaiting_approval"}
+    async with opened_stores(f"sqlite:///{tmp_path / 'tasks.db'}", max_queued=10) as stores:
+        assert await stores.approvals.justify(approved["task_id"], "alice", JUSTIFICATION)
+    assert "approvals" not in await overview(server, ALICE), "alice approves nothing: no approvals section"
+
+    browser.get(base(server) + "/ui")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: d.find_element(By.ID, "token").is_displayed())
+    browser.find_element(By.ID, "token").send_keys(BOB)
+    browser.find_element(By.CSS_SELECTOR, "#sign-in button[type=submit]").click()
+    wait.until(lambda d: all(approval_row(d, t["task_id"]) for t in (approved, denied)),
+               message="the page never listed alice's scans waiting for approval")
+    own = await scan(server, BOB, "-Pn -p 1 127.0.24.4/30")
+    assert own["status"] == "awaiting_approval"
+    wait.until(lambda d: approval_row(d, own["task_id"]), message="a scan held now shows up without a reload")
+    first = approval_row(browser, approved["task_id"])
+    for shown in ("alice: custom 127.0.24.0/30 under lab", f"nmap -sT -Pn -p {port} --host-timeout",
+                  "waits because it covers 4 addresses, more than 2", f"alice says: {JUSTIFICATION}",
+                  f"-- {HELD} (pool default)", f"(task {approved['task_id'][:8]})"):
+        assert shown in first, (shown, first)
+    assert browser.find_elements(By.CSS_SELECTOR, "main script, main b") == [], "a justification stays text"
+    assert "says" not in approval_row(browser, denied["task_id"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "dashboard-approvals.png"))
+
+    browser.find_element(By.ID, f"approve-{approved['task_id']}").click()
+    wait.until(lambda d: "Give a reason to approve alice's custom" in notice(d))
+    assert (await task_status(server, approved["task_id"]))["status"] == "awaiting_approval"
+    browser.find_element(By.ID, f"reason-{approved['task_id']}").send_keys("in the plan for today")
+    browser.find_element(By.ID, f"approve-{approved['task_id']}").click()
+    wait.until(lambda d: "You approved alice's custom 127.0.24.0/30" in notice(d))
+    wait.until(lambda d: not approval_row(d, approved["task_id"]), message="an approved scan leaves the list")
+    browser.find_element(By.ID, f"reason-{denied['task_id']}").send_keys(why_not)
+    updated = text_of(browser, "#status")
+    wait.until(lambda d: text_of(d, "#status") not in ("", updated), message="the page refreshes")
+    assert browser.find_element(By.ID, f"reason-{denied['task_id']}").get_attribute("value") == why_not, (
+        "a reason being typed survives the refresh")
+    browser.find_element(By.ID, f"deny-{denied['task_id']}").click()
+    wait.until(lambda d: "You denied alice's custom" in notice(d))
+    browser.find_element(By.ID, f"reason-{own['task_id']}").send_keys("mine")
+    browser.find_element(By.ID, f"approve-{own['task_id']}").click()
+    wait.until(lambda d: "Could not approve bob's custom" in notice(d))
+    assert notice(browser).endswith("nobody approves or denies their own scan; another approver decides")
+    assert browser.find_element(By.ID, "approvals-notice").get_attribute("class") == "error"
+    wait.until(lambda d: not approval_row(d, denied["task_id"]) and approval_row(d, own["task_id"]))
+
+    ran = await until_finished(server, approved["task_id"])
+    assert ran["status"] == "completed", ran
+    result = await call_tool(server.url, ALICE, "get_task_result", {"task_id": approved["task_id"]})
+    hosts = result.structured_content["result"]["hosts"]
+    assert [(h["address"], [p["port"] for p in h["ports"] if p["state"] == "open"]) for h in hosts
+            if h["address"] == "127.0.24.1"] == [("127.0.24.1", [port])]
+    refused = await task_status(server, denied["task_id"])
+    assert refused["status"] == "denied" and refused["error"] == f"denied by bob: {why_not}"
+
+    browser.find_element(By.ID, "sign-out").click()
+    browser.find_element(By.ID, "token").send_keys(ALICE)
+    browser.find_element(By.CSS_SELECTOR, "#sign-in button[type=submit]").click()
+    wait.until(lambda d: approved["task_id"][:8] in text_of(d, "section[data-section=diff]"))
+    assert browser.find_elements(By.CSS_SELECTOR, "section[data-section=approvals]") == []
+    console = [entry["message"] for entry in browser.get_log("browser")]
+    assert not [line for line in console if "Content Security Policy" in line], console
+
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    decisions = {(line["event"], line["arguments"]["task_id"] if "arguments" in line else line["verdict"])
+                 for line in lines if line.get("tool") == "decide_approval" and line.get("via") == "/ui"
+                 and line["token"] == "bob"}
+    assert {("accepted", approved["task_id"]), ("accepted", denied["task_id"]), ("accepted", own["task_id"]),
+            ("done", "allowed"), ("done", "refused")} == decisions
+    accepted = [line["arguments"] for line in lines if line.get("tool") == "decide_approval"
+                and line["event"] == "accepted"]
+    assert {"task_id": denied["task_id"], "decision": "deny", "reason": why_not} in accepted
+    assert [line["reason"] for line in lines if line.get("tool") == "decide_approval" and line["event"] == "done"
+            and line["verdict"] == "refused"] == [
+        "forbidden: nobody approves or denies their own scan; another approver decides"]
+
+
+@pytest.mark.anyio
+@pytest.mark.slow("an approval nobody decides expires after 5 s, the shortest time an engagement allows")
+async def test_a_decision_comes_only_from_the_page_of_an_approver_and_a_refusal_says_why(
+    live_server: StartServer, tmp_path: Path
+) -> None:
+    config = approvals_config(tmp_path)
+    brief = {"scope": [LAB], "tokens": ["alice"], "approval": {"addresses_over": 2, "expires_after_seconds": 5}}
+    server = live_server(**config | {"engagements": config["engagements"] | {"brief": brief}})
+    held = await scan(server, ALICE, f"-Pn -p 1 {HELD}")
+    expiring = (await call_tool(server.url, ALICE, "custom_scan", {"command": f"-Pn -p 2 {HELD}",
+                                                                   "engagement": "brief"})).structured_content
+    approve = {"decision": "approve", "reason": "planned"}
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    for origin in (None, elsewhere, "null", "http://attacker.example", base(server).replace("http:", "https:")):
+        refused = await decide(server, held["task_id"], approve, origin=origin)
+        assert refused.status_code == 403, (origin, refused.text)
+    assert (await decide(server, held["task_id"], approve, origin=elsewhere)).json() == {
+        "error": "forbidden", "error_description": "a decision is sent by the operator page itself: this request's "
+                                                   "Origin is missing or is not this server's"}
+    unsigned = await decide(server, held["task_id"], approve, token=None)
+    assert unsigned.status_code == 401 and unsigned.json()["error"] == "unauthorized"
+    by_alice = await decide(server, held["task_id"], approve, token=ALICE)
+    assert by_alice.status_code == 403 and by_alice.json()["error_description"] == (
+        "/ui/api/approvals/{task_id} needs the tool decide_approval, which this token may not use")
+    for body in ({"decision": "approve"}, {"decision": "approve", "reason": "  "}, {"decision": "maybe", "reason": "x"},
+                 {"decision": "approve", "reason": "r" * 501}, ["approve"]):
+        invalid = await decide(server, held["task_id"], body)
+        assert invalid.status_code == 400 and invalid.json()["error"] == "invalid_argument", (body, invalid.text)
+    async with httpx.AsyncClient(timeout=10) as http:
+        as_form = await http.post(f"{base(server)}/ui/api/approvals/{held['task_id']}", data={"decision": "approve"},
+                                  headers={"Authorization": f"Bearer {BOB}", "Origin": base(server)})
+    assert as_form.status_code == 400 and as_form.json()["error"] == "invalid_argument"
+    unknown = str(uuid.uuid4())
+    assert (await decide(server, unknown, approve)).json()["error"] == "not_found"
+    assert (await task_status(server, held["task_id"]))["status"] == "awaiting_approval"
+
+    approved = await decide(server, held["task_id"], approve)
+    assert approved.status_code == 200, approved.text
+    assert {key: approved.json()[key] for key in ("task_id", "decision", "decided_by", "decision_reason")} == {
+        "task_id": held["task_id"], "decision": "approved", "decided_by": "bob", "decision_reason": "planned"}
+    again = await decide(server, held["task_id"], {"decision": "deny", "reason": "changed my mind"})
+    assert again.status_code == 409 and again.json() == {
+        "error": "already_decided", "error_description": f"task {held['task_id']} was approved already by bob"}
+    assert (await until_finished(server, held["task_id"]))["status"] == "completed"
+    deadline = asyncio.get_running_loop().time() + 30
+    while (state := await task_status(server, expiring["task_id"]))["status"] == "awaiting_approval":
+        assert asyncio.get_running_loop().time() < deadline, state
+        await asyncio.sleep(0.3)
+    assert state["status"] == "denied" and state["error"] == "no approver decided within 5 s"
+    late = await decide(server, expiring["task_id"], approve)
+    assert late.status_code == 409 and late.json()["error_description"] == (
+        f"task {expiring['task_id']} was expired already")
+
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    done = [(line["token"], line["verdict"], line["reason"]) for line in lines
+            if line.get("tool") == "decide_approval" and line["event"] == "done"]
+    assert all(line.get("via") == "/ui" for line in lines if line.get("tool") == "decide_approval")
+    assert done[0] == ("alice", "refused", "forbidden: /ui/api/approvals/{task_id} needs the tool decide_approval, "
+                                           "which this token may not use")
+    assert [verdict for _, verdict, _ in done[1:5]] == ["refused"] * 4, "each invalid decision is audited"
+    assert done[5:] == [
+        ("bob", "refused", f"not_found: no scan {unknown!r} waits for approval; list_approvals shows those that do"),
+        ("bob", "allowed", None),
+        ("bob", "refused", f"already_decided: task {held['task_id']} was approved already by bob"),
+        ("bob", "refused", f"already_decided: task {expiring['task_id']} was expired already")]

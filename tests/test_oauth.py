@@ -48,8 +48,8 @@ def signed_in_server(live_server: StartServer, tmp_path: Path) -> Iterator[Serve
         def serve(ttl: dict[str, int] | None = None, **config: object) -> tuple[LiveServer, OpenIdProvider]:
             port = free_port()
             provider = providers.enter_context(openid_provider(tmp_path, port, **(ttl or {})))
-            server = live_server(port=port, oauth=provider.oauth_config(f"http://127.0.0.1:{port}"), roles=ROLES,
-                                 audit_log=str(tmp_path / "audit.jsonl"), **config)
+            server = live_server(**{"port": port, "oauth": provider.oauth_config(f"http://127.0.0.1:{port}"),
+                                    "roles": ROLES, "audit_log": str(tmp_path / "audit.jsonl"), **config})
             return server, provider
         yield serve
 
@@ -332,3 +332,45 @@ async def test_an_expired_sign_in_is_no_guess_at_an_api_key(signed_in_server: Se
     stale = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
     assert [post_tools_list(server, stale).status_code for _ in range(3)] == [401, 401, 401]
     assert [post_tools_list(server, "not-a-key-" + "x" * 30).status_code for _ in range(2)] == [401, 429]
+
+
+async def test_a_person_approves_in_the_operator_page_audited_by_email_and_the_session_does_not_post_cross_origin(
+    signed_in_server: Serve, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """carol's role approves scans: she signs in to /ui, approves alice's held scan there, and
+    the audit log names her; her session cookie, sent by a request of another origin, decides
+    nothing."""
+    tokens = {"alice": {"secret": SECRETS["alice"], "engagement": "lab"}}
+    lab = {"scope": ["127.0.24.0/24"], "tokens": ["alice"], "approval": {"addresses_over": 2}}
+    roles = {**ROLES, "auditors": {"groups": ["auditors"], "approve_scans": True}}
+    server, _ = signed_in_server(tokens=tokens, engagements={"lab": lab}, roles=roles)
+    held = [(await call_tool(server.url, SECRETS["alice"], "custom_scan", {"command": f"-Pn -p {port} 127.0.24.8/30"}))
+            .structured_content for port in (1, 2)]
+    assert [task["status"] for task in held] == ["awaiting_approval"] * 2
+    browser.get(base_of(server) + "/ui")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda driver: driver.find_element(By.ID, "provider-sign-in").is_displayed())
+    browser.find_element(By.CSS_SELECTOR, "#provider-sign-in a").click()
+    browse_through_sign_in(browser, "carol", lambda: browser.find_element(By.ID, "viewer").text != "")
+    first = held[0]["task_id"]
+    wait.until(lambda driver: driver.find_elements(By.ID, f"approve-{first}"))
+    browser.find_element(By.ID, f"reason-{first}").send_keys("on the change calendar")
+    browser.find_element(By.ID, f"approve-{first}").click()
+    wait.until(lambda driver: "You approved alice's custom" in driver.find_element(By.ID, "approvals-notice").text)
+
+    session = browser.get_cookie(SESSION_COOKIE)
+    assert session is not None
+    second = f"{base_of(server)}/ui/api/approvals/{held[1]['task_id']}"
+    body = {"decision": "approve", "reason": "forged"}
+    async with httpx.AsyncClient(timeout=10, cookies={SESSION_COOKIE: session["value"]}) as http:
+        forged = await http.post(second, json=body, headers={"Origin": f"http://127.0.0.1:{free_port()}"})
+        assert forged.status_code == 403 and forged.json()["error"] == "forbidden"
+        still = await call_tool(server.url, SECRETS["alice"], "get_task_status", {"task_id": held[1]["task_id"]})
+        assert (still.structured_content or {})["status"] == "awaiting_approval"
+        denied = await http.post(second, json={"decision": "deny", "reason": "not today"},
+                                 headers={"Origin": base_of(server)})
+        assert denied.status_code == 200 and denied.json()["decided_by"] == "carol@example.test", denied.text
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(entry["token"], entry["via"], entry["arguments"]["decision"]) for entry in audit
+            if entry.get("tool") == "decide_approval" and entry["event"] == "accepted"] == [
+        ("carol@example.test", "/ui", "approve"), ("carol@example.test", "/ui", "deny")]

@@ -28,6 +28,7 @@ from fastmcp_tasks.client_models import (
 from mcp.shared.exceptions import MCPError
 from starlette.routing import Route
 
+from approvals import ApprovalDesk
 from config import load_settings
 from dashboard import Dashboard
 from mcp_tasks import ScanTasks
@@ -82,7 +83,8 @@ async def test_every_route_the_server_offers_is_in_the_route_table(tmp_path: Pat
     methods = [binding.method for binding in ScanTasks(runtime.service, lambda: None, runtime.auditor).methods()]
     api = [route.path for route in mcp.http_app(path=settings.path).routes
            if isinstance(route, Route) and route.path.startswith("/ui/api/")]
-    sections = [s.route for s in Dashboard(runtime.service, runtime.schedules).sections]
+    desk = ApprovalDesk(runtime.stores.approvals, runtime.service.policy)
+    sections = [s.route for s in Dashboard(runtime.service, runtime.schedules, desk, runtime.auditor).sections]
     offered = {*resources, *templates, *methods, *api, *sections}
     assert offered | RIGHTS_WITHIN_A_ROUTE == set(ROUTE_TOOLS), "a route missing from the table, or a stale one"
     assert set().union(*ROUTE_TOOLS.values()) <= tools
