@@ -341,6 +341,9 @@ function renderRecent(data, body, viewer) {
 
 // The open ports of a finished task, fetched once; a running task shows its progress.
 function resultOf(row) {
+  if (row.task.status === "awaiting_approval") {
+    return el("span", { class: "muted" }, "waits for an approver");
+  }
   if (row.task.status === "queued" || row.task.status === "running") {
     return progressOf(row.task);
   }

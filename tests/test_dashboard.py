@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -423,7 +424,8 @@ async def test_an_approver_approves_and_denies_in_the_page_and_each_decision_is_
     assert "approvals" not in await overview(server, ALICE), "alice approves nothing: no approvals section"
 
     browser.get(base(server) + "/ui")
-    wait = WebDriverWait(browser, 20)
+    # The page redraws its sections every 2 s: an element read mid-redraw is stale, read again.
+    wait = WebDriverWait(browser, 20, ignored_exceptions=[StaleElementReferenceException])
     wait.until(lambda d: d.find_element(By.ID, "token").is_displayed())
     browser.find_element(By.ID, "token").send_keys(BOB)
     browser.find_element(By.CSS_SELECTOR, "#sign-in button[type=submit]").click()
@@ -477,6 +479,9 @@ async def test_an_approver_approves_and_denies_in_the_page_and_each_decision_is_
     browser.find_element(By.CSS_SELECTOR, "#sign-in button[type=submit]").click()
     wait.until(lambda d: approved["task_id"][:8] in text_of(d, "section[data-section=diff]"))
     assert browser.find_elements(By.CSS_SELECTOR, "section[data-section=approvals]") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "section[data-section=recent] .status-denied")
+    await call_tool(server.url, ALICE, "custom_scan", {"command": f"-Pn -p {port} 127.0.24.0/30", "timeout": 5})
+    wait.until(lambda d: "waits for an approver" in text_of(d, "section[data-section=recent]"))
     console = [entry["message"] for entry in browser.get_log("browser")]
     assert not [line for line in console if "Content Security Policy" in line], console
 
