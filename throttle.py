@@ -46,10 +46,12 @@ class FailedTokenThrottle:
         """Count one refused token from `address`; None while under the limit, else the
         whole seconds it must wait (Retry-After)."""
         now = self._clock()
-        paid_off_at = max(self._paid_off_at.get(address, now), now) + self._interval
-        if paid_off_at - now > self._window:
-            return max(1, math.ceil(paid_off_at - now - self._window))
-        self._paid_off_at[address] = paid_off_at
+        # The backlog, to the microsecond: (now + x) - now is not always x in floating point, and
+        # one rounding bit past the window once answered an address's first refusal with 429.
+        backlog = round(max(self._paid_off_at.get(address, now) - now, 0.0) + self._interval, 6)
+        if backlog > self._window:
+            return max(1, math.ceil(backlog - self._window))
+        self._paid_off_at[address] = now + backlog
         self._paid_off_at.move_to_end(address)
         while len(self._paid_off_at) > MAX_ADDRESSES:
             self._paid_off_at.popitem(last=False)

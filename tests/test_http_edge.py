@@ -181,6 +181,15 @@ def test_the_throttle_allows_a_burst_then_one_refusal_per_interval() -> None:
     assert [throttle.refused("10.0.0.1") for _ in range(10)] == [None] * 10
 
 
+def test_a_first_refusal_is_never_throttled_whatever_the_clock_reads() -> None:
+    """At this clock reading (now + 600) - now is a little more than 600 in floating point,
+    which once answered an address's very first refused token with 429 (seen in a fresh root)."""
+    clock = Clock()
+    clock.now = 8099.689850785685
+    throttle = FailedTokenThrottle(limit=1, window_s=600, clock=clock)
+    assert [throttle.refused("10.0.0.1") for _ in range(2)] == [None, 600]
+
+
 def test_the_throttle_keeps_a_bounded_number_of_addresses() -> None:
     throttle = FailedTokenThrottle(limit=1, window_s=60, clock=Clock())
     assert throttle.refused("10.0.0.1") is None and throttle.refused("10.0.0.1") == 60
