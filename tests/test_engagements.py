@@ -4,6 +4,7 @@ servers running real nmap on loopback."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -403,3 +404,17 @@ async def test_a_task_that_waited_in_the_queue_gets_what_is_left_of_its_window(t
         assert 30 <= await check.time_limit(queued) <= 40 < queued.time_limit
         assert await check.time_limit(replace(queued, engagement="open")) == queued.time_limit
         assert await check.time_limit(replace(queued, engagement=None)) == queued.time_limit
+
+
+def test_the_engagement_docs_examples_load_as_they_are_written(tmp_path: Path) -> None:
+    """docs/engagements.md's config example and approval rules are what a team copies."""
+    text = (Path(__file__).parents[1] / "docs" / "engagements.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", text, re.S)
+    example = json.loads("{" + blocks[0].strip().strip("{}") + "}")
+    for name, token in example["tokens"].items():
+        token["secret_sha256"] = hashlib.sha256(name.encode()).hexdigest()
+    example["engagements"]["q1-internal"]["approval"] = json.loads("{" + blocks[1].strip() + "}")["approval"]
+    settings = load_settings(write_config(tmp_path / "config.json", **example))
+    rules = settings.engagements["q1-internal"]
+    assert rules.approval is not None and rules.approval.addresses_over == 256 and rules.windows
+    assert settings.require_engagement and settings.tokens["deepsoc"].engagement == "q1-internal"
