@@ -93,6 +93,10 @@ class SchedulerWork:
     webhooks: list[RunRecord]
     schedules: dict[str, ScheduleRecord]
     next_due: float | None
+    # Runs fired whose scan has not ended: their end is looked for at every tick.
+    runs_going: bool = False
+    # When the next webhook attempt is due.
+    next_webhook_at: float | None = None
 
 
 def link_run(conn: Connection, run_id: str, task_id: str) -> None:
@@ -244,9 +248,13 @@ class ScheduleStore:
                     select(schedule_runs).where(runs.webhook_status == "pending", runs.webhook_next_at <= now))]
             ids = {run.schedule_id for group in (unsubmitted, ended, webhooks) for run in group}
             owners = conn.execute(select(schedules).where(found.id.in_(ids))).all() if ids else []
-            next_due = conn.execute(select(func.min(found.next_run_at)).where(found.id.not_in(going))).scalar()
+            next_due, going_now, next_webhook_at = conn.execute(select(
+                select(func.min(found.next_run_at)).where(found.id.not_in(going)).scalar_subquery(),
+                select(func.count()).select_from(going.subquery()).scalar_subquery(),
+                select(func.min(runs.webhook_next_at)).where(runs.webhook_status == "pending").scalar_subquery(),
+            )).one()
         return SchedulerWork([_schedule(row) for row in due], unsubmitted, ended, webhooks,
-                             {row.id: _schedule(row) for row in owners}, next_due)
+                             {row.id: _schedule(row) for row in owners}, next_due, bool(going_now), next_webhook_at)
 
     def _claim_run(self, schedule: ScheduleRecord, following: float, lease: str, holder: str) -> str | None:
         run_id = str(uuid.uuid4())

@@ -327,8 +327,13 @@ class Scheduler:
         for run in work.webhooks:
             if run.schedule_id in work.schedules and run.id not in self._sending:
                 self._send(run, work.schedules[run.schedule_id])
-        until_due_s = work.next_due - time.time() if work.next_due is not None else TICK_SECONDS
-        return min(TICK_SECONDS, max(until_due_s, MIN_PAUSE_SECONDS))
+        # Idle (no run going), it sleeps until the next due time or webhook attempt, or until the
+        # lease wants renewing; a new schedule wakes it at once (SCHEDULES_KEY). A run going is
+        # looked at every TICK_SECONDS, for its scan's end.
+        longest = TICK_SECONDS if work.runs_going or work.unsubmitted else self._settings.lease_seconds / 3
+        wake_at = min((t for t in (work.next_due, work.next_webhook_at) if t is not None), default=None)
+        until_due_s = wake_at - time.time() if wake_at is not None else longest
+        return min(longest, max(until_due_s, MIN_PAUSE_SECONDS))
 
     async def _fire(self, schedule: ScheduleRecord) -> None:
         now = time.time()

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from fastmcp import Client
-from sqlalchemy import Row, insert, select
+from sqlalchemy import Row, event, insert, select
 
 from config import Settings
 from db import create_db_engine
@@ -586,3 +586,31 @@ def scheduled_tasks(database_url: str) -> dict[str, float | None]:
             return dict(conn.execute(select(tasks.c.id, tasks.c.started_at).where(tasks.c.owner == "alice")).all())
     finally:
         engine.dispose()
+
+
+@pytest.mark.slow("it watches an idle scheduler for 4 s")
+async def test_an_idle_scheduler_reads_the_schedules_only_when_its_lease_wants_renewing(
+    start_runtime: StartRuntime,
+) -> None:
+    """With no schedule and no run going, the lease holder's tick sleeps until the lease wants
+    renewing (lease_seconds / 3), not one second: it read the schedule tables 5 times a second."""
+    runtime = await start_runtime(lease_seconds=12)
+
+    def holder() -> Any:
+        with runtime.stores.db.engine.connect() as conn:
+            return conn.execute(select(leases.c.holder).where(leases.c.name == "scheduler")).scalar()
+
+    await until(holder, lambda held: held == runtime.scheduler.holder)
+    reads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "schedule_runs" in statement and statement.lstrip().upper().startswith("SELECT"):
+            reads.append(statement)
+
+    event.listen(runtime.stores.db.engine, "before_cursor_execute", count)
+    try:
+        await asyncio.sleep(4)
+    finally:
+        event.remove(runtime.stores.db.engine, "before_cursor_execute", count)
+    # A tick reads them in 5 statements: at most two ticks (one may have been under way).
+    assert len(reads) <= 10, f"{len(reads)} reads of the schedules in 4 s"
