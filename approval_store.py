@@ -102,10 +102,20 @@ class ApprovalStore:
         return record
 
     async def expire(self) -> list[str]:
-        """Deny every pending approval past its time; the tasks it denied."""
-        denied = await self._db.run(self._expire, time.time())
+        """Deny every pending approval past its time; the tasks it denied. A read comes first:
+        a writing transaction every few seconds in every process would hold SQLite's write lock
+        for nothing almost always."""
+        now = time.time()
+        if not await self._db.run(self._any_expired, now):
+            return []
+        denied = await self._db.run(self._expire, now)
         self._feed.publish(*denied)
         return denied
+
+    def _any_expired(self, now: float) -> bool:
+        with self._db.reading() as conn:
+            return conn.execute(select(approvals.c.task_id).where(
+                approvals.c.decision.is_(None), approvals.c.expires_at <= now).limit(1)).first() is not None
 
     def _pending(self, limit: int) -> list[ApprovalRecord]:
         with self._db.reading() as conn:

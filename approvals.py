@@ -25,8 +25,8 @@ Decision = Literal["approve", "deny"]
 RECORDED = {"approve": "approved", "deny": "denied"}
 # At most this many pending approvals in one answer.
 PENDING_LIMIT = 100
-# How often each process denies the approvals nobody decided in time.
-EXPIRY_CHECK_SECONDS = 2.0
+# How often each process looks for approvals nobody decided in time (one indexed read).
+EXPIRY_CHECK_SECONDS = 5.0
 
 
 # The key of the one input request a held scan makes of its requester (2026-07-28 clients).
