@@ -14,7 +14,16 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from db import INVENTORY_LOCK, Database, upsert
-from inventory import HostQuery, address_key, looks_at_versions, network_bounds, plan_update, recorded_hosts, scope_of
+from inventory import (
+    HostQuery,
+    Stored,
+    address_key,
+    looks_at_versions,
+    network_bounds,
+    plan_update,
+    recorded_hosts,
+    scope_of,
+)
 from models import (
     InventoryHost,
     InventoryPort,
@@ -77,11 +86,11 @@ def fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult)
 
 def _fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult) -> None:
     scope = scope_of(record.argv)
-    known_hosts: dict[str, dict[str, Any]] = {}
+    known_hosts: dict[str, Stored] = {}
     for network in scope.targets:  # a read per network: a scan names few, and the statement is built once
         low, high = network_bounds(network)
-        for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": low, "p_high": high}):
-            known_hosts[row.address] = dict(row._mapping)
+        for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": low, "p_high": high}).mappings():
+            known_hosts[row["address"]] = row
     up = recorded_hosts(result, known_hosts)
     known_ports = {(row["address"], row["protocol"], row["port"]): row for row in _known_ports(conn, record.owner, up)}
     plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports, time.time(),
@@ -91,15 +100,15 @@ def _fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult
             conn.execute(_WRITE_ROWS[dialect][table], chunk)
 
 
-def _known_ports(conn: Connection, owner: str, addresses: Iterable[str]) -> Iterator[dict[str, Any]]:
+def _known_ports(conn: Connection, owner: str, addresses: Iterable[str]) -> Iterator[Stored]:
     """The port rows of `addresses`, read in batches of consecutive addresses: the rows of the
     range a batch spans, less those of addresses between them that are not in the batch."""
     ordered = sorted((address_key(address), address) for address in addresses)
     for chunk in _chunks(ordered, _CHUNK):
         wanted = {address for _, address in chunk}
-        for row in conn.execute(_KNOWN_PORTS, {"p_owner": owner, "p_low": chunk[0][0], "p_high": chunk[-1][0]}):
-            if row.address in wanted:
-                yield dict(row._mapping)
+        # As mappings: copying each row into a dict took three times as long as reading it.
+        rows = conn.execute(_KNOWN_PORTS, {"p_owner": owner, "p_low": chunk[0][0], "p_high": chunk[-1][0]})
+        yield from (row for row in rows.mappings() if row["address"] in wanted)
 
 
 class InventoryStore:
