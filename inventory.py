@@ -19,6 +19,7 @@ import functools
 import ipaddress
 import json
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,8 @@ from models import HostDetail, PortDetail, PortText, ScanKind, ScanResult
 from targets import IPNetwork, parse_literal
 
 Row = dict[str, Any]
+# A row as read from the database (keyed by column name): only looked up, never changed.
+Stored = Mapping[Any, Any]
 PortKey = tuple[str, str, int]
 # top_values fields: where each lives and how it is named in an answer.
 TOP_FIELDS = ("port", "service", "product", "version", "os", "status")
@@ -156,7 +159,7 @@ def looks_at_versions(kind: ScanKind, argv: Sequence[str]) -> bool:
     return kind is ScanKind.FULL or "-sV" in argv[:argv.index("--")]
 
 
-def recorded_hosts(result: ScanResult, known_hosts: Mapping[str, Row]) -> dict[str, HostDetail]:
+def recorded_hosts(result: ScanResult, known_hosts: Mapping[str, Stored]) -> dict[str, HostDetail]:
     """The hosts of a scan the inventory records, by address: those nmap found up, except an
     address it called up only because it was told to (-Pn: reason user-set) that showed no
     open port and is not known up. Such an address never answered: its closed or filtered
@@ -169,7 +172,7 @@ def recorded_hosts(result: ScanResult, known_hosts: Mapping[str, Row]) -> dict[s
 
 def plan_update(
     owner: str, task_id: str, result: ScanResult, scope: Scope,
-    known_hosts: Mapping[str, Row], known_ports: Mapping[PortKey, Row], now: float, *, versions: bool,
+    known_hosts: Mapping[str, Stored], known_ports: Mapping[PortKey, Stored], now: float, *, versions: bool,
 ) -> InventoryUpdate:
     """What a completed scan of `scope` writes, given the rows known before it; `versions`:
     the scan ran version detection (looks_at_versions)."""
@@ -182,23 +185,28 @@ def plan_update(
         if address not in listed_up and row["status"] != "down" and address in scope
     ]
     scanned = {s.protocol: port_set(s.services) for s in result.scanned}
+    # The known ports by host, in one pass: a scan of 4,096 hosts over 20,480 known rows spent
+    # 8.6 s looking through all of them for each host.
+    known_by_host: dict[str, list[tuple[str, int, Stored]]] = defaultdict(list)
+    for (address, protocol, port), row in known_ports.items():
+        known_by_host[address].append((protocol, port, row))
     ports: list[Row] = []
     for host in up.values():
         reported = {(p.protocol, p.port) for p in host.ports}
-        ports += [_port_row(owner, task_id, host.address, p, known_ports.get((host.address, p.protocol, p.port)),
-                            versions, now) for p in host.ports]
+        key = address_key(host.address)  # once per host: parsing the address was a fifth of a fold
+        ports += [_port_row(owner, task_id, (host.address, key), p,
+                            known_ports.get((host.address, p.protocol, p.port)), versions, now) for p in host.ports]
         if host.timed_out:  # nmap gave up on it: a port it did not list was not looked at
             continue
         unlisted = _unlisted_state(host)
         ports += [
-            _seen(row, unlisted, task_id, now)
-            for (address, protocol, port), row in known_ports.items()
-            if address == host.address and (protocol, port) not in reported and port in scanned.get(protocol, ())
+            _seen(row, unlisted, task_id, now) for protocol, port, row in known_by_host[host.address]
+            if (protocol, port) not in reported and port in scanned.get(protocol, ())
         ]
     return InventoryUpdate(hosts, ports)
 
 
-def _host_row(owner: str, task_id: str, host: HostDetail, known: Row | None, now: float) -> Row:
+def _host_row(owner: str, task_id: str, host: HostDetail, known: Stored | None, now: float) -> Row:
     os_found = _os(host, known, task_id, now)
     changed = known is None or known["status"] != "up" or (
         known["os_confirmed_at"] is not None and known["os"] != os_found["os"])
@@ -210,18 +218,19 @@ def _host_row(owner: str, task_id: str, host: HostDetail, known: Row | None, now
     }
 
 
-def _os(host: HostDetail, known: Row | None, task_id: str, now: float) -> Row:
+def _os(host: HostDetail, known: Stored | None, task_id: str, now: float) -> Row:
     """nmap's best OS match when OS detection named one, else what an earlier one named."""
     if host.os_matches:
         return {"os": host.os_matches[0].name, "os_confirmed_at": now, "os_task_id": task_id}
     return {key: known[key] for key in _OS} if known else {"os": "", "os_confirmed_at": None, "os_task_id": None}
 
 
-def _port_row(owner: str, task_id: str, address: str, port: PortDetail, known: Row | None, versions: bool,
-              now: float) -> Row:
+def _port_row(owner: str, task_id: str, address: tuple[str, str], port: PortDetail, known: Stored | None,
+              versions: bool, now: float) -> Row:
+    """The row of a port the scan listed; `address`: its host's address and address_key."""
     row = {
-        "owner": owner, "address": address, "protocol": port.protocol, "port": port.port,
-        "address_key": address_key(address), "state": port.state,
+        "owner": owner, "address": address[0], "protocol": port.protocol, "port": port.port,
+        "address_key": address[1], "state": port.state,
         # Version detection probes open ports only.
         **_service(port, known, versions and port.state == "open", task_id, now),
         **_scripts(port, known, task_id, now),
@@ -231,7 +240,7 @@ def _port_row(owner: str, task_id: str, address: str, port: PortDetail, known: R
     return row | {"changed_at": now if changed else known["changed_at"]}  # type: ignore[index]
 
 
-def _service(port: PortDetail, known: Row | None, looked: bool, task_id: str, now: float) -> Row:
+def _service(port: PortDetail, known: Stored | None, looked: bool, task_id: str, now: float) -> Row:
     """What runs on the port: what this scan's version detection found, else what the last
     one found, else nmap's latest guess from the port number."""
     if known is not None and not looked and known["version_confirmed_at"] is not None:
@@ -242,14 +251,14 @@ def _service(port: PortDetail, known: Row | None, looked: bool, task_id: str, no
             "version_confirmed_at": now if looked else None, "version_task_id": task_id if looked else None}
 
 
-def _service_changed(known: Row, row: Row) -> bool:
+def _service_changed(known: Stored, row: Row) -> bool:
     """Learning what runs on a port is no change of it; version detection finding something
     other than it found before is (and so is a guess that differs from the last guess)."""
     first_look = known["version_confirmed_at"] is None and row["version_confirmed_at"] is not None
     return not first_look and any(known[key] != row[key] for key in ("service", "product", "version", "extrainfo"))
 
 
-def _scripts(port: PortDetail, known: Row | None, task_id: str, now: float) -> Row:
+def _scripts(port: PortDetail, known: Stored | None, task_id: str, now: float) -> Row:
     """The NSE scripts that reported on the port in the last scan where any did."""
     if port.untrusted and port.untrusted.scripts:
         return {"scripts": json.dumps([s.id for s in port.untrusted.scripts]), "scripts_confirmed_at": now,
@@ -258,7 +267,7 @@ def _scripts(port: PortDetail, known: Row | None, task_id: str, now: float) -> R
         "scripts": "[]", "scripts_confirmed_at": None, "scripts_task_id": None}
 
 
-def _seen(row: Row, state: str, task_id: str, now: float) -> Row:
+def _seen(row: Stored, state: str, task_id: str, now: float) -> Row:
     """A known port that this scan scanned but did not list: it is in the unlisted state."""
     changed = row["state"] != state
     return {**row, "state": state, "last_seen": now, "last_task_id": task_id,

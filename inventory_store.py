@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import BindParameter, Connection, Select, Table, bindparam, func, literal_column, or_, select, tuple_
@@ -14,7 +14,16 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from db import INVENTORY_LOCK, Database, upsert
-from inventory import HostQuery, looks_at_versions, network_bounds, plan_update, recorded_hosts, scope_of
+from inventory import (
+    HostQuery,
+    Stored,
+    address_key,
+    looks_at_versions,
+    network_bounds,
+    plan_update,
+    recorded_hosts,
+    scope_of,
+)
 from models import (
     InventoryHost,
     InventoryPort,
@@ -36,8 +45,13 @@ _TAKE_INVENTORY_LOCK = select(func.pg_advisory_xact_lock(INVENTORY_LOCK, func.ha
 _KNOWN_HOSTS = select(inventory_hosts).where(
     inventory_hosts.c.owner == _OWNER,
     inventory_hosts.c.address_key.between(bindparam("p_low"), bindparam("p_high")))
+# The port rows of a batch of addresses, read by the range of their address_key: the
+# (owner, address_key) index serves it whatever the planner knows. `address IN (batch)` had
+# PostgreSQL, before its first ANALYZE of a table one big scan filled, read every port row of
+# the owner for each batch of the next scan, comparing each with every address of the batch
+# (a re-fold of 4,096 hosts beside 16,384 others: 6.2 s reading, 0.04 s by range).
 _KNOWN_PORTS = select(inventory_ports).where(
-    inventory_ports.c.owner == _OWNER, inventory_ports.c.address.in_(bindparam("p_addresses", expanding=True)))
+    inventory_ports.c.owner == _OWNER, inventory_ports.c.address_key.between(bindparam("p_low"), bindparam("p_high")))
 _WRITE_ROWS = {dialect: {table: upsert(dialect, table) for table in (inventory_hosts, inventory_ports)}
                for dialect in ("sqlite", "postgresql")}
 
@@ -72,22 +86,29 @@ def fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult)
 
 def _fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult) -> None:
     scope = scope_of(record.argv)
-    known_hosts: dict[str, dict[str, Any]] = {}
+    known_hosts: dict[str, Stored] = {}
     for network in scope.targets:  # a read per network: a scan names few, and the statement is built once
         low, high = network_bounds(network)
-        for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": low, "p_high": high}):
-            known_hosts[row.address] = dict(row._mapping)
-    up = list(recorded_hosts(result, known_hosts))
-    known_ports = {
-        (row.address, row.protocol, row.port): dict(row._mapping)
-        for chunk in _chunks(up, _CHUNK)
-        for row in conn.execute(_KNOWN_PORTS, {"p_owner": record.owner, "p_addresses": list(chunk)})
-    }
+        for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": low, "p_high": high}).mappings():
+            known_hosts[row["address"]] = row
+    up = recorded_hosts(result, known_hosts)
+    known_ports = {(row["address"], row["protocol"], row["port"]): row for row in _known_ports(conn, record.owner, up)}
     plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports, time.time(),
                        versions=looks_at_versions(record.kind, record.argv))
     for table, rows in ((inventory_hosts, plan.hosts), (inventory_ports, plan.ports)):
         for chunk in _chunks(rows, _CHUNK):
             conn.execute(_WRITE_ROWS[dialect][table], chunk)
+
+
+def _known_ports(conn: Connection, owner: str, addresses: Iterable[str]) -> Iterator[Stored]:
+    """The port rows of `addresses`, read in batches of consecutive addresses: the rows of the
+    range a batch spans, less those of addresses between them that are not in the batch."""
+    ordered = sorted((address_key(address), address) for address in addresses)
+    for chunk in _chunks(ordered, _CHUNK):
+        wanted = {address for _, address in chunk}
+        # As mappings: copying each row into a dict took three times as long as reading it.
+        rows = conn.execute(_KNOWN_PORTS, {"p_owner": owner, "p_low": chunk[0][0], "p_high": chunk[-1][0]})
+        yield from (row for row in rows.mappings() if row["address"] in wanted)
 
 
 class InventoryStore:

@@ -27,7 +27,7 @@ from inventory import (
     port_set,
     scope_of,
 )
-from models import PortDetail, ScanKind
+from models import ExtraPorts, HostDetail, PortDetail, ScanKind, ScannedPorts, ScanResult
 from nmap_report import parse_report
 from tests.conftest import OpenClient
 from tests.namespaces import FirewalledHost, firewalled_host
@@ -106,6 +106,38 @@ def test_a_host_nmap_gave_up_on_keeps_the_ports_it_did_not_list() -> None:
     again = plan_update("alice", "t2", timed_out, scope, hosts, rows_by_key(known.ports, "address", "protocol", "port"),
                         200.0, versions=False)
     assert again.ports == [] and [h["status"] for h in again.hosts] == ["up"]
+
+
+def swept(*hosts: HostDetail) -> ScanResult:
+    """A scan of 127.0.0.0/29, TCP ports 22 and 80 (no UDP), that found `hosts` up."""
+    return ScanResult(target="127.0.0.0/29", scan_time=1.0, hosts_up=len(hosts), hosts_down=8 - len(hosts),
+                      hosts_total=8, open_ports=0, hosts=list(hosts), exit_status="success",
+                      scanned=[ScannedPorts(protocol="tcp", services="22,80")])
+
+
+def up_host(address: str, unlisted: str, *ports: PortDetail) -> HostDetail:
+    return HostDetail(address=address, status="up", hostnames=[], ports=list(ports), reason="syn-ack",
+                      extraports=[ExtraPorts(state=unlisted, count=98)])
+
+
+def test_each_host_s_unlisted_known_ports_take_its_own_unlisted_state() -> None:
+    """Several hosts at once: a known port is matched to its own host only (the fold looks
+    them up by address), scanned but not listed it takes that host's unlisted state, and
+    the ports of a host not found up, or of a protocol not scanned, are left as they were."""
+    one, two, three = "127.0.0.1", "127.0.0.2", "127.0.0.3"
+    ssh, http = (PortDetail(port=n, protocol="tcp", state="open", service=s) for n, s in ((22, "ssh"), (80, "http")))
+    dns = PortDetail(port=53, protocol="udp", state="open", service="domain")
+    scope = Scope([ipaddress.ip_network("127.0.0.0/29")], [])
+    first = plan_update("alice", "t1", swept(up_host(one, "closed", ssh, http, dns), up_host(two, "closed", ssh, http),
+                                             up_host(three, "closed", ssh)), scope, {}, {}, 100.0, versions=False)
+    known_ports = rows_by_key(first.ports, "address", "protocol", "port")
+    again = plan_update("alice", "t2", swept(up_host(one, "filtered"), up_host(two, "closed", ssh)), scope,
+                        rows_by_key(first.hosts, "address"), known_ports, 200.0, versions=False)
+    ports = {key: (row["state"], row["changed_at"]) for key, row in
+             rows_by_key(again.ports, "address", "protocol", "port").items()}
+    assert ports == {(one, "tcp", 22): ("filtered", 200.0), (one, "tcp", 80): ("filtered", 200.0),
+                     (two, "tcp", 22): ("open", 100.0), (two, "tcp", 80): ("closed", 200.0)}
+    assert {row["address"]: row["status"] for row in again.hosts} == {one: "up", two: "up", three: "down"}
 
 
 async def scan(client: Client, command: str) -> dict:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
+import inventory_store
 from db import Database, create_db_engine, upgrade_schema
 from inventory import HostQuery, parse_network
 from inventory_store import InventoryStore, fold
@@ -278,3 +279,22 @@ async def test_only_a_look_that_found_something_else_is_a_change(inventory: Inve
     assert (text_of(ports[80]).product, ports[80].version_task_id) == ("", "t-again")
     assert ports[22].changed_at >= again and ports[80].changed_at >= again
     assert ports[443].changed_at < again and ports[443].version_task_id == "t-again", "a first look is no change"
+
+
+async def test_known_ports_are_read_in_batches_of_consecutive_addresses(
+        inventory: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan of .1, .3 and .5 that lists no port of them, its known ports read two
+    addresses at a time: the batch .1-.3 spans .2, whose ports stay as they were, and each
+    scanned host's known ports, in whichever batch, take its unlisted state (closed)."""
+    monkeypatch.setattr(inventory_store, "_CHUNK", 2)
+    record = TaskRecord(id="t-batches", owner="alice", kind=ScanKind.QUICK, target=ONE,
+                        argv=["nmap", "-sT", "-n", "-oX", "-", "--", ONE, THREE, FIVE], status=TaskStatus.COMPLETED,
+                        time_limit=60, created_at=time.time(), started_at=None, finished_at=None, error=None)
+    with inventory.db.writing() as conn:
+        fold(conn, inventory.db.dialect, record, result(host(ONE), host(THREE), host(FIVE)))
+    hosts, _ = await inventory.store.find_hosts("alice", HostQuery(state="any"), 10, 0)
+    states = {(h.address, p.port): (p.state, p.last_task_id) for h in hosts for p in h.ports}
+    assert states == {
+        (ONE, 22): (CLOSED, "t-batches"), (ONE, 80): (CLOSED, "t-batches"), (ONE, 443): (CLOSED, "t-batches"),
+        (TWO, 22): (OPEN, "t-versions"), (TWO, 53): (MAYBE, "t-versions"), (THREE, 3389): (CLOSED, "t-batches"),
+        (FOUR, 5000): (OPEN, "t-quick"), (FOUR, 6000): (CLOSED, "t-quick"), (FIVE, 8080): (CLOSED, "t-batches")}
