@@ -2,14 +2,15 @@
 and new-target quick scans per second with an empty vs a 50k-task database.
 
     .venv/bin/python bench/history.py [--databases sqlite,postgresql] [--calls 300]
-                                      [--scans 100] [--clients 10] [--rounds 2]
+                                      [--scans 100] [--clients 10] [--rounds 2] [--lookups-only]
 
 Per database:
 - lookup: a throw-away database filled (in steps) with 1k, 10k then 50k completed quick scans
-  of one token, one every 45 s, each of another target, rows as the task store writes them (task_manager's
-  _task_values) with a 2 kB result; then --calls runs of the lookup a shareable submit makes
-  under the submit lock (task_manager._select_shareable), for a call never made (a miss) and
-  for the token's last one (a hit). Medians.
+  of one token, one every 45 s, each of another target, rows as the task store writes them
+  (task_manager's _task_values) with a 2 kB result; then --calls runs of the lookup a shareable
+  submit makes under the submit lock (task_manager._select_shareable), for a call never made
+  (a miss) and for the token's last one (a hit); and the /ui overview's two lists of every
+  token's tasks (the newest 20, the newest 50 completed: TaskManager.recent). Medians.
 - submissions: two `server.py -c CONFIG` (API and worker in one process, max_concurrent_tasks
   = --clients), one on an empty database, one on a database holding 50k completed tasks of the
   bench token; --clients SDK sessions make --scans quick_scans of targets not scanned before
@@ -40,6 +41,7 @@ from bench.common import mcp_session, postgres_database, service_config, start_a
 from db import create_db_engine, upgrade_schema
 from models import ScanKind, TaskStatus, tasks
 from task_manager import _select_shareable, _task_values
+from tests.nodes import opened_stores
 from tests.support import LiveServer
 
 GOAL = 1.2
@@ -89,15 +91,31 @@ def lookup_ms(engine: Engine, target: str, calls: int) -> float:
     return statistics.median(times) * 1000
 
 
-def lookups(url: str, calls: int) -> list[tuple[int, float, float]]:
-    """(tasks, miss ms, hit ms) at each of SIZES."""
+async def overview_ms(url: str, calls: int) -> tuple[float, float]:
+    """The median times of the /ui overview's lists of every token's tasks: the newest 20, and
+    the newest 50 completed (dashboard.py)."""
+    async with opened_stores(url, max_queued=10) as stores:
+        medians = []
+        for status, limit in ((None, 20), (TaskStatus.COMPLETED, 50)):
+            times = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                await stores.tasks.recent(None, status, limit)
+                times.append(time.perf_counter() - started)
+            medians.append(statistics.median(times) * 1000)
+    return medians[0], medians[1]
+
+
+def lookups(url: str, calls: int) -> list[tuple[int, float, float, tuple[float, float]]]:
+    """(tasks, miss ms, hit ms, overview lists ms) at each of SIZES."""
     engine = create_db_engine(url)
     upgrade_schema(engine)
     figures, filled = [], 0
     for size in SIZES:
         fill(engine, filled, size)
         filled = size
-        figures.append((size, lookup_ms(engine, "10.255.255.255", calls), lookup_ms(engine, "10.0.0.0", calls)))
+        figures.append((size, lookup_ms(engine, "10.255.255.255", calls), lookup_ms(engine, "10.0.0.0", calls),
+                        asyncio.run(overview_ms(url, max(calls // 10, 5)))))
     engine.dispose()
     return figures
 
@@ -169,14 +187,18 @@ def main() -> None:
     parser.add_argument("--scans", type=int, default=100, help="quick scans per round, half on each database")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lookups-only", action="store_true", help="without the submissions part")
     args = parser.parse_args()
     if args.scans * args.rounds // 2 * 2 > 254:
         parser.error("--scans x --rounds must stay within the 254 addresses of 127.0.26.0/24")
     for database in args.databases.split(","):
         with tempfile.TemporaryDirectory(prefix="bench-history-") as tmp, contextlib.ExitStack() as stack:
             url = database_url(stack, database, Path(tmp) / "lookup")
-            for size, miss, hit in lookups(url, args.calls):
-                print(f"{database} lookup at {size:6} tasks: miss {miss:7.3f} ms  hit {hit:7.3f} ms", flush=True)
+            for size, miss, hit, (newest, completed) in lookups(url, args.calls):
+                print(f"{database} lookup at {size:6} tasks: miss {miss:7.3f} ms  hit {hit:7.3f} ms;  overview lists: "
+                      f"newest {newest:7.2f} ms  completed {completed:7.2f} ms", flush=True)
+            if args.lookups_only:
+                continue
             rates = submissions(database, Path(tmp), args)
         ratio = rates["empty"] / rates["50k"]
         print(f"{database}: {args.scans // 2 * args.rounds} new-target quick scans per size, {args.clients} clients: "
