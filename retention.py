@@ -1,6 +1,7 @@
 """Retention: finished tasks, their XML, inventory rows and the limits' per-minute usage
 older than `retention_days` are deleted by a periodic job in small batches, and a SQLite file
-is compacted when much of it has become free. `retention_days: 0` keeps everything."""
+is compacted when much of it has become free. `retention_days: 0` keeps everything. The same
+job takes SQLite's planner statistics of the inventory again (Database.refresh_statistics)."""
 
 from __future__ import annotations
 
@@ -36,15 +37,15 @@ async def purge_once(stores: Stores, retention_days: int, now: float | None = No
     return deleted
 
 
-async def purge_forever(stores: Stores, retention_days: int,
-                        first_run_within_s: float = FIRST_RUN_WITHIN_SECONDS) -> None:
-    """The periodic job; nothing at all when retention_days is 0."""
-    if retention_days <= 0:
-        return
+async def upkeep_forever(stores: Stores, retention_days: int,
+                         first_run_within_s: float = FIRST_RUN_WITHIN_SECONDS) -> None:
+    """The periodic job: the purge (none when retention_days is 0), then the statistics."""
     await asyncio.sleep(random.uniform(0, first_run_within_s))
     while True:
         try:
-            await purge_once(stores, retention_days)
+            if retention_days > 0:
+                await purge_once(stores, retention_days)
+            await stores.db.refresh_statistics()
         except DatabaseUnavailable:
             logger.warning("retention: the task database is not reachable; trying again later")
         await asyncio.sleep(EVERY_SECONDS * random.uniform(0.9, 1.1))

@@ -79,7 +79,7 @@ from metrics import Metrics, MetricsEndpoint, metrics_listener
 from oauth import RoleBook, auth_provider
 from policy import Policy
 from resources import INSTRUCTIONS, register_resources
-from retention import purge_forever
+from retention import upkeep_forever
 from sandbox import Sandbox, SandboxUnavailable, check_runs, confinement
 from scans import ScanService
 from schedules import Scheduler, Schedules
@@ -174,7 +174,7 @@ class Runtime:
         await self.stores.engagements.load_config(self._engagements)
         self.supervisor.start("lease-reaper", resolve_expired_forever(
             self.stores.workers, self.stores.db, max(self.stores.lease_seconds / 4, 0.5)))
-        self.supervisor.start("retention", purge_forever(self.stores, self._retention_days))
+        self.supervisor.start("retention", upkeep_forever(self.stores, self._retention_days))
         self.supervisor.start("approval-expiry", expire_forever(self.stores.approvals, self.auditor))
         if self.worker is not None:
             await self.worker.start(self.supervisor)

@@ -64,12 +64,13 @@ HISTORY = (
 )
 # A shareable scan's twin: the same call queued or running, or completed recently enough.
 _ACTIVE_TWIN = select(*TASK_SUMMARY).where(tasks.c.dedupe_key == bindparam("p_dedupe_key"))
-_FRESH_TWIN = (
+# Found by the call's digest in ix_tasks_fresh: one index entry and one row, however many
+# tasks the token has. The owner is checked on that row too, so that no token reads another's
+# task on the strength of a hash alone.
+FRESH_TWIN = (
     select(*TASK_SUMMARY)
-    .where(tasks.c.owner == _P["owner"], tasks.c.kind == bindparam("p_kind"), tasks.c.argv == bindparam("p_argv"),
-           tasks.c.status == TaskStatus.COMPLETED.value, tasks.c.finished_at >= bindparam("p_fresh_since"),
-           tasks.c.parent_id.is_(None),
-           tasks.c.engagement.is_not_distinct_from(bindparam("p_engagement", type_=tasks.c.engagement.type)))
+    .where(tasks.c.call_key == bindparam("p_call_key"), tasks.c.status == TaskStatus.COMPLETED.value,
+           tasks.c.finished_at >= bindparam("p_fresh_since"), tasks.c.owner == _P["owner"])
     .order_by(tasks.c.finished_at.desc())
     .limit(1)
 )
@@ -449,11 +450,12 @@ def _task_values(
 ) -> dict[str, Any]:
     """The row of a new top-level task (`awaiting`: it waits for a person's yes)."""
     status = TaskStatus.AWAITING_APPROVAL if awaiting else TaskStatus.QUEUED
+    call_key = dedupe_key(owner, kind, argv, engagement)
     return {
         "id": str(uuid.uuid4()), "owner": owner, "kind": kind.value, "target": target,
         "argv": json.dumps(list(argv)), "status": status.value, "created_at": time.time(),
         "time_limit": time_limit, "pool": pool, "shard_count": len(shards), "parent_id": None,
-        "dedupe_key": dedupe_key(owner, kind, argv, engagement) if share else None,
+        "dedupe_key": call_key if share else None, "call_key": call_key,
         "address_count": address_count, "probe_count": probe_count, "forced": forced, "engagement": engagement,
     }
 
@@ -477,15 +479,14 @@ def _select_shareable(conn: Connection, values: dict[str, Any], fresh_since: flo
     active = conn.execute(_ACTIVE_TWIN, {"p_dedupe_key": values["dedupe_key"]}).first()
     if active is not None or fresh_since is None:
         return active
-    return conn.execute(_FRESH_TWIN, {"p_owner": values["owner"], "p_kind": values["kind"],
-                                      "p_argv": values["argv"], "p_fresh_since": fresh_since,
-                                      "p_engagement": values["engagement"]}).first()
+    return conn.execute(FRESH_TWIN, {"p_call_key": values["call_key"], "p_owner": values["owner"],
+                                     "p_fresh_since": fresh_since}).first()
 
 
 def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[str, Any]]:
     return [
         parent | {"id": str(uuid.uuid4()), "target": shard.target, "argv": json.dumps(shard.argv),
-                  "parent_id": parent["id"], "shard_count": 0, "dedupe_key": None,
+                  "parent_id": parent["id"], "shard_count": 0, "dedupe_key": None, "call_key": None,
                   "created_at": parent["created_at"] + index * 1e-6}
         for index, shard in enumerate(shards)
     ]

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import Engine, func, insert, select, text
 
 from db import create_db_engine, upgrade_schema
 from models import inventory_hosts, inventory_ports, task_hosts, tasks, usage_minutes
-from retention import DAY_SECONDS, purge_forever, purge_once
+from retention import DAY_SECONDS, purge_once, upkeep_forever
 from tests.nodes import opened_stores
 
 pytestmark = pytest.mark.anyio
@@ -80,9 +80,33 @@ async def test_a_sqlite_file_is_compacted_after_much_was_deleted(tmp_path: Path)
     assert (tmp_path / "big.db").stat().st_size < before / 4
 
 
-async def test_retention_days_0_keeps_everything(database_url: str) -> None:
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_retention_days_0_keeps_everything_and_the_job_takes_the_statistics_again(database_url: str) -> None:
+    """With retention_days 0 nothing goes, and each pass still takes SQLite's statistics of the
+    inventory again as it grows (its queries' plans depend on them; on PostgreSQL the
+    autovacuum does)."""
     seed(database_url, old=3)
     async with opened_stores(database_url, max_queued=10) as stores:
-        await asyncio.wait_for(purge_forever(stores, 0), 1)
+        engine = create_db_engine(database_url)
+        assert analyzed_rows(engine) == 2, "taken at start"
+        with engine.begin() as conn:
+            conn.execute(insert(inventory_hosts), [
+                {"owner": "bob", "address": f"127.0.0.{n}", "address_key": "", "status": "up", "first_seen": 0.0,
+                 "last_seen": NOW, "changed_at": 0.0, "last_task_id": "x"} for n in range(1, 41)])
+        job = asyncio.create_task(upkeep_forever(stores, 0, first_run_within_s=0))
+        try:
+            async with asyncio.timeout(10):
+                while analyzed_rows(engine) != 42:
+                    await asyncio.sleep(0.05)
+        finally:
+            job.cancel()
+            engine.dispose()
     ids, _, _, minutes = remaining(database_url)
     assert len(ids) == 3 + 6 and len(minutes) == 2
+
+
+def analyzed_rows(engine: Engine) -> int:
+    """The rows of inventory_hosts, as SQLite's last statistics of it say."""
+    with engine.connect() as conn:
+        stat = conn.execute(text("SELECT stat FROM sqlite_stat1 WHERE idx = 'ix_inventory_hosts_owner_key'")).scalar()
+    return int(stat.split()[0])

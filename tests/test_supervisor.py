@@ -18,7 +18,7 @@ from sqlalchemy import insert
 
 from db import create_db_engine, upgrade_schema
 from models import tasks, workers
-from retention import DAY_SECONDS, purge_forever
+from retention import DAY_SECONDS, upkeep_forever
 from supervisor import Supervisor
 from tests.nodes import Node, argv_for, opened_stores, start_node, submit
 from tests.support import LiveServer, NmapWrapper, wait_until
@@ -141,7 +141,7 @@ async def test_a_retention_loop_that_dies_stops_the_process(
     refuse(database_url, "tasks", "DELETE")
     supervisor = Supervisor()
     async with opened_stores(database_url, max_queued=10) as stores:
-        supervisor.start("retention", purge_forever(stores, 30, first_run_within_s=0))
+        supervisor.start("retention", upkeep_forever(stores, 30, first_run_within_s=0))
         await died(supervisor, "retention", caplog)
 
 

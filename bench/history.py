@@ -1,0 +1,210 @@
+"""What a token's history costs a scan: the freshness lookup at 1k / 10k / 50k completed tasks,
+and new-target quick scans per second with an empty vs a 50k-task database.
+
+    .venv/bin/python bench/history.py [--databases sqlite,postgresql] [--calls 300]
+                                      [--scans 100] [--clients 10] [--rounds 2] [--lookups-only]
+
+Per database:
+- lookup: a throw-away database filled (in steps) with 1k, 10k then 50k completed quick scans
+  of one token, one every 45 s, each of another target, rows as the task store writes them
+  (task_manager's _task_values) with a 2 kB result; then --calls runs of the lookup a shareable
+  submit makes under the submit lock (task_manager._select_shareable), for a call never made
+  (a miss) and for the token's last one (a hit); and the /ui overview's two lists of every
+  token's tasks (the newest 20, the newest 50 completed: TaskManager.recent). Medians.
+- submissions: two `server.py -c CONFIG` (API and worker in one process, max_concurrent_tasks
+  = --clients), one on an empty database, one on a database holding 50k completed tasks of the
+  bench token; --clients SDK sessions make --scans quick_scans of targets not scanned before
+  (no rescan: each call runs the freshness lookup, and misses), waiting for each result. The
+  two alternate for --rounds rounds; scans/s are medians. Goal: empty / 50k within 1.2x.
+Targets only 127.0.26.0/24 (--scans x --rounds addresses, at most 254).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, insert
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import mcp_session, postgres_database, service_config, start_api
+from db import create_db_engine, upgrade_schema
+from models import ScanKind, TaskStatus, tasks
+from task_manager import _select_shareable, _task_values
+from tests.nodes import opened_stores
+from tests.support import LiveServer
+
+GOAL = 1.2
+SIZES = (1_000, 10_000, 50_000)
+OWNER = "bench"
+ARGV = ["/usr/bin/nmap", "-sT", "-n", "-T4", "--top-ports", "100", "--"]
+RESULT = "x" * 2048
+FRESHNESS_S = 300.0
+# A scan every 45 s: 50k tasks are 26 days of history, inside the default retention of 30 days
+# (older ones would be purged, and the file compacted, during the runs), the last day 1,920 tasks.
+SPACING_S = 45.0
+
+
+def history_rows(start: int, stop: int, now: float) -> Iterator[dict[str, Any]]:
+    """Completed quick scans number start..stop-1 of the bench token, each of its own target."""
+    for n in range(start, stop):
+        target = f"10.{n // 65536}.{n // 256 % 256}.{n % 256}"
+        values = _task_values(OWNER, ScanKind.QUICK, target, [*ARGV, target], 60, pool="default", share=True,
+                              shards=(), address_count=1, probe_count=100, forced=False)
+        created = now - n * SPACING_S
+        yield values | {"status": TaskStatus.COMPLETED.value, "dedupe_key": None, "created_at": created,
+                        "started_at": created, "finished_at": created + 0.5, "result": RESULT}
+
+
+def fill(engine: Engine, start: int, stop: int) -> None:
+    now = time.time()
+    rows = list(history_rows(start, stop, now))
+    with engine.begin() as conn:
+        for first in range(0, len(rows), 5000):
+            conn.execute(insert(tasks), rows[first:first + 5000])
+    # PostgreSQL's autovacuum would take its statistics; a SQLite database has none of tasks.
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE")
+
+
+def lookup_ms(engine: Engine, target: str, calls: int) -> float:
+    """The median time of the freshness lookup of a shareable quick scan of `target`."""
+    values = _task_values(OWNER, ScanKind.QUICK, target, [*ARGV, target], 60, pool="default", share=True,
+                          shards=(), address_count=1, probe_count=100, forced=False)
+    times = []
+    with engine.connect() as conn:
+        for _ in range(calls):
+            started = time.perf_counter()
+            _select_shareable(conn, values, time.time() - FRESHNESS_S)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+async def overview_ms(url: str, calls: int) -> tuple[float, float]:
+    """The median times of the /ui overview's lists of every token's tasks: the newest 20, and
+    the newest 50 completed (dashboard.py)."""
+    async with opened_stores(url, max_queued=10) as stores:
+        medians = []
+        for status, limit in ((None, 20), (TaskStatus.COMPLETED, 50)):
+            times = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                await stores.tasks.recent(None, status, limit)
+                times.append(time.perf_counter() - started)
+            medians.append(statistics.median(times) * 1000)
+    return medians[0], medians[1]
+
+
+def lookups(url: str, calls: int) -> list[tuple[int, float, float, tuple[float, float]]]:
+    """(tasks, miss ms, hit ms, overview lists ms) at each of SIZES."""
+    engine = create_db_engine(url)
+    upgrade_schema(engine)
+    figures, filled = [], 0
+    for size in SIZES:
+        fill(engine, filled, size)
+        filled = size
+        figures.append((size, lookup_ms(engine, "10.255.255.255", calls), lookup_ms(engine, "10.0.0.0", calls),
+                        asyncio.run(overview_ms(url, max(calls // 10, 5)))))
+    engine.dispose()
+    return figures
+
+
+async def scans_per_second(server: LiveServer, targets: list[str], clients: int) -> float:
+    """`clients` sessions scanning `targets` (each once), waiting for every result."""
+    left, failed = list(targets), []
+
+    async def client_loop(session: Any) -> None:
+        while left:
+            called = await session.call_tool("quick_scan", {"target": left.pop()})
+            if called.is_error or called.structured_content["status"] != "completed":
+                failed.append(str(called.content))
+
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = [await stack.enter_async_context(mcp_session(server.url)) for _ in range(clients)]
+        # The SDK fetches tools/list once per session after its first tools/call: not in the timing.
+        await asyncio.gather(*(session.call_tool("list_tasks", {"limit": 1}) for session in sessions))
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(session) for session in sessions))
+        took = time.perf_counter() - started
+    if failed:
+        raise RuntimeError(f"{len(failed)} quick scans did not complete, the first: {failed[0]}")
+    return len(targets) / took
+
+
+def database_url(stack: contextlib.ExitStack, database: str, directory: Path) -> str:
+    if database == "postgresql":
+        return stack.enter_context(postgres_database())
+    directory.mkdir(parents=True)
+    return f"sqlite:///{directory / 'tasks.db'}"
+
+
+def start_servers(stack: contextlib.ExitStack, database: str, tmp: Path, clients: int) -> dict[str, LiveServer]:
+    """An empty database's server and a 50k-task database's server."""
+    servers = {}
+    for name, size in (("empty", 0), ("50k", SIZES[-1])):
+        directory = tmp / f"{database}-{name}-{uuid.uuid4().hex[:6]}"
+        url = database_url(stack, database, directory)
+        engine = create_db_engine(url)
+        upgrade_schema(engine)
+        fill(engine, 0, size)
+        engine.dispose()
+        where = {"database_url": url} if database == "postgresql" else {"db_path": url.removeprefix("sqlite:///")}
+        config = service_config(directory, max_concurrent_tasks=clients, max_queued_tasks=max(100, clients), **where)
+        servers[name] = start_api(config)
+        stack.callback(servers[name].stop)
+    return servers
+
+
+def submissions(database: str, tmp: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Median scans/s per database size, the runs alternating."""
+    rates: dict[str, list[float]] = {"empty": [], "50k": []}
+    addresses = iter(range(1, 255))
+    with contextlib.ExitStack() as stack:
+        servers = start_servers(stack, database, tmp, args.clients)
+        for round_no in range(args.rounds):
+            for name in (["empty", "50k"] if round_no % 2 == 0 else ["50k", "empty"]):
+                targets = [f"127.0.26.{next(addresses)}" for _ in range(args.scans // 2)]
+                rates[name].append(asyncio.run(scans_per_second(servers[name], targets, args.clients)))
+                print(f"{database} round {round_no + 1}: {name:5} {rates[name][-1]:6.1f} scans/s", flush=True)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--databases", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    parser.add_argument("--calls", type=int, default=300, help="lookups timed per figure")
+    parser.add_argument("--scans", type=int, default=100, help="quick scans per round, half on each database")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lookups-only", action="store_true", help="without the submissions part")
+    args = parser.parse_args()
+    if args.scans * args.rounds // 2 * 2 > 254:
+        parser.error("--scans x --rounds must stay within the 254 addresses of 127.0.26.0/24")
+    for database in args.databases.split(","):
+        with tempfile.TemporaryDirectory(prefix="bench-history-") as tmp, contextlib.ExitStack() as stack:
+            url = database_url(stack, database, Path(tmp) / "lookup")
+            for size, miss, hit, (newest, completed) in lookups(url, args.calls):
+                print(f"{database} lookup at {size:6} tasks: miss {miss:7.3f} ms  hit {hit:7.3f} ms;  overview lists: "
+                      f"newest {newest:7.2f} ms  completed {completed:7.2f} ms", flush=True)
+            if args.lookups_only:
+                continue
+            rates = submissions(database, Path(tmp), args)
+        ratio = rates["empty"] / rates["50k"]
+        print(f"{database}: {args.scans // 2 * args.rounds} new-target quick scans per size, {args.clients} clients: "
+              f"empty {rates['empty']:.1f} scans/s, 50k tasks {rates['50k']:.1f} scans/s, ratio {ratio:.2f}x "
+              f"(goal <= {GOAL}x): {'met' if ratio <= GOAL else 'NOT met'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
