@@ -250,8 +250,10 @@ async def test_a_scan_is_stopped_when_its_window_closes(in_memory: OpenClient, n
     async with in_memory(**engagement_config(lab=closing)) as alice:
         answer = await answer_of(alice, "quick_scan", target="127.0.23.1", timeout=5)
         done = await finished(alice, answer["task_id"], timeout=40)
+    # Stopped at the window's close (the wrapper would have held nmap for 60 s): the margin is
+    # for recording the verdict on a busy machine.
     assert done["status"] == "failed" and "time limit" in done["error"], done
-    assert done["finished_at"] <= (now + timedelta(seconds=9)).timestamp()
+    assert done["finished_at"] <= (now + timedelta(seconds=30)).timestamp()
 
 
 async def test_a_schedule_s_run_waits_for_its_engagement_s_window(in_memory: OpenClient) -> None:
@@ -288,14 +290,15 @@ FAKETIME_LIBRARY = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), Pa
 
 
 @pytest.mark.server
-@pytest.mark.slow("the server's clock starts 20 s before the window opens, and runs at its real pace")
+@pytest.mark.slow("the server's clock starts 45 s before the window opens, and runs at its real pace")
 async def test_a_scan_outside_the_window_is_refused_then_runs_when_it_opens(tmp_path: Path, nmap_wrapper: Any) -> None:
-    """A real server whose clock (libfaketime) reads Monday 4 January 2027, 21:59:40 in Berlin,
-    20 s before the engagement's first window: a scan is refused naming 22:00 as the next
-    window's start; a schedule made now waits; once the server's clock passes 22:00 the same
-    call runs, and so does the schedule's first run, both created after the window opened."""
+    """A real server whose clock (libfaketime) reads Monday 4 January 2027, 21:59:15 in Berlin,
+    45 s before the engagement's first window (room for a slow start on a busy machine): a scan
+    is refused naming 22:00 as the next window's start; a schedule made now waits; once the
+    server's clock passes 22:00 the same call runs, and so does the schedule's first run, both
+    created after the window opened."""
     opens = berlin(2027, 1, 4, 22, 0)
-    fake_start = datetime.fromtimestamp(opens - 20, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    fake_start = datetime.fromtimestamp(opens - 45, UTC).strftime("%Y-%m-%d %H:%M:%S")
     config = write_config(tmp_path / "config.json", nmap_path=str(nmap_wrapper.path), engagements={
         "q1": nights(tokens=["alice"]).model_dump(mode="json", exclude_defaults=True)},
         tokens={"alice": {"secret": ALICE, "engagement": "q1"}})
