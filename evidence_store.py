@@ -11,8 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from db import Database, create_db_engine
 from models import ApprovalEvidence, RunEvidence, ScanKind, TaskEvidence, TaskStatus, approvals, engagements, tasks
+from result_store import read_whole, report_bytes, whole_text
 from task_manager import TaskNotFound
 
 _RUN_COLUMNS = [tasks.c[name] for name in (
@@ -94,26 +94,27 @@ class EvidenceStore:
         return await self._db.run(self._select_matching, chosen)
 
     def _read(self, task_id: str, owner: str | None, with_raw: bool) -> TaskBundle:
-        raw = [tasks.c.raw_xml] if with_raw else []
         mine = (tasks.c.id == task_id) & tasks.c.parent_id.is_(None)
         if owner is not None:
             mine &= tasks.c.owner == owner
         with self._db.reading() as conn:
-            row = conn.execute(select(*_RUN_COLUMNS, tasks.c.shard_count, tasks.c.result, tasks.c.engagement, *raw)
-                               .where(mine)).first()
+            row = conn.execute(select(*_RUN_COLUMNS, tasks.c.shard_count, tasks.c.engagement).where(mine)).first()
             if row is None:
                 raise TaskNotFound(f"no task {task_id!r}")
-            shards = _shard_rows(conn, task_id, raw) if row.shard_count else []
+            shards = _shard_rows(conn, task_id) if row.shard_count else []
             approval = conn.execute(select(approvals).where(approvals.c.task_id == task_id)).first()
-        runs = shards or [row]
+            stored = read_whole(conn, task_id)
+            runs = shards or [row]
+            reports = {run.id: report_bytes(conn, run.id) for run in runs} if with_raw else {}
+        result = None if stored is None else whole_text(stored)
         return TaskBundle(
             evidence=TaskEvidence(task_id=row.id, owner=row.owner, kind=ScanKind(row.kind),
                                   status=TaskStatus(row.status), target=row.target, created_at=utc(row.created_at),
-                                  result_sha256=_sha256_text(row.result),
+                                  result_sha256=_sha256_text(result),
                                   runs=[_run(run._mapping) for run in runs], engagement=row.engagement,
                                   approval=None if approval is None else _approval(approval._mapping)),
-            result=row.result,
-            raw_xml={run.id: zlib.decompress(run.raw_xml) for run in runs if with_raw and run.raw_xml is not None},
+            result=result,
+            raw_xml={run_id: report for run_id, report in reports.items() if report is not None},
         )
 
     async def engagement(self, name: str) -> dict[str, Any] | None:
@@ -150,9 +151,9 @@ def _conditions(chosen: EvidenceFilter) -> list[ColumnElement[bool]]:
     return conditions
 
 
-def _shard_rows(conn: Connection, parent_id: str, raw: Sequence[Any]) -> list[Any]:
-    """A sharded task's shards, in the order task_manager joins their XML."""
-    return list(conn.execute(select(*_RUN_COLUMNS, *raw).where(tasks.c.parent_id == parent_id)
+def _shard_rows(conn: Connection, parent_id: str) -> list[Any]:
+    """A sharded task's shards, in the order get_task_result's xml joins their reports."""
+    return list(conn.execute(select(*_RUN_COLUMNS).where(tasks.c.parent_id == parent_id)
                              .order_by(tasks.c.created_at)).all())
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, WithJsonSchema, model_validator
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -102,9 +102,14 @@ tasks = Table(
     Column("claimed_at", Float),
     Column("lease_expires_at", Float),
     Column("progress", Text),
+    # The result without its hosts (counts, warnings, errors: result_store.py); its hosts are
+    # in result_chunks, result_hosts of them. NULL while the task has no result.
     Column("result", Text),
-    Column("raw_xml", LargeBinary),
-    # Evidence of the XML as nmap wrote it (raw_xml uncompressed): its SHA-256 and size, taken
+    Column("result_hosts", Integer),
+    # The characters of nmap's XML report of this run, whose bytes are in report_pieces; NULL:
+    # none (and for a sharded parent, whose report is its shards' in turn).
+    Column("report_chars", BigInteger),
+    # Evidence of the XML as nmap wrote it (its exact bytes): its SHA-256 and size, taken
     # by the worker as it records the verdict; and the nmap that ran, as it said at the worker's
     # start (`nmap --version`). NULL for a sharded parent (its shards have them) and older tasks.
     Column("raw_xml_sha256", String(64)),
@@ -171,6 +176,36 @@ task_hosts = Table(
     Column("task_id", String(36), primary_key=True),
     Column("seq", Integer, primary_key=True),
     Column("data", Text, nullable=False),
+)
+
+# A result's hosts, in the result's order (by address), CHUNK_HOSTS at most per row, each chunk
+# a zlib-compressed JSON array: a page of get_task_result reads the one or two chunks it shows,
+# whatever the size of the result (result_store.py). A sharded scan's chunks are its shards',
+# moved under the parent when the last shard ends: stored once. first_key and last_key are the
+# sort keys of the chunk's first and last address (result_store.address_key), what tells
+# whether shards' chunks can be laid end to end.
+result_chunks = Table(
+    "result_chunks",
+    metadata,
+    Column("task_id", String(36), primary_key=True),
+    Column("first_host", Integer, primary_key=True),
+    Column("host_count", Integer, nullable=False),
+    Column("first_key", String(33), nullable=False),
+    Column("last_key", String(33), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+# nmap's XML report of each run (a sharded scan's runs are its shards), its exact bytes in
+# pieces of result_store.PIECE_BYTES at most, each zlib-compressed, cut where no UTF-8 sequence
+# is split. first_char and chars count the piece's characters decoded (an invalid byte as one
+# U+FFFD), the unit get_task_result's xml pages in: a page reads the piece or two it shows.
+report_pieces = Table(
+    "report_pieces",
+    metadata,
+    Column("task_id", String(36), primary_key=True),
+    Column("first_char", BigInteger, primary_key=True),
+    Column("chars", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
 )
 
 # What each token's top-level tasks counted against its limits, per minute of their creation
@@ -344,8 +379,8 @@ approvals = Table(
     Index("ix_approvals_pending", "decision", "expires_at"),
 )
 # A task's columns without its nmap XML, and without its result too: what most reads need.
-TASK_WITH_RESULT = [c for c in tasks.c if c.name != "raw_xml"]
-TASK_SUMMARY = [c for c in TASK_WITH_RESULT if c.name != "result"]
+# A task's row without what it found (its result and XML, read by result_store.py).
+TASK_SUMMARY = [c for c in tasks.c if c.name not in ("result", "result_hosts", "report_chars")]
 
 
 # ---- record types: what the stores hand out ---------------------------------------------------
@@ -371,6 +406,7 @@ class TaskRecord:
     parent_id: str | None = None
     shard_count: int = 0
     progress: Progress | None = None
+    # The whole result: only from TaskManager.get(with_result=True), for what compares results.
     result: ScanResult | None = None
     engagement: str | None = None
 
@@ -381,8 +417,8 @@ class TaskRecord:
 
     @classmethod
     def from_row(cls, data: Mapping[Any, Any]) -> TaskRecord:
-        """The record of a row of `tasks` (TASK_SUMMARY or TASK_WITH_RESULT columns)."""
-        result, progress = data.get("result"), data.get("progress")
+        """The record of a row of `tasks` (TASK_SUMMARY columns), without its result."""
+        progress = data.get("progress")
         return cls(
             id=data["id"],
             owner=data["owner"],
@@ -400,7 +436,6 @@ class TaskRecord:
             parent_id=data.get("parent_id"),
             shard_count=data.get("shard_count") or 0,
             progress=Progress.model_validate_json(progress) if progress else None,
-            result=stored_result(result) if result else None,
             engagement=data.get("engagement"),
         )
 
@@ -1020,6 +1055,13 @@ def stored_result(text: str) -> ScanResult:
     return ScanResult.model_validate(data | {"hosts": [_lifted_host(host) for host in data["hosts"]]})
 
 
+def stored_hosts(data: bytes) -> list[HostDetail]:
+    """A JSON array of hosts as stored (a chunk of a result), by this version or an earlier one."""
+    if any(key.encode() in data for key in _LEGACY_KEYS):
+        return [HostDetail.model_validate(_lifted_host(host)) for host in json.loads(data)]
+    return _HOST_LIST.validate_json(data)
+
+
 def stored_host(text: str) -> HostDetail:
     """A finished host of a running scan as stored, by this version or an earlier one."""
     return HostDetail.model_validate(_lifted_host(json.loads(text))) if _legacy(text) else (
@@ -1031,6 +1073,9 @@ def stored_diff(text: str) -> ScanDiff:
     data = json.loads(text)
     lists = ("ports_opened", "ports_closed", "services_changed")
     return ScanDiff.model_validate(data | {name: [_lifted_change(c) for c in data.get(name, [])] for name in lists})
+
+
+_HOST_LIST = TypeAdapter(list[HostDetail])
 
 
 def _legacy(text: str) -> bool:

@@ -213,18 +213,24 @@ def with_versions(discovery: ScanResult, versions: ScanResult, warning: str | No
 
 
 def merge_results(target: str, parts: list[ScanResult], elapsed_s: float) -> ScanResult:
-    """One result from the results of a scan's shards (each host appears in one shard)."""
-    stats = RunStats(
-        elapsed=round(elapsed_s, 2),
-        exit_status="success" if parts and all(p.exit_status == "success" for p in parts) else "",
+    """One result from the results of a scan's shards (each host appears in one shard): their
+    hosts by address, their counts summed. Parts may come without their hosts (the heads of
+    stored results, result_store.py): what is counted comes from their counts, not from hosts."""
+    return ScanResult(
+        target=target,
+        scan_time=round(elapsed_s, 2),
         hosts_up=sum(p.hosts_up for p in parts),
         hosts_down=sum(p.hosts_down for p in parts),
         hosts_total=sum(p.hosts_total for p in parts),
+        open_ports=sum(p.open_ports for p in parts),
+        partial=any(p.partial for p in parts),
+        warnings=[w for p in parts for w in p.warnings],
+        hosts=sorted((h for p in parts for h in p.hosts), key=_address_key),
+        exit_status="success" if parts and all(p.exit_status == "success" for p in parts) else "",
+        errors=[e for p in parts for e in p.errors],
+        hosts_timed_out=[a for p in parts for a in p.hosts_timed_out],
+        scanned=next((p.scanned for p in parts if p.scanned), []),
     )
-    hosts = [h for p in parts for h in p.hosts]
-    merged = build_result(target, hosts, stats, complete=not any(p.partial for p in parts))
-    scanned = next((p.scanned for p in parts if p.scanned), [])
-    return merged.model_copy(update={"errors": [e for p in parts for e in p.errors], "scanned": scanned})
 
 
 def parse_report(xml: bytes | str, target: str) -> ScanResult:

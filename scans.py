@@ -451,21 +451,22 @@ class ScanService:
         base = (with_message(shown, note) if note else shown).model_copy(update={"format": fmt})
         cap = self._settings.max_answer_bytes
         if fmt == "xml":
-            raw = await self._tasks.raw_xml(record.id, record.owner)
-            if raw is None:
+            # An answer holds at most `cap` characters: no more of the report is read.
+            report = await self._tasks.report_page(record.id, offset, cap)
+            if report is None:
                 return base
-            return text_page(base, raw.decode("utf-8", "replace"), offset=offset, cap=cap)
-        result = await self._tasks.result_so_far(record)
-        if result is None:
+            return text_page(base, report.text, offset=offset, total=report.total, cap=cap)
+        page = await self._tasks.result_page(record, offset, limit)
+        if page is None:
             return base
-        result = with_requested_names(result, record.argv, record.target)
+        result = with_requested_names(page.result, record.argv, record.target)
         hint = down_hint(result, record.argv)
         if fmt == "csv":
             base = with_message(base, hint) if hint else base
-            return csv_page(base, result, offset=offset, limit=limit, cap=cap, port_offset=port_offset)
+            return csv_page(base, result, offset=offset, total=page.total, cap=cap, port_offset=port_offset)
         if hint:
             result = result.model_copy(update={"warnings": [*result.warnings, hint]})
-        return json_page(base, result, view=view, offset=offset, limit=limit, cap=cap, port_offset=port_offset)
+        return json_page(base, result, view=view, offset=offset, total=page.total, cap=cap, port_offset=port_offset)
 
     # ---- tasks ---------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import time
 import uuid
-import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -29,7 +28,6 @@ from limits import add_usage, check_engagement_probes, check_submission
 from models import (
     ACTIVE_STATUSES,
     TASK_SUMMARY,
-    TASK_WITH_RESULT,
     Progress,
     ScanKind,
     ScanResult,
@@ -38,11 +36,22 @@ from models import (
     WorkerInfo,
     approvals,
     stored_host,
-    stored_result,
     task_hosts,
     tasks,
 )
 from nmap_report import RunStats, build_result, merge_results
+from result_store import (
+    ReportPage,
+    ResultPage,
+    StoredPage,
+    StoredParts,
+    assembled,
+    delete_found,
+    page_of,
+    read_page,
+    read_report,
+    read_whole,
+)
 from scanner import scanned_addresses
 from schedule_store import link_run
 from sharding import Shard, shards_progress
@@ -75,7 +84,7 @@ FRESH_TWIN = (
     .limit(1)
 )
 _INSERT_TASKS = insert(tasks)
-_READ_TASK = select(*TASK_WITH_RESULT).where(tasks.c.id == _P["id"], tasks.c.owner == _P["owner"],
+_READ_TASK = select(*TASK_SUMMARY).where(tasks.c.id == _P["id"], tasks.c.owner == _P["owner"],
                                              tasks.c.parent_id.is_(None))
 _READ_TASKS = select(*TASK_SUMMARY).where(tasks.c.id.in_(bindparam("p_ids", expanding=True)),
                                           tasks.c.parent_id.is_(None))
@@ -95,6 +104,13 @@ class ApprovalRequest(NamedTuple):
     engagement: str
     reasons: list[str]
     expires_after_s: float
+
+
+class Found(NamedTuple):
+    """What a task without a result has found so far, as stored (see TaskManager._select_found)."""
+
+    shards: list[StoredParts]
+    hosts: list[str]
 
 
 class Submitted(NamedTuple):
@@ -246,7 +262,7 @@ class TaskManager:
     ) -> TaskRecord:
         """Wait up to `timeout_s` (or until `stop` is set) for the task to finish, reporting
         progress as it changes; the scan goes on either way. Woken by the change feed; each
-        wake-up reads the task once (with its result once it has finished).
+        wake-up reads the task once (never its result: result_page reads what is shown).
 
         `known` is the task as the caller has just read it (as `submit` returned it): it is
         not read again before the first wake-up, a read per scan saved. A change made between
@@ -259,9 +275,7 @@ class TaskManager:
             while True:
                 changed.clear()  # before reading, so a change after the read still wakes us
                 verdict = changed.verdict if changed.verdict is not None and changed.verdict.owner == owner else None
-                record = known or verdict
-                if record is None:
-                    record = await self._read_whole(task_id, owner)
+                record = known or verdict or (await self._db.run(self._read, task_id, owner))[0]
                 remaining_s = deadline - loop.time()
                 if record.status.finished or remaining_s <= 0 or (stop is not None and stop.is_set()):
                     return record
@@ -271,22 +285,28 @@ class TaskManager:
                 await first_of(changed, stop, remaining_s if known is None else min(remaining_s, POLL_SECONDS))
                 known = None
 
-    async def result_so_far(self, record: TaskRecord) -> ScanResult | None:
-        """The final result, or what was found so far (partial: the hosts finished, and those
-        still scanned with the open ports nmap announced) while it runs or after it was stopped
-        without one; None when there is nothing."""
-        if record.result is not None:
-            return record.result
-        shard_results, hosts = await self._db.run(self._select_found, record)
-        if not shard_results and not hosts:
+    async def result_page(self, record: TaskRecord, offset: int, limit: int) -> ResultPage | None:
+        """Hosts [offset, offset + limit) of the task's result with its counts, reading only
+        the chunks that hold them (result_store.py); while it runs, or after it stopped without
+        a result, what was found so far (partial: the hosts finished, and those still scanned
+        with the open ports nmap announced), sliced from the whole of it; None when there is
+        nothing."""
+        stored = await self._db.run(self._read_page, record.id, offset, limit)
+        if stored is not None:
+            return page_of(stored, offset, limit)
+        found = await self._db.run(self._select_found, record)
+        if not found.shards and not found.hosts:
             return None
         # Parsing takes long for many hosts: no deadline for that part.
-        return await self._db.run(_partial_result, record, shard_results, hosts, deadline=False)
+        result = await self._db.run(_partial_result, record, found, deadline=False)
+        if result is None:
+            return None
+        return ResultPage(result.model_copy(update={"hosts": result.hosts[offset: offset + limit]}), len(result.hosts))
 
-    async def raw_xml(self, task_id: str, owner: str) -> bytes | None:
-        """nmap's XML report (for a sharded scan, each shard's report in turn); None while
-        the task has none."""
-        return await self._db.run(self._select_raw, task_id, owner)
+    async def report_page(self, task_id: str, offset: int, count: int) -> ReportPage | None:
+        """Up to `count` characters of nmap's XML report of the task from `offset` (a sharded
+        task's: each shard's report in turn); None while it has none."""
+        return await self._db.run(self._read_report, task_id, offset, count)
 
     async def recent(self, owner: str | Sequence[str] | None, status: TaskStatus | None,
                      limit: int) -> list[TaskRecord]:
@@ -346,22 +366,22 @@ class TaskManager:
         return None if shared is None else shared._mapping
 
     async def _read_whole(self, task_id: str, owner: str) -> TaskRecord:
-        """One task with its result (which only a finished task has). The database answers
-        within its deadline; parsing the result does not count: the largest result nmap's
-        output cap allows (about 15,000 hosts) takes seconds to parse."""
-        record, result = await self._db.run(self._read, task_id, owner)
-        if result is None:
+        """One task with its whole result (which only a finished task has). The database
+        answers within its deadline; parsing the result does not count: a result of 16,384
+        hosts takes seconds to parse."""
+        record, parts = await self._db.run(self._read, task_id, owner, True)
+        if parts is None:
             return record
-        return replace(record, result=await self._db.run(stored_result, result, deadline=False))
+        return replace(record, result=await self._db.run(assembled, parts, deadline=False))
 
-    def _read(self, task_id: str, owner: str) -> tuple[TaskRecord, str | None]:
-        """One task, and its result as stored (JSON) for the caller to parse."""
+    def _read(self, task_id: str, owner: str, with_result: bool = False) -> tuple[TaskRecord, StoredParts | None]:
+        """One task, and with `with_result` its result as stored for the caller to parse."""
         with self._db.reading() as conn:
             row = conn.execute(_READ_TASK, {"p_id": task_id, "p_owner": owner}).first()
             if row is None:
                 raise TaskNotFound(f"no task {task_id!r}")
-            stored = dict(row._mapping)
-            return _with_shard_progress(conn, TaskRecord.from_row(stored | {"result": None})), stored["result"]
+            record = _with_shard_progress(conn, TaskRecord.from_row(row._mapping))
+            return record, read_whole(conn, task_id) if with_result else None
 
     def _read_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
         """Top-level tasks by id, without their results (callers check the owner)."""
@@ -369,35 +389,31 @@ class TaskManager:
             rows = conn.execute(_READ_TASKS, {"p_ids": task_ids}).all()
             return {row.id: _with_shard_progress(conn, TaskRecord.from_row(row._mapping)) for row in rows}
 
-    def _select_found(self, record: TaskRecord) -> tuple[list[str], list[str]]:
-        """What a task without a result has found so far, as stored (JSON): the results of its
-        shards that finished, and the hosts finished by it or by its running shards."""
+    def _read_page(self, task_id: str, offset: int, limit: int) -> StoredPage | None:
+        with self._db.reading() as conn:
+            return read_page(conn, task_id, offset, limit)
+
+    def _select_found(self, record: TaskRecord) -> Found:
+        """What a task without a result has found so far, as stored: the results of its shards
+        that finished, and the hosts finished by it or by its running shards."""
         with self._db.reading() as conn:
             if record.shard_count:
                 shards = conn.execute(
-                    select(tasks.c.id, tasks.c.result).where(tasks.c.parent_id == record.id)
+                    select(tasks.c.id, tasks.c.result.is_not(None)).where(tasks.c.parent_id == record.id)
                 ).all()
-                results = [result for _, result in shards if result]
-                ids = [task_id for task_id, result in shards if not result]
+                results = [parts for task_id, ended in shards if ended and (parts := read_whole(conn, task_id))]
+                ids = [task_id for task_id, ended in shards if not ended]
             else:
                 results, ids = [], [record.id]
             hosts = conn.execute(
                 select(task_hosts.c.data).where(task_hosts.c.task_id.in_(ids))
                 .order_by(task_hosts.c.task_id, task_hosts.c.seq)
             ).scalars().all()
-        return results, list(hosts)
+        return Found(results, list(hosts))
 
-    def _select_raw(self, task_id: str, owner: str) -> bytes | None:
-        mine = (tasks.c.id == task_id) & (tasks.c.owner == owner)
+    def _read_report(self, task_id: str, offset: int, count: int) -> ReportPage | None:
         with self._db.reading() as conn:
-            row = conn.execute(select(tasks.c.raw_xml, tasks.c.shard_count).where(mine)).first()
-            if row is None or not row.shard_count:
-                return None if row is None or row.raw_xml is None else zlib.decompress(row.raw_xml)
-            parts = conn.execute(
-                select(tasks.c.raw_xml).where(tasks.c.parent_id == task_id).order_by(tasks.c.created_at)
-            ).scalars()
-            reports = [zlib.decompress(part) for part in parts if part is not None]
-        return b"".join(reports) if reports else None
+            return read_report(conn, task_id, offset, count)
 
     async def owner_of(self, task_id: str) -> str | None:
         """Who started the task `task_id`; None when there is no such task."""
@@ -492,16 +508,16 @@ def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[st
     ]
 
 
-def _partial_result(record: TaskRecord, shard_results: list[str], host_rows: list[str]) -> ScanResult | None:
+def _partial_result(record: TaskRecord, found: Found) -> ScanResult | None:
     """A partial result from what `_select_found` read; None when it holds nothing. It counts
     the addresses the task asked nmap to scan, and the time since it started."""
-    hosts = [stored_host(data) for data in host_rows]
+    hosts = [stored_host(data) for data in found.hosts]
     addresses = scanned_addresses(record.argv)
     elapsed_s = (record.finished_at or time.time()) - (record.started_at or record.created_at)
     if not record.shard_count:
         return build_result(record.target, hosts, RunStats.so_far(hosts, addresses, elapsed_s),
                             complete=False) if hosts else None
-    parts = [stored_result(result) for result in shard_results]
+    parts = [assembled(result) for result in found.shards]
     if hosts:
         parts.append(build_result(record.target, hosts, RunStats.so_far(hosts, 0, 0.0), complete=False))
     if not parts:
@@ -533,6 +549,7 @@ def _delete_finished_tasks(conn: Connection, before: float, batch: int) -> int:
     family = (tasks.c.id.in_(old)) | (tasks.c.parent_id.in_(old))
     ids = conn.execute(select(tasks.c.id).where(family)).scalars().all()
     conn.execute(task_hosts.delete().where(task_hosts.c.task_id.in_(ids)))
+    delete_found(conn, ids)
     conn.execute(approvals.delete().where(approvals.c.task_id.in_(old)))
     conn.execute(tasks.delete().where(family))
     return len(old)

@@ -9,10 +9,8 @@ started, interrupted if it had.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +24,6 @@ from db import Database
 from inventory_store import InventoryRefused, fold
 from models import (
     TASK_SUMMARY,
-    TASK_WITH_RESULT,
     HostDetail,
     Progress,
     ScanOutcome,
@@ -38,6 +35,7 @@ from models import (
     tasks,
     workers,
 )
+from result_store import Encoded, adopt_shards, encoded, write_found
 from scanner import scanned_addresses
 from sharding import ShardEnd, parent_verdict
 
@@ -106,7 +104,7 @@ _CLAIM_PARENT = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.status =
 # Start, progress and verdict of a scan this worker runs; what they set is in their parameters.
 _UPDATE_RUNNING_OURS = update(tasks).where(_RUNNING_OURS)
 # The verdict returns the row it wrote: a waiting call in this process needs no read of it.
-_RECORD_VERDICT = _UPDATE_RUNNING_OURS.returning(*TASK_WITH_RESULT)
+_RECORD_VERDICT = _UPDATE_RUNNING_OURS.returning(*TASK_SUMMARY)
 _MARK_PARENT_STARTED = update(tasks).where(tasks.c.id == _P["parent"], tasks.c.started_at.is_(None))
 _INSERT_LIVE_HOSTS = insert(task_hosts)
 _KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
@@ -145,23 +143,28 @@ def claim_in(conn: Connection, worker: WorkerInfo, pool: str, limit: int, now: f
 
 
 def settle_parent(conn: Connection, feed: ChangeFeed, parent_id: str) -> None:
-    """Once every shard has finished, give the parent its merged result and verdict."""
+    """Once every shard has finished, give the parent its verdict and its result: the shards'
+    heads merged, their hosts moved under it (result_store.adopt_shards: nothing is parsed
+    but the heads, and the hosts are stored once)."""
     # Locking the parent row serialises shards finishing at the same moment.
     parent = TaskRecord.from_row(conn.execute(select(*TASK_SUMMARY).where(tasks.c.id == parent_id)
                                               .with_for_update()).one()._mapping)
     if parent.status.finished:
         return
-    shards = conn.execute(select(tasks.c.status, tasks.c.result, tasks.c.error)
-                          .where(tasks.c.parent_id == parent_id)).all()
+    shards = conn.execute(select(tasks.c.id, tasks.c.status, tasks.c.result, tasks.c.error)
+                          .where(tasks.c.parent_id == parent_id).order_by(tasks.c.created_at)).all()
     now = time.time()
     verdict = parent_verdict(parent.target, now - (parent.started_at or parent.created_at), [
         ShardEnd(TaskStatus(s.status), stored_result(s.result) if s.result else None, s.error)
         for s in shards], scanned_addresses(parent.argv))
     if verdict is None:
         return
+    hosts = adopt_shards(conn, parent_id, [s.id for s in shards if s.result])
+    conn.execute(update(tasks).where(tasks.c.parent_id == parent_id).values(result=None, result_hosts=None))
     conn.execute(update(tasks).where(tasks.c.id == parent_id).values(
         status=verdict.status.value, finished_at=now, error=verdict.error, dedupe_key=None,
         result=verdict.result.model_dump_json() if verdict.result else None,
+        result_hosts=hosts if verdict.result else None,
     ))
     feed.notify(conn, parent_id)
 
@@ -301,32 +304,25 @@ class WorkerStore:
         The inventory is folded in the same transaction; should the database refuse what
         the fold writes, the verdict is written again without it (a savepoint around the fold
         cost every scan two statements more, for a failure that is a bug)."""
-        raw = outcome.raw_xml
-        found = {
-            "result": None if outcome.result is None else outcome.result.model_dump_json(),
-            "raw_xml": zlib.compress(raw) if raw else None,
-            # The evidence of nmap's exact bytes, as get_task_result's xml gives them back.
-            "raw_xml_sha256": hashlib.sha256(raw).hexdigest() if raw else None,
-            "raw_xml_size": len(raw) if raw else None,
-        }
+        found = encoded(record.id, outcome.result, outcome.raw_xml)
         try:
             return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=True)
         except InventoryRefused:
             logger.exception("task %s: its result could not be added to the inventory", record.id)
             return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=False)
 
-    def _write_verdict(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, found: dict[str, Any],
+    def _write_verdict(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, found: Encoded,
                        live_hosts: bool, *, inventory: bool) -> TaskRecord | None:
         ours = {"p_id": record.id, "p_worker": worker_id}
         with self._db.writing() as conn:
-            row = conn.execute(_RECORD_VERDICT, ours | found | {
+            row = conn.execute(_RECORD_VERDICT, ours | found.columns | {
                 "status": outcome.status.value, "finished_at": time.time(), "error": outcome.error,
                 "progress": None, "dedupe_key": None, "lease_expires_at": None,
             }).first()
             finished = row is not None
-            if not finished:
-                # Cancelled while it ran: keep what it found, not the verdict.
-                conn.execute(_KEEP_FOUND, ours | found)
+            # Cancelled while it ran: keep what it found, not the verdict.
+            if finished or conn.execute(_KEEP_FOUND, ours | found.columns).rowcount == 1:
+                write_found(conn, found)
             if live_hosts and outcome.result is not None:
                 conn.execute(_DELETE_LIVE_HOSTS, {"p_id": record.id})
             if inventory and finished and outcome.status is TaskStatus.COMPLETED and outcome.result is not None:

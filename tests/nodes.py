@@ -116,6 +116,12 @@ async def submit(tasks: TaskManager, nmap: NmapWrapper, port: int, owner: str = 
     return (await tasks.submit(owner, ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap, port), limit, **options)).record
 
 
+async def finished(tasks: TaskManager, task_id: str, owner: str = "alice", timeout_s: float = 30) -> TaskRecord:
+    """The task once it finished (or `timeout_s` passed), with its whole result."""
+    await tasks.wait(task_id, owner, timeout_s)
+    return await tasks.get(task_id, owner, with_result=True)
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 5) -> bool:
     """Poll `condition` while the event loop (and the worker on it) keeps running."""
     deadline = time.monotonic() + timeout

@@ -32,6 +32,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
 from sqlalchemy.engine import URL, make_url
 
+from models import ScanResult
 from sandbox import confinement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -655,3 +656,10 @@ async def poll_until_finished(url: str, token: str, task_id: str, timeout: float
         if answer["status"] not in ("queued", "running") or time.monotonic() > deadline:
             return answer
         await asyncio.sleep(0.2)
+
+
+def paged(result: ScanResult, offset: int, limit: int) -> dict[str, Any]:
+    """What the store gives a view of `result` to show (result_store.page_of): its hosts
+    [offset, offset + limit), where they start, and how many it has in all."""
+    return {"result": result.model_copy(update={"hosts": result.hosts[offset: offset + limit]}), "offset": offset,
+            "total": len(result.hosts)}

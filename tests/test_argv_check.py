@@ -24,7 +24,7 @@ from scans import ScanService, TypedScan
 from sharding import shard
 from stores import Stores
 from tests.commands import HOSTILE_COMMANDS, LEGITIMATE_COMMANDS, PRIVILEGED_COMMANDS
-from tests.nodes import MakeNode, argv_for
+from tests.nodes import MakeNode, argv_for, finished
 from tests.support import Listeners, NmapWrapper, own_user_sandbox
 
 pytestmark = pytest.mark.anyio
@@ -171,10 +171,10 @@ async def test_rows_written_past_the_api_never_start_a_program(
     engine.dispose()
     node = await make_node(capacity=2)
     for name in hostile:
-        final = await node.tasks.wait(name, "alice", timeout_s=60)
+        final = await finished(node.tasks, name, "alice", 60)
         assert final.status is TaskStatus.FAILED and (final.error or "").startswith("refused by the worker: "), name
         assert final.started_at is None, "nmap never started"
-    ran = await node.tasks.wait("honest-other-program", "alice", timeout_s=60)
+    ran = await finished(node.tasks, "honest-other-program", "alice", 60)
     assert ran.status is TaskStatus.COMPLETED and ran.result is not None
     assert [p.port for p in ran.result.hosts[0].ports] == [port]
     assert not planted.exists()

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The store layer: the schema, the database, the change feed and one module per aggregate.
 STORE_LAYER = {"models", "db", "change_feed", "stores", "task_manager", "worker_store", "limits",
                "inventory_store", "schedule_store", "people_store", "engagement_store",
-               "approval_store", "evidence_store"}
+               "approval_store", "evidence_store", "result_store"}
 DATABASE_PACKAGES = {"sqlalchemy", "psycopg", "alembic"}
 
 

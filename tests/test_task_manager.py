@@ -11,17 +11,18 @@ from sqlalchemy import update
 
 from limits import QueueFull
 from models import ScanKind, ScanResult, TaskRecord, TaskStatus, tasks
+from result_store import encoded, write_found
 from sharding import Shard
 from task_manager import TaskNotFound
-from tests.nodes import MakeNode, argv_for, big_result, statements_run, submit
+from tests.nodes import MakeNode, argv_for, big_result, finished, statements_run, submit
 from tests.support import Listeners, NmapWrapper
 
 pytestmark = pytest.mark.anyio
 
 
 def _is_task_read(sql: str) -> bool:
-    """The read of one task with its result (what a wait does when it wakes)."""
-    return sql.startswith("SELECT") and "tasks.result" in sql and "tasks.owner = " in sql
+    """The read of one task (what a wait does when it wakes)."""
+    return sql.startswith("SELECT") and "tasks.id = " in sql and "tasks.owner = " in sql
 
 
 def _is_batched_read(sql: str) -> bool:
@@ -41,7 +42,7 @@ async def test_scan_completes_within_the_wait(make_node: MakeNode, nmap_wrapper:
     node = await make_node()
     record = await submit(node.tasks, nmap_wrapper, port)
     assert record.status is TaskStatus.QUEUED
-    done = await node.tasks.wait(record.id, "alice", timeout_s=30)
+    done = await finished(node.tasks, record.id, "alice", 30)
     assert done.status is TaskStatus.COMPLETED and done.result is not None
     assert [(p.port, p.state) for p in done.result.hosts[0].ports] == [(port, "open")]
     assert done.started_at is not None and done.finished_at is not None
@@ -61,9 +62,9 @@ async def test_a_wait_in_the_process_that_finished_the_scan_gets_the_verdict_wit
     reads = [i for i, (sql, _) in enumerate(statements) if _is_task_read(sql)]
     # Reads while it ran (the wait re-reads at least every half second), none of the verdict.
     assert reads and max(reads) < verdict, statements
-    assert done.status is TaskStatus.COMPLETED and done.result is not None
-    # The row as a read returns it, result and all.
-    assert done == await node.tasks.get(record.id, "alice", with_result=True)
+    assert done.status is TaskStatus.COMPLETED and done.result is None, "a wait never reads a result"
+    # The row as a read returns it.
+    assert done == await node.tasks.get(record.id, "alice")
 
 
 async def test_a_wait_from_a_record_read_before_the_verdict_sees_it_within_half_a_second(
@@ -89,7 +90,7 @@ async def test_a_scan_longer_than_the_wait_runs_once_in_the_background(
     record = await submit(node.tasks, nmap_wrapper, port)
     early = await node.tasks.wait(record.id, "alice", timeout_s=0.5)
     assert early.status is TaskStatus.RUNNING and early.result is None
-    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
+    final = await finished(node.tasks, record.id, "alice", 30)
     assert final.status is TaskStatus.COMPLETED
     assert final.result is not None and final.result.hosts[0].ports[0].port == port
     assert len(nmap_wrapper.pids()) == 1
@@ -175,7 +176,7 @@ async def test_a_wait_is_woken_by_a_change_made_in_another_process(
     waiter = await make_node(worker=False)
     record = await submit(waiter.tasks, nmap_wrapper, port)
     started = time.monotonic()
-    final = await waiter.tasks.wait(record.id, "alice", timeout_s=30)
+    final = await finished(waiter.tasks, record.id, "alice", 30)
     assert final.status is TaskStatus.COMPLETED
     # The scan itself takes well under a second; the wake-up comes from the feed, not a timeout.
     assert time.monotonic() - started < 5
@@ -207,13 +208,14 @@ async def test_reading_a_big_result_is_not_cut_by_the_database_deadline(
     reading the stored text takes a small fraction of parsing it."""
     node = await make_node(worker=False)
     record = await submit(node.tasks, nmap_wrapper, 1)
-    stored = big_result(5_000).model_dump_json()
+    stored = encoded(record.id, big_result(5_000))
     with node.stores.db.engine.begin() as conn:
         conn.execute(update(tasks).where(tasks.c.id == record.id).values(
-            status=TaskStatus.COMPLETED.value, finished_at=time.time(), result=stored))
+            status=TaskStatus.COMPLETED.value, finished_at=time.time(), **stored.columns))
+        write_found(conn, stored)
     started = time.monotonic()
-    ScanResult.model_validate_json(stored)
+    ScanResult.model_validate_json(big_result(5_000).model_dump_json())
     node.stores.db.timeout_s = (time.monotonic() - started) / 2
     read = await node.tasks.get(record.id, "alice", with_result=True)
     assert read.result is not None and len(read.result.hosts) == 5_000
-    assert (await node.tasks.wait(record.id, "alice", timeout_s=1)).result == read.result
+    assert read.result == big_result(5_000)

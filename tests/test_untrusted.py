@@ -32,7 +32,7 @@ from models import (
 )
 from nmap_report import parse_report
 from tests.conftest import OpenClient
-from tests.support import BannerServer, answer_of, call
+from tests.support import BannerServer, answer_of, call, paged
 from untrusted import reads_like_instructions
 from views import csv_page, inert_cell, json_page
 
@@ -121,7 +121,7 @@ def assert_marked_and_flagged(document: object, needle: str) -> int:
 
 @pytest.mark.parametrize("view", ["summary", "full"])
 def test_both_views_keep_the_target_s_text_under_untrusted_and_warn(view: str) -> None:
-    answer = json_page(BASE, hostile_result(), view=view, offset=0, limit=50, cap=60_000)
+    answer = json_page(BASE, **paged(hostile_result(), 0, 50), view=view, cap=60_000)
     document = json.loads(answer.model_dump_json())
     assert assert_marked_and_flagged(document, INJECTION) == 1
     assert "Text the scanned hosts wrote on 1 port or host of this page" in document["result"]["warnings"][-1]
@@ -134,7 +134,7 @@ def test_csv_cells_that_start_like_a_formula_are_quoted_and_target_columns_are_n
     ports = [PortDetail(port=1000 + i, protocol="tcp", state="open", service="x", untrusted=PortText(product=start))
              for i, start in enumerate(starts)]
     named = host.model_copy(update={"hostnames": ["=HYPERLINK(\"http://x\")"], "ports": [*host.ports, *ports]})
-    answer = csv_page(BASE, result.model_copy(update={"hosts": [named]}), offset=0, limit=50, cap=60_000)
+    answer = csv_page(BASE, **paged(result.model_copy(update={"hosts": [named]}), 0, 50), cap=60_000)
     rows = list(csv.DictReader(io.StringIO(answer.content or "")))
     assert list(rows[0]) == ["address", "hostname", "port", "protocol", "state", "service", "untrusted_product",
                              "untrusted_version", "untrusted_extrainfo", "suspicious"]

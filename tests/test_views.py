@@ -24,7 +24,8 @@ from models import (
     VersionChange,
 )
 from nmap_report import parse_report
-from views import csv_page, diff_results, inventory_page, json_page, text_page, wire_size
+from tests.support import paged
+from views import csv_page, diff_results, inventory_page, json_page, text_page, text_wire_bytes, wire_size
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PORTS = json.loads((FIXTURES / "ports.json").read_text())
@@ -48,7 +49,7 @@ def size(answer: TaskAnswer) -> int:
 
 
 def test_summary_keeps_the_seed_shape_with_open_ports_only() -> None:
-    answer = json_page(BASE, recorded("rich_loopback.xml"), view="summary", offset=0, limit=50, cap=60_000)
+    answer = json_page(BASE, **paged(recorded("rich_loopback.xml"), 0, 50), view="summary", cap=60_000)
     document = json.loads(answer.model_dump_json())["result"]
     [host] = document["hosts"]
     assert set(host) == {"address", "status", "hostnames", "ports"}
@@ -58,7 +59,7 @@ def test_summary_keeps_the_seed_shape_with_open_ports_only() -> None:
 
 
 def test_full_view_has_every_detail() -> None:
-    answer = json_page(BASE, recorded("rich_loopback.xml"), view="full", offset=0, limit=50, cap=60_000)
+    answer = json_page(BASE, **paged(recorded("rich_loopback.xml"), 0, 50), view="full", cap=60_000)
     host = json.loads(answer.model_dump_json())["result"]["hosts"][0]
     assert {"os_matches", "uptime_s", "distance", "extraports", "addresses", "reason"} <= set(host)
     assert len(host["ports"]) == 2 and host["ports"][0]["untrusted"]["scripts"][0]["id"] == "banner"
@@ -72,7 +73,7 @@ def test_pages_never_exceed_the_cap_and_cover_every_host_once(view: str, cap: in
     seen: list[str] = []
     offset: int | None = 0
     while offset is not None:
-        answer = json_page(BASE, result, view=view, offset=offset, limit=1000, cap=cap)
+        answer = json_page(BASE, **paged(result, offset, 1000), view=view, cap=cap)
         assert size(answer) <= cap
         assert answer.page is not None and answer.page.returned >= 1
         assert answer.truncated is (answer.page.returned < min(1000, 600 - offset))
@@ -121,7 +122,7 @@ def ports_in(pages: list[Any]) -> list[tuple[str, int]]:
 def test_a_host_larger_than_the_cap_comes_alone_with_a_cut_that_pages_through_its_ports(view: str) -> None:
     result = crowded(600)
     pages = page_through(lambda offset, limit, port_offset: json_page(
-        BASE, result, view=view, offset=offset, limit=limit, cap=8_000, port_offset=port_offset))
+        BASE, **paged(result, offset, limit), view=view, cap=8_000, port_offset=port_offset))
     shown = [(h.address, p.port) for h in result.hosts for p in h.ports if view == "full" or p.state == "open"]
     assert ports_in(pages) == shown and len(shown) > 600
     assert all(size(page) <= 8_000 for page in pages)
@@ -137,7 +138,7 @@ def test_a_host_larger_than_the_cap_comes_alone_with_a_cut_that_pages_through_it
 def test_csv_and_inventory_pages_move_on_past_a_host_larger_than_the_cap() -> None:
     result = crowded(600)
     pages = page_through(lambda offset, limit, port_offset: csv_page(
-        BASE.model_copy(update={"format": "csv"}), result, offset=offset, limit=limit, cap=8_000,
+        BASE.model_copy(update={"format": "csv"}), **paged(result, offset, limit), cap=8_000,
         port_offset=port_offset))
     assert len(pages) > 3 and all(size(page) <= 8_000 for page in pages)
     in_rows = [(row["address"], int(row["port"])) for page in pages
@@ -158,7 +159,7 @@ def test_csv_and_inventory_pages_move_on_past_a_host_larger_than_the_cap() -> No
 
 def test_a_port_larger_than_the_cap_alone_is_skipped_and_said_so() -> None:
     result = crowded(3, script_output="x" * 2000)
-    answer = json_page(BASE, result, view="full", offset=1, limit=1, cap=8_000)
+    answer = json_page(BASE, **paged(result, 1, 1), view="full", cap=8_000)
     cut = answer.page.cut if answer.page else None
     assert cut is not None and (cut.shown, cut.omitted, cut.next_port_offset) == (0, 3, 1)
     assert "the port at port_offset 0 alone is larger than an answer may be" in (answer.message or "")
@@ -167,22 +168,22 @@ def test_a_port_larger_than_the_cap_alone_is_skipped_and_said_so() -> None:
 
 def test_limit_and_offset_page_through_hosts() -> None:
     result = recorded("multi_host.xml")
-    answer = json_page(BASE, result, view="summary", offset=2, limit=3, cap=60_000)
+    answer = json_page(BASE, **paged(result, 2, 3), view="summary", cap=60_000)
     assert [h.address for h in answer.result.hosts] == ["127.0.0.3", "127.0.0.4", "127.0.0.5"]  # type: ignore[union-attr]
     assert answer.page is not None and (answer.page.total, answer.page.next_offset) == (8, 5)
     assert not answer.truncated
-    last = json_page(BASE, result, view="summary", offset=5, limit=3, cap=60_000)
+    last = json_page(BASE, **paged(result, 5, 3), view="summary", cap=60_000)
     assert last.page is not None and last.page.next_offset is None
 
 
 def test_csv_has_one_row_per_port() -> None:
-    answer = csv_page(BASE.model_copy(update={"format": "csv"}), recorded("rich_loopback.xml"), offset=0, limit=50,
+    answer = csv_page(BASE.model_copy(update={"format": "csv"}), **paged(recorded("rich_loopback.xml"), 0, 50),
                       cap=60_000)
     rows = list(csv.DictReader(io.StringIO(answer.content or "")))
     assert [(r["port"], r["state"], r["service"], r["untrusted_product"]) for r in rows] == [
         (str(PORTS["banner"]), "open", "ssh", "OpenSSH"), (str(PORTS["closed"]), "closed", "ndmps", ""),
     ]
-    big = csv_page(BASE, many_hosts(2000), offset=0, limit=1000, cap=10_000)
+    big = csv_page(BASE, **paged(many_hosts(2000), 0, 1000), cap=10_000)
     assert size(big) <= 10_000 and big.truncated and big.page is not None and big.page.next_offset
 
 
@@ -190,12 +191,31 @@ def test_xml_pages_reassemble_into_the_original_report() -> None:
     raw = (FIXTURES / "rich_loopback.xml").read_text()
     parts, offset = [], 0
     while offset is not None:
-        answer = text_page(BASE.model_copy(update={"format": "xml"}), raw, offset=offset, cap=8_000)
+        answer = text_page(BASE.model_copy(update={"format": "xml"}), raw[offset: offset + 8_000], offset=offset,
+                           total=len(raw), cap=8_000)
         assert size(answer) <= 8_000
         parts.append(answer.content or "")
         offset = answer.page.next_offset if answer.page else None
     assert len(parts) > 1 and "".join(parts) == raw
     assert parse_report("".join(parts), "127.0.0.1") == recorded("rich_loopback.xml")
+
+
+MIXED = 'plain <a b="c"> back\\slash\nline\ttab\rcr \x01\x1f é € 😀 '
+
+
+def test_what_characters_cost_on_the_wire_is_counted_exactly() -> None:
+    empty = wire_size(BASE.model_copy(update={"content": ""}))
+    for text in (MIXED, MIXED * 50, "x", '"', "\\", "\n", "\x00", "😀"):
+        assert wire_size(BASE.model_copy(update={"content": text})) - empty == text_wire_bytes(text), repr(text)
+    # Backspace and form feed are counted as any control character: at most what they cost.
+    assert wire_size(BASE.model_copy(update={"content": "\b\f"})) - empty < text_wire_bytes("\b\f")
+
+
+def test_an_xml_page_is_filled_to_the_cap_whatever_its_characters() -> None:
+    text = MIXED * 2000
+    answer = text_page(BASE.model_copy(update={"format": "xml"}), text[:8_000], offset=0, total=len(text), cap=8_000)
+    assert 0.95 * 8_000 < size(answer) <= 8_000, "what is left is the room kept for a note and the page's numbers"
+    assert answer.page is not None and answer.content == text[:answer.page.returned] and answer.truncated
 
 
 def test_diff_reports_hosts_and_ports_that_changed() -> None:

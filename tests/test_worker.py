@@ -19,7 +19,7 @@ from nmap_report import ReportParser, with_versions
 from scanner import build_argv
 from sharding import Shard
 from task_manager import Submitted, TaskAlreadyFinished
-from tests.nodes import RATED, MakeNode, argv_for, big_result, submit, wait_for
+from tests.nodes import RATED, MakeNode, argv_for, big_result, finished, submit, wait_for
 from tests.support import Listeners, NmapWrapper, own_user_sandbox, process_alive
 from worker import PhaseEnd, Worker, judge
 
@@ -130,7 +130,7 @@ async def test_a_submission_hands_the_pools_oldest_task_to_a_free_local_worker(
         full = await worker.hand_over(lambda to: node.tasks.submit(
             "alice", ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap_wrapper, port), 120, claim_for=to))
         assert full.claimed is None
-        final = await node.tasks.wait(older.id, "alice", timeout_s=30)
+        final = await finished(node.tasks, older.id, "alice", 30)
         assert final.status is TaskStatus.COMPLETED and final.worker_name == "direct"
         for waiting in (newer.record, full.record):
             assert (await node.tasks.get(waiting.id, "alice")).status is TaskStatus.QUEUED
@@ -166,7 +166,7 @@ async def test_a_caller_cancelled_during_a_hand_over_does_not_strand_its_task(
             await caller
         assert await wait_for(lambda: worker.running == 1)
         [record] = await node.tasks.recent("alice", None, 10)
-        final = await node.tasks.wait(record.id, "alice", timeout_s=30)
+        final = await finished(node.tasks, record.id, "alice", 30)
         assert final.status is TaskStatus.COMPLETED and final.worker_name == "direct"
     finally:
         await worker.stop()
@@ -194,7 +194,7 @@ async def test_expired_leases_are_resolved_by_any_process(
         conn.execute(insert(tasks), rows)
     engine.dispose()
     node = await make_node(capacity=1, lease=2)
-    requeued = await node.tasks.wait("claimed-never-started", "alice", timeout_s=30)
+    requeued = await finished(node.tasks, "claimed-never-started", "alice", 30)
     assert requeued.status is TaskStatus.COMPLETED and requeued.worker_name == "w0"
     assert requeued.result is not None and requeued.result.hosts[0].ports[0].port == port
     died = await node.tasks.get("started-then-died", "alice")
@@ -227,7 +227,7 @@ async def test_time_limit_stops_the_scan_and_fails_the_task(make_node: MakeNode,
     nmap_wrapper.set_delay(30)
     node = await make_node()
     record = await submit(node.tasks, nmap_wrapper, 1, limit=1)
-    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
+    final = await finished(node.tasks, record.id, "alice", 30)
     assert final.status is TaskStatus.FAILED and "time limit of 1 s" in (final.error or "")
     assert not nmap_wrapper.alive()
 
@@ -249,11 +249,12 @@ async def test_time_limit_keeps_the_hosts_finished_so_far(make_node: MakeNode, n
     argv = build_argv(str(nmap_wrapper.path), ["-sT", "-p", "1-100", "--scan-delay", "10ms", "--max-hostgroup", "1",
                                                 *RATED], ["127.0.0.1-8"], ipv6=False, privileged=False)
     record = (await node.tasks.submit("alice", ScanKind.CUSTOM, "127.0.0.1-8", argv, 3)).record
-    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
+    final = await finished(node.tasks, record.id, "alice", 30)
     assert final.status is TaskStatus.FAILED and "time limit of 3 s" in (final.error or "")
     assert final.result is not None and final.result.partial
     assert 1 <= len(final.result.hosts) < 8 and final.result.hosts[0].address == "127.0.0.1"
-    assert (await node.tasks.raw_xml(record.id, "alice") or b"").startswith(b"<?xml")
+    report = await node.tasks.report_page(record.id, 0, 100)
+    assert report is not None and report.text.startswith("<?xml")
 
 
 async def test_progress_and_finished_hosts_are_readable_from_another_process(
@@ -269,7 +270,8 @@ async def test_progress_and_finished_hosts_are_readable_from_another_process(
     partial = None
     while time.monotonic() < deadline:
         seen = await reader.tasks.get(record.id, "alice")
-        partial = await reader.tasks.result_so_far(seen)
+        page = await reader.tasks.result_page(seen, 0, 1000)
+        partial = None if page is None else page.result
         if partial is not None and partial.hosts and seen.progress is not None:
             break
         await asyncio.sleep(0.2)
@@ -279,7 +281,7 @@ async def test_progress_and_finished_hosts_are_readable_from_another_process(
     assert runner.worker is not None
     await runner.worker.wait_stopped(record.id, 5)
     stopped = await reader.tasks.get(record.id, "alice", with_result=True)
-    kept = await reader.tasks.result_so_far(stopped)
+    kept = stopped.result
     assert stopped.status is TaskStatus.CANCELLED and kept is not None and kept.partial
     assert [h.address for h in kept.hosts][: len(partial.hosts)] == [h.address for h in partial.hosts]
 
@@ -301,7 +303,7 @@ async def test_a_completed_task_clears_its_live_rows(
             break
         await asyncio.sleep(0.1)
     assert written, "no finished host was written while the scan ran"
-    final = await node.tasks.wait(record.id, "alice", timeout_s=60)
+    final = await finished(node.tasks, record.id, "alice", 60)
     assert final.status is TaskStatus.COMPLETED and final.result is not None and len(final.result.hosts) == 3
     with engine.connect() as conn:
         left = conn.execute(live).all()
@@ -332,7 +334,7 @@ async def test_a_completed_scan_keeps_its_verdict_when_the_database_refuses_its_
             conn.exec_driver_sql(statement)
     engine.dispose()
     record = await submit(node.tasks, nmap_wrapper, port)
-    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
+    final = await finished(node.tasks, record.id, "alice", 30)
     assert final.status is TaskStatus.COMPLETED and final.result is not None
     assert final.result.hosts[0].ports[0].port == port
     assert await node.stores.inventory.find_hosts("alice", HostQuery(), 10, 0) == ([], 0)
@@ -355,7 +357,7 @@ async def test_a_running_task_resolved_by_another_process_has_its_nmap_stopped(
         conn.execute(update(tasks).where(tasks.c.id == record.id).values(
             status=TaskStatus.INTERRUPTED.value, finished_at=time.time(), lease_expires_at=None))
     engine.dispose()
-    final = await node.tasks.wait(record.id, "alice", timeout_s=10)
+    final = await finished(node.tasks, record.id, "alice", 10)
     assert final.status is TaskStatus.INTERRUPTED
     assert await wait_for(lambda: nmap_wrapper.alive() == [], 5)
 
@@ -379,7 +381,7 @@ async def test_a_database_slower_than_a_lease_interrupts_no_scan(
         holder.execute("ROLLBACK")
     finally:
         holder.close()
-    final = await node.tasks.wait(record.id, "alice", timeout_s=30)
+    final = await finished(node.tasks, record.id, "alice", 30)
     assert final.status is TaskStatus.COMPLETED, final.error
     assert final.result is not None and final.result.hosts[0].ports[0].port == port
 

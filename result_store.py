@@ -1,0 +1,287 @@
+"""Results stored so that a page reads a page.
+
+A task's result is kept in two parts: its head (the ScanResult without hosts: counts,
+warnings, errors) in the task's row, and its hosts in `result_chunks`, in the result's order
+(by address), CHUNK_HOSTS to a row, each row a zlib-compressed JSON array. A page of
+get_task_result reads the head and the one or two chunks it shows, so that its cost depends
+on the page, not on the result: parsing a 16,384-host result whole for every page made
+paging through it quadratic (issue 24).
+
+A sharded scan's hosts are stored once: each shard writes its chunks as it ends, and the
+last shard's verdict moves them all under the parent (renumbered, not rewritten), where the
+parent's merged head joins them.
+
+The whole result is still assembled for what compares results (diff_scans, a schedule's
+changes) and for evidence, which hashes the JSON exactly as it was written before chunks:
+`whole_text` gives that text back byte for byte.
+
+nmap's XML report is kept the same way, in pieces (`report_pieces`), paged in characters: each
+run's exact bytes (evidence hashes them), and a sharded scan's report is its shards' in turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import pairwise
+from typing import Any, NamedTuple
+
+from pydantic import TypeAdapter
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+
+from models import HostDetail, ScanResult, report_pieces, result_chunks, stored_hosts, stored_result, tasks
+
+# Hosts per chunk: a page's default of 50 hosts reads one or two chunks; a chunk of hosts with
+# many ports stays well under a megabyte. Reads rely on no chunk holding more than this
+# (a smaller chunk, as a shard's last one, is fine).
+CHUNK_HOSTS = 64
+
+# Bytes of nmap's XML per piece: an xml page (a cap's worth of characters, 60,000 by default)
+# reads one piece or two.
+PIECE_BYTES = 256 * 1024
+
+_HOSTS = TypeAdapter(list[HostDetail])
+# Where the head's JSON holds its (empty) host list: the hosts' text goes back in there.
+# Nothing before it can hold that text unescaped (strings escape their quotes).
+_NO_HOSTS = '"hosts":[]'
+
+_HEAD = select(tasks.c.result, tasks.c.result_hosts).where(tasks.c.id == bindparam("p_id"))
+# The chunks that hold hosts [p_from + CHUNK_HOSTS, p_to): a chunk that holds host n starts
+# after n - CHUNK_HOSTS.
+_PAGE_CHUNKS = (
+    select(result_chunks.c.first_host, result_chunks.c.data)
+    .where(result_chunks.c.task_id == bindparam("p_id"), result_chunks.c.first_host > bindparam("p_from"),
+           result_chunks.c.first_host < bindparam("p_to"))
+    .order_by(result_chunks.c.first_host)
+)
+_ALL_CHUNKS = (select(result_chunks.c.data).where(result_chunks.c.task_id == bindparam("p_id"))
+               .order_by(result_chunks.c.first_host))
+# A task's runs with their reports' lengths: itself, or a sharded task's shards in order.
+_REPORT_RUNS = (select(tasks.c.id, func.coalesce(tasks.c.report_chars, 0))
+                .where((tasks.c.id == bindparam("p_id")) & (tasks.c.shard_count == 0)
+                       | (tasks.c.parent_id == bindparam("p_id")))
+                .order_by(tasks.c.created_at))
+# The pieces holding characters [p_from + PIECE_BYTES, p_to) of a run's report (a piece has
+# at most PIECE_BYTES characters).
+_REPORT_PIECES = (
+    select(report_pieces.c.first_char, report_pieces.c.data)
+    .where(report_pieces.c.task_id == bindparam("p_id"), report_pieces.c.first_char > bindparam("p_from"),
+           report_pieces.c.first_char < bindparam("p_to"))
+    .order_by(report_pieces.c.first_char)
+)
+_MOVE_CHUNKS = (update(result_chunks).where(result_chunks.c.task_id == bindparam("p_shard"))
+                .values(task_id=bindparam("p_parent"), first_host=result_chunks.c.first_host + bindparam("p_base")))
+
+
+class Encoded(NamedTuple):
+    """What a run found, as it is written: the columns of its task's row (the result's head,
+    the report's length and the evidence of its bytes), its result's chunks and its report's
+    pieces."""
+
+    columns: dict[str, Any]
+    chunks: list[dict[str, Any]]
+    pieces: list[dict[str, Any]]
+
+
+class ReportPage(NamedTuple):
+    """Characters of a task's XML report from an offset, and how many it has in all."""
+
+    text: str
+    total: int
+
+
+class StoredParts(NamedTuple):
+    """A result as read, not yet parsed: its head and its chunks (compressed), in order."""
+
+    head: str
+    chunks: list[bytes]
+
+
+class StoredPage(NamedTuple):
+    """A page of a result as read, not yet parsed: the head, the result's host count, and the
+    chunks holding the page's hosts, each with the number of its first host."""
+
+    head: str
+    total: int
+    chunks: list[tuple[int, bytes]]
+
+
+class ResultPage(NamedTuple):
+    """A page of a result: its head with the page's hosts, and how many hosts it has in all."""
+
+    result: ScanResult
+    total: int
+
+
+def address_key(address: str) -> str:
+    """A text that sorts like the address (IPv4 before IPv6, then by value; anything else last),
+    as nmap_report orders a result's hosts."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return "9" + "0" * 32
+    return f"{parsed.version}{int(parsed):032x}"
+
+
+def encoded(task_id: str, result: ScanResult | None, raw: bytes = b"") -> Encoded:
+    """A run's result cut into its head and compressed chunks, and nmap's XML into pieces:
+    done before the writing transaction, so that compressing a big result holds no lock."""
+    chunks = [] if result is None else _chunk_rows(task_id, result.hosts)
+    chars, pieces = _report_rows(task_id, raw)
+    return Encoded({
+        "result": None if result is None else result.model_copy(update={"hosts": []}).model_dump_json(),
+        "result_hosts": None if result is None else len(result.hosts),
+        "report_chars": chars if raw else None,
+        # The evidence of nmap's exact bytes, as get_task_result's xml gives them back.
+        "raw_xml_sha256": hashlib.sha256(raw).hexdigest() if raw else None,
+        "raw_xml_size": len(raw) if raw else None,
+    }, chunks, pieces)
+
+
+def read_page(conn: Connection, task_id: str, offset: int, limit: int) -> StoredPage | None:
+    """The chunks holding hosts [offset, offset + limit) of the task's result, with its head;
+    None when it has no result."""
+    row = conn.execute(_HEAD, {"p_id": task_id}).first()
+    if row is None or row.result is None:
+        return None
+    chunks = conn.execute(_PAGE_CHUNKS, {"p_id": task_id, "p_from": offset - CHUNK_HOSTS, "p_to": offset + limit})
+    return StoredPage(row.result, row.result_hosts or 0, [(first, data) for first, data in chunks])
+
+
+def page_of(stored: StoredPage, offset: int, limit: int) -> ResultPage:
+    """What `read_page` read, parsed: the head with hosts [offset, offset + limit)."""
+    hosts: list[HostDetail] = []
+    for first, data in stored.chunks:
+        hosts.extend(stored_hosts(zlib.decompress(data))[max(offset - first, 0): offset + limit - first])
+    return ResultPage(stored_result(stored.head).model_copy(update={"hosts": hosts}), stored.total)
+
+
+def read_whole(conn: Connection, task_id: str) -> StoredParts | None:
+    """The task's whole result as stored; None when it has none."""
+    row = conn.execute(_HEAD, {"p_id": task_id}).first()
+    if row is None or row.result is None:
+        return None
+    return StoredParts(row.result, list(conn.execute(_ALL_CHUNKS, {"p_id": task_id}).scalars()))
+
+
+def assembled(parts: StoredParts) -> ScanResult:
+    """A whole result from its stored parts."""
+    hosts = [host for chunk in parts.chunks for host in stored_hosts(zlib.decompress(chunk))]
+    return stored_result(parts.head).model_copy(update={"hosts": hosts})
+
+
+def whole_text(parts: StoredParts) -> str:
+    """The result's JSON as one document, exactly as ScanResult.model_dump_json wrote it."""
+    before, _, after = parts.head.partition(_NO_HOSTS)
+    inner = b",".join(zlib.decompress(chunk)[1:-1] for chunk in parts.chunks)
+    return f'{before}"hosts":[{inner.decode()}]{after}'
+
+
+def adopt_shards(conn: Connection, parent_id: str, shard_ids: Sequence[str]) -> int:
+    """Move the shards' chunks under their parent, in address order, and return how many
+    hosts the parent has. Shards whose addresses follow one another (the shards of sorted,
+    disjoint targets: the usual case) are laid end to end by renumbering their rows; when
+    the caller's targets interleave them, their hosts are merged by address and written again."""
+    spans = _spans(conn.execute(select(
+        result_chunks.c.task_id, result_chunks.c.host_count, result_chunks.c.first_key, result_chunks.c.last_key,
+    ).where(result_chunks.c.task_id.in_(shard_ids))).all())
+    ordered = sorted(spans.items(), key=lambda item: item[1][0])
+    if all(a[1][1] < b[1][0] for a, b in pairwise(ordered)):
+        moves, base = [], 0
+        for shard_id, (_, _, count) in ordered:
+            moves.append({"p_shard": shard_id, "p_parent": parent_id, "p_base": base})
+            base += count
+        if moves:
+            conn.execute(_MOVE_CHUNKS, moves)
+        return base
+    hosts = sorted((host for shard_id, _ in ordered for host in _hosts_of(conn, shard_id)),
+                   key=lambda host: address_key(host.address))
+    conn.execute(delete(result_chunks).where(result_chunks.c.task_id.in_(shard_ids)))
+    write_found(conn, Encoded({}, _chunk_rows(parent_id, hosts), []))
+    return len(hosts)
+
+
+def _report_rows(task_id: str, raw: bytes) -> tuple[int, list[dict[str, Any]]]:
+    """nmap's XML cut into compressed pieces, each ending before a byte that starts a
+    character (or an invalid one), so that decoding pieces one by one gives the characters
+    decoding it whole gives; and how many characters it has."""
+    pieces, start, first_char = [], 0, 0
+    while start < len(raw):
+        end = min(start + PIECE_BYTES, len(raw))
+        while start < end < len(raw) and 0x80 <= raw[end] < 0xC0:
+            end -= 1
+        if end == start:  # nothing but continuation bytes: invalid, decoded byte by byte anyway
+            end = min(start + PIECE_BYTES, len(raw))
+        piece = raw[start:end]
+        chars = len(piece.decode("utf-8", "replace"))
+        pieces.append({"task_id": task_id, "first_char": first_char, "chars": chars, "data": zlib.compress(piece)})
+        first_char, start = first_char + chars, end
+    return first_char, pieces
+
+
+def write_found(conn: Connection, found: Encoded) -> None:
+    """A run's result chunks and report pieces, written with its verdict."""
+    for table, rows in ((result_chunks, found.chunks), (report_pieces, found.pieces)):
+        if rows:
+            conn.execute(insert(table), rows)
+
+
+def read_report(conn: Connection, task_id: str, offset: int, count: int) -> ReportPage | None:
+    """Up to `count` characters of the task's XML report from `offset` (a sharded task's: its
+    shards' reports in turn), reading only the pieces that hold them; None when it has none."""
+    runs = conn.execute(_REPORT_RUNS, {"p_id": task_id}).all()
+    if not any(chars for _, chars in runs):
+        return None
+    text, base, end = [], 0, offset + count
+    for run_id, chars in runs:
+        if base < end and offset < base + chars:
+            text.append(_run_text(conn, run_id, max(offset - base, 0), min(end - base, chars)))
+        base += chars
+    return ReportPage("".join(text), base)
+
+
+def report_bytes(conn: Connection, task_id: str) -> bytes | None:
+    """One run's XML report, its exact bytes; None when it has none."""
+    pieces = conn.execute(select(report_pieces.c.data).where(report_pieces.c.task_id == task_id)
+                          .order_by(report_pieces.c.first_char)).scalars().all()
+    return b"".join(zlib.decompress(piece) for piece in pieces) if pieces else None
+
+
+def delete_found(conn: Connection, task_ids: Iterable[str]) -> None:
+    """What the tasks found: their result chunks and report pieces."""
+    ids = list(task_ids)
+    conn.execute(delete(result_chunks).where(result_chunks.c.task_id.in_(ids)))
+    conn.execute(delete(report_pieces).where(report_pieces.c.task_id.in_(ids)))
+
+
+def _run_text(conn: Connection, run_id: str, start: int, end: int) -> str:
+    """Characters [start, end) of one run's report."""
+    rows = conn.execute(_REPORT_PIECES, {"p_id": run_id, "p_from": start - PIECE_BYTES, "p_to": end})
+    return "".join(zlib.decompress(data).decode("utf-8", "replace")[max(start - first, 0): end - first]
+                   for first, data in rows)
+
+
+def _chunk_rows(task_id: str, hosts: Sequence[HostDetail]) -> list[dict[str, Any]]:
+    rows = []
+    for first in range(0, len(hosts), CHUNK_HOSTS):
+        part = hosts[first: first + CHUNK_HOSTS]
+        rows.append({"task_id": task_id, "first_host": first, "host_count": len(part),
+                     "first_key": address_key(part[0].address), "last_key": address_key(part[-1].address),
+                     "data": zlib.compress(_HOSTS.dump_json(list(part)))})
+    return rows
+
+
+def _spans(rows: Iterable[Any]) -> dict[str, tuple[str, str, int]]:
+    """Per shard: the sort keys of its first and last address, and its host count."""
+    spans: dict[str, tuple[str, str, int]] = {}
+    for row in rows:
+        first, last, count = spans.get(row.task_id, (row.first_key, row.last_key, 0))
+        spans[row.task_id] = (min(first, row.first_key), max(last, row.last_key), count + row.host_count)
+    return spans
+
+
+def _hosts_of(conn: Connection, task_id: str) -> Iterator[HostDetail]:
+    for chunk in conn.execute(_ALL_CHUNKS, {"p_id": task_id}).scalars():
+        yield from stored_hosts(zlib.decompress(chunk))
