@@ -272,8 +272,12 @@ class Settings(BaseSettings):
     # Scanner pools and the networks each reaches: a scan goes to the pool whose networks
     # hold all its addresses. Empty: every scan goes to the pool `default`.
     pools: dict[str, list[str]] = Field(default_factory=dict)
-    # A scan of more addresses than this is split into shards that workers run in parallel.
-    shard_addresses: int = Field(default=64, ge=1, le=65_536)
+    # The largest shard: when a scan is split (its pool has two or more live workers), no shard
+    # holds more addresses than this. Each also holds at least nmap's efficient host group for
+    # its scan (sharding.efficient_group, at most 4,096), unless this is smaller. 4,096: nmap's
+    # largest group (a ping scan's), a /20, as large as any efficient group, so the default
+    # bounds only what one dead worker's shard makes run again.
+    shard_addresses: int = Field(default=4096, ge=1, le=65_536)
     # Over stdio no token travels: the local client acts as this caller (its tasks' owner).
     stdio_caller: str = Field(default="local", pattern=POOL_NAME)
     allowed_targets: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))

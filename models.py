@@ -127,6 +127,9 @@ tasks = Table(
     # A big scan is a parent (shard_count > 0, never claimed) and shards (parent_id set).
     Column("parent_id", String(36)),
     Column("shard_count", Integer, nullable=False, server_default="0"),
+    # How many times a shard was queued again because the worker running it stopped mid-scan
+    # (worker_store.MAX_SHARD_REQUEUES bounds it).
+    Column("requeues", Integer, nullable=False, server_default="0"),
     # What the per-token limits count: the addresses a scan covers, and whether the caller
     # forced it past a recent result (rescan).
     Column("address_count", Integer, nullable=False, server_default="0"),
@@ -234,6 +237,9 @@ workers = Table(
     Column("running", Integer, nullable=False, server_default="0"),
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
+    # A pool's live workers and their slots, read by every submit that may be sharded
+    # (worker_store.WorkerStore.capacity) from this index alone.
+    Index("ix_workers_pool_heartbeat", "pool", "heartbeat_at", "capacity", "running"),
 )
 
 # The inventory: the latest known state of every host and port a token's scans have seen,

@@ -67,7 +67,7 @@ from nmap_options import parse_command
 from policy import Policy
 from resolver import HostResolver
 from scanner import NmapBuild, build_argv, nmap_build, scan_options
-from sharding import Shard, shard
+from sharding import Shard, efficient_group, shard, shard_size
 from stores import Stores
 from targets import IPNetwork, ResolvedTargets, resolve_targets, split_targets
 from task_manager import ApprovalRequest, TaskAlreadyFinished
@@ -353,7 +353,7 @@ class ScanService:
             raise ShuttingDown("the server is shutting down; retry in a moment")
         checked = await self.check(owner, request)
         resolved, argv, pool, approval = checked.resolved, checked.argv, checked.pool, checked.approval
-        submit = partial(self._tasks.submit, **self._submission(owner, request, checked, rescan),
+        submit = partial(self._tasks.submit, **await self._submission(owner, request, checked, rescan),
                          schedule_run=schedule_run, approval=approval)
         if self._worker is not None and self._worker.info.pool == pool:
             record, reused, _ = await self._worker.hand_over(lambda worker: submit(claim_for=worker))
@@ -386,24 +386,31 @@ class ScanService:
             return self._settings.max_scan_seconds
         return time_left(self._settings.max_scan_seconds, closes_at)
 
-    def _submission(self, owner: str, request: ScanRequest, checked: CheckedScan, rescan: bool) -> dict[str, Any]:
+    async def _submission(self, owner: str, request: ScanRequest, checked: CheckedScan,
+                          rescan: bool) -> dict[str, Any]:
         """The arguments of the task store's submit (and trial) for a checked scan."""
         share = request.shareable and not rescan
         return {
             "owner": owner, "kind": request.kind, "target": " ".join(request.targets), "argv": checked.argv,
             "time_limit": self._time_limit(checked.closes_at), "pool": checked.pool, "share": share,
             "fresh_since": time.time() - self._settings.result_freshness_seconds if share else None,
-            "shards": self._shards(checked), "limits": self.policy.limits(owner),
+            "shards": await self._shards(checked), "limits": self.policy.limits(owner),
             "address_count": checked.resolved.address_count, "probe_count": probes(checked.argv),
             "forced": request.shareable and rescan, "engagement": checked.engagement,
             "engagement_probes": checked.engagement_probes,
         }
 
-    def _shards(self, checked: CheckedScan) -> list[Shard]:
-        """A scan of more than shard_addresses addresses, in shards; none for a smaller one."""
-        if checked.resolved.address_count <= self._settings.shard_addresses:
+    async def _shards(self, checked: CheckedScan) -> list[Shard]:
+        """The scan's shards as sharding.shard_size sizes them for its pool now; none when it
+        runs whole. A scan no larger than its smallest shard could be is never split, and
+        costs no read of the pool (every small scan)."""
+        addresses, largest = checked.resolved.address_count, self._settings.shard_addresses
+        group = min(efficient_group(options_of(checked.argv)), largest)
+        if addresses <= group:
             return []
-        return shard(checked.argv, checked.resolved.networks, self._settings.shard_addresses)
+        size = shard_size(addresses, group, await self._stores.workers.capacity(checked.pool), largest)
+        shards = [] if size is None else shard(checked.argv, checked.resolved.networks, size)
+        return shards if len(shards) > 1 else []
 
     async def plan(self, owner: str, tool: str, request: ScanRequest, *,
                    rescan: bool = False) -> tuple[ScanPlan, Exception | None]:
@@ -414,7 +421,7 @@ class ScanService:
         if not self.accepting:
             raise ShuttingDown("the server is shutting down; retry in a moment")
         checked = await self.check(owner, request)
-        submission = self._submission(owner, request, checked, rescan)
+        submission = await self._submission(owner, request, checked, rescan)
         refusal: Exception | None = None
         reused = None
         try:

@@ -4,7 +4,8 @@ still runs what it claimed, and the workers table list_workers reads.
 A task is claimed by one guarded statement that gives a worker a lease, marked started just
 before nmap starts, and finished by a guarded update (the verdict, with the inventory folded
 in). A task whose lease expired is resolved by any process: queued again if nmap never
-started, interrupted if it had.
+started; if it had, a shard is queued again for another worker of its pool (its parent runs
+on; at most MAX_SHARD_REQUEUES times) and any other task is interrupted.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ from models import (
 )
 from result_store import Encoded, adopt_shards, encoded, write_found
 from scanner import scanned_addresses
-from sharding import ShardEnd, parent_verdict
+from sharding import PoolCapacity, ShardEnd, parent_verdict
 
 logger = logging.getLogger(__name__)
 
 INTERRUPTED_ERROR = "the worker running this scan stopped before it finished; submit it again"
+# A shard whose worker stopped mid-scan runs again this many times at most: a shard that took
+# down its worker that often is more likely the cause than the victim, and is interrupted.
+MAX_SHARD_REQUEUES = 2
 _UNCLAIMED = {"status": TaskStatus.QUEUED.value, "worker_id": None, "worker_name": None,
               "claimed_at": None, "lease_expires_at": None}
 
@@ -110,6 +114,10 @@ _INSERT_LIVE_HOSTS = insert(task_hosts)
 _KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
 _DELETE_LIVE_HOSTS = delete(task_hosts).where(task_hosts.c.task_id == _P["id"])
 _DELETE_UNCONFIRMED = delete(task_hosts).where(task_hosts.c.task_id == _P["id"], task_hosts.c.seq < 0)
+# A pool's live workers, their slots and what they run (ix_workers_pool_heartbeat alone).
+_POOL_CAPACITY = select(func.count(), func.coalesce(func.sum(workers.c.capacity), 0),
+                        func.coalesce(func.sum(workers.c.running), 0)).where(
+    workers.c.pool == _P["pool"], workers.c.heartbeat_at >= bindparam("p_since"))
 # Running tasks (not a sharded parent, which has no lease of its own) whose lease has expired.
 _EXPIRED_LEASES = select(tasks.c.id, func.coalesce(tasks.c.lease_expires_at, 0.0).label("lease")).where(
     tasks.c.status == TaskStatus.RUNNING.value, tasks.c.shard_count == 0,
@@ -238,14 +246,20 @@ class WorkerStore:
 
     async def resolve_expired(self, suspects: Mapping[str, float]) -> dict[str, float]:
         """Resolve the tasks whose lease has expired and had already expired, unchanged, at the
-        previous call (`suspects`: task id -> its lease then): queued again if nmap never started,
-        interrupted if it had. Seen twice, a reaper's pause apart, so that a renewal the
-        database held back (a lock, a freeze) lands before its lease is judged. The tasks whose
-        lease has expired now, for the next call."""
+        previous call (`suspects`: task id -> its lease then): queued again if nmap never started
+        or, for a shard with requeues left, if it had; else interrupted. Seen twice, a reaper's
+        pause apart, so that a renewal the database held back (a lock, a freeze) lands before
+        its lease is judged. The tasks whose lease has expired now, for the next call."""
         expired, requeued, interrupted = await self._db.run(self._resolve_expired, dict(suspects))
         if requeued or interrupted:
             self.feed.wake_all()
         return expired
+
+    async def capacity(self, pool: str) -> PoolCapacity:
+        """The pool's workers alive (a heartbeat within a lease, as list_workers counts them),
+        their slots and the nmap runs they reported: what a scan's shards are sized by at
+        submit, in any process, one with no worker of its own included."""
+        return await self._db.run(self._select_capacity, pool)
 
     async def pools(self, stale_after_s: float) -> list[PoolStatus]:
         """Per pool: its workers (alive when they beat within `stale_after_s`) and its queue."""
@@ -361,6 +375,7 @@ class WorkerStore:
                 update(tasks).where(judged, tasks.c.started_at.is_(None)).values(**_UNCLAIMED)
                 .returning(tasks.c.id, tasks.c.pool)
             ).all()
+            rerun = _requeue_started_shards(conn, judged)
             interrupted = conn.execute(
                 update(tasks).where(judged, tasks.c.started_at.is_not(None))
                 .values(status=TaskStatus.INTERRUPTED.value, finished_at=now, error=INTERRUPTED_ERROR,
@@ -369,12 +384,15 @@ class WorkerStore:
             ).all()
             for parent_id in sorted({row.parent_id for row in interrupted if row.parent_id}):
                 settle_parent(conn, self.feed, parent_id)
-            self.feed.notify(conn, *(row.id for row in interrupted), *(queue_key(row.pool) for row in requeued))
+            self.feed.notify(conn, *(row.id for row in interrupted),
+                             *(queue_key(row.pool) for row in [*requeued, *rerun]))
             conn.execute(delete(workers).where(workers.c.heartbeat_at < now - 10 * self.lease_seconds))
+        if rerun:
+            logger.warning("%d shard(s) whose worker stopped mid-scan queued again", len(rerun))
         if interrupted:
             logger.warning("%d task(s) whose worker stopped mid-scan marked interrupted", len(interrupted))
         return ({task_id: lease for task_id, lease in expired.items() if task_id not in confirmed},
-                [row.id for row in requeued], [row.id for row in interrupted])
+                [row.id for row in [*requeued, *rerun]], [row.id for row in interrupted])
 
     def _beat_worker(self, worker: WorkerInfo, running: int) -> None:
         with self._db.writing() as conn:
@@ -383,6 +401,12 @@ class WorkerStore:
     def _delete_worker(self, worker_id: str) -> None:
         with self._db.writing() as conn:
             conn.execute(delete(workers).where(workers.c.id == worker_id))
+
+    def _select_capacity(self, pool: str) -> PoolCapacity:
+        with self._db.reading() as conn:
+            alive, slots, running = conn.execute(_POOL_CAPACITY, {
+                "p_pool": pool, "p_since": time.time() - self.lease_seconds}).one()
+        return PoolCapacity(workers=alive, slots=slots, running=running)
 
     def _select_pools(self, stale_after_s: float) -> list[PoolStatus]:
         now = time.time()
@@ -404,6 +428,22 @@ class WorkerStore:
             })
         return [PoolStatus(pool, queued.get(pool, 0), by_pool.get(pool, []), running.get(pool, 0))
                 for pool in sorted({*queued, *running, *by_pool})]
+
+
+def _requeue_started_shards(conn: Connection, judged: ColumnElement[bool]) -> list[Any]:
+    """The shards among `judged` (leases confirmed expired) whose nmap had started, queued again
+    as if never claimed while they have requeues left; their parent runs on. The hosts the
+    stopped run stored go with it: the next run stores its own, and the parent's result would
+    count them twice. Their ids and pools."""
+    rerun = conn.execute(
+        update(tasks).where(judged, tasks.c.started_at.is_not(None), tasks.c.parent_id.is_not(None),
+                            tasks.c.requeues < MAX_SHARD_REQUEUES)
+        .values(**_UNCLAIMED, started_at=None, progress=None, requeues=tasks.c.requeues + 1)
+        .returning(tasks.c.id, tasks.c.pool)
+    ).all()
+    if rerun:
+        conn.execute(delete(task_hosts).where(task_hosts.c.task_id.in_([row.id for row in rerun])))
+    return list(rerun)
 
 
 def _beat_worker_in(conn: Connection, worker: WorkerInfo, running: int) -> None:

@@ -101,7 +101,9 @@ async def test_a_sharded_scan_s_evidence_is_each_shard_s_in_the_order_its_xml_jo
     in_memory: OpenClient, listeners: Listeners
 ) -> None:
     [port] = listeners.open_free_top_ports(1, HOST)
-    async with in_memory(shard_addresses=8) as alice:
+    # bob's stdio process is a second live worker of the pool (a pool of one runs a scan whole);
+    # it takes only bob's scans, so alice's worker runs both shards.
+    async with in_memory(shard_addresses=8) as alice, in_memory("bob"):
         done = await answer_of(alice, "custom_scan", command=f"-Pn -p {port} 127.0.22.0/28", timeout=120)
         evidence = await answer_of(alice, "get_task_evidence", task_id=done["task_id"])
         xml = await xml_text(alice, done["task_id"])

@@ -31,6 +31,7 @@ from tests.support import (
     NmapWrapper,
     PrivatePostgres,
     ServiceProcess,
+    SilentServer,
     call_tool,
     error_text,
     eventually,
@@ -294,6 +295,49 @@ async def test_a_worker_killed_mid_scan_has_its_task_interrupted_and_the_other_g
         assert time.monotonic() < deadline, f"{victim} still shown alive"
         await asyncio.sleep(0.2)
     assert survivor in await fleet.alive_workers()
+
+
+@pytest.mark.postgres  # the fleet's database is on the test server
+async def test_a_worker_killed_mid_shard_has_its_shard_run_by_another_and_the_scan_completes(fleet: Fleet) -> None:
+    """Two shards on two workers of one slot each. In the second, nmap finishes 127.60.1.8 and .9
+    (one host per group) and then waits on .10's silent port (version detection); its worker is
+    killed. The shard is queued again, the other worker runs it, and the scan completes with
+    every host once: none twice from the hosts the dead run had stored."""
+    silent = SilentServer("127.60.1.10")
+    try:
+        workers = {name: fleet.worker(name, max_concurrent_tasks=1) for name in ("worker-1", "worker-2")}
+        fleet.serve("--api", shard_addresses=8)
+        await fleet.wait_for_workers(*workers)
+        command = f"-sT -Pn -sV --max-hostgroup 1 -p {silent.port} 127.60.1.0/28"
+        task_id = (await fleet.call("custom_scan", {"command": command, "timeout": 5}))["task_id"]
+
+        async def found() -> list[str]:
+            page = await fleet.call("get_task_result", {"task_id": task_id, "view": "full", "limit": 100})
+            return [host["address"] for host in (page.get("result") or {}).get("hosts", [])]
+
+        deadline = time.monotonic() + 30
+        while "127.60.1.9" not in await found():
+            assert time.monotonic() < deadline, f"the second shard stored no host: {fleet.log_tails()}"
+            await asyncio.sleep(0.2)
+        [stuck] = fleet.nmap.alive()
+        [victim] = [name for name, process in workers.items() if process.pid == parent_pid(stuck)]
+        [survivor] = set(workers) - {victim}
+        workers[victim].kill()
+        silent.stop()  # the run again finds the port closed, and ends at once
+        deadline = time.monotonic() + 6 * LEASE_SECONDS + 20
+        while (status := await fleet.call("get_task_status", {"task_id": task_id}))["status"] == "running":
+            assert time.monotonic() < deadline, f"the scan never finished: {fleet.log_tails()}"
+            await asyncio.sleep(0.2)
+        assert status["status"] == "completed", status
+        addresses = await found()
+        assert addresses == [f"127.60.1.{i}" for i in range(16)], "every host once, in order"
+        runs = (await fleet.call("get_task_evidence", {"task_id": task_id}))["runs"]
+        assert [(run["target"], run["status"]) for run in runs] == [
+            ("127.60.1.0/29", "completed"), ("127.60.1.8/29", "completed")]
+        assert runs[1]["worker"] == survivor
+        assert len(fleet.nmap.pids()) == 3, "two shards, and the killed one once again"
+    finally:
+        silent.stop()
 
 
 async def scans_under_way(fleet: Fleet, ports: list[int], delays: tuple[float, ...],

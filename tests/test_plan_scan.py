@@ -75,7 +75,6 @@ async def test_a_plan_is_the_scan_that_then_runs_and_queues_nothing(in_memory: O
         assert queued_argvs(tmp_path) == []
         for tool, arguments in calls:
             await answer_of(alice, tool, **arguments)
-        sharded = (await plan(alice, "custom_scan", command="-p 1 127.0.21.0/25"))["scan"]
     assert {p["verdict"] for p in plans} == {"allowed"} and {p["code"] for p in plans} == {None}
     scans = [p["scan"] for p in plans]
     assert [s["argv"] for s in scans] == queued_argvs(tmp_path)
@@ -86,7 +85,21 @@ async def test_a_plan_is_the_scan_that_then_runs_and_queues_nothing(in_memory: O
     assert (custom["workers_alive"], custom["capacity"], custom["running"]) == (1, 10, 0)
     assert custom["estimate"]["packets"] == 84 + 4 * 2, "one probe per address and port, two to discover each"
     assert scans[3]["estimate"]["packets"] == 65535, "-Pn: no discovery"
-    assert (sharded["shards"], sharded["addresses"], sharded["probes"]) == (2, 128, 128)
+
+
+async def test_a_plan_shows_the_shards_the_scan_is_then_cut_into(in_memory: OpenClient) -> None:
+    """One live worker: a big scan is one nmap run. Two (bob's stdio process takes only bob's
+    scans, but is a worker of the pool): shards of at most shard_addresses, as the scan then runs."""
+    command = "-p 1 127.0.21.0/25"
+    async with in_memory(shard_addresses=64) as alice:
+        whole = (await plan(alice, "custom_scan", command=command))["scan"]
+        async with in_memory("bob"):
+            sharded = (await plan(alice, "custom_scan", command=command))["scan"]
+            done = await answer_of(alice, "custom_scan", command=command, timeout=60)
+            runs = (await answer_of(alice, "get_task_evidence", task_id=done["task_id"]))["runs"]
+    assert (whole["shards"], whole["workers_alive"], whole["addresses"]) == (1, 1, 128)
+    assert (sharded["shards"], sharded["workers_alive"], sharded["addresses"], sharded["probes"]) == (2, 2, 128, 128)
+    assert done["status"] == "completed" and [run["target"] for run in runs] == ["127.0.21.0/26", "127.0.21.64/26"]
 
 
 async def test_a_plan_answers_rate_limited_and_names_the_scan_it_would_reuse(in_memory: OpenClient) -> None:

@@ -90,6 +90,7 @@ async def test_cancelling_a_sharded_scan_stops_every_shard(
 ) -> None:
     nmap_wrapper.set_delay(30)
     service = await make_service(shard_addresses=16)
+    await make_service(shard_addresses=16)  # a pool of one worker runs every scan whole
     with without_waiting() as submitted:
         await service.scan("alice", service.custom("-Pn -p 1 127.0.0.0/26"), timeout_s=60)
     [parent] = submitted
@@ -104,6 +105,18 @@ async def test_cancelling_a_sharded_scan_stops_every_shard(
             break
         await asyncio.sleep(0.05)
     assert nmap_wrapper.alive() == [] and len(nmap_wrapper.pids()) == 4
+
+
+async def test_a_big_scan_on_a_pool_of_one_worker_is_one_nmap_run(
+    make_service: MakeService, nmap_wrapper: NmapWrapper
+) -> None:
+    """However far past shard_addresses, and the worker's 4 slots idle: one task, one nmap."""
+    service = await make_service(shard_addresses=16)
+    answer = await service.scan("alice", service.custom("-Pn -p 1 127.60.0.0/26"), timeout_s=60)
+    assert answer.status is TaskStatus.COMPLETED and answer.result is not None and answer.result.hosts_total == 64
+    assert len(nmap_wrapper.pids()) == 1
+    [run] = (await service.evidence("alice", answer.task_id)).runs
+    assert run.task_id == answer.task_id and run.target == "127.60.0.0/26"
 
 
 async def test_scans_go_to_the_pool_that_reaches_them(make_service: MakeService, listeners: Listeners) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+import pytest
+
 from models import Progress, ScanResult, TaskStatus
 from nmap_report import ReportParser
-from sharding import ShardEnd, parent_verdict, shard, shards_progress
+from sharding import PoolCapacity, ShardEnd, efficient_group, parent_verdict, shard, shard_size, shards_progress
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -28,6 +30,61 @@ def test_shards_cover_every_address_once() -> None:
     assert [s.target for s in mixed] == ["10.0.0.1/32", "10.0.1.0/26"]
 
 
+
+
+@pytest.mark.parametrize(("options", "group"), [
+    (["-sT", "--top-ports", "100"], 256),          # quick_scan: 256 x 100 ports, nmap's "Class C sized chunks"
+    (["-sS", "-F"], 256),
+    (["-sT", "-p", "1-1000"], 64),                 # nmap's own TCP group: 1,024 / ports, at least 64
+    (["-sT"], 64),                                 # nmap's default 1,000 ports
+    (["-sT", "-p", "1-65535"], 64),                # full_scan's discovery
+    (["-sT", "-p", "1-200"], 128),                 # 25,600 probes / 200 ports
+    (["-sT", "-p", "1-50"], 512),
+    (["-sT", "-p", "22"], 4096),                   # a few ports: 2,048 or more (nmap's manual), capped
+    (["-sT", "-p", "22,80,443"], 4096),
+    (["-sn"], 4096),                               # host discovery's group, PING_GROUP_SZ
+    (["-sU", "--top-ports", "20"], 2048),
+    (["-sU", "-sS", "--top-ports", "1000"], 128),  # nmap's UDP group
+    (["-sT", "-p", "1-1000", "--min-hostgroup", "200"], 256),
+])
+def test_the_efficient_group_is_nmap_s_own_host_group_or_enough_probes_a_power_of_two(
+    options: list[str], group: int
+) -> None:
+    assert efficient_group(options) == group
+
+
+IDLE_ONE = PoolCapacity(workers=1, slots=10, running=0)
+IDLE_TWO = PoolCapacity(workers=2, slots=8, running=0)
+
+
+@pytest.mark.parametrize(("addresses", "group", "pool", "largest", "size"), [
+    # One live worker (or none yet): one nmap run, however large the scan.
+    (65_536, 256, IDLE_ONE, 4096, None),
+    (65_536, 256, PoolCapacity(1, 1, 0), 4096, None),
+    (65_536, 256, PoolCapacity(0, 0, 0), 4096, None),
+    # Two workers: two shards per slot free, a power of two, within [group, largest].
+    (1024, 256, IDLE_TWO, 4096, 256),               # 1024 / 16 = 64, never below the group
+    (65_536, 256, IDLE_TWO, 4096, 4096),            # 65536 / 16 = 4096
+    (16_384, 256, IDLE_TWO, 4096, 1024),
+    (65_536, 64, PoolCapacity(2, 40, 0), 4096, 1024),
+    (65_536, 64, PoolCapacity(8, 80, 0), 4096, 512),
+    (65_536, 256, PoolCapacity(2, 8, 0), 2048, 2048),  # shard_addresses bounds a shard
+    # Busy slots: fewer, larger shards, at least one per worker.
+    (4096, 64, PoolCapacity(2, 8, 8), 4096, 1024),
+    (4096, 64, PoolCapacity(2, 8, 12), 4096, 1024),
+    (4096, 64, PoolCapacity(2, 8, 4), 4096, 512),
+    # A scan no larger than its shard runs whole.
+    (256, 256, IDLE_TWO, 4096, None),
+    (300, 256, IDLE_TWO, 4096, 256),
+    (4096, 4096, IDLE_TWO, 4096, None),
+    # shard_addresses below the group lowers it (an operator's choice, and the tests').
+    (128, 4096, IDLE_TWO, 32, 32),
+    (64, 4096, IDLE_TWO, 16, 16),
+])
+def test_a_shard_is_sized_from_the_pool_s_capacity_within_the_efficient_group_and_shard_addresses(
+    addresses: int, group: int, pool: PoolCapacity, largest: int, size: int | None
+) -> None:
+    assert shard_size(addresses, group, pool, largest) == size
 
 
 def test_a_parent_s_progress_is_the_mean_of_its_shards() -> None:

@@ -22,6 +22,7 @@ from task_manager import Submitted, TaskAlreadyFinished
 from tests.nodes import RATED, MakeNode, argv_for, big_result, finished, submit, wait_for
 from tests.support import Listeners, NmapWrapper, own_user_sandbox, process_alive
 from worker import PhaseEnd, Worker, judge
+from worker_store import MAX_SHARD_REQUEUES
 
 pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -202,6 +203,49 @@ async def test_expired_leases_are_resolved_by_any_process(
     assert died.progress is None, "a finished task has no progress left"
     assert (await node.tasks.get("alive-elsewhere", "alice")).status is TaskStatus.RUNNING
     assert len(nmap_wrapper.pids()) == 1
+
+
+async def test_a_shard_whose_worker_died_mid_scan_runs_again_and_its_parent_goes_on(
+    database_url: str, make_node: MakeNode, nmap_wrapper: NmapWrapper, listeners: Listeners
+) -> None:
+    """A started shard whose lease expired is queued again, without the hosts its dead run
+    stored (the parent would show them twice), and another worker runs it: its parent
+    completes. One that was queued again MAX_SHARD_REQUEUES times is interrupted, and so is its
+    parent."""
+    [port] = listeners.open_free_top_ports(1)
+    engine = create_db_engine(database_url)
+    upgrade_schema(engine)
+    now = time.time()
+    argv = json.dumps(argv_for(nmap_wrapper, port))
+    parent = {"owner": "alice", "kind": "custom", "target": "127.0.0.1", "time_limit": 60, "created_at": now,
+              "argv": argv, "status": "running", "started_at": now - 50, "shard_count": 1, "parent_id": None,
+              "requeues": 0, "worker_id": None, "claimed_at": None, "lease_expires_at": None, "progress": None}
+    died = {"shard_count": 0, "worker_id": "gone", "claimed_at": now - 50, "lease_expires_at": now - 1,
+            "progress": json.dumps({"percent": 40.0, "phase": "Connect Scan", "remaining_s": 30})}
+    rows = [parent | {"id": "again"}, parent | died | {"id": "again-1", "parent_id": "again"},
+            parent | {"id": "spent"},
+            parent | died | {"id": "spent-1", "parent_id": "spent", "requeues": MAX_SHARD_REQUEUES}]
+    [stale] = big_result(1).hosts
+    with engine.begin() as conn:
+        conn.execute(insert(tasks), rows)
+        conn.execute(insert(task_hosts), [{"task_id": "again-1", "seq": 0, "data": stale.model_dump_json()},
+                                          {"task_id": "again-1", "seq": -1, "data": stale.model_dump_json()}])
+    node = await make_node(capacity=1, lease=2)
+    again = await node.tasks.wait("again", "alice", timeout_s=30)
+    assert again.status is TaskStatus.COMPLETED and again.result is not None
+    assert [host.address for host in again.result.hosts] == ["127.0.0.1"], "every host once"
+    assert [p.port for p in again.result.hosts[0].ports if p.state == "open"] == [port]
+    spent = await node.tasks.wait("spent", "alice", timeout_s=30)
+    assert spent.status is TaskStatus.INTERRUPTED and "stopped before it finished" in (spent.error or "")
+    with engine.connect() as conn:
+        shards = {row.id: row for row in conn.execute(select(tasks).where(tasks.c.parent_id.is_not(None)))}
+        left = conn.execute(select(task_hosts.c.seq).where(task_hosts.c.task_id == "again-1")).all()
+    engine.dispose()
+    assert left == [], "the dead run's hosts went when its shard was queued again"
+    assert (shards["again-1"].status, shards["again-1"].requeues, shards["again-1"].worker_name) == (
+        "completed", 1, "w0")
+    assert (shards["spent-1"].status, shards["spent-1"].requeues) == ("interrupted", MAX_SHARD_REQUEUES)
+    assert len(nmap_wrapper.pids()) == 1, "only the shard with requeues left ran again"
 
 
 async def test_shutdown_interrupts_scans_past_the_grace_period_and_keeps_the_queue(
