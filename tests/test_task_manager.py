@@ -77,7 +77,7 @@ async def test_a_wait_from_a_record_read_before_the_verdict_sees_it_within_half_
     # The verdict was published before this wait subscribed: only its capped first sleep finds it.
     started = time.monotonic()
     done = await node.tasks.wait(stale.id, "alice", timeout_s=30, known=stale)
-    assert done.status is TaskStatus.COMPLETED and done.result is not None
+    assert done.status is TaskStatus.COMPLETED
     assert time.monotonic() - started < 2
 
 

@@ -231,7 +231,7 @@ async def test_a_shard_whose_worker_died_mid_scan_runs_again_and_its_parent_goes
         conn.execute(insert(task_hosts), [{"task_id": "again-1", "seq": 0, "data": stale.model_dump_json()},
                                           {"task_id": "again-1", "seq": -1, "data": stale.model_dump_json()}])
     node = await make_node(capacity=1, lease=2)
-    again = await node.tasks.wait("again", "alice", timeout_s=30)
+    again = await finished(node.tasks, "again", "alice", 30)
     assert again.status is TaskStatus.COMPLETED and again.result is not None
     assert [host.address for host in again.result.hosts] == ["127.0.0.1"], "every host once"
     assert [p.port for p in again.result.hosts[0].ports if p.state == "open"] == [port]
