@@ -15,7 +15,7 @@ from result_store import encoded, write_found
 from sharding import Shard
 from task_manager import TaskNotFound
 from tests.nodes import MakeNode, argv_for, big_result, finished, statements_run, submit
-from tests.support import Listeners, NmapWrapper
+from tests.support import Listeners, NmapWrapper, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -100,7 +100,7 @@ async def test_a_full_queue_refuses_with_a_clear_error(make_node: MakeNode, nmap
     nmap_wrapper.set_delay(30)
     node = await make_node(capacity=1, max_queued=2)
     first = await submit(node.tasks, nmap_wrapper, 1)
-    assert (await node.tasks.wait(first.id, "alice", timeout_s=0.5)).status is TaskStatus.RUNNING
+    assert await eventually(lambda: len(nmap_wrapper.pids()) == 1, 30), "the first is running, out of the queue"
     queued = [await submit(node.tasks, nmap_wrapper, 1) for _ in range(2)]
     with pytest.raises(QueueFull, match="queue is full"):
         await submit(node.tasks, nmap_wrapper, 1)
