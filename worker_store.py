@@ -24,6 +24,7 @@ from change_feed import ChangeFeed, queue_key
 from db import Database
 from inventory_store import InventoryRefused, fold
 from models import (
+    ACTIVE_STATUSES,
     TASK_SUMMARY,
     HostDetail,
     Progress,
@@ -114,6 +115,9 @@ _INSERT_LIVE_HOSTS = insert(task_hosts)
 _KEEP_FOUND = update(tasks).where(_OURS, tasks.c.status == TaskStatus.CANCELLED.value, tasks.c.result.is_(None))
 _DELETE_LIVE_HOSTS = delete(task_hosts).where(task_hosts.c.task_id == _P["id"])
 _DELETE_UNCONFIRMED = delete(task_hosts).where(task_hosts.c.task_id == _P["id"], task_hosts.c.seq < 0)
+# Any shard of a parent not finished yet.
+_SHARDS_RUNNING = select(tasks.c.id).where(tasks.c.parent_id == _P["parent"],
+                                           tasks.c.status.in_(ACTIVE_STATUSES)).limit(1)
 # A pool's live workers, their slots and what they run (ix_workers_pool_heartbeat alone).
 _POOL_CAPACITY = select(func.count(), func.coalesce(func.sum(workers.c.capacity), 0),
                         func.coalesce(func.sum(workers.c.running), 0)).where(
@@ -158,6 +162,10 @@ def settle_parent(conn: Connection, feed: ChangeFeed, parent_id: str) -> None:
     parent = TaskRecord.from_row(conn.execute(select(*TASK_SUMMARY).where(tasks.c.id == parent_id)
                                               .with_for_update()).one()._mapping)
     if parent.status.finished:
+        return
+    # Every shard's verdict asks; only the last one reads (and parses) the shards' heads:
+    # reading them at each verdict made a scan's cost grow with the square of its shards.
+    if conn.execute(_SHARDS_RUNNING, {"p_parent": parent_id}).first() is not None:
         return
     shards = conn.execute(select(tasks.c.id, tasks.c.status, tasks.c.result, tasks.c.error)
                           .where(tasks.c.parent_id == parent_id).order_by(tasks.c.created_at)).all()
