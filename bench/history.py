@@ -29,7 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,16 @@ FRESHNESS_S = 300.0
 # A scan every 45 s: 50k tasks are 26 days of history, inside the default retention of 30 days
 # (older ones would be purged, and the file compacted, during the runs), the last day 1,920 tasks.
 SPACING_S = 45.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the submissions' servers run and scan: `config` gives each server's config keys
+    of its own (a port, an nmap that scans inside a network namespace), and PostgreSQL
+    databases are named `database_prefix`... ."""
+
+    config: Callable[[], dict[str, object]] = dict
+    database_prefix: str = "nmap_mcp_bench_"
 
 
 def history_rows(start: int, stop: int, now: float) -> Iterator[dict[str, Any]]:
@@ -142,36 +153,42 @@ async def scans_per_second(server: LiveServer, targets: list[str], clients: int)
     return len(targets) / took
 
 
-def database_url(stack: contextlib.ExitStack, database: str, directory: Path) -> str:
+def database_url(stack: contextlib.ExitStack, database: str, directory: Path, prefix: str = "nmap_mcp_bench_") -> str:
+    """A throw-away database of kind `database`: a SQLite file in `directory`, or a PostgreSQL
+    database named `prefix`..., dropped when `stack` closes."""
     if database == "postgresql":
-        return stack.enter_context(postgres_database())
+        return stack.enter_context(postgres_database(prefix))
     directory.mkdir(parents=True)
     return f"sqlite:///{directory / 'tasks.db'}"
 
 
-def start_servers(stack: contextlib.ExitStack, database: str, tmp: Path, clients: int) -> dict[str, LiveServer]:
+def start_servers(stack: contextlib.ExitStack, database: str, tmp: Path, clients: int,
+                  placement: Placement) -> dict[str, LiveServer]:
     """An empty database's server and a 50k-task database's server."""
     servers = {}
     for name, size in (("empty", 0), ("50k", SIZES[-1])):
         directory = tmp / f"{database}-{name}-{uuid.uuid4().hex[:6]}"
-        url = database_url(stack, database, directory)
+        url = database_url(stack, database, directory, placement.database_prefix)
         engine = create_db_engine(url)
         upgrade_schema(engine)
         fill(engine, 0, size)
         engine.dispose()
         where = {"database_url": url} if database == "postgresql" else {"db_path": url.removeprefix("sqlite:///")}
-        config = service_config(directory, max_concurrent_tasks=clients, max_queued_tasks=max(100, clients), **where)
+        config = service_config(directory, max_concurrent_tasks=clients, max_queued_tasks=max(100, clients), **where,
+                                **placement.config())
         servers[name] = start_api(config)
         stack.callback(servers[name].stop)
     return servers
 
 
-def submissions(database: str, tmp: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Median scans/s per database size, the runs alternating."""
+def submissions(database: str, tmp: Path, args: argparse.Namespace,
+                placement: Placement | None = None) -> dict[str, float]:
+    """Median scans/s per database size, the runs alternating; the servers placed as
+    `placement` says (default: this machine's loopback, random ports)."""
     rates: dict[str, list[float]] = {"empty": [], "50k": []}
     addresses = iter(range(1, 255))
     with contextlib.ExitStack() as stack:
-        servers = start_servers(stack, database, tmp, args.clients)
+        servers = start_servers(stack, database, tmp, args.clients, placement or Placement())
         for round_no in range(args.rounds):
             for name in (["empty", "50k"] if round_no % 2 == 0 else ["50k", "empty"]):
                 targets = [f"127.0.26.{next(addresses)}" for _ in range(args.scans // 2)]
