@@ -37,10 +37,11 @@ SERVER = (sys.executable, str(ROOT / "server.py"))
 
 
 @contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh database on the PostgreSQL server of NMAP_MCP_TEST_POSTGRES (default: this
-    machine's, trust auth), dropped on the way out whatever happened."""
-    name = f"nmap_mcp_bench_{uuid.uuid4().hex[:12]}"
+def postgres_database(prefix: str = "nmap_mcp_bench") -> Iterator[str]:
+    """A fresh database named `prefix`_<random> on the PostgreSQL server of
+    NMAP_MCP_TEST_POSTGRES (default: this machine's, trust auth), dropped on the way out
+    whatever happened."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
