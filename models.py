@@ -90,7 +90,7 @@ tasks = Table(
     Column("kind", String(16), nullable=False),
     Column("target", Text, nullable=False),
     Column("argv", Text, nullable=False),
-    Column("status", String(16), nullable=False),
+    Column("status", String(32), nullable=False),
     Column("created_at", Float, nullable=False),
     # When nmap was started; NULL while queued or claimed but not yet started.
     Column("started_at", Float),
