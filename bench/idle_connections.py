@@ -6,7 +6,10 @@ Per role, a fresh scratch database (named idle_*) and one `server.py --worker` o
 `server.py --api` on it, with no scan and no client: after it has started (and settled for
 --settle seconds), another session on the `postgres` database samples pg_stat_activity every
 second for --seconds (the process's connections, and how many of them LISTEN) and reads
-pg_stat_database's xact_commit before and after. Median and most connections, commits per second.
+pg_stat_database's xact_commit and xact_rollback (a read ends in the pool's rollback) before and
+after. Median, most and least connections; commits and rollbacks per second. Idle pooled
+connections are closed by the server after db.POOL_IDLE_SECONDS: --settle 70 watches the steady
+state, past the connections the start opened.
 """
 
 from __future__ import annotations
@@ -36,17 +39,19 @@ def sample(admin: psycopg.Connection, database: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def commits(admin: psycopg.Connection, database: str) -> int:
+def transactions(admin: psycopg.Connection, database: str) -> tuple[int, int]:
+    """(commits, rollbacks) of `database` so far: a read ends in a rollback (the pool's reset)."""
     admin.execute("SELECT pg_stat_clear_snapshot()")
-    row = admin.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,)).fetchone()
+    row = admin.execute("SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = %s",
+                        (database,)).fetchone()
     assert row is not None
-    return int(row[0])
+    return int(row[0]), int(row[1])
 
 
-def watch(database: str, seconds: float) -> tuple[list[int], list[int], float]:
-    """Connections and listeners each second for `seconds`; commits per second over them."""
+def watch(database: str, seconds: float) -> tuple[list[int], list[int], tuple[float, float]]:
+    """Connections and listeners each second for `seconds`; commits and rollbacks per second."""
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        first, started = commits(admin, database), time.monotonic()
+        first, started = transactions(admin, database), time.monotonic()
         connections, listeners = [], []
         while time.monotonic() - started < seconds:
             count, listening = sample(admin, database)
@@ -55,8 +60,9 @@ def watch(database: str, seconds: float) -> tuple[list[int], list[int], float]:
             time.sleep(1.0)
         # Idle backends flush their counters to the shared statistics within about a second.
         time.sleep(1.5)
-        rate = (commits(admin, database) - first) / (time.monotonic() - started - 1.5)
-    return connections, listeners, rate
+        took_s = time.monotonic() - started - 1.5
+        last = transactions(admin, database)
+    return connections, listeners, ((last[0] - first[0]) / took_s, (last[1] - first[1]) / took_s)
 
 
 def measure(role: str, port: int, seconds: float, settle_s: float) -> None:
@@ -73,11 +79,12 @@ def measure(role: str, port: int, seconds: float, settle_s: float) -> None:
             stop = server.stop
         try:
             time.sleep(settle_s)
-            connections, listeners, rate = watch(name, seconds)
+            connections, listeners, (commits, rollbacks) = watch(name, seconds)
         finally:
             stop()
     print(f"idle {role:6}: connections median {statistics.median(connections):.0f} (most {max(connections)}, "
-          f"least {min(connections)}), listening {max(listeners)};  {rate:.2f} commits/s over {seconds:.0f} s",
+          f"least {min(connections)}), listening {max(listeners)};  {commits:.2f} commits/s, "
+          f"{rollbacks:.2f} rollbacks/s over {seconds:.0f} s",
           flush=True)
 
 

@@ -116,11 +116,11 @@ async def submit(tasks: TaskManager, nmap: NmapWrapper, port: int, owner: str = 
     return (await tasks.submit(owner, ScanKind.CUSTOM, "127.0.0.1", argv_for(nmap, port), limit, **options)).record
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 5) -> bool:
+async def wait_for(condition: Callable[[], bool], timeout: float = 5, every_s: float = 0.02) -> bool:
     """Poll `condition` while the event loop (and the worker on it) keeps running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not condition():
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(every_s)
     return condition()
 
 
