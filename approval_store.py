@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.engine import Row
 
-from change_feed import ChangeFeed, queue_key
+from change_feed import Change, ChangeFeed, queue_key
 from db import Database
 from models import TaskStatus, approvals, tasks
 
+# The change-feed key of a new request: each process's expiry loop sleeps until the next
+# pending approval is due, and a request (which may be due sooner) wakes it.
+REQUESTED_KEY = "approvals"
 # How a decision is recorded, and the task status it leads to (a cancelled task's approval is
 # `withdrawn`, see withdraw_in).
 DECISIONS = {"approved": TaskStatus.QUEUED, "denied": TaskStatus.DENIED, "expired": TaskStatus.DENIED}
@@ -59,12 +63,14 @@ class ApprovalRecord:
     pool: str
 
 
-def request_in(conn: Connection, task_id: str, engagement: str, owner: str, reasons: list[str], now: float,
-               expires_after_s: float) -> None:
-    """In the submitting transaction: the approval its new task waits for."""
+def request_in(conn: Connection, feed: ChangeFeed, task_id: str, engagement: str, owner: str, reasons: list[str],
+               now: float, expires_after_s: float) -> None:
+    """In the submitting transaction: the approval its new task waits for (other processes'
+    expiry loops are notified; the submitter publishes REQUESTED_KEY in its own once committed)."""
     conn.execute(insert(approvals).values(
         task_id=task_id, engagement=engagement, requested_by=owner, reasons=json.dumps(reasons),
         requested_at=now, expires_at=now + expires_after_s))
+    feed.notify(conn, REQUESTED_KEY)
 
 
 def withdraw_in(conn: Connection, task_id: str, now: float) -> None:
@@ -101,21 +107,28 @@ class ApprovalStore:
         self._feed.publish(task_id, queue_key(record.pool))
         return record
 
-    async def expire(self) -> list[str]:
-        """Deny every pending approval past its time; the tasks it denied. A read comes first:
-        a writing transaction every few seconds in every process would hold SQLite's write lock
-        for nothing almost always."""
+    async def expire(self) -> tuple[list[str], float | None]:
+        """Deny every pending approval past its time: the tasks it denied, and when the next
+        pending one is due (None when none is pending). A read comes first: a writing
+        transaction in every process each time would hold SQLite's write lock for nothing
+        almost always."""
         now = time.time()
-        if not await self._db.run(self._any_expired, now):
-            return []
+        due = await self._db.run(self._next_due)
+        if due is None or due > now:
+            return [], due
         denied = await self._db.run(self._expire, now)
         self._feed.publish(*denied)
-        return denied
+        return denied, await self._db.run(self._next_due)
 
-    def _any_expired(self, now: float) -> bool:
+    def requested(self) -> AbstractContextManager[Change]:
+        """An event set whenever a scan starts waiting for approval, in any process."""
+        return self._feed.subscribe(REQUESTED_KEY)
+
+    def _next_due(self) -> float | None:
+        """When the first pending approval expires: the first entry of (decision, expires_at)."""
         with self._db.reading() as conn:
-            return conn.execute(select(approvals.c.task_id).where(
-                approvals.c.decision.is_(None), approvals.c.expires_at <= now).limit(1)).first() is not None
+            return conn.execute(select(approvals.c.expires_at).where(approvals.c.decision.is_(None))
+                                .order_by(approvals.c.expires_at).limit(1)).scalar()
 
     def _pending(self, limit: int) -> list[ApprovalRecord]:
         with self._db.reading() as conn:

@@ -5,9 +5,9 @@ with the approver's name (a tool's call by the audit middleware, /ui's by the da
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Literal
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from approval_store import ApprovalRecord, ApprovalStore
 from audit import Auditor
+from change_feed import wait_set
 from db import DatabaseUnavailable
 from engagements import iso_utc
 from policy import Forbidden, Policy
@@ -25,8 +26,11 @@ Decision = Literal["approve", "deny"]
 RECORDED = {"approve": "approved", "deny": "denied"}
 # At most this many pending approvals in one answer.
 PENDING_LIMIT = 100
-# How often each process looks for approvals nobody decided in time (one indexed read).
-EXPIRY_CHECK_SECONDS = 5.0
+# Each process looks for approvals nobody decided in time when the next pending one is due,
+# and when a scan starts waiting for one (approval_store.REQUESTED_KEY); at least this often
+# besides (a request whose notification was lost), and this soon again after a failed look.
+EXPIRY_RECHECK_SECONDS = 60.0
+EXPIRY_RETRY_SECONDS = 5.0
 
 
 # The key of the one input request a held scan makes of its requester (2026-07-28 clients).
@@ -113,16 +117,19 @@ class ApprovalDesk:
         return shown(await self._store.decide(task_id, approver, RECORDED[decision], reason))
 
 
-async def expire_forever(store: ApprovalStore, auditor: Auditor, interval_s: float = EXPIRY_CHECK_SECONDS) -> None:
-    """Deny, every `interval_s`, the approvals nobody decided in time; each is audited as the
-    server's `expire_approval` (a decision, though no person's)."""
+async def expire_forever(store: ApprovalStore, auditor: Auditor) -> None:
+    """Deny the approvals nobody decided in time, each audited as the server's
+    `expire_approval` (a decision, though no person's): asleep until the next pending one is
+    due or a new request comes (it polled every 5 s: 12 reads a minute in each process)."""
     while True:
-        try:
-            denied = await store.expire()
-        except DatabaseUnavailable:
-            denied = []
-        for task_id in denied:
-            logger.info("task %s: its approval expired, the scan is denied", task_id)
-            with auditor.call(None, "expire_approval", {"task_id": task_id}, scans=False):
-                pass
-        await asyncio.sleep(interval_s)
+        with store.requested() as requested:
+            try:
+                denied, due = await store.expire()
+            except DatabaseUnavailable:
+                denied, due = [], time.time() + EXPIRY_RETRY_SECONDS
+            for task_id in denied:
+                logger.info("task %s: its approval expired, the scan is denied", task_id)
+                with auditor.call(None, "expire_approval", {"task_id": task_id}, scans=False):
+                    pass
+            until_due_s = EXPIRY_RECHECK_SECONDS if due is None else due - time.time()
+            await wait_set(requested, min(max(until_due_s, 0.0), EXPIRY_RECHECK_SECONDS))

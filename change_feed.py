@@ -31,6 +31,11 @@ NOTIFY_CHANNEL = "nmap_mcp"
 # How often SQLite's data_version is checked for commits made by other processes (and how
 # often everyone re-reads while PostgreSQL's notifications cannot be heard).
 POLL_SECONDS = 0.5
+# TCP keepalives of the listening connection (idle seconds, interval, probes): a connection
+# that died without a word (a firewall's dropped state, a host gone) is noticed within about
+# 35 s, and the feed reconnects (waiters re-read meanwhile) instead of waiting for
+# notifications that no longer come.
+LISTEN_KEEPALIVE = (20, 5, 3)
 # Built once: building a statement costs several times more than running it.
 _NOTIFY = select(func.pg_notify(NOTIFY_CHANNEL, bindparam("p_key", type_=String)))
 
@@ -138,7 +143,9 @@ class ChangeFeed:
         lost = False
         while not self._stop.is_set():
             try:
-                with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
+                idle_s, interval_s, probes = LISTEN_KEEPALIVE
+                with psycopg.connect(url, autocommit=True, connect_timeout=2, keepalives=1, keepalives_idle=idle_s,
+                                     keepalives_interval=interval_s, keepalives_count=probes) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     if lost:
                         logger.info("change feed reconnected")

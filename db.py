@@ -47,6 +47,12 @@ SCHEDULE_LOCK = 7_301_003
 DB_THREADS = {"sqlite": 4, "postgresql": 12}
 # A pooled PostgreSQL connection unused this long is pinged before it is used again.
 PING_IDLE_SECONDS = 1.0
+# A pooled PostgreSQL connection unused this long is closed by the server (idle_session_timeout,
+# PostgreSQL 14 and later). The pool hands out the connection returned last (LIFO), so an idle
+# process keeps reusing one and those a busy spell opened go (an idle worker held 3, an idle API
+# 4, each up to 20 after a busy spell, for as long as the process lived); the next busy spell's
+# pings find them gone and open new ones (see `_ping_if_idle`).
+POOL_IDLE_SECONDS = 60
 # A call that takes longer than this counts as the database being slow (see `calm_seconds`).
 SLOW_CALL_SECONDS = 1.0
 # The tables SQLite's planner has statistics of (sqlite_stat1), taken at start and by the hourly
@@ -106,7 +112,9 @@ def create_db_engine(url: str, timeout_s: float = 5.0) -> Engine:
     if not url.startswith("sqlite"):
         limits = {"connect_timeout": max(1, math.ceil(timeout_s)),
                   "options": f"-c statement_timeout={math.ceil(timeout_s * 1000)}"}
-        engine = create_engine(url, pool_size=DB_THREADS["postgresql"], max_overflow=8, connect_args=limits)
+        engine = create_engine(url, pool_size=DB_THREADS["postgresql"], max_overflow=8, pool_use_lifo=True,
+                               connect_args=limits)
+        event.listen(engine, "connect", _close_when_idle)
         event.listen(engine, "checkin", _note_checkin)
         event.listen(engine, "checkout", partial(_ping_if_idle, engine.dialect))
         return engine
@@ -117,6 +125,16 @@ def create_db_engine(url: str, timeout_s: float = 5.0) -> Engine:
     event.listen(engine, "connect", _sqlite_pragmas)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def _close_when_idle(dbapi_connection: Any, _record: Any) -> None:
+    """PostgreSQL 14 and later: the server closes this connection once it has been idle for
+    POOL_IDLE_SECONDS (an older server knows no such setting, and keeps it)."""
+    if dbapi_connection.info.server_version < 140000:
+        return
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(f"SET idle_session_timeout = {POOL_IDLE_SECONDS * 1000}")
+    dbapi_connection.commit()
 
 
 def _note_checkin(_dbapi_connection: Any, record: Any) -> None:

@@ -7,9 +7,22 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
-from sqlalchemy import BindParameter, Connection, Select, Table, bindparam, func, literal_column, or_, select, tuple_
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Select,
+    Table,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    union,
+)
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
@@ -185,8 +198,10 @@ class InventoryStore:
                 [ports.product, ports.version] if field == "version" else [ports[field]])
             # A port is always a value (an integer: comparing it with '' fails on PostgreSQL).
             given = [] if field == "port" else [columns[-1] != ""]
-            counted = _ports_shown(owner, query, *columns, func.count(ports.address.distinct()).label("n")).where(
-                *given).group_by(*columns)
+            # A host has a port once (the primary key): its rows are its hosts, counted from
+            # the port's index alone.
+            hosts_of = func.count() if field == "port" else func.count(ports.address.distinct())
+            counted = _ports_shown(owner, query, *columns, hosts_of.label("n")).where(*given).group_by(*columns)
         ordered = counted.order_by(literal_column("n").desc(), *(self._bytewise(c) for c in columns))
         with self._db.reading() as conn:
             rows = conn.execute(ordered.limit(limit)).all()
@@ -218,21 +233,34 @@ def _ports_shown(owner: str, query: HostQuery, *columns: Any) -> Select[Any]:
         conditions.append(func.lower(ports.scripts).contains(json.dumps(query.script.lower()), autoescape=True))
     conditions += _owner_network_seen(owner, query, inventory_ports)
     shown = select(*columns).where(*conditions)
-    if query.changed_since is None:
+    since = query.changed_since
+    if since is None:
         return shown
-    host = inventory_hosts.alias("port_host")
-    return shown.join_from(inventory_ports, host, (host.c.owner == ports.owner) & (host.c.address == ports.address)) \
-        .where(or_(ports.changed_at >= query.changed_since, host.c.changed_at >= query.changed_since))
+    # Read by the addresses that changed (the (owner, changed_at, address) indexes); of those,
+    # the ports that changed or whose host did. The OR alone read every port and host of the
+    # owner (find_hosts(changed_since) 601 ms at 100k hosts on SQLite).
+    changed_ports = select(ports.address).where(ports.owner == owner, ports.changed_at >= since)
+    return shown.where(ports.address.in_(union(changed_ports, _changed_hosts(owner, since))),
+                       or_(ports.changed_at >= since, ports.address.in_(_changed_hosts(owner, since))))
+
+
+def _changed_hosts(owner: str, since: float) -> Select[Any]:
+    """The addresses of the owner's hosts that changed (came up, went down) since `since`."""
+    hosts = inventory_hosts.c
+    return select(hosts.address).where(hosts.owner == owner, hosts.changed_at >= since)
 
 
 def _host_conditions(owner: str, query: HostQuery) -> list[Any]:
     """The hosts a query without port filters finds; with `changed_since`, those that changed
-    (came up, went down) or whose shown ports did."""
-    hosts = inventory_hosts.c
+    (came up, went down) or whose shown ports did: one IN of the two, each read from its
+    (owner, changed_at) index, where an OR of them read every host of the owner."""
     conditions = _owner_network_seen(owner, query, inventory_hosts)
-    if query.changed_since is not None:
-        with_ports = hosts.address.in_(_ports_shown(owner, query, inventory_ports.c.address))
-        conditions.append(or_(hosts.changed_at >= query.changed_since, with_ports))
+    since = query.changed_since
+    if since is not None:
+        ports = inventory_ports.c
+        changed_ports = _ports_shown(owner, replace(query, changed_since=None), ports.address).where(
+            ports.changed_at >= since)
+        conditions.append(inventory_hosts.c.address.in_(union(_changed_hosts(owner, since), changed_ports)))
     return conditions
 
 

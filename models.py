@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    text,
 )
 
 from untrusted import reads_like_instructions
@@ -89,7 +90,7 @@ tasks = Table(
     Column("kind", String(16), nullable=False),
     Column("target", Text, nullable=False),
     Column("argv", Text, nullable=False),
-    Column("status", String(16), nullable=False),
+    Column("status", String(32), nullable=False),
     Column("created_at", Float, nullable=False),
     # When nmap was started; NULL while queued or claimed but not yet started.
     Column("started_at", Float),
@@ -263,6 +264,11 @@ inventory_hosts = Table(
     Column("changed_at", Float, nullable=False),
     Column("last_task_id", String(36), nullable=False),
     Index("ix_inventory_hosts_owner_key", "owner", "address_key"),
+    # find_hosts(changed_since / seen_since) and top_values(status / os) read only these (issue 24).
+    Index("ix_inventory_hosts_owner_changed", "owner", "changed_at", "address"),
+    Index("ix_inventory_hosts_owner_seen", "owner", "last_seen"),
+    Index("ix_inventory_hosts_owner_status", "owner", "status"),
+    Index("ix_inventory_hosts_owner_os", "owner", "os"),
 )
 inventory_ports = Table(
     "inventory_ports",
@@ -287,9 +293,14 @@ inventory_ports = Table(
     Column("last_seen", Float, nullable=False),
     Column("changed_at", Float, nullable=False),
     Column("last_task_id", String(36), nullable=False),
-    Index("ix_inventory_ports_owner_port", "owner", "port", "state"),
-    Index("ix_inventory_ports_owner_service", "owner", "service"),
+    # Each top_values field reads its own index alone (the value, the state and the address in
+    # it), and find_hosts by port, service or product seeks in it (issue 24).
+    Index("ix_inventory_ports_owner_port", "owner", "port", "state", "protocol"),
+    Index("ix_inventory_ports_owner_service", "owner", "service", "state", "address"),
+    Index("ix_inventory_ports_owner_product", "owner", "product", "version", "state", "address"),
     Index("ix_inventory_ports_owner_key", "owner", "address_key"),
+    Index("ix_inventory_ports_owner_changed", "owner", "changed_at", "address"),
+    Index("ix_inventory_ports_owner_seen", "owner", "last_seen"),
 )
 
 # Schedules (schedules.py): a scan run again and again for its owner, and each of its runs.
@@ -335,6 +346,10 @@ schedule_runs = Table(
     Index("ux_schedule_runs_due", "schedule_id", "due_at", unique=True),
     Index("ix_schedule_runs_status", "status"),
     Index("ix_schedule_runs_webhook", "webhook_status", "webhook_next_at"),
+    # A schedule's latest change, read for each schedule the overview shows: without it, every
+    # run of a schedule that found no change for months was read to learn there was none.
+    Index("ix_schedule_runs_changes", "schedule_id", "due_at", sqlite_where=text("diff IS NOT NULL"),
+          postgresql_where=text("diff IS NOT NULL")),
 )
 # Work that one process at a time does (the scheduler): who holds it, until when.
 leases = Table(

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import BindParameter, Connection, bindparam, func, insert, select, update
 from sqlalchemy.engine import Row
 
-from approval_store import request_in, withdraw_in
+from approval_store import REQUESTED_KEY, request_in, withdraw_in
 from change_feed import POLL_SECONDS, ChangeFeed, first_of, queue_key
 from config import Limits
 from db import SUBMIT_LOCK, Database
@@ -188,6 +188,8 @@ class TaskManager:
             self._submit, values, fresh_since, shards, limits, schedule_run, claim_for, approval, engagement_probes)
         if left_queued:
             self.feed.publish(queue_key(pool))
+        if approval is not None and not reused:
+            self.feed.publish(REQUESTED_KEY)
         return Submitted(TaskRecord.from_row(row), reused, claimed)
 
     async def trial(
@@ -346,7 +348,7 @@ class TaskManager:
             conn.execute(_INSERT_TASKS, rows)
             add_usage(conn, self._db.dialect, values)
             if approval is not None:
-                request_in(conn, values["id"], approval.engagement, values["owner"], approval.reasons,
+                request_in(conn, self.feed, values["id"], approval.engagement, values["owner"], approval.reasons,
                            values["created_at"], approval.expires_after_s)
             claimed = claim_in(conn, claim_for, values["pool"], 1, values["created_at"],
                                self._lease_seconds) if claim_for else []

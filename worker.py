@@ -46,8 +46,13 @@ from worker_store import WorkerStore
 
 logger = logging.getLogger(__name__)
 
-# An idle worker looks at the queue this often even when no change was heard of.
-IDLE_RECHECK_SECONDS = 5.0
+# An idle worker looks at the queue this often even when no change was heard of. Every change
+# that queues a task notifies the queue's key in its transaction, and while the change feed
+# cannot listen it wakes every waiter twice a second (change_feed.POLL_SECONDS): this look is
+# for what no listener can notice, a notification lost on a connection that died silently
+# until its TCP keepalives tell (change_feed.LISTEN_KEEPALIVE), or a task queued by a process
+# of an older release. Every 5 s it cost each idle worker 12 write transactions a minute.
+IDLE_RECHECK_SECONDS = 60.0
 # Progress and finished hosts of a running scan are written at most this often.
 LIVE_WRITE_SECONDS = 1.0
 # A heartbeat that failed or was slow is tried again this soon (see Worker._heartbeat_loop).

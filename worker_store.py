@@ -214,7 +214,7 @@ class WorkerStore:
 
     async def release(self, record: TaskRecord, worker_id: str) -> None:
         """Give back a task we claimed but never started: it is queued again."""
-        await self._db.run(self._release, record.id, worker_id)
+        await self._db.run(self._release, record, worker_id)
         self.feed.publish(*record.keys, queue_key(record.pool))
 
     async def save_live(
@@ -292,13 +292,16 @@ class WorkerStore:
                 conn.execute(_MARK_PARENT_STARTED, {"p_parent": record.parent_id, "started_at": now})
         return started
 
-    def _release(self, task_id: str, worker_id: str) -> None:
+    def _release(self, record: TaskRecord, worker_id: str) -> None:
+        """Other processes' workers hear of the task queued again (their idle re-check is rare)."""
         with self._db.writing() as conn:
-            conn.execute(
-                update(tasks).where(tasks.c.id == task_id, tasks.c.worker_id == worker_id,
+            released = conn.execute(
+                update(tasks).where(tasks.c.id == record.id, tasks.c.worker_id == worker_id,
                                     tasks.c.status == TaskStatus.RUNNING.value, tasks.c.started_at.is_(None))
                 .values(**_UNCLAIMED)
-            )
+            ).rowcount
+            if released:
+                self.feed.notify(conn, *record.keys, queue_key(record.pool))
 
     def _save_live(
         self, task_id: str, worker_id: str, progress: Progress | None, first_seq: int, hosts: list[HostDetail],

@@ -37,11 +37,11 @@ SERVER = (sys.executable, str(ROOT / "server.py"))
 
 
 @contextlib.contextmanager
-def postgres_database(prefix: str = "nmap_mcp_bench_") -> Iterator[str]:
-    """A fresh database on the PostgreSQL server of NMAP_MCP_TEST_POSTGRES (default: this
-    machine's, trust auth), named `prefix` and a random suffix, dropped on the way out
+def postgres_database(prefix: str = "nmap_mcp_bench") -> Iterator[str]:
+    """A fresh database named `prefix`_<random> on the PostgreSQL server of
+    NMAP_MCP_TEST_POSTGRES (default: this machine's, trust auth), dropped on the way out
     whatever happened."""
-    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:

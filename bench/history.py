@@ -2,7 +2,7 @@
 and new-target quick scans per second with an empty vs a 50k-task database.
 
     .venv/bin/python bench/history.py [--databases sqlite,postgresql] [--calls 300]
-                                      [--scans 100] [--clients 10] [--rounds 2] [--lookups-only]
+                                      [--scans 100] [--clients 10] [--rounds 2] [--lookups-only] [--sections]
 
 Per database:
 - lookup: a throw-away database filled (in steps) with 1k, 10k then 50k completed quick scans
@@ -11,6 +11,12 @@ Per database:
   submit makes under the submit lock (task_manager._select_shareable), for a call never made
   (a miss) and for the token's last one (a hit); and the /ui overview's two lists of every
   token's tasks (the newest 20, the newest 50 completed: TaskManager.recent). Medians.
+- sections (--sections): every section of the /ui overview (dashboard.py) as an admin sees
+  it, built by an API process's Dashboard in this process, on the same database: beside the
+  history, 10 queued and 2 running tasks, 3 workers, and 5 schedules of the token whose runs
+  are one in five of its scans, none of them with a change (a stable network: the latest
+  change is looked for among all of a schedule's runs). Median ms per section, and the whole
+  overview's CPU ms (built and serialized as /ui/api/overview answers it), at each size.
 - submissions: two `server.py -c CONFIG` (API and worker in one process, max_concurrent_tasks
   = --clients), one on an empty database, one on a database holding 50k completed tasks of the
   bench token; --clients SDK sessions make --scans quick_scans of targets not scanned before
@@ -29,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +45,13 @@ from sqlalchemy import Engine, insert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from approvals import ApprovalDesk
 from bench.common import mcp_session, postgres_database, service_config, start_api
+from config import Settings
+from dashboard import Dashboard
 from db import create_db_engine, upgrade_schema
-from models import ScanKind, TaskStatus, tasks
+from models import ScanKind, TaskStatus, schedule_runs, schedules, tasks, workers
+from server import Role, Runtime
 from task_manager import _select_shareable, _task_values
 from tests.nodes import opened_stores
 from tests.support import LiveServer
@@ -54,6 +65,7 @@ FRESHNESS_S = 300.0
 # A scan every 45 s: 50k tasks are 26 days of history, inside the default retention of 30 days
 # (older ones would be purged, and the file compacted, during the runs), the last day 1,920 tasks.
 SPACING_S = 45.0
+SCHEDULES = 5
 
 
 @dataclass(frozen=True)
@@ -63,7 +75,7 @@ class Placement:
     databases are named `database_prefix`... ."""
 
     config: Callable[[], dict[str, object]] = dict
-    database_prefix: str = "nmap_mcp_bench_"
+    database_prefix: str = "nmap_mcp_bench"
 
 
 def history_rows(start: int, stop: int, now: float) -> Iterator[dict[str, Any]]:
@@ -117,6 +129,87 @@ async def overview_ms(url: str, calls: int) -> tuple[float, float]:
     return medians[0], medians[1]
 
 
+def overview_extras(engine: Engine) -> None:
+    """What the overview shows beside the history: queued and running tasks, workers, schedules."""
+    now = time.time()
+    active = []
+    for n in range(12):
+        values = _task_values(OWNER, ScanKind.QUICK, f"10.255.0.{n}", [*ARGV, f"10.255.0.{n}"], 60, pool="default",
+                              share=True, shards=(), address_count=1, probe_count=100, forced=False)
+        running = n < 2
+        active.append(values | {"status": TaskStatus.RUNNING.value if running else TaskStatus.QUEUED.value,
+                                "worker_id": "w0" if running else None, "started_at": now if running else None,
+                                "claimed_at": now if running else None,
+                                "lease_expires_at": now + 30 if running else None})
+    with engine.begin() as conn:
+        conn.execute(insert(tasks), active)
+        conn.execute(insert(workers), [{"id": f"w{n}", "name": f"worker-{n}", "pool": "default", "capacity": 10,
+                                        "running": 2 * (n == 0), "started_at": now, "heartbeat_at": now}
+                                       for n in range(3)])
+        conn.execute(insert(schedules), [{"id": f"s{n}", "owner": OWNER, "kind": ScanKind.QUICK.value,
+                                          "spec": f"10.254.0.{n}", "every": "1h", "created_at": now - 30 * 86_400,
+                                          "next_run_at": now + 3600} for n in range(SCHEDULES)])
+
+
+def schedule_runs_of(start: int, stop: int, now: float) -> list[dict[str, Any]]:
+    """The runs of the token's schedules among its scans start..stop-1: one scan in five,
+    none with a change."""
+    return [{"id": str(uuid.uuid4()), "schedule_id": f"s{n // 5 % SCHEDULES}", "due_at": now - n * SPACING_S,
+             "status": "done", "task_id": None, "finished_at": now - n * SPACING_S + 1, "webhook_attempts": 0}
+            for n in range(start, stop) if n % 5 == 0]
+
+
+async def sections_ms(settings: Settings, calls: int) -> dict[str, float]:
+    """Median ms of each /ui overview section built for an admin, and of the whole overview's
+    CPU (built and serialized)."""
+    runtime = Runtime(settings, settings.nmap_path, Role.API)
+    await runtime.start()
+    try:
+        dashboard = Dashboard(runtime.service, runtime.schedules, ApprovalDesk(runtime.stores.approvals,
+                                                                                runtime.service.policy),
+                              runtime.auditor)
+        viewer = dashboard.viewer(OWNER)
+        times: dict[str, list[float]] = defaultdict(list)
+        for _ in range(calls):
+            for section in (s for s in dashboard.sections if dashboard.policy.may(viewer.name, s.route)):
+                started = time.perf_counter()
+                await section.build(viewer)
+                times[section.name].append(time.perf_counter() - started)
+            started = time.process_time()
+            (await dashboard.overview(viewer)).model_dump_json()
+            times["overview CPU"].append(time.process_time() - started)
+    finally:
+        await runtime.stop()
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
+
+
+def overview_sections(url: str, tmp: Path, calls: int) -> dict[int, dict[str, float]]:
+    """sections_ms at each of SIZES."""
+    engine = create_db_engine(url)
+    upgrade_schema(engine)
+    overview_extras(engine)
+    where = {"database_url": url} if url.startswith("postgresql") else {"db_path": url.removeprefix("sqlite:///")}
+    settings = Settings(tokens={OWNER: {"secret": "bench-secret-" + "0" * 32}}, ui_admin_tokens=[OWNER],
+                        audit_log=str(tmp / "audit.jsonl"), log_level="WARNING", nmap_path=ARGV[0], **where)
+    figures, filled = {}, 0
+    for size in SIZES:
+        fill(engine, filled, size)
+        with engine.begin() as conn:
+            conn.execute(insert(schedule_runs), schedule_runs_of(filled, size, time.time()))
+        filled = size
+        figures[size] = asyncio.run(sections_ms(settings, calls))
+    engine.dispose()
+    return figures
+
+
+def print_sections(database: str, figures: dict[int, dict[str, float]]) -> None:
+    print(f"{database}: the /ui overview's sections, median ms at " + " / ".join(f"{size:,}" for size in SIZES)
+          + " tasks", flush=True)
+    for name in figures[SIZES[0]]:
+        times = [figures[size][name] for size in SIZES]
+        print(f"  {name:14} " + " / ".join(f"{t:8.2f}" for t in times) + f"   x{times[-1] / times[0]:.1f}", flush=True)
+
+
 def lookups(url: str, calls: int) -> list[tuple[int, float, float, tuple[float, float]]]:
     """(tasks, miss ms, hit ms, overview lists ms) at each of SIZES."""
     engine = create_db_engine(url)
@@ -153,7 +246,7 @@ async def scans_per_second(server: LiveServer, targets: list[str], clients: int)
     return len(targets) / took
 
 
-def database_url(stack: contextlib.ExitStack, database: str, directory: Path, prefix: str = "nmap_mcp_bench_") -> str:
+def database_url(stack: contextlib.ExitStack, database: str, directory: Path, prefix: str = "nmap_mcp_bench") -> str:
     """A throw-away database of kind `database`: a SQLite file in `directory`, or a PostgreSQL
     database named `prefix`..., dropped when `stack` closes."""
     if database == "postgresql":
@@ -205,12 +298,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lookups-only", action="store_true", help="without the submissions part")
+    parser.add_argument("--sections", action="store_true", help="the /ui overview's sections only")
     args = parser.parse_args()
     if args.scans * args.rounds // 2 * 2 > 254:
         parser.error("--scans x --rounds must stay within the 254 addresses of 127.0.26.0/24")
     for database in args.databases.split(","):
         with tempfile.TemporaryDirectory(prefix="bench-history-") as tmp, contextlib.ExitStack() as stack:
             url = database_url(stack, database, Path(tmp) / "lookup")
+            if args.sections:
+                print_sections(database, overview_sections(url, Path(tmp), max(args.calls // 10, 5)))
+                continue
             for size, miss, hit, (newest, completed) in lookups(url, args.calls):
                 print(f"{database} lookup at {size:6} tasks: miss {miss:7.3f} ms  hit {hit:7.3f} ms;  overview lists: "
                       f"newest {newest:7.2f} ms  completed {completed:7.2f} ms", flush=True)

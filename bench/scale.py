@@ -64,7 +64,7 @@ from tests.support import own_user_sandbox
 DEFAULT_SIZES = (1024, 4096, 16384)
 BIG = 65536
 BASE = "127.64.0.0"
-DATABASE_PREFIX = "scale_"
+DATABASE_PREFIX = "scale"
 # A call waits this long for its scan (the server caps it at max_call_wait_seconds, set to it).
 CALL_WAIT_S = 600
 # The queue's bound counts each shard: a sharded scan of 65,536 addresses is 1,024 tasks at the default shard size.

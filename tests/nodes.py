@@ -122,11 +122,11 @@ async def finished(tasks: TaskManager, task_id: str, owner: str = "alice", timeo
     return await tasks.get(task_id, owner, with_result=True)
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 5) -> bool:
+async def wait_for(condition: Callable[[], bool], timeout: float = 5, every_s: float = 0.02) -> bool:
     """Poll `condition` while the event loop (and the worker on it) keeps running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not condition():
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(every_s)
     return condition()
 
 

@@ -19,7 +19,9 @@ import pytest
 from fastmcp_tasks import call_tool_task
 from mcp_types import ElicitResult
 
+from approvals import EXPIRY_RECHECK_SECONDS, expire_forever
 from argv_check import ArgvCheck, TaskRefused
+from audit import AuditLog, Auditor
 from config import Settings
 from engagements import EngagementRules, approval_reasons
 from models import ScanKind, TaskRecord, TaskStatus
@@ -28,7 +30,7 @@ from scanner import build_argv
 from stores import Stores
 from task_manager import ApprovalRequest
 from tests.conftest import OpenClient, ToolClient
-from tests.nodes import opened_stores
+from tests.nodes import opened_stores, statements_run, wait_for
 from tests.support import ROOT, SECRETS, LiveServer, answer_of, call, error_text, finished
 
 pytestmark = pytest.mark.anyio
@@ -111,10 +113,12 @@ async def test_an_approver_approves_or_denies_and_the_task_runs_or_ends_denied(
 
 
 async def test_an_approval_nobody_gives_in_time_is_denied(in_memory: OpenClient, tmp_path: Path) -> None:
+    """The expiry loop, with nothing pending, sleeps a minute (EXPIRY_RECHECK_SECONDS): the
+    request wakes it, and it sleeps again until the request is due."""
     config = approval_config(addresses_over=2, expires_after_seconds=5)
     async with in_memory(**config) as alice:
         waiting = await answer_of(alice, "custom_scan", command="-Pn -p 1 127.0.23.0/30", timeout=30)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + EXPIRY_RECHECK_SECONDS / 3
         while (shown := await answer_of(alice, "get_task_status", task_id=waiting["task_id"]))["status"] != "denied":
             assert time.monotonic() < deadline and shown["status"] == "awaiting_approval", shown
             await anyio.sleep(0.2)
@@ -279,3 +283,27 @@ async def test_retention_deletes_a_finished_task_s_approval_with_it(tmp_path: Pa
         assert await stores.approvals.of_task(held.record.id) is not None
         assert await stores.tasks.purge(time.time() + 1) == 1
         assert await stores.approvals.of_task(held.record.id) is None
+
+
+async def test_a_new_request_wakes_the_expiry_loop_of_its_own_and_of_other_processes(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Each process's expiry loop sleeps until the next pending approval is due, a minute when
+    none is (it polled every 5 s): a request, made in its process or in another, wakes it."""
+    argv = build_argv(NMAP, ["-sT", "-p", "1", "--max-rate", "50000"], ["127.0.23.1"], ipv6=False, privileged=False)
+    auditor = Auditor(AuditLog(tmp_path / "audit.jsonl"), on_verdict=lambda _tool, _verdict: None)
+    async with opened_stores(database_url, max_queued=10) as here, opened_stores(database_url, max_queued=10) as there:
+        with statements_run(here) as seen:
+            expiry = asyncio.create_task(expire_forever(here.approvals, auditor))
+            try:
+                assert await wait_for(lambda: any("approvals.expires_at" in sql for sql, _ in seen))
+                for stores in (here, there):
+                    asked = time.monotonic()
+                    held = await stores.tasks.submit("alice", ScanKind.CUSTOM, "127.0.23.1", argv, 60,
+                                                     engagement="lab", approval=ApprovalRequest("lab", ["why"], 1))
+                    record = await stores.tasks.wait(held.record.id, "alice", timeout_s=EXPIRY_RECHECK_SECONDS / 4)
+                    assert record.status is TaskStatus.DENIED, record
+                    assert time.monotonic() - asked < EXPIRY_RECHECK_SECONDS / 4
+            finally:
+                expiry.cancel()
+                await asyncio.gather(expiry, return_exceptions=True)

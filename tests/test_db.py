@@ -15,7 +15,7 @@ import db
 from change_feed import heard_key, wait_set
 from db import DatabaseUnavailable
 from models import TaskStatus
-from tests.nodes import opened_stores, submit
+from tests.nodes import opened_stores, submit, wait_for
 from tests.support import POSTGRES_ADMIN_URL, NmapWrapper
 
 pytestmark = pytest.mark.anyio
@@ -103,3 +103,33 @@ async def test_a_call_not_answered_in_time_is_unavailable_and_its_transaction_ro
     # Closed: every database thread has finished, the abandoned submit included.
     async with opened_stores(url, max_queued=10) as stores:
         assert [record.id for record in await stores.tasks.recent("alice", None, 10)] == [kept.id]
+
+
+def pooled_connections(database_url: str) -> int:
+    """Connections to the test database other than the change feed's listener."""
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND query NOT LIKE 'LISTEN%%'",
+                            (make_url(database_url).database,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_the_connections_a_busy_spell_opened_are_closed_once_idle(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process kept every pooled connection it ever opened (up to 20) for as long as it lived:
+    the server now closes those idle for POOL_IDLE_SECONDS, the pool reuses the one returned
+    last, and the next busy spell replaces the closed ones unseen."""
+    monkeypatch.setattr(db, "POOL_IDLE_SECONDS", 1)
+    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.2)
+
+    def hold(conn_db: db.Database) -> None:
+        with conn_db.reading() as conn:
+            conn.exec_driver_sql("SELECT pg_sleep(0.3)")
+
+    async with opened_stores(postgres_url, max_queued=10) as stores:
+        await asyncio.gather(*(stores.db.run(hold, stores.db) for _ in range(6)))
+        assert pooled_connections(postgres_url) >= 6
+        assert await wait_for(lambda: pooled_connections(postgres_url) <= 1, timeout=15, every_s=0.2)
+        await asyncio.gather(*(stores.db.run(hold, stores.db) for _ in range(6)))
+        await stores.db.ping()

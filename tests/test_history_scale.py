@@ -18,7 +18,7 @@ from sqlalchemy.sql import Select
 from db import DB_THREADS, create_db_engine, upgrade_schema
 from inventory import HostQuery
 from limits import USAGE_AND_WAITING, usage_params
-from models import ScanKind, TaskStatus, inventory_hosts, inventory_ports, tasks
+from models import ScanKind, TaskStatus, inventory_hosts, inventory_ports, schedule_runs, schedules, tasks
 from task_manager import FRESH_TWIN, dedupe_key
 from tests.nodes import opened_stores, statements_run
 
@@ -173,3 +173,88 @@ async def test_the_overview_lists_every_tokens_newest_tasks_in_index_order(
         assert steps == [f"SEARCH tasks USING INDEX {index}"], steps
     else:  # either index reads them in order
         assert steps[0] == "Limit using None" and steps[1].startswith("Index Scan using ix_tasks_"), steps
+
+
+def changed_inventory(engine: Engine, now: float) -> set[str]:
+    """alice's 3,000 hosts of inventory_rows, of which 30 changed and 30 others have a port that
+    changed within the hour; the addresses of those 60."""
+    host_rows, port_rows = inventory_rows(3000)
+    changed = {row["address"] for row in host_rows[::100]}
+    host_rows = [row | {"changed_at": now - 60} if row["address"] in changed else row for row in host_rows]
+    with_port = {row["address"] for row in host_rows[50::100]}
+    port_rows = [row | {"changed_at": now - 60} if row["address"] in with_port and row["port"] == 22 else row
+                 for row in port_rows]
+    with engine.begin() as conn:
+        conn.execute(insert(inventory_hosts), host_rows)
+        conn.execute(insert(inventory_ports), port_rows)
+    return changed | with_port
+
+
+def full_scans(engine: Engine, statements: list[tuple[str, Any]]) -> list[str]:
+    """The steps of SQLite's plans of `statements` that read a whole table, or all of the
+    owner's entries of an index (a derived table's rows, `anon_`, are what was found)."""
+    with engine.connect() as conn:
+        return [step for plan in plans_in(conn, statements) for step in plan if not step.startswith("SCAN anon_")
+                and (step.startswith("SCAN") or step.endswith("(owner=?)"))]
+
+
+@pytest.mark.anyio
+async def test_changed_since_reads_the_hosts_and_ports_that_changed(database_url: str) -> None:
+    """find_hosts(changed_since) read every host and port of the owner for the OR of a port's
+    and its host's change (601 ms at 100k hosts on SQLite): the addresses that changed now come
+    from the (owner, changed_at) indexes, and only their rows are read."""
+    async with opened_stores(database_url, max_queued=10) as stores:
+        expected = changed_inventory(stores.db.engine, time.time())
+        await stores.db.refresh_statistics()
+        with statements_run(stores) as seen:
+            hosts, total = await stores.inventory.find_hosts("alice", HostQuery(changed_since=time.time() - 3600),
+                                                             100, 0)
+            by_port, by_port_total = await stores.inventory.find_hosts(
+                "alice", HostQuery(port=22, changed_since=time.time() - 3600), 100, 0)
+        scans = full_scans(stores.db.engine, seen) if stores.db.dialect == "sqlite" else []
+    assert total == 60 and {host.address for host in hosts} == expected
+    # Port 22 is open on every host: shown for the 30 whose port changed and the 30 that did.
+    assert by_port_total == 60 and {host.address for host in by_port} == expected
+    assert scans == [], scans
+
+
+@pytest.mark.anyio
+async def test_each_top_values_field_reads_its_index_alone(tmp_path: Path) -> None:
+    """top_values counts the owner's open ports (or hosts): from an index holding the value,
+    the state and the address, never the rows (SQLite: COVERING INDEX in every plan)."""
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    async with opened_stores(url, max_queued=10) as stores:
+        changed_inventory(stores.db.engine, time.time())
+        await stores.db.refresh_statistics()
+        plans = {}
+        for field in ("port", "service", "product", "version", "os", "status"):
+            with statements_run(stores) as seen:
+                await stores.inventory.top_values("alice", field, HostQuery(), 10)
+            with stores.db.engine.connect() as conn:
+                plans[field] = [step for plan in plans_in(conn, seen) for step in plan if "inventory_" in step]
+    assert all(len(steps) == 1 and "USING COVERING INDEX ix_inventory_" in steps[0] for steps in plans.values()), plans
+
+
+@pytest.mark.anyio
+async def test_a_schedules_latest_change_is_the_newest_entry_of_its_index(database_url: str) -> None:
+    """The overview shows each schedule's latest change: for a schedule whose runs found none
+    for months, every run of it was read to learn so."""
+    async with opened_stores(database_url, max_queued=10) as stores:
+        with stores.db.engine.begin() as conn:
+            conn.execute(insert(schedules), {"id": "s1", "owner": "alice", "kind": "quick", "spec": "127.0.0.1",
+                                             "every": "1h", "created_at": 0.0, "next_run_at": 1e10})
+            conn.execute(insert(schedule_runs), [
+                {"id": f"r{n}", "schedule_id": "s1", "due_at": float(n), "status": "done", "webhook_attempts": 0,
+                 "diff": '{"changed": true}' if n == 7 else None} for n in range(2000)])
+        with statements_run(stores) as seen:
+            [state], _ = await stores.schedules.states("alice", 10)
+        [change] = [(sql, params) for sql, params in seen if "diff IS NOT NULL" in sql]
+        with stores.db.engine.connect() as conn:
+            if stores.db.dialect == "sqlite":
+                steps = plans_in(conn, [change])[0]
+            else:  # at 2,000 small rows a scan could be as cheap; the index is what it takes at scale
+                conn.exec_driver_sql("SET enable_seqscan = off")
+                [[plan]] = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {change[0]}", change[1]).all()
+                steps = [node.get("Index Name") or node["Node Type"] for node in plan_nodes(plan[0]["Plan"])]
+    assert state.last_change is not None and state.last_change.due_at == 7.0
+    assert any("ix_schedule_runs_changes" in step for step in steps), steps

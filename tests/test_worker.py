@@ -9,8 +9,10 @@ import sqlite3
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import insert, select, update
+from sqlalchemy.engine import make_url
 
 from db import create_db_engine, upgrade_schema
 from inventory import HostQuery
@@ -19,9 +21,9 @@ from nmap_report import ReportParser, with_versions
 from scanner import build_argv
 from sharding import Shard
 from task_manager import Submitted, TaskAlreadyFinished
-from tests.nodes import RATED, MakeNode, argv_for, big_result, finished, submit, wait_for
-from tests.support import Listeners, NmapWrapper, own_user_sandbox, process_alive
-from worker import PhaseEnd, Worker, judge
+from tests.nodes import RATED, MakeNode, argv_for, big_result, finished, start_node, submit, wait_for
+from tests.support import POSTGRES_ADMIN_URL, Listeners, NmapWrapper, own_user_sandbox, process_alive
+from worker import IDLE_RECHECK_SECONDS, PhaseEnd, Worker, judge
 from worker_store import MAX_SHARD_REQUEUES
 
 pytestmark = pytest.mark.anyio
@@ -493,3 +495,38 @@ async def test_a_worker_bound_to_an_owner_claims_only_that_owner_s_tasks(
     assert (await node.tasks.get(teammate.id, "bob")).status is TaskStatus.QUEUED
     fleet = WorkerInfo(id="fleet", name="fleet", pool="default", capacity=8)
     assert [record.id for record in await node.stores.workers.claim(fleet, "default", 8)] == [teammate.id]
+
+
+def listeners_of(database_url: str, terminate: bool = False) -> int:
+    """How many connections to the test database LISTEN (with `terminate`: how many were ended)."""
+    what = "count(pg_terminate_backend(pid))" if terminate else "count(*)"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        row = admin.execute(f"SELECT {what} FROM pg_stat_activity WHERE datname = %s AND query LIKE 'LISTEN%%'",
+                            (make_url(database_url).database,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_an_idle_worker_is_woken_by_notifications_and_still_claims_when_its_listener_is_killed(
+    postgres_url: str, nmap_wrapper: NmapWrapper
+) -> None:
+    """An idle worker looks at the queue only every IDLE_RECHECK_SECONDS (60) by itself: a task
+    another process queues reaches it by NOTIFY, and while its listening connection is gone (here
+    ended by the server) the change feed wakes it to read, then listens again."""
+    worker = await start_node(postgres_url, "idle", nmap_wrapper)
+    api = await start_node(postgres_url, "api", nmap_wrapper, worker=False)
+    try:
+        assert await wait_for(lambda: listeners_of(postgres_url) == 2, timeout=10, every_s=0.2)
+        for step in ("notified", "listener killed", "listening again"):
+            if step == "listener killed":
+                assert listeners_of(postgres_url, terminate=True) == 2
+            if step == "listening again":
+                assert await wait_for(lambda: listeners_of(postgres_url) == 2, timeout=10, every_s=0.2)
+            asked = time.monotonic()
+            record = await submit(api.tasks, nmap_wrapper, 1)
+            done = await api.tasks.wait(record.id, "alice", timeout_s=20)
+            assert done.status is TaskStatus.COMPLETED, step
+            assert time.monotonic() - asked < IDLE_RECHECK_SECONDS / 3, step
+    finally:
+        await api.stop()
+        await worker.stop()
