@@ -488,7 +488,7 @@ class ScanService:
         self, owner: str, task_id: str, fmt: str = "json", view: str = "summary", offset: int = 0,
         limit: int = DEFAULT_PAGE, port_offset: int = 0,
     ) -> TaskAnswer:
-        record = await self._tasks.get(task_id, await self._reader(owner, task_id), with_result=True)
+        record = await self._tasks.get(task_id, await self._reader(owner, task_id))
         return await self.present(record, fmt, view, offset, limit, port_offset=port_offset, caller=owner)
 
     async def _reader(self, caller: str, task_id: str) -> str:
