@@ -21,6 +21,7 @@ from policy import NoPool, Policy
 from scans import ScanService, without_waiting
 from stores import Stores
 from supervisor import Supervisor
+from tests.nodes import statements_run
 from tests.support import OWN_USER, SECRETS, Listeners, NmapWrapper, SilentServer, eventually, own_user_sandbox
 from worker import Worker
 
@@ -79,6 +80,13 @@ async def test_a_big_scan_is_sharded_over_two_workers_and_merged(
     assert page.result.hosts_total == 128 and not page.result.partial
     open_on = [h.address for h in page.result.hosts if any(p.port == port and p.state == "open" for p in h.ports)]
     assert open_on == ["127.0.0.1"]
+    # A page reads the chunks that hold it (each shard's, moved under the scan), not the result.
+    with statements_run(second._stores) as statements:
+        across = await second.result("alice", answer.task_id, offset=30, limit=4)
+    assert across.result is not None and [h.address for h in across.result.hosts] == addresses[30:34]
+    chunk_reads = [params for sql, params in statements if "FROM result_chunks" in sql]
+    assert len(chunk_reads) == 1 and "result_chunks.first_host > " in next(
+        sql for sql, _ in statements if "FROM result_chunks" in sql), "one ranged read of the page's chunks"
     xml = await second.result("alice", answer.task_id, fmt="xml")
     assert xml.content is not None and xml.content.count("<nmaprun ") == 4
     listed = await second.list_tasks("alice", None, 10)
