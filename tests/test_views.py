@@ -25,7 +25,19 @@ from models import (
 )
 from nmap_report import parse_report
 from tests.support import paged
-from views import csv_page, diff_results, inventory_page, json_page, text_page, text_wire_bytes, wire_size
+from views import (
+    ANSWER_ROOM,
+    csv_host_bytes,
+    csv_page,
+    diff_results,
+    inventory_page,
+    json_host_bytes,
+    json_page,
+    summary_host,
+    text_page,
+    text_wire_bytes,
+    wire_size,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PORTS = json.loads((FIXTURES / "ports.json").read_text())
@@ -80,6 +92,26 @@ def test_pages_never_exceed_the_cap_and_cover_every_host_once(view: str, cap: in
         seen += [h.address for h in answer.result.hosts]  # type: ignore[union-attr]
         offset = answer.page.next_offset
     assert seen == [h.address for h in result.hosts]
+
+
+@pytest.mark.parametrize("form", ["summary", "full", "csv"])
+def test_a_page_sized_by_adding_up_its_hosts_leaves_out_only_what_its_room_would_hold(form: str) -> None:
+    result = many_hosts(600)
+    answer = page_with(form, result, 600, 20_000)
+    assert answer.page is not None and 0 < answer.page.returned < 600 and size(answer) <= 20_000
+    hosts = result.hosts if form != "summary" else [summary_host(h) for h in result.hosts]
+    each = min(map(csv_host_bytes if form == "csv" else json_host_bytes, hosts))  # type: ignore[arg-type]
+    # The room, and the host that did not fit beside it.
+    more = answer.page.returned + ANSWER_ROOM // each + 2
+    assert size(page_with(form, result, more, 10**9)) > 20_000, "that many more would not have fitted"
+
+
+def page_with(form: str, result: ScanResult, count: int, cap: int) -> TaskAnswer:
+    """The page of the first `count` hosts of `result` in `form` (json view or csv) under `cap`."""
+    window = paged(result, 0, count) | {"total": len(result.hosts)}
+    if form == "csv":
+        return csv_page(BASE.model_copy(update={"format": "csv"}), **window, cap=cap)
+    return json_page(BASE, **window, view=form, cap=cap)
 
 
 def crowded(ports: int, *, script_output: str | None = None) -> ScanResult:
