@@ -297,13 +297,17 @@ def _port(element: ET.Element) -> PortDetail:
     get = service.get if service is not None else (lambda _key, default="": default)
     # nmap's service name comes from its own databases; product, version, extra info and CPEs
     # are filled from the service's answers (the $1 of its match lines), scripts from theirs.
+    # Most ports have none of them: no PortText is made for those (a third of a big scan's parse).
+    product, version, extrainfo = get("product", ""), get("version", ""), get("extrainfo", "")
+    cpes = list(service.iter("cpe")) if service is not None else []
+    scripts = _scripts(element)
     text = PortText(
-        product=clean_text(get("product", ""), FIELD_LIMIT),
-        version=clean_text(get("version", ""), FIELD_LIMIT),
-        extrainfo=clean_text(get("extrainfo", ""), FIELD_LIMIT),
-        cpe=[clean_text(c.text or "", FIELD_LIMIT) for c in (service.iter("cpe") if service is not None else ())],
-        scripts=_scripts(element),
-    )
+        product=clean_text(product, FIELD_LIMIT),
+        version=clean_text(version, FIELD_LIMIT),
+        extrainfo=clean_text(extrainfo, FIELD_LIMIT),
+        cpe=[clean_text(c.text or "", FIELD_LIMIT) for c in cpes],
+        scripts=scripts,
+    ) if product or version or extrainfo or cpes or scripts else None
     return PortDetail(
         port=int(element.get("portid", "0")),
         protocol=element.get("protocol", ""),
@@ -311,7 +315,7 @@ def _port(element: ET.Element) -> PortDetail:
         reason=state.get("reason", "") if state is not None else "",
         service=service_name(clean_text(get("name", ""), 64), tunnel := clean_text(get("tunnel", ""), 16)),
         tunnel=tunnel,
-        untrusted=text if any(text.texts()) else None,
+        untrusted=text if text is not None and any(text.texts()) else None,
     )
 
 
