@@ -428,10 +428,11 @@ class WorkerStore:
                        live_hosts: bool, *, now_if_small: bool) -> tuple[TaskRecord | None, int | None]:
         ours = {"p_id": record.id, "p_worker": worker_id}
         result = outcome.result if outcome.status is TaskStatus.COMPLETED else None
-        finished_at = time.time()
         with self._db.writing() as conn:
             # Placed before the verdict's UPDATE: the owner's turn, held to the commit, orders it.
             fold_order = next_fold_order(conn, record.owner) if result is not None else None
+            # Once the database answers: a verdict that waited out a freeze finished after it.
+            finished_at = time.time()
             small = now_if_small and fold_order == 1 and result is not None and len(result.hosts) <= FOLD_BATCH_HOSTS
             pending = {"fold_order": fold_order, "fold_after": None,
                        "fold_lease": time.time() + self.lease_seconds} if result is not None and not small else {}
