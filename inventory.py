@@ -1,6 +1,7 @@
 """The inventory across scans: the latest known state of every host and port a token's scans
 have seen, and what one completed scan changes in it. Pure functions over rows (dicts);
-inventory_store.py reads and writes the rows in the transaction that finishes the scan.
+inventory_store.py reads and writes the rows, a batch of the scan's hosts per transaction
+(a batch plans from the known rows of its span of addresses: see fold_next).
 
 A completed scan knows its scope: the networks it targeted, less those it excluded, and, per
 protocol, the ports it scanned (nmap's <scaninfo>). Inside that scope, a host it did not find

@@ -1,5 +1,11 @@
 """The inventory's rows: read for find_hosts and top_values, written when a completed scan is
-folded in (inventory.py decides what changes; these statements read and write it)."""
+folded in (inventory.py decides what changes; these statements read and write it).
+
+A completed scan's fold runs after its verdict, a batch of FOLD_BATCH_HOSTS hosts per
+transaction read from its stored chunks (result_store.hosts_after), its cursor moved in the
+same transaction; a token's folds run in the order of their verdicts' commits (tasks.fold_order).
+A result of one batch at most whose owner has no fold pending is folded in its verdict's
+transaction (fold_now)."""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -22,6 +29,7 @@ from sqlalchemy import (
     select,
     tuple_,
     union,
+    update,
 )
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
@@ -29,6 +37,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from db import INVENTORY_LOCK, Database, upsert
 from inventory import (
     HostQuery,
+    Scope,
     Stored,
     address_key,
     looks_at_versions,
@@ -44,10 +53,14 @@ from models import (
     ScanResult,
     ServiceText,
     TaskRecord,
+    TaskStatus,
     ValueCount,
     inventory_hosts,
     inventory_ports,
+    stored_result,
+    tasks,
 )
+from result_store import CHUNK_HOSTS, HostRun, hosts_after
 from targets import IPNetwork
 
 T = TypeVar("T")
@@ -65,6 +78,26 @@ _KNOWN_HOSTS = select(inventory_hosts).where(
 # (a re-fold of 4,096 hosts beside 16,384 others: 6.2 s reading, 0.04 s by range).
 _KNOWN_PORTS = select(inventory_ports).where(
     inventory_ports.c.owner == _OWNER, inventory_ports.c.address_key.between(bindparam("p_low"), bindparam("p_high")))
+# Hosts folded per transaction: what a fold holds in memory and the longest any other writer
+# waits for it (SQLite writes one at a time; on PostgreSQL the owner's verdicts take turns with it).
+FOLD_BATCH_HOSTS = 256
+_BATCH_CHUNKS = max(FOLD_BATCH_HOSTS // CHUNK_HOSTS, 1)
+_LAST = 2**62
+_PENDING = tasks.c.fold_order.is_not(None)
+_LAST_FOLD_ORDER = select(func.coalesce(func.max(tasks.c.fold_order), 0)).where(tasks.c.owner == _OWNER, _PENDING)
+_FIRST_PENDING_FOLD = (
+    select(tasks.c.id, tasks.c.owner, tasks.c.kind, tasks.c.target, tasks.c.argv, tasks.c.created_at,
+           tasks.c.finished_at, tasks.c.parent_id, tasks.c.shard_count, tasks.c.fold_order, tasks.c.fold_after,
+           tasks.c.result)
+    .where(tasks.c.owner == _OWNER, _PENDING, tasks.c.fold_order <= bindparam("p_through"))
+    .order_by(tasks.c.fold_order, tasks.c.id).limit(1)
+)
+_THE_TASK = tasks.c.id == bindparam("p_id")
+_MOVE_FOLD_CURSOR = update(tasks).where(_THE_TASK, _PENDING)
+_END_FOLD = update(tasks).where(_THE_TASK).values(fold_order=None, fold_after=None, fold_lease=None)
+_LOCK_TASK = select(tasks.c.status).where(_THE_TASK).with_for_update()
+_STALE_FOLD_OWNERS = select(tasks.c.owner).where(
+    _PENDING, func.coalesce(tasks.c.fold_lease, 0.0) < bindparam("p_now")).distinct()
 _WRITE_ROWS = {dialect: {table: upsert(dialect, table) for table in (inventory_hosts, inventory_ports)}
                for dialect in ("sqlite", "postgresql")}
 
@@ -77,40 +110,157 @@ _HOST_FIELDS = [name for name in InventoryHost.model_fields if name in inventory
 
 
 class InventoryRefused(RuntimeError):
-    """The database refused the inventory rows of a completed scan (its transaction is lost)."""
+    """The database refused the inventory rows of a completed scan's batch (its transaction is lost)."""
+
+    def __init__(self, task_id: str, message: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
 
 
-def fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult) -> None:
-    """Fold a completed scan into its owner's inventory, in the transaction finishing it.
+@dataclass(frozen=True)
+class FoldStep:
+    """A batch folded: of which task (and its place among its owner's folds), the change-feed
+    keys of that task (and of its parent), and whether its fold is done."""
 
-    Scans of one owner finishing at the same moment take turns (on PostgreSQL an advisory
-    lock per owner; SQLite writes one at a time anyway), so each plans from what the other
-    wrote. InventoryRefused when the database refuses the rows; a database that cannot be
-    reached raises as everywhere (the verdict is tried again later)."""
+    task_id: str
+    order: int
+    keys: tuple[str, ...]
+    done: bool
+
+
+def take_fold_turn(conn: Connection, owner: str) -> None:
+    """Make the owner's other folds and verdicts wait for the end of this transaction (on
+    PostgreSQL an advisory lock per owner; SQLite writes one at a time anyway)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_TAKE_INVENTORY_LOCK, {"p_owner": owner})
+
+
+def next_fold_order(conn: Connection, owner: str) -> int:
+    """The place of a fold the caller's transaction is about to make pending, after each of
+    the owner's pending folds: in the order of the verdicts' commits, as the turn is held to
+    the commit."""
+    take_fold_turn(conn, owner)
+    return int(conn.execute(_LAST_FOLD_ORDER, {"p_owner": owner}).scalar_one()) + 1
+
+
+def fold_next(conn: Connection, owner: str, lease_s: float, through: int | None = None) -> FoldStep | None:
+    """Fold the next batch of the owner's first pending fold (of those placed at `through` or
+    before); None when there is none. A batch is FOLD_BATCH_HOSTS of the result's hosts, read
+    from its chunks after the last host folded, and it moves that cursor in the same
+    transaction: a crash loses the batch whole, and the next call folds it again.
+
+    Each batch marks down the known hosts of the scan's scope between its cursor and its last
+    host (the last batch: to the end of the scope) that the scan did not find up, and stamps
+    what it writes with the scan's finish time: a batch folded twice writes the same rows.
+    InventoryRefused when the database refuses the rows; a database that cannot be reached
+    raises as everywhere."""
+    pending = _take_first_pending(conn, owner, through)
+    if pending is None:
+        return None
+    record = _fold_record(pending)
+    step = partial(FoldStep, record.id, pending.fold_order, record.keys)
     try:
-        if dialect == "postgresql":
-            conn.execute(_TAKE_INVENTORY_LOCK, {"p_owner": record.owner})
-        _fold(conn, dialect, record, result)
+        # A sharded scan's hosts are its shards', each folded as it ended.
+        if record.shard_count or pending.result is None:
+            _finish_fold(conn, record)
+            return step(True)
+        scope = scope_of(record.argv)
+        batch = hosts_after(conn, record.id, pending.fold_after, _BATCH_CHUNKS)
+        if batch.last is None and record.parent_id is not None:
+            # A shard whose hosts its parent adopted (settle_parent): those of its scope, where they now are.
+            batch = _adopted_hosts(conn, record.parent_id, scope, pending.fold_after)
+        _fold_batch(conn, record, stored_result(pending.result).model_copy(update={"hosts": batch.hosts}), scope,
+                    (pending.fold_after, batch.last if batch.more else None))
+        if batch.more:
+            conn.execute(_MOVE_FOLD_CURSOR, {"p_id": record.id, "fold_after": batch.last,
+                                             "fold_lease": time.time() + lease_s})
+            return step(False)
+        _finish_fold(conn, record)
+        return step(True)
     except (OperationalError, InterfaceError):
         raise
     except SQLAlchemyError as e:
-        raise InventoryRefused(str(e)) from e
+        raise InventoryRefused(record.id, str(e)) from e
 
 
-def _fold(conn: Connection, dialect: str, record: TaskRecord, result: ScanResult) -> None:
-    scope = scope_of(record.argv)
+def fold_now(conn: Connection, record: TaskRecord, result: ScanResult, now: float) -> None:
+    """Fold a result of one batch of hosts at most (FOLD_BATCH_HOSTS) in the caller's
+    transaction, its verdict's, stamped `now` (its finish time): for a scan none of whose
+    owner's folds is pending (next_fold_order gave 1), so that it keeps its turn.
+    InventoryRefused as fold_next."""
+    try:
+        _fold_batch(conn, replace(record, finished_at=now), result, scope_of(record.argv), (None, None))
+    except (OperationalError, InterfaceError):
+        raise
+    except SQLAlchemyError as e:
+        raise InventoryRefused(record.id, str(e)) from e
+
+
+def abandon_fold(conn: Connection, task_id: str) -> None:
+    """Give up a fold the database refused (a bug): what its earlier batches wrote stays, and
+    the owner's later folds go on."""
+    conn.execute(_END_FOLD, {"p_id": task_id})
+
+
+def stale_fold_owners(conn: Connection, now: float) -> list[str]:
+    """The owners of pending folds whose process stopped folding them (their lease ran out)."""
+    return list(conn.execute(_STALE_FOLD_OWNERS, {"p_now": now}).scalars())
+
+
+def _take_first_pending(conn: Connection, owner: str, through: int | None) -> Any:
+    take_fold_turn(conn, owner)
+    return conn.execute(_FIRST_PENDING_FOLD, {"p_owner": owner, "p_through": _LAST if through is None else through}
+                        ).first()
+
+
+def _fold_record(row: Row[Any]) -> TaskRecord:
+    return TaskRecord.from_row({**row._mapping, "status": TaskStatus.COMPLETED.value, "time_limit": 0})
+
+
+def _adopted_hosts(conn: Connection, parent_id: str, scope: Scope, after: str | None) -> HostRun:
+    """A shard's hosts after `after` among its parent's, which hold every shard's (the shards
+    of a scan cover disjoint addresses); the cursor moves over the others too."""
+    if not scope.targets:
+        return HostRun([], None, False)
+    first = min(scope.targets, key=lambda network: network_bounds(network)[0])
+    last = max(scope.targets, key=lambda network: network_bounds(network)[1])
+    run = hosts_after(conn, parent_id, after, _BATCH_CHUNKS, (str(first.network_address), str(last.broadcast_address)))
+    return run._replace(hosts=[host for host in run.hosts if host.address in scope])
+
+
+def _finish_fold(conn: Connection, record: TaskRecord) -> None:
+    """The fold's last batch: no longer pending. A shard whose parent has settled lets go of
+    its result's head, which settle_parent kept for the fold (its parent's merged head holds
+    it now); one whose parent has not, keeps it for settle_parent, which drops it then. The
+    parent's row is locked first, so that a shard's fold ending while its parent settles is
+    seen by one or the other."""
+    settled = record.parent_id is not None and TaskStatus(
+        conn.execute(_LOCK_TASK, {"p_id": record.parent_id}).scalar_one()).finished
+    conn.execute(_END_FOLD.values(result=None, result_hosts=None) if settled else _END_FOLD, {"p_id": record.id})
+
+
+def _fold_batch(conn: Connection, record: TaskRecord, result: ScanResult, scope: Scope,
+                span: tuple[str | None, str | None]) -> None:
+    """Fold `result` (a batch of the scan's hosts, in order) with the known hosts of `scope`
+    after the address span[0] up to span[1] (None: from the start, to the end)."""
+    after = "" if span[0] is None else address_key(span[0])
+    until = "~" if span[1] is None else address_key(span[1])
     known_hosts: dict[str, Stored] = {}
     for network in scope.targets:  # a read per network: a scan names few, and the statement is built once
         low, high = network_bounds(network)
-        for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": low, "p_high": high}).mappings():
-            known_hosts[row["address"]] = row
+        if high <= after or low > until:
+            continue
+        for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": max(low, after),
+                                               "p_high": min(high, until)}).mappings():
+            if row["address_key"] > after:
+                known_hosts[row["address"]] = row
     up = recorded_hosts(result, known_hosts)
     known_ports = {(row["address"], row["protocol"], row["port"]): row for row in _known_ports(conn, record.owner, up)}
-    plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports, time.time(),
-                       versions=looks_at_versions(record.kind, record.argv))
+    plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports,
+                       record.finished_at or time.time(), versions=looks_at_versions(record.kind, record.argv))
     for table, rows in ((inventory_hosts, plan.hosts), (inventory_ports, plan.ports)):
         for chunk in _chunks(rows, _CHUNK):
-            conn.execute(_WRITE_ROWS[dialect][table], chunk)
+            conn.execute(_WRITE_ROWS[conn.dialect.name][table], chunk)
 
 
 def _known_ports(conn: Connection, owner: str, addresses: Iterable[str]) -> Iterator[Stored]:

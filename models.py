@@ -139,6 +139,14 @@ tasks = Table(
     Column("engagement", String(64)),
     # The probes it sends (addresses x ports per address, impact.probes): probes_per_day counts them.
     Column("probe_count", BigInteger, nullable=False, server_default="0"),
+    # A completed scan whose result is still to be folded into its owner's inventory (after its
+    # verdict, in batches: inventory_store.fold_next): its place among the owner's pending folds,
+    # which run in this order (their verdicts' commit order); NULL when nothing is pending.
+    Column("fold_order", BigInteger),
+    # The address of the last host folded so far (NULL: none yet), and until when the process
+    # folding it is trusted to go on: past that, any process takes the fold over.
+    Column("fold_after", String(45)),
+    Column("fold_lease", Float),
     # The queue, oldest first per pool; with shard_count the queue's length every submit checks
     # (limits._COUNT_WAITING) reads it alone: without it SQLite counted through a whole other
     # covering index, every task ever (2.6 ms under the submit lock at 50k tasks).
@@ -159,6 +167,9 @@ tasks = Table(
     Index("ix_tasks_parent", "parent_id", "created_at"),
     Index("ix_tasks_created", "created_at", "parent_id"),
     Index("ix_tasks_status_created", "status", "created_at", "parent_id"),
+    # The pending folds, per owner in order: few rows, whatever the number of tasks.
+    Index("ix_tasks_pending_folds", "owner", "fold_order", sqlite_where=text("fold_order IS NOT NULL"),
+          postgresql_where=text("fold_order IS NOT NULL")),
     Index("ix_tasks_engagement_created", "engagement", "created_at"),
     Index("ux_tasks_dedupe_key", "dedupe_key", unique=True),
     # An identical call's completed tasks, newest first (task_manager.FRESH_TWIN): the lookup
@@ -197,6 +208,9 @@ result_chunks = Table(
     Column("first_key", String(33), nullable=False),
     Column("last_key", String(33), nullable=False),
     Column("data", LargeBinary, nullable=False),
+    # A result's chunks from an address on, in order (chunks hold disjoint runs of addresses):
+    # the fold reads a result a few chunks at a time.
+    Index("ix_result_chunks_task_key", "task_id", "last_key"),
 )
 
 # nmap's XML report of each run (a sharded scan's runs are its shards), its exact bytes in
@@ -430,6 +444,8 @@ class TaskRecord:
     # The whole result: only from TaskManager.get(with_result=True), for what compares results.
     result: ScanResult | None = None
     engagement: str | None = None
+    # Completed, and its result not yet all folded into the inventory (inventory_store.fold_next).
+    folding: bool = False
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -458,6 +474,7 @@ class TaskRecord:
             shard_count=data.get("shard_count") or 0,
             progress=Progress.model_validate_json(progress) if progress else None,
             engagement=data.get("engagement"),
+            folding=data.get("fold_order") is not None,
         )
 
 

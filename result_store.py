@@ -71,6 +71,14 @@ _REPORT_PIECES = (
            report_pieces.c.first_char < bindparam("p_to"))
     .order_by(report_pieces.c.first_char)
 )
+# A task's chunks holding hosts after an address (p_after: its key) within [p_from, p_to], in
+# order: chunks hold disjoint runs of addresses, so their last keys run in the hosts' order.
+_CHUNKS_AFTER = (
+    select(result_chunks.c.data)
+    .where(result_chunks.c.task_id == bindparam("p_id"), result_chunks.c.last_key > bindparam("p_after"),
+           result_chunks.c.last_key >= bindparam("p_from"), result_chunks.c.first_key <= bindparam("p_to"))
+    .order_by(result_chunks.c.last_key).limit(bindparam("p_limit"))
+)
 _MOVE_CHUNKS = (update(result_chunks).where(result_chunks.c.task_id == bindparam("p_shard"))
                 .values(task_id=bindparam("p_parent"), first_host=result_chunks.c.first_host + bindparam("p_base")))
 
@@ -156,6 +164,34 @@ def page_of(stored: StoredPage, offset: int, limit: int) -> ResultPage:
     for first, data in stored.chunks:
         hosts.extend(stored_hosts(zlib.decompress(data))[max(offset - first, 0): offset + limit - first])
     return ResultPage(stored_result(stored.head).model_copy(update={"hosts": hosts}), stored.total)
+
+
+class HostRun(NamedTuple):
+    """Hosts of a result read a few chunks at a time: those after the address asked for, in
+    order; the address of the last host read (None: none); `more`: chunks may follow (as many
+    were read as asked)."""
+
+    hosts: list[HostDetail]
+    last: str | None
+    more: bool
+
+
+def hosts_after(conn: Connection, task_id: str, after: str | None, chunks: int,
+                within: tuple[str, str] | None = None) -> HostRun:
+    """The hosts of the task's result after the address `after` (from the first when None), of
+    `chunks` chunks at most, whose chunks hold addresses within `within` (the first and last
+    address) when given: what the fold reads a batch at a time, never the whole result."""
+    low, high = (address_key(within[0]), address_key(within[1])) if within else ("", "~")
+    after_key = "" if after is None else address_key(after)
+    rows = conn.execute(_CHUNKS_AFTER, {"p_id": task_id, "p_after": after_key, "p_from": low, "p_to": high,
+                                        "p_limit": chunks}).scalars().all()
+    if not rows:
+        return HostRun([], None, False)
+    # Only the first chunk can hold hosts up to `after` (one of a shard's, moved under its parent
+    # and merged with others: the cursor may fall inside it).
+    first = [host for host in stored_hosts(zlib.decompress(rows[0])) if address_key(host.address) > after_key]
+    hosts = first + [host for data in rows[1:] for host in stored_hosts(zlib.decompress(data))]
+    return HostRun(hosts, hosts[-1].address, len(rows) == chunks)
 
 
 def read_whole(conn: Connection, task_id: str) -> StoredParts | None:

@@ -88,7 +88,7 @@ from supervisor import Supervisor
 from throttle import FailedTokenThrottle
 from tools import register_tools
 from ui_sign_in import SessionCookieBearer, UiSignIn
-from worker import Worker, resolve_expired_forever
+from worker import Worker, fold_stale_forever, resolve_expired_forever
 
 # A checkout has the VERSION file beside this module; an installed copy has only its metadata.
 _VERSION_FILE = Path(__file__).with_name("VERSION")
@@ -174,6 +174,8 @@ class Runtime:
         await self.stores.engagements.load_config(self._engagements)
         self.supervisor.start("lease-reaper", resolve_expired_forever(
             self.stores.workers, self.stores.db, max(self.stores.lease_seconds / 4, 0.5)))
+        self.supervisor.start("inventory-folds", fold_stale_forever(
+            self.stores.workers, max(self.stores.lease_seconds / 4, 0.5)))
         self.supervisor.start("retention", upkeep_forever(self.stores, self._retention_days))
         self.supervisor.start("approval-expiry", expire_forever(self.stores.approvals, self.auditor))
         if self.worker is not None:

@@ -262,7 +262,8 @@ class TaskManager:
         *,
         known: TaskRecord | None = None,
     ) -> TaskRecord:
-        """Wait up to `timeout_s` (or until `stop` is set) for the task to finish, reporting
+        """Wait up to `timeout_s` (or until `stop` is set) for the task to finish (a completed
+        one: and to be folded into the inventory), reporting
         progress as it changes; the scan goes on either way. Woken by the change feed; each
         wake-up reads the task once (never its result: result_page reads what is shown).
 
@@ -279,7 +280,10 @@ class TaskManager:
                 verdict = changed.verdict if changed.verdict is not None and changed.verdict.owner == owner else None
                 record = known or verdict or (await self._db.run(self._read, task_id, owner))[0]
                 remaining_s = deadline - loop.time()
-                if record.status.finished or remaining_s <= 0 or (stop is not None and stop.is_set()):
+                # A completed scan is done once folded into the inventory: a call that waited for
+                # it finds its hosts there (find_hosts), in whichever process it waited.
+                done = record.status.finished and not record.folding
+                if done or remaining_s <= 0 or (stop is not None and stop.is_set()):
                     return record
                 if on_progress is not None and record.progress is not None and record.progress != reported:
                     reported = record.progress

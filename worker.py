@@ -488,3 +488,12 @@ async def resolve_expired_forever(store: WorkerStore, db: Database, interval_s: 
         except DatabaseUnavailable:
             suspects = {}
         await asyncio.sleep(interval_s)
+
+
+async def fold_stale_forever(store: WorkerStore, interval_s: float) -> None:
+    """Any process, from its start: fold the completed scans whose fold a process left pending
+    (it stopped, or lost the database, mid-fold), every `interval_s`."""
+    while True:
+        with contextlib.suppress(DatabaseUnavailable):
+            await store.fold_stale()
+        await asyncio.sleep(interval_s)

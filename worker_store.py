@@ -2,27 +2,43 @@
 still runs what it claimed, and the workers table list_workers reads.
 
 A task is claimed by one guarded statement that gives a worker a lease, marked started just
-before nmap starts, and finished by a guarded update (the verdict, with the inventory folded
-in). A task whose lease expired is resolved by any process: queued again if nmap never
+before nmap starts, and finished by a guarded update (the verdict). A completed scan's verdict
+marks it pending a fold into the inventory, which runs after the commit in short transactions
+of a batch of hosts each (inventory_store.fold_next): by the worker that wrote the verdict, at
+once, before it tells a waiting call; by any process once that worker stopped folding it
+(`fold_stale`). A waiting call returns once the fold is done (TaskRecord.folding).
+
+A task whose lease expired is resolved by any process: queued again if nmap never
 started; if it had, a shard is queued again for another worker of its pool (its parent runs
 on; at most MAX_SHARD_REQUEUES times) and any other task is interrupted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import BindParameter, ColumnElement, Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.sql.dml import ReturningUpdate
 
 from change_feed import ChangeFeed, queue_key
-from db import Database
-from inventory_store import InventoryRefused, fold
+from db import Database, DatabaseUnavailable
+from inventory_store import (
+    FOLD_BATCH_HOSTS,
+    FoldStep,
+    InventoryRefused,
+    abandon_fold,
+    fold_next,
+    fold_now,
+    next_fold_order,
+    stale_fold_owners,
+    take_fold_turn,
+)
 from models import (
     ACTIVE_STATUSES,
     TASK_SUMMARY,
@@ -47,6 +63,11 @@ INTERRUPTED_ERROR = "the worker running this scan stopped before it finished; su
 # A shard whose worker stopped mid-scan runs again this many times at most: a shard that took
 # down its worker that often is more likely the cause than the victim, and is interrupted.
 MAX_SHARD_REQUEUES = 2
+# The longest a SQLite writer waiting for the lock sleeps between tries (its busy handler's
+# last step). Its waiters queue in no order: a fold that began its next batch as soon as it
+# committed one kept a submit waiting for the whole of a 5,000-host fold (1.8 s of 2.0 s), as the
+# submit slept through every gap. A pause as long as the batch took, up to this, lets them in.
+SQLITE_BUSY_RETRY_SECONDS = 0.1
 _UNCLAIMED = {"status": TaskStatus.QUEUED.value, "worker_id": None, "worker_name": None,
               "claimed_at": None, "lease_expires_at": None}
 
@@ -154,35 +175,45 @@ def claim_in(conn: Connection, worker: WorkerInfo, pool: str, limit: int, now: f
     return records
 
 
-def settle_parent(conn: Connection, feed: ChangeFeed, parent_id: str) -> None:
+def settle_parent(conn: Connection, feed: ChangeFeed, parent_id: str) -> int | None:
     """Once every shard has finished, give the parent its verdict and its result: the shards'
     heads merged, their hosts moved under it (result_store.adopt_shards: nothing is parsed
-    but the heads, and the hosts are stored once)."""
-    # Locking the parent row serialises shards finishing at the same moment.
+    but the heads, and the hosts are stored once). The parent's place among its owner's
+    pending folds when a shard's fold is still pending (the parent is then folding until the
+    folds before it are done), else None."""
+    # Locking the parent row serialises shards finishing at the same moment; the owner's fold
+    # turn is taken first, as a fold's last batch takes it before the parent's row.
+    owner = conn.execute(select(tasks.c.owner).where(tasks.c.id == parent_id)).scalar_one()
+    take_fold_turn(conn, owner)
     parent = TaskRecord.from_row(conn.execute(select(*TASK_SUMMARY).where(tasks.c.id == parent_id)
                                               .with_for_update()).one()._mapping)
     if parent.status.finished:
-        return
+        return None
     # Every shard's verdict asks; only the last one reads (and parses) the shards' heads:
     # reading them at each verdict made a scan's cost grow with the square of its shards.
     if conn.execute(_SHARDS_RUNNING, {"p_parent": parent_id}).first() is not None:
-        return
-    shards = conn.execute(select(tasks.c.id, tasks.c.status, tasks.c.result, tasks.c.error)
+        return None
+    shards = conn.execute(select(tasks.c.id, tasks.c.status, tasks.c.result, tasks.c.error, tasks.c.fold_order)
                           .where(tasks.c.parent_id == parent_id).order_by(tasks.c.created_at)).all()
     now = time.time()
     verdict = parent_verdict(parent.target, now - (parent.started_at or parent.created_at), [
         ShardEnd(TaskStatus(s.status), stored_result(s.result) if s.result else None, s.error)
         for s in shards], scanned_addresses(parent.argv))
     if verdict is None:
-        return
+        return None
     hosts = adopt_shards(conn, parent_id, [s.id for s in shards if s.result])
-    conn.execute(update(tasks).where(tasks.c.parent_id == parent_id).values(result=None, result_hosts=None))
+    # A shard still to be folded keeps its head (its fold reads its scan's scope and ports
+    # there, and drops it); the parent waits for its shards' folds (TaskRecord.folding).
+    conn.execute(update(tasks).where(tasks.c.parent_id == parent_id, tasks.c.fold_order.is_(None))
+                 .values(result=None, result_hosts=None))
+    fold_order = next_fold_order(conn, owner) if any(s.fold_order is not None for s in shards) else None
     conn.execute(update(tasks).where(tasks.c.id == parent_id).values(
         status=verdict.status.value, finished_at=now, error=verdict.error, dedupe_key=None,
         result=verdict.result.model_dump_json() if verdict.result else None,
-        result_hosts=hosts if verdict.result else None,
+        result_hosts=hosts if verdict.result else None, fold_order=fold_order,
     ))
     feed.notify(conn, parent_id)
+    return fold_order
 
 
 class WorkerStore:
@@ -232,18 +263,74 @@ class WorkerStore:
         self.feed.publish(*record.keys)
 
     async def finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome) -> bool:
-        """Record how the scan ended. False when the task was no longer ours to finish (it
-        was cancelled, then only what it found is kept; or resolved by another process)."""
-        # No deadline: a big scan's verdict (its inventory fold is many statements) takes as long
-        # as it takes, nobody but this worker waits on it, and a stalled database only delays it.
-        verdict = await self._db.run(self._finish, record, worker_id, outcome, record.id in self._live_hosts_of,
-                                     deadline=False)
+        """Record how the scan ended, then fold a completed scan into the inventory before telling
+        a waiting call (which returns once it is folded, whichever process waits). False when the
+        task was no longer ours to finish (it was cancelled, then only what it found is kept; or
+        resolved by another process)."""
+        # No deadline: compressing aside, a big result's chunks are many rows to write, nobody but
+        # this worker waits on it, and a stalled database only delays it.
+        verdict, through = await self._db.run(self._finish, record, worker_id, outcome,
+                                              record.id in self._live_hosts_of, deadline=False)
         self._live_hosts_of.discard(record.id)
+        if through is not None and await self.fold(record.owner, through) and verdict is not None:
+            verdict = replace(verdict, folding=False)
         if verdict is None or record.parent_id:
             self.feed.publish(*record.keys)
         else:
             self.feed.publish_verdict(verdict)
         return verdict is not None
+
+    async def fold(self, owner: str, through: int | None = None) -> bool:
+        """Fold the owner's pending folds, in their order, through the one placed at `through`
+        (all when None), a batch per transaction; a fold another process runs meanwhile is
+        taken in turns with it, batch by batch. False when the database stopped answering:
+        the rest is folded later by any process (`fold_stale`)."""
+        try:
+            while True:
+                started = time.monotonic()
+                if (step := await self._fold_step(owner, through)) is None:
+                    break
+                if step.done:
+                    self.feed.publish(*step.keys)
+                    if through is not None and step.order >= through:
+                        break
+                if self._db.dialect == "sqlite":
+                    await asyncio.sleep(min(time.monotonic() - started, SQLITE_BUSY_RETRY_SECONDS))
+        except DatabaseUnavailable:
+            logger.warning("the inventory fold of a completed scan waits for the task database")
+            return False
+        return True
+
+    async def fold_stale(self) -> None:
+        """Fold what a process that stopped (or lost the database) left pending: every owner's
+        folds whose lease ran out, each owner's in their order."""
+        for owner in await self._db.run(self._stale_fold_owners):
+            await self.fold(owner)
+
+    async def _fold_step(self, owner: str, through: int | None) -> FoldStep | None:
+        try:
+            # No deadline, as for the verdict: a batch is bounded, and a stalled database only delays it.
+            return await self._db.run(self._fold_next, owner, through, deadline=False)
+        except InventoryRefused as e:
+            logger.exception("task %s: its result could not be added to the inventory", e.task_id)
+            await self._db.run(self._abandon_fold, e.task_id)
+            return FoldStep(e.task_id, 0, (e.task_id,), True)
+
+    def _fold_next(self, owner: str, through: int | None) -> FoldStep | None:
+        with self._db.writing() as conn:
+            step = fold_next(conn, owner, self.lease_seconds, through)
+            if step is not None and step.done:
+                self.feed.notify(conn, *step.keys)
+        return step
+
+    def _abandon_fold(self, task_id: str) -> None:
+        with self._db.writing() as conn:
+            abandon_fold(conn, task_id)
+            self.feed.notify(conn, task_id)
+
+    def _stale_fold_owners(self) -> list[str]:
+        with self._db.reading() as conn:
+            return stale_fold_owners(conn, time.time())
 
     async def renew(self, worker: WorkerInfo, task_ids: Sequence[str]) -> set[str]:
         """Extend this worker's leases and heartbeat; return the ids no longer ours."""
@@ -322,26 +409,38 @@ class WorkerStore:
                 ])
             self.feed.notify(conn, task_id)
 
-    def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, live_hosts: bool) -> TaskRecord | None:
-        """The task as the verdict wrote it; None when it was no longer ours. `live_hosts`:
-        this process may have written finished hosts of the task, which a result replaces.
+    def _finish(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome,
+                live_hosts: bool) -> tuple[TaskRecord | None, int | None]:
+        """The task as the verdict wrote it (None when it was no longer ours), and the place of
+        the last fold the verdict left pending, its own or (a sharded scan's last shard) its
+        parent's; None when none is. `live_hosts`: this process may have written finished
+        hosts of the task, which a result replaces.
 
-        The inventory is folded in the same transaction; should the database refuse what
-        the fold writes, the verdict is written again without it (a savepoint around the fold
-        cost every scan two statements more, for a failure that is a bug)."""
+        A result of one batch of hosts at most, with none of its owner's folds pending before
+        it, is folded in the verdict's transaction, from memory (a quick scan's, as a rule): no
+        other writer waits longer than for a batch, and no transaction more is needed. Should
+        the database refuse what that fold writes (a bug), the verdict is written again with
+        its fold pending, which the fold after it gives up."""
         found = encoded(record.id, outcome.result, outcome.raw_xml)
         try:
-            return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=True)
+            return self._write_verdict(record, worker_id, outcome, found, live_hosts, now_if_small=True)
         except InventoryRefused:
-            logger.exception("task %s: its result could not be added to the inventory", record.id)
-            return self._write_verdict(record, worker_id, outcome, found, live_hosts, inventory=False)
+            return self._write_verdict(record, worker_id, outcome, found, live_hosts, now_if_small=False)
 
     def _write_verdict(self, record: TaskRecord, worker_id: str, outcome: ScanOutcome, found: Encoded,
-                       live_hosts: bool, *, inventory: bool) -> TaskRecord | None:
+                       live_hosts: bool, *, now_if_small: bool) -> tuple[TaskRecord | None, int | None]:
         ours = {"p_id": record.id, "p_worker": worker_id}
+        result = outcome.result if outcome.status is TaskStatus.COMPLETED else None
         with self._db.writing() as conn:
-            row = conn.execute(_RECORD_VERDICT, ours | found.columns | {
-                "status": outcome.status.value, "finished_at": time.time(), "error": outcome.error,
+            # Placed before the verdict's UPDATE: the owner's turn, held to the commit, orders it.
+            fold_order = next_fold_order(conn, record.owner) if result is not None else None
+            # Once the database answers: a verdict that waited out a freeze finished after it.
+            finished_at = time.time()
+            small = now_if_small and fold_order == 1 and result is not None and len(result.hosts) <= FOLD_BATCH_HOSTS
+            pending = {"fold_order": fold_order, "fold_after": None,
+                       "fold_lease": time.time() + self.lease_seconds} if result is not None and not small else {}
+            row = conn.execute(_RECORD_VERDICT, ours | found.columns | pending | {
+                "status": outcome.status.value, "finished_at": finished_at, "error": outcome.error,
                 "progress": None, "dedupe_key": None, "lease_expires_at": None,
             }).first()
             finished = row is not None
@@ -350,12 +449,13 @@ class WorkerStore:
                 write_found(conn, found)
             if live_hosts and outcome.result is not None:
                 conn.execute(_DELETE_LIVE_HOSTS, {"p_id": record.id})
-            if inventory and finished and outcome.status is TaskStatus.COMPLETED and outcome.result is not None:
-                fold(conn, self._db.dialect, record, outcome.result)
+            if small and finished and result is not None:
+                fold_now(conn, record, result, finished_at)
+            through = fold_order if finished and pending else None
             if record.parent_id:
-                settle_parent(conn, self.feed, record.parent_id)
+                through = settle_parent(conn, self.feed, record.parent_id) or through
             self.feed.notify(conn, *record.keys)
-        return TaskRecord.from_row(row._mapping) if row is not None else None
+        return (TaskRecord.from_row(row._mapping) if row is not None else None), through
 
     def _renew(self, worker: WorkerInfo, task_ids: list[str]) -> set[str]:
         with self._db.writing() as conn:

@@ -26,7 +26,7 @@ from stores import Stores
 from supervisor import Supervisor
 from task_manager import TaskManager
 from tests.support import FIXTURES, NmapWrapper, own_user_sandbox
-from worker import Worker, resolve_expired_forever
+from worker import Worker, fold_stale_forever, resolve_expired_forever
 
 
 @dataclass
@@ -70,6 +70,7 @@ async def start_node(database_url: str, name: str, nmap: NmapWrapper, *, capacit
     if worker:
         await scan_worker.start(supervisor)
     supervisor.start("lease-reaper", resolve_expired_forever(stores.workers, stores.db, max(lease / 4, 0.2)))
+    supervisor.start("inventory-folds", fold_stale_forever(stores.workers, max(lease / 4, 0.2)))
     return Node(stores, scan_worker if worker else None, supervisor, check)
 
 

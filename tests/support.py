@@ -30,9 +30,13 @@ import psycopg
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
+from sqlalchemy import insert
 from sqlalchemy.engine import URL, make_url
 
-from models import ScanResult
+from db import Database
+from inventory_store import fold_next, next_fold_order
+from models import ScanResult, TaskRecord, TaskStatus, tasks
+from result_store import encoded, write_found
 from sandbox import confinement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -663,3 +667,26 @@ def paged(result: ScanResult, offset: int, limit: int) -> dict[str, Any]:
     [offset, offset + limit), where they start, and how many it has in all."""
     return {"result": result.model_copy(update={"hosts": result.hosts[offset: offset + limit]}), "offset": offset,
             "total": len(result.hosts)}
+
+
+def store_completed(db: Database, record: TaskRecord, result: ScanResult) -> None:
+    """`record` completed with `result`, stored as a verdict stores them (worker_store._finish):
+    its result in chunks, its fold into the owner's inventory pending, finished now."""
+    found = encoded(record.id, result)
+    with db.writing() as conn:
+        conn.execute(insert(tasks).values(
+            id=record.id, owner=record.owner, kind=record.kind.value, target=record.target,
+            argv=json.dumps(record.argv), status=TaskStatus.COMPLETED.value, created_at=record.created_at,
+            finished_at=time.time(), time_limit=record.time_limit, fold_order=next_fold_order(conn, record.owner),
+            **found.columns))
+        write_found(conn, found)
+
+
+def fold_pending(db: Database, owner: str) -> int:
+    """Fold the owner's pending folds, a batch per transaction as the worker does; the batches."""
+    batches = 0
+    while True:
+        with db.writing() as conn:
+            if fold_next(conn, owner, 30.0) is None:
+                return batches
+        batches += 1

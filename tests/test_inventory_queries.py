@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 import inventory_store
 from db import Database, create_db_engine, upgrade_schema
 from inventory import HostQuery, parse_network
-from inventory_store import InventoryStore, fold
+from inventory_store import InventoryStore
 from models import (
     ExtraPorts,
     HostDetail,
@@ -39,7 +39,7 @@ from models import (
     TaskStatus,
     ValueCount,
 )
-from tests.support import POSTGRES_ADMIN_URL, scratch_database
+from tests.support import POSTGRES_ADMIN_URL, fold_pending, scratch_database, store_completed
 
 pytestmark = pytest.mark.anyio
 NETWORK = "127.51.7.0/29"
@@ -98,8 +98,8 @@ def fold_scan(db: Database, task_id: str, kind: ScanKind, options: list[str], sc
     record = TaskRecord(id=task_id, owner="alice", kind=kind, target=target,
                         argv=["nmap", *options, "-n", "-oX", "-", "--", target], status=TaskStatus.COMPLETED,
                         time_limit=60, created_at=time.time(), started_at=None, finished_at=None, error=None)
-    with db.writing() as conn:
-        fold(conn, db.dialect, record, scanned)
+    store_completed(db, record, scanned)
+    fold_pending(db, "alice")
 
 
 def tick(after: float) -> float:
@@ -290,8 +290,8 @@ async def test_known_ports_are_read_in_batches_of_consecutive_addresses(
     record = TaskRecord(id="t-batches", owner="alice", kind=ScanKind.QUICK, target=ONE,
                         argv=["nmap", "-sT", "-n", "-oX", "-", "--", ONE, THREE, FIVE], status=TaskStatus.COMPLETED,
                         time_limit=60, created_at=time.time(), started_at=None, finished_at=None, error=None)
-    with inventory.db.writing() as conn:
-        fold(conn, inventory.db.dialect, record, result(host(ONE), host(THREE), host(FIVE)))
+    store_completed(inventory.db, record, result(host(ONE), host(THREE), host(FIVE)))
+    fold_pending(inventory.db, "alice")
     hosts, _ = await inventory.store.find_hosts("alice", HostQuery(state="any"), 10, 0)
     states = {(h.address, p.port): (p.state, p.last_task_id) for h in hosts for p in h.ports}
     assert states == {
