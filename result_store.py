@@ -22,7 +22,6 @@ run's exact bytes (evidence hashes them), and a sharded scan's report is its sha
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
@@ -31,6 +30,7 @@ from typing import Any, NamedTuple
 from pydantic import TypeAdapter
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
+from inventory import address_key as inventory_key
 from models import HostDetail, ScanResult, report_pieces, result_chunks, stored_hosts, stored_result, tasks
 
 # Hosts per chunk: a page's default of 50 hosts reads one or two chunks; a chunk of hosts with
@@ -124,13 +124,12 @@ class ResultPage(NamedTuple):
 
 
 def address_key(address: str) -> str:
-    """A text that sorts like the address (IPv4 before IPv6, then by value; anything else last),
-    as nmap_report orders a result's hosts."""
+    """inventory.address_key (IPv4 before IPv6, then by value), anything else last: the order
+    nmap_report gives a result's hosts."""
     try:
-        parsed = ipaddress.ip_address(address)
+        return inventory_key(address)
     except ValueError:
-        return "9" + "0" * 32
-    return f"{parsed.version}{int(parsed):032x}"
+        return "9"
 
 
 def encoded(task_id: str, result: ScanResult | None, raw: bytes = b"") -> Encoded:

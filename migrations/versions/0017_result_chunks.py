@@ -36,8 +36,8 @@ def address_key(address: str) -> str:
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError:
-        return "9" + "0" * 32
-    return f"{parsed.version}{int(parsed):032x}"
+        return "9"
+    return f"{parsed.version}{int(parsed):0{8 if parsed.version == 4 else 32}x}"
 
 
 def dumped(value: Any) -> str:
