@@ -278,6 +278,9 @@ class Settings(BaseSettings):
     # largest group (a ping scan's), a /20, as large as any efficient group, so the default
     # bounds only what one dead worker's shard makes run again.
     shard_addresses: int = Field(default=4096, ge=1, le=65_536)
+    # Hosts a running scan holds parsed (about 7 kB each) before it sorts and compresses them
+    # (findings.HostSpool): what bounds a worker's memory per scan, whatever the scan's size.
+    scan_buffer_hosts: int = Field(default=1024, ge=64, le=65_536)
     # Over stdio no token travels: the local client acts as this caller (its tasks' owner).
     stdio_caller: str = Field(default="local", pattern=POOL_NAME)
     allowed_targets: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from db import INVENTORY_LOCK, Database, upsert
+from findings import CHUNK_HOSTS
 from inventory import (
     HostQuery,
     Scope,
@@ -60,7 +61,7 @@ from models import (
     stored_result,
     tasks,
 )
-from result_store import CHUNK_HOSTS, HostRun, hosts_after
+from result_store import HostRun, hosts_after
 from targets import IPNetwork
 
 T = TypeVar("T")

@@ -50,8 +50,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
 from db import DatabaseUnavailable
+from findings import ScanOutcome
 from http_edge import remove_url_secrets, too_many_refused
-from models import ScanKind, ScanOutcome, TaskStatus
+from models import ScanKind, TaskStatus
 from throttle import FailedTokenThrottle, client_address
 from worker_store import PoolStatus, WorkerStore
 

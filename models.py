@@ -197,7 +197,7 @@ task_hosts = Table(
 # a zlib-compressed JSON array: a page of get_task_result reads the one or two chunks it shows,
 # whatever the size of the result (result_store.py). A sharded scan's chunks are its shards',
 # moved under the parent when the last shard ends: stored once. first_key and last_key are the
-# sort keys of the chunk's first and last address (result_store.address_key), what tells
+# sort keys of the chunk's first and last address (findings.address_key), what tells
 # whether shards' chunks can be laid end to end.
 result_chunks = Table(
     "result_chunks",
@@ -214,7 +214,7 @@ result_chunks = Table(
 )
 
 # nmap's XML report of each run (a sharded scan's runs are its shards), its exact bytes in
-# pieces of result_store.PIECE_BYTES at most, each zlib-compressed, cut where no UTF-8 sequence
+# pieces of findings.PIECE_BYTES at most, each zlib-compressed, cut where no UTF-8 sequence
 # is split. first_char and chars count the piece's characters decoded (an invalid byte as one
 # U+FFFD), the unit get_task_result's xml pages in: a page reads the piece or two it shows.
 report_pieces = Table(
@@ -476,17 +476,6 @@ class TaskRecord:
             engagement=data.get("engagement"),
             folding=data.get("fold_order") is not None,
         )
-
-
-@dataclass(frozen=True)
-class ScanOutcome:
-    """How a scan ended, as the store records it: its status, its result (possibly partial),
-    an error for the caller, and nmap's XML. Made in worker.py alone, by judging the facts of its runs."""
-
-    status: TaskStatus
-    result: ScanResult | None
-    error: str | None
-    raw_xml: bytes
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from findings import HostSpool, ReportSpool, address_key
 from models import (
     AddressRecord,
     ExtraPorts,
@@ -67,27 +70,46 @@ class RunStats:
     hosts_total: int = 0
 
     @classmethod
-    def so_far(cls, hosts: list[HostDetail], addresses: int, elapsed_s: float) -> RunStats:
+    def so_far(cls, hosts: Sequence[HostDetail], addresses: int, elapsed_s: float) -> RunStats:
         """Counts for a report nmap has not closed: the hosts it reported so far, of the
         `addresses` it was asked to scan, after `elapsed_s`."""
-        return cls(elapsed=round(elapsed_s, 2), hosts_up=sum(h.status == "up" for h in hosts),
-                   hosts_down=sum(h.status == "down" for h in hosts), hosts_total=max(addresses, len(hosts)))
+        return cls.counted(sum(h.status == "up" for h in hosts), sum(h.status == "down" for h in hosts),
+                           len(hosts), addresses, elapsed_s)
+
+    @classmethod
+    def counted(cls, up: int, down: int, reported: int, addresses: int, elapsed_s: float) -> RunStats:
+        """`so_far` from counts: `reported` hosts, `up` and `down` of them."""
+        return cls(elapsed=round(elapsed_s, 2), hosts_up=up, hosts_down=down, hosts_total=max(addresses, reported))
+
+
+class Findings(NamedTuple):
+    """What a report holds, as the store keeps it: the result's head (no hosts) and its hosts."""
+
+    head: ScanResult
+    hosts: HostSpool
 
 
 @dataclass
 class ReportParser:
     """Feed nmap's XML (`feed`) and its normal output (`feed_output`) as they arrive; ask
-    for the result at any time."""
+    for what it found (`findings`, or `result` whole) at any time."""
 
-    # The hosts the XML holds so far, in its order (with -v, those nmap found down too).
-    hosts: list[HostDetail] = field(default_factory=list)
+    # The hosts the XML holds so far, compactly (findings.HostSpool; those nmap found down
+    # only counted), and those finished since a live writer last took them (`take_recent`).
+    found: HostSpool = field(default_factory=HostSpool)
+    recent: list[HostDetail] = field(default_factory=list)
+    up: int = 0
+    down: int = 0
+    reported: int = 0
     scanned: list[ScannedPorts] = field(default_factory=list)
     # nmap's own figures for the task it runs now (task_progress.TaskProgress puts them on the task's scale).
     progress: Progress | None = None
     runstats: RunStats | None = None
     complete: bool = False
     broken: bool = False
-    raw: bytearray = field(default_factory=bytearray)
+    # nmap's XML, compressed as it comes; a full scan's two runs share one (their reports in turn).
+    raw: ReportSpool = field(default_factory=ReportSpool)
+    size: int = 0
     truncated: bool = False
     _pending: bytes = b""
     _parser: ET.XMLPullParser[ET.Element] = field(default_factory=lambda: ET.XMLPullParser(events=("start", "end")))
@@ -100,13 +122,18 @@ class ReportParser:
 
     def feed(self, chunk: bytes) -> None:
         """Take the next piece of nmap's XML; parse every complete line in it."""
-        if len(self.raw) + len(chunk) > RAW_CAP:
+        if self.size + len(chunk) > RAW_CAP:
             self.truncated = True
-            chunk = chunk[: max(RAW_CAP - len(self.raw), 0)]
-        self.raw += chunk
+            chunk = chunk[: max(RAW_CAP - self.size, 0)]
+        self.size += len(chunk)
+        self.raw.add(chunk)
         lines, _, self._pending = (self._pending + chunk).rpartition(b"\n")
         if lines and not self.broken:
             self._parse(lines + b"\n")
+
+    def take_recent(self, count: int) -> None:
+        """The first `count` of `recent` are written (or not wanted): let them go."""
+        del self.recent[:count]
 
     def feed_output(self, chunk: bytes) -> None:
         """Take the next piece of nmap's normal output; note every open port it announces."""
@@ -159,7 +186,12 @@ class ReportParser:
     def _handle(self, element: ET.Element) -> None:
         if element.tag == "host":
             host = _host(element)
-            self.hosts.append(host)
+            self.reported += 1
+            self.up += host.status == "up"
+            self.down += host.status == "down"
+            if host.status != "down":
+                self.found.add(host)
+                self.recent.append(host)
             self._finished.add(host.address)
             self._announced.pop(host.address, None)
             element.clear()  # done with it: what stays in the tree is an empty stub
@@ -175,52 +207,63 @@ class ReportParser:
         elif element.tag == "nmaprun":
             self.complete = True
 
-    def result(self, target: str, *, addresses: int = 0, elapsed_s: float = 0.0) -> ScanResult:
+    def findings(self, target: str, *, addresses: int = 0, elapsed_s: float = 0.0) -> Findings:
         """The hosts nmap finished and those it is still scanning (`unconfirmed`), with the
         run's statistics once nmap wrote them; until then the counts are those of the hosts
         so far, of the `addresses` nmap was asked to scan, and `elapsed_s` its time."""
-        hosts = [*self.hosts, *self.unconfirmed()]
-        result = build_result(target, hosts, self.runstats or RunStats.so_far(hosts, addresses, elapsed_s),
-                              complete=self.complete)
-        return result.model_copy(update={"scanned": self.scanned}) if self.scanned else result
+        unconfirmed = self.unconfirmed()
+        hosts = self.found.with_hosts(unconfirmed) if unconfirmed else self.found
+        stats = self.runstats or RunStats.counted(self.up + len(unconfirmed), self.down,
+                                                  self.reported + len(unconfirmed), addresses, elapsed_s)
+        head = summary(target, stats, hosts.open_ports, hosts.timed_out, complete=self.complete)
+        return Findings(head.model_copy(update={"scanned": self.scanned}) if self.scanned else head, hosts)
+
+    def result(self, target: str, *, addresses: int = 0, elapsed_s: float = 0.0) -> ScanResult:
+        """`findings` as one result, its hosts in it."""
+        head, hosts = self.findings(target, addresses=addresses, elapsed_s=elapsed_s)
+        return head.model_copy(update={"hosts": hosts.hosts()})
 
 
 def build_result(target: str, hosts: list[HostDetail], stats: RunStats, *, complete: bool) -> ScanResult:
     """A result from hosts nmap reported, with `stats` (its own, or `RunStats.so_far`). Hosts
     it found down are counted, not listed: nmap lists them only with -v, which the server
     adds for its live output, not for them."""
-    ordered = sorted((h for h in hosts if h.status != "down"), key=_address_key)
-    timed_out = [h.address for h in ordered if h.timed_out]
+    ordered = sorted((h for h in hosts if h.status != "down"), key=lambda host: address_key(host.address))
+    head = summary(target, stats, sum(p.state == "open" for h in ordered for p in h.ports),
+                   [h.address for h in ordered if h.timed_out], complete=complete)
+    return head.model_copy(update={"hosts": ordered})
+
+
+def summary(target: str, stats: RunStats, open_ports: int, timed_out: list[str], *, complete: bool) -> ScanResult:
+    """A result's head: its counts, warnings and errors, no hosts."""
+    timed_out = sorted(timed_out, key=address_key)
     return ScanResult(
         target=target,
         scan_time=stats.elapsed,
         hosts_up=stats.hosts_up,
         hosts_down=stats.hosts_down,
         hosts_total=stats.hosts_total,
-        open_ports=sum(p.state == "open" for h in ordered for p in h.ports),
+        open_ports=open_ports,
         partial=not complete,
         warnings=[f"host {address} timed out before its scan finished" for address in timed_out],
-        hosts=ordered,
+        hosts=[],
         exit_status=stats.exit_status,
         errors=[clean_text(stats.errormsg, FIELD_LIMIT)] if stats.errormsg else [],
         hosts_timed_out=timed_out,
     )
 
 
-def with_versions(discovery: ScanResult, versions: ScanResult, warning: str | None) -> ScanResult:
-    """A two-phase scan's result: the discovery's hosts and ports, each port that version
-    detection reported replaced by its report (service, product, version, CPE, scripts)."""
+def with_versions(discovery: Findings, versions: ScanResult, warning: str | None) -> Findings:
+    """A two-phase scan's findings: the discovery's hosts and ports, each port that version
+    detection (`versions`, whole) reported replaced by its report (service, product, version,
+    CPE, scripts)."""
     detected = {(h.address, p.protocol, p.port): p for h in versions.hosts for p in h.ports}
-    hosts = [
-        host.model_copy(update={"ports": [detected.get((host.address, p.protocol, p.port), p) for p in host.ports]})
-        for host in discovery.hosts
-    ]
-    return discovery.model_copy(update={
-        "hosts": hosts,
-        "scan_time": round(discovery.scan_time + versions.scan_time, 2),
-        "warnings": [*discovery.warnings, *versions.warnings, *([warning] if warning else [])],
-        "errors": [*discovery.errors, *versions.errors],
+    head = discovery.head.model_copy(update={
+        "scan_time": round(discovery.head.scan_time + versions.scan_time, 2),
+        "warnings": [*discovery.head.warnings, *versions.warnings, *([warning] if warning else [])],
+        "errors": [*discovery.head.errors, *versions.errors],
     })
+    return Findings(head, discovery.hosts.with_ports(detected))
 
 
 def merge_results(target: str, parts: list[ScanResult], elapsed_s: float) -> ScanResult:
@@ -236,7 +279,7 @@ def merge_results(target: str, parts: list[ScanResult], elapsed_s: float) -> Sca
         open_ports=sum(p.open_ports for p in parts),
         partial=any(p.partial for p in parts),
         warnings=[w for p in parts for w in p.warnings],
-        hosts=sorted((h for p in parts for h in p.hosts), key=_address_key),
+        hosts=sorted((h for p in parts for h in p.hosts), key=lambda host: address_key(host.address)),
         exit_status="success" if parts and all(p.exit_status == "success" for p in parts) else "",
         errors=[e for p in parts for e in p.errors],
         hosts_timed_out=[a for p in parts for a in p.hosts_timed_out],
@@ -357,11 +400,3 @@ def _runstats(element: ET.Element) -> RunStats:
         hosts_down=int(count("down", "0")),
         hosts_total=int(count("total", "0")),
     )
-
-
-def _address_key(host: HostDetail) -> tuple[int, int]:
-    try:
-        parsed = ipaddress.ip_address(host.address)
-    except ValueError:
-        return (99, 0)
-    return (parsed.version, int(parsed))

@@ -21,28 +21,16 @@ run's exact bytes (evidence hashes them), and a sharded scan's report is its sha
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
 from typing import Any, NamedTuple
 
-from pydantic import TypeAdapter
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
-from inventory import address_key as inventory_key
+from findings import CHUNK_HOSTS, PIECE_BYTES, Chunk, ScanOutcome, address_key, chunks_of
 from models import HostDetail, ScanResult, report_pieces, result_chunks, stored_hosts, stored_result, tasks
 
-# Hosts per chunk: a page's default of 50 hosts reads one or two chunks; a chunk of hosts with
-# many ports stays well under a megabyte. Reads rely on no chunk holding more than this
-# (a smaller chunk, as a shard's last one, is fine).
-CHUNK_HOSTS = 64
-
-# Bytes of nmap's XML per piece: an xml page (a cap's worth of characters, 60,000 by default)
-# reads one piece or two.
-PIECE_BYTES = 256 * 1024
-
-_HOSTS = TypeAdapter(list[HostDetail])
 # Where the head's JSON holds its (empty) host list: the hosts' text goes back in there.
 # Nothing before it can hold that text unescaped (strings escape their quotes).
 _NO_HOSTS = '"hosts":[]'
@@ -123,27 +111,23 @@ class ResultPage(NamedTuple):
     total: int
 
 
-def address_key(address: str) -> str:
-    """inventory.address_key (IPv4 before IPv6, then by value), anything else last: the order
-    nmap_report gives a result's hosts."""
-    try:
-        return inventory_key(address)
-    except ValueError:
-        return "9"
-
-
-def encoded(task_id: str, result: ScanResult | None, raw: bytes = b"") -> Encoded:
-    """A run's result cut into its head and compressed chunks, and nmap's XML into pieces:
-    done before the writing transaction, so that compressing a big result holds no lock."""
-    chunks = [] if result is None else _chunk_rows(task_id, result.hosts)
-    chars, pieces = _report_rows(task_id, raw)
+def encoded(task_id: str, outcome: ScanOutcome) -> Encoded:
+    """What a run found as it is written: its hosts' chunks and its report's pieces are the
+    ones the worker compressed as nmap reported them (findings.py), so that writing a big
+    result compresses nothing and holds no lock for it."""
+    result, report = outcome.result, outcome.report
+    chunks = [] if result is None else _chunk_rows(task_id, outcome.hosts.chunks())
+    pieces, chars = [], 0
+    for piece in report.pieces():
+        pieces.append({"task_id": task_id, "first_char": chars, "chars": piece.chars, "data": piece.data})
+        chars += piece.chars
     return Encoded({
         "result": None if result is None else result.model_copy(update={"hosts": []}).model_dump_json(),
-        "result_hosts": None if result is None else len(result.hosts),
-        "report_chars": chars if raw else None,
+        "result_hosts": None if result is None else outcome.hosts.count,
+        "report_chars": chars if report.size else None,
         # The evidence of nmap's exact bytes, as get_task_result's xml gives them back.
-        "raw_xml_sha256": hashlib.sha256(raw).hexdigest() if raw else None,
-        "raw_xml_size": len(raw) if raw else None,
+        "raw_xml_sha256": report.sha256() if report.size else None,
+        "raw_xml_size": report.size if report.size else None,
     }, chunks, pieces)
 
 
@@ -234,26 +218,8 @@ def adopt_shards(conn: Connection, parent_id: str, shard_ids: Sequence[str]) -> 
     hosts = sorted((host for shard_id, _ in ordered for host in _hosts_of(conn, shard_id)),
                    key=lambda host: address_key(host.address))
     conn.execute(delete(result_chunks).where(result_chunks.c.task_id.in_(shard_ids)))
-    write_found(conn, Encoded({}, _chunk_rows(parent_id, hosts), []))
+    write_found(conn, Encoded({}, _chunk_rows(parent_id, chunks_of(hosts)), []))
     return len(hosts)
-
-
-def _report_rows(task_id: str, raw: bytes) -> tuple[int, list[dict[str, Any]]]:
-    """nmap's XML cut into compressed pieces, each ending before a byte that starts a
-    character (or an invalid one), so that decoding pieces one by one gives the characters
-    decoding it whole gives; and how many characters it has."""
-    pieces, start, first_char = [], 0, 0
-    while start < len(raw):
-        end = min(start + PIECE_BYTES, len(raw))
-        while start < end < len(raw) and 0x80 <= raw[end] < 0xC0:
-            end -= 1
-        if end == start:  # nothing but continuation bytes: invalid, decoded byte by byte anyway
-            end = min(start + PIECE_BYTES, len(raw))
-        piece = raw[start:end]
-        chars = len(piece.decode("utf-8", "replace"))
-        pieces.append({"task_id": task_id, "first_char": first_char, "chars": chars, "data": zlib.compress(piece)})
-        first_char, start = first_char + chars, end
-    return first_char, pieces
 
 
 def write_found(conn: Connection, found: Encoded) -> None:
@@ -298,13 +264,11 @@ def _run_text(conn: Connection, run_id: str, start: int, end: int) -> str:
                    for first, data in rows)
 
 
-def _chunk_rows(task_id: str, hosts: Sequence[HostDetail]) -> list[dict[str, Any]]:
-    rows = []
-    for first in range(0, len(hosts), CHUNK_HOSTS):
-        part = hosts[first: first + CHUNK_HOSTS]
-        rows.append({"task_id": task_id, "first_host": first, "host_count": len(part),
-                     "first_key": address_key(part[0].address), "last_key": address_key(part[-1].address),
-                     "data": zlib.compress(_HOSTS.dump_json(list(part)))})
+def _chunk_rows(task_id: str, chunks: Iterable[Chunk]) -> list[dict[str, Any]]:
+    rows, first = [], 0
+    for chunk in chunks:
+        rows.append({"task_id": task_id, "first_host": first, **chunk._asdict()})
+        first += chunk.host_count
     return rows
 
 

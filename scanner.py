@@ -18,10 +18,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
+from findings import address_key
 from models import ScanKind, ScanResult
 from nmap_report import RAW_CAP, ReportParser
 from targets import address_count
@@ -110,12 +111,13 @@ def scanned_addresses(argv: Sequence[str]) -> int:
     return address_count(argv[list(argv).index("--") + 1:]) if "--" in argv else 0
 
 
-def version_argv(discovery_argv: Sequence[str], discovery: ScanResult) -> list[str] | None:
-    """The second phase of a full scan: -sV on each port discovery found open, on the hosts
-    that have them, with the first phase's scan type, rate cap (--max-rate) and privileges;
-    None when none is open."""
-    open_ports = sorted({(p.protocol, p.port) for h in discovery.hosts for p in h.ports if p.state == "open"})
-    hosts = [h.address for h in discovery.hosts if any(p.state == "open" for p in h.ports)]
+def version_argv(discovery_argv: Sequence[str],
+                 open_by_host: Mapping[str, Sequence[tuple[str, int]]]) -> list[str] | None:
+    """The second phase of a full scan: -sV on each port discovery found open (`open_by_host`:
+    each host's open ports, as protocol and port), on the hosts that have them, with the first
+    phase's scan type, rate cap (--max-rate) and privileges; None when none is open."""
+    open_ports = sorted({port for ports in open_by_host.values() for port in ports})
+    hosts = sorted((address for address, ports in open_by_host.items() if ports), key=address_key)
     if not hosts:
         return None
     ports = ",".join(f"{'U' if protocol == 'udp' else 'T'}:{port}" for protocol, port in open_ports)

@@ -156,6 +156,7 @@ class Runtime:
             grace_seconds=settings.shutdown_grace_seconds,
             sandbox=self.sandbox.prefix,
             version_seconds=settings.version_detection_seconds,
+            buffer_hosts=settings.scan_buffer_hosts,
             metrics=self.metrics,
         )
         self.service = ScanService(self.stores, policy, settings, nmap_path, self.worker, VERSION,

@@ -35,9 +35,10 @@ import logs
 from argv_check import ArgvCheck, TaskRefused
 from change_feed import queue_key, wait_set
 from db import SLOW_CALL_SECONDS, Database, DatabaseUnavailable
+from findings import BUFFER_HOSTS, HostSpool, ReportSpool, ScanOutcome
 from metrics import Metrics
-from models import HostDetail, Progress, ScanKind, ScanOutcome, ScanResult, TaskRecord, TaskStatus, WorkerInfo
-from nmap_report import ReportParser, clean_text, with_versions
+from models import HostDetail, Progress, ScanKind, ScanResult, TaskRecord, TaskStatus, WorkerInfo
+from nmap_report import Findings, ReportParser, clean_text, with_versions
 from scanner import nmap_build, run_nmap, run_problem, scanned_addresses, version_argv
 from supervisor import Supervisor
 from task_manager import Submitted
@@ -68,7 +69,7 @@ class Worker:
     def __init__(
         self, store: WorkerStore, check: ArgvCheck, *, name: str, pool: str, capacity: int, grace_seconds: float,
         sandbox: Sequence[str], version_seconds: float = 300.0, metrics: Metrics | None = None,
-        owner: str | None = None,
+        owner: str | None = None, buffer_hosts: int = BUFFER_HOSTS,
     ) -> None:
         self.info = WorkerInfo(id=str(uuid.uuid4()), name=name, pool=pool, capacity=capacity, owner=owner)
         self._store = store
@@ -80,6 +81,8 @@ class Worker:
         self._grace_s = grace_seconds
         # The time bound of a full scan's second phase, version detection.
         self._version_seconds = version_seconds
+        # Hosts a scan holds parsed before compressing them (findings.HostSpool).
+        self._buffer_hosts = buffer_hosts
         self._slots = asyncio.Semaphore(capacity)
         self._runs: dict[str, asyncio.Task[None]] = {}
         # Tasks whose lease the heartbeat renews: claimed and not yet done scanning.
@@ -220,11 +223,16 @@ class Worker:
 
     async def _scan(self, record: TaskRecord) -> ScanOutcome:
         if not os.access(record.argv[0], os.X_OK):
-            return judge(PhaseEnd(None, f"nmap not found at {record.argv[0]}", None, b""))
+            return judge(PhaseEnd(None, f"nmap not found at {record.argv[0]}", None, ReportSpool()))
         if record.kind is ScanKind.FULL:
             return await self._two_phase_scan(record)
-        live = LiveScan(self._store, record, self.info.id, TaskProgress())
+        live = self._live_scan(record, TaskProgress(), ReportSpool())
         return judge(await self._run_phase(record, record.argv, record.time_limit, live))
+
+    def _live_scan(self, record: TaskRecord, progress: TaskProgress, report: ReportSpool, *,
+                   hosts: bool = True) -> LiveScan:
+        parser = ReportParser(found=HostSpool(self._buffer_hosts), raw=report)
+        return LiveScan(self._store, record, self.info.id, progress, parser, hosts=hosts)
 
     async def _two_phase_scan(self, record: TaskRecord) -> ScanOutcome:
         """A full scan: port discovery, written as a partial result the moment it ends, then
@@ -232,16 +240,18 @@ class Worker:
         started = time.monotonic()
         progress = TaskProgress()
         progress.begin(DISCOVERY)
-        discovery = LiveScan(self._store, record, self.info.id, progress)
+        # One report for both runs: nmap's two XML documents in turn, as evidence keeps them.
+        report = ReportSpool()
+        discovery = self._live_scan(record, progress, report)
         found = await self._run_phase(record, record.argv, record.time_limit, discovery, write_all=True)
         first = judge(found)
-        second_argv = version_argv(record.argv, first.result) if first.result is not None else None
+        second_argv = version_argv(record.argv, first.hosts.open_by_host) if first.result is not None else None
         if first.status is not TaskStatus.COMPLETED or second_argv is None:
             return first
         left_s = record.time_limit - (time.monotonic() - started)
         bound_s = max(min(self._version_seconds, left_s), 1.0)
         progress.begin(VERSION_DETECTION, bound_s)
-        versions = LiveScan(self._store, record, self.info.id, progress, hosts=False)
+        versions = self._live_scan(record, progress, report, hosts=False)
         await versions.announce()
         return judge(found, await self._run_phase(record, second_argv, bound_s, versions))
 
@@ -265,21 +275,21 @@ class Worker:
                 scan.cancel()
             await asyncio.gather(scan, return_exceptions=True)
             await live.close(write_all=write_all)
-        result = live.report.result(record.target, addresses=scanned_addresses(argv),
-                                    elapsed_s=time.monotonic() - started)
-        raw = bytes(live.report.raw)
+        found = live.report.findings(record.target, addresses=scanned_addresses(argv),
+                                     elapsed_s=time.monotonic() - started)
+        raw = live.report.raw
         if scan.cancelled():
             cancelled = lost.done() and not lost.cancelled()
-            return PhaseEnd(TaskStatus.CANCELLED if cancelled else TaskStatus.INTERRUPTED, None, result, raw)
+            return PhaseEnd(TaskStatus.CANCELLED if cancelled else TaskStatus.INTERRUPTED, None, found, raw)
         if scan.exception() is not None:
             logger.error("task %s: nmap could not be run", record.id, exc_info=scan.exception())
-            return PhaseEnd(None, "internal error while running the scan", result, raw)
+            return PhaseEnd(None, "internal error while running the scan", found, raw)
         run = scan.result()
-        problem = run_problem(run, live.report, result, time_limit_s)
+        problem = run_problem(run, live.report, found.head, time_limit_s)
         if problem is not None:
             logger.warning("task %s: an nmap run failed: %s; nmap stderr: %s", record.id, problem,
                            clean_text(run.stderr.decode("utf-8", "replace"), 2000))
-        return PhaseEnd(None, problem, result, raw)
+        return PhaseEnd(None, problem, found, raw)
 
     async def _until_lost(self, record: TaskRecord) -> None:
         """Return once the task is no longer this worker's (cancelled, or resolved elsewhere)."""
@@ -358,13 +368,13 @@ STOPPED_ERRORS = {TaskStatus.CANCELLED: "cancelled", TaskStatus.INTERRUPTED: SHU
 @dataclass(frozen=True)
 class PhaseEnd:
     """The facts of one nmap run of a task: what stopped it (the worker, for a cancel or a
-    shutdown), what went wrong with it (scanner.run_problem, or why nmap could not run), and
-    what its report holds (None when nmap never ran)."""
+    shutdown), what went wrong with it (scanner.run_problem, or why nmap could not run), what
+    its report holds (None when nmap never ran) and the XML (a full scan's runs share theirs)."""
 
     stopped_by: TaskStatus | None
     problem: str | None
-    result: ScanResult | None
-    raw_xml: bytes
+    found: Findings | None
+    report: ReportSpool
 
 
 def judge(first: PhaseEnd, versions: PhaseEnd | None = None) -> ScanOutcome:
@@ -376,23 +386,28 @@ def judge(first: PhaseEnd, versions: PhaseEnd | None = None) -> ScanOutcome:
     outcome = _outcome_of(first)
     if versions is None:
         return outcome
-    assert outcome.result is not None and versions.result is not None
-    raw = outcome.raw_xml + versions.raw_xml
+    assert first.found is not None and versions.found is not None
+    detected = versions.found.head.model_copy(update={"hosts": versions.found.hosts.hosts()})
     if versions.stopped_by is not None:
-        merged = with_versions(outcome.result, versions.result, "stopped during version detection")
-        return ScanOutcome(versions.stopped_by, as_partial(merged), STOPPED_ERRORS[versions.stopped_by], raw)
+        merged = with_versions(first.found, detected, "stopped during version detection")
+        return ScanOutcome(versions.stopped_by, as_partial(merged.head), STOPPED_ERRORS[versions.stopped_by],
+                           merged.hosts, versions.report)
     warning = None if versions.problem is None else (
         f"version detection did not finish ({versions.problem}); ports without a version come from port discovery")
-    return ScanOutcome(TaskStatus.COMPLETED, with_versions(outcome.result, versions.result, warning), None, raw)
+    merged = with_versions(first.found, detected, warning)
+    return ScanOutcome(TaskStatus.COMPLETED, merged.head, None, merged.hosts, versions.report)
 
 
 def _outcome_of(end: PhaseEnd) -> ScanOutcome:
-    found = as_partial(end.result) if end.result is not None and end.result.hosts else None
+    kept = end.found if end.found is not None and end.found.hosts.count else None
+    hosts = kept.hosts if kept is not None else HostSpool()
+    found = as_partial(kept.head) if kept is not None else None
     if end.stopped_by is not None:
-        return ScanOutcome(end.stopped_by, found, STOPPED_ERRORS[end.stopped_by], end.raw_xml)
+        return ScanOutcome(end.stopped_by, found, STOPPED_ERRORS[end.stopped_by], hosts, end.report)
     if end.problem is not None:
-        return ScanOutcome(TaskStatus.FAILED, found, end.problem, end.raw_xml)
-    return ScanOutcome(TaskStatus.COMPLETED, end.result, None, end.raw_xml)
+        return ScanOutcome(TaskStatus.FAILED, found, end.problem, hosts, end.report)
+    assert end.found is not None
+    return ScanOutcome(TaskStatus.COMPLETED, end.found.head, None, end.found.hosts, end.report)
 
 
 def as_partial(result: ScanResult) -> ScanResult:
@@ -404,7 +419,7 @@ def as_partial(result: ScanResult) -> ScanResult:
 def failure(error: str) -> ScanOutcome:
     """The verdict of a scan that failed with nothing kept: one refused before nmap ran, or
     one whose outcome the store could not take (a bug)."""
-    return ScanOutcome(TaskStatus.FAILED, None, error, b"")
+    return ScanOutcome(TaskStatus.FAILED, None, error)
 
 
 class LiveScan:
@@ -412,9 +427,9 @@ class LiveScan:
     and (unless `hosts` is false, for a phase that re-scans hosts already written) the hosts
     nmap has finished and the open ports it announced on the hosts it has not."""
 
-    def __init__(self, store: WorkerStore, record: TaskRecord, worker_id: str, progress: TaskProgress, *,
-                 hosts: bool = True) -> None:
-        self.report = ReportParser()
+    def __init__(self, store: WorkerStore, record: TaskRecord, worker_id: str, progress: TaskProgress,
+                 report: ReportParser, *, hosts: bool = True) -> None:
+        self.report = report
         # The task's one scale, shared by the runs of a full scan: it never goes down.
         self._progress = progress
         self._store = store
@@ -451,7 +466,9 @@ class LiveScan:
                 await self._write()
 
     async def _write(self) -> None:
-        hosts = self.report.hosts[self._hosts_written:] if self._write_hosts else []
+        hosts = list(self.report.recent) if self._write_hosts else []
+        if not self._write_hosts:
+            self.report.take_recent(len(self.report.recent))
         unconfirmed = self.report.unconfirmed() if self._write_hosts else []
         changed = unconfirmed != self._unconfirmed_written
         progress = self._progress.shown(self.report.progress)
@@ -464,6 +481,7 @@ class LiveScan:
             logger.warning("task %s: progress not written, the task database is not reachable", self._record.id)
             return
         self._hosts_written += len(hosts)
+        self.report.take_recent(len(hosts))
         self._unconfirmed_written = unconfirmed
         self._progress_written = progress
 

@@ -28,6 +28,7 @@ from sqlalchemy.sql.dml import ReturningUpdate
 
 from change_feed import ChangeFeed, queue_key
 from db import Database, DatabaseUnavailable
+from findings import ScanOutcome
 from inventory_store import (
     FOLD_BATCH_HOSTS,
     FoldStep,
@@ -44,7 +45,6 @@ from models import (
     TASK_SUMMARY,
     HostDetail,
     Progress,
-    ScanOutcome,
     TaskRecord,
     TaskStatus,
     WorkerInfo,
@@ -421,7 +421,7 @@ class WorkerStore:
         other writer waits longer than for a batch, and no transaction more is needed. Should
         the database refuse what that fold writes (a bug), the verdict is written again with
         its fold pending, which the fold after it gives up."""
-        found = encoded(record.id, outcome.result, outcome.raw_xml)
+        found = encoded(record.id, outcome)
         try:
             return self._write_verdict(record, worker_id, outcome, found, live_hosts, now_if_small=True)
         except InventoryRefused:
@@ -436,7 +436,7 @@ class WorkerStore:
             fold_order = next_fold_order(conn, record.owner) if result is not None else None
             # Once the database answers: a verdict that waited out a freeze finished after it.
             finished_at = time.time()
-            small = now_if_small and fold_order == 1 and result is not None and len(result.hosts) <= FOLD_BATCH_HOSTS
+            small = now_if_small and fold_order == 1 and result is not None and outcome.hosts.count <= FOLD_BATCH_HOSTS
             pending = {"fold_order": fold_order, "fold_after": None,
                        "fold_lease": time.time() + self.lease_seconds} if result is not None and not small else {}
             row = conn.execute(_RECORD_VERDICT, ours | found.columns | pending | {
@@ -450,7 +450,7 @@ class WorkerStore:
             if live_hosts and outcome.result is not None:
                 conn.execute(_DELETE_LIVE_HOSTS, {"p_id": record.id})
             if small and finished and result is not None:
-                fold_now(conn, record, result, finished_at)
+                fold_now(conn, record, result.model_copy(update={"hosts": outcome.hosts.hosts()}), finished_at)
             through = fold_order if finished and pending else None
             if record.parent_id:
                 through = settle_parent(conn, self.feed, record.parent_id) or through

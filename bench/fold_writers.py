@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import postgres_database  # noqa: E402
-from models import ScanKind, ScanOutcome, TaskStatus, WorkerInfo  # noqa: E402
+from models import ScanKind, WorkerInfo  # noqa: E402
 from scanner import build_argv  # noqa: E402
 from tests.nodes import RATED, big_result, opened_stores  # noqa: E402
+from tests.support import outcome_of  # noqa: E402
 
 TARGET = "127.0.0.0/16"
 
@@ -40,7 +41,7 @@ async def submits_during_finish(url: str, hosts: int) -> tuple[float, list[float
         worker = WorkerInfo(id="bench", name="bench", pool="default", capacity=1)
         [claimed] = await stores.workers.claim(worker, "default", 1)
         await stores.workers.mark_started(claimed, worker)
-        outcome = ScanOutcome(TaskStatus.COMPLETED, big_result(hosts), None, b"")
+        outcome = outcome_of(big_result(hosts))
         started = time.monotonic()
         finishing = asyncio.create_task(stores.workers.finish(claimed, worker.id, outcome))
         await asyncio.sleep(0.3)

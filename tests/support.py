@@ -34,6 +34,7 @@ from sqlalchemy import insert
 from sqlalchemy.engine import URL, make_url
 
 from db import Database
+from findings import HostSpool, ReportSpool, ScanOutcome
 from inventory_store import fold_next, next_fold_order
 from models import ScanResult, TaskRecord, TaskStatus, tasks
 from result_store import encoded, write_found
@@ -669,10 +670,17 @@ def paged(result: ScanResult, offset: int, limit: int) -> dict[str, Any]:
             "total": len(result.hosts)}
 
 
+def outcome_of(result: ScanResult, raw: bytes = b"", status: TaskStatus = TaskStatus.COMPLETED) -> ScanOutcome:
+    """A verdict holding `result` whole, its hosts compressed as a worker's are, and `raw` as its XML."""
+    report = ReportSpool()
+    report.add(raw)
+    return ScanOutcome(status, result.model_copy(update={"hosts": []}), None, HostSpool.of(result.hosts), report)
+
+
 def store_completed(db: Database, record: TaskRecord, result: ScanResult) -> None:
     """`record` completed with `result`, stored as a verdict stores them (worker_store._finish):
     its result in chunks, its fold into the owner's inventory pending, finished now."""
-    found = encoded(record.id, result)
+    found = encoded(record.id, outcome_of(result))
     with db.writing() as conn:
         conn.execute(insert(tasks).values(
             id=record.id, owner=record.owner, kind=record.kind.value, target=record.target,

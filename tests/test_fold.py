@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, insert, select, update
 
+from findings import CHUNK_HOSTS, ScanOutcome
 from inventory import HostQuery
 from inventory_store import FOLD_BATCH_HOSTS, fold_next
 from models import (
     ScanKind,
-    ScanOutcome,
     ScanResult,
     TaskRecord,
     TaskStatus,
@@ -31,12 +31,11 @@ from models import (
     inventory_ports,
     tasks,
 )
-from result_store import CHUNK_HOSTS
 from scanner import build_argv
 from sharding import Shard
 from stores import Stores
 from tests.nodes import RATED, MakeNode, big_result, opened_stores, wait_for
-from tests.support import NmapWrapper, fold_pending, store_completed
+from tests.support import NmapWrapper, fold_pending, outcome_of, store_completed
 
 pytestmark = pytest.mark.anyio
 BIG = 5_000
@@ -53,7 +52,7 @@ async def running_task(stores: Stores, nmap: NmapWrapper, owner: str, target: st
 
 
 def completed(result: ScanResult) -> ScanOutcome:
-    return ScanOutcome(TaskStatus.COMPLETED, result, None, b"")
+    return outcome_of(result)
 
 
 async def test_other_writers_wait_for_a_batch_of_a_big_fold_not_for_the_whole_of_it(

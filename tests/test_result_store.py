@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select
 
+from findings import CHUNK_HOSTS, PIECE_BYTES
 from models import ScanKind, ScanResult, TaskStatus, report_pieces, result_chunks, tasks
 from nmap_report import merge_results
 from result_store import (
-    CHUNK_HOSTS,
-    PIECE_BYTES,
     adopt_shards,
     assembled,
     encoded,
@@ -30,6 +29,7 @@ from result_store import (
 )
 from stores import Stores
 from tests.nodes import big_result, opened_stores, statements_run
+from tests.support import outcome_of
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +42,7 @@ async def stores(database_url: str) -> AsyncIterator[Stores]:
 
 def stored(engine: Engine, task_id: str, result: ScanResult, raw: bytes = b"", **values: Any) -> None:
     """A finished task holding `result`, written as a worker writes it."""
-    written = encoded(task_id, result, raw)
+    written = encoded(task_id, outcome_of(result, raw))
     with engine.begin() as conn:
         conn.execute(insert(tasks).values(
             id=task_id, owner="alice", kind=ScanKind.CUSTOM.value, target=result.target, argv=json.dumps(["nmap"]),

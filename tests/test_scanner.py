@@ -46,21 +46,22 @@ def test_the_version_phase_probes_only_the_open_ports_of_the_hosts_that_have_the
     discovery = report_of("multi_host.xml").result("127.0.0.1-8")
     argv = build_argv("/usr/bin/nmap", scan_options(ScanKind.FULL, privileged=False), ["127.0.0.1-8"],
                       ipv6=False, privileged=False)
-    second = version_argv(argv, discovery)
+    second = version_argv(argv, report_of("multi_host.xml").found.open_by_host)
     assert second is not None
     open_ports = {(h.address, p.port) for h in discovery.hosts for p in h.ports if p.state == "open"}
     hosts = sorted({address for address, _ in open_ports})
     assert second[:4] == ["/usr/bin/nmap", "-sT", "-T4", "-sV"] and second[second.index("--") + 1:] == hosts
     assert second[5] == ",".join(f"T:{port}" for port in sorted({port for _, port in open_ports}))
     assert "--unprivileged" in second and "-p-" not in second
-    nothing_open = discovery.model_copy(update={"hosts": [h.model_copy(update={"ports": []}) for h in discovery.hosts]})
-    assert version_argv(argv, nothing_open) is None
+    assert version_argv(argv, {}) is None
 
 
 def test_versions_replace_the_discovered_ports_they_report() -> None:
+    found = report_of("quick_loopback.xml").findings("127.0.0.1")
     discovery = report_of("quick_loopback.xml").result("127.0.0.1")
     versions = report_of("rich_loopback.xml").result("127.0.0.1")
-    merged = with_versions(discovery, versions, "a note")
+    merged_found = with_versions(found, versions, "a note")
+    merged = merged_found.head.model_copy(update={"hosts": merged_found.hosts.hosts()})
     detected = {(p.protocol, p.port): p for p in versions.hosts[0].ports}
     for port in merged.hosts[0].ports:
         expected = detected.get((port.protocol, port.port))

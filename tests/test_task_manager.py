@@ -15,7 +15,7 @@ from result_store import encoded, write_found
 from sharding import Shard
 from task_manager import TaskNotFound
 from tests.nodes import MakeNode, argv_for, big_result, finished, statements_run, submit
-from tests.support import Listeners, NmapWrapper, eventually
+from tests.support import Listeners, NmapWrapper, eventually, outcome_of
 
 pytestmark = pytest.mark.anyio
 
@@ -208,7 +208,7 @@ async def test_reading_a_big_result_is_not_cut_by_the_database_deadline(
     reading the stored text takes a small fraction of parsing it."""
     node = await make_node(worker=False)
     record = await submit(node.tasks, nmap_wrapper, 1)
-    stored = encoded(record.id, big_result(5_000))
+    stored = encoded(record.id, outcome_of(big_result(5_000)))
     with node.stores.db.engine.begin() as conn:
         conn.execute(update(tasks).where(tasks.c.id == record.id).values(
             status=TaskStatus.COMPLETED.value, finished_at=time.time(), **stored.columns))

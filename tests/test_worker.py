@@ -4,9 +4,11 @@ real SQLite and real PostgreSQL, running real nmap on loopback (see tests/nodes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sqlite3
 import time
+import zlib
 from pathlib import Path
 
 import psycopg
@@ -15,14 +17,15 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import make_url
 
 from db import create_db_engine, upgrade_schema
+from findings import ReportSpool, ScanOutcome
 from inventory import HostQuery
-from models import ScanKind, ScanOutcome, TaskStatus, WorkerInfo, task_hosts, tasks
-from nmap_report import ReportParser, with_versions
+from models import HostDetail, ScanKind, ScanResult, TaskStatus, WorkerInfo, task_hosts, tasks
+from nmap_report import ReportParser
 from scanner import build_argv
 from sharding import Shard
 from task_manager import Submitted, TaskAlreadyFinished
 from tests.nodes import RATED, MakeNode, argv_for, big_result, finished, start_node, submit, wait_for
-from tests.support import POSTGRES_ADMIN_URL, Listeners, NmapWrapper, own_user_sandbox, process_alive
+from tests.support import POSTGRES_ADMIN_URL, Listeners, NmapWrapper, outcome_of, own_user_sandbox, process_alive
 from worker import IDLE_RECHECK_SECONDS, PhaseEnd, Worker, judge
 from worker_store import MAX_SHARD_REQUEUES
 
@@ -30,24 +33,40 @@ pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def facts(fixture: str, *, stopped_by: TaskStatus | None = None, problem: str | None = None) -> PhaseEnd:
-    """A run's facts, its report recorded from a real nmap run."""
-    report = ReportParser()
-    report.feed((FIXTURES / fixture).read_bytes())
-    return PhaseEnd(stopped_by, problem, report.result("127.0.0.1"), bytes(report.raw))
+def facts(fixture: str, *, stopped_by: TaskStatus | None = None, problem: str | None = None,
+          report: ReportSpool | None = None) -> PhaseEnd:
+    """A run's facts, its report recorded from a real nmap run (after `report`'s, when given:
+    a full scan's second run)."""
+    parser = ReportParser(raw=report or ReportSpool())
+    parser.feed((FIXTURES / fixture).read_bytes())
+    return PhaseEnd(stopped_by, problem, parser.findings("127.0.0.1"), parser.raw)
+
+
+def xml_of(outcome: ScanOutcome) -> bytes:
+    return b"".join(zlib.decompress(piece.data) for piece in outcome.report.pieces())
+
+
+def addresses(hosts: list[HostDetail]) -> list[str]:
+    return [host.address for host in hosts]
+
+
+def whole(outcome: ScanOutcome) -> ScanResult | None:
+    """The outcome's result with its hosts in it."""
+    return outcome.result and outcome.result.model_copy(update={"hosts": outcome.hosts.hosts()})
 
 
 def test_a_run_without_a_problem_completes_with_its_whole_report() -> None:
     outcome = judge(facts("quick_loopback.xml"))
     assert outcome.status is TaskStatus.COMPLETED and outcome.error is None
     assert outcome.result is not None and not outcome.result.partial
-    assert outcome.raw_xml == (FIXTURES / "quick_loopback.xml").read_bytes()
+    assert xml_of(outcome) == (FIXTURES / "quick_loopback.xml").read_bytes()
+    assert outcome.report.sha256() == hashlib.sha256(xml_of(outcome)).hexdigest()
 
 
 def test_a_run_that_failed_or_was_stopped_keeps_the_hosts_it_finished_as_partial() -> None:
     failed = judge(facts("killed_midway.xml", problem="the scan ran past its time limit"))
     assert failed.status is TaskStatus.FAILED and failed.error == "the scan ran past its time limit"
-    assert failed.result is not None and failed.result.partial and len(failed.result.hosts) == 2
+    assert failed.result is not None and failed.result.partial and failed.hosts.count == 2
     cancelled = judge(facts("killed_midway.xml", stopped_by=TaskStatus.CANCELLED))
     assert (cancelled.status, cancelled.error) == (TaskStatus.CANCELLED, "cancelled") and cancelled.result is not None
     shut_down = judge(facts("killed_midway.xml", stopped_by=TaskStatus.INTERRUPTED))
@@ -56,26 +75,33 @@ def test_a_run_that_failed_or_was_stopped_keeps_the_hosts_it_finished_as_partial
     assert broke_after_its_report.result is not None and broke_after_its_report.result.partial, "not completed"
     empty = judge(facts("no_targets.xml", problem="nmap scanned no hosts"))
     assert empty.status is TaskStatus.FAILED and empty.result is None
-    never_ran = judge(PhaseEnd(None, "nmap not found at /nowhere/nmap", None, b""))
-    assert never_ran == ScanOutcome(TaskStatus.FAILED, None, "nmap not found at /nowhere/nmap", b"")
+    never_ran = judge(PhaseEnd(None, "nmap not found at /nowhere/nmap", None, ReportSpool()))
+    assert (never_ran.status, never_ran.result, never_ran.error) == (
+        TaskStatus.FAILED, None, "nmap not found at /nowhere/nmap")
+    assert never_ran.hosts.count == 0 and never_ran.report.size == 0
 
 
 def test_version_detection_adds_versions_or_leaves_the_discovered_ports_with_a_warning() -> None:
     discovery = facts("quick_loopback.xml")
-    assert discovery.result is not None
-    versions = facts("rich_loopback.xml")
-    assert versions.result is not None
+    assert discovery.found is not None
+    versions = facts("rich_loopback.xml", report=discovery.report)
+    assert versions.found is not None
     found = judge(discovery, versions)
     assert found.status is TaskStatus.COMPLETED and found.error is None
-    assert found.result == with_versions(discovery.result, versions.result, None)
-    assert found.raw_xml == discovery.raw_xml + (FIXTURES / "rich_loopback.xml").read_bytes()
+    detected = {(h.address, p.protocol, p.port): p for h in versions.found.hosts.hosts() for p in h.ports}
+    merged = whole(found)
+    assert merged is not None and detected, "version detection reported ports"
+    assert addresses(merged.hosts) == addresses(discovery.found.hosts.hosts())
+    assert all(detected.get((h.address, p.protocol, p.port), p) == p for h in merged.hosts for p in h.ports)
+    assert xml_of(found) == b"".join((FIXTURES / name).read_bytes() for name in ("quick_loopback.xml",
+                                                                               "rich_loopback.xml"))
     failed = judge(discovery, facts("killed_midway.xml", problem="nmap exited with status 1"))
     assert failed.status is TaskStatus.COMPLETED and failed.result is not None
     assert failed.result.warnings[-1].startswith("version detection did not finish (nmap exited with status 1)")
     cancelled = judge(discovery, facts("killed_midway.xml", stopped_by=TaskStatus.CANCELLED))
     assert cancelled.status is TaskStatus.CANCELLED and cancelled.result is not None
     assert cancelled.result.warnings[-1] == "stopped during version detection" and cancelled.result.partial
-    assert [h.address for h in cancelled.result.hosts] == [h.address for h in discovery.result.hosts]
+    assert addresses(cancelled.hosts.hosts()) == addresses(discovery.found.hosts.hosts()) != []
 
 
 async def test_concurrency_is_bounded_and_every_task_runs_once(
@@ -286,7 +312,7 @@ async def test_finishing_is_a_guarded_transition(make_node: MakeNode, nmap_wrapp
     record = await submit(node.tasks, nmap_wrapper, 1)
     claimed = await node.tasks.wait(record.id, "alice", timeout_s=0.5)
     await node.tasks.cancel(record.id, "alice")
-    late = ScanOutcome(TaskStatus.COMPLETED, None, None, b"")
+    late = ScanOutcome(TaskStatus.COMPLETED, None, None)
     assert await node.stores.workers.finish(claimed, node.worker.info.id, late) is False
     assert (await node.tasks.get(record.id, "alice")).status is TaskStatus.CANCELLED
 
@@ -444,7 +470,7 @@ async def test_a_big_verdict_is_written_however_long_its_inventory_fold_takes(
     worker = WorkerInfo(id="big", name="big", pool="default", capacity=1)
     [claimed] = await node.stores.workers.claim(worker, "default", 1)
     assert await node.stores.workers.mark_started(claimed, worker)
-    outcome = ScanOutcome(TaskStatus.COMPLETED, big_result(5000), None, b"")
+    outcome = outcome_of(big_result(5000))
     node.stores.db.timeout_s = 0.2
     started = time.monotonic()
     assert await node.stores.workers.finish(claimed, worker.id, outcome)
