@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
-from findings import CHUNK_HOSTS, PIECE_BYTES, Chunk, ScanOutcome, address_key, chunks_of
+from findings import CHUNK_HOSTS, PIECE_BYTES, Chunk, HostSpool, ScanOutcome, address_key
 from models import HostDetail, ScanResult, report_pieces, result_chunks, stored_hosts, stored_result, tasks
 
 # Where the head's JSON holds its (empty) host list: the hosts' text goes back in there.
@@ -215,11 +215,14 @@ def adopt_shards(conn: Connection, parent_id: str, shard_ids: Sequence[str]) -> 
         if moves:
             conn.execute(_MOVE_CHUNKS, moves)
         return base
-    hosts = sorted((host for shard_id, _ in ordered for host in _hosts_of(conn, shard_id)),
-                   key=lambda host: address_key(host.address))
+    # Merged as a worker sorts what nmap reports: a buffer of hosts parsed at a time.
+    merged = HostSpool()
+    for shard_id, _ in ordered:
+        for host in _hosts_of(conn, shard_id):
+            merged.add(host)
     conn.execute(delete(result_chunks).where(result_chunks.c.task_id.in_(shard_ids)))
-    write_found(conn, Encoded({}, _chunk_rows(parent_id, chunks_of(hosts)), []))
-    return len(hosts)
+    write_found(conn, Encoded({}, _chunk_rows(parent_id, merged.chunks()), []))
+    return merged.count
 
 
 def write_found(conn: Connection, found: Encoded) -> None:
