@@ -441,7 +441,7 @@ class TaskRecord:
     parent_id: str | None = None
     shard_count: int = 0
     progress: Progress | None = None
-    # The whole result: only from TaskManager.get(with_result=True), for what compares results.
+    # The whole result, when a reader assembled it (result_store.assembled of TaskManager.stored_result).
     result: ScanResult | None = None
     engagement: str | None = None
     # Completed, and its result not yet all folded into the inventory (inventory_store.fold_next).

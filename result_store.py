@@ -187,8 +187,14 @@ def read_whole(conn: Connection, task_id: str) -> StoredParts | None:
 
 def assembled(parts: StoredParts) -> ScanResult:
     """A whole result from its stored parts."""
-    hosts = [host for chunk in parts.chunks for host in stored_hosts(zlib.decompress(chunk))]
-    return stored_result(parts.head).model_copy(update={"hosts": hosts})
+    return stored_result(parts.head).model_copy(update={"hosts": list(hosts_in(parts))})
+
+
+def hosts_in(parts: StoredParts) -> Iterator[HostDetail]:
+    """A stored result's hosts in its order (by address), parsed a chunk at a time: what
+    compares two results holds them compressed, never both parsed whole."""
+    for chunk in parts.chunks:
+        yield from stored_hosts(zlib.decompress(chunk))
 
 
 def whole_text(parts: StoredParts) -> str:

@@ -66,6 +66,7 @@ from models import (
 from nmap_options import parse_command
 from policy import Policy
 from resolver import HostResolver
+from result_store import hosts_in
 from scanner import NmapBuild, build_argv, nmap_build, scan_options
 from sharding import Shard, efficient_group, shard, shard_size
 from stores import Stores
@@ -504,12 +505,14 @@ class ScanService:
         return owner if self.policy.people.role_of(owner) == team else caller
 
     async def diff(self, owner: str, task_a: str, task_b: str) -> ScanDiff:
-        first = await self._tasks.get(task_a, await self._reader(owner, task_a), with_result=True)
-        second = await self._tasks.get(task_b, await self._reader(owner, task_b), with_result=True)
-        for record in (first, second):
-            if record.result is None:
+        first, found_a = await self._tasks.stored_result(task_a, await self._reader(owner, task_a))
+        second, found_b = await self._tasks.stored_result(task_b, await self._reader(owner, task_b))
+        for record, found in ((first, found_a), (second, found_b)):
+            if found is None:
                 raise NotComparable(f"task {record.id} has no result to compare (it is {record.status.value})")
-        diff = diff_results(task_a, first.result, task_b, second.result)  # type: ignore[arg-type]
+        assert found_a is not None and found_b is not None
+        # In a thread: parsing two big results' hosts takes seconds, which the event loop must not wait out.
+        diff = await asyncio.to_thread(diff_results, task_a, hosts_in(found_a), task_b, hosts_in(found_b))
         return capped_diff(diff, self._settings.max_answer_bytes)
 
     async def list_tasks(self, owner: str, status: TaskStatus | None, limit: int) -> TaskList:

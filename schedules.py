@@ -65,6 +65,7 @@ from models import (
 )
 from nmap_options import CommandError
 from policy import NoPool
+from result_store import hosts_in
 from scans import ScanRequest, ScanService, ShuttingDown, without_waiting
 from schedule_store import SCHEDULES_KEY, RunAlreadyQueued, RunRecord, ScheduleRecord, ScheduleState, ScheduleStore
 from stores import Stores
@@ -387,16 +388,18 @@ class Scheduler:
     async def _settle(self, run: RunRecord, schedule: ScheduleRecord) -> None:
         """Diff a finished run against the previous completed one; keep a change, due to be sent."""
         assert run.task_id is not None
-        record = await self._tasks.get(run.task_id, schedule.owner, with_result=True)
-        if record.status is not TaskStatus.COMPLETED or record.result is None:
+        record, now_found = await self._tasks.stored_result(run.task_id, schedule.owner)
+        if record.status is not TaskStatus.COMPLETED or now_found is None:
             await self._store.settle_run(run.id, "failed", error=record.error or f"the scan {record.status.value}")
             return
         previous = await self._store.previous_completed_run(run)
-        before = await self._tasks.get(previous.task_id, schedule.owner, with_result=True) \
-            if previous is not None and previous.task_id else None
+        before, before_found = await self._tasks.stored_result(previous.task_id, schedule.owner) \
+            if previous is not None and previous.task_id else (None, None)
         diff = None
-        if before is not None and before.result is not None:
-            found = diff_results(before.id, before.result, record.id, record.result)
+        if before is not None and before_found is not None:
+            # In a thread, as diff_scans does: the hosts are parsed a chunk at a time as they are compared.
+            found = await asyncio.to_thread(diff_results, before.id, hosts_in(before_found), record.id,
+                                            hosts_in(now_found))
             diff = capped_diff(found, self._settings.max_answer_bytes) if changed(found) else None
         await self._store.settle_run(run.id, "done", previous_task_id=before.id if before else None,
                                      diff=diff.model_dump_json() if diff else None,

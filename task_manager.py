@@ -218,15 +218,13 @@ class TaskManager:
             rows = conn.execute(HISTORY, {"p_kind": kind.value, "p_pool": pool, "p_limit": limit}).all()
         return [(int(row.probe_count), float(row.seconds)) for row in rows]
 
-    async def get(self, task_id: str, owner: str, *, with_result: bool = False) -> TaskRecord:
+    async def get(self, task_id: str, owner: str) -> TaskRecord:
         """The caller's task; TaskNotFound for a missing id and for another owner's id alike.
 
         Without the result, reads are batched: those that arrive while a batch is being read
         are read together next, in one query and one thread hand-off. Status polls come many
         at a time, and a hand-off per poll cost more than the query (bench/status_polling.py:
         a third of the server's CPU per poll on SQLite)."""
-        if with_result:
-            return await self._read_whole(task_id, owner)
         read: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
         self._reads.append((task_id, owner, read))
         if self._reader is None or self._reader.done():
@@ -371,23 +369,19 @@ class TaskManager:
             shared = _admit(conn, values, fresh_since, shards, limits, self._max_queued, engagement_probes)
         return None if shared is None else shared._mapping
 
-    async def _read_whole(self, task_id: str, owner: str) -> TaskRecord:
-        """One task with its whole result (which only a finished task has). The database
-        answers within its deadline; parsing the result does not count: a result of 16,384
-        hosts takes seconds to parse."""
-        record, parts = await self._db.run(self._read, task_id, owner, True)
-        if parts is None:
-            return record
-        return replace(record, result=await self._db.run(assembled, parts, deadline=False))
+    async def stored_result(self, task_id: str, owner: str) -> tuple[TaskRecord, StoredParts | None]:
+        """One task and its whole result as stored (which only a finished task has), compressed:
+        what compares results reads its hosts a chunk at a time (result_store.hosts_in), not
+        both results parsed whole (a 65,536-host result is 460 MB of models)."""
+        return await self._db.run(self._read, task_id, owner)
 
-    def _read(self, task_id: str, owner: str, with_result: bool = False) -> tuple[TaskRecord, StoredParts | None]:
-        """One task, and with `with_result` its result as stored for the caller to parse."""
+    def _read(self, task_id: str, owner: str) -> tuple[TaskRecord, StoredParts | None]:
         with self._db.reading() as conn:
             row = conn.execute(_READ_TASK, {"p_id": task_id, "p_owner": owner}).first()
             if row is None:
                 raise TaskNotFound(f"no task {task_id!r}")
             record = _with_shard_progress(conn, TaskRecord.from_row(row._mapping))
-            return record, read_whole(conn, task_id) if with_result else None
+            return record, read_whole(conn, task_id)
 
     def _read_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
         """Top-level tasks by id, without their results (callers check the owner)."""

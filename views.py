@@ -9,11 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from findings import address_key
 from models import (
     HostDetail,
     HostSummary,
@@ -475,33 +476,82 @@ def capped_diff(diff: ScanDiff, cap: int) -> ScanDiff:
     return fitted.model_copy(update={"truncated": fitted != diff})
 
 
-def diff_results(task_a: str, a: ScanResult, task_b: str, b: ScanResult) -> ScanDiff:
-    """Hosts that came up or went down; ports opened, closed, or whose service changed."""
-    up_a = {h.address for h in a.hosts if h.status == "up"}
-    up_b = {h.address for h in b.hosts if h.status == "up"}
-    open_a, open_b = _open_ports(a), _open_ports(b)
-    changed = [
-        _change(key, open_a[key], open_b[key])
-        for key in sorted(open_a.keys() & open_b.keys())
-        if _describe(open_a[key]) != _describe(open_b[key])
-    ]
+def diff_results(task_a: str, a: Iterable[HostDetail], task_b: str, b: Iterable[HostDetail]) -> ScanDiff:
+    """Hosts that came up or went down; ports opened, closed, or whose service changed. `a` and
+    `b` are the two results' hosts in their stored order (by address), read side by side once:
+    what is held is the changes, never both results (result_store.hosts_in)."""
+    came_up: list[str] = []
+    went_down: list[str] = []
+    opened: list[PortChange] = []
+    closed: list[PortChange] = []
+    changed: list[PortChange] = []
+    unchanged = 0
+    for host_a, host_b in _side_by_side(a, b):
+        up_a, up_b = _is_up(host_a), _is_up(host_b)
+        if up_b and not up_a:
+            came_up.append(_address(host_b))
+        elif up_a and not up_b:
+            went_down.append(_address(host_a))
+        open_a, open_b = _open_ports(host_a), _open_ports(host_b)
+        opened += (_change(k, None, open_b[k]) for k in open_b.keys() - open_a.keys())
+        closed += (_change(k, open_a[k], None) for k in open_a.keys() - open_b.keys())
+        for key in open_a.keys() & open_b.keys():
+            if _describe(open_a[key]) != _describe(open_b[key]):
+                changed.append(_change(key, open_a[key], open_b[key]))
+            else:
+                unchanged += 1
+    by_key = _port_change_key
     return ScanDiff(
         task_a=task_a,
         task_b=task_b,
-        hosts_came_up=sorted(up_b - up_a),
-        hosts_went_down=sorted(up_a - up_b),
-        ports_opened=[_change(k, None, open_b[k]) for k in sorted(open_b.keys() - open_a.keys())],
-        ports_closed=[_change(k, open_a[k], None) for k in sorted(open_a.keys() - open_b.keys())],
-        services_changed=changed,
-        unchanged_open_ports=len(open_a.keys() & open_b.keys()) - len(changed),
+        hosts_came_up=sorted(came_up),
+        hosts_went_down=sorted(went_down),
+        ports_opened=sorted(opened, key=by_key),
+        ports_closed=sorted(closed, key=by_key),
+        services_changed=sorted(changed, key=by_key),
+        unchanged_open_ports=unchanged,
     )
 
 
 PortKey = tuple[str, str, int]
 
 
-def _open_ports(result: ScanResult) -> dict[PortKey, PortDetail]:
-    return {(h.address, p.protocol, p.port): p for h in result.hosts for p in h.ports if p.state == "open"}
+def _side_by_side(a: Iterable[HostDetail], b: Iterable[HostDetail]
+                  ) -> Iterator[tuple[HostDetail | None, HostDetail | None]]:
+    """The hosts of two address-ordered streams paired by address (None where one has none)."""
+    left = ((address_key(host.address), host.address, host) for host in a)
+    right = ((address_key(host.address), host.address, host) for host in b)
+    item_a, item_b = next(left, None), next(right, None)
+    while item_a is not None or item_b is not None:
+        if item_a is not None and (item_b is None or item_a[:2] < item_b[:2]):
+            yield item_a[2], None
+            item_a = next(left, None)
+        elif item_b is not None and (item_a is None or item_b[:2] < item_a[:2]):
+            yield None, item_b[2]
+            item_b = next(right, None)
+        elif item_a is not None and item_b is not None:
+            yield item_a[2], item_b[2]
+            item_a, item_b = next(left, None), next(right, None)
+
+
+def _address(host: HostDetail | None) -> str:
+    assert host is not None, "an up host is there"
+    return host.address
+
+
+def _is_up(host: HostDetail | None) -> bool:
+    return host is not None and host.status == "up"
+
+
+def _open_ports(host: HostDetail | None) -> dict[PortKey, PortDetail]:
+    if host is None:
+        return {}
+    return {(host.address, p.protocol, p.port): p for p in host.ports if p.state == "open"}
+
+
+def _port_change_key(change: PortChange) -> PortKey:
+    """The order the diff's port lists had: by address as text, protocol, port."""
+    return change.address, change.protocol, change.port
 
 
 def _describe(port: PortDetail | None) -> tuple[str, str]:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import event
@@ -21,6 +21,7 @@ from config import DEFAULT_LIMITS, Settings
 from models import ScanKind, ScanResult, TaskRecord
 from nmap_report import ReportParser
 from policy import Policy
+from result_store import assembled
 from scanner import build_argv
 from stores import Stores
 from supervisor import Supervisor
@@ -120,7 +121,13 @@ async def submit(tasks: TaskManager, nmap: NmapWrapper, port: int, owner: str = 
 async def finished(tasks: TaskManager, task_id: str, owner: str = "alice", timeout_s: float = 30) -> TaskRecord:
     """The task once it finished (or `timeout_s` passed), with its whole result."""
     await tasks.wait(task_id, owner, timeout_s)
-    return await tasks.get(task_id, owner, with_result=True)
+    return await with_whole_result(tasks, task_id, owner)
+
+
+async def with_whole_result(tasks: TaskManager, task_id: str, owner: str = "alice") -> TaskRecord:
+    """The task with its whole result assembled from what is stored (None when it has none)."""
+    record, parts = await tasks.stored_result(task_id, owner)
+    return replace(record, result=assembled(parts)) if parts is not None else record
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 5, every_s: float = 0.02) -> bool:

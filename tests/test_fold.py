@@ -34,7 +34,7 @@ from models import (
 from scanner import build_argv
 from sharding import Shard
 from stores import Stores
-from tests.nodes import RATED, MakeNode, big_result, opened_stores, wait_for
+from tests.nodes import RATED, MakeNode, big_result, opened_stores, wait_for, with_whole_result
 from tests.support import NmapWrapper, fold_pending, outcome_of, store_completed
 
 pytestmark = pytest.mark.anyio
@@ -227,7 +227,7 @@ async def test_each_shard_of_a_scan_is_folded_in_its_own_scope_the_last_from_its
                                   if ipaddress.ip_address(host.address) in network and host.address != "127.0.1.200"])
         assert len(part.hosts) > FOLD_BATCH_HOSTS
         assert await stores.workers.finish(record, worker.id, completed(part))
-    done = await stores.tasks.get(parent.id, "alice", with_result=True)
+    done = await with_whole_result(stores.tasks, parent.id)
     hosts, total = await stores.inventory.find_hosts("alice", HostQuery(state="any"), 2000, 0)
     with stores.db.engine.connect() as conn:
         heads = conn.execute(select(tasks.c.result).where(tasks.c.parent_id == parent.id)).scalars().all()

@@ -21,7 +21,7 @@ from sqlalchemy import insert, select, text
 
 from db import MIGRATIONS, create_db_engine, upgrade_schema
 from models import TaskStatus, inventory_hosts, inventory_ports, metadata, tasks, usage_minutes
-from tests.nodes import opened_stores
+from tests.nodes import opened_stores, with_whole_result
 
 pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -47,7 +47,7 @@ async def test_a_database_of_0_1_0_upgrades_in_place(database_url: str, tmp_path
         default = await store.recent("default", None, 10)
         assert sorted(r.status for r in default) == [TaskStatus.CANCELLED, TaskStatus.COMPLETED]
         [completed] = [r for r in default if r.status is TaskStatus.COMPLETED]
-        kept = await store.get(completed.id, "default", with_result=True)
+        kept = await with_whole_result(store, completed.id, "default")
         assert kept.pool == "default" and kept.result is not None
         assert [(p.port, p.state) for p in kept.result.hosts[0].ports] == [(22022, "open"), (22023, "closed")]
         assert [p.untrusted for p in kept.result.hosts[0].ports] == [None, None], "0.1.0's empty text fields"
@@ -58,7 +58,7 @@ async def test_a_database_of_0_1_0_upgrades_in_place(database_url: str, tmp_path
         assert twin is not None and twin.id == completed.id
         assert await store.trial("ci", kept.kind, kept.target, kept.argv, 60, share=True, fresh_since=0) is None
         [ci] = await store.recent("ci", None, 10)
-        ci_result = (await store.get(ci.id, "ci", with_result=True)).result
+        ci_result = (await with_whole_result(store, ci.id, "ci")).result
         assert ci_result is not None and [h.address for h in ci_result.hosts] == ["127.0.0.2", "127.0.0.3"]
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from models import (
+    HostDetail,
     InventoryHost,
     InventoryPage,
     InventoryPort,
@@ -260,12 +261,26 @@ def test_diff_reports_hosts_and_ports_that_changed() -> None:
     third = next(h for h in after_hosts if h.address == "127.0.0.3")
     closed = third.model_copy(update={"ports": [p.model_copy(update={"state": "closed"}) for p in third.ports]})
     after = before.model_copy(update={"hosts": [opened, *[closed if h is third else h for h in after_hosts[1:]]]})
-    diff = diff_results("a", before, "b", after)
+    diff = diff_results("a", before.hosts, "b", after.hosts)
     assert diff.hosts_went_down == ["127.0.0.8"] and diff.hosts_came_up == []
     assert [(c.address, c.port, c.after, c.untrusted) for c in diff.ports_opened] == [
         ("127.0.0.1", PORTS["banner"], "open ssh", VersionChange(after="OpenSSH 9.2p1 Debian 2+deb12u3"))]
     assert [(c.address, c.port, c.after) for c in diff.ports_closed] == [("127.0.0.3", PORTS["multi"], "")]
     assert diff.services_changed == [] and diff.unchanged_open_ports == 0
+
+
+def test_diff_pairs_two_results_hosts_by_address_read_once_side_by_side() -> None:
+    [host] = recorded("rich_loopback.xml").hosts
+
+    def at(*lasts: int) -> Iterator[HostDetail]:
+        # A generator, as the stored hosts come: each read once, in address order.
+        return (host.model_copy(update={"address": f"127.0.0.{last}"}) for last in lasts)
+
+    diff = diff_results("a", at(1, 2, 10, 200), "b", at(2, 9, 10, 30, 200))
+    assert diff.hosts_came_up == ["127.0.0.30", "127.0.0.9"] and diff.hosts_went_down == ["127.0.0.1"]
+    opened = sum(p.state == "open" for p in host.ports)
+    assert [c.address for c in diff.ports_opened] == ["127.0.0.30"] * opened + ["127.0.0.9"] * opened
+    assert diff.unchanged_open_ports == 3 * opened and diff.services_changed == []
 
 
 def test_hostnames_the_caller_asked_for_are_shown() -> None:
@@ -282,7 +297,7 @@ def test_a_large_diff_is_cut_to_fit_the_cap() -> None:
     from views import capped_diff
 
     empty = many_hosts(0)
-    diff = diff_results("a", empty, "b", many_hosts(500))
+    diff = diff_results("a", empty.hosts, "b", many_hosts(500).hosts)
     assert len(diff.ports_opened) == 500 and len(diff.hosts_came_up) == 500
     cut = capped_diff(diff, 6_000)
     assert len(cut.model_dump_json().encode()) <= 6_000 and cut.truncated

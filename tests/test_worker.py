@@ -24,7 +24,17 @@ from nmap_report import ReportParser
 from scanner import build_argv
 from sharding import Shard
 from task_manager import Submitted, TaskAlreadyFinished
-from tests.nodes import RATED, MakeNode, argv_for, big_result, finished, start_node, submit, wait_for
+from tests.nodes import (
+    RATED,
+    MakeNode,
+    argv_for,
+    big_result,
+    finished,
+    start_node,
+    submit,
+    wait_for,
+    with_whole_result,
+)
 from tests.support import POSTGRES_ADMIN_URL, Listeners, NmapWrapper, outcome_of, own_user_sandbox, process_alive
 from worker import IDLE_RECHECK_SECONDS, PhaseEnd, Worker, judge
 from worker_store import MAX_SHARD_REQUEUES
@@ -353,7 +363,7 @@ async def test_progress_and_finished_hosts_are_readable_from_another_process(
     await reader.tasks.cancel(record.id, "alice")
     assert runner.worker is not None
     await runner.worker.wait_stopped(record.id, 5)
-    stopped = await reader.tasks.get(record.id, "alice", with_result=True)
+    stopped = await with_whole_result(reader.tasks, record.id)
     kept = stopped.result
     assert stopped.status is TaskStatus.CANCELLED and kept is not None and kept.partial
     assert [h.address for h in kept.hosts][: len(partial.hosts)] == [h.address for h in partial.hosts]
