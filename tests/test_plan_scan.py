@@ -15,7 +15,7 @@ from db import create_db_engine, upgrade_schema
 from models import ScanKind
 from task_manager import HISTORY
 from tests.conftest import OpenClient
-from tests.support import SECRETS, answer_of, call, error_text
+from tests.support import SECRETS, NmapWrapper, answer_of, call, error_text
 
 pytestmark = pytest.mark.anyio
 NARROW = {"alice": {"secret": SECRETS["alice"], "allowed_targets": ["127.0.21.0/28"]}}
@@ -100,6 +100,30 @@ async def test_a_plan_shows_the_shards_the_scan_is_then_cut_into(in_memory: Open
     assert (whole["shards"], whole["workers_alive"], whole["addresses"]) == (1, 1, 128)
     assert (sharded["shards"], sharded["workers_alive"], sharded["addresses"], sharded["probes"]) == (2, 2, 128, 128)
     assert done["status"] == "completed" and [run["target"] for run in runs] == ["127.0.21.0/26", "127.0.21.64/26"]
+
+
+async def test_a_pool_whose_runs_waited_on_the_network_cuts_a_long_scan_for_its_free_slots(
+    in_memory: OpenClient, nmap_wrapper: NmapWrapper
+) -> None:
+    """One worker of two slots: a /24 of 100 ports runs whole (nmap's efficient group for it is
+    256, and one worker never splits a fast scan). After a custom scan whose nmap took 1.5 s
+    for 160 probes (the wrapper waits, as nmap waits on a slow network), the pool is slow for
+    custom scans: the same /24 is cut in two shards per free slot of nmap's least group, 64,
+    in the plan and then in the scan."""
+    command = "-p 1-100 127.80.1.0/24"
+    async with in_memory(max_concurrent_tasks=2) as alice:
+        fast = (await plan(alice, "custom_scan", command=command))["scan"]
+        nmap_wrapper.set_delay(1.5)
+        slow_run = await answer_of(alice, "custom_scan", command="-p 1-10 127.80.0.0/28", timeout=60)
+        nmap_wrapper.set_delay(0)
+        sharded = (await plan(alice, "custom_scan", command=command))["scan"]
+        done = await answer_of(alice, "custom_scan", command=command, timeout=60)
+        runs = (await answer_of(alice, "get_task_evidence", task_id=done["task_id"]))["runs"]
+    assert slow_run["status"] == "completed"
+    assert (fast["shards"], fast["workers_alive"], fast["capacity"]) == (1, 1, 2)
+    assert sharded["shards"] == 4
+    assert done["status"] == "completed" and [run["target"] for run in runs] == [
+        f"127.80.1.{first}/26" for first in (0, 64, 128, 192)]
 
 
 async def test_a_plan_answers_rate_limited_and_names_the_scan_it_would_reuse(in_memory: OpenClient) -> None:
