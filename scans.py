@@ -394,13 +394,13 @@ class ScanService:
             "owner": owner, "kind": request.kind, "target": " ".join(request.targets), "argv": checked.argv,
             "time_limit": self._time_limit(checked.closes_at), "pool": checked.pool, "share": share,
             "fresh_since": time.time() - self._settings.result_freshness_seconds if share else None,
-            "shards": await self._shards(request.kind, checked), "limits": self.policy.limits(owner),
+            "shards": await self._shards(owner, request.kind, checked), "limits": self.policy.limits(owner),
             "address_count": checked.resolved.address_count, "probe_count": probes(checked.argv),
             "forced": request.shareable and rescan, "engagement": checked.engagement,
             "engagement_probes": checked.engagement_probes,
         }
 
-    async def _shards(self, kind: ScanKind, checked: CheckedScan) -> list[Shard]:
+    async def _shards(self, owner: str, kind: ScanKind, checked: CheckedScan) -> list[Shard]:
         """The scan's shards as sharding.shard_size sizes them for its pool now, and for its
         network as the pool's last runs of its kind saw it (sharding.waits_on_network); none
         when it runs whole. A scan no larger than its smallest shard could be is never split,
@@ -413,7 +413,7 @@ class ScanService:
         runs = await self._tasks.run_history(kind, checked.pool, HISTORY_SCANS)
         slow = waits_on_network(probes(checked.argv), runs)
         group = least if slow else min(efficient_group(options), largest)
-        size = shard_size(addresses, group, await self._stores.workers.capacity(checked.pool), largest, slow)
+        size = shard_size(addresses, group, await self._stores.workers.capacity(checked.pool, owner), largest, slow)
         shards = [] if size is None else shard(checked.argv, checked.resolved.networks, size)
         return shards if len(shards) > 1 else []
 

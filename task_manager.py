@@ -71,8 +71,7 @@ _COMPLETED_OF_KIND = select(tasks.c.probe_count, (tasks.c.finished_at - tasks.c.
 HISTORY = (_COMPLETED_OF_KIND.where(tasks.c.parent_id.is_(None))
            .order_by(tasks.c.finished_at.desc()).limit(bindparam("p_limit")))
 # The same pool's last nmap runs of a kind: scans run whole and shards, not a sharded scan's
-# parent (its time is its shards' at once). shard_count is not in ix_tasks_history: the rows
-# read are the runs kept and the few sharded parents among them.
+# parent (its time is its shards' at once), from ix_tasks_history alone.
 RUN_HISTORY = (_COMPLETED_OF_KIND.where(tasks.c.shard_count == 0)
                .order_by(tasks.c.finished_at.desc()).limit(bindparam("p_limit")))
 # A shareable scan's twin: the same call queued or running, or completed recently enough.

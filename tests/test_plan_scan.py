@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 from fastmcp import Client
+from sqlalchemy import Select
 
 from db import create_db_engine, upgrade_schema
 from models import ScanKind
-from task_manager import HISTORY
+from task_manager import HISTORY, RUN_HISTORY
 from tests.conftest import OpenClient
 from tests.support import SECRETS, NmapWrapper, answer_of, call, error_text
 
@@ -88,16 +89,21 @@ async def test_a_plan_is_the_scan_that_then_runs_and_queues_nothing(in_memory: O
 
 
 async def test_a_plan_shows_the_shards_the_scan_is_then_cut_into(in_memory: OpenClient) -> None:
-    """One live worker: a big scan is one nmap run. Two (bob's stdio process takes only bob's
-    scans, but is a worker of the pool): shards of at most shard_addresses, as the scan then runs."""
+    """One live worker: a big scan is one nmap run. bob's stdio process is a worker of the pool,
+    but takes only bob's scans: alice's scan stays whole. A second process of alice's (each
+    stdio process's worker takes its caller's scans): shards of at most shard_addresses, as the
+    scan then runs."""
     command = "-p 1 127.0.21.0/25"
     async with in_memory(shard_addresses=64) as alice:
         whole = (await plan(alice, "custom_scan", command=command))["scan"]
         async with in_memory("bob"):
+            beside_bob = (await plan(alice, "custom_scan", command=command))["scan"]
+        async with in_memory("alice"):
             sharded = (await plan(alice, "custom_scan", command=command))["scan"]
             done = await answer_of(alice, "custom_scan", command=command, timeout=60)
             runs = (await answer_of(alice, "get_task_evidence", task_id=done["task_id"]))["runs"]
     assert (whole["shards"], whole["workers_alive"], whole["addresses"]) == (1, 1, 128)
+    assert (beside_bob["shards"], beside_bob["workers_alive"]) == (1, 2)
     assert (sharded["shards"], sharded["workers_alive"], sharded["addresses"], sharded["probes"]) == (2, 2, 128, 128)
     assert done["status"] == "completed" and [run["target"] for run in runs] == ["127.0.21.0/26", "127.0.21.64/26"]
 
@@ -158,11 +164,12 @@ async def test_the_estimate_comes_from_the_fleet_s_history_of_similar_scans(in_m
     assert took >= 0.3 and 0.2 * took <= estimate["duration_s"] <= 5 * took, (estimate, took)
 
 
-def test_the_history_is_read_from_its_index_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("statement", [HISTORY, RUN_HISTORY])
+def test_the_history_is_read_from_its_index_alone(tmp_path: Path, statement: Select[Any]) -> None:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
     upgrade_schema(engine)
     params = {"p_kind": ScanKind.QUICK.value, "p_pool": "default", "p_limit": 50}
-    compiled = HISTORY.compile(engine)
+    compiled = statement.compile(engine)
     bound = compiled.construct_params(params)
     with engine.connect() as conn:
         steps = [row[-1] for row in conn.exec_driver_sql(
