@@ -122,6 +122,8 @@ class ServiceRun:
     # VmRSS once started, then VmHWM after the first scan, the re-scan and the pages.
     rss_bytes: dict[str, int]
     pages: dict[str, list[float]]
+    # The re-scan's nmap runs (its shards, or one): it has the first scan's run to be sized by.
+    rescan_runs: int
 
     @property
     def peak_rss(self) -> int:
@@ -220,9 +222,10 @@ async def measure(url: str, pid: int, network: ipaddress.IPv4Network, args: argp
         rss["first"] = memory(pid)
         rescan_s, task_id = await checked_scan(client, network)
         rss["re-scan"] = memory(pid)
+        runs = len((await call(client, "get_task_evidence", {"task_id": task_id}))["runs"])
         costs = await page_costs(client, pid, task_id, args.page_limit, args.page_repeats) if pages else {}
         rss["pages"] = memory(pid)
-    return ServiceRun(first_s, rescan_s, first_cpu_s, rss, costs)
+    return ServiceRun(first_s, rescan_s, first_cpu_s, rss, costs, runs)
 
 
 def shard_config(args: argparse.Namespace, mode: str) -> dict[str, int]:
@@ -288,7 +291,8 @@ def scans_of_size(setup: Setup, size: int) -> SizeFigures:
             argv = argv or queued_argv(setup.directory / name / "audit.jsonl")
             figures.runs.setdefault(item, []).append(run)
             print(f"  {size:6} round {round_no + 1}: {item[0]:10} {item[1]:9} first {run.first_s:7.2f} s "
-                  f"(server CPU {run.first_cpu_s:6.2f} s)  re-scan {run.rescan_s:7.2f} s  "
+                  f"(server CPU {run.first_cpu_s:6.2f} s)  re-scan {run.rescan_s:7.2f} s "
+                  f"({run.rescan_runs} nmap run(s))  "
                   "RSS MiB: " + " ".join(f"{stage} {held / 2**20:.0f}" for stage, held in run.rss_bytes.items()),
                   flush=True)
     print("  nmap argv:", " ".join(argv), flush=True)
@@ -300,8 +304,8 @@ def median_of(runs: list[ServiceRun], attribute: str) -> float:
 
 
 def page_medians(runs: list[ServiceRun]) -> dict[str, float]:
-    """Each page's median cost over the runs that measured pages."""
-    names = next(run.pages for run in runs if run.pages)
+    """Each page's median cost over the runs that measured pages (none with --page-rounds 0)."""
+    names = next((run.pages for run in runs if run.pages), {})
     return {name: statistics.median(cost for run in runs for cost in run.pages.get(name, ())) for name in names}
 
 
@@ -369,11 +373,13 @@ def judge_unsharded(verdicts: Verdicts, size: int, database: str, runs: list[Ser
 
 
 def judge_costs(verdicts: Verdicts, size: int, database: str, runs: dict[str, list[ServiceRun]]) -> None:
-    """Pages and memory, whichever mode they were measured in."""
-    worst, name = max((cost, f"{mode} {form}") for mode, mode_runs in runs.items()
-                      for form, cost in page_medians(mode_runs).items())
-    verdicts.judge(f"{size} {database}: any page <= {GOALS.page_cpu_s * 1000:.0f} ms server CPU",
-                   f"worst {worst * 1000:.0f} ms ({name})", worst <= GOALS.page_cpu_s)
+    """Pages (when measured) and memory, whichever mode they were measured in."""
+    pages = [(cost, f"{mode} {form}") for mode, mode_runs in runs.items()
+             for form, cost in page_medians(mode_runs).items()]
+    if pages:
+        worst, name = max(pages)
+        verdicts.judge(f"{size} {database}: any page <= {GOALS.page_cpu_s * 1000:.0f} ms server CPU",
+                       f"worst {worst * 1000:.0f} ms ({name})", worst <= GOALS.page_cpu_s)
     rss = max(run.peak_rss for mode_runs in runs.values() for run in mode_runs)
     verdicts.judge(f"{size} {database}: peak server RSS <= {GOALS.rss_bytes / 1e6:.0f} MB",
                    f"{rss / 1e6:.0f} MB", rss <= GOALS.rss_bytes)
