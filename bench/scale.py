@@ -31,7 +31,7 @@ Parts (--parts, comma-separated; each runs alone too):
   one worker, sharded on one, sharded on two. A sharded fleet first scans the network's first
   --slow-warm-up addresses (untimed): shards are sized from the pool's own recent runs, and a
   pool that has run nothing yet runs a scan whole, as the unsharded fleet does (no warm-up, and
-  shard_addresses 65,536). Each run prints the nmap runs of its timed scan.
+  shard_addresses 65,536). Each run prints its timed scan's nmap runs and the workers that ran them.
 
 Figures are medians of --runs; the goals are printed with PASS or FAIL at the end. Servers
 listen on 127.0.0.1 ports 23000-23999 and PostgreSQL databases are named scale_* unless
@@ -428,12 +428,13 @@ class FleetRun(NamedTuple):
     seconds: float
     open_ports: int
     nmap_runs: int
+    workers: int  # of the fleet's, those that ran one of its nmap runs
 
 
 async def fleet_scan(url: str, workers: int, network: ipaddress.IPv4Network,
                      warm_up: ipaddress.IPv4Network | None) -> FleetRun:
-    """The time of a scan of `network` (after one of `warm_up`, when given), its open ports and
-    nmap runs (its shards, or one)."""
+    """The time of a scan of `network` (after one of `warm_up`, when given), its open ports,
+    nmap runs (its shards, or one) and the workers that ran them."""
     async with mcp_session(url) as client:
         await wait_for_workers(client, workers, timeout=120)
         # The SDK fetches tools/list after a session's first tools/call: not in the timing.
@@ -442,7 +443,7 @@ async def fleet_scan(url: str, workers: int, network: ipaddress.IPv4Network,
             await completed_scan(client, command_of(warm_up))
         took, task_id, (_, open_ports) = await completed_scan(client, command_of(network))
         runs = (await call(client, "get_task_evidence", {"task_id": task_id}))["runs"]
-        return FleetRun(took, open_ports, len(runs))
+        return FleetRun(took, open_ports, len(runs), len({run["worker_id"] for run in runs}))
 
 
 def slow_part(setup: Setup, verdicts: Verdicts) -> None:
@@ -463,9 +464,10 @@ def slow_part(setup: Setup, verdicts: Verdicts) -> None:
                 took, label, found = raw_nmap(argv), "raw nmap", ""
             else:
                 name = f"slow-{round_no}-{item[0]}-{item[1]}"
-                took, open_ports, runs = fleet(setup, name, *item, network)
+                took, open_ports, runs, ran = fleet(setup, name, *item, network)
                 argv = argv or queued_argv(setup.directory / name / "api" / "audit.jsonl")
-                label, found = f"{item[0]}, {item[1]} worker(s)", f"{open_ports} open ports, {runs} nmap run(s)"
+                label = f"{item[0]}, {item[1]} worker(s)"
+                found = f"{open_ports} open ports, {runs} nmap run(s) on {ran} worker(s)"
             times.setdefault(item, []).append(took)
             print(f"  round {round_no + 1}: {label:24} {took:7.2f} s  {found}", flush=True)
     medians = {item: statistics.median(values) for item, values in times.items()}
