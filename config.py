@@ -272,9 +272,10 @@ class Settings(BaseSettings):
     # Scanner pools and the networks each reaches: a scan goes to the pool whose networks
     # hold all its addresses. Empty: every scan goes to the pool `default`.
     pools: dict[str, list[str]] = Field(default_factory=dict)
-    # The largest shard: when a scan is split (its pool has two or more live workers), no shard
-    # holds more addresses than this. Each also holds at least nmap's efficient host group for
-    # its scan (sharding.efficient_group, at most 4,096), unless this is smaller. 4,096: nmap's
+    # The largest shard: when a scan is split (its pool has two or more live workers, or its
+    # recent runs waited on a slow network), no shard holds more addresses than this. Each also
+    # holds at least nmap's efficient host group for its scan (sharding.efficient_group, at
+    # most 4,096; on a slow network sharding.least_group), unless this is smaller. 4,096: nmap's
     # largest group (a ping scan's), a /20, as large as any efficient group, so the default
     # bounds only what one dead worker's shard makes run again.
     shard_addresses: int = Field(default=4096, ge=1, le=65_536)

@@ -177,8 +177,9 @@ tasks = Table(
     # the token under the submit lock (106 ms at 50k tasks on SQLite).
     Index("ix_tasks_fresh", "call_key", "status", "finished_at"),
     # The fleet's finished scans of a kind in a pool, newest first, with what plan_scan's
-    # estimate reads of them (task_manager.TaskManager.history).
-    Index("ix_tasks_history", "kind", "pool", "status", "finished_at", "parent_id", "started_at", "probe_count"),
+    # estimate and shard sizing read of them (task_manager.TaskManager.history, run_history).
+    Index("ix_tasks_history", "kind", "pool", "status", "finished_at", "parent_id", "started_at", "probe_count",
+          "shard_count"),
 )
 
 # Hosts a running scan has finished, written as nmap reports them: partial results (and
@@ -252,9 +253,11 @@ workers = Table(
     Column("running", Integer, nullable=False, server_default="0"),
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
+    # The one owner whose scans it takes (a --stdio process's worker); NULL: any owner's.
+    Column("owner", String(64)),
     # A pool's live workers and their slots, read by every submit that may be sharded
     # (worker_store.WorkerStore.capacity) from this index alone.
-    Index("ix_workers_pool_heartbeat", "pool", "heartbeat_at", "capacity", "running"),
+    Index("ix_workers_pool_heartbeat", "pool", "heartbeat_at", "capacity", "running", "owner"),
 )
 
 # The inventory: the latest known state of every host and port a token's scans have seen,

@@ -68,7 +68,7 @@ from policy import Policy
 from resolver import HostResolver
 from result_store import hosts_in
 from scanner import NmapBuild, build_argv, nmap_build, scan_options
-from sharding import Shard, efficient_group, shard, shard_size
+from sharding import Shard, efficient_group, least_group, shard, shard_size, waits_on_network
 from stores import Stores
 from targets import IPNetwork, ResolvedTargets, resolve_targets, split_targets
 from task_manager import ApprovalRequest, TaskAlreadyFinished
@@ -395,21 +395,26 @@ class ScanService:
             "owner": owner, "kind": request.kind, "target": " ".join(request.targets), "argv": checked.argv,
             "time_limit": self._time_limit(checked.closes_at), "pool": checked.pool, "share": share,
             "fresh_since": time.time() - self._settings.result_freshness_seconds if share else None,
-            "shards": await self._shards(checked), "limits": self.policy.limits(owner),
+            "shards": await self._shards(owner, request.kind, checked), "limits": self.policy.limits(owner),
             "address_count": checked.resolved.address_count, "probe_count": probes(checked.argv),
             "forced": request.shareable and rescan, "engagement": checked.engagement,
             "engagement_probes": checked.engagement_probes,
         }
 
-    async def _shards(self, checked: CheckedScan) -> list[Shard]:
-        """The scan's shards as sharding.shard_size sizes them for its pool now; none when it
-        runs whole. A scan no larger than its smallest shard could be is never split, and
-        costs no read of the pool (every small scan)."""
+    async def _shards(self, owner: str, kind: ScanKind, checked: CheckedScan) -> list[Shard]:
+        """The scan's shards as sharding.shard_size sizes them for its pool now, and for its
+        network as the pool's last runs of its kind saw it (sharding.waits_on_network); none
+        when it runs whole. A scan no larger than its smallest shard could be is never split,
+        and costs no read of the pool (every small scan)."""
         addresses, largest = checked.resolved.address_count, self._settings.shard_addresses
-        group = min(efficient_group(options_of(checked.argv)), largest)
-        if addresses <= group:
+        options = options_of(checked.argv)
+        least = min(least_group(options), largest)
+        if addresses <= least:
             return []
-        size = shard_size(addresses, group, await self._stores.workers.capacity(checked.pool), largest)
+        runs = await self._tasks.run_history(kind, checked.pool, HISTORY_SCANS)
+        slow = waits_on_network(probes(checked.argv), runs)
+        group = least if slow else min(efficient_group(options), largest)
+        size = shard_size(addresses, group, await self._stores.workers.capacity(checked.pool, owner), largest, slow)
         shards = [] if size is None else shard(checked.argv, checked.resolved.networks, size)
         return shards if len(shards) > 1 else []
 

@@ -10,7 +10,10 @@ nmap start, claim and merge (measured on loopback, 16 shards of a /22 quick scan
 against 0.6 s for the whole scan in one run), and nmap already scans many hosts in parallel
 within one run. So a scan is split only over a pool of two or more live workers, and never
 into shards smaller than the host group nmap itself finds efficient for that scan
-(`efficient_group`); see `shard_size`.
+(`efficient_group`); see `shard_size`. Unless the pool's own recent runs say that this kind of
+scan waits on its network (`waits_on_network`): nmap then spends its time waiting for answers,
+not working, and runs at once on one machine add up; such a scan is cut for every free slot of
+its pool, one worker's included, down to nmap's own host group for it (`least_group`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from impact import option_values, ports_per_address
+from impact import option_values, ports_per_address, seconds_per_probe
 from models import Progress, ScanResult, TaskStatus
 from nmap_report import merge_results
 from targets import IPNetwork
@@ -42,6 +45,22 @@ SHARD_MIN_PROBES = 25_600
 # Shards per slot that can take one now: two, so that a worker that finishes early (a nearer
 # network, a faster machine) takes more of the scan than a slow one.
 SHARDS_PER_SLOT = 2
+# A scan waits on its network when the pool's recent nmap runs of its kind spent at least this
+# long per probe, less RUN_START_S each: nmap bound by this machine's 2 cores does 19,000
+# probes a second or more on loopback (a /18 of 5 ports in 4.3 s: 52 us a probe; a quick scan
+# of a /22 6 us), where a network of 100 ms round trips held it to 430-530 (a /22 of 5 ports
+# in 9.7-12 s: 1.9-2.3 ms; a /24 1.6-2.5 ms). 0.5 ms is ten times the machine's slowest and a
+# quarter of that network's. There nmap waits: 4 runs of a /24 at once took 4.0 s against
+# 9.7-10.6 s for the /22 in one (bench-results 16).
+SLOW_PROBE_S = 0.0005
+# What a run costs whatever it scans (nmap's start in its sandbox, the claim, parse and
+# verdict): 0.03-0.1 s here idle, several times that under load. Left out of each run's time,
+# so that small fast scans, all start, do not read as slow probes.
+RUN_START_S = 0.5
+# Cut for its network only when the whole scan would take this long in one run: six times a
+# run's fixed cost (RUN_START_S; on that slow network a run of 64 addresses, all waiting, took
+# 0.9-1.6 s), so that what shards add stays small beside what running them at once saves.
+LONG_SCAN_S = 3.0
 
 
 class PoolCapacity(NamedTuple):
@@ -83,30 +102,55 @@ def efficient_group(options: Sequence[str]) -> int:
     addresses as carry SHARD_MIN_PROBES probes, whichever is larger; a power of two (shards are
     whole subnets), at most nmap's largest group, a ping scan's 4,096. A quick scan (100 ports)
     gets 256, a scan of nmap's default 1,000 ports or of all ports 64, one port 4,096."""
-    given = option_values(options)
     ports = max(ports_per_address(options), 1)
+    return min(_power_of_two_at_least(max(_nmap_group(options), -(-SHARD_MIN_PROBES // ports))), PING_GROUP)
+
+
+def least_group(options: Sequence[str]) -> int:
+    """The fewest addresses a shard of a scan that waits on its network may hold: nmap's own
+    host group for the scan (a TCP scan 1,024 / its ports, at least 64; UDP 128; a ping scan
+    4,096; a --min-hostgroup), a power of two. Probes are not counted: a shard's nmap waits for
+    its answers, its start is small beside that. Not below nmap's group: on a network of 100 ms
+    round trips, 5 ports, a run of 64 addresses took 14-25 ms an address, of 256 10-14 ms, of
+    1,024 9.5-10 ms; a /22 cut in 16 x 64, 4 at a time, 6.4 s, in 4 x 256 at once 4.0 s."""
+    return min(_power_of_two_at_least(_nmap_group(options)), PING_GROUP)
+
+
+def _nmap_group(options: Sequence[str]) -> int:
+    given = option_values(options)
     if "-sn" in given:
-        nmap_group = PING_GROUP
+        group = PING_GROUP
     elif "-sU" in given:
-        nmap_group = UDP_GROUP
+        group = UDP_GROUP
     else:
-        nmap_group = max(TCP_GROUP_PROBES // ports, TCP_GROUP_MIN)
-    nmap_group = max(nmap_group, int(given.get("--min-hostgroup") or 0))
-    return min(_power_of_two_at_least(max(nmap_group, -(-SHARD_MIN_PROBES // ports))), PING_GROUP)
+        group = max(TCP_GROUP_PROBES // max(ports_per_address(options), 1), TCP_GROUP_MIN)
+    return max(group, int(given.get("--min-hostgroup") or 0))
 
 
-def shard_size(addresses: int, group: int, pool: PoolCapacity, largest: int) -> int | None:
+def waits_on_network(probes: int, runs: Sequence[tuple[int, float]]) -> bool:
+    """Whether a scan of `probes` waits on its network, from `runs`: (probes, seconds) of the
+    pool's recent nmap runs of its kind, each scan run whole and each shard (not a sharded
+    scan's own time, which its shards running at once shortened). Their seconds per probe
+    (less RUN_START_S a run; the median, weighted toward runs of a similar size) must be at
+    least SLOW_PROBE_S, and the scan's probes at that pace at least LONG_SCAN_S. No runs: no."""
+    pace = seconds_per_probe(probes, [(count, max(seconds - RUN_START_S, 0.0)) for count, seconds in runs])
+    return pace is not None and pace >= SLOW_PROBE_S and pace * probes >= LONG_SCAN_S
+
+
+def shard_size(addresses: int, group: int, pool: PoolCapacity, largest: int, slow: bool = False) -> int | None:
     """How many addresses each shard of a scan of `addresses` holds; None: run it whole.
 
     - A pool with fewer than two live workers runs every scan whole, however large: shards on
       one machine share its CPU and network, where nmap already runs many hosts in parallel,
       and each costs a start and a merge (a pool with no live worker yet is sized as one).
+      Unless the scan is `slow` (waits_on_network: its nmap waits, the cores idle): then one
+      worker's free slots run its shards at once too.
     - Otherwise about SHARDS_PER_SLOT shards for each slot free now (at least one per
       worker, so that each takes part as its slots free), rounded up to a power of two:
-      never below `group` (efficient_group), never above `largest` (config shard_addresses,
-      which also lowers `group` when set below it).
+      never below `group` (efficient_group, or least_group for a `slow` scan), never above
+      `largest` (config shard_addresses, which also lowers `group` when set below it).
     - A scan no larger than its shard runs whole."""
-    if pool.workers < 2:
+    if pool.workers < (1 if slow else 2):
         return None
     takers = max(pool.slots - pool.running, pool.workers)
     wanted = _power_of_two_at_least(-(-addresses // (takers * SHARDS_PER_SLOT)))

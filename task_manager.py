@@ -24,6 +24,7 @@ from approval_store import REQUESTED_KEY, request_in, withdraw_in
 from change_feed import POLL_SECONDS, ChangeFeed, first_of, queue_key
 from config import Limits
 from db import SUBMIT_LOCK, Database
+from impact import probes
 from limits import add_usage, check_engagement_probes, check_submission
 from models import (
     ACTIVE_STATUSES,
@@ -63,14 +64,16 @@ READ_BATCH = 500
 # ---- the statements every call runs, built once (see worker_store.py for why) -------------
 _P: dict[str, BindParameter[str]] = {name: bindparam(f"p_{name}") for name in ("id", "owner")}
 _TAKE_SUBMIT_LOCK = select(func.pg_advisory_xact_lock(SUBMIT_LOCK))
+_COMPLETED_OF_KIND = select(tasks.c.probe_count, (tasks.c.finished_at - tasks.c.started_at).label("seconds")).where(
+    tasks.c.kind == bindparam("p_kind"), tasks.c.pool == bindparam("p_pool"),
+    tasks.c.status == TaskStatus.COMPLETED.value, tasks.c.probe_count > 0, tasks.c.started_at.is_not(None))
 # The fleet's last completed top-level scans of a kind in a pool, read from ix_tasks_history alone.
-HISTORY = (
-    select(tasks.c.probe_count, (tasks.c.finished_at - tasks.c.started_at).label("seconds"))
-    .where(tasks.c.kind == bindparam("p_kind"), tasks.c.pool == bindparam("p_pool"),
-           tasks.c.status == TaskStatus.COMPLETED.value, tasks.c.parent_id.is_(None), tasks.c.probe_count > 0,
-           tasks.c.started_at.is_not(None))
-    .order_by(tasks.c.finished_at.desc()).limit(bindparam("p_limit"))
-)
+HISTORY = (_COMPLETED_OF_KIND.where(tasks.c.parent_id.is_(None))
+           .order_by(tasks.c.finished_at.desc()).limit(bindparam("p_limit")))
+# The same pool's last nmap runs of a kind: scans run whole and shards, not a sharded scan's
+# parent (its time is its shards' at once), from ix_tasks_history alone.
+RUN_HISTORY = (_COMPLETED_OF_KIND.where(tasks.c.shard_count == 0)
+               .order_by(tasks.c.finished_at.desc()).limit(bindparam("p_limit")))
 # A shareable scan's twin: the same call queued or running, or completed recently enough.
 _ACTIVE_TWIN = select(*TASK_SUMMARY).where(tasks.c.dedupe_key == bindparam("p_dedupe_key"))
 # Found by the call's digest in ix_tasks_fresh: one index entry and one row, however many
@@ -213,9 +216,15 @@ class TaskManager:
         times, nothing of whose scans they were or where they went."""
         return await self._db.run(self._history, kind, pool, limit)
 
-    def _history(self, kind: ScanKind, pool: str, limit: int) -> list[tuple[int, float]]:
+    async def run_history(self, kind: ScanKind, pool: str, limit: int) -> list[tuple[int, float]]:
+        """(probes, seconds from start to end) of the last `limit` nmap runs of completed scans
+        of `kind` in `pool`, newest first: each scan run whole and each shard, what one run of
+        nmap does at a time there (sharding.waits_on_network reads its pace)."""
+        return await self._db.run(self._history, kind, pool, limit, RUN_HISTORY)
+
+    def _history(self, kind: ScanKind, pool: str, limit: int, statement: Any = HISTORY) -> list[tuple[int, float]]:
         with self._db.reading() as conn:
-            rows = conn.execute(HISTORY, {"p_kind": kind.value, "p_pool": pool, "p_limit": limit}).all()
+            rows = conn.execute(statement, {"p_kind": kind.value, "p_pool": pool, "p_limit": limit}).all()
         return [(int(row.probe_count), float(row.seconds)) for row in rows]
 
     async def get(self, task_id: str, owner: str) -> TaskRecord:
@@ -500,10 +509,13 @@ def _select_shareable(conn: Connection, values: dict[str, Any], fresh_since: flo
 
 
 def _shard_rows(parent: dict[str, Any], shards: Sequence[Shard]) -> list[dict[str, Any]]:
+    """A row per shard: its parent's, with its own argv and its own addresses and probes (limits
+    count only the parent; run_history reads a shard's pace from its own)."""
     return [
         parent | {"id": str(uuid.uuid4()), "target": shard.target, "argv": json.dumps(shard.argv),
                   "parent_id": parent["id"], "shard_count": 0, "dedupe_key": None, "call_key": None,
-                  "created_at": parent["created_at"] + index * 1e-6}
+                  "created_at": parent["created_at"] + index * 1e-6,
+                  "address_count": scanned_addresses(shard.argv), "probe_count": probes(shard.argv)}
         for index, shard in enumerate(shards)
     ]
 

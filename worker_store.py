@@ -139,10 +139,12 @@ _DELETE_UNCONFIRMED = delete(task_hosts).where(task_hosts.c.task_id == _P["id"],
 # Any shard of a parent not finished yet.
 _SHARDS_RUNNING = select(tasks.c.id).where(tasks.c.parent_id == _P["parent"],
                                            tasks.c.status.in_(ACTIVE_STATUSES)).limit(1)
-# A pool's live workers, their slots and what they run (ix_workers_pool_heartbeat alone).
+# A pool's live workers that may take an owner's scans (any owner's, or that owner's alone: a
+# --stdio process's), their slots and what they run (ix_workers_pool_heartbeat alone).
 _POOL_CAPACITY = select(func.count(), func.coalesce(func.sum(workers.c.capacity), 0),
                         func.coalesce(func.sum(workers.c.running), 0)).where(
-    workers.c.pool == _P["pool"], workers.c.heartbeat_at >= bindparam("p_since"))
+    workers.c.pool == _P["pool"], workers.c.heartbeat_at >= bindparam("p_since"),
+    workers.c.owner.is_(None) | (workers.c.owner == bindparam("p_owner")))
 # Running tasks (not a sharded parent, which has no lease of its own) whose lease has expired.
 _EXPIRED_LEASES = select(tasks.c.id, func.coalesce(tasks.c.lease_expires_at, 0.0).label("lease")).where(
     tasks.c.status == TaskStatus.RUNNING.value, tasks.c.shard_count == 0,
@@ -350,11 +352,14 @@ class WorkerStore:
             self.feed.wake_all()
         return expired
 
-    async def capacity(self, pool: str) -> PoolCapacity:
-        """The pool's workers alive (a heartbeat within a lease, as list_workers counts them),
-        their slots and the nmap runs they reported: what a scan's shards are sized by at
-        submit, in any process, one with no worker of its own included."""
-        return await self._db.run(self._select_capacity, pool)
+    async def capacity(self, pool: str, owner: str) -> PoolCapacity:
+        """The pool's workers alive (a heartbeat within a lease, as list_workers counts them)
+        that may run `owner`'s scans, their slots and the nmap runs they reported: what a
+        scan's shards are sized by at submit, in any process, one with no worker of its own
+        included. A --stdio process's worker takes only its caller's scans: it counts for its
+        caller alone, where it once made another token's scans split over a worker that
+        would never claim a shard of them."""
+        return await self._db.run(self._select_capacity, pool, owner)
 
     async def pools(self, stale_after_s: float) -> list[PoolStatus]:
         """Per pool: its workers (alive when they beat within `stale_after_s`) and its queue."""
@@ -513,10 +518,10 @@ class WorkerStore:
         with self._db.writing() as conn:
             conn.execute(delete(workers).where(workers.c.id == worker_id))
 
-    def _select_capacity(self, pool: str) -> PoolCapacity:
+    def _select_capacity(self, pool: str, owner: str) -> PoolCapacity:
         with self._db.reading() as conn:
             alive, slots, running = conn.execute(_POOL_CAPACITY, {
-                "p_pool": pool, "p_since": time.time() - self.lease_seconds}).one()
+                "p_pool": pool, "p_owner": owner, "p_since": time.time() - self.lease_seconds}).one()
         return PoolCapacity(workers=alive, slots=slots, running=running)
 
     def _select_pools(self, stale_after_s: float) -> list[PoolStatus]:
@@ -565,4 +570,4 @@ def _beat_worker_in(conn: Connection, worker: WorkerInfo, running: int) -> None:
     if not beat:
         conn.execute(insert(workers).values(id=worker.id, name=worker.name, pool=worker.pool,
                                             capacity=worker.capacity, running=running, started_at=now,
-                                            heartbeat_at=now))
+                                            heartbeat_at=now, owner=worker.owner))

@@ -28,10 +28,14 @@ Parts (--parts, comma-separated; each runs alone too):
   (bench/history.py's submissions, its scans sent into a namespace).
 - slow: a namespace whose packets are each held --slow-delay-ms (a round trip of twice that):
   raw nmap, and PostgreSQL with one `--api` and one or two `--worker` processes: unsharded on
-  one worker, sharded on one, sharded on two.
+  one worker, sharded on one, sharded on two. A sharded fleet first scans the network's first
+  --slow-warm-up addresses (untimed): shards are sized from the pool's own recent runs, and a
+  pool that has run nothing yet runs a scan whole, as the unsharded fleet does (no warm-up, and
+  shard_addresses 65,536). Each run prints its timed scan's nmap runs and the workers that ran them.
 
 Figures are medians of --runs; the goals are printed with PASS or FAIL at the end. Servers
-listen on 127.0.0.1 ports 23000-23999; PostgreSQL databases are named scale_*.
+listen on 127.0.0.1 ports 23000-23999 and PostgreSQL databases are named scale_* unless
+--ports and --database-prefix say otherwise (two runs at once each need their own).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,7 +68,6 @@ from tests.support import own_user_sandbox
 DEFAULT_SIZES = (1024, 4096, 16384)
 BIG = 65536
 BASE = "127.64.0.0"
-DATABASE_PREFIX = "scale"
 # A call waits this long for its scan (the server caps it at max_call_wait_seconds, set to it).
 CALL_WAIT_S = 600
 # The queue's bound counts each shard: a sharded scan of 65,536 addresses is 1,024 tasks at the default shard size.
@@ -92,10 +95,11 @@ GOALS = Goals()
 
 
 class Ports:
-    """The ports the benchmark's servers listen on: 23000-23999 of 127.0.0.1, each free when taken."""
+    """The ports the benchmark's servers listen on: `first`-`last` of 127.0.0.1, each free when taken."""
 
-    def __init__(self) -> None:
-        self._candidates = iter(range(23000, 24000))
+    def __init__(self, first: int, last: int) -> None:
+        self._span = f"{first}-{last}"
+        self._candidates = iter(range(first, last + 1))
 
     def take(self) -> int:
         for port in self._candidates:
@@ -105,7 +109,7 @@ class Ports:
                 except OSError:
                     continue
                 return port
-        raise RuntimeError("no free port left in 23000-23999")
+        raise RuntimeError(f"no free port left in {self._span}")
 
 
 @dataclass
@@ -118,6 +122,8 @@ class ServiceRun:
     # VmRSS once started, then VmHWM after the first scan, the re-scan and the pages.
     rss_bytes: dict[str, int]
     pages: dict[str, list[float]]
+    # The re-scan's nmap runs (its shards, or one): it has the first scan's run to be sized by.
+    rescan_runs: int
 
     @property
     def peak_rss(self) -> int:
@@ -216,9 +222,10 @@ async def measure(url: str, pid: int, network: ipaddress.IPv4Network, args: argp
         rss["first"] = memory(pid)
         rescan_s, task_id = await checked_scan(client, network)
         rss["re-scan"] = memory(pid)
+        runs = len((await call(client, "get_task_evidence", {"task_id": task_id}))["runs"])
         costs = await page_costs(client, pid, task_id, args.page_limit, args.page_repeats) if pages else {}
         rss["pages"] = memory(pid)
-    return ServiceRun(first_s, rescan_s, first_cpu_s, rss, costs)
+    return ServiceRun(first_s, rescan_s, first_cpu_s, rss, costs, runs)
 
 
 def shard_config(args: argparse.Namespace, mode: str) -> dict[str, int]:
@@ -232,7 +239,7 @@ def fleet_of_one(setup: Setup, name: str, database: str, mode: str, network: ipa
                  pages: bool) -> ServiceRun:
     """One `server.py` (API and worker) on a fresh database: `measure`."""
     with contextlib.ExitStack() as stack:
-        url = history.database_url(stack, database, setup.directory / name / "db", DATABASE_PREFIX)
+        url = history.database_url(stack, database, setup.directory / name / "db", setup.args.database_prefix)
         server = start_api(setup.config(name, url, **shard_config(setup.args, mode)))
         stack.callback(server.stop)
         assert server.process is not None
@@ -284,7 +291,8 @@ def scans_of_size(setup: Setup, size: int) -> SizeFigures:
             argv = argv or queued_argv(setup.directory / name / "audit.jsonl")
             figures.runs.setdefault(item, []).append(run)
             print(f"  {size:6} round {round_no + 1}: {item[0]:10} {item[1]:9} first {run.first_s:7.2f} s "
-                  f"(server CPU {run.first_cpu_s:6.2f} s)  re-scan {run.rescan_s:7.2f} s  "
+                  f"(server CPU {run.first_cpu_s:6.2f} s)  re-scan {run.rescan_s:7.2f} s "
+                  f"({run.rescan_runs} nmap run(s))  "
                   "RSS MiB: " + " ".join(f"{stage} {held / 2**20:.0f}" for stage, held in run.rss_bytes.items()),
                   flush=True)
     print("  nmap argv:", " ".join(argv), flush=True)
@@ -296,8 +304,8 @@ def median_of(runs: list[ServiceRun], attribute: str) -> float:
 
 
 def page_medians(runs: list[ServiceRun]) -> dict[str, float]:
-    """Each page's median cost over the runs that measured pages."""
-    names = next(run.pages for run in runs if run.pages)
+    """Each page's median cost over the runs that measured pages (none with --page-rounds 0)."""
+    names = next((run.pages for run in runs if run.pages), {})
     return {name: statistics.median(cost for run in runs for cost in run.pages.get(name, ())) for name in names}
 
 
@@ -365,11 +373,13 @@ def judge_unsharded(verdicts: Verdicts, size: int, database: str, runs: list[Ser
 
 
 def judge_costs(verdicts: Verdicts, size: int, database: str, runs: dict[str, list[ServiceRun]]) -> None:
-    """Pages and memory, whichever mode they were measured in."""
-    worst, name = max((cost, f"{mode} {form}") for mode, mode_runs in runs.items()
-                      for form, cost in page_medians(mode_runs).items())
-    verdicts.judge(f"{size} {database}: any page <= {GOALS.page_cpu_s * 1000:.0f} ms server CPU",
-                   f"worst {worst * 1000:.0f} ms ({name})", worst <= GOALS.page_cpu_s)
+    """Pages (when measured) and memory, whichever mode they were measured in."""
+    pages = [(cost, f"{mode} {form}") for mode, mode_runs in runs.items()
+             for form, cost in page_medians(mode_runs).items()]
+    if pages:
+        worst, name = max(pages)
+        verdicts.judge(f"{size} {database}: any page <= {GOALS.page_cpu_s * 1000:.0f} ms server CPU",
+                       f"worst {worst * 1000:.0f} ms ({name})", worst <= GOALS.page_cpu_s)
     rss = max(run.peak_rss for mode_runs in runs.values() for run in mode_runs)
     verdicts.judge(f"{size} {database}: peak server RSS <= {GOALS.rss_bytes / 1e6:.0f} MB",
                    f"{rss / 1e6:.0f} MB", rss <= GOALS.rss_bytes)
@@ -388,7 +398,7 @@ def scans_part(setup: Setup, verdicts: Verdicts) -> None:
 def history_part(setup: Setup, verdicts: Verdicts) -> None:
     """bench/history.py's submissions, its quick scans of 127.0.26.x run inside the namespace."""
     placement = history.Placement(lambda: {"port": setup.ports.take(), "nmap_path": str(setup.nmap)},
-                                  DATABASE_PREFIX)
+                                  setup.args.database_prefix)
     options = argparse.Namespace(scans=setup.args.history_scans, rounds=2, clients=10)
     for database in setup.args.databases:
         rates = history.submissions(database, setup.directory / "history", options, placement)
@@ -399,26 +409,41 @@ def history_part(setup: Setup, verdicts: Verdicts) -> None:
                        f"{ratio:.2f}x ({rates['empty']:.1f} vs {rates['50k']:.1f}/s)", ratio <= GOALS.history_ratio)
 
 
-def fleet(setup: Setup, name: str, mode: str, workers: int, network: ipaddress.IPv4Network) -> tuple[float, int]:
+def fleet(setup: Setup, name: str, mode: str, workers: int, network: ipaddress.IPv4Network) -> FleetRun:
     """One `--api` and `workers` `--worker` processes (--slow-slots scans each) on a fresh
-    PostgreSQL database: the scan's time and the open ports it found."""
+    PostgreSQL database: `fleet_scan`, after a warm-up when sharded."""
     with contextlib.ExitStack() as stack:
-        url = history.database_url(stack, "postgresql", setup.directory / name, DATABASE_PREFIX)
+        url = history.database_url(stack, "postgresql", setup.directory / name, setup.args.database_prefix)
         common = shard_config(setup.args, mode) | {"max_concurrent_tasks": setup.args.slow_slots}
         for number in range(1, workers + 1):
             worker = start_worker(setup.config(f"{name}/worker{number}", url, worker_name=f"worker{number}", **common))
             stack.callback(stop_process, worker)
         api = start_api(setup.config(f"{name}/api", url, **common), role="api")
         stack.callback(api.stop)
-        return asyncio.run(fleet_scan(api.url, workers, network))
+        warm_up = None if mode == "unsharded" else network_of(setup.args.slow_warm_up)
+        return asyncio.run(fleet_scan(api.url, workers, network, warm_up))
 
 
-async def fleet_scan(url: str, workers: int, network: ipaddress.IPv4Network) -> tuple[float, int]:
+class FleetRun(NamedTuple):
+    seconds: float
+    open_ports: int
+    nmap_runs: int
+    workers: int  # of the fleet's, those that ran one of its nmap runs
+
+
+async def fleet_scan(url: str, workers: int, network: ipaddress.IPv4Network,
+                     warm_up: ipaddress.IPv4Network | None) -> FleetRun:
+    """The time of a scan of `network` (after one of `warm_up`, when given), its open ports,
+    nmap runs (its shards, or one) and the workers that ran them."""
     async with mcp_session(url) as client:
         await wait_for_workers(client, workers, timeout=120)
+        # The SDK fetches tools/list after a session's first tools/call: not in the timing.
         await call(client, "list_tasks", {"limit": 1})
-        took, _, (_, open_ports) = await completed_scan(client, command_of(network))
-        return took, open_ports
+        if warm_up is not None:
+            await completed_scan(client, command_of(warm_up))
+        took, task_id, (_, open_ports) = await completed_scan(client, command_of(network))
+        runs = (await call(client, "get_task_evidence", {"task_id": task_id}))["runs"]
+        return FleetRun(took, open_ports, len(runs), len({run["worker_id"] for run in runs}))
 
 
 def slow_part(setup: Setup, verdicts: Verdicts) -> None:
@@ -428,7 +453,8 @@ def slow_part(setup: Setup, verdicts: Verdicts) -> None:
     network = network_of(setup.args.slow_size)
     print(f"slow network: {network} ({open_port_count(network)} open ports), every packet held "
           f"{setup.args.slow_delay_ms} ms; PostgreSQL, one --api and --worker processes of "
-          f"{setup.args.slow_slots} slots", flush=True)
+          f"{setup.args.slow_slots} slots; a sharded fleet warmed up by a scan of "
+          f"{network_of(setup.args.slow_warm_up)}", flush=True)
     configurations: list[tuple[str, int] | None] = [("unsharded", 1), ("sharded", 1), ("sharded", 2), None]
     times: dict[tuple[str, int] | None, list[float]] = {}
     argv: list[str] = []
@@ -438,9 +464,10 @@ def slow_part(setup: Setup, verdicts: Verdicts) -> None:
                 took, label, found = raw_nmap(argv), "raw nmap", ""
             else:
                 name = f"slow-{round_no}-{item[0]}-{item[1]}"
-                took, open_ports = fleet(setup, name, *item, network)
+                took, open_ports, runs, ran = fleet(setup, name, *item, network)
                 argv = argv or queued_argv(setup.directory / name / "api" / "audit.jsonl")
-                label, found = f"{item[0]}, {item[1]} worker(s)", f"{open_ports} open ports"
+                label = f"{item[0]}, {item[1]} worker(s)"
+                found = f"{open_ports} open ports, {runs} nmap run(s) on {ran} worker(s)"
             times.setdefault(item, []).append(took)
             print(f"  round {round_no + 1}: {label:24} {took:7.2f} s  {found}", flush=True)
     medians = {item: statistics.median(values) for item, values in times.items()}
@@ -474,14 +501,19 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--slow-size", type=int, default=1024, help="addresses of the slow network's scan")
     parser.add_argument("--slow-delay-ms", type=float, default=50)
     parser.add_argument("--slow-slots", type=int, default=4, help="max_concurrent_tasks of the slow part's workers")
+    parser.add_argument("--slow-warm-up", type=int, default=256,
+                        help="addresses of the scan each fleet runs before the slow network's timed one")
+    parser.add_argument("--ports", default="23000-23999", help="the servers' ports on 127.0.0.1, FIRST-LAST")
+    parser.add_argument("--database-prefix", default="scale", help="PostgreSQL databases are named PREFIX_*")
     args = parser.parse_args()
     args.sizes = sorted({int(size) for size in args.sizes.split(",")} | ({BIG} if args.big else set()))
     args.databases = args.databases.split(",")
     args.modes = args.modes.split(",")
     args.parts = args.parts.split(",")
+    args.ports = tuple(int(port) for port in args.ports.split("-", 1))
     if unknown := set(args.parts) - set(PARTS) | set(args.modes) - set(MODES):
         parser.error(f"unknown parts or modes: {', '.join(sorted(unknown))}")
-    if any(size & (size - 1) or not 1 <= size <= BIG for size in [*args.sizes, args.slow_size]):
+    if any(size & (size - 1) or not 1 <= size <= BIG for size in [*args.sizes, args.slow_size, args.slow_warm_up]):
         parser.error(f"sizes must be powers of 2 up to {BIG}")
     return args
 
@@ -499,7 +531,7 @@ def main() -> None:
     args = parse_arguments()
     print(f"bench/scale.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])})", flush=True)
-    verdicts, ports = Verdicts(), Ports()
+    verdicts, ports = Verdicts(), Ports(*args.ports)
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for part in args.parts:
             with setup_for(args, Path(tmp), ports, part) as setup:

@@ -71,7 +71,7 @@ def test_migrations_build_the_schema_models_declare(database_url: str) -> None:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     engine.dispose()
     assert differences == []
-    assert version == "0021"
+    assert version == "0022"
 
 
 async def test_an_upgrade_counts_the_last_days_tasks_into_the_usage_of_the_limits(database_url: str) -> None:

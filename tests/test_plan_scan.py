@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from fastmcp import Client
+from sqlalchemy import Select
 
 from db import create_db_engine, upgrade_schema
 from models import ScanKind
-from task_manager import HISTORY
+from task_manager import HISTORY, RUN_HISTORY
 from tests.conftest import OpenClient
-from tests.support import SECRETS, answer_of, call, error_text
+from tests.support import SECRETS, NmapWrapper, answer_of, call, error_text
 
 pytestmark = pytest.mark.anyio
 NARROW = {"alice": {"secret": SECRETS["alice"], "allowed_targets": ["127.0.21.0/28"]}}
@@ -88,18 +89,47 @@ async def test_a_plan_is_the_scan_that_then_runs_and_queues_nothing(in_memory: O
 
 
 async def test_a_plan_shows_the_shards_the_scan_is_then_cut_into(in_memory: OpenClient) -> None:
-    """One live worker: a big scan is one nmap run. Two (bob's stdio process takes only bob's
-    scans, but is a worker of the pool): shards of at most shard_addresses, as the scan then runs."""
+    """One live worker: a big scan is one nmap run. bob's stdio process is a worker of the pool,
+    but takes only bob's scans: alice's scan stays whole. A second process of alice's (each
+    stdio process's worker takes its caller's scans): shards of at most shard_addresses, as the
+    scan then runs."""
     command = "-p 1 127.0.21.0/25"
     async with in_memory(shard_addresses=64) as alice:
         whole = (await plan(alice, "custom_scan", command=command))["scan"]
         async with in_memory("bob"):
+            beside_bob = (await plan(alice, "custom_scan", command=command))["scan"]
+        async with in_memory("alice"):
             sharded = (await plan(alice, "custom_scan", command=command))["scan"]
             done = await answer_of(alice, "custom_scan", command=command, timeout=60)
             runs = (await answer_of(alice, "get_task_evidence", task_id=done["task_id"]))["runs"]
     assert (whole["shards"], whole["workers_alive"], whole["addresses"]) == (1, 1, 128)
+    assert (beside_bob["shards"], beside_bob["workers_alive"]) == (1, 2)
     assert (sharded["shards"], sharded["workers_alive"], sharded["addresses"], sharded["probes"]) == (2, 2, 128, 128)
     assert done["status"] == "completed" and [run["target"] for run in runs] == ["127.0.21.0/26", "127.0.21.64/26"]
+
+
+async def test_a_pool_whose_runs_waited_on_the_network_cuts_a_long_scan_for_its_free_slots(
+    in_memory: OpenClient, nmap_wrapper: NmapWrapper
+) -> None:
+    """One worker of two slots: a /24 of 100 ports runs whole (nmap's efficient group for it is
+    256, and one worker never splits a fast scan). After a custom scan whose nmap took 1.5 s
+    for 160 probes (the wrapper waits, as nmap waits on a slow network), the pool is slow for
+    custom scans: the same /24 is cut in two shards per free slot of nmap's least group, 64,
+    in the plan and then in the scan."""
+    command = "-p 1-100 127.80.1.0/24"
+    async with in_memory(max_concurrent_tasks=2) as alice:
+        fast = (await plan(alice, "custom_scan", command=command))["scan"]
+        nmap_wrapper.set_delay(1.5)
+        slow_run = await answer_of(alice, "custom_scan", command="-p 1-10 127.80.0.0/28", timeout=60)
+        nmap_wrapper.set_delay(0)
+        sharded = (await plan(alice, "custom_scan", command=command))["scan"]
+        done = await answer_of(alice, "custom_scan", command=command, timeout=60)
+        runs = (await answer_of(alice, "get_task_evidence", task_id=done["task_id"]))["runs"]
+    assert slow_run["status"] == "completed"
+    assert (fast["shards"], fast["workers_alive"], fast["capacity"]) == (1, 1, 2)
+    assert sharded["shards"] == 4
+    assert done["status"] == "completed" and [run["target"] for run in runs] == [
+        f"127.80.1.{first}/26" for first in (0, 64, 128, 192)]
 
 
 async def test_a_plan_answers_rate_limited_and_names_the_scan_it_would_reuse(in_memory: OpenClient) -> None:
@@ -134,11 +164,12 @@ async def test_the_estimate_comes_from_the_fleet_s_history_of_similar_scans(in_m
     assert took >= 0.3 and 0.2 * took <= estimate["duration_s"] <= 5 * took, (estimate, took)
 
 
-def test_the_history_is_read_from_its_index_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("statement", [HISTORY, RUN_HISTORY])
+def test_the_history_is_read_from_its_index_alone(tmp_path: Path, statement: Select[Any]) -> None:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
     upgrade_schema(engine)
     params = {"p_kind": ScanKind.QUICK.value, "p_pool": "default", "p_limit": 50}
-    compiled = HISTORY.compile(engine)
+    compiled = statement.compile(engine)
     bound = compiled.construct_params(params)
     with engine.connect() as conn:
         steps = [row[-1] for row in conn.exec_driver_sql(

@@ -16,7 +16,7 @@ import pytest
 
 from argv_check import ArgvCheck
 from config import Settings
-from models import HostSummary, TaskAnswer, TaskStatus
+from models import HostSummary, ScanKind, TaskAnswer, TaskStatus
 from policy import NoPool, Policy
 from scans import ScanService, without_waiting
 from stores import Stores
@@ -91,6 +91,9 @@ async def test_a_big_scan_is_sharded_over_two_workers_and_merged(
     assert xml.content is not None and xml.content.count("<nmaprun ") == 4
     listed = await second.list_tasks("alice", None, 10)
     assert [t.task_id for t in listed.tasks] == [answer.task_id], "shards are not tasks of their own"
+    # plan_scan's estimate reads the scan; shard sizing reads each nmap run, with its own probes.
+    assert [probes for probes, _ in await second._stores.tasks.history(ScanKind.CUSTOM, "default", 50)] == [128]
+    assert [probes for probes, _ in await second._stores.tasks.run_history(ScanKind.CUSTOM, "default", 50)] == [32] * 4
 
 
 async def test_cancelling_a_sharded_scan_stops_every_shard(

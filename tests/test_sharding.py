@@ -9,7 +9,17 @@ import pytest
 
 from models import Progress, ScanResult, TaskStatus
 from nmap_report import ReportParser
-from sharding import PoolCapacity, ShardEnd, efficient_group, parent_verdict, shard, shard_size, shards_progress
+from sharding import (
+    PoolCapacity,
+    ShardEnd,
+    efficient_group,
+    least_group,
+    parent_verdict,
+    shard,
+    shard_size,
+    shards_progress,
+    waits_on_network,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -85,6 +95,61 @@ def test_a_shard_is_sized_from_the_pool_s_capacity_within_the_efficient_group_an
     addresses: int, group: int, pool: PoolCapacity, largest: int, size: int | None
 ) -> None:
     assert shard_size(addresses, group, pool, largest) == size
+
+
+@pytest.mark.parametrize(("options", "group"), [
+    (["-sT", "-p", "22,80,443,8080,8443"], 256),   # 1,024 / 5 ports: 204, a power of two
+    (["-sT", "--top-ports", "100"], 64),           # nmap's least TCP group
+    (["-sT", "-p", "22"], 1024),
+    (["-sU", "--top-ports", "20"], 128),
+    (["-sn"], 4096),
+    (["-sT", "-p", "1-1000", "--min-hostgroup", "200"], 256),
+])
+def test_the_least_group_is_nmap_s_own_host_group_without_counting_probes(options: list[str], group: int) -> None:
+    assert least_group(options) == group
+
+
+# (probes, seconds) of nmap runs: a /22 of 5 ports on a network of 100 ms round trips (12 s),
+# and its shards of 256 there; on loopback, a /18 of 5 ports (4.3 s; 13 s on a busy machine),
+# a /22 quick scan (0.6 s), one address's quick scan (0.05 s; 0.4 s busy).
+SLOW_RUNS = [(5120, 12.0), (1280, 3.4), (1280, 3.1)]
+FAST_RUNS = [(81_920, 4.3), (81_920, 13.0), (102_400, 0.6)]
+SMALL_FAST_RUNS = [(100, 0.05), (100, 0.4), (500, 0.45)]
+
+
+@pytest.mark.parametrize(("probes", "runs", "slow"), [
+    (5120, SLOW_RUNS, True),
+    (81_920, SLOW_RUNS, True),
+    (2560, SLOW_RUNS, True),              # 5.7 s at that pace: long enough to cut
+    (640, SLOW_RUNS, False),              # 1.4 s: not worth the shards' starts and merges
+    (81_920, FAST_RUNS, False),
+    (409_600, FAST_RUNS, False),          # long, but nmap is busy, not waiting
+    (81_920, SMALL_FAST_RUNS, False),     # small runs are all start: no pace read from them
+    (81_920, [], False),                  # no runs yet: nothing says it waits
+])
+def test_a_scan_waits_on_its_network_when_the_pool_s_runs_were_slow_per_probe_and_it_is_long(
+    probes: int, runs: list[tuple[int, float]], slow: bool
+) -> None:
+    assert waits_on_network(probes, runs) is slow
+
+
+@pytest.mark.parametrize(("addresses", "group", "pool", "largest", "size"), [
+    # One worker's free slots take two shards each, down to the least group.
+    (1024, 256, PoolCapacity(1, 4, 0), 65_536, 256),
+    (4096, 256, PoolCapacity(1, 4, 0), 4096, 512),
+    (4096, 256, PoolCapacity(2, 8, 0), 4096, 256),
+    (4096, 64, PoolCapacity(2, 8, 0), 4096, 256),
+    (65_536, 64, PoolCapacity(2, 8, 0), 4096, 4096),   # shard_addresses bounds it still
+    (1024, 64, PoolCapacity(1, 4, 3), 65_536, 512),   # one slot free: at least one shard per worker
+    (256, 256, PoolCapacity(1, 4, 0), 65_536, None),
+    (65_536, 64, PoolCapacity(0, 0, 0), 4096, None),   # no live worker: whole
+])
+def test_a_scan_that_waits_on_its_network_is_cut_for_every_free_slot_one_worker_s_included(
+    addresses: int, group: int, pool: PoolCapacity, largest: int, size: int | None
+) -> None:
+    assert shard_size(addresses, group, pool, largest, slow=True) == size
+    if pool.workers == 1:
+        assert shard_size(addresses, group, pool, largest) is None, "not slow: one worker runs it whole"
 
 
 def test_a_parent_s_progress_is_the_mean_of_its_shards() -> None:
