@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
-from db import INVENTORY_LOCK, Database, upsert
+from db import INVENTORY_LOCK, Database, upsert, upsert_set
 from inventory import (
     HostQuery,
     Scope,
@@ -111,8 +111,8 @@ _END_FOLD = update(tasks).where(_THE_TASK).values(fold_order=None, fold_after=No
 _LOCK_TASK = select(tasks.c.status).where(_THE_TASK).with_for_update()
 _STALE_FOLD_OWNERS = select(tasks.c.owner).where(
     _PENDING, func.coalesce(tasks.c.fold_lease, 0.0) < bindparam("p_now")).distinct()
-_WRITE_ROWS = {dialect: {table: upsert(dialect, table) for table in (inventory_hosts, inventory_ports)}
-               for dialect in ("sqlite", "postgresql")}
+_WRITE_ROWS = {table: upsert("sqlite", table) for table in (inventory_hosts, inventory_ports)}
+_WRITE_ROW_SET = {table: upsert_set(table) for table in (inventory_hosts, inventory_ports)}
 
 
 # The columns an answer's models take as they are (the JSON ones are decoded): looked up once,
@@ -281,9 +281,18 @@ def _fold_batch(conn: Connection, record: TaskRecord, result: ScanResult, scope:
     plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports,
                        record.finished_at or time.time(), versions=looks_at_versions(record.kind, record.argv))
     for table, rows in ((inventory_hosts, plan.hosts), (inventory_ports, plan.ports)):
-        for chunk in _chunks(rows, _CHUNK):
-            conn.execute(_WRITE_ROWS[conn.dialect.name][table], chunk)
+        _write(conn, table, rows)
     return end
+
+
+def _write(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Upsert `rows` of `table`: on PostgreSQL in one statement, on SQLite a step per row (see upsert_set)."""
+    if conn.dialect.name == "postgresql":
+        if rows:
+            conn.execute(_WRITE_ROW_SET[table], {"p_rows": rows})
+        return
+    for chunk in _chunks(rows, _CHUNK):
+        conn.execute(_WRITE_ROWS[table], chunk)
 
 
 def _known_hosts(conn: Connection, owner: str, scope: Scope, after: str, until: str) -> dict[str, Stored]:
