@@ -13,6 +13,7 @@ import ipaddress
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -215,6 +216,30 @@ async def test_the_known_hosts_of_a_scope_after_a_scan_s_last_host_are_marked_do
     assert all(touched == list(range(len(touched))) for touched in seen), "in address order, from the cursor on"
     assert {now[address[i]] for i in range(10)} == {("up", "t2")}
     assert {now[address[i]] for i in range(10, known)} == {("down", "t2")}
+
+
+async def test_a_batch_s_known_hosts_run_on_across_the_networks_of_a_scope_and_skip_what_lies_between(
+        database_url: str) -> None:
+    """A rescan of 127.0.0.0/24 and 127.0.2.0/24 that found again the first 10 hosts, of 896
+    known from 127.0.0.1 on: the first batch reads the rest of the first network and goes on into
+    the second for its 256 known hosts, the next one the rest; 127.0.1.0/24 and what lies after
+    the second network stay as they were."""
+    result = big_result(3 * FOLD_KNOWN_HOSTS + FOLD_KNOWN_HOSTS // 2)
+    record = scan_record("t2", "127.0.0.0/24")
+    async with opened_stores(database_url, max_queued=50) as stores:
+        store_completed(stores.db, scan_record("t1", "127.0.0.0/20"), result)
+        fold_pending(stores.db, "alice")
+        argv = [*record.argv, "127.0.2.0/24"]
+        store_completed(stores.db, replace(record, argv=argv), some_hosts(result, range(10)))
+        with hosts_written(stores.db.engine) as written:
+            while fold_pending_step(stores):
+                pass
+        now = statuses(stores)
+    assert written == [FOLD_KNOWN_HOSTS, FOLD_KNOWN_HOSTS - 1]
+    networks = {host.address: host.address.rsplit(".", 2)[1] for host in result.hosts}
+    assert {now[address] for address, network in networks.items() if network in ("0", "2")} - {("up", "t2")} == {
+        ("down", "t2")}
+    assert {now[address] for address, network in networks.items() if network in ("1", "3")} == {("up", "t1")}
 
 
 def fold_pending_step(stores: Stores) -> bool:
