@@ -2,10 +2,11 @@
 folded in (inventory.py decides what changes; these statements read and write it).
 
 A completed scan's fold runs after its verdict, a batch of FOLD_BATCH_HOSTS hosts per
-transaction read from its stored chunks (result_store.hosts_after), its cursor moved in the
-same transaction; a token's folds run in the order of their verdicts' commits (tasks.fold_order).
-A result of one batch at most whose owner has no fold pending is folded in its verdict's
-transaction (fold_now)."""
+transaction read from its stored chunks (result_store.hosts_after), with FOLD_KNOWN_HOSTS known
+hosts of its scope at most, its cursor moved in the same transaction; a token's folds run in
+the order of their verdicts' commits (tasks.fold_order). A result of one batch at most whose
+owner has no fold pending is folded in its verdict's transaction (fold_now), and the rest of
+its scope's known hosts, if they are more than a batch reads, after it."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
-from db import INVENTORY_LOCK, Database, upsert
+from db import INVENTORY_LOCK, Database, upsert, upsert_set
 from findings import CHUNK_HOSTS
 from inventory import (
     HostQuery,
@@ -69,9 +70,14 @@ T = TypeVar("T")
 _CHUNK = 500
 _OWNER: BindParameter[str] = bindparam("p_owner")
 _TAKE_INVENTORY_LOCK = select(func.pg_advisory_xact_lock(INVENTORY_LOCK, func.hashtext(_OWNER)))
-_KNOWN_HOSTS = select(inventory_hosts).where(
-    inventory_hosts.c.owner == _OWNER,
-    inventory_hosts.c.address_key.between(bindparam("p_low"), bindparam("p_high")))
+# The owner's hosts of a range of address keys, in order: from p_low on (_FROM) or after it
+# (_AFTER, where a fold's cursor is), up to p_high, p_limit at most; one range of the
+# (owner, address_key) index, however many hosts the owner has around it.
+_KNOWN_HOSTS = (select(inventory_hosts)
+                .where(inventory_hosts.c.owner == _OWNER, inventory_hosts.c.address_key <= bindparam("p_high"))
+                .order_by(inventory_hosts.c.address_key).limit(bindparam("p_limit")))
+_KNOWN_HOSTS_FROM = _KNOWN_HOSTS.where(inventory_hosts.c.address_key >= bindparam("p_low"))
+_KNOWN_HOSTS_AFTER = _KNOWN_HOSTS.where(inventory_hosts.c.address_key > bindparam("p_low"))
 # The port rows of a batch of addresses, read by the range of their address_key: the
 # (owner, address_key) index serves it whatever the planner knows. `address IN (batch)` had
 # PostgreSQL, before its first ANALYZE of a table one big scan filled, read every port row of
@@ -82,6 +88,12 @@ _KNOWN_PORTS = select(inventory_ports).where(
 # Hosts folded per transaction: what a fold holds in memory and the longest any other writer
 # waits for it (SQLite writes one at a time; on PostgreSQL the owner's verdicts take turns with it).
 FOLD_BATCH_HOSTS = 256
+# Known hosts of the scan's scope a batch reads (and may mark down) at most: where they run out
+# before its hosts do, the batch ends at the last of them, and the next one goes on from there.
+# A scan of a /8 that found a few hosts, against an inventory of 100,000 in it, marks them
+# down this many per transaction, not all in one (which read every row into memory, and held
+# SQLite's write lock throughout).
+FOLD_KNOWN_HOSTS = FOLD_BATCH_HOSTS
 _BATCH_CHUNKS = max(FOLD_BATCH_HOSTS // CHUNK_HOSTS, 1)
 _LAST = 2**62
 _PENDING = tasks.c.fold_order.is_not(None)
@@ -95,12 +107,13 @@ _FIRST_PENDING_FOLD = (
 )
 _THE_TASK = tasks.c.id == bindparam("p_id")
 _MOVE_FOLD_CURSOR = update(tasks).where(_THE_TASK, _PENDING)
+_LEAVE_FOLD_PENDING = update(tasks).where(_THE_TASK)
 _END_FOLD = update(tasks).where(_THE_TASK).values(fold_order=None, fold_after=None, fold_lease=None)
 _LOCK_TASK = select(tasks.c.status).where(_THE_TASK).with_for_update()
 _STALE_FOLD_OWNERS = select(tasks.c.owner).where(
     _PENDING, func.coalesce(tasks.c.fold_lease, 0.0) < bindparam("p_now")).distinct()
-_WRITE_ROWS = {dialect: {table: upsert(dialect, table) for table in (inventory_hosts, inventory_ports)}
-               for dialect in ("sqlite", "postgresql")}
+_WRITE_ROWS = {table: upsert("sqlite", table) for table in (inventory_hosts, inventory_ports)}
+_WRITE_ROW_SET = {table: upsert_set(table) for table in (inventory_hosts, inventory_ports)}
 
 
 # The columns an answer's models take as they are (the JSON ones are decoded): looked up once,
@@ -152,7 +165,10 @@ def fold_next(conn: Connection, owner: str, lease_s: float, through: int | None 
 
     Each batch marks down the known hosts of the scan's scope between its cursor and its last
     host (the last batch: to the end of the scope) that the scan did not find up, and stamps
-    what it writes with the scan's finish time: a batch folded twice writes the same rows.
+    what it writes with the scan's finish time: a batch folded twice writes the same rows. A
+    batch reads FOLD_KNOWN_HOSTS known hosts at most: where they run out first, it ends at the
+    last of them (and the batches after the scan's last host go through the rest of its scope
+    so), whatever the scope and the inventory hold.
     InventoryRefused when the database refuses the rows; a database that cannot be reached
     raises as everywhere."""
     pending = _take_first_pending(conn, owner, through)
@@ -170,10 +186,10 @@ def fold_next(conn: Connection, owner: str, lease_s: float, through: int | None 
         if batch.last is None and record.parent_id is not None:
             # A shard whose hosts its parent adopted (settle_parent): those of its scope, where they now are.
             batch = _adopted_hosts(conn, record.parent_id, scope, pending.fold_after)
-        _fold_batch(conn, record, stored_result(pending.result).model_copy(update={"hosts": batch.hosts}), scope,
-                    (pending.fold_after, batch.last if batch.more else None))
-        if batch.more:
-            conn.execute(_MOVE_FOLD_CURSOR, {"p_id": record.id, "fold_after": batch.last,
+        cursor = _fold_batch(conn, record, stored_result(pending.result).model_copy(update={"hosts": batch.hosts}),
+                             scope, (pending.fold_after, batch.last if batch.more else None))
+        if cursor is not None:
+            conn.execute(_MOVE_FOLD_CURSOR, {"p_id": record.id, "fold_after": cursor,
                                              "fold_lease": time.time() + lease_s})
             return step(False)
         _finish_fold(conn, record)
@@ -184,17 +200,22 @@ def fold_next(conn: Connection, owner: str, lease_s: float, through: int | None 
         raise InventoryRefused(record.id, str(e)) from e
 
 
-def fold_now(conn: Connection, record: TaskRecord, result: ScanResult, now: float) -> None:
+def fold_now(conn: Connection, record: TaskRecord, result: ScanResult, now: float, lease_s: float) -> bool:
     """Fold a result of one batch of hosts at most (FOLD_BATCH_HOSTS) in the caller's
     transaction, its verdict's, stamped `now` (its finish time): for a scan none of whose
-    owner's folds is pending (next_fold_order gave 1), so that it keeps its turn.
-    InventoryRefused as fold_next."""
+    owner's folds is pending (next_fold_order gave 1), so that it keeps its turn. False when
+    its scope holds more known hosts than a batch reads: the rest is left pending, the owner's
+    first fold, for fold_next to go on with after the commit. InventoryRefused as fold_next."""
     try:
-        _fold_batch(conn, replace(record, finished_at=now), result, scope_of(record.argv), (None, None))
+        cursor = _fold_batch(conn, replace(record, finished_at=now), result, scope_of(record.argv), (None, None))
     except (OperationalError, InterfaceError):
         raise
     except SQLAlchemyError as e:
         raise InventoryRefused(record.id, str(e)) from e
+    if cursor is not None:
+        conn.execute(_LEAVE_FOLD_PENDING, {"p_id": record.id, "fold_order": 1, "fold_after": cursor,
+                                           "fold_lease": time.time() + lease_s})
+    return cursor is None
 
 
 def abandon_fold(conn: Connection, task_id: str) -> None:
@@ -241,27 +262,67 @@ def _finish_fold(conn: Connection, record: TaskRecord) -> None:
 
 
 def _fold_batch(conn: Connection, record: TaskRecord, result: ScanResult, scope: Scope,
-                span: tuple[str | None, str | None]) -> None:
+                span: tuple[str | None, str | None]) -> str | None:
     """Fold `result` (a batch of the scan's hosts, in order) with the known hosts of `scope`
-    after the address span[0] up to span[1] (None: from the start, to the end)."""
+    after the address span[0] up to span[1] (None: from the start, to the end), FOLD_KNOWN_HOSTS
+    of them at most: where they run out first, only up to the last of them. The address the
+    batch folded up to, for the next one to go on after; None when the fold is done."""
     after = "" if span[0] is None else address_key(span[0])
     until = "~" if span[1] is None else address_key(span[1])
-    known_hosts: dict[str, Stored] = {}
-    for network in scope.targets:  # a read per network: a scan names few, and the statement is built once
-        low, high = network_bounds(network)
-        if high <= after or low > until:
-            continue
-        for row in conn.execute(_KNOWN_HOSTS, {"p_owner": record.owner, "p_low": max(low, after),
-                                               "p_high": min(high, until)}).mappings():
-            if row["address_key"] > after:
-                known_hosts[row["address"]] = row
+    known_hosts = _known_hosts(conn, record.owner, scope, after, until)
+    end = span[1]
+    if len(known_hosts) == FOLD_KNOWN_HOSTS:
+        last = next(reversed(known_hosts.values()))
+        if last["address_key"] < until:
+            until, end = last["address_key"], last["address"]
+            result = result.model_copy(update={"hosts": [
+                host for host in result.hosts if address_key(host.address) <= until]})
     up = recorded_hosts(result, known_hosts)
     known_ports = {(row["address"], row["protocol"], row["port"]): row for row in _known_ports(conn, record.owner, up)}
     plan = plan_update(record.owner, record.id, result, scope, known_hosts, known_ports,
                        record.finished_at or time.time(), versions=looks_at_versions(record.kind, record.argv))
     for table, rows in ((inventory_hosts, plan.hosts), (inventory_ports, plan.ports)):
-        for chunk in _chunks(rows, _CHUNK):
-            conn.execute(_WRITE_ROWS[conn.dialect.name][table], chunk)
+        _write(conn, table, rows)
+    return end
+
+
+def _write(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Upsert `rows` of `table`: on PostgreSQL in one statement, on SQLite a step per row (see upsert_set)."""
+    if conn.dialect.name == "postgresql":
+        if rows:
+            conn.execute(_WRITE_ROW_SET[table], {"p_rows": rows})
+        return
+    for chunk in _chunks(rows, _CHUNK):
+        conn.execute(_WRITE_ROWS[table], chunk)
+
+
+def _known_hosts(conn: Connection, owner: str, scope: Scope, after: str, until: str) -> dict[str, Stored]:
+    """The owner's hosts in the networks of `scope` with an address key after `after` up to
+    `until`, by address in address order, FOLD_KNOWN_HOSTS at most: a read per network (a scan
+    names few, and the statement is built once), each one range of the index."""
+    known: dict[str, Stored] = {}
+    for low, high in _key_ranges(scope.targets):
+        if len(known) == FOLD_KNOWN_HOSTS or low > until:
+            break
+        if high <= after:
+            continue
+        statement = _KNOWN_HOSTS_AFTER if low <= after else _KNOWN_HOSTS_FROM
+        rows = conn.execute(statement, {"p_owner": owner, "p_low": max(low, after), "p_high": min(high, until),
+                                        "p_limit": FOLD_KNOWN_HOSTS - len(known)}).mappings()
+        known.update((row["address"], row) for row in rows)
+    return known
+
+
+def _key_ranges(networks: Iterable[IPNetwork]) -> list[tuple[str, str]]:
+    """The address-key ranges of `networks`, in order, those that overlap merged: each address
+    in one, so that a host is read once."""
+    ranges: list[tuple[str, str]] = []
+    for low, high in sorted(network_bounds(network) for network in networks):
+        if ranges and low <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], high))
+        else:
+            ranges.append((low, high))
+    return ranges
 
 
 def _known_ports(conn: Connection, owner: str, addresses: Iterable[str]) -> Iterator[Stored]:

@@ -454,13 +454,17 @@ class WorkerStore:
                 write_found(conn, found)
             if live_hosts and outcome.result is not None:
                 conn.execute(_DELETE_LIVE_HOSTS, {"p_id": record.id})
-            if small and finished and result is not None:
-                fold_now(conn, record, result.model_copy(update={"hosts": outcome.hosts.hosts()}), finished_at)
-            through = fold_order if finished and pending else None
+            # A small result whose scope holds more known hosts than a batch reads: the rest of
+            # its fold is left pending, as a big one's.
+            left = small and finished and result is not None and not fold_now(
+                conn, record, result.model_copy(update={"hosts": outcome.hosts.hosts()}), finished_at,
+                self.lease_seconds)
+            through = fold_order if finished and (pending or left) else None
             if record.parent_id:
                 through = settle_parent(conn, self.feed, record.parent_id) or through
             self.feed.notify(conn, *record.keys)
-        return (TaskRecord.from_row(row._mapping) if row is not None else None), through
+        verdict = TaskRecord.from_row(row._mapping) if row is not None else None
+        return (replace(verdict, folding=True) if verdict is not None and left else verdict), through
 
     def _renew(self, worker: WorkerInfo, task_ids: list[str]) -> set[str]:
         with self._db.writing() as conn:

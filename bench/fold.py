@@ -16,6 +16,11 @@ SQLite file in a temporary directory; a throw-away PostgreSQL database); figures
 of --runs, wall time and this process's CPU time (steadier on a busy machine; on PostgreSQL
 the server's share is not in it), and the ratio that matters is re-fold / first fold (1.0: a
 re-scan costs what the first scan did, whatever else the inventory holds).
+
+Then a scan of all of 10.0.0.0/8 that found one host (the first of the N) is folded ("tail"):
+every other known host, the N and the M, is in its scope after its last host, and is marked
+down; "tail s" is that fold's wall time (median of the runs) and "longest" the longest of its
+transactions (of all runs): what another writer waits for it.
 """
 
 from __future__ import annotations
@@ -96,14 +101,17 @@ def _sqlite_url(directory: str) -> Iterator[str]:
     yield f"sqlite:///{directory}/bench.db"
 
 
-def one_run(dialect: str, scan: tuple[str, ScanResult], others: tuple[str, ScanResult]) -> tuple[Fold, Fold]:
-    """(first fold into an empty inventory, re-fold after the others were folded in), each
-    (wall, CPU) seconds and its batches' wall seconds."""
+def one_run(dialect: str, scan: tuple[str, ScanResult], others: tuple[str, ScanResult]) -> tuple[Fold, Fold, Fold]:
+    """(first fold into an empty inventory, re-fold after the others were folded in, the
+    tail: a scan of 10.0.0.0/8 that found the first host only), each (wall, CPU) seconds and
+    its batches' wall seconds."""
     with fresh_database(dialect) as db:
         first = timed_fold(db, "first", *scan)
         if others[1].hosts:
             timed_fold(db, "others", *others)
-        return first, timed_fold(db, "again", *scan)
+        again = timed_fold(db, "again", *scan)
+        one = scan[1].model_copy(update={"hosts": scan[1].hosts[:1], "hosts_up": 1})
+        return first, again, timed_fold(db, "tail", "10.0.0.0/8", one)
 
 
 def main() -> None:
@@ -116,7 +124,8 @@ def main() -> None:
     print(f"fold of a quick scan (4 open ports a host, {FIXTURE.name} replicated); medians of {args.runs} runs, "
           "each in a fresh database")
     print(f"{'database':10} {'N':>6} {'M':>6} {'first s':>8} {'re-fold s':>9} {'ratio':>6} {'ms/1k hosts':>11} "
-          f"{'CPU first':>9} {'CPU re-fold':>11} {'CPU ratio':>9} {'batch ms':>8} {'longest':>7}")
+          f"{'CPU first':>9} {'CPU re-fold':>11} {'CPU ratio':>9} {'batch ms':>8} {'longest':>7} {'tail s':>6} "
+          f"{'longest':>7}")
     for hosts in map(int, args.hosts.split(",")):
         scan = scan_of(network_for("10.0.0.0", hosts), hosts)
         assert len(scan[1].hosts) == hosts, len(scan[1].hosts)
@@ -127,10 +136,13 @@ def main() -> None:
                 (first, cpu_first), (again, cpu_again) = (
                     tuple(statistics.median(run[fold][measure] for run in runs) for measure in (0, 1))
                     for fold in (0, 1))
-                batches = [batch for run in runs for fold in run for batch in fold[2]]
+                batches = [batch for run in runs for fold in run[:2] for batch in fold[2]]
+                tail = statistics.median(run[2][0] for run in runs)
+                tail_longest = max(batch for run in runs for batch in run[2][2])
                 print(f"{dialect:10} {hosts:6} {others_count:6} {first:8.3f} {again:9.3f} {again / first:6.2f} "
                       f"{again * 1e6 / hosts:11.1f} {cpu_first:9.3f} {cpu_again:11.3f} {cpu_again / cpu_first:9.2f} "
-                      f"{statistics.median(batches) * 1e3:8.1f} {max(batches) * 1e3:7.1f}", flush=True)
+                      f"{statistics.median(batches) * 1e3:8.1f} {max(batches) * 1e3:7.1f} {tail:6.2f} "
+                      f"{tail_longest * 1e3:7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ import ipaddress
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Engine, delete, event, insert, select, update
 
 from findings import CHUNK_HOSTS, ScanOutcome
 from inventory import HostQuery
-from inventory_store import FOLD_BATCH_HOSTS, fold_next
+from inventory_store import FOLD_BATCH_HOSTS, FOLD_KNOWN_HOSTS, fold_next
 from models import (
     ScanKind,
     ScanResult,
@@ -159,6 +160,112 @@ async def test_a_fold_left_midway_is_finished_by_another_process_as_one_fold_in_
 def lease_of(stores: Stores) -> float:
     with stores.db.engine.connect() as conn:
         return float(conn.execute(select(tasks.c.fold_lease).where(tasks.c.id == "t2")).scalar_one())
+
+
+@contextlib.contextmanager
+def hosts_written(engine: Engine) -> Iterator[list[int]]:
+    """The inventory host rows each transaction that wrote any wrote, as they commit (the
+    drivers count an executemany's rows)."""
+    written: list[int] = []
+    under_way: dict[Any, int] = {}
+
+    def executed(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO inventory_hosts"):
+            under_way[conn] = under_way.get(conn, 0) + cursor.rowcount
+
+    def committed(conn: Any) -> None:
+        if conn in under_way:
+            written.append(under_way.pop(conn))
+
+    event.listen(engine, "after_cursor_execute", executed)
+    event.listen(engine, "commit", committed)
+    try:
+        yield written
+    finally:
+        event.remove(engine, "after_cursor_execute", executed)
+        event.remove(engine, "commit", committed)
+
+
+def statuses(stores: Stores) -> dict[str, tuple[str, str]]:
+    with stores.db.engine.connect() as conn:
+        return {row.address: (row.status, row.last_task_id) for row in conn.execute(
+            select(inventory_hosts.c.address, inventory_hosts.c.status, inventory_hosts.c.last_task_id))}
+
+
+async def test_the_known_hosts_of_a_scope_after_a_scan_s_last_host_are_marked_down_a_batch_at_a_time(
+        database_url: str) -> None:
+    """A rescan of a /20 that found again only its first 10 hosts, of 3.5 batches' worth known:
+    after its last host, its fold goes through the rest of the scope FOLD_KNOWN_HOSTS known
+    hosts per transaction, not in one; each moves the cursor up to where it marked hosts down,
+    and what lies after the cursor is untouched until a later one gets there."""
+    known = 3 * FOLD_KNOWN_HOSTS + FOLD_KNOWN_HOSTS // 2
+    result = big_result(known)
+    address = [host.address for host in result.hosts]
+    async with opened_stores(database_url, max_queued=50) as stores:
+        store_completed(stores.db, scan_record("t1", "127.0.0.0/20"), result)
+        fold_pending(stores.db, "alice")
+        store_completed(stores.db, scan_record("t2", "127.0.0.0/20"), some_hosts(result, range(10)))
+        seen: list[list[int]] = []
+        with hosts_written(stores.db.engine) as written:
+            while fold_pending_step(stores):
+                now = statuses(stores)
+                seen.append([i for i in range(known) if now[address[i]] != ("up", "t1")])
+    assert written == [FOLD_KNOWN_HOSTS] * 3 + [FOLD_KNOWN_HOSTS // 2]
+    assert [len(touched) for touched in seen] == [FOLD_KNOWN_HOSTS * n for n in (1, 2, 3)] + [known]
+    assert all(touched == list(range(len(touched))) for touched in seen), "in address order, from the cursor on"
+    assert {now[address[i]] for i in range(10)} == {("up", "t2")}
+    assert {now[address[i]] for i in range(10, known)} == {("down", "t2")}
+
+
+async def test_a_batch_s_known_hosts_run_on_across_the_networks_of_a_scope_and_skip_what_lies_between(
+        database_url: str) -> None:
+    """A rescan of 127.0.0.0/24 and 127.0.2.0/24 that found again the first 10 hosts, of 896
+    known from 127.0.0.1 on: the first batch reads the rest of the first network and goes on into
+    the second for its 256 known hosts, the next one the rest; 127.0.1.0/24 and what lies after
+    the second network stay as they were."""
+    result = big_result(3 * FOLD_KNOWN_HOSTS + FOLD_KNOWN_HOSTS // 2)
+    record = scan_record("t2", "127.0.0.0/24")
+    async with opened_stores(database_url, max_queued=50) as stores:
+        store_completed(stores.db, scan_record("t1", "127.0.0.0/20"), result)
+        fold_pending(stores.db, "alice")
+        argv = [*record.argv, "127.0.2.0/24"]
+        store_completed(stores.db, replace(record, argv=argv), some_hosts(result, range(10)))
+        with hosts_written(stores.db.engine) as written:
+            while fold_pending_step(stores):
+                pass
+        now = statuses(stores)
+    assert written == [FOLD_KNOWN_HOSTS, FOLD_KNOWN_HOSTS - 1]
+    networks = {host.address: host.address.rsplit(".", 2)[1] for host in result.hosts}
+    assert {now[address] for address, network in networks.items() if network in ("0", "2")} - {("up", "t2")} == {
+        ("down", "t2")}
+    assert {now[address] for address, network in networks.items() if network in ("1", "3")} == {("up", "t1")}
+
+
+def fold_pending_step(stores: Stores) -> bool:
+    """Fold the next batch of alice's pending folds, in a transaction of its own; False when none is left."""
+    with stores.db.writing() as conn:
+        return fold_next(conn, "alice", 30.0) is not None
+
+
+async def test_a_small_scan_s_verdict_marks_down_a_batch_of_known_hosts_and_leaves_the_rest_to_fold_after_it(
+        database_url: str, nmap_wrapper: NmapWrapper) -> None:
+    """A scan of a /20 that found one host, folded in its verdict's transaction (a batch of hosts
+    at most), against 2.5 batches' worth of known hosts: the verdict marks down the first batch
+    of them, and the worker the rest, a batch per transaction, before finish returns."""
+    known = 2 * FOLD_KNOWN_HOSTS + FOLD_KNOWN_HOSTS // 2
+    result = big_result(known)
+    async with opened_stores(database_url, max_queued=50) as stores:
+        store_completed(stores.db, scan_record("t1", "127.0.0.0/20"), result)
+        fold_pending(stores.db, "alice")
+        task, worker = await running_task(stores, nmap_wrapper, "alice", "127.0.0.0/20")
+        with hosts_written(stores.db.engine) as written:
+            assert await stores.workers.finish(task, worker.id, completed(some_hosts(result, [0])))
+        record = await stores.tasks.get(task.id, "alice")
+        now = statuses(stores)
+    assert written == [FOLD_KNOWN_HOSTS, FOLD_KNOWN_HOSTS, FOLD_KNOWN_HOSTS // 2], "the verdict's first"
+    assert record.status is TaskStatus.COMPLETED and not record.folding
+    assert now[result.hosts[0].address] == ("up", task.id)
+    assert {now[host.address] for host in result.hosts[1:]} == {("down", task.id)}
 
 
 @contextlib.contextmanager
