@@ -35,7 +35,8 @@ Parts (--parts, comma-separated; each runs alone too):
 
 Figures are medians of --runs; the goals are printed with PASS or FAIL at the end. Servers
 listen on 127.0.0.1 ports 23000-23999 and PostgreSQL databases are named scale_* unless
---ports and --database-prefix say otherwise (two runs at once each need their own).
+--ports and --database-prefix say otherwise, and the networks start at 127.64.0.0 unless
+--base does (two runs at once each need their own).
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ class Setup:
                               max_call_wait_seconds=CALL_WAIT_S, max_queued_tasks=MAX_QUEUED, **overrides)
 
 
-def network_of(size: int) -> ipaddress.IPv4Network:
-    return ipaddress.ip_network(f"{BASE}/{32 - (size - 1).bit_length()}")
+def network_of(size: int, base: str) -> ipaddress.IPv4Network:
+    return ipaddress.ip_network(f"{base}/{32 - (size - 1).bit_length()}")
 
 
 def command_of(network: ipaddress.IPv4Network) -> str:
@@ -275,7 +276,7 @@ class SizeFigures:
 
 def scans_of_size(setup: Setup, size: int) -> SizeFigures:
     """--runs rounds of raw nmap and every database and mode, in rotating order."""
-    network = network_of(size)
+    network = network_of(size, setup.args.base)
     figures = SizeFigures()
     services = [(database, mode) for database in setup.args.databases for mode in setup.args.modes]
     argv: list[str] = []
@@ -388,7 +389,8 @@ def judge_costs(verdicts: Verdicts, size: int, database: str, runs: dict[str, li
 def scans_part(setup: Setup, verdicts: Verdicts) -> None:
     figures = {}
     for size in setup.args.sizes:
-        print(f"scans of {network_of(size)} ({size} addresses, {open_port_count(network_of(size))} open ports)",
+        network = network_of(size, setup.args.base)
+        print(f"scans of {network} ({size} addresses, {open_port_count(network)} open ports)",
               flush=True)
         figures[size] = scans_of_size(setup, size)
     print_scans(figures)
@@ -420,7 +422,7 @@ def fleet(setup: Setup, name: str, mode: str, workers: int, network: ipaddress.I
             stack.callback(stop_process, worker)
         api = start_api(setup.config(f"{name}/api", url, **common), role="api")
         stack.callback(api.stop)
-        warm_up = None if mode == "unsharded" else network_of(setup.args.slow_warm_up)
+        warm_up = None if mode == "unsharded" else network_of(setup.args.slow_warm_up, setup.args.base)
         return asyncio.run(fleet_scan(api.url, workers, network, warm_up))
 
 
@@ -450,11 +452,11 @@ def slow_part(setup: Setup, verdicts: Verdicts) -> None:
     """Raw nmap, and the fleet unsharded on one worker, sharded on one and on two, on the slow
     network. Every run's open ports are printed: nmap itself misses one now and then at this
     latency (raw too), so they are not checked."""
-    network = network_of(setup.args.slow_size)
+    network = network_of(setup.args.slow_size, setup.args.base)
     print(f"slow network: {network} ({open_port_count(network)} open ports), every packet held "
           f"{setup.args.slow_delay_ms} ms; PostgreSQL, one --api and --worker processes of "
           f"{setup.args.slow_slots} slots; a sharded fleet warmed up by a scan of "
-          f"{network_of(setup.args.slow_warm_up)}", flush=True)
+          f"{network_of(setup.args.slow_warm_up, setup.args.base)}", flush=True)
     configurations: list[tuple[str, int] | None] = [("unsharded", 1), ("sharded", 1), ("sharded", 2), None]
     times: dict[tuple[str, int] | None, list[float]] = {}
     argv: list[str] = []
@@ -508,6 +510,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--slow-slots", type=int, default=4, help="max_concurrent_tasks of the slow part's workers")
     parser.add_argument("--slow-warm-up", type=int, default=256,
                         help="addresses of the scan each fleet runs before the slow network's timed one")
+    parser.add_argument("--base", default=BASE, help="the first address of the scanned networks (127.x.0.0)")
     parser.add_argument("--ports", default="23000-23999", help="the servers' ports on 127.0.0.1, FIRST-LAST")
     parser.add_argument("--database-prefix", default="scale", help="PostgreSQL databases are named PREFIX_*")
     args = parser.parse_args()
@@ -527,7 +530,7 @@ def parse_arguments() -> argparse.Namespace:
 def setup_for(args: argparse.Namespace, directory: Path, ports: Ports, part: str) -> Iterator[Setup]:
     """The part's namespace: the biggest network of --sizes, or the slow network."""
     slow = part == "slow"
-    network = network_of(args.slow_size if slow else max(args.sizes))
+    network = network_of(args.slow_size if slow else max(args.sizes), args.base)
     with namespace(directory, network, args.slow_delay_ms if slow else 0) as where:
         yield Setup(args, ports, directory / part, where.nmap)
 
