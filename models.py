@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
@@ -706,6 +706,20 @@ class ScanResult(ScanSummary):
     errors: list[str] = Field(default_factory=list)
     hosts_timed_out: list[str] = Field(default_factory=list)
     scanned: list[ScannedPorts] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResultPage:
+    """Hosts [offset, offset + count) of a result of `total` hosts, beside its head (the result
+    without hosts: counts, warnings, errors). The hosts are read as they are iterated, once: a
+    page of 1,000 hosts whose answer holds 34 of them (the cap) reads the chunk of those 34
+    (issue 24), not all 16."""
+
+    head: ScanResult
+    hosts: Iterable[HostDetail]
+    offset: int
+    count: int
+    total: int
 
 
 class Progress(BaseModel):

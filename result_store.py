@@ -29,7 +29,16 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from findings import CHUNK_HOSTS, PIECE_BYTES, Chunk, HostSpool, ScanOutcome, address_key
-from models import HostDetail, ScanResult, report_pieces, result_chunks, stored_hosts, stored_result, tasks
+from models import (
+    HostDetail,
+    ResultPage,
+    ScanResult,
+    report_pieces,
+    result_chunks,
+    stored_hosts,
+    stored_result,
+    tasks,
+)
 
 # Where the head's JSON holds its (empty) host list: the hosts' text goes back in there.
 # Nothing before it can hold that text unescaped (strings escape their quotes).
@@ -104,13 +113,6 @@ class StoredPage(NamedTuple):
     chunks: list[tuple[int, bytes]]
 
 
-class ResultPage(NamedTuple):
-    """A page of a result: its head with the page's hosts, and how many hosts it has in all."""
-
-    result: ScanResult
-    total: int
-
-
 def encoded(task_id: str, outcome: ScanOutcome) -> Encoded:
     """What a run found as it is written: its hosts' chunks and its report's pieces are the
     ones the worker compressed as nmap reported them (findings.py), so that writing a big
@@ -142,11 +144,17 @@ def read_page(conn: Connection, task_id: str, offset: int, limit: int) -> Stored
 
 
 def page_of(stored: StoredPage, offset: int, limit: int) -> ResultPage:
-    """What `read_page` read, parsed: the head with hosts [offset, offset + limit)."""
-    hosts: list[HostDetail] = []
-    for first, data in stored.chunks:
-        hosts.extend(stored_hosts(zlib.decompress(data))[max(offset - first, 0): offset + limit - first])
-    return ResultPage(stored_result(stored.head).model_copy(update={"hosts": hosts}), stored.total)
+    """What `read_page` read: its head parsed, and hosts [offset, offset + limit), each chunk
+    decompressed and parsed when a host of it is first wanted."""
+    count = max(min(offset + limit, stored.total) - offset, 0)
+    return ResultPage(stored_result(stored.head), _hosts_of_chunks(stored.chunks, offset, offset + count), offset,
+                      count, stored.total)
+
+
+def _hosts_of_chunks(chunks: Iterable[tuple[int, bytes]], start: int, end: int) -> Iterator[HostDetail]:
+    """Hosts [start, end) of a result from the chunks that hold them (each with its first host's number)."""
+    for first, data in chunks:
+        yield from stored_hosts(zlib.decompress(data))[max(start - first, 0): end - first]
 
 
 class HostRun(NamedTuple):

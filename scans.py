@@ -15,7 +15,7 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -472,14 +472,14 @@ class ScanService:
         page = await self._tasks.result_page(record, offset, limit)
         if page is None:
             return base
-        result = with_requested_names(page.result, record.argv, record.target)
-        hint = down_hint(result, record.argv)
+        page = with_requested_names(page, record.argv, record.target)
+        hint = down_hint(page.head, record.argv)
         if fmt == "csv":
             base = with_message(base, hint) if hint else base
-            return csv_page(base, result, offset=offset, total=page.total, cap=cap, port_offset=port_offset)
+            return csv_page(base, page, cap=cap, port_offset=port_offset)
         if hint:
-            result = result.model_copy(update={"warnings": [*result.warnings, hint]})
-        return json_page(base, result, view=view, offset=offset, total=page.total, cap=cap, port_offset=port_offset)
+            page = replace(page, head=page.head.model_copy(update={"warnings": [*page.head.warnings, hint]}))
+        return json_page(base, page, view=view, cap=cap, port_offset=port_offset)
 
     # ---- tasks ---------------------------------------------------------------------------
 

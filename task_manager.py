@@ -30,6 +30,7 @@ from models import (
     ACTIVE_STATUSES,
     TASK_SUMMARY,
     Progress,
+    ResultPage,
     ScanKind,
     ScanResult,
     TaskRecord,
@@ -43,7 +44,6 @@ from models import (
 from nmap_report import RunStats, build_result, merge_results
 from result_store import (
     ReportPage,
-    ResultPage,
     StoredPage,
     StoredParts,
     assembled,
@@ -314,7 +314,8 @@ class TaskManager:
         result = await self._db.run(_partial_result, record, found, deadline=False)
         if result is None:
             return None
-        return ResultPage(result.model_copy(update={"hosts": result.hosts[offset: offset + limit]}), len(result.hosts))
+        window = result.hosts[offset: offset + limit]
+        return ResultPage(result.model_copy(update={"hosts": []}), window, offset, len(window), len(result.hosts))
 
     async def report_page(self, task_id: str, offset: int, count: int) -> ReportPage | None:
         """Up to `count` characters of nmap's XML report of the task from `offset` (a sharded

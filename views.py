@@ -10,6 +10,7 @@ import csv
 import io
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -26,6 +27,7 @@ from models import (
     PortsCut,
     PortSummary,
     PortText,
+    ResultPage,
     ScanDiff,
     ScanResult,
     ScanSummary,
@@ -175,20 +177,18 @@ def down_hint(result: ScanResult, argv: Sequence[str]) -> str | None:
             "anyway: skip_host_discovery=true (quick_scan, full_scan, scan) or -Pn (custom_scan).")
 
 
-def with_requested_names(result: ScanResult, argv: list[str], target: str) -> ScanResult:
+def with_requested_names(page: ResultPage, argv: list[str], target: str) -> ResultPage:
     """Give hosts the hostnames the caller asked for: nmap only saw resolved addresses
-    (argv after `--`, in the order of the caller's targets)."""
+    (argv after `--`, in the order of the caller's targets). Hosts are named as they are read."""
     scanned = argv[argv.index("--") + 1:] if "--" in argv else []
     # The two lists align by construction; were they ever not to, names would just be lost.
     pairs = zip(scanned, target.split(), strict=False)
     names = {address: name for address, name in pairs if address != name}
     if not names:
-        return result
-    hosts = [
-        h.model_copy(update={"hostnames": [names[h.address], *h.hostnames]}) if h.address in names else h
-        for h in result.hosts
-    ]
-    return result.model_copy(update={"hosts": hosts})
+        return page
+    hosts = (h.model_copy(update={"hostnames": [names[h.address], *h.hostnames]}) if h.address in names else h
+             for h in page.hosts)
+    return replace(page, hosts=hosts)
 
 
 def summary_host(host: HostDetail) -> HostSummary:
@@ -210,25 +210,23 @@ def flagged(shown: ScanResult | ScanSummary) -> ScanResult | ScanSummary:
     return shown.model_copy(update={"warnings": [*shown.warnings, note]})
 
 
-def json_page(base: TaskAnswer, result: ScanResult, *, view: str, offset: int, total: int, cap: int,
-              port_offset: int = 0) -> TaskAnswer:
-    """The answer holding `result`'s hosts (a page of them: hosts [offset, offset + its length)
-    of `total`) in `view`, as many as fit `cap` bytes (see fit_hosts), the first without its
-    first `port_offset` ports."""
-    window = result.hosts
-    hosts: Sequence[HostSummary] = window if view == "full" else [summary_host(h) for h in window]
+def json_page(base: TaskAnswer, page: ResultPage, *, view: str, cap: int, port_offset: int = 0) -> TaskAnswer:
+    """The answer holding `page`'s hosts in `view`, as many as fit `cap` bytes (see
+    fit_hosts), the first without its first `port_offset` ports."""
+    result = page.head
+    hosts: Iterable[HostSummary] = page.hosts if view == "full" else map(summary_host, page.hosts)
     counts = result.model_dump(include=set(ScanSummary.model_fields) - {"hosts"})
 
-    def build(shown: list[HostSummary], page: Page) -> TaskAnswer:
+    def build(shown: list[HostSummary], numbers: Page) -> TaskAnswer:
         shaped = result.model_copy(update={"hosts": shown}) if view == "full" else ScanSummary(**counts, hosts=shown)
-        return more_hint(base.model_copy(update={"result": flagged(shaped), "page": page}), view)
+        return more_hint(base.model_copy(update={"result": flagged(shaped), "page": numbers}), view)
 
-    answer = fit_hosts(hosts, offset=offset, total=total, port_offset=port_offset, cap=cap, build=build,
+    answer = fit_hosts(hosts, offset=page.offset, total=page.total, port_offset=port_offset, cap=cap, build=build,
                        host_bytes=json_host_bytes)
-    return _mark_truncated(answer, requested=len(window))
+    return _mark_truncated(answer, requested=page.count)
 
 
-def fit_hosts(window: Sequence[Host], *, offset: int, total: int, port_offset: int, cap: int,
+def fit_hosts(window: Iterable[Host], *, offset: int, total: int, port_offset: int, cap: int,
               build: Callable[[list[Host], Page], Answer], host_bytes: Callable[[Host], int] | None = None) -> Answer:
     """The answer `build` makes of the most whole hosts of `window` (the hosts from `offset` of
     `total`) that fit `cap` bytes, the first without its first `port_offset` ports.
@@ -236,23 +234,28 @@ def fit_hosts(window: Sequence[Host], *, offset: int, total: int, port_offset: i
     With `host_bytes` (what a host adds to an answer on the wire), the count is found by adding
     up the hosts' sizes and checked once: a search that built the answer a dozen times cost
     70 ms for a page of 1,000 hosts in csv. Hosts that fit are then left out only within the
-    room kept for a note and the page's numbers.
+    room kept for a note and the page's numbers. Hosts are drawn from `window` only as far as
+    they fit (and the one that does not): a stored result's are parsed as they are drawn.
 
     When not even that one host fits, it comes alone with as many of its ports as fit, and the
     page's `cut` says which and how to fetch the others: each page moves on by a host at
     least, and no port is left out without the answer saying so."""
-    hosts = list(window)
-    if hosts and port_offset:
-        hosts[0] = hosts[0].model_copy(update={"ports": hosts[0].ports[port_offset:]})
+    rest = iter(window)
+    whole = next(rest, None)
+    if whole is None:
+        return build([], _host_page(offset, 0, total))
+    hosts = [whole.model_copy(update={"ports": whole.ports[port_offset:]}) if port_offset else whole]
 
     def page_of(count: int) -> Answer:
         return build(hosts[:count], _host_page(offset, count, total))
 
-    fitted = _fit_by_sizes(page_of, hosts, host_bytes, cap) if host_bytes else None
-    fitted = fitted or _largest_fitting(page_of, len(hosts), cap)
-    if fitted is not None or not hosts:
-        return fitted or build([], _host_page(offset, 0, total))
-    first, every = hosts[0], len(window[0].ports)
+    fitted = _fit_by_sizes(page_of, hosts, rest, host_bytes, cap) if host_bytes else None
+    if fitted is None:
+        hosts.extend(rest)
+        fitted = _largest_fitting(page_of, len(hosts), cap)
+    if fitted is not None:
+        return fitted
+    first, every = hosts[0], len(whole.ports)
 
     def part(shown: int) -> Answer:
         cut = _ports_cut(first.address, offset, every, port_offset, shown)
@@ -261,19 +264,28 @@ def fit_hosts(window: Sequence[Host], *, offset: int, total: int, port_offset: i
     return _largest_fitting(part, len(first.ports), cap) or part(0)
 
 
-def _fit_by_sizes(page_of: Callable[[int], Answer], hosts: Sequence[Host], host_bytes: Callable[[Host], int],
-                  cap: int) -> Answer | None:
+def _fit_by_sizes(page_of: Callable[[int], Answer], hosts: list[Host], rest: Iterator[Host],
+                  host_bytes: Callable[[Host], int], cap: int) -> Answer | None:
     """The answer of the most hosts whose sizes, added to the answer's without hosts and
     ANSWER_ROOM, fit `cap`; None when not one does, or when the answer is larger than the sum
-    said (then a search decides)."""
+    said (then a search decides). `hosts`: those drawn so far, to which this draws from `rest`
+    the hosts it adds up."""
     used, count = wire_size(page_of(0)) + ANSWER_ROOM, 0
-    for host in hosts:
+    for host in _drawn(hosts, rest):
         used += host_bytes(host)
         if used > cap:
             break
         count += 1
     answer = page_of(count) if count else None
     return answer if answer is not None and wire_size(answer) <= cap else None
+
+
+def _drawn(hosts: list[Host], rest: Iterator[Host]) -> Iterator[Host]:
+    """`hosts`, then those of `rest`, each added to `hosts` as it is drawn."""
+    yield from hosts[:]
+    for host in rest:
+        hosts.append(host)
+        yield host
 
 
 def json_host_bytes(host: BaseModel) -> int:
@@ -351,21 +363,19 @@ def _most_within(text: str, budget: int) -> int:
     return low
 
 
-def csv_page(base: TaskAnswer, result: ScanResult, *, offset: int, total: int, cap: int,
-             port_offset: int = 0) -> TaskAnswer:
-    """A csv answer: one row per reported port (or per host without ports) of `result`'s hosts
-    (a page of them, from `offset` of `total`), as many as fit `cap` bytes (see fit_hosts)."""
-    window = result.hosts
+def csv_page(base: TaskAnswer, page: ResultPage, *, cap: int, port_offset: int = 0) -> TaskAnswer:
+    """A csv answer: one row per reported port (or per host without ports) of `page`'s hosts,
+    as many as fit `cap` bytes (see fit_hosts)."""
 
-    def build(shown: list[HostDetail], page: Page) -> TaskAnswer:
-        answer = base.model_copy(update={"content": to_csv(shown), "page": page})
+    def build(shown: list[HostDetail], numbers: Page) -> TaskAnswer:
+        answer = base.model_copy(update={"content": to_csv(shown), "page": numbers})
         if count := sum(p.suspicious for h in shown for p in h.ports):
             answer = with_message(answer, suspicious_note(count, "row", "rows"))
         return more_hint(answer)
 
-    answer = fit_hosts(window, offset=offset, total=total, port_offset=port_offset, cap=cap, build=build,
-                       host_bytes=csv_host_bytes)
-    return _mark_truncated(answer, requested=len(window))
+    answer = fit_hosts(page.hosts, offset=page.offset, total=page.total, port_offset=port_offset, cap=cap,
+                       build=build, host_bytes=csv_host_bytes)
+    return _mark_truncated(answer, requested=page.count)
 
 
 def to_csv(hosts: list[HostDetail]) -> str:

@@ -36,7 +36,7 @@ from sqlalchemy.engine import URL, make_url
 from db import Database
 from findings import HostSpool, ReportSpool, ScanOutcome
 from inventory_store import fold_next, next_fold_order
-from models import ScanResult, TaskRecord, TaskStatus, tasks
+from models import ResultPage, ScanResult, TaskRecord, TaskStatus, tasks
 from result_store import encoded, write_found
 from sandbox import confinement
 
@@ -664,10 +664,11 @@ async def poll_until_finished(url: str, token: str, task_id: str, timeout: float
 
 
 def paged(result: ScanResult, offset: int, limit: int) -> dict[str, Any]:
-    """What the store gives a view of `result` to show (result_store.page_of): its hosts
-    [offset, offset + limit), where they start, and how many it has in all."""
-    return {"result": result.model_copy(update={"hosts": result.hosts[offset: offset + limit]}), "offset": offset,
-            "total": len(result.hosts)}
+    """What the store gives a view of `result` to show (result_store.page_of): its head, its
+    hosts [offset, offset + limit), where they start, and how many it has in all."""
+    window = result.hosts[offset: offset + limit]
+    return {"page": ResultPage(result.model_copy(update={"hosts": []}), window, offset, len(window),
+                               len(result.hosts))}
 
 
 def outcome_of(result: ScanResult, raw: bytes = b"", status: TaskStatus = TaskStatus.COMPLETED) -> ScanOutcome:

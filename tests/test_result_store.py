@@ -65,8 +65,9 @@ async def test_a_page_reads_only_the_chunks_that_hold_it(stores: Stores, offset:
     assert len(read.chunks) <= limit // CHUNK_HOSTS + 2, "the chunks of the page, not the result's"
     assert len(statements) == 2
     page = page_of(read, offset, limit)
-    assert addresses(page.result) == addresses(result)[offset: offset + limit]
-    assert page.result.open_ports == result.open_ports and page.result.hosts_total == 2000
+    assert [host.address for host in page.hosts] == addresses(result)[offset: offset + limit]
+    assert page.count == len(addresses(result)[offset: offset + limit]) and page.total == 2000
+    assert page.head.open_ports == result.open_ports and page.head.hosts_total == 2000
 
 
 async def test_the_whole_result_comes_back_exactly_as_written(stores: Stores) -> None:
@@ -110,7 +111,7 @@ async def test_a_parent_adopts_its_shards_hosts_once_in_address_order(stores: St
         page = read_page(conn, "p", 25, 10)
     assert whole is not None and addresses(assembled(whole)) == addresses(result)
     assert assembled(whole).open_ports == result.open_ports
-    assert page is not None and addresses(page_of(page, 25, 10).result) == addresses(result)[25:35]
+    assert page is not None and [host.address for host in page_of(page, 25, 10).hosts] == addresses(result)[25:35]
 
 
 def report(size: int, seed: str) -> bytes:

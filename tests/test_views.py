@@ -109,7 +109,7 @@ def test_a_page_sized_by_adding_up_its_hosts_leaves_out_only_what_its_room_would
 
 def page_with(form: str, result: ScanResult, count: int, cap: int) -> TaskAnswer:
     """The page of the first `count` hosts of `result` in `form` (json view or csv) under `cap`."""
-    window = paged(result, 0, count) | {"total": len(result.hosts)}
+    window = paged(result, 0, count)
     if form == "csv":
         return csv_page(BASE.model_copy(update={"format": "csv"}), **window, cap=cap)
     return json_page(BASE, **window, view=form, cap=cap)
@@ -286,11 +286,11 @@ def test_diff_pairs_two_results_hosts_by_address_read_once_side_by_side() -> Non
 def test_hostnames_the_caller_asked_for_are_shown() -> None:
     from views import with_requested_names
 
-    result = recorded("multi_host.xml")
+    page = paged(recorded("multi_host.xml"), 0, 50)["page"]
     argv = ["nmap", "-sT", "-n", "--", "127.0.0.1", "127.0.0.2"]
-    named = with_requested_names(result, argv, "localhost 127.0.0.2")
-    assert named.hosts[0].hostnames == ["localhost"] and named.hosts[1].hostnames == []
-    assert with_requested_names(result, argv, "127.0.0.1 127.0.0.2") is result
+    named = list(with_requested_names(page, argv, "localhost 127.0.0.2").hosts)
+    assert named[0].hostnames == ["localhost"] and named[1].hostnames == []
+    assert with_requested_names(page, argv, "127.0.0.1 127.0.0.2") is page
 
 
 def test_a_large_diff_is_cut_to_fit_the_cap() -> None:

@@ -354,8 +354,8 @@ async def test_progress_and_finished_hosts_are_readable_from_another_process(
     while time.monotonic() < deadline:
         seen = await reader.tasks.get(record.id, "alice")
         page = await reader.tasks.result_page(seen, 0, 1000)
-        partial = None if page is None else page.result
-        if partial is not None and partial.hosts and seen.progress is not None:
+        partial = None if page is None else page.head
+        if page is not None and page.count and seen.progress is not None:
             break
         await asyncio.sleep(0.2)
     assert partial is not None and partial.partial and seen.status is TaskStatus.RUNNING
