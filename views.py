@@ -51,6 +51,10 @@ WIRE_FRAMING_BYTES = 400
 CSV_FIELDS = ("address", "hostname", "port", "protocol", "state", "service", "untrusted_product", "untrusted_version",
               "untrusted_extrainfo", "suspicious")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# The first line of a csv answer.
+CSV_HEADER = ",".join(CSV_FIELDS) + "\n"
+# The cells of a port without text of the target's (most of them): one made once, not per row.
+NO_PORT_TEXT = PortText()
 # Control characters other than newline, tab and carriage return, removed to count them.
 _NOT_SHORT_CONTROLS = dict.fromkeys(c for c in range(32) if chr(c) not in "\n\t\r")
 # What a page's numbers (returned, next_offset) may add beyond a page of none: both copies.
@@ -294,11 +298,6 @@ def json_host_bytes(host: BaseModel) -> int:
     return 2 * (len(body) + 1) + body.count(b'"') + body.count(b"\\")
 
 
-def csv_host_bytes(host: HostDetail) -> int:
-    """What a host's rows add to a csv answer on the wire."""
-    return text_wire_bytes(csv_rows(host))
-
-
 def _ports_cut(address: str, offset: int, every: int, first_port: int, shown: int) -> PortsCut:
     """A host of `every` ports shown from `first_port`, `shown` of them. Where none fits, the one
     that does not is skipped, so that following next_port_offset always moves on."""
@@ -365,31 +364,30 @@ def _most_within(text: str, budget: int) -> int:
 
 def csv_page(base: TaskAnswer, page: ResultPage, *, cap: int, port_offset: int = 0) -> TaskAnswer:
     """A csv answer: one row per reported port (or per host without ports) of `page`'s hosts,
-    as many as fit `cap` bytes (see fit_hosts)."""
+    as many as fit `cap` bytes (see fit_hosts). Each host's rows are written once, for its
+    size and then for the answer."""
+    written: dict[int, tuple[HostDetail, str]] = {}
+
+    def rows_of(host: HostDetail) -> str:
+        # Keyed by the host object, kept beside its rows so that its id is not given to another.
+        if (known := written.get(id(host))) is None:
+            known = written[id(host)] = (host, csv_rows(host))
+        return known[1]
 
     def build(shown: list[HostDetail], numbers: Page) -> TaskAnswer:
-        answer = base.model_copy(update={"content": to_csv(shown), "page": numbers})
+        answer = base.model_copy(update={"content": CSV_HEADER + "".join(map(rows_of, shown)), "page": numbers})
         if count := sum(p.suspicious for h in shown for p in h.ports):
             answer = with_message(answer, suspicious_note(count, "row", "rows"))
         return more_hint(answer)
 
     answer = fit_hosts(page.hosts, offset=page.offset, total=page.total, port_offset=port_offset, cap=cap,
-                       build=build, host_bytes=csv_host_bytes)
+                       build=build, host_bytes=lambda host: text_wire_bytes(rows_of(host)))
     return _mark_truncated(answer, requested=page.count)
 
 
-def to_csv(hosts: list[HostDetail]) -> str:
-    """One row per port; the target's text in the untrusted_* columns, no cell a spreadsheet would run."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_FIELDS)
-    for host in hosts:
-        _write_rows(writer, host)
-    return out.getvalue()
-
-
 def csv_rows(host: HostDetail) -> str:
-    """A host's rows of to_csv."""
+    """A host's rows of a csv answer: one per port; the target's text in the untrusted_*
+    columns, no cell a spreadsheet would run."""
     out = io.StringIO()
     _write_rows(csv.writer(out, lineterminator="\n"), host)
     return out.getvalue()
@@ -400,7 +398,7 @@ def _write_rows(writer: Any, host: HostDetail) -> None:
     if not host.ports:
         writer.writerow(map(inert_cell, [host.address, name, "", "", host.status, "", "", "", "", ""]))
     for p in host.ports:
-        text = p.untrusted or PortText()
+        text = p.untrusted or NO_PORT_TEXT
         writer.writerow(map(inert_cell, [host.address, name, p.port, p.protocol, p.state, p.service, text.product,
                                          text.version, text.extrainfo, "true" if p.suspicious else ""]))
 

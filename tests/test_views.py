@@ -28,8 +28,8 @@ from nmap_report import parse_report
 from tests.support import paged
 from views import (
     ANSWER_ROOM,
-    csv_host_bytes,
     csv_page,
+    csv_rows,
     diff_results,
     inventory_page,
     json_host_bytes,
@@ -101,7 +101,8 @@ def test_a_page_sized_by_adding_up_its_hosts_leaves_out_only_what_its_room_would
     answer = page_with(form, result, 600, 20_000)
     assert answer.page is not None and 0 < answer.page.returned < 600 and size(answer) <= 20_000
     hosts = result.hosts if form != "summary" else [summary_host(h) for h in result.hosts]
-    each = min(map(csv_host_bytes if form == "csv" else json_host_bytes, hosts))  # type: ignore[arg-type]
+    each = min(text_wire_bytes(csv_rows(h)) if form == "csv" else json_host_bytes(h)  # type: ignore[arg-type]
+               for h in hosts)
     # The room, and the host that did not fit beside it.
     more = answer.page.returned + ANSWER_ROOM // each + 2
     assert size(page_with(form, result, more, 10**9)) > 20_000, "that many more would not have fitted"
