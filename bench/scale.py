@@ -20,7 +20,8 @@ Parts (--parts, comma-separated; each runs alone too):
   ("re-scan"), each timed from the call to its completed answer (custom_scan waits for it);
   then (in the first --page-rounds rounds) get_task_result of the re-scan, json summary, json
   full, csv and xml, at the first, middle and last page (limit --page-limit), each call's cost
-  the server process's CPU time (/proc/PID/stat before and after); and the server's memory:
+  the server process's CPU time (/proc/PID/stat before and after; with --page-batch N, a
+  batch of N calls' divided by N: /proc counts in ticks of 10 ms); and the server's memory:
   VmRSS once started, VmHWM (its peak) after each step. The one process holds the API, the
   worker, the parsing and the fold; nmap is a process of its own. Every scan must find every
   address up and every listener's port open.
@@ -192,18 +193,21 @@ async def call(client: Any, tool: str, arguments: dict[str, Any]) -> dict[str, A
     return dict(result.structured_content)
 
 
-async def page_costs(client: Any, pid: int, task_id: str, limit: int, repeats: int) -> dict[str, list[float]]:
-    """Server CPU seconds of get_task_result at the first, middle and last page of each form."""
+async def page_costs(client: Any, pid: int, task_id: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Server CPU seconds of get_task_result at the first, middle and last page of each form:
+    --page-repeats figures each, each the mean of --page-batch calls in a row."""
     costs: dict[str, list[float]] = {}
     for format_, view in FORMS:
-        arguments = {"task_id": task_id, "format": format_, "view": view, "limit": limit}
+        arguments = {"task_id": task_id, "format": format_, "view": view, "limit": args.page_limit}
         page = (await call(client, "get_task_result", arguments))["page"]
         offsets = (0, page["total"] // 2, max(page["total"] - page["returned"], 0))
         for position, offset in zip(POSITIONS, offsets, strict=True):
-            for _ in range(repeats):
+            for _ in range(args.page_repeats):
                 before = cpu_seconds(pid)
-                await call(client, "get_task_result", arguments | {"offset": offset})
-                costs.setdefault(form_name(format_, view, position), []).append(cpu_seconds(pid) - before)
+                for _ in range(args.page_batch):
+                    await call(client, "get_task_result", arguments | {"offset": offset})
+                costs.setdefault(form_name(format_, view, position), []).append(
+                    (cpu_seconds(pid) - before) / args.page_batch)
     return costs
 
 
@@ -224,7 +228,7 @@ async def measure(url: str, pid: int, network: ipaddress.IPv4Network, args: argp
         rescan_s, task_id = await checked_scan(client, network)
         rss["re-scan"] = memory(pid)
         runs = len((await call(client, "get_task_evidence", {"task_id": task_id}))["runs"])
-        costs = await page_costs(client, pid, task_id, args.page_limit, args.page_repeats) if pages else {}
+        costs = await page_costs(client, pid, task_id, args) if pages else {}
         rss["pages"] = memory(pid)
     return ServiceRun(first_s, rescan_s, first_cpu_s, rss, costs, runs)
 
@@ -502,7 +506,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     parser.add_argument("--shard", type=int, default=None, help="shard_addresses when sharded (default: the server's)")
     parser.add_argument("--page-limit", type=int, default=1000, help="hosts per page of get_task_result")
-    parser.add_argument("--page-repeats", type=int, default=1, help="calls per page and run")
+    parser.add_argument("--page-repeats", type=int, default=1, help="figures per page and run (their median)")
+    parser.add_argument("--page-batch", type=int, default=1, help="calls per figure (their mean)")
     parser.add_argument("--page-rounds", type=int, default=1, help="rounds that measure pages (the first ones)")
     parser.add_argument("--history-scans", type=int, default=100, help="quick scans per round of the history part")
     parser.add_argument("--slow-size", type=int, default=1024, help="addresses of the slow network's scan")
