@@ -22,24 +22,28 @@ run's exact bytes (evidence hashes them), and a sharded scan's report is its sha
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import pairwise
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from findings import CHUNK_HOSTS, PIECE_BYTES, Chunk, HostSpool, ScanOutcome, address_key
 from models import (
     HostDetail,
+    HostSummary,
     ResultPage,
     ScanResult,
     report_pieces,
     result_chunks,
     stored_hosts,
     stored_result,
+    stored_summaries,
     tasks,
 )
 
+# A host as a page reads it: in every detail, or in the summary view.
+Host = TypeVar("Host", HostDetail, HostSummary)
 # Where the head's JSON holds its (empty) host list: the hosts' text goes back in there.
 # Nothing before it can hold that text unescaped (strings escape their quotes).
 _NO_HOSTS = '"hosts":[]'
@@ -147,14 +151,16 @@ def page_of(stored: StoredPage, offset: int, limit: int) -> ResultPage:
     """What `read_page` read: its head parsed, and hosts [offset, offset + limit), each chunk
     decompressed and parsed when a host of it is first wanted."""
     count = max(min(offset + limit, stored.total) - offset, 0)
-    return ResultPage(stored_result(stored.head), _hosts_of_chunks(stored.chunks, offset, offset + count), offset,
-                      count, stored.total)
+    end = offset + count
+    return ResultPage(stored_result(stored.head), _hosts_of_chunks(stored.chunks, offset, end, stored_hosts), offset,
+                      count, stored.total, _hosts_of_chunks(stored.chunks, offset, end, stored_summaries))
 
 
-def _hosts_of_chunks(chunks: Iterable[tuple[int, bytes]], start: int, end: int) -> Iterator[HostDetail]:
-    """Hosts [start, end) of a result from the chunks that hold them (each with its first host's number)."""
+def _hosts_of_chunks(chunks: Iterable[tuple[int, bytes]], start: int, end: int,
+                     read: Callable[[bytes], list[Host]]) -> Iterator[Host]:
+    """Hosts [start, end) of a result, `read` from the chunks that hold them (each with its first host's number)."""
     for first, data in chunks:
-        yield from stored_hosts(zlib.decompress(data))[max(start - first, 0): end - first]
+        yield from read(zlib.decompress(data))[max(start - first, 0): end - first]
 
 
 class HostRun(NamedTuple):

@@ -25,7 +25,6 @@ from models import (
     PortChange,
     PortDetail,
     PortsCut,
-    PortSummary,
     PortText,
     ResultPage,
     ScanDiff,
@@ -38,12 +37,15 @@ from models import (
     TaskState,
     TaskStatus,
     VersionChange,
+    summary_host,
 )
 from untrusted import reads_like_instructions, suspicious_note
 
 Answer = TypeVar("Answer", bound=BaseModel)
 # A host of a page: of a result, in either view, or of the inventory.
 Host = TypeVar("Host", HostSummary, HostDetail, InventoryHost)
+# A host of a result's page, in either view.
+ResultHost = TypeVar("ResultHost", bound=HostSummary)
 # The JSON-RPC envelope, the content block's keys, the server's _meta and SSE's "event:
 # message", measured on real answers at about 170 bytes; with room to spare.
 WIRE_FRAMING_BYTES = 400
@@ -190,18 +192,15 @@ def with_requested_names(page: ResultPage, argv: list[str], target: str) -> Resu
     names = {address: name for address, name in pairs if address != name}
     if not names:
         return page
-    hosts = (h.model_copy(update={"hostnames": [names[h.address], *h.hostnames]}) if h.address in names else h
-             for h in page.hosts)
-    return replace(page, hosts=hosts)
+    summaries = None if page.summaries is None else _named(page.summaries, names)
+    return replace(page, hosts=_named(page.hosts, names), summaries=summaries)
 
 
-def summary_host(host: HostDetail) -> HostSummary:
-    """The compact view of a host: only its open ports, with service, and product and version
-    under `untrusted`."""
-    return HostSummary(address=host.address, status=host.status, hostnames=host.hostnames, partial=host.partial,
-                       ports=[PortSummary(port=p.port, protocol=p.protocol, state=p.state, service=p.service,
-                                          untrusted=p.untrusted.service() if p.untrusted else None)
-                              for p in host.ports if p.state == "open"])
+def _named(hosts: Iterable[ResultHost], names: dict[str, str]) -> Iterator[ResultHost]:
+    """`hosts`, each whose address is in `names` with that name first among its hostnames."""
+    for shown in hosts:
+        name = names.get(shown.address)
+        yield shown if name is None else shown.model_copy(update={"hostnames": [name, *shown.hostnames]})
 
 
 def flagged(shown: ScanResult | ScanSummary) -> ScanResult | ScanSummary:
@@ -218,7 +217,8 @@ def json_page(base: TaskAnswer, page: ResultPage, *, view: str, cap: int, port_o
     """The answer holding `page`'s hosts in `view`, as many as fit `cap` bytes (see
     fit_hosts), the first without its first `port_offset` ports."""
     result = page.head
-    hosts: Iterable[HostSummary] = page.hosts if view == "full" else map(summary_host, page.hosts)
+    hosts: Iterable[HostSummary] = page.hosts if view == "full" else (
+        map(summary_host, page.hosts) if page.summaries is None else page.summaries)
     counts = result.model_dump(include=set(ScanSummary.model_fields) - {"hosts"})
 
     def build(shown: list[HostSummary], numbers: Page) -> TaskAnswer:
