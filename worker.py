@@ -262,7 +262,7 @@ class Worker:
         what happened, as facts for `judge`."""
         started = time.monotonic()
         scan = asyncio.create_task(self._metrics.nmap_process(run_nmap(
-            argv, sandbox=self._sandbox, time_limit_s=float(time_limit_s), xml_sink=live.report.feed,
+            argv, sandbox=self._sandbox, time_limit_s=float(time_limit_s), xml_sink=live.feed_xml,
             output_sink=live.feed_output)))
         lost = asyncio.create_task(self._until_lost(record))
         shutdown = asyncio.create_task(self._shutdown.wait())
@@ -425,7 +425,11 @@ def failure(error: str) -> ScanOutcome:
 class LiveScan:
     """A running scan's report as it streams, and the part of it already written: progress,
     and (unless `hosts` is false, for a phase that re-scans hosts already written) the hosts
-    nmap has finished and the open ports it announced on the hosts it has not."""
+    nmap has finished and the open ports it announced on the hosts it has not.
+
+    Finished hosts are written about once a second, and sooner when as many as the report's
+    buffer (scan_buffer_hosts) wait: a fast scan finishes thousands of hosts a second, and
+    holding them parsed for the next write was what a big scan's memory grew with."""
 
     def __init__(self, store: WorkerStore, record: TaskRecord, worker_id: str, progress: TaskProgress,
                  report: ReportParser, *, hosts: bool = True) -> None:
@@ -439,8 +443,19 @@ class LiveScan:
         self._hosts_written = 0
         self._unconfirmed_written: list[HostDetail] = []
         self._progress_written: Progress | None = None
+        # Hosts written at most per write; reaching it makes the next write due at once.
+        self._batch = report.found.buffer_hosts
         self._closed = asyncio.Event()
+        self._due = asyncio.Event()
         self._writer = asyncio.create_task(self._write_every(LIVE_WRITE_SECONDS), name=f"live-{record.id}")
+
+    def feed_xml(self, chunk: bytes) -> None:
+        """nmap's XML: its finished hosts wait for a write, where hosts are written."""
+        self.report.feed(chunk)
+        if not self._write_hosts:
+            self.report.take_recent(len(self.report.recent))
+        elif len(self.report.recent) >= self._batch:
+            self._due.set()
 
     def feed_output(self, chunk: bytes) -> None:
         """nmap's normal output: its announcements matter only where hosts are written."""
@@ -455,20 +470,21 @@ class LiveScan:
         """Stop writing; a write under way is finished first, so none lands after the verdict.
         With `write_all`, what is not written yet is written now (the end of a first phase)."""
         self._closed.set()
+        self._due.set()
         await asyncio.gather(self._writer, return_exceptions=True)
         if write_all:
-            await self._write()
+            await self._write(len(self.report.recent))
 
     async def _write_every(self, interval_s: float) -> None:
         while not self._closed.is_set():
-            await wait_set(self._closed, interval_s)
+            await wait_set(self._due, interval_s)
+            self._due.clear()
             if not self._closed.is_set():
-                await self._write()
+                await self._write(self._batch)
 
-    async def _write(self) -> None:
-        hosts = list(self.report.recent) if self._write_hosts else []
-        if not self._write_hosts:
-            self.report.take_recent(len(self.report.recent))
+    async def _write(self, most: int = 0) -> None:
+        """Write progress, and up to `most` of the hosts finished since the last write."""
+        hosts = self.report.recent[:most]
         unconfirmed = self.report.unconfirmed() if self._write_hosts else []
         changed = unconfirmed != self._unconfirmed_written
         progress = self._progress.shown(self.report.progress)
@@ -479,11 +495,21 @@ class LiveScan:
                                         unconfirmed if changed else None)
         except DatabaseUnavailable:
             logger.warning("task %s: progress not written, the task database is not reachable", self._record.id)
+            # Beyond a buffer's worth, hosts waiting are let go unwritten: the verdict has them all
+            # (report.found), and only a read of the running scan misses them meanwhile.
+            self._skip(len(self.report.recent) - self._batch)
             return
-        self._hosts_written += len(hosts)
-        self.report.take_recent(len(hosts))
+        self._skip(len(hosts))
+        if len(self.report.recent) >= self._batch:
+            self._due.set()
         self._unconfirmed_written = unconfirmed
         self._progress_written = progress
+
+    def _skip(self, count: int) -> None:
+        """The first `count` hosts waiting are written (or let go): the next ones follow them."""
+        if count > 0:
+            self._hosts_written += count
+            self.report.take_recent(count)
 
 
 async def resolve_expired_forever(store: WorkerStore, db: Database, interval_s: float) -> None:
