@@ -92,7 +92,7 @@ async def stage_task(store: EvidenceStore, task_id: str, files: Files) -> tuple[
     XML is not what its worker recorded."""
     bundle = await store.bundle(task_id)
     if bundle.result is not None:
-        files.add(f"tasks/{task_id}/result.json", bundle.result.encode())
+        files.add(f"tasks/{task_id}/result.json", bundle.result)
     altered = []
     for run in bundle.evidence.runs:
         if run.task_id in bundle.raw_xml:

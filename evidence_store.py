@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 
 from db import Database, create_db_engine
 from models import ApprovalEvidence, RunEvidence, ScanKind, TaskEvidence, TaskStatus, approvals, engagements, tasks
-from result_store import read_whole, report_bytes, whole_text
+from result_store import read_whole, report_bytes, whole_json
 from task_manager import TaskNotFound
 
 _RUN_COLUMNS = [tasks.c[name] for name in (
@@ -53,7 +53,7 @@ class TaskBundle:
     """A task's evidence with what it cites: its stored result (JSON) and each run's XML, by run id."""
 
     evidence: TaskEvidence
-    result: str | None
+    result: bytes | None
     raw_xml: dict[str, bytes] = field(default_factory=dict)
 
 
@@ -106,11 +106,19 @@ class EvidenceStore:
             stored = read_whole(conn, task_id)
             runs = shards or [row]
             reports = {run.id: report_bytes(conn, run.id) for run in runs} if with_raw else {}
-        result = None if stored is None else whole_text(stored)
+        # The result's JSON is hashed a chunk at a time, and kept (once) only for an export.
+        digest, result = None, None
+        if stored is not None:
+            sha256, kept = hashlib.sha256(), []
+            for piece in whole_json(stored):
+                sha256.update(piece)
+                if with_raw:
+                    kept.append(piece)
+            digest, result = sha256.hexdigest(), b"".join(kept) if with_raw else None
         return TaskBundle(
             evidence=TaskEvidence(task_id=row.id, owner=row.owner, kind=ScanKind(row.kind),
                                   status=TaskStatus(row.status), target=row.target, created_at=utc(row.created_at),
-                                  result_sha256=_sha256_text(result),
+                                  result_sha256=digest,
                                   runs=[_run(run._mapping) for run in runs], engagement=row.engagement,
                                   approval=None if approval is None else _approval(approval._mapping)),
             result=result,
@@ -165,10 +173,6 @@ def _run(row: Mapping[str, Any]) -> RunEvidence:
         started_at_epoch=row["started_at"], finished_at_epoch=row["finished_at"],
         raw_xml_sha256=row["raw_xml_sha256"], raw_xml_bytes=row["raw_xml_size"],
     )
-
-
-def _sha256_text(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
 
 
 @overload

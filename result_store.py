@@ -13,7 +13,7 @@ parent's merged head joins them.
 
 The whole result is still assembled for what compares results (diff_scans, a schedule's
 changes) and for evidence, which hashes the JSON exactly as it was written before chunks:
-`whole_text` gives that text back byte for byte.
+`whole_json` gives that text back byte for byte.
 
 nmap's XML report is kept the same way, in pieces (`report_pieces`), paged in characters: each
 run's exact bytes (evidence hashes them), and a sharded scan's report is its shards' in turn.
@@ -211,11 +211,14 @@ def hosts_in(parts: StoredParts) -> Iterator[HostDetail]:
         yield from stored_hosts(zlib.decompress(chunk))
 
 
-def whole_text(parts: StoredParts) -> str:
-    """The result's JSON as one document, exactly as ScanResult.model_dump_json wrote it."""
+def whole_json(parts: StoredParts) -> Iterator[bytes]:
+    """The result's JSON, exactly as ScanResult.model_dump_json wrote it (UTF-8), a chunk at a
+    time: what hashes it needs no more, and what keeps it holds it once."""
     before, _, after = parts.head.partition(_NO_HOSTS)
-    inner = b",".join(zlib.decompress(chunk)[1:-1] for chunk in parts.chunks)
-    return f'{before}"hosts":[{inner.decode()}]{after}'
+    yield f'{before}"hosts":['.encode()
+    for number, chunk in enumerate(parts.chunks):
+        yield (b"," if number else b"") + zlib.decompress(chunk)[1:-1]
+    yield f"]{after}".encode()
 
 
 def adopt_shards(conn: Connection, parent_id: str, shard_ids: Sequence[str]) -> int:

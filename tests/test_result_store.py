@@ -37,7 +37,7 @@ from result_store import (
     read_report,
     read_whole,
     report_bytes,
-    whole_text,
+    whole_json,
     write_found,
 )
 from stores import Stores
@@ -91,7 +91,7 @@ async def test_the_whole_result_comes_back_exactly_as_written(stores: Stores) ->
         parts = read_whole(conn, "t")
         chunks = conn.execute(select(result_chunks.c.data).where(result_chunks.c.task_id == "t")).scalars().all()
     assert parts is not None and assembled(parts) == result
-    assert whole_text(parts) == result.model_dump_json(), "byte for byte: evidence hashes it"
+    assert b"".join(whole_json(parts)) == result.model_dump_json().encode(), "byte for byte: evidence hashes it"
     assert len(chunks) == 5 and sum(map(len, chunks)) * 4 < len(result.model_dump_json()), "compressed"
 
 
