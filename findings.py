@@ -21,7 +21,7 @@ import hashlib
 import heapq
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -114,8 +114,7 @@ class HostSpool:
     def with_hosts(self, hosts: Iterable[HostDetail]) -> HostSpool:
         """This spool and `hosts` (a stopped scan's hosts nmap had not finished), leaving this one as it was."""
         self._seal()
-        spool = HostSpool(self.buffer_hosts, self.count, self.open_ports, list(self.timed_out),
-                          dict(self.open_by_host), [], list(self._runs))
+        spool = self._with_runs(list(self._runs))
         for host in hosts:
             spool.add(host)
         return spool
@@ -146,14 +145,14 @@ class HostSpool:
         by its entry there: a full scan's version detection. Only the chunks holding such a
         host are parsed and written again."""
         keys = sorted({address_key(address) for address, _, _ in detected})
-        runs = [[self._replace_ports(chunk, detected) if _holds_any(chunk, keys) else chunk for chunk in run]
-                for run in self._sealed_runs()]
-        return HostSpool(self.buffer_hosts, self.count, self.open_ports, list(self.timed_out),
-                         dict(self.open_by_host), [], runs)
-
-    def _sealed_runs(self) -> list[list[Chunk]]:
         self._seal()
-        return self._runs
+        return self._with_runs([[self._replace_ports(chunk, detected) if _holds_any(chunk, keys) else chunk
+                                 for chunk in run] for run in self._runs])
+
+    def _with_runs(self, runs: list[list[Chunk]]) -> HostSpool:
+        """A sealed spool's counts with `runs` for its hosts: a copy that changes neither."""
+        return replace(self, timed_out=list(self.timed_out), open_by_host=dict(self.open_by_host), _buffer=[],
+                       _runs=runs)
 
     def _seal(self) -> None:
         if self._buffer:

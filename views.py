@@ -11,7 +11,7 @@ import io
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from pydantic import BaseModel
 
@@ -495,11 +495,10 @@ def diff_results(task_a: str, a: Iterable[HostDetail], task_b: str, b: Iterable[
     changed: list[PortChange] = []
     unchanged = 0
     for host_a, host_b in _side_by_side(a, b):
-        up_a, up_b = _is_up(host_a), _is_up(host_b)
-        if up_b and not up_a:
-            came_up.append(_address(host_b))
-        elif up_a and not up_b:
-            went_down.append(_address(host_a))
+        if _is_up(host_b) and not _is_up(host_a):
+            came_up.append(host_b.address)
+        elif _is_up(host_a) and not _is_up(host_b):
+            went_down.append(host_a.address)
         open_a, open_b = _open_ports(host_a), _open_ports(host_b)
         opened += (_change(k, None, open_b[k]) for k in open_b.keys() - open_a.keys())
         closed += (_change(k, open_a[k], None) for k in open_a.keys() - open_b.keys())
@@ -542,12 +541,7 @@ def _side_by_side(a: Iterable[HostDetail], b: Iterable[HostDetail]
             item_a, item_b = next(left, None), next(right, None)
 
 
-def _address(host: HostDetail | None) -> str:
-    assert host is not None, "an up host is there"
-    return host.address
-
-
-def _is_up(host: HostDetail | None) -> bool:
+def _is_up(host: HostDetail | None) -> TypeGuard[HostDetail]:
     return host is not None and host.status == "up"
 
 
